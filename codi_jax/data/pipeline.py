@@ -1,0 +1,495 @@
+"""Input pipelines: tf.data datasets of `{"image": float32 NHWC in [-1, 1], ...}` batches.
+
+Sources (`data_config.source`):
+  skimage_patches  the offline `skimage_patches/patches{image_size}` tfds dataset, built on the
+                   fly into `data_dir` when missing (no network is ever used).
+  tfds             any prepared tfds dataset (`tfds_name`, e.g. 'div2k/bicubic_x4',
+                   'nyu_depth_v2', 'imagenette'); never downloads, raises if not prepared.
+  folder           a directory of png/jpg/jpeg/bmp/webp images, searched recursively.
+
+Batches hold the local (per-process) batch, `global_batch_size // process_count` examples:
+  image      float32 (B, S, S, 3) in [-1, 1]
+  depth      float32 (B, S, S, 1), when the source has a `depth` feature; cropped, resized and
+             flipped together with the image (values kept as stored)
+  has_depth  bool (B,), when the source has `depth`
+  mask       bool (B,), eval only: False marks padding examples (zeros) that fill the last batch
+  plus any other scalar numeric feature of a tfds source (e.g. `label`, `scale`); strings
+  (e.g. `source`) are dropped.
+
+Training: files and examples are shuffled with `seed`, repeated forever and augmented with
+stateless random ops keyed by (seed, process_index, example index), so the stream is the same
+on every run. Eval (train=False): one deterministic pass, no augmentation, and the last batch is
+padded (mask=False) so that every process yields the same number of batches and no example is
+dropped.
+
+Geometry for tfds / folder images: by default the shorter side is resized to `image_size`
+(anti-aliased bilinear) and the centre is cropped; with `random_crop=True` a random
+`image_size` crop is taken at native resolution when training (centre crop in eval; images
+smaller than `image_size` are resized up first). Grayscale images are replicated to RGB and
+images with alpha are composited over white.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from codi_jax.data import skimage_patches
+
+# TF only feeds the host pipeline; it must not allocate GPU memory that JAX needs.
+try:
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):  # Devices already initialised, or no GPU support.
+    pass
+
+SOURCES = ("skimage_patches", "tfds", "folder")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The `data_config` fields and their defaults."""
+    config = ml_collections.ConfigDict()
+    config.source = "skimage_patches"  # 'skimage_patches' | 'tfds' | 'folder'
+    config.tfds_name = ""  # for source='tfds', e.g. 'div2k/bicubic_x4', 'nyu_depth_v2'
+    config.image_key = "image"  # feature holding the image for source='tfds'
+    config.folder = ""  # for source='folder': directory of images, searched recursively
+    config.data_dir = ""  # tfds data_dir ('' = tfds default)
+    config.image_size = 32  # output size; skimage_patches uses config patches{image_size}
+    config.train_split = "train"
+    config.eval_split = "test"
+    config.random_flip = True  # horizontal flip, training only
+    config.random_crop = False  # random crop at native resolution (tfds/folder), else resize
+    config.shuffle_buffer = 10_000
+    return config
+
+
+# --------------------------------------------------------------------------- image ops
+
+
+def _composite_over_white(rgb: tf.Tensor, alpha: tf.Tensor) -> tf.Tensor:
+    return rgb * alpha + (1.0 - alpha)
+
+
+def _to_rgb_float(image: tf.Tensor) -> tf.Tensor:
+    """uint8/uint16 HxWxC (C in 1..4) -> float32 HxWx3 in [0, 1]."""
+    image = tf.image.convert_image_dtype(image, tf.float32)
+    branches = [
+        lambda: tf.tile(image[..., :1], [1, 1, 3]),  # gray
+        lambda: _composite_over_white(tf.tile(image[..., :1], [1, 1, 3]), image[..., 1:2]),
+        lambda: image[..., :3],  # rgb
+        lambda: _composite_over_white(image[..., :3], image[..., 3:4]),  # rgba
+    ]
+    channels = image.shape[-1]
+    if channels is not None:  # Static: pick the branch in Python, no graph switch.
+        if not 1 <= channels <= 4:
+            raise ValueError(f"images must have 1 to 4 channels, got shape {image.shape}")
+        return branches[channels - 1]()
+    rgb = tf.switch_case(tf.clip_by_value(tf.shape(image)[-1] - 1, 0, 3), branches)
+    return tf.ensure_shape(rgb, [None, None, 3])
+
+
+def _resize_shorter_side(image: tf.Tensor, size: int, *, only_up: bool) -> tf.Tensor:
+    """Resizes so the shorter side is `size` (with `only_up`, only when it is smaller)."""
+    shape = tf.shape(image)
+    height, width = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    scale = size / tf.minimum(height, width)
+    if only_up:
+        scale = tf.maximum(scale, 1.0)
+    new_height = tf.maximum(tf.cast(tf.math.round(height * scale), tf.int32), size)
+    new_width = tf.maximum(tf.cast(tf.math.round(width * scale), tf.int32), size)
+    # Anti-aliasing matters when downscaling large photos to tiny training sizes.
+    return tf.image.resize(image, [new_height, new_width], method="bilinear", antialias=True)
+
+
+def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+    shape = tf.shape(image)
+    top = (shape[0] - size) // 2
+    left = (shape[1] - size) // 2
+    return image[top : top + size, left : left + size]
+
+
+def _fit_to_size(
+    image: tf.Tensor, size: int, *, random_crop: bool, train: bool, seed: tf.Tensor
+) -> tf.Tensor:
+    """Crops/resizes an HxWxC float image to size x size x C."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image  # Already the right size (skimage patches): nothing to do.
+    if random_crop:
+        image = _resize_shorter_side(image, size, only_up=True)
+        if train:
+            channels = tf.shape(image)[-1]
+            image = tf.image.stateless_random_crop(image, tf.stack([size, size, channels]), seed)
+        else:
+            image = _center_crop(image, size)
+    else:
+        image = _center_crop(_resize_shorter_side(image, size, only_up=False), size)
+    return image
+
+
+def _preprocess(
+    example: Batch,
+    seed: tf.Tensor | None,
+    *,
+    image_size: int,
+    train: bool,
+    random_flip: bool,
+    random_crop: bool,
+) -> Batch:
+    """Geometry + value range for one example: {"image": uint8 HxWxC, "depth"?: ...}."""
+    rgb = _to_rgb_float(example["image"])
+    has_depth = "depth" in example
+    if has_depth:
+        depth = tf.cast(example["depth"], tf.float32)
+        if depth.shape.rank == 2:
+            depth = depth[..., None]
+        depth = depth[..., :1]
+        # Align depth with the image before the joint transform (sizes may differ).
+        same_size = rgb.shape[:2].is_fully_defined() and depth.shape[:2] == rgb.shape[:2]
+        if not same_size:
+            depth = tf.image.resize(depth, tf.shape(rgb)[:2], method="bilinear")
+        joint = tf.concat([rgb, depth], axis=-1)  # Same crop / flip for both.
+    else:
+        joint = rgb
+    augment = train and seed is not None
+    crop_seed, flip_seed = (
+        tf.unstack(tf.random.experimental.stateless_split(seed, 2)) if augment else (None, None)
+    )
+    joint = _fit_to_size(joint, image_size, random_crop=random_crop, train=augment, seed=crop_seed)
+    if augment and random_flip:
+        joint = tf.image.stateless_random_flip_left_right(joint, flip_seed)
+    channels = 4 if has_depth else 3
+    joint = tf.ensure_shape(joint, [image_size, image_size, channels])
+
+    out = {key: value for key, value in example.items() if key not in ("image", "depth")}
+    out["image"] = tf.clip_by_value(joint[..., :3] * 2.0 - 1.0, -1.0, 1.0)
+    if has_depth:
+        out["depth"] = joint[..., 3:]
+        out.setdefault("has_depth", tf.constant(True))
+    return out
+
+
+def _example_seeds(seed: int, process_index: int) -> tf.data.Dataset:
+    """Per-example stateless seeds: fold the example index into (seed, process_index)."""
+    base = tf.constant([seed, process_index], tf.int64)
+    return tf.data.Dataset.range(2**62).map(
+        lambda index: tf.random.experimental.stateless_fold_in(base, index)
+    )
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _skimage_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    size = int(data_config.image_size)
+    if size not in skimage_patches.PATCH_SIZES:
+        raise ValueError(
+            f"data_config.image_size={size}: skimage_patches has no config patches{size}; "
+            f"available sizes {skimage_patches.PATCH_SIZES} (add one to "
+            "skimage_patches.PATCH_SIZES)"
+        )
+    builder = skimage_patches.SkimagePatches(
+        config=f"patches{size}", data_dir=data_config.data_dir or None
+    )
+    if not builder.is_prepared():
+        # Offline build from files inside scikit-image; GCS explicitly off.
+        # Multi-host on a shared filesystem: build it once beforehand to avoid racing writers.
+        logger.info("Building skimage_patches/patches%d into %s", size, builder.data_dir)
+        builder.download_and_prepare(
+            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+        )
+    return builder
+
+
+def _tfds_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    name = data_config.tfds_name
+    if not name:
+        raise ValueError("data_config.source='tfds' needs data_config.tfds_name (e.g. 'div2k')")
+    data_dir = data_config.data_dir or None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as error:
+        first_line = str(error).splitlines()[0]  # The rest lists every tfds dataset.
+        raise ValueError(f"data_config.tfds_name={name!r}: {first_line}") from error
+    if not builder.is_prepared():
+        where = data_dir or tfds.core.constants.DATA_DIR
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared in {builder.data_dir}. This pipeline never "
+            f"downloads: prepare it first with `tfds build {name} --data_dir {where}` (on a "
+            "machine with network or manual downloads) or copy an already prepared copy into "
+            f"data_dir={where!r}."
+        )
+    return builder
+
+
+def _num_examples(builder: tfds.core.DatasetBuilder, split: str, image_key: str) -> int:
+    """Size of a (sub)split, from metadata when possible, else by counting."""
+    try:
+        return int(builder.info.splits[split].num_examples)
+    except (KeyError, ValueError, TypeError):
+        pass
+    ds = builder.as_dataset(split=split, decoders=_skip_image_decoding(builder, image_key))
+    count = int(ds.cardinality())
+    if count < 0:
+        count = int(ds.reduce(0, lambda n, _: n + 1))
+    return count
+
+
+def _dtype_and_shape(feature: Any) -> tuple[np.dtype | None, tuple]:
+    """(numpy dtype, shape) of a leaf feature; (None, ()) for dicts / sequences / text."""
+    try:
+        return np.dtype(feature.np_dtype), tuple(feature.shape)
+    except (AttributeError, TypeError):
+        return None, ()
+
+
+def _skip_image_decoding(builder: tfds.core.DatasetBuilder, image_key: str) -> dict | None:
+    """Keep images encoded until after the shuffle buffer (which then holds bytes, not pixels)."""
+    feature = builder.info.features[image_key]
+    if isinstance(feature, tfds.features.Image):
+        return {image_key: tfds.decode.SkipDecoding()}
+    return None
+
+
+def _tfds_examples(
+    builder: tfds.core.DatasetBuilder,
+    split: str,
+    *,
+    image_key: str,
+    train: bool,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> tuple[tf.data.Dataset, Any, int | None]:
+    """Returns (dataset of raw examples, function decoding one example, eval example count)."""
+    features = builder.info.features
+    if image_key not in features:
+        raise ValueError(
+            f"data_config.image_key={image_key!r} is not a feature of {builder.info.full_name}; "
+            f"features: {sorted(features.keys())}"
+        )
+    image_feature = features[image_key]
+    if not np.issubdtype(np.dtype(image_feature.np_dtype), np.integer):
+        raise ValueError(
+            f"feature {image_key!r} of {builder.info.full_name} has dtype "
+            f"{image_feature.np_dtype}; expected an integer (uint8/uint16) image"
+        )
+    # What travels with the image: depth (spatial) and scalar numeric features.
+    keep = [image_key]
+    for key, feature in features.items():
+        dtype, shape = _dtype_and_shape(feature)
+        if key == image_key or dtype is None or dtype.kind not in "biuf":  # Text, dicts, ...
+            continue
+        if (key == "depth" and len(shape) in (2, 3)) or shape == ():
+            keep.append(key)
+
+    process_split = tfds.split_for_jax_process(
+        split, process_index=process_index, process_count=process_count
+    )
+    decoders = _skip_image_decoding(builder, image_key)
+    ds = builder.as_dataset(
+        split=process_split,
+        shuffle_files=train,
+        decoders=decoders,
+        read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=False),
+    )
+    ds = ds.map(lambda example: {key: example[key] for key in keep})
+    image_dtype = tf.as_dtype(image_feature.np_dtype)
+    image_shape = tuple(image_feature.shape)
+
+    def decode(example: Batch) -> Batch:
+        example = dict(example)
+        image = example.pop(image_key)
+        if decoders is not None:
+            # Decode to the feature's channel count and static shape when known, so that fixed
+            # size images (skimage patches) skip resizing and channel switching.
+            channels = image_shape[-1] if len(image_shape) == 3 and image_shape[-1] else 0
+            image = tf.io.decode_image(
+                image, channels=channels, dtype=image_dtype, expand_animations=False
+            )
+            image = tf.ensure_shape(image, image_shape if channels else [None, None, None])
+        elif image.shape.rank == 2:
+            image = image[..., None]
+        example["image"] = image
+        return example
+
+    num_examples = None if train else _num_examples(builder, split, image_key)
+    return ds, decode, num_examples
+
+
+def list_image_files(folder: str) -> list[str]:
+    """Sorted image paths under `folder` (recursive); errors name the folder."""
+    if not folder:
+        raise ValueError("data_config.source='folder' needs data_config.folder")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a directory")
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder, followlinks=True)
+        for name in names
+        if name.lower().endswith(IMAGE_EXTENSIONS)
+    )
+    if not paths:
+        raise FileNotFoundError(
+            f"image folder {folder!r} contains no images with extensions {IMAGE_EXTENSIONS}"
+        )
+    return paths
+
+
+def _check_image_headers(paths: list[str]) -> None:
+    """Fails fast on files that are not images at all (reads only the headers)."""
+    from PIL import Image, UnidentifiedImageError
+
+    for path in paths:
+        try:
+            with Image.open(path):  # Parses the header only; pixels are decoded later.
+                pass
+        except (UnidentifiedImageError, OSError, SyntaxError) as error:
+            raise ValueError(f"corrupt or unreadable image file {path!r}: {error}") from error
+
+
+def load_image_rgb(path: str) -> np.ndarray:
+    """Reads any PIL-readable image as uint8 HxWx3 (alpha over white, EXIF rotation applied)."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode.startswith("I"):  # 16/32-bit grayscale: scale 16-bit range to 8 bits.
+                gray = np.asarray(image, dtype=np.float32) / 257.0
+                image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8))
+            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            if has_alpha:
+                rgba = image.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(white, rgba)
+            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except Exception as error:  # Any decoder failure: name the file.
+        raise ValueError(f"corrupt or unreadable image file {path!r}: {error}") from error
+    return rgb
+
+
+def _folder_examples(
+    data_config: ml_collections.ConfigDict,
+    *,
+    train: bool,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> tuple[tf.data.Dataset, Any, int]:
+    paths = list_image_files(data_config.folder)
+    _check_image_headers(paths)
+    ds = tf.data.Dataset.from_tensor_slices(paths).shard(process_count, process_index)
+    if train:
+        # File names are tiny: shuffle all of them, a fresh order each epoch.
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+
+    def decode(path: tf.Tensor) -> Batch:
+        image = tf.numpy_function(
+            lambda p: load_image_rgb(p.decode()), [path], tf.uint8, stateful=False
+        )
+        return {"image": tf.ensure_shape(image, [None, None, 3])}
+
+    return ds, decode, len(paths)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def build_dataset(
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    global_batch_size: int,
+    *,
+    seed: int,
+    train: bool,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """Batched dataset of this process's share of `split` (see the module docstring)."""
+    if data_config.source not in SOURCES:
+        raise ValueError(f"data_config.source={data_config.source!r}; valid values: {SOURCES}")
+    if global_batch_size % process_count or global_batch_size < process_count:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a positive multiple of "
+            f"process_count={process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    local_batch_size = global_batch_size // process_count
+    image_size = int(data_config.image_size)
+
+    shard = {
+        "train": train,
+        "seed": seed,
+        "process_index": process_index,
+        "process_count": process_count,
+    }
+    if data_config.source == "folder":
+        ds, decode, num_examples = _folder_examples(data_config, **shard)
+    else:
+        if data_config.source == "skimage_patches":
+            builder, image_key = _skimage_builder(data_config), "image"
+        else:
+            builder, image_key = _tfds_builder(data_config), data_config.image_key
+        ds, decode, num_examples = _tfds_examples(builder, split, image_key=image_key, **shard)
+        if train:
+            ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+    def preprocess(raw: Any, example_seed: tf.Tensor | None) -> Batch:
+        return _preprocess(
+            decode(raw),
+            example_seed,
+            image_size=image_size,
+            train=train,
+            random_flip=bool(data_config.random_flip),
+            random_crop=bool(data_config.random_crop),
+        )
+
+    if train:
+        ds = ds.repeat()
+        ds = tf.data.Dataset.zip(ds, _example_seeds(seed, process_index))
+        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        ds = ds.map(lambda raw: preprocess(raw, None), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = _pad_for_eval(ds, num_examples, global_batch_size, local_batch_size)
+    ds = ds.batch(local_batch_size, drop_remainder=True)
+    options = tf.data.Options()
+    options.deterministic = True  # Parallel maps keep order: reproducible batches.
+    return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _pad_for_eval(
+    ds: tf.data.Dataset, num_examples: int, global_batch_size: int, local_batch_size: int
+) -> tf.data.Dataset:
+    """Adds `mask` and pads with masked zeros to ceil(N / global_batch) local batches."""
+    ds = ds.map(lambda example: {**example, "mask": tf.constant(True)})
+    zeros = tf.nest.map_structure(lambda spec: tf.zeros(spec.shape, spec.dtype), ds.element_spec)
+    padding = tf.data.Dataset.from_tensors(zeros).repeat()
+    # Every process's shard holds at most ceil(N / P) <= num_batches * local_batch examples.
+    num_batches = math.ceil(num_examples / global_batch_size)
+    return ds.concatenate(padding).take(num_batches * local_batch_size)
+
+
+def numpy_iterator(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates a dataset as dicts of numpy arrays."""
+    return iter(tfds.as_numpy(ds))
+
+
+def to_global_batch(local_batch: dict, sharding: jax.sharding.Sharding) -> dict:
+    """Assembles per-process batches into global jax.Arrays split along the batch axis."""
+    return jax.tree.map(
+        lambda array: jax.make_array_from_process_local_data(sharding, np.asarray(array)),
+        local_batch,
+    )

@@ -1,0 +1,44 @@
+"""codi-jax: Conditional Diffusion Distillation in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources",  # tfds 4.9.10 imports it but does not declare it
+    "clu==0.0.12",
+    # clu's metric writers import TensorFlow; the CPU build is enough (TF only writes summaries
+    # and runs the input pipeline).
+    "tensorflow-cpu",
+    "tensorboard",
+    "scikit-image>=0.26,<0.27",
+    "pillow",
+    "absl-py",
+    "numpy",
+]
+
+TEST_REQUIRES = [
+    "pytest",
+    "ruff",
+]
+
+# Test-only numerical references (diffusers' schedulers and PyTorch modules).
+REFERENCE_REQUIRES = [
+    "torch==2.13.0",
+    "diffusers==0.42.*",
+    "safetensors",
+]
+
+setup(
+    name="codi_jax",
+    version="0.1.0",
+    description="Conditional Diffusion Distillation (CoDi) in JAX/Flax",
+    packages=find_packages(include=["codi_jax", "codi_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES + REFERENCE_REQUIRES, "reference": REFERENCE_REQUIRES},
+)
