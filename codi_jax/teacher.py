@@ -42,11 +42,12 @@ def train_step(
     schedule: diffusion.Schedule,
     optimizer: optax.GradientTransformation,
     ema_decay: float,
+    ema_warmup: bool = False,
     parametrization: diffusion.Parametrization = "v",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One teacher update. Pure: bind the keyword arguments with ``functools.partial`` and jit."""
   loss, grads = jax.value_and_grad(diffusion_loss)(
       state.params, model, schedule, batch["image"], rng, parametrization)
-  new_state, skipped = apply_gradients(state, grads, optimizer, ema_decay)
+  new_state, skipped = apply_gradients(state, grads, optimizer, ema_decay, ema_warmup)
   metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped_nonfinite": skipped}
   return new_state, metrics

@@ -102,7 +102,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   repl = sharding.replicated(mesh)
   step_fn = jax.jit(
       functools.partial(teacher.train_step, model=model, schedule=schedule, optimizer=optimizer,
-                        ema_decay=config.ema_decay, parametrization=parametrization),
+                        ema_decay=config.ema_decay, ema_warmup=config.get("ema_warmup", False),
+                        parametrization=parametrization),
       in_shardings=(state_shardings, batch_sharding, repl),
       out_shardings=(state_shardings, repl),
       donate_argnums=(0,),

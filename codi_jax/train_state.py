@@ -58,15 +58,22 @@ def tree_all_finite(tree: Any) -> jax.Array:
 
 def apply_gradients(
     state: TrainState, grads: Any, optimizer: optax.GradientTransformation, ema_decay: float,
-    trainable_mask: Any | None = None,
+    ema_warmup: bool = False,
 ) -> tuple[TrainState, jax.Array]:
   """One optimizer + EMA update; skipped (state kept) if it would produce NaN/Inf.
 
+  With ``ema_warmup`` the decay is ``min(ema_decay, (1 + step) / (10 + step))``, so that early
+  EMA weights are not dominated by the random initialisation (at step 1000 a fixed 0.999 decay
+  still gives the initial params a weight of 0.999**1000 = 37%).
   Returns the new state and a flag that is 1.0 where the update was skipped.
   """
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+  decay = jnp.asarray(ema_decay, jnp.float32)
+  if ema_warmup:
+    step = state.step.astype(jnp.float32)
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
   finite = tree_all_finite(params)
   # One conditional over the whole tree: a per-leaf jnp.where on the global flag makes XLA:CPU
   # fuse every leaf with the reduction and multiplies compile time (~5x measured).

@@ -47,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
       learning_rate=3e-4, warmup_steps=200, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
       grad_clip_norm=1.0))
   config.ema_decay = 0.999
+  config.ema_warmup = True  # decay min(0.999, (1+step)/(10+step)): early samples not tied to the init
   config.batch_size = 32
   config.num_train_steps = 100_000
 

@@ -171,3 +171,24 @@ def test_resume_with_other_architecture_is_a_clear_error(tmp_path):
     train_loop.train_and_evaluate(other, workdir)
   # The existing checkpoint is untouched.
   assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [1]
+
+
+def test_ema_update_with_and_without_warmup():
+  import optax
+
+  from codi_jax.train_state import apply_gradients, create_train_state
+
+  params = {"w": jnp.zeros((3,))}
+  sgd = optax.sgd(1.0)
+  grads = {"w": -jnp.ones((3,))}  # one SGD step moves params from 0 to 1
+  state = create_train_state(params, sgd, jax.random.PRNGKey(0))
+  # Fixed decay 0.9: ema = 0.9 * 0 + 0.1 * 1.
+  new, _ = apply_gradients(state, grads, sgd, ema_decay=0.9)
+  np.testing.assert_allclose(new.ema_params["w"], 0.1, rtol=1e-6)
+  # Warm-up at step 0: decay = min(0.9, 1/10) = 0.1, so ema = 0.9.
+  new, _ = apply_gradients(state, grads, sgd, ema_decay=0.9, ema_warmup=True)
+  np.testing.assert_allclose(new.ema_params["w"], 0.9, rtol=1e-6)
+  # Late in training the warm-up no longer matters: step 10_000 -> decay capped at 0.9.
+  late = state.replace(step=jnp.asarray(10_000, jnp.int32))
+  new, _ = apply_gradients(late, grads, sgd, ema_decay=0.9, ema_warmup=True)
+  np.testing.assert_allclose(new.ema_params["w"], 0.1, rtol=1e-6)

@@ -192,8 +192,13 @@ class UNet(nn.Module):
     if down_residuals is not None:
       if len(down_residuals) != len(skips):
         raise ValueError(f"Expected {len(skips)} down residuals, got {len(down_residuals)}.")
+      for i, (s, r) in enumerate(zip(skips, down_residuals)):
+        if r.shape != s.shape:
+          raise ValueError(f"down_residuals[{i}] has shape {r.shape}; expected {s.shape}.")
       skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
     if mid_residual is not None:
+      if mid_residual.shape != h.shape:
+        raise ValueError(f"mid_residual has shape {mid_residual.shape}; expected {h.shape}.")
       h = h + mid_residual.astype(h.dtype)
 
     num_up_layers = self.layers_per_block + 1
