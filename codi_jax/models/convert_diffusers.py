@@ -240,8 +240,10 @@ def _torch_name(path: tuple[str, ...]) -> str:
       parts.extend(p for p in match.groups() if p is not None)
     else:
       parts.append(component)
-  leaf = path[-1]
-  parts.append({"kernel": "weight", "scale": "weight", "bias": "bias"}[leaf])
+  leaves = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+  if path[-1] not in leaves:
+    raise ValueError(f"No diffusers counterpart for parameter {'/'.join(path)} (leaf {path[-1]!r}).")
+  parts.append(leaves[path[-1]])
   return ".".join(parts)
 
 
