@@ -20,48 +20,54 @@ from codi_jax.train_state import create_train_state, make_optimizer
 
 @dataclasses.dataclass
 class Pretrained:
-  """A restored model: module, schedule, parametrization, parameters and where they came from."""
+    """A restored model: module, schedule, parametrization, parameters and where they came from."""
 
-  model: UNet
-  schedule: diffusion.Schedule
-  parametrization: diffusion.Parametrization
-  params: Any
-  config: ml_collections.ConfigDict
-  step: int
-  path: str
+    model: UNet
+    schedule: diffusion.Schedule
+    parametrization: diffusion.Parametrization
+    params: Any
+    config: ml_collections.ConfigDict
+    step: int
+    path: str
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(workdir, "checkpoints")
+    return os.path.join(workdir, "checkpoints")
 
 
 def load_pretrained(workdir: str, *, step: int | None = None, use_ema: bool = True) -> Pretrained:
-  """Restores the (EMA) parameters of the latest (or given) checkpoint in ``workdir``."""
-  directory = checkpoint_dir(workdir)
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f"No checkpoints directory at {directory} (is --workdir a training workdir?).")
-  ckpt = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"No checkpoint steps in {directory}.")
-  if step not in ckpt.all_steps():
-    raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; available: {ckpt.all_steps()}.")
-  config = ml_collections.ConfigDict(ckpt.restore_config(step))
-  model = unet_from_config(config.model)
-  schedule = diffusion.schedule_from_config(config.schedule)
-  optimizer = make_optimizer(config.optimizer)
-  size = config.data.image_size
+    """Restores the (EMA) parameters of the latest (or given) checkpoint in ``workdir``."""
+    directory = checkpoint_dir(workdir)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"No checkpoints directory at {directory} (is --workdir a training workdir?).")
+    ckpt = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"No checkpoint steps in {directory}.")
+    if step not in ckpt.all_steps():
+        raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; available: {ckpt.all_steps()}.")
+    config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    model = unet_from_config(config.model)
+    schedule = diffusion.schedule_from_config(config.schedule)
+    optimizer = make_optimizer(config.optimizer)
+    size = config.data.image_size
 
-  def init_state():
-    sample = jax.numpy.zeros((1, size, size, config.model.in_channels))
-    params = model.init(jax.random.PRNGKey(0), sample, jax.numpy.zeros((1,)))["params"]
-    return create_train_state(params, optimizer, jax.random.PRNGKey(0))
+    def init_state():
+        sample = jax.numpy.zeros((1, size, size, config.model.in_channels))
+        params = model.init(jax.random.PRNGKey(0), sample, jax.numpy.zeros((1,)))["params"]
+        return create_train_state(params, optimizer, jax.random.PRNGKey(0))
 
-  abstract = jax.eval_shape(init_state)
-  replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-  state = ckpt.restore(abstract, step=step)
-  ckpt.close()
-  return Pretrained(model=model, schedule=schedule, parametrization=config.model.parametrization,
-                    params=state.ema_params if use_ema else state.params, config=config, step=step,
-                    path=workdir)
+    abstract = jax.eval_shape(init_state)
+    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
+    state = ckpt.restore(abstract, step=step)
+    ckpt.close()
+    return Pretrained(
+        model=model,
+        schedule=schedule,
+        parametrization=config.model.parametrization,
+        params=state.ema_params if use_ema else state.params,
+        config=config,
+        step=step,
+        path=workdir,
+    )

@@ -21,16 +21,15 @@ def diffusion_loss(
     rng: jax.Array,
     parametrization: diffusion.Parametrization = "v",
 ) -> jax.Array:
-  """Mean squared error of the network output against its target at a random time per example."""
-  rng_t, rng_eps, rng_dropout = jax.random.split(rng, 3)
-  t = schedule.sample_train_time(rng_t, (x.shape[0],))
-  eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
-  alpha_t, sigma_t = schedule.alpha_sigma(t)
-  z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
-  target = diffusion.prediction_from_x_eps(x, eps, alpha_t, sigma_t, parametrization)
-  prediction = model.apply({"params": params}, z_t, schedule.model_time(t), train=True,
-                           rngs={"dropout": rng_dropout})
-  return jnp.mean(jnp.square(prediction - target))
+    """Mean squared error of the network output against its target at a random time per example."""
+    rng_t, rng_eps, rng_dropout = jax.random.split(rng, 3)
+    t = schedule.sample_train_time(rng_t, (x.shape[0],))
+    eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
+    target = diffusion.prediction_from_x_eps(x, eps, alpha_t, sigma_t, parametrization)
+    prediction = model.apply({"params": params}, z_t, schedule.model_time(t), train=True, rngs={"dropout": rng_dropout})
+    return jnp.mean(jnp.square(prediction - target))
 
 
 def train_step(
@@ -45,9 +44,10 @@ def train_step(
     ema_warmup: bool = False,
     parametrization: diffusion.Parametrization = "v",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One teacher update. Pure: bind the keyword arguments with ``functools.partial`` and jit."""
-  loss, grads = jax.value_and_grad(diffusion_loss)(
-      state.params, model, schedule, batch["image"], rng, parametrization)
-  new_state, skipped = apply_gradients(state, grads, optimizer, ema_decay, ema_warmup)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped_nonfinite": skipped}
-  return new_state, metrics
+    """One teacher update. Pure: bind the keyword arguments with ``functools.partial`` and jit."""
+    loss, grads = jax.value_and_grad(diffusion_loss)(
+        state.params, model, schedule, batch["image"], rng, parametrization
+    )
+    new_state, skipped = apply_gradients(state, grads, optimizer, ema_decay, ema_warmup)
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped_nonfinite": skipped}
+    return new_state, metrics

@@ -12,75 +12,83 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-  """Everything a resumed run needs: step, params, EMA params, optimizer state, base RNG.
+    """Everything a resumed run needs: step, params, EMA params, optimizer state, base RNG.
 
-  ``ema_params`` is the exponential moving average of ``params`` (the teacher's sampling
-  weights; CoDi's target network). ``rng`` is the run's base key: step ``k`` uses
-  ``fold_in(rng, k)``, so a resumed run draws exactly the numbers an uninterrupted one would.
-  """
+    ``ema_params`` is the exponential moving average of ``params`` (the teacher's sampling
+    weights; CoDi's target network). ``rng`` is the run's base key: step ``k`` uses
+    ``fold_in(rng, k)``, so a resumed run draws exactly the numbers an uninterrupted one would.
+    """
 
-  step: jax.Array
-  params: Any
-  ema_params: Any
-  opt_state: Any
-  rng: jax.Array
+    step: jax.Array
+    params: Any
+    ema_params: Any
+    opt_state: Any
+    rng: jax.Array
 
 
 def make_optimizer(optimizer_config) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping and a (warmup then) constant learning rate."""
-  lr = optimizer_config.learning_rate
-  warmup = optimizer_config.get("warmup_steps", 0)
-  schedule = optax.linear_schedule(0.0, lr, warmup) if warmup else lr
-  if warmup:
-    schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [warmup])
-  return optax.chain(
-      optax.clip_by_global_norm(optimizer_config.grad_clip_norm),
-      optax.adamw(schedule, b1=optimizer_config.b1, b2=optimizer_config.b2,
-                  eps=optimizer_config.eps, weight_decay=optimizer_config.weight_decay),
-  )
+    """AdamW with global-norm clipping and a (warmup then) constant learning rate."""
+    lr = optimizer_config.learning_rate
+    warmup = optimizer_config.get("warmup_steps", 0)
+    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup else lr
+    if warmup:
+        schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [warmup])
+    return optax.chain(
+        optax.clip_by_global_norm(optimizer_config.grad_clip_norm),
+        optax.adamw(
+            schedule,
+            b1=optimizer_config.b1,
+            b2=optimizer_config.b2,
+            eps=optimizer_config.eps,
+            weight_decay=optimizer_config.weight_decay,
+        ),
+    )
 
 
 def create_train_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
-  """A fresh state; the EMA starts as a copy of the params (a distinct buffer, safe to donate)."""
-  return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      ema_params=jax.tree.map(jnp.copy, params),
-      opt_state=optimizer.init(params),
-      rng=rng,
-  )
+    """A fresh state; the EMA starts as a copy of the params (a distinct buffer, safe to donate)."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        rng=rng,
+    )
 
 
 def tree_all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def apply_gradients(
-    state: TrainState, grads: Any, optimizer: optax.GradientTransformation, ema_decay: float,
+    state: TrainState,
+    grads: Any,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
     ema_warmup: bool = False,
 ) -> tuple[TrainState, jax.Array]:
-  """One optimizer + EMA update; skipped (state kept) if it would produce NaN/Inf.
+    """One optimizer + EMA update; skipped (state kept) if it would produce NaN/Inf.
 
-  With ``ema_warmup`` the decay is ``min(ema_decay, (1 + step) / (10 + step))``, so that early
-  EMA weights are not dominated by the random initialisation (at step 1000 a fixed 0.999 decay
-  still gives the initial params a weight of 0.999**1000 = 37%).
-  Returns the new state and a flag that is 1.0 where the update was skipped.
-  """
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  decay = jnp.asarray(ema_decay, jnp.float32)
-  if ema_warmup:
-    step = state.step.astype(jnp.float32)
-    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
-  ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
-  finite = tree_all_finite(params)
-  # One conditional over the whole tree: a per-leaf jnp.where on the global flag makes XLA:CPU
-  # fuse every leaf with the reduction and multiplies compile time (~5x measured).
-  params, ema_params, opt_state = jax.lax.cond(
-      finite,
-      lambda: (params, ema_params, opt_state),
-      lambda: (state.params, state.ema_params, state.opt_state),
-  )
-  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
-  return new_state, 1.0 - finite.astype(jnp.float32)
+    With ``ema_warmup`` the decay is ``min(ema_decay, (1 + step) / (10 + step))``, so that early
+    EMA weights are not dominated by the random initialisation (at step 1000 a fixed 0.999 decay
+    still gives the initial params a weight of 0.999**1000 = 37%).
+    Returns the new state and a flag that is 1.0 where the update was skipped.
+    """
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    decay = jnp.asarray(ema_decay, jnp.float32)
+    if ema_warmup:
+        step = state.step.astype(jnp.float32)
+        decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
+    finite = tree_all_finite(params)
+    # One conditional over the whole tree: a per-leaf jnp.where on the global flag makes XLA:CPU
+    # fuse every leaf with the reduction and multiplies compile time (~5x measured).
+    params, ema_params, opt_state = jax.lax.cond(
+        finite,
+        lambda: (params, ema_params, opt_state),
+        lambda: (state.params, state.ema_params, state.opt_state),
+    )
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
+    return new_state, 1.0 - finite.astype(jnp.float32)

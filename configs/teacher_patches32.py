@@ -8,54 +8,58 @@ import ml_collections
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.seed = 0
-  config.num_devices = 0  # 0 = all visible devices
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.num_devices = 0  # 0 = all visible devices
 
-  config.model = ml_collections.ConfigDict(dict(
-      in_channels=3,
-      out_channels=3,
-      block_out_channels=(32, 64, 64),
-      layers_per_block=2,
-      attention_levels=(False, False, True),
-      mid_attention=True,
-      attention_head_dim=32,
-      norm_num_groups=32,
-      dropout=0.0,
-      dtype="float32",
-      remat=False,
-      conv_impl="auto",
-      parametrization="v",
-  ))
-  config.schedule = ml_collections.ConfigDict(dict(kind="cosine"))
+    config.model = ml_collections.ConfigDict(
+        dict(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            attention_levels=(False, False, True),
+            mid_attention=True,
+            attention_head_dim=32,
+            norm_num_groups=32,
+            dropout=0.0,
+            dtype="float32",
+            remat=False,
+            conv_impl="auto",
+            parametrization="v",
+        )
+    )
+    config.schedule = ml_collections.ConfigDict(dict(kind="cosine"))
 
-  config.data = ml_collections.ConfigDict(dict(
-      source="skimage_patches",
-      tfds_name="",
-      image_key="image",
-      folder="",
-      data_dir="",
-      image_size=32,
-      train_split="train",
-      eval_split="test",
-      random_flip=True,
-      random_crop=False,
-      shuffle_buffer=10000,
-  ))
+    config.data = ml_collections.ConfigDict(
+        dict(
+            source="skimage_patches",
+            tfds_name="",
+            image_key="image",
+            folder="",
+            data_dir="",
+            image_size=32,
+            train_split="train",
+            eval_split="test",
+            random_flip=True,
+            random_crop=False,
+            shuffle_buffer=10000,
+        )
+    )
 
-  config.optimizer = ml_collections.ConfigDict(dict(
-      learning_rate=3e-4, warmup_steps=200, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0,
-      grad_clip_norm=1.0))
-  config.ema_decay = 0.999
-  config.ema_warmup = True  # decay min(0.999, (1+step)/(10+step)): early samples not tied to the init
-  config.batch_size = 32
-  config.num_train_steps = 100_000
+    config.optimizer = ml_collections.ConfigDict(
+        dict(learning_rate=3e-4, warmup_steps=200, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
+    )
+    config.ema_decay = 0.999
+    config.ema_warmup = True  # decay min(0.999, (1+step)/(10+step)): early samples not tied to the init
+    config.batch_size = 32
+    config.num_train_steps = 100_000
 
-  config.log_every_steps = 50
-  config.checkpoint_every_steps = 250
-  config.keep_checkpoints = 2
-  config.sample_every_steps = 1000
-  config.sample_steps = 50
-  config.num_sample_images = 64
-  config.sharding_rules = ()  # ((regex over param path, partition spec), ...); default replicated
-  return config
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 250
+    config.keep_checkpoints = 2
+    config.sample_every_steps = 1000
+    config.sample_steps = 50
+    config.num_sample_images = 64
+    config.sharding_rules = ()  # ((regex over param path, partition spec), ...); default replicated
+    return config

@@ -15,44 +15,55 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
-  root = tmp_path_factory.mktemp("cli")
-  config = tiny_teacher.get_config()
-  config.data.data_dir = str(root / "tfds")
-  config.num_train_steps = 2
-  workdir = str(root / "run")
-  train_loop.train_and_evaluate(config, workdir)
-  return workdir
+    root = tmp_path_factory.mktemp("cli")
+    config = tiny_teacher.get_config()
+    config.data.data_dir = str(root / "tfds")
+    config.num_train_steps = 2
+    workdir = str(root / "run")
+    train_loop.train_and_evaluate(config, workdir)
+    return workdir
 
 
 def test_sample_images_restores_and_is_seeded(trained_workdir):
-  a = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=0)
-  b = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=0)
-  c = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=1)
-  assert a.shape == (3, 16, 16, 3) and a.dtype == np.float32
-  assert np.all(np.isfinite(a)) and a.min() >= -1 and a.max() <= 1
-  np.testing.assert_array_equal(a, b)
-  assert np.abs(a - c).max() > 1e-3
+    a = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=0)
+    b = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=0)
+    c = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=1)
+    assert a.shape == (3, 16, 16, 3) and a.dtype == np.float32
+    assert np.all(np.isfinite(a)) and a.min() >= -1 and a.max() <= 1
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-3
 
 
 def test_write_images_never_overwrites(tmp_path):
-  images = np.zeros((2, 8, 8, 3), np.float32)
-  paths = sample_teacher.write_images(images, str(tmp_path))
-  assert len(paths) == 3 and all(os.path.exists(p) for p in paths)
-  before = {p: os.path.getmtime(p) for p in paths}
-  with pytest.raises(FileExistsError, match="sample_00000.png"):
-    sample_teacher.write_images(np.ones((2, 8, 8, 3), np.float32), str(tmp_path))
-  assert {p: os.path.getmtime(p) for p in paths} == before
+    images = np.zeros((2, 8, 8, 3), np.float32)
+    paths = sample_teacher.write_images(images, str(tmp_path))
+    assert len(paths) == 3 and all(os.path.exists(p) for p in paths)
+    before = {p: os.path.getmtime(p) for p in paths}
+    with pytest.raises(FileExistsError, match="sample_00000.png"):
+        sample_teacher.write_images(np.ones((2, 8, 8, 3), np.float32), str(tmp_path))
+    assert {p: os.path.getmtime(p) for p in paths} == before
 
 
 def test_sampling_missing_workdir_is_a_clear_error(tmp_path):
-  with pytest.raises(FileNotFoundError, match="checkpoints"):
-    sample_teacher.sample_images(str(tmp_path / "nope"), steps=2, num_images=1, batch_size=1, seed=0)
+    with pytest.raises(FileNotFoundError, match="checkpoints"):
+        sample_teacher.sample_images(str(tmp_path / "nope"), steps=2, num_images=1, batch_size=1, seed=0)
 
 
 def test_train_cli_rejects_unknown_config_field(tmp_path):
-  proc = subprocess.run(
-      [sys.executable, "-m", "codi_jax.train", "--config=configs/tiny_teacher.py", f"--workdir={tmp_path}",
-       "--config.no_such_field=3"], cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
-  assert "no_such_field" in proc.stderr
-  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codi_jax.train",
+            "--config=configs/tiny_teacher.py",
+            f"--workdir={tmp_path}",
+            "--config.no_such_field=3",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode != 0
+    assert "no_such_field" in proc.stderr
+    assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))

@@ -143,9 +143,7 @@ def test_patches_are_multiscale_deterministic_and_carry_depth() -> None:
 
 def test_patches64_builds(tmp_path: Path) -> None:
     builder = _builder(str(tmp_path), 64)
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-    )
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     example = next(iter(tfds.as_numpy(builder.as_dataset(split="test").take(1))))
     assert example["image"].shape == (64, 64, 3) and example["image"].dtype == np.uint8
     assert builder.info.splits["test"].num_examples > 200
@@ -172,9 +170,7 @@ def test_train_batches_range_layout_and_determinism(data_config: ConfigDict) -> 
     assert not np.array_equal(batch_a["image"], batch_c["image"])
 
 
-def test_eval_pass_is_deterministic_padded_and_finite(
-    data_config: ConfigDict, offline_build: dict
-) -> None:
+def test_eval_pass_is_deterministic_padded_and_finite(data_config: ConfigDict, offline_build: dict) -> None:
     num_test = _builder(offline_build["data_dir"]).info.splits["test"].num_examples
     runs = []
     for _ in range(2):
@@ -196,9 +192,7 @@ def test_eval_sharded_over_processes_covers_split_once(data_config: ConfigDict) 
     split = "test[:301]"  # A sub-split: 301 examples, not a multiple of the batch.
     per_process = []
     for index in range(2):
-        ds = build_dataset(
-            data_config, split, 64, seed=0, train=False, process_index=index, process_count=2
-        )
+        ds = build_dataset(data_config, split, 64, seed=0, train=False, process_index=index, process_count=2)
         per_process.append(list(numpy_iterator(ds)))
     assert len(per_process[0]) == len(per_process[1]) == 5  # Same number of steps everywhere.
     assert per_process[0][0]["image"].shape[0] == 32  # Local batch.
@@ -350,9 +344,7 @@ def test_folder_errors_name_the_path(tmp_path: Path) -> None:
     # A valid header with truncated pixel data passes the up-front check; decoding names it.
     truncated = tmp_path / "truncated"
     truncated.mkdir()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(
-        truncated / "cut.png"
-    )
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(truncated / "cut.png")
     data = (truncated / "cut.png").read_bytes()
     (truncated / "cut.png").write_bytes(data[: len(data) // 2])
     ds = build_dataset(_folder_config(truncated), "train", 1, seed=0, train=False)

@@ -21,61 +21,67 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny_config(tmp_path, **overrides):
-  config = tiny_teacher.get_config()
-  config.data.data_dir = str(tmp_path / "tfds")
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+    config = tiny_teacher.get_config()
+    config.data.data_dir = str(tmp_path / "tfds")
+    for key, value in overrides.items():
+        config[key] = value
+    return config
 
 
 def _fixed_batch(config, n=8):
-  size = config.data.image_size
-  rng = np.random.RandomState(0)
-  # Smooth random images: low-frequency structure a small UNet can fit within a few steps.
-  coarse = rng.uniform(-1, 1, (n, size // 4, size // 4, 3)).astype(np.float32)
-  return {"image": jnp.asarray(np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2))}
+    size = config.data.image_size
+    rng = np.random.RandomState(0)
+    # Smooth random images: low-frequency structure a small UNet can fit within a few steps.
+    coarse = rng.uniform(-1, 1, (n, size // 4, size // 4, 3)).astype(np.float32)
+    return {"image": jnp.asarray(np.repeat(np.repeat(coarse, 4, axis=1), 4, axis=2))}
 
 
 def test_train_step_lowers_loss_on_fixed_batch(tmp_path):
-  config = _tiny_config(tmp_path)
-  model, schedule = train_loop.build_model(config)
-  optimizer = make_optimizer(config.optimizer)
-  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  state, _ = train_loop.create_sharded_state(config, model, optimizer, mesh)
-  step = jax.jit(functools.partial(teacher.train_step, model=model, schedule=schedule, optimizer=optimizer,
-                                   ema_decay=config.ema_decay))
-  batch = _fixed_batch(config)
-  eval_rng = jax.random.PRNGKey(123)  # same t and noise before and after: only params change
-  loss_before = float(teacher.diffusion_loss(state.params, model, schedule, batch["image"], eval_rng))
-  params_before = state.params
-  for i in range(25):
-    state, metrics = step(state, batch, jax.random.PRNGKey(i))
-  loss_after = float(teacher.diffusion_loss(state.params, model, schedule, batch["image"], eval_rng))
-  assert int(state.step) == 25
-  assert float(metrics["skipped_nonfinite"]) == 0.0
-  assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
-  # The EMA moved from the initial params towards the new ones but not all the way.
-  leaf = lambda t: jax.tree.leaves(t)[0]  # noqa: E731
-  d_ema = float(jnp.abs(leaf(state.ema_params) - leaf(params_before)).max())
-  d_params = float(jnp.abs(leaf(state.params) - leaf(params_before)).max())
-  assert 0 < d_ema < d_params
+    config = _tiny_config(tmp_path)
+    model, schedule = train_loop.build_model(config)
+    optimizer = make_optimizer(config.optimizer)
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    state, _ = train_loop.create_sharded_state(config, model, optimizer, mesh)
+    step = jax.jit(
+        functools.partial(
+            teacher.train_step, model=model, schedule=schedule, optimizer=optimizer, ema_decay=config.ema_decay
+        )
+    )
+    batch = _fixed_batch(config)
+    eval_rng = jax.random.PRNGKey(123)  # same t and noise before and after: only params change
+    loss_before = float(teacher.diffusion_loss(state.params, model, schedule, batch["image"], eval_rng))
+    params_before = state.params
+    for i in range(25):
+        state, metrics = step(state, batch, jax.random.PRNGKey(i))
+    loss_after = float(teacher.diffusion_loss(state.params, model, schedule, batch["image"], eval_rng))
+    assert int(state.step) == 25
+    assert float(metrics["skipped_nonfinite"]) == 0.0
+    assert loss_after < 0.8 * loss_before, (loss_before, loss_after)
+    # The EMA moved from the initial params towards the new ones but not all the way.
+    leaf = lambda t: jax.tree.leaves(t)[0]  # noqa: E731
+    d_ema = float(jnp.abs(leaf(state.ema_params) - leaf(params_before)).max())
+    d_params = float(jnp.abs(leaf(state.params) - leaf(params_before)).max())
+    assert 0 < d_ema < d_params
 
 
 def test_nonfinite_update_is_skipped(tmp_path):
-  config = _tiny_config(tmp_path)
-  model, schedule = train_loop.build_model(config)
-  optimizer = make_optimizer(config.optimizer)
-  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-  state, _ = train_loop.create_sharded_state(config, model, optimizer, mesh)
-  step = jax.jit(functools.partial(teacher.train_step, model=model, schedule=schedule, optimizer=optimizer,
-                                   ema_decay=config.ema_decay))
-  batch = _fixed_batch(config)
-  bad = {"image": batch["image"].at[0, 0, 0, 0].set(jnp.nan)}
-  new_state, metrics = step(state, bad, jax.random.PRNGKey(0))
-  assert float(metrics["skipped_nonfinite"]) == 1.0
-  assert int(new_state.step) == 1
-  for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    config = _tiny_config(tmp_path)
+    model, schedule = train_loop.build_model(config)
+    optimizer = make_optimizer(config.optimizer)
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    state, _ = train_loop.create_sharded_state(config, model, optimizer, mesh)
+    step = jax.jit(
+        functools.partial(
+            teacher.train_step, model=model, schedule=schedule, optimizer=optimizer, ema_decay=config.ema_decay
+        )
+    )
+    batch = _fixed_batch(config)
+    bad = {"image": batch["image"].at[0, 0, 0, 0].set(jnp.nan)}
+    new_state, metrics = step(state, bad, jax.random.PRNGKey(0))
+    assert float(metrics["skipped_nonfinite"]) == 1.0
+    assert int(new_state.step) == 1
+    for a, b in zip(jax.tree.leaves(new_state.params), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 _SHARDED_SCRIPT = textwrap.dedent("""
@@ -117,78 +123,79 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 
 def test_sharded_step_on_8_devices_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
-  proc = subprocess.run([sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=900)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert abs(result["loss1"] - result["loss8"]) < 1e-5 * max(1.0, abs(result["loss1"])), result
-  # Gradients: the all-reduce over 8 shards sums in another order, nothing more.
-  assert result["max_grad_diff"] < 1e-5 * result["grad_scale"], result
-  # Params: Adam divides by sqrt(v), so a float-level gradient difference on a near-zero gradient
-  # can move a parameter by a fraction of the learning rate; a real sharding bug moves them by ~lr.
-  assert result["max_param_diff"] < 0.25 * result["lr"], result
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert abs(result["loss1"] - result["loss8"]) < 1e-5 * max(1.0, abs(result["loss1"])), result
+    # Gradients: the all-reduce over 8 shards sums in another order, nothing more.
+    assert result["max_grad_diff"] < 1e-5 * result["grad_scale"], result
+    # Params: Adam divides by sqrt(v), so a float-level gradient difference on a near-zero gradient
+    # can move a parameter by a fraction of the learning rate; a real sharding bug moves them by ~lr.
+    assert result["max_param_diff"] < 0.25 * result["lr"], result
 
 
 def _state_leaves(workdir):
-  pre = load_pretrained(workdir, use_ema=False)
-  ema = load_pretrained(workdir, use_ema=True)
-  return pre.step, jax.tree.leaves(jax.device_get(pre.params)), jax.tree.leaves(jax.device_get(ema.params))
+    pre = load_pretrained(workdir, use_ema=False)
+    ema = load_pretrained(workdir, use_ema=True)
+    return pre.step, jax.tree.leaves(jax.device_get(pre.params)), jax.tree.leaves(jax.device_get(ema.params))
 
 
 def test_resume_equals_uninterrupted_run(tmp_path):
-  straight = str(tmp_path / "straight")
-  resumed = str(tmp_path / "resumed")
-  config = _tiny_config(tmp_path)
-  train_loop.train_and_evaluate(config, straight)
+    straight = str(tmp_path / "straight")
+    resumed = str(tmp_path / "resumed")
+    config = _tiny_config(tmp_path)
+    train_loop.train_and_evaluate(config, straight)
 
-  first_half = _tiny_config(tmp_path, num_train_steps=3)
-  train_loop.train_and_evaluate(first_half, resumed)
-  assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step() == 3
-  train_loop.train_and_evaluate(config, resumed)  # same workdir: resumes at 3, runs to 6
+    first_half = _tiny_config(tmp_path, num_train_steps=3)
+    train_loop.train_and_evaluate(first_half, resumed)
+    assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step() == 3
+    train_loop.train_and_evaluate(config, resumed)  # same workdir: resumes at 3, runs to 6
 
-  step_a, params_a, ema_a = _state_leaves(straight)
-  step_b, params_b, ema_b = _state_leaves(resumed)
-  assert step_a == step_b == 6
-  for a, b in zip(params_a + ema_a, params_b + ema_b):
-    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
-  # Sanity: training did move the params (so equality above is not vacuous).
-  fresh = _tiny_config(tmp_path, num_train_steps=1)
-  train_loop.train_and_evaluate(fresh, str(tmp_path / "one_step"))
-  _, params_one, _ = _state_leaves(str(tmp_path / "one_step"))
-  assert max(float(np.abs(a - b).max()) for a, b in zip(params_a, params_one)) > 1e-4
-  # The loop wrote summaries and a sample grid.
-  assert any(f.startswith("events.out.tfevents") for f in os.listdir(straight))
-  assert os.listdir(os.path.join(straight, "samples"))
+    step_a, params_a, ema_a = _state_leaves(straight)
+    step_b, params_b, ema_b = _state_leaves(resumed)
+    assert step_a == step_b == 6
+    for a, b in zip(params_a + ema_a, params_b + ema_b):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # Sanity: training did move the params (so equality above is not vacuous).
+    fresh = _tiny_config(tmp_path, num_train_steps=1)
+    train_loop.train_and_evaluate(fresh, str(tmp_path / "one_step"))
+    _, params_one, _ = _state_leaves(str(tmp_path / "one_step"))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(params_a, params_one)) > 1e-4
+    # The loop wrote summaries and a sample grid.
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(straight))
+    assert os.listdir(os.path.join(straight, "samples"))
 
 
 def test_resume_with_other_architecture_is_a_clear_error(tmp_path):
-  workdir = str(tmp_path / "run")
-  train_loop.train_and_evaluate(_tiny_config(tmp_path, num_train_steps=1), workdir)
-  other = _tiny_config(tmp_path, num_train_steps=2)
-  other.model.block_out_channels = (16, 16)
-  with pytest.raises(ValueError, match="block_out_channels"):
-    train_loop.train_and_evaluate(other, workdir)
-  # The existing checkpoint is untouched.
-  assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [1]
+    workdir = str(tmp_path / "run")
+    train_loop.train_and_evaluate(_tiny_config(tmp_path, num_train_steps=1), workdir)
+    other = _tiny_config(tmp_path, num_train_steps=2)
+    other.model.block_out_channels = (16, 16)
+    with pytest.raises(ValueError, match="block_out_channels"):
+        train_loop.train_and_evaluate(other, workdir)
+    # The existing checkpoint is untouched.
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [1]
 
 
 def test_ema_update_with_and_without_warmup():
-  import optax
+    import optax
 
-  from codi_jax.train_state import apply_gradients, create_train_state
+    from codi_jax.train_state import apply_gradients, create_train_state
 
-  params = {"w": jnp.zeros((3,))}
-  sgd = optax.sgd(1.0)
-  grads = {"w": -jnp.ones((3,))}  # one SGD step moves params from 0 to 1
-  state = create_train_state(params, sgd, jax.random.PRNGKey(0))
-  # Fixed decay 0.9: ema = 0.9 * 0 + 0.1 * 1.
-  new, _ = apply_gradients(state, grads, sgd, ema_decay=0.9)
-  np.testing.assert_allclose(new.ema_params["w"], 0.1, rtol=1e-6)
-  # Warm-up at step 0: decay = min(0.9, 1/10) = 0.1, so ema = 0.9.
-  new, _ = apply_gradients(state, grads, sgd, ema_decay=0.9, ema_warmup=True)
-  np.testing.assert_allclose(new.ema_params["w"], 0.9, rtol=1e-6)
-  # Late in training the warm-up no longer matters: step 10_000 -> decay capped at 0.9.
-  late = state.replace(step=jnp.asarray(10_000, jnp.int32))
-  new, _ = apply_gradients(late, grads, sgd, ema_decay=0.9, ema_warmup=True)
-  np.testing.assert_allclose(new.ema_params["w"], 0.1, rtol=1e-6)
+    params = {"w": jnp.zeros((3,))}
+    sgd = optax.sgd(1.0)
+    grads = {"w": -jnp.ones((3,))}  # one SGD step moves params from 0 to 1
+    state = create_train_state(params, sgd, jax.random.PRNGKey(0))
+    # Fixed decay 0.9: ema = 0.9 * 0 + 0.1 * 1.
+    new, _ = apply_gradients(state, grads, sgd, ema_decay=0.9)
+    np.testing.assert_allclose(new.ema_params["w"], 0.1, rtol=1e-6)
+    # Warm-up at step 0: decay = min(0.9, 1/10) = 0.1, so ema = 0.9.
+    new, _ = apply_gradients(state, grads, sgd, ema_decay=0.9, ema_warmup=True)
+    np.testing.assert_allclose(new.ema_params["w"], 0.9, rtol=1e-6)
+    # Late in training the warm-up no longer matters: step 10_000 -> decay capped at 0.9.
+    late = state.replace(step=jnp.asarray(10_000, jnp.int32))
+    new, _ = apply_gradients(late, grads, sgd, ema_decay=0.9, ema_warmup=True)
+    np.testing.assert_allclose(new.ema_params["w"], 0.1, rtol=1e-6)

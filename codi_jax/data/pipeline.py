@@ -120,9 +120,7 @@ def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
     return image[top : top + size, left : left + size]
 
 
-def _fit_to_size(
-    image: tf.Tensor, size: int, *, random_crop: bool, train: bool, seed: tf.Tensor
-) -> tf.Tensor:
+def _fit_to_size(image: tf.Tensor, size: int, *, random_crop: bool, train: bool, seed: tf.Tensor) -> tf.Tensor:
     """Crops/resizes an HxWxC float image to size x size x C."""
     if image.shape[0] == size and image.shape[1] == size:
         return image  # Already the right size (skimage patches): nothing to do.
@@ -163,9 +161,7 @@ def _preprocess(
     else:
         joint = rgb
     augment = train and seed is not None
-    crop_seed, flip_seed = (
-        tf.unstack(tf.random.experimental.stateless_split(seed, 2)) if augment else (None, None)
-    )
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2)) if augment else (None, None)
     joint = _fit_to_size(joint, image_size, random_crop=random_crop, train=augment, seed=crop_seed)
     if augment and random_flip:
         joint = tf.image.stateless_random_flip_left_right(joint, flip_seed)
@@ -183,9 +179,7 @@ def _preprocess(
 def _example_seeds(seed: int, process_index: int) -> tf.data.Dataset:
     """Per-example stateless seeds: fold the example index into (seed, process_index)."""
     base = tf.constant([seed, process_index], tf.int64)
-    return tf.data.Dataset.range(2**62).map(
-        lambda index: tf.random.experimental.stateless_fold_in(base, index)
-    )
+    return tf.data.Dataset.range(2**62).map(lambda index: tf.random.experimental.stateless_fold_in(base, index))
 
 
 # --------------------------------------------------------------------------- sources
@@ -199,16 +193,12 @@ def _skimage_builder(data_config: ml_collections.ConfigDict) -> tfds.core.Datase
             f"available sizes {skimage_patches.PATCH_SIZES} (add one to "
             "skimage_patches.PATCH_SIZES)"
         )
-    builder = skimage_patches.SkimagePatches(
-        config=f"patches{size}", data_dir=data_config.data_dir or None
-    )
+    builder = skimage_patches.SkimagePatches(config=f"patches{size}", data_dir=data_config.data_dir or None)
     if not builder.is_prepared():
         # Offline build from files inside scikit-image; GCS explicitly off.
         # Multi-host on a shared filesystem: build it once beforehand to avoid racing writers.
         logger.info("Building skimage_patches/patches%d into %s", size, builder.data_dir)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
 
 
@@ -294,9 +284,7 @@ def _tfds_examples(
         if (key == "depth" and len(shape) in (2, 3)) or shape == ():
             keep.append(key)
 
-    process_split = tfds.split_for_jax_process(
-        split, process_index=process_index, process_count=process_count
-    )
+    process_split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
     decoders = _skip_image_decoding(builder, image_key)
     ds = builder.as_dataset(
         split=process_split,
@@ -315,9 +303,7 @@ def _tfds_examples(
             # Decode to the feature's channel count and static shape when known, so that fixed
             # size images (skimage patches) skip resizing and channel switching.
             channels = image_shape[-1] if len(image_shape) == 3 and image_shape[-1] else 0
-            image = tf.io.decode_image(
-                image, channels=channels, dtype=image_dtype, expand_animations=False
-            )
+            image = tf.io.decode_image(image, channels=channels, dtype=image_dtype, expand_animations=False)
             image = tf.ensure_shape(image, image_shape if channels else [None, None, None])
         elif image.shape.rank == 2:
             image = image[..., None]
@@ -341,9 +327,7 @@ def list_image_files(folder: str) -> list[str]:
         if name.lower().endswith(IMAGE_EXTENSIONS)
     )
     if not paths:
-        raise FileNotFoundError(
-            f"image folder {folder!r} contains no images with extensions {IMAGE_EXTENSIONS}"
-        )
+        raise FileNotFoundError(f"image folder {folder!r} contains no images with extensions {IMAGE_EXTENSIONS}")
     return paths
 
 
@@ -396,9 +380,7 @@ def _folder_examples(
         ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
 
     def decode(path: tf.Tensor) -> Batch:
-        image = tf.numpy_function(
-            lambda p: load_image_rgb(p.decode()), [path], tf.uint8, stateful=False
-        )
+        image = tf.numpy_function(lambda p: load_image_rgb(p.decode()), [path], tf.uint8, stateful=False)
         return {"image": tf.ensure_shape(image, [None, None, 3])}
 
     return ds, decode, len(paths)
@@ -422,8 +404,7 @@ def build_dataset(
         raise ValueError(f"data_config.source={data_config.source!r}; valid values: {SOURCES}")
     if global_batch_size % process_count or global_batch_size < process_count:
         raise ValueError(
-            f"global_batch_size={global_batch_size} must be a positive multiple of "
-            f"process_count={process_count}"
+            f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}"
         )
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")

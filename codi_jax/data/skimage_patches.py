@@ -127,9 +127,7 @@ def _encode_png(rgb: np.ndarray) -> bytes:
     )
 
 
-def iter_patches(
-    name: str, patch_size: int
-) -> Iterator[tuple[str, dict[str, np.ndarray | str | int | bool]]]:
+def iter_patches(name: str, patch_size: int) -> Iterator[tuple[str, dict[str, np.ndarray | str | int | bool]]]:
     """Yields (key, example) for every patch of one photo, in a fixed order."""
     rgb, depth = _load_photo(name)
     stride = patch_size // 2
@@ -204,9 +202,7 @@ class SkimagePatches(tfds.core.GeneratorBasedBuilder, skip_registration=__name__
         return self.dataset_info_from_configs(
             features=tfds.features.FeaturesDict(
                 {
-                    "image": tfds.features.Image(
-                        shape=(size, size, 3), dtype=np.uint8, encoding_format="png"
-                    ),
+                    "image": tfds.features.Image(shape=(size, size, 3), dtype=np.uint8, encoding_format="png"),
                     "source": tfds.features.Text(),
                     "scale": tfds.features.Scalar(dtype=np.int32),
                     # zlib: most depth maps are all zeros.
@@ -249,9 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for name in args.config or [config.name for config in SkimagePatches.BUILDER_CONFIGS]:
         builder = SkimagePatches(config=name, data_dir=args.data_dir)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(try_download_gcs=False)
-        )
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
         sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
         print(f"{builder.info.full_name}: {sizes} in {builder.data_dir}")
 

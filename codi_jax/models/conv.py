@@ -50,6 +50,12 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
 def _weight_grad(
     x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int, padding: tuple, chunk_rows: int
 ) -> jax.Array:
+  """``d loss / d kernel`` as ``sum over chunks of g_chunk^T @ im2col(x_chunk)``, accumulated in float32.
+
+  The output gradient is the dot's left operand (``(cout, kh*kw*cin)`` result, transposed once at
+  the end): with the narrow operand first XLA:CPU's dot runs ~1.5x faster than ``cols^T @ g``.
+  Chunks are whole images (as many as fit in ``chunk_rows`` output pixels, at least one).
+  """
   kh, kw, cin, cout = kernel_shape
   n, out_h, out_w, _ = g.shape
   x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
@@ -60,15 +66,26 @@ def _weight_grad(
   def accumulate(acc, chunk_xg):
     x_chunk, g_chunk = chunk_xg
     cols = _im2col(x_chunk, kh, kw, stride, out_h, out_w).reshape(-1, kh * kw * cin)
-    update = jnp.dot(cols.T, g_chunk.reshape(-1, cout), preferred_element_type=jnp.float32)
+    update = lax.dot_general(g_chunk.reshape(-1, cout), cols, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
     return acc + update, None
 
-  acc0 = jnp.zeros((kh * kw * cin, cout), jnp.float32)
+  acc0 = jnp.zeros((cout, kh * kw * cin), jnp.float32)
   if n // chunk == 1:
     acc, _ = accumulate(acc0, (xs[0], gs[0]))
   else:
     acc, _ = lax.scan(accumulate, acc0, (xs, gs))
-  return acc.reshape(kernel_shape)
+  return acc.T.reshape(kernel_shape)
+
+
+def _pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+  """1x1 unpadded convolution as one matmul; autodiff gives matmuls for both gradients too
+  (XLA:CPU's own 1x1 weight gradient is a convolution ~5x slower than the matmul)."""
+  if stride != 1:
+    x = x[:, ::stride, ::stride, :]
+  n, h, w, cin = x.shape
+  y = jnp.dot(x.reshape(n * h * w, cin), kernel.reshape(cin, -1))
+  return y.reshape(n, h, w, -1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -110,13 +127,15 @@ def conv2d(
     stride: int = 1,
     padding: tuple | None = None,
     impl: str = "auto",
-    chunk_rows: int = 2048,
+    chunk_rows: int = 512,
 ) -> jax.Array:
   """NHWC x HWIO convolution; ``padding`` defaults to PyTorch-style ``k // 2`` on each side."""
   kh, kw = kernel.shape[:2]
   if padding is None:
     padding = ((kh // 2, kh // 2), (kw // 2, kw // 2))
   padding = tuple(tuple(p) for p in padding)
-  if resolve_impl(impl) == "im2col" and (kh, kw) != (1, 1):
+  if resolve_impl(impl) == "im2col":
+    if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+      return _pointwise_conv(x, kernel, stride)
     return conv_im2col_grad(x, kernel, stride, padding, chunk_rows)
   return _plain_conv(x, kernel, stride, padding)

@@ -23,209 +23,234 @@ Dtype = Any
 
 
 def _block_classes(remat: bool):
-  if remat:
-    return nn.remat(layers.ResnetBlock), nn.remat(layers.SpatialSelfAttention), nn.remat(
-        layers.Transformer2D)
-  return layers.ResnetBlock, layers.SpatialSelfAttention, layers.Transformer2D
+    if remat:
+        return nn.remat(layers.ResnetBlock), nn.remat(layers.SpatialSelfAttention), nn.remat(layers.Transformer2D)
+    return layers.ResnetBlock, layers.SpatialSelfAttention, layers.Transformer2D
 
 
 class _Blocks(nn.Module):
-  """Shared settings for the down / mid / up blocks."""
+    """Shared settings for the down / mid / up blocks."""
 
-  features: int
-  num_layers: int
-  attention: bool
-  groups: int
-  eps: float
-  head_dim: int
-  dropout: float
-  dtype: Dtype
-  conv_impl: str
-  remat: bool
-  deterministic: bool
-  cross_attention: bool
+    features: int
+    num_layers: int
+    attention: bool
+    groups: int
+    eps: float
+    head_dim: int
+    dropout: float
+    dtype: Dtype
+    conv_impl: str
+    remat: bool
+    deterministic: bool
+    cross_attention: bool
 
-  def resnet(self, name: str):
-    resnet_cls, _, _ = _block_classes(self.remat)
-    return resnet_cls(self.features, self.groups, self.eps, self.dropout, self.dtype,
-                      self.conv_impl, self.deterministic, name=name)
+    def resnet(self, name: str):
+        resnet_cls, _, _ = _block_classes(self.remat)
+        return resnet_cls(
+            self.features,
+            self.groups,
+            self.eps,
+            self.dropout,
+            self.dtype,
+            self.conv_impl,
+            self.deterministic,
+            name=name,
+        )
 
-  def attend(self, x: jax.Array, context: jax.Array | None, name: str) -> jax.Array:
-    _, attn_cls, transformer_cls = _block_classes(self.remat)
-    if self.cross_attention:
-      return transformer_cls(self.head_dim, self.groups, self.dtype, name=name)(x, context)
-    return attn_cls(self.head_dim, self.groups, self.eps, self.dtype, name=name)(x)
+    def attend(self, x: jax.Array, context: jax.Array | None, name: str) -> jax.Array:
+        _, attn_cls, transformer_cls = _block_classes(self.remat)
+        if self.cross_attention:
+            return transformer_cls(self.head_dim, self.groups, self.dtype, name=name)(x, context)
+        return attn_cls(self.head_dim, self.groups, self.eps, self.dtype, name=name)(x)
 
 
 class DownBlock(_Blocks):
-  add_downsample: bool = True
+    add_downsample: bool = True
 
-  @nn.compact
-  def __call__(self, x, temb, context):
-    skips = []
-    for j in range(self.num_layers):
-      x = self.resnet(f"resnets_{j}")(x, temb)
-      if self.attention:
-        x = self.attend(x, context, f"attentions_{j}")
-      skips.append(x)
-    if self.add_downsample:
-      x = layers.Downsample(self.dtype, self.conv_impl, name="downsamplers_0")(x)
-      skips.append(x)
-    return x, skips
+    @nn.compact
+    def __call__(self, x, temb, context):
+        skips = []
+        for j in range(self.num_layers):
+            x = self.resnet(f"resnets_{j}")(x, temb)
+            if self.attention:
+                x = self.attend(x, context, f"attentions_{j}")
+            skips.append(x)
+        if self.add_downsample:
+            x = layers.Downsample(self.dtype, self.conv_impl, name="downsamplers_0")(x)
+            skips.append(x)
+        return x, skips
 
 
 class MidBlock(_Blocks):
-  @nn.compact
-  def __call__(self, x, temb, context):
-    x = self.resnet("resnets_0")(x, temb)
-    if self.attention:
-      x = self.attend(x, context, "attentions_0")
-    return self.resnet("resnets_1")(x, temb)
+    @nn.compact
+    def __call__(self, x, temb, context):
+        x = self.resnet("resnets_0")(x, temb)
+        if self.attention:
+            x = self.attend(x, context, "attentions_0")
+        return self.resnet("resnets_1")(x, temb)
 
 
 class UpBlock(_Blocks):
-  add_upsample: bool = True
+    add_upsample: bool = True
 
-  @nn.compact
-  def __call__(self, x, skips, temb, context):
-    # ``skips`` holds this block's skip tensors, consumed last-first as in diffusers.
-    for j in range(self.num_layers):
-      x = jnp.concatenate([x, skips[-1 - j].astype(x.dtype)], axis=-1)
-      x = self.resnet(f"resnets_{j}")(x, temb)
-      if self.attention:
-        x = self.attend(x, context, f"attentions_{j}")
-    if self.add_upsample:
-      x = layers.Upsample(self.dtype, self.conv_impl, name="upsamplers_0")(x)
-    return x
+    @nn.compact
+    def __call__(self, x, skips, temb, context):
+        # ``skips`` holds this block's skip tensors, consumed last-first as in diffusers.
+        for j in range(self.num_layers):
+            x = jnp.concatenate([x, skips[-1 - j].astype(x.dtype)], axis=-1)
+            x = self.resnet(f"resnets_{j}")(x, temb)
+            if self.attention:
+                x = self.attend(x, context, f"attentions_{j}")
+        if self.add_upsample:
+            x = layers.Upsample(self.dtype, self.conv_impl, name="upsamplers_0")(x)
+        return x
 
 
 class UNet(nn.Module):
-  """Noise-prediction UNet.
+    """Noise-prediction UNet.
 
-  Attributes:
-    in_channels / out_channels: image channels in and out.
-    block_out_channels: channels per resolution level (level i works at size / 2**i).
-    layers_per_block: res-blocks per down level (up levels have one more, as in diffusers).
-    attention_levels: per level, whether its blocks carry attention (chooses the resolutions).
-    mid_attention: attention in the middle block.
-    attention_head_dim: channels per head.
-    cross_attention_dim: if set, attention blocks are SD-style transformers that attend to a
-      ``context`` sequence of this width.
-    norm_num_groups / norm_eps: GroupNorm settings.
-    flip_sin_to_cos / freq_shift: sinusoidal time-embedding convention (diffusers' defaults).
-    dtype: compute dtype (params stay float32).
-    remat: rematerialise each res / attention block in the backward pass.
-    conv_impl: "auto" | "xla" | "im2col" (see ``codi_jax.models.conv``).
-  """
-
-  in_channels: int = 3
-  out_channels: int = 3
-  block_out_channels: Sequence[int] = (64, 128, 128)
-  layers_per_block: int = 2
-  attention_levels: Sequence[bool] = (False, False, True)
-  mid_attention: bool = True
-  attention_head_dim: int = 32
-  cross_attention_dim: int | None = None
-  norm_num_groups: int = 32
-  norm_eps: float = 1e-5
-  dropout: float = 0.0
-  flip_sin_to_cos: bool = True
-  freq_shift: float = 0.0
-  dtype: Dtype = jnp.float32
-  remat: bool = False
-  conv_impl: str = "auto"
-
-  def _settings(self, level_features: int, attention: bool, num_layers: int, train: bool) -> dict:
-    return dict(
-        features=level_features, num_layers=num_layers, attention=attention,
-        groups=self.norm_num_groups, eps=self.norm_eps, head_dim=self.attention_head_dim,
-        dropout=self.dropout, dtype=self.dtype, conv_impl=self.conv_impl, remat=self.remat,
-        deterministic=not train, cross_attention=self.cross_attention_dim is not None)
-
-  def time_embed(self, timesteps: jax.Array) -> jax.Array:
-    emb = layers.timestep_embedding(timesteps, self.block_out_channels[0],
-                                    flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift)
-    return layers.TimestepEmbedding(4 * self.block_out_channels[0], name="time_embedding")(emb)
-
-  @nn.compact
-  def __call__(
-      self,
-      sample: jax.Array,
-      timesteps: jax.Array,
-      context: jax.Array | None = None,
-      *,
-      down_residuals: Sequence[jax.Array] | None = None,
-      mid_residual: jax.Array | None = None,
-      return_features: bool = False,
-      train: bool = False,
-  ):
-    """Predicts the network output for noisy ``sample`` (NHWC) at model times ``timesteps``.
-
-    Returns the output (NHWC, float32), or ``(output, features)`` if ``return_features``, where
-    ``features = {"down": [skip tensors], "mid": middle-block output}`` (before residuals).
+    Attributes:
+      in_channels / out_channels: image channels in and out.
+      block_out_channels: channels per resolution level (level i works at size / 2**i).
+      layers_per_block: res-blocks per down level (up levels have one more, as in diffusers).
+      attention_levels: per level, whether its blocks carry attention (chooses the resolutions).
+      mid_attention: attention in the middle block.
+      attention_head_dim: channels per head.
+      cross_attention_dim: if set, attention blocks are SD-style transformers that attend to a
+        ``context`` sequence of this width.
+      norm_num_groups / norm_eps: GroupNorm settings.
+      flip_sin_to_cos / freq_shift: sinusoidal time-embedding convention (diffusers' defaults).
+      dtype: compute dtype (params stay float32).
+      remat: rematerialise each res / attention block in the backward pass.
+      conv_impl: "auto" | "xla" | "im2col" (see ``codi_jax.models.conv``).
     """
-    levels = len(self.block_out_channels)
-    if len(self.attention_levels) != levels:
-      raise ValueError(
-          f"attention_levels has {len(self.attention_levels)} entries but block_out_channels has {levels}.")
-    if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
-      raise ValueError(f"UNet expects NHWC input with {self.in_channels} channels, got shape {sample.shape}.")
-    factor = 2 ** (levels - 1)
-    if sample.shape[1] % factor or sample.shape[2] % factor:
-      raise ValueError(f"Image size {sample.shape[1:3]} must be divisible by {factor} for {levels} levels.")
-    timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
-    temb = self.time_embed(timesteps)
 
-    h = layers.Conv2D(self.block_out_channels[0], dtype=self.dtype, conv_impl=self.conv_impl,
-                      name="conv_in")(sample)
-    skips = [h]
-    for i, features in enumerate(self.block_out_channels):
-      h, block_skips = DownBlock(
-          **self._settings(features, self.attention_levels[i], self.layers_per_block, train),
-          add_downsample=i < levels - 1, name=f"down_blocks_{i}")(h, temb, context)
-      skips.extend(block_skips)
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: Sequence[int] = (64, 128, 128)
+    layers_per_block: int = 2
+    attention_levels: Sequence[bool] = (False, False, True)
+    mid_attention: bool = True
+    attention_head_dim: int = 32
+    cross_attention_dim: int | None = None
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0.0
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+    conv_impl: str = "auto"
 
-    h = MidBlock(**self._settings(self.block_out_channels[-1], self.mid_attention, 1, train),
-                 name="mid_block")(h, temb, context)
-    features_out = {"down": list(skips), "mid": h}
+    def _settings(self, level_features: int, attention: bool, num_layers: int, train: bool) -> dict:
+        return dict(
+            features=level_features,
+            num_layers=num_layers,
+            attention=attention,
+            groups=self.norm_num_groups,
+            eps=self.norm_eps,
+            head_dim=self.attention_head_dim,
+            dropout=self.dropout,
+            dtype=self.dtype,
+            conv_impl=self.conv_impl,
+            remat=self.remat,
+            deterministic=not train,
+            cross_attention=self.cross_attention_dim is not None,
+        )
 
-    if down_residuals is not None:
-      if len(down_residuals) != len(skips):
-        raise ValueError(f"Expected {len(skips)} down residuals, got {len(down_residuals)}.")
-      for i, (s, r) in enumerate(zip(skips, down_residuals)):
-        if r.shape != s.shape:
-          raise ValueError(f"down_residuals[{i}] has shape {r.shape}; expected {s.shape}.")
-      skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
-    if mid_residual is not None:
-      if mid_residual.shape != h.shape:
-        raise ValueError(f"mid_residual has shape {mid_residual.shape}; expected {h.shape}.")
-      h = h + mid_residual.astype(h.dtype)
+    def time_embed(self, timesteps: jax.Array) -> jax.Array:
+        emb = layers.timestep_embedding(
+            timesteps, self.block_out_channels[0], flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
+        )
+        return layers.TimestepEmbedding(4 * self.block_out_channels[0], name="time_embedding")(emb)
 
-    num_up_layers = self.layers_per_block + 1
-    for i, features in enumerate(reversed(self.block_out_channels)):
-      level = levels - 1 - i
-      block_skips, skips = tuple(skips[-num_up_layers:]), skips[:-num_up_layers]
-      h = UpBlock(**self._settings(features, self.attention_levels[level], num_up_layers, train),
-                  add_upsample=i < levels - 1, name=f"up_blocks_{i}")(h, block_skips, temb, context)
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        context: jax.Array | None = None,
+        *,
+        down_residuals: Sequence[jax.Array] | None = None,
+        mid_residual: jax.Array | None = None,
+        return_features: bool = False,
+        train: bool = False,
+    ):
+        """Predicts the network output for noisy ``sample`` (NHWC) at model times ``timesteps``.
 
-    h = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, dtype=jnp.float32,
-                     name="conv_norm_out")(h)
-    out = layers.Conv2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl,
-                        name="conv_out")(nn.silu(h)).astype(jnp.float32)
-    return (out, features_out) if return_features else out
+        Returns the output (NHWC, float32), or ``(output, features)`` if ``return_features``, where
+        ``features = {"down": [skip tensors], "mid": middle-block output}`` (before residuals).
+        """
+        levels = len(self.block_out_channels)
+        if len(self.attention_levels) != levels:
+            raise ValueError(
+                f"attention_levels has {len(self.attention_levels)} entries but block_out_channels has {levels}."
+            )
+        if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
+            raise ValueError(f"UNet expects NHWC input with {self.in_channels} channels, got shape {sample.shape}.")
+        factor = 2 ** (levels - 1)
+        if sample.shape[1] % factor or sample.shape[2] % factor:
+            raise ValueError(f"Image size {sample.shape[1:3]} must be divisible by {factor} for {levels} levels.")
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
+        temb = self.time_embed(timesteps)
+
+        h = layers.Conv2D(self.block_out_channels[0], dtype=self.dtype, conv_impl=self.conv_impl, name="conv_in")(
+            sample
+        )
+        skips = [h]
+        for i, features in enumerate(self.block_out_channels):
+            h, block_skips = DownBlock(
+                **self._settings(features, self.attention_levels[i], self.layers_per_block, train),
+                add_downsample=i < levels - 1,
+                name=f"down_blocks_{i}",
+            )(h, temb, context)
+            skips.extend(block_skips)
+
+        h = MidBlock(**self._settings(self.block_out_channels[-1], self.mid_attention, 1, train), name="mid_block")(
+            h, temb, context
+        )
+        features_out = {"down": list(skips), "mid": h}
+
+        if down_residuals is not None:
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"Expected {len(skips)} down residuals, got {len(down_residuals)}.")
+            for i, (s, r) in enumerate(zip(skips, down_residuals)):
+                if r.shape != s.shape:
+                    raise ValueError(f"down_residuals[{i}] has shape {r.shape}; expected {s.shape}.")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
+        if mid_residual is not None:
+            if mid_residual.shape != h.shape:
+                raise ValueError(f"mid_residual has shape {mid_residual.shape}; expected {h.shape}.")
+            h = h + mid_residual.astype(h.dtype)
+
+        num_up_layers = self.layers_per_block + 1
+        for i, features in enumerate(reversed(self.block_out_channels)):
+            level = levels - 1 - i
+            block_skips, skips = tuple(skips[-num_up_layers:]), skips[:-num_up_layers]
+            h = UpBlock(
+                **self._settings(features, self.attention_levels[level], num_up_layers, train),
+                add_upsample=i < levels - 1,
+                name=f"up_blocks_{i}",
+            )(h, block_skips, temb, context)
+
+        h = nn.GroupNorm(self.norm_num_groups, epsilon=self.norm_eps, dtype=jnp.float32, name="conv_norm_out")(h)
+        out = layers.Conv2D(self.out_channels, dtype=self.dtype, conv_impl=self.conv_impl, name="conv_out")(
+            nn.silu(h)
+        ).astype(jnp.float32)
+        return (out, features_out) if return_features else out
 
 
 def unet_from_config(model_config) -> UNet:
-  """Builds a ``UNet`` from a config section; unknown fields are an error naming them."""
-  cfg = dict(model_config)
-  cfg.pop("parametrization", None)  # a training choice, stored beside the architecture
-  valid = set(UNet.__dataclass_fields__) - {"parent", "name"}
-  unknown = set(cfg) - valid
-  if unknown:
-    raise ValueError(f"Unknown model config fields {sorted(unknown)}; valid: {sorted(valid)}.")
-  if "dtype" in cfg and isinstance(cfg["dtype"], str):
-    cfg["dtype"] = jnp.dtype(cfg["dtype"])
-  for key in ("block_out_channels", "attention_levels"):
-    if key in cfg:
-      cfg[key] = tuple(cfg[key])
-  return UNet(**cfg)
+    """Builds a ``UNet`` from a config section; unknown fields are an error naming them."""
+    cfg = dict(model_config)
+    cfg.pop("parametrization", None)  # a training choice, stored beside the architecture
+    valid = set(UNet.__dataclass_fields__) - {"parent", "name"}
+    unknown = set(cfg) - valid
+    if unknown:
+        raise ValueError(f"Unknown model config fields {sorted(unknown)}; valid: {sorted(valid)}.")
+    if "dtype" in cfg and isinstance(cfg["dtype"], str):
+        cfg["dtype"] = jnp.dtype(cfg["dtype"])
+    for key in ("block_out_channels", "attention_levels"):
+        if key in cfg:
+            cfg[key] = tuple(cfg[key])
+    return UNet(**cfg)
