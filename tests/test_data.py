@@ -90,8 +90,14 @@ def test_builds_offline_and_fast(offline_build: dict) -> None:
     assert offline_build["network_attempts"] == []
     assert offline_build["seconds"] < 60, offline_build["seconds"]
     splits = builder.info.splits
-    assert splits["train"].num_examples > 10_000
+    assert splits["train"].num_examples > 9_000
     assert splits["test"].num_examples > 1_000
+    # No (photo, scale) contributes more than the cap: large photos do not dominate.
+    counts: dict = {}
+    for ex in tfds.as_numpy(builder.as_dataset(split="train").map(lambda e: (e["source"], e["scale"]))):
+        counts[ex] = counts.get(ex, 0) + 1
+    assert max(counts.values()) == skimage_patches.MAX_PATCHES_PER_SCALE
+    assert len({source for source, _ in counts}) == len(skimage_patches.TRAIN_PHOTOS)
 
 
 def test_patch_shapes_and_dtypes(offline_build: dict) -> None:

@@ -27,11 +27,12 @@ Features:
   has_depth  bool, True only for `motorcycle`
 
 Sizes (patches per split, as built with scikit-image 0.26; build time on one shared core):
-  patches32: train 18_020, test 1_672   (~6 s)
-  patches64: train  4_328, test   349   (~3 s)
-  Per photo (patches32): retina 8_395, hubble_deep_field 4_211, motorcycle 1_718, rocket 1_248,
-  immunohistochemistry 1_241, astronaut 1_207 | coffee 1_091, chelsea 581. The two large
-  photos make up ~70% of train; rebalance downstream if that matters.
+  patches32: train 9_574, test 1_672   (~6 s)
+  patches64: train 3_718, test   349   (~3 s)
+  Per photo (patches32): retina 2_532, hubble_deep_field 1_978, motorcycle 1_368, rocket 1_248,
+  immunohistochemistry 1_241, astronaut 1_207 | coffee 1_091, chelsea 581. At most
+  MAX_PATCHES_PER_SCALE patches per (photo, scale) keep the two large photos from dominating
+  (uncapped they were ~70% of train, mostly full-resolution texture).
 
 Build: `python -m codi_jax.data.skimage_patches --data_dir DIR [--config patches32 ...]`, or
 `SkimagePatches(config="patches32", data_dir=DIR).download_and_prepare()`; the input pipeline
