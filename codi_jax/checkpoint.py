@@ -20,7 +20,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 # Config sections that fix the parameter tree (and so must match to restore a state).
-ARCHITECTURE_SECTIONS = ("model",)
+ARCHITECTURE_SECTIONS = ("model", "adapter", "task.name")
 
 
 def _config_dict(config: ml_collections.ConfigDict | Mapping) -> dict:
@@ -30,11 +30,15 @@ def _config_dict(config: ml_collections.ConfigDict | Mapping) -> dict:
 
 
 def config_differences(saved: Mapping, current: Mapping, sections=ARCHITECTURE_SECTIONS) -> list[str]:
-    """``section.field: saved -> current`` for every architecture field that differs."""
+    """``section.field: saved -> current`` for every architecture field that differs.
+
+    ``sections`` names whole config sections or single ``section.field`` entries."""
     diffs = []
-    for section in sections:
-        a, b = dict(saved.get(section, {})), dict(current.get(section, {}))
-        for key in sorted(set(a) | set(b)):
+    for entry in sections:
+        section, _, field = entry.partition(".")
+        a, b = dict(saved.get(section) or {}), dict(current.get(section) or {})
+        keys = [field] if field else sorted(set(a) | set(b))
+        for key in keys:
             va, vb = a.get(key), b.get(key)
             if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
                 va, vb = list(va), list(vb)

@@ -1,85 +1,46 @@
-"""The teacher training loop: ``train_and_evaluate(config, workdir)``.
+"""The training loop for every method (teacher, CoDi, fine-tune): ``train_and_evaluate``.
 
-Order of events: mesh -> model / schedule / optimizer -> state created straight into its
-shardings -> resume from the workdir's latest checkpoint if there is one -> data stream advanced
-to the resumed step -> jitted pure train step in a loop with progress, TensorBoard scalars,
-sample grids and checkpoints.
+Order of events: mesh -> recipe (model, optimizer, pure step; see ``recipes``) -> state
+created straight into its shardings -> resume from the workdir's latest checkpoint if there is
+one -> data stream advanced to the resumed step -> jitted pure train step in a loop with
+progress, TensorBoard scalars, sample grids (and quick eval scalars) and checkpoints.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
-from PIL import Image
 
-from codi_jax import checkpoint, diffusion, sampling, sharding, teacher
+from codi_jax import checkpoint, diffusion, recipes, sharding
 from codi_jax.data import pipeline
 from codi_jax.models.unet import UNet, unet_from_config
-from codi_jax.train_state import TrainState, create_train_state, make_optimizer
+from codi_jax.train_state import TrainState
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[UNet, diffusion.Schedule]:
+    """The teacher's UNet and schedule from its config."""
     return unet_from_config(config.model), diffusion.schedule_from_config(config.schedule)
 
 
-def init_params(model: UNet, config: ml_collections.ConfigDict, rng: jax.Array) -> Any:
-    size = config.data.image_size
-    sample = jnp.zeros((1, size, size, config.model.in_channels), jnp.float32)
-    return model.init(rng, sample, jnp.zeros((1,), jnp.float32))["params"]
-
-
-def create_sharded_state(
-    config: ml_collections.ConfigDict, model: UNet, optimizer, mesh: jax.sharding.Mesh
-) -> tuple[TrainState, Any]:
+def create_sharded_state(recipe: recipes.Recipe, mesh: jax.sharding.Mesh, sharding_rules=()) -> tuple[TrainState, Any]:
     """Initial state created by a jitted init directly into its shardings (no host copy)."""
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, run_rng = jax.random.split(rng)
-
-    def init_state():
-        return create_train_state(init_params(model, config, init_rng), optimizer, run_rng)
-
-    abstract_state = jax.eval_shape(init_state)
-    state_shardings = sharding.tree_shardings(abstract_state, mesh, config.get("sharding_rules", ()))
+    abstract_state = jax.eval_shape(recipe.init_state, recipe.init_inputs)
+    state_shardings = sharding.tree_shardings(abstract_state, mesh, sharding_rules)
     # Initialisation runs once: compile it without LLVM optimisation (threefry-heavy init graphs
     # otherwise take ~4x longer to compile on XLA:CPU than they take to run).
     init_fn = (
-        jax.jit(init_state, out_shardings=state_shardings)
-        .lower()
+        jax.jit(recipe.init_state, out_shardings=state_shardings)
+        .lower(recipe.init_inputs)
         .compile(compiler_options={"xla_backend_optimization_level": 0})
     )
-    return init_fn(), state_shardings
-
-
-def make_sampler(model: UNet, schedule: diffusion.Schedule, parametrization: str, num_steps: int):
-    """Jitted many-step DDIM sampler ``(params, z_init) -> images``."""
-    times = sampling.uniform_times(num_steps)
-
-    def apply_fn(params, z_t, model_t):
-        return model.apply({"params": params}, z_t, model_t)
-
-    return jax.jit(
-        functools.partial(
-            sampling.ddim_sample, apply_fn, times=times, schedule=schedule, parametrization=parametrization
-        )
-    )
-
-
-def write_sample_grid(writer, workdir: str, step: int, images: np.ndarray) -> str:
-    grid = sampling.make_grid(sampling.to_uint8(images))
-    writer.write_images(step, {"samples": grid[None]})
-    os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-    path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    Image.fromarray(grid).save(path)
-    return path
+    return init_fn(recipe.init_inputs), state_shardings
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -87,11 +48,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.get("num_devices") or None)
     sharding.check_batch_divisible(config.batch_size, mesh)
-    model, schedule = build_model(config)
-    optimizer = make_optimizer(config.optimizer)
-    parametrization = config.model.parametrization
-
-    state, state_shardings = create_sharded_state(config, model, optimizer, mesh)
+    recipe = recipes.make_recipe(config)  # codi / finetune: loads the teacher, fills config.model
+    state, state_shardings = create_sharded_state(recipe, mesh, config.get("sharding_rules", ()))
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every_steps=config.checkpoint_every_steps,
@@ -109,15 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     batch_sharding = sharding.batch_sharding(mesh)
     repl = sharding.replicated(mesh)
     step_fn = jax.jit(
-        functools.partial(
-            teacher.train_step,
-            model=model,
-            schedule=schedule,
-            optimizer=optimizer,
-            ema_decay=config.ema_decay,
-            ema_warmup=config.get("ema_warmup", False),
-            parametrization=parametrization,
-        ),
+        recipe.train_step,
         in_shardings=(state_shardings, batch_sharding, repl),
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,),
@@ -131,16 +81,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         train=True,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
+        task_config=recipe.task_config,
     )
     # The stream is a deterministic function of the seed; skipping the batches already consumed
     # makes a resumed run see exactly the data an uninterrupted one would.
     batches = pipeline.numpy_iterator(dataset.skip(start_step))
-
-    sampler = make_sampler(model, schedule, parametrization, config.sample_steps)
-    size = config.data.image_size
-    sample_noise = jax.random.normal(
-        jax.random.PRNGKey(config.seed + 1), (config.num_sample_images, size, size, config.model.out_channels)
-    )
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
@@ -178,9 +123,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             )
 
         if step % config.sample_every_steps == 0 or step == config.num_train_steps:
-            images = jax.device_get(sampler(state.ema_params, sample_noise))
-            path = write_sample_grid(writer, workdir, step, images)
-            logging.info("Wrote samples (%d DDIM steps, EMA params) to %s.", config.sample_steps, path)
+            eval_scalars = recipe.write_samples(writer, workdir, step, state)
+            if eval_scalars:
+                writer.write_scalars(step, eval_scalars)
 
         ckpt.save(step, state, config, force=step == config.num_train_steps)
         if ckpt.reached_preemption(step):

@@ -247,3 +247,33 @@ def test_timestep_embedding_matches_diffusers(flip_sin_to_cos: bool, freq_shift:
         assert ours.shape == tuple(expected.shape)
         # float32 sin/cos of arguments up to ~1000 rad: ulp of the argument is ~6e-5.
         np.testing.assert_allclose(ours, expected.numpy(), atol=2e-4)
+
+
+def test_dpm_solver_pp_solves_the_gaussian_probability_flow_ode() -> None:
+    """For data x ~ N(0, s^2) the exact denoiser is known, and the probability-flow ODE maps z_1 to
+    x_0 = z_1 * s / sqrt(alpha_1^2 s^2 + sigma_1^2) (it preserves quantiles). DPM-Solver++(2M)
+    must converge to that, at second order: far closer than DDIM at the same step count."""
+    from codi_jax import sampling
+
+    schedule = diffusion.Schedule("cosine")
+    data_std = 0.3  # samples stay inside [-1, 1]: DDIM clips its x_hat
+
+    def exact_x_prediction(params, z_t, model_t):
+        alpha, sigma = schedule.alpha_sigma(model_t[0] / 1000.0)
+        return alpha * data_std**2 * z_t / (alpha**2 * data_std**2 + sigma**2)
+
+    z_init = jax.random.normal(jax.random.PRNGKey(0), (4, 2, 2, 3))
+    assert float(jnp.max(jnp.abs(z_init))) * data_std < 0.95
+    alpha_1, sigma_1 = schedule.alpha_sigma(jnp.float32(1.0))
+    expected = z_init * data_std / jnp.sqrt(alpha_1**2 * data_std**2 + sigma_1**2)
+    times = jnp.linspace(1.0, 1e-3, 21)
+    dpm = sampling.dpm_solver_pp_sample(exact_x_prediction, None, z_init, times, schedule, "x", clip_denoised=False)
+    fine = sampling.dpm_solver_pp_sample(
+        exact_x_prediction, None, z_init, jnp.linspace(1.0, 1e-3, 201), schedule, "x", clip_denoised=False
+    )
+    ddim = sampling.ddim_sample(exact_x_prediction, None, z_init, times, schedule, "x")
+    err_dpm = float(jnp.max(jnp.abs(dpm - expected)))
+    err_fine = float(jnp.max(jnp.abs(fine - expected)))
+    err_ddim = float(jnp.max(jnp.abs(ddim - expected)))
+    assert err_fine < 2e-3, err_fine
+    assert err_dpm < 0.25 * err_ddim, (err_dpm, err_ddim)  # measured 0.010 vs 0.070 at 20 steps

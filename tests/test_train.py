@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codi_jax import checkpoint, teacher, train_loop
+from codi_jax import checkpoint, recipes, teacher, train_loop
 from codi_jax.pretrained import load_pretrained
 from codi_jax.train_state import make_optimizer
 from configs import tiny_teacher
@@ -41,7 +41,7 @@ def test_train_step_lowers_loss_on_fixed_batch(tmp_path):
     model, schedule = train_loop.build_model(config)
     optimizer = make_optimizer(config.optimizer)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    state, _ = train_loop.create_sharded_state(config, model, optimizer, mesh)
+    state, _ = train_loop.create_sharded_state(recipes.make_recipe(config), mesh)
     step = jax.jit(
         functools.partial(
             teacher.train_step, model=model, schedule=schedule, optimizer=optimizer, ema_decay=config.ema_decay
@@ -69,7 +69,7 @@ def test_nonfinite_update_is_skipped(tmp_path):
     model, schedule = train_loop.build_model(config)
     optimizer = make_optimizer(config.optimizer)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    state, _ = train_loop.create_sharded_state(config, model, optimizer, mesh)
+    state, _ = train_loop.create_sharded_state(recipes.make_recipe(config), mesh)
     step = jax.jit(
         functools.partial(
             teacher.train_step, model=model, schedule=schedule, optimizer=optimizer, ema_decay=config.ema_decay
@@ -87,7 +87,7 @@ def test_nonfinite_update_is_skipped(tmp_path):
 _SHARDED_SCRIPT = textwrap.dedent("""
     import functools, json, sys
     import jax, jax.numpy as jnp, numpy as np
-    from codi_jax import sharding, teacher, train_loop
+    from codi_jax import recipes, sharding, teacher, train_loop
     from codi_jax.train_state import make_optimizer
     from configs import tiny_teacher
     assert len(jax.devices()) == 8, jax.devices()
@@ -98,7 +98,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     results = {}
     for n in (1, 8):
       mesh = sharding.make_mesh(n)
-      state, state_sh = train_loop.create_sharded_state(config, model, optimizer, mesh)
+      state, state_sh = train_loop.create_sharded_state(recipes.make_recipe(config), mesh)
       step = jax.jit(functools.partial(teacher.train_step, model=model, schedule=schedule,
                                        optimizer=optimizer, ema_decay=0.9),
                      in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),

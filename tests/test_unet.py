@@ -133,14 +133,14 @@ def test_bad_inputs_raise() -> None:
             jax.eval_shape(functools.partial(model.apply, **kwargs), params, sample, TIMESTEPS)
 
     skips = [jax.ShapeDtypeStruct(s, jnp.float32) for s in EXPECTED_SKIPS]
-    check("Expected 4 down residuals, got 3", down_residuals=skips[:3])
+    check("Expected 4 tensors in down_residuals, got 3", down_residuals=skips[:3])
     wrong_channels = list(skips)
     wrong_channels[2] = jax.ShapeDtypeStruct((BATCH, 8, 8, 32), jnp.float32)
     check(r"down_residuals\[2\] has shape \(2, 8, 8, 32\); expected \(2, 8, 8, 16\)", down_residuals=wrong_channels)
     broadcastable = list(skips)
     broadcastable[0] = jax.ShapeDtypeStruct((BATCH, 16, 16, 1), jnp.float32)
     check(r"down_residuals\[0\]", down_residuals=broadcastable)
-    check("mid_residual has shape", mid_residual=jax.ShapeDtypeStruct((BATCH, 8, 8, 16), jnp.float32))
+    check(r"mid_residual\[0\] has shape", mid_residual=jax.ShapeDtypeStruct((BATCH, 8, 8, 16), jnp.float32))
     check("3 channels", sample=jax.ShapeDtypeStruct((BATCH, SIZE, SIZE, 4), jnp.float32))
     check("NHWC", sample=jax.ShapeDtypeStruct((SIZE, SIZE, 3), jnp.float32))
     check("divisible by 2", sample=jax.ShapeDtypeStruct((BATCH, 15, 16, 3), jnp.float32))

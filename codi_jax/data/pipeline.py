@@ -15,6 +15,13 @@ Batches hold the local (per-process) batch, `global_batch_size // process_count`
   mask       bool (B,), eval only: False marks padding examples (zeros) that fill the last batch
   plus any other scalar numeric feature of a tfds source (e.g. `label`, `scale`); strings
   (e.g. `source`) are dropped.
+With `task_config` (codi_jax.data.tasks), the task is applied per example after preprocessing
+and before batching: `image` becomes the task's target and `cond` (B, S, S, C) float32 (and
+`instruction` (B,) int32 for `edit`) are added; eval padding has zero `cond` / `instruction`.
+Examples the task cannot use (depth task: `has_depth` False) are dropped before repeating, so
+batches stay full. Task randomness: training folds a constant into each example's augmentation
+seed; eval uses (seed, the example's index in the split), so a held-out set's conditions are
+the same in every run, for every batch size and process count.
 
 Training: files and examples are shuffled with `seed`, repeated forever and augmented with
 stateless random ops keyed by (seed, process_index, example index), so the stream is the same
@@ -43,7 +50,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from codi_jax.data import skimage_patches
+from codi_jax.data import skimage_patches, tasks
 
 # TF only feeds the host pipeline; it must not allocate GPU memory that JAX needs.
 try:
@@ -398,8 +405,14 @@ def build_dataset(
     train: bool,
     process_index: int = 0,
     process_count: int = 1,
+    task_config: ml_collections.ConfigDict | None = None,
 ) -> tf.data.Dataset:
-    """Batched dataset of this process's share of `split` (see the module docstring)."""
+    """Batched dataset of this process's share of `split` (see the module docstring); with
+    `task_config`, every example carries the task's `cond` (see codi_jax.data.tasks)."""
+    if task_config is not None:
+        tasks.check_task_config(task_config)
+        if task_config.name == "none":
+            task_config = None  # Unconditional: exactly the plain pipeline.
     if data_config.source not in SOURCES:
         raise ValueError(f"data_config.source={data_config.source!r}; valid values: {SOURCES}")
     if global_batch_size % process_count or global_batch_size < process_count:
@@ -417,14 +430,24 @@ def build_dataset(
         "process_index": process_index,
         "process_count": process_count,
     }
+    # Eval task seeds use the example's index in the whole split: index = offset + stride * local.
+    index_offset, index_stride = 0, 1
     if data_config.source == "folder":
+        if task_config is not None and tasks.needs_depth_feature(task_config):
+            raise ValueError(
+                "task.depth_source='feature' needs a source with a `depth` feature; data_config.source='folder' "
+                "has none (use task.depth_source='procedural')"
+            )
         ds, decode, num_examples = _folder_examples(data_config, **shard)
+        index_offset, index_stride = process_index, process_count  # Dataset.shard: round robin.
     else:
         if data_config.source == "skimage_patches":
             builder, image_key = _skimage_builder(data_config), "image"
         else:
             builder, image_key = _tfds_builder(data_config), data_config.image_key
         ds, decode, num_examples = _tfds_examples(builder, split, image_key=image_key, **shard)
+        if task_config is not None and not train:
+            index_offset = _process_split_offset(builder, split, image_key, process_index, process_count)
         if train:
             ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
@@ -438,17 +461,55 @@ def build_dataset(
             random_crop=bool(data_config.random_crop),
         )
 
+    keep_example = None if task_config is None else tasks.example_filter(task_config)
     if train:
+        if keep_example is not None:
+            ds = ds.filter(keep_example)  # Before repeat: an empty result ends instead of spinning.
         ds = ds.repeat()
         ds = tf.data.Dataset.zip(ds, _example_seeds(seed, process_index))
-        ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-    else:
+        if task_config is None:
+            ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+
+            def preprocess_with_task(raw: Any, example_seed: tf.Tensor) -> Batch:
+                task_seed = tasks.training_task_seed(example_seed)
+                return tasks.apply_task(task_config, preprocess(raw, example_seed), task_seed)
+
+            ds = ds.map(preprocess_with_task, num_parallel_calls=tf.data.AUTOTUNE)
+    elif task_config is None:
         ds = ds.map(lambda raw: preprocess(raw, None), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = _pad_for_eval(ds, num_examples, global_batch_size, local_batch_size)
+    else:
+        ds = ds.enumerate()  # Before filtering: indices are positions in the split.
+        if keep_example is not None:
+            ds = ds.filter(lambda index, raw: keep_example(raw))
+
+        def preprocess_with_indexed_task(index: tf.Tensor, raw: Any) -> Batch:
+            task_seed = tasks.indexed_task_seed(seed, index_offset + index_stride * index)
+            return tasks.apply_task(task_config, preprocess(raw, None), task_seed)
+
+        ds = ds.map(preprocess_with_indexed_task, num_parallel_calls=tf.data.AUTOTUNE)
+        # Padding counts come from the unfiltered size, so every process still yields the same
+        # number of batches (filtered-out examples become padding).
         ds = _pad_for_eval(ds, num_examples, global_batch_size, local_batch_size)
     ds = ds.batch(local_batch_size, drop_remainder=True)
     options = tf.data.Options()
     options.deterministic = True  # Parallel maps keep order: reproducible batches.
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _process_split_offset(
+    builder: tfds.core.DatasetBuilder, split: str, image_key: str, process_index: int, process_count: int
+) -> int:
+    """Index in `split` of the first example of this process's contiguous share of it."""
+    return sum(
+        _num_examples(
+            builder,
+            tfds.split_for_jax_process(split, process_index=index, process_count=process_count),
+            image_key,
+        )
+        for index in range(process_index)
+    )
 
 
 def _pad_for_eval(

@@ -164,23 +164,46 @@ class UNet(nn.Module):
         )
         return layers.TimestepEmbedding(4 * self.block_out_channels[0], name="time_embedding")(emb)
 
-    @nn.compact
-    def __call__(
+    def encode(
         self,
         sample: jax.Array,
-        timesteps: jax.Array,
-        context: jax.Array | None = None,
+        temb: jax.Array,
+        context: jax.Array | None,
         *,
-        down_residuals: Sequence[jax.Array] | None = None,
-        mid_residual: jax.Array | None = None,
-        return_features: bool = False,
-        train: bool = False,
-    ):
-        """Predicts the network output for noisy ``sample`` (NHWC) at model times ``timesteps``.
+        train: bool,
+        hint: jax.Array | None = None,
+    ) -> tuple[list[jax.Array], jax.Array]:
+        """The encoder: ``(skip tensors, middle-block output)``. ``hint`` is added after ``conv_in``
+        (how a ControlNet, which reuses this method and these parameter names, reads its condition)."""
+        levels = len(self.block_out_channels)
+        h = layers.Conv2D(self.block_out_channels[0], dtype=self.dtype, conv_impl=self.conv_impl, name="conv_in")(
+            sample
+        )
+        if hint is not None:
+            h = h + hint.astype(h.dtype)
+        skips = [h]
+        for i, features in enumerate(self.block_out_channels):
+            h, block_skips = DownBlock(
+                **self._settings(features, self.attention_levels[i], self.layers_per_block, train),
+                add_downsample=i < levels - 1,
+                name=f"down_blocks_{i}",
+            )(h, temb, context)
+            skips.extend(block_skips)
+        h = MidBlock(**self._settings(self.block_out_channels[-1], self.mid_attention, 1, train), name="mid_block")(
+            h, temb, context
+        )
+        return skips, h
 
-        Returns the output (NHWC, float32), or ``(output, features)`` if ``return_features``, where
-        ``features = {"down": [skip tensors], "mid": middle-block output}`` (before residuals).
-        """
+    def skip_specs(self) -> list[tuple[int, int]]:
+        """``(channels, level)`` of every skip tensor, in ``encode``'s order; level i is at size / 2**i."""
+        specs = [(self.block_out_channels[0], 0)]
+        for i, features in enumerate(self.block_out_channels):
+            specs += [(features, i)] * self.layers_per_block
+            if i < len(self.block_out_channels) - 1:
+                specs.append((features, i + 1))
+        return specs
+
+    def check_input(self, sample: jax.Array) -> None:
         levels = len(self.block_out_channels)
         if len(self.attention_levels) != levels:
             raise ValueError(
@@ -191,37 +214,58 @@ class UNet(nn.Module):
         factor = 2 ** (levels - 1)
         if sample.shape[1] % factor or sample.shape[2] % factor:
             raise ValueError(f"Image size {sample.shape[1:3]} must be divisible by {factor} for {levels} levels.")
+
+    @staticmethod
+    def _check_like(name: str, given: Sequence[jax.Array], expected: Sequence[jax.Array]) -> None:
+        if len(given) != len(expected):
+            raise ValueError(f"Expected {len(expected)} tensors in {name}, got {len(given)}.")
+        for i, (g, e) in enumerate(zip(given, expected)):
+            if g.shape != e.shape:
+                raise ValueError(f"{name}[{i}] has shape {g.shape}; expected {e.shape}.")
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        context: jax.Array | None = None,
+        *,
+        down_residuals: Sequence[jax.Array] | None = None,
+        mid_residual: jax.Array | None = None,
+        down_blend: Sequence[tuple[jax.Array, jax.Array]] | None = None,
+        mid_blend: tuple[jax.Array, jax.Array] | None = None,
+        return_features: bool = False,
+        train: bool = False,
+    ):
+        """Predicts the network output for noisy ``sample`` (NHWC) at model times ``timesteps``.
+
+        Adapter hooks, applied to the skip tensors and the middle-block output before the decoder:
+          down_residuals / mid_residual: ``h + r`` (ControlNet, T2I-Adapter).
+          down_blend / mid_blend: pairs ``(f, mu)`` giving ``(1 - mu) h + mu f`` (full CoDi's fusion;
+            written ``h + mu (f - h)`` so that ``mu = 0`` returns ``h`` bit for bit).
+        Returns the output (NHWC, float32), or ``(output, features)`` if ``return_features``, where
+        ``features = {"down": [skip tensors], "mid": middle-block output}`` (before the hooks).
+        """
+        self.check_input(sample)
+        levels = len(self.block_out_channels)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
         temb = self.time_embed(timesteps)
-
-        h = layers.Conv2D(self.block_out_channels[0], dtype=self.dtype, conv_impl=self.conv_impl, name="conv_in")(
-            sample
-        )
-        skips = [h]
-        for i, features in enumerate(self.block_out_channels):
-            h, block_skips = DownBlock(
-                **self._settings(features, self.attention_levels[i], self.layers_per_block, train),
-                add_downsample=i < levels - 1,
-                name=f"down_blocks_{i}",
-            )(h, temb, context)
-            skips.extend(block_skips)
-
-        h = MidBlock(**self._settings(self.block_out_channels[-1], self.mid_attention, 1, train), name="mid_block")(
-            h, temb, context
-        )
+        skips, h = self.encode(sample, temb, context, train=train)
         features_out = {"down": list(skips), "mid": h}
 
         if down_residuals is not None:
-            if len(down_residuals) != len(skips):
-                raise ValueError(f"Expected {len(skips)} down residuals, got {len(down_residuals)}.")
-            for i, (s, r) in enumerate(zip(skips, down_residuals)):
-                if r.shape != s.shape:
-                    raise ValueError(f"down_residuals[{i}] has shape {r.shape}; expected {s.shape}.")
+            self._check_like("down_residuals", down_residuals, skips)
             skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals)]
         if mid_residual is not None:
-            if mid_residual.shape != h.shape:
-                raise ValueError(f"mid_residual has shape {mid_residual.shape}; expected {h.shape}.")
+            self._check_like("mid_residual", [mid_residual], [h])
             h = h + mid_residual.astype(h.dtype)
+        if down_blend is not None:
+            self._check_like("down_blend", [f for f, _ in down_blend], skips)
+            skips = [s + mu * (f.astype(s.dtype) - s) for s, (f, mu) in zip(skips, down_blend)]
+        if mid_blend is not None:
+            f, mu = mid_blend
+            self._check_like("mid_blend", [f], [h])
+            h = h + mu * (f.astype(h.dtype) - h)
 
         num_up_layers = self.layers_per_block + 1
         for i, features in enumerate(reversed(self.block_out_channels)):

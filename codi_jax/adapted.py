@@ -1,0 +1,120 @@
+"""The adapted (conditional) model as training and sampling see it.
+
+Its parameter tree is ``{"backbone", "adapter"}`` plus ``"lora"`` (LoRA factors, when
+``adapter.lora_rank > 0``) and ``"initial"`` (a frozen copy of the pre-trained backbone, only for
+the frozen-teacher predictor ablation). Which sub-trees train is data (``trainable_labels``),
+used by ``optax.multi_transform``: frozen parameters get zero updates and no optimizer moments,
+and XLA drops their unused gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from codi_jax.models import adapters, lora
+from codi_jax.models.unet import UNet
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptedModel:
+    module: adapters.ConditionalUNet
+    train_backbone: bool
+    lora_rank: int = 0
+    lora_scale: float = 1.0
+    lora_targets: str = ""
+    keep_initial: bool = False  # store the pre-trained backbone frozen beside the trained one
+
+    @property
+    def backbone(self) -> UNet:
+        return self.module.backbone
+
+    def init(self, rng: jax.Array, backbone_params: Any, cond: jax.Array, instruction: jax.Array | None) -> dict:
+        """Fresh adapter (and LoRA) parameters around the pre-trained ``backbone_params``."""
+        rng_module, rng_lora = jax.random.split(rng)
+        sample = jnp.zeros(cond.shape[:-1] + (self.backbone.in_channels,), jnp.float32)
+        params = self.module.init(rng_module, sample, jnp.zeros(cond.shape[:1]), cond, instruction)["params"]
+        params = adapters.init_from_backbone(
+            dict(params), backbone_params, copy_encoder=isinstance(self.module.adapter, adapters.ControlNet)
+        )
+        if self.lora_rank:
+            params["lora"] = lora.init_lora(rng_lora, backbone_params, self.lora_targets, self.lora_rank)
+        if self.keep_initial:
+            params["initial"] = jax.tree.map(jnp.copy, backbone_params)
+        return params
+
+    def module_params(self, params: dict) -> dict:
+        backbone = params["backbone"]
+        if "lora" in params:
+            backbone = lora.merge_lora(backbone, params["lora"], self.lora_scale)
+        return {"backbone": backbone, "adapter": params["adapter"]}
+
+    def apply(
+        self,
+        params: dict,
+        z_t: jax.Array,
+        model_t: jax.Array,
+        cond: jax.Array,
+        instruction: jax.Array | None = None,
+        *,
+        train: bool = False,
+        rngs: dict | None = None,
+    ) -> jax.Array:
+        return self.module.apply(
+            {"params": self.module_params(params)}, z_t, model_t, cond, instruction, train=train, rngs=rngs
+        )
+
+    def apply_initial(self, params: dict, z_t: jax.Array, model_t: jax.Array) -> jax.Array:
+        """The frozen pre-trained (unconditional) backbone, for the ``teacher`` predictor."""
+        if "initial" not in params:
+            raise ValueError("apply_initial needs the 'initial' parameters (built with keep_initial=True).")
+        return self.backbone.apply({"params": params["initial"]}, z_t, model_t)
+
+    def is_trained(self, key: str) -> bool:
+        """Whether the top-level sub-tree ``key`` trains."""
+        return {"backbone": self.train_backbone, "adapter": True, "lora": True, "initial": False}[key]
+
+    def trainable_labels(self, params: dict) -> dict:
+        """``'train'`` / ``'freeze'`` for every leaf, by top-level sub-tree."""
+        labels = {}
+        for key, sub in params.items():
+            label = "train" if self.is_trained(key) else "freeze"
+            labels[key] = jax.tree.map(lambda _, label=label: label, sub)
+        return labels
+
+    def optimizer(self, base: optax.GradientTransformation) -> optax.GradientTransformation:
+        return optax.multi_transform({"train": base, "freeze": optax.set_to_zero()}, self.trainable_labels)
+
+
+def build_adapted_model(
+    backbone: UNet,
+    adapter_config: ml_collections.ConfigDict,
+    cond_channels: int,
+    num_instructions: int = 0,
+    keep_initial: bool = False,
+) -> AdaptedModel:
+    rank = int(adapter_config.get("lora_rank", 0))
+    if rank and adapter_config.train_backbone:
+        raise ValueError("adapter.lora_rank > 0 with adapter.train_backbone=True: LoRA is for a frozen backbone.")
+    return AdaptedModel(
+        module=adapters.build_conditional_model(backbone, adapter_config, cond_channels, num_instructions),
+        train_backbone=bool(adapter_config.train_backbone),
+        lora_rank=rank,
+        lora_scale=lora.lora_scale(rank, adapter_config.get("lora_alpha", 0.0)) if rank else 1.0,
+        lora_targets=adapter_config.get("lora_targets", ""),
+        keep_initial=keep_initial,
+    )
+
+
+def count_params(tree: Any) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+
+def trainable_param_count(model: AdaptedModel, params: dict) -> int:
+    labels = model.trainable_labels(params)
+    return int(sum(x.size for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if label == "train"))

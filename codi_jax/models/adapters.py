@@ -1,0 +1,254 @@
+"""Conditional adapters that turn the unconditional UNet into a conditional one.
+
+Every adapter is built so that at initialisation the adapted model computes exactly what the
+unconditional backbone computes (CoDi starts from the teacher):
+
+  ControlNet  a trainable copy of the backbone's encoder (same parameter names, initialised from
+              the backbone) that reads the condition through a small hint network; its skip and
+              middle features reach the backbone through zero-initialised 1x1 convs
+              (``output='residuals'``, PE-CoDi) or are blended in as ``(1 - mu) h + mu f`` with
+              learnable per-channel ``mu`` initialised to 0 (``output='blend'``, full CoDi).
+  T2IAdapter  a light convolutional encoder of the condition alone (no backbone copy, no time
+              input) whose per-level features become skip residuals through zero-init 1x1 convs.
+  LoRA        low-rank updates of the backbone's kernels: ``codi_jax.models.lora``.
+
+``ConditionalUNet`` is backbone + adapter with parameters ``{"backbone": ..., "adapter": ...}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from codi_jax.models import layers
+from codi_jax.models.unet import UNet
+
+ADAPTER_KINDS = ("controlnet", "fusion", "t2i")
+# Backbone sub-trees a ControlNet copies: the whole encoder, under the same names.
+ENCODER_PREFIXES = ("conv_in", "time_embedding", "down_blocks_", "mid_block")
+
+
+def _zero_conv(features: int, name: str) -> layers.Conv2D:
+    return layers.Conv2D(features, kernel_size=1, kernel_init=nn.initializers.zeros, name=name)
+
+
+class HintNetwork(nn.Module):
+    """Condition image -> features added after the encoder copy's ``conv_in`` (diffusers'
+    ``ControlNetConditioningEmbedding``): conv-SiLU stack, optional stride-2 stages (for latent
+    backbones whose input is smaller than the condition), zero-initialised last conv."""
+
+    out_features: int
+    channels: Sequence[int] = (16, 32)
+    num_downsamples: int = 0
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, cond: jax.Array) -> jax.Array:
+        h = nn.silu(layers.Conv2D(self.channels[0], conv_impl=self.conv_impl, name="conv_in")(cond))
+        for i in range(len(self.channels) - 1):
+            h = nn.silu(layers.Conv2D(self.channels[i], conv_impl=self.conv_impl, name=f"blocks_{2 * i}")(h))
+            stride = 2 if i < self.num_downsamples else 1
+            name = f"blocks_{2 * i + 1}"
+            h = nn.silu(layers.Conv2D(self.channels[i + 1], stride=stride, conv_impl=self.conv_impl, name=name)(h))
+        return layers.Conv2D(
+            self.out_features, kernel_init=nn.initializers.zeros, conv_impl=self.conv_impl, name="conv_out"
+        )(h)
+
+
+class ControlNet(UNet):
+    """Encoder copy of the backbone reading ``(z_t, t, cond)``; returns the backbone's hooks.
+
+    Inherits the backbone's architecture fields so that ``encode`` builds the same parameter tree
+    (``conv_in``, ``time_embedding``, ``down_blocks_i``, ``mid_block``) as the UNet it copies.
+    """
+
+    cond_channels: int = 3
+    hint_channels: Sequence[int] = (16, 32)
+    hint_downsamples: int = 0
+    num_instructions: int = 0  # > 0: a learned instruction embedding added to the time embedding
+    output: str = "residuals"  # "residuals" (zero convs, PE-CoDi) | "blend" (mu fusion, full CoDi)
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        cond: jax.Array,
+        instruction: jax.Array | None = None,
+        context: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> dict[str, Any]:
+        self.check_input(sample)
+        if cond.shape[:1] != sample.shape[:1] or cond.shape[-1] != self.cond_channels:
+            raise ValueError(
+                f"Condition of shape {cond.shape} does not fit: expected batch {sample.shape[0]} and "
+                f"{self.cond_channels} channels."
+            )
+        timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
+        temb = self.time_embed(timesteps)
+        if self.num_instructions:
+            if instruction is None:
+                raise ValueError("This adapter was built for instructions (num_instructions > 0); none was given.")
+            table = nn.Embed(self.num_instructions, temb.shape[-1], name="instruction_embedding")
+            temb = temb + table(instruction.astype(jnp.int32))
+        hint = HintNetwork(
+            self.block_out_channels[0],
+            tuple(self.hint_channels),
+            self.hint_downsamples,
+            self.conv_impl,
+            name="controlnet_cond_embedding",
+        )(cond.astype(jnp.float32))
+        if hint.shape[1:3] != sample.shape[1:3]:
+            raise ValueError(
+                f"Hint features {hint.shape[1:3]} do not match the input {sample.shape[1:3]}: condition size "
+                f"{cond.shape[1:3]} with hint_downsamples={self.hint_downsamples}."
+            )
+        skips, mid = self.encode(sample, temb, context, train=train, hint=hint)
+        if self.output == "residuals":
+            residuals = [_zero_conv(s.shape[-1], f"controlnet_down_blocks_{k}")(s) for k, s in enumerate(skips)]
+            return {
+                "down_residuals": residuals,
+                "mid_residual": _zero_conv(mid.shape[-1], "controlnet_mid_block")(mid),
+            }
+        if self.output == "blend":
+            mus = [self.param(f"fusion_mu_{k}", nn.initializers.zeros, (s.shape[-1],)) for k, s in enumerate(skips)]
+            mu_mid = self.param("fusion_mu_mid", nn.initializers.zeros, (mid.shape[-1],))
+            return {"down_blend": list(zip(skips, mus)), "mid_blend": (mid, mu_mid)}
+        raise ValueError(f"ControlNet output={self.output!r}; valid: 'residuals', 'blend'.")
+
+
+class T2IAdapter(nn.Module):
+    """Light condition encoder (T2I-Adapter style): per level, a conv and a residual conv pair at
+    that level's resolution; each backbone skip gets a zero-init 1x1 projection of its level's
+    feature. Independent of ``z_t`` and ``t``, so it can be computed once per sampling run."""
+
+    skip_specs: Sequence[tuple[int, int]]  # (channels, level) of each backbone skip
+    mid_channels: int
+    channels: Sequence[int] = (32, 64, 64)
+    num_instructions: int = 0
+    conv_impl: str = "auto"
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        cond: jax.Array,
+        instruction: jax.Array | None = None,
+        context: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> dict[str, Any]:
+        del timesteps, context, train
+        levels = max(level for _, level in self.skip_specs) + 1
+        if len(self.channels) != levels:
+            raise ValueError(f"T2I adapter needs one channel count per level ({levels}), got {tuple(self.channels)}.")
+        if cond.shape[:1] != sample.shape[:1] or cond.shape[1:3] != sample.shape[1:3]:
+            raise ValueError(f"Condition of shape {cond.shape} does not match the input {sample.shape}.")
+        h = layers.Conv2D(self.channels[0], conv_impl=self.conv_impl, name="stem")(cond.astype(jnp.float32))
+        if self.num_instructions:
+            if instruction is None:
+                raise ValueError("This adapter was built for instructions (num_instructions > 0); none was given.")
+            table = nn.Embed(self.num_instructions, self.channels[0], name="instruction_embedding")
+            h = h + table(instruction.astype(jnp.int32))[:, None, None, :]
+        features = []
+        for i, width in enumerate(self.channels):
+            stride = 1 if i == 0 else 2
+            h = layers.Conv2D(width, stride=stride, conv_impl=self.conv_impl, name=f"body_{i}_in")(nn.silu(h))
+            r = layers.Conv2D(width, conv_impl=self.conv_impl, name=f"body_{i}_conv1")(nn.silu(h))
+            h = h + layers.Conv2D(width, conv_impl=self.conv_impl, name=f"body_{i}_conv2")(nn.silu(r))
+            features.append(h)
+        residuals = [
+            _zero_conv(channels, f"adapter_down_{k}")(features[level])
+            for k, (channels, level) in enumerate(self.skip_specs)
+        ]
+        mid = _zero_conv(self.mid_channels, "adapter_mid")(features[-1])
+        return {"down_residuals": residuals, "mid_residual": mid}
+
+
+class ConditionalUNet(nn.Module):
+    """Backbone UNet + adapter: ``(z_t, model time, cond[, instruction]) -> network output``."""
+
+    backbone: UNet
+    adapter: nn.Module
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        cond: jax.Array,
+        instruction: jax.Array | None = None,
+        context: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> jax.Array:
+        hooks = self.adapter(sample, timesteps, cond, instruction, context, train=train)
+        return self.backbone(sample, timesteps, context, train=train, **hooks)
+
+
+def default_adapter_config() -> ml_collections.ConfigDict:
+    """The ``adapter`` config section and its defaults (PE-CoDi with a ControlNet)."""
+    config = ml_collections.ConfigDict()
+    config.kind = "controlnet"  # 'controlnet' (zero-conv residuals) | 'fusion' (mu blend) | 't2i'
+    config.train_backbone = False  # False: PE-CoDi (only adapter / LoRA params train); True: full CoDi
+    config.hint_channels = (16, 32)  # ControlNet hint network widths
+    config.hint_downsamples = 0  # stride-2 stages in the hint network (8x for SD latents: 3)
+    config.t2i_channels = ()  # T2I encoder widths per level; () = the backbone's block_out_channels
+    config.lora_rank = 0  # > 0: LoRA of this rank on the backbone kernels matched by lora_targets
+    config.lora_alpha = 0.0  # LoRA scale alpha / rank; 0 = rank (scale 1)
+    config.lora_targets = r"(to_q|to_k|to_v|to_out_0|conv1|conv2)/kernel$"
+    return config
+
+
+def build_conditional_model(
+    backbone: UNet, adapter_config: ml_collections.ConfigDict, cond_channels: int, num_instructions: int = 0
+) -> ConditionalUNet:
+    """The adapted model for ``adapter_config.kind``; the backbone module is used as is."""
+    kind = adapter_config.kind
+    if kind in ("controlnet", "fusion"):
+        fields = {k: getattr(backbone, k) for k in UNet.__dataclass_fields__ if k not in ("parent", "name")}
+        adapter = ControlNet(
+            **fields,
+            cond_channels=cond_channels,
+            hint_channels=tuple(adapter_config.hint_channels),
+            hint_downsamples=adapter_config.get("hint_downsamples", 0),
+            num_instructions=num_instructions,
+            output="residuals" if kind == "controlnet" else "blend",
+        )
+    elif kind == "t2i":
+        adapter = T2IAdapter(
+            skip_specs=tuple(backbone.skip_specs()),
+            mid_channels=backbone.block_out_channels[-1],
+            channels=tuple(adapter_config.t2i_channels or backbone.block_out_channels),
+            num_instructions=num_instructions,
+            conv_impl=backbone.conv_impl,
+        )
+    else:
+        raise ValueError(f"adapter.kind={kind!r}; valid kinds: {ADAPTER_KINDS}.")
+    return ConditionalUNet(backbone=backbone, adapter=adapter)
+
+
+def init_from_backbone(params: dict, backbone_params: Any, *, copy_encoder: bool) -> dict:
+    """Puts the pre-trained backbone into a freshly initialised ``ConditionalUNet`` tree and, for a
+    ControlNet, copies the backbone's encoder into the adapter (the ControlNet initialisation).
+
+    Works inside ``jit`` (pure tree surgery); shapes must match or it raises naming the leaf.
+    """
+    fresh = params["backbone"]
+    if jax.tree.structure(fresh) != jax.tree.structure(backbone_params):
+        raise ValueError("Pre-trained backbone parameters do not have the structure of the configured backbone.")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(fresh), jax.tree.leaves(backbone_params)):
+        if a.shape != b.shape:
+            raise ValueError(f"Backbone parameter {jax.tree_util.keystr(path)}: shape {b.shape}, expected {a.shape}.")
+    adapter = dict(params["adapter"])
+    for name in adapter if copy_encoder else ():
+        if name.startswith(ENCODER_PREFIXES):
+            adapter[name] = jax.tree.map(jnp.copy, backbone_params[name])
+    return {**params, "backbone": backbone_params, "adapter": adapter}
