@@ -9,6 +9,8 @@ after a warm-up call, so compile time is excluded).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import time
 
 import jax
@@ -16,9 +18,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from codi_jax import adapted, metrics, recipes
-from codi_jax.data import pipeline
-from codi_jax.pretrained import ConditionalPretrained
+from codi_jax import adapted, few_step, metrics, recipes
+from codi_jax.data import pipeline, tasks
+from codi_jax.pretrained import ConditionalPretrained, load_conditional
 
 
 @dataclasses.dataclass
@@ -74,10 +76,11 @@ def sample_all(
     seed: int = 0,
     batch_size: int = 64,
     times: np.ndarray | None = None,
+    solver: str = "ddim",
 ) -> tuple[np.ndarray, float]:
     """Samples for every example and the mean wall time per image (ms, after warm-up)."""
     times = jnp.asarray(recipes.sample_times(pre.config, num_steps) if times is None else times)
-    sampler = recipes.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization)
+    sampler = recipes.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver)
     cond, instruction = examples["cond"], examples.get("instruction")
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), examples["image"].shape, jnp.float32))
     outputs, elapsed = [], 0.0
@@ -100,11 +103,12 @@ def evaluate_checkpoint(
     *,
     seed: int = 0,
     batch_size: int = 64,
+    solver: str = "ddim",
 ) -> list[Row]:
     trained = adapted.trainable_param_count(pre.model, pre.params)
     rows = []
     for num_steps in step_counts:
-        samples, ms = sample_all(pre, examples, num_steps, seed=seed, batch_size=batch_size)
+        samples, ms = sample_all(pre, examples, num_steps, seed=seed, batch_size=batch_size, solver=solver)
         rows.append(
             Row(
                 method=method,
@@ -131,3 +135,52 @@ def markdown_table(rows: list[Row]) -> str:
             f"| {r.ms_per_image:.1f} |"
         )
     return "\n".join(lines)
+
+
+def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
+    runs = []
+    for spec in specs:
+        name, sep, workdir = spec.partition("=")
+        if not sep or not name or not workdir:
+            raise ValueError(f"--run {spec!r} is not NAME=WORKDIR.")
+        runs.append((name, workdir))
+    return runs
+
+
+def evaluate_runs(
+    runs: list[tuple[str, str]],
+    step_counts: tuple[int, ...],
+    *,
+    images: str | None = None,
+    num_eval: int = 256,
+    seed: int = 0,
+    batch_size: int = 64,
+    solver: str = "ddim",
+) -> list[Row]:
+    loaded = [(name, load_conditional(workdir)) for name, workdir in runs]
+    reference = loaded[0][1].config
+    for name, pre in loaded[1:]:
+        if dict(pre.config.task) != dict(reference.task) or pre.config.data.image_size != reference.data.image_size:
+            raise ValueError(f"Run {name!r} was trained on another task or image size than {loaded[0][0]!r}.")
+    if images:
+        _, clean = few_step.load_images(images, int(reference.data.image_size))
+        examples = tasks.degrade_images(reference.task, clean, seed)
+    else:
+        examples = held_out_examples(reference, num_eval, seed=seed)
+    rows = []
+    for name, pre in loaded:
+        rows += evaluate_checkpoint(pre, examples, step_counts, name, seed=seed, batch_size=batch_size, solver=solver)
+    return rows
+
+
+def write_results(rows: list[Row], out_dir: str, header: str = "") -> tuple[str, str]:
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
+    clashes = [p for p in paths if os.path.exists(p)]
+    if clashes:
+        raise FileExistsError(f"{clashes} already exist; choose another --out (nothing was overwritten).")
+    with open(paths[0], "w") as f:
+        json.dump([{k: v for k, v in dataclasses.asdict(r).items() if k != "samples"} for r in rows], f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write((header + "\n\n" if header else "") + markdown_table(rows) + "\n")
+    return paths

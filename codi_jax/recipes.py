@@ -170,16 +170,28 @@ def sample_times(config: ml_collections.ConfigDict, num_steps: int) -> np.ndarra
     return sampling.uniform_times(num_steps)
 
 
-def make_conditional_sampler(model: adapted.AdaptedModel, schedule: diffusion.Schedule, parametrization: str):
-    """Jitted ``(params, cond, instruction, z_init, times, renoise_rng) -> x``; ``times`` static."""
+SOLVERS = ("ddim", "dpm++")
+
+
+def make_conditional_sampler(
+    model: adapted.AdaptedModel, schedule: diffusion.Schedule, parametrization: str, solver: str = "ddim"
+):
+    """Jitted ``(params, cond, instruction, z_init, times, renoise_rng) -> x``.
+
+    ``solver``: ``ddim`` (deterministic DDIM, or re-noising given ``renoise_rng``) or ``dpm++``
+    (DPM-Solver++(2M), deterministic; for the non-distilled baselines)."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r}; valid: {SOLVERS}.")
 
     def sample(params, cond, instruction, z_init, times, renoise_rng):
         def apply_fn(p, z_t, model_t):
             return model.apply(p, z_t, model_t, cond, instruction)
 
+        if solver == "dpm++":
+            return sampling.dpm_solver_pp_sample(apply_fn, params, z_init, times, schedule, parametrization)
         return sampling.ddim_sample(apply_fn, params, z_init, times, schedule, parametrization, renoise_rng)
 
-    return jax.jit(sample, static_argnames=())
+    return jax.jit(sample)
 
 
 def cond_to_rgb(cond: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax import pretrained, sample, train_loop
+from codi_jax import few_step, pretrained, train_loop
 from configs import tiny_codi, tiny_teacher
 
 
@@ -62,23 +62,23 @@ def test_codi_run_resumes_exactly_and_samples(teacher_dir, tmp_path) -> None:
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"im{i}.png")
     out = str(tmp_path / "out")
-    paths = sample.run(straight, str(images), out, steps=2, seed=1)
+    paths = few_step.run(straight, str(images), out, steps=2, seed=1)
     assert sorted(os.path.basename(p) for p in paths) == ["grid.png", "im0.png", "im1.png", "im2.png"]
     first = np.asarray(Image.open(os.path.join(out, "im0.png")))
     assert first.shape == (16, 16, 3)
     # Deterministic given the seed; never overwrites.
-    again = sample.run(straight, str(images), str(tmp_path / "out2"), steps=2, seed=1)
+    again = few_step.run(straight, str(images), str(tmp_path / "out2"), steps=2, seed=1)
     np.testing.assert_array_equal(first, np.asarray(Image.open(again[0])))
     with pytest.raises(FileExistsError, match="nothing was overwritten"):
-        sample.run(straight, str(images), out, steps=2, seed=1)
+        few_step.run(straight, str(images), out, steps=2, seed=1)
     assert np.array_equal(first, np.asarray(Image.open(os.path.join(out, "im0.png"))))
     # Stochastic multistep sampling differs from DDIM; too many steps is a clear error.
-    stochastic = sample.run(straight, str(images), str(tmp_path / "out3"), steps=2, seed=1, stochastic=True)
+    stochastic = few_step.run(straight, str(images), str(tmp_path / "out3"), steps=2, seed=1, stochastic=True)
     assert not np.array_equal(first, np.asarray(Image.open(stochastic[0])))
     with pytest.raises(ValueError, match="exceed the 50-point training grid"):
-        sample.run(straight, str(images), str(tmp_path / "out4"), steps=51)
+        few_step.run(straight, str(images), str(tmp_path / "out4"), steps=51)
     # Conditions given directly (a low-resolution image for SR).
-    direct = sample.run(straight, str(images / "im0.png"), str(tmp_path / "out5"), steps=1, input_kind="condition")
+    direct = few_step.run(straight, str(images / "im0.png"), str(tmp_path / "out5"), steps=1, input_kind="condition")
     assert len(direct) == 2
 
 
