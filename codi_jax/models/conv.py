@@ -1,13 +1,19 @@
 """2-D convolution with a fast weight gradient on XLA:CPU.
 
-XLA:CPU computes the weight gradient of a 3x3 convolution an order of magnitude slower than
-the forward pass (and worse at small batch). Here the forward pass and the input gradient stay
-XLA's own convolutions, and the weight gradient is an im2col matmul run as a ``lax.scan`` over
-batch chunks of ~``chunk_rows`` output pixels, which keeps the im2col copy in cache. The result
-equals ``jax.grad`` of the plain convolution to float tolerance (tests/test_conv.py).
+XLA:CPU (YNNPACK convolutions in jax 0.10) computes the weight gradient of a 3x3 convolution
+2-25x slower than the forward pass, with cliffs that depend on the shape (e.g. 64->64 at 32x32:
+~1.7 s against a 70 ms forward at batch 64), and a 1x1 convolution's weight gradient ~5x slower
+than the equivalent matmul. Here, for ``impl="im2col"``:
 
-``impl="auto"`` picks the custom path only on the CPU backend, where it is faster; GPU and TPU
-keep their native convolution gradients.
+* kxk convolutions: the forward pass and the input gradient stay XLA's own convolutions (they
+  run near the core's peak); the weight gradient is ``sum over chunks of g^T @ im2col(x)``, a
+  ``lax.scan`` over chunks of whole images (~``chunk_rows`` output pixels), each chunk's patches
+  one gather straight from the unpadded input (see ``_weight_grad``);
+* 1x1 unpadded convolutions are a reshape and one matmul, so all three products are matmuls.
+
+The result equals ``jax.grad`` of the plain convolution to float tolerance (tests/test_conv.py).
+``impl="auto"`` picks this path only on the CPU backend, where it is faster; GPU and TPU keep
+their native convolutions.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 CONV_IMPLS = ("auto", "xla", "im2col")
@@ -24,20 +31,7 @@ _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
 
 def _plain_conv(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple) -> jax.Array:
-  return lax.conv_general_dilated(
-      x, kernel, (stride, stride), padding, dimension_numbers=_DIMENSION_NUMBERS
-  )
-
-
-def _im2col(x_padded: jax.Array, kh: int, kw: int, stride: int, out_h: int, out_w: int) -> jax.Array:
-  """Patches ``(n, out_h, out_w, kh*kw*c)`` ordered (i, j, c) like an HWIO kernel's reshape."""
-  n, _, _, c = x_padded.shape
-  cols = []
-  for i in range(kh):
-    for j in range(kw):
-      limit = (n, i + (out_h - 1) * stride + 1, j + (out_w - 1) * stride + 1, c)
-      cols.append(lax.slice(x_padded, (0, i, j, 0), limit, (1, stride, stride, 1)))
-  return jnp.concatenate(cols, axis=-1)
+  return lax.conv_general_dilated(x, kernel, (stride, stride), padding, dimension_numbers=_DIMENSION_NUMBERS)
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
@@ -47,34 +41,48 @@ def _largest_divisor_at_most(n: int, limit: int) -> int:
   return limit
 
 
-def _weight_grad(
-    x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int, padding: tuple, chunk_rows: int
-) -> jax.Array:
-  """``d loss / d kernel`` as ``sum over chunks of g_chunk^T @ im2col(x_chunk)``, accumulated in float32.
+def _patch_rows(
+  n: int, h: int, w: int, kh: int, kw: int, stride: int, padding: tuple, out_h: int, out_w: int
+) -> np.ndarray:
+  """For ``n`` images, the flat row ``image * h * w + y * w + x`` of ``x.reshape(-1, c)`` that each
+  (image, out_y, out_x, i, j) patch entry reads, or ``-1`` where it falls in the zero padding."""
+  ys = (np.arange(out_h) * stride)[:, None, None, None] + np.arange(kh)[None, None, :, None] - padding[0][0]
+  xs = (np.arange(out_w) * stride)[None, :, None, None] + np.arange(kw)[None, None, None, :] - padding[1][0]
+  ys, xs = np.broadcast_arrays(ys, xs)
+  inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+  rows = np.where(inside, ys * w + xs, -1).reshape(1, -1)
+  rows = np.where(rows >= 0, rows + (np.arange(n) * h * w)[:, None], -1)
+  return rows.reshape(-1).astype(np.int32)
 
-  The output gradient is the dot's left operand (``(cout, kh*kw*cin)`` result, transposed once at
-  the end): with the narrow operand first XLA:CPU's dot runs ~1.5x faster than ``cols^T @ g``.
-  Chunks are whole images (as many as fit in ``chunk_rows`` output pixels, at least one).
+
+def _weight_grad(
+  x: jax.Array, g: jax.Array, kernel_shape: Sequence[int], stride: int, padding: tuple, chunk_rows: int
+) -> jax.Array:
+  """``d loss / d kernel = sum over chunks of g_chunk^T @ im2col(x_chunk)``, accumulated in float32.
+
+  Chunks are whole images, as many as fit in ``chunk_rows`` output pixels (at least one). Each
+  chunk's im2col matrix is one gather of channel rows straight from the unpadded input (padding
+  positions read as zeros), so neither a padded copy nor per-chunk slices of ``x`` are made. The
+  output gradient is the dot's left operand: with the narrow operand first XLA:CPU's dot runs
+  ~1.5x faster than ``cols^T @ g``; the ``(cout, kh*kw*cin)`` result is transposed once.
   """
   kh, kw, cin, cout = kernel_shape
-  n, out_h, out_w, _ = g.shape
-  x_padded = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  n, h, w, _ = x.shape
+  _, out_h, out_w, _ = g.shape
   chunk = _largest_divisor_at_most(n, chunk_rows // (out_h * out_w))
-  xs = x_padded.reshape((n // chunk, chunk) + x_padded.shape[1:])
-  gs = g.reshape((n // chunk, chunk) + g.shape[1:])
+  rows = _patch_rows(chunk, h, w, kh, kw, stride, padding, out_h, out_w)
+  x_rows = x.reshape(n * h * w, cin)
+  g_rows = g.reshape(n * out_h * out_w, cout)
+  pixels, out_pixels = chunk * h * w, chunk * out_h * out_w
 
-  def accumulate(acc, chunk_xg):
-    x_chunk, g_chunk = chunk_xg
-    cols = _im2col(x_chunk, kh, kw, stride, out_h, out_w).reshape(-1, kh * kw * cin)
-    update = lax.dot_general(g_chunk.reshape(-1, cout), cols, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
+  def accumulate(acc, k):
+    index = jnp.where(rows >= 0, rows + k * pixels, n * h * w)  # out of bounds -> filled with 0
+    cols = jnp.take(x_rows, index, axis=0, mode="fill", fill_value=0).reshape(out_pixels, kh * kw * cin)
+    g_chunk = lax.dynamic_slice_in_dim(g_rows, k * out_pixels, out_pixels)
+    update = lax.dot_general(g_chunk, cols, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
     return acc + update, None
 
-  acc0 = jnp.zeros((cout, kh * kw * cin), jnp.float32)
-  if n // chunk == 1:
-    acc, _ = accumulate(acc0, (xs[0], gs[0]))
-  else:
-    acc, _ = lax.scan(accumulate, acc0, (xs, gs))
+  acc, _ = lax.scan(accumulate, jnp.zeros((cout, kh * kw * cin), jnp.float32), jnp.arange(n // chunk))
   return acc.T.reshape(kernel_shape)
 
 
@@ -89,9 +97,7 @@ def _pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv_im2col_grad(
-    x: jax.Array, kernel: jax.Array, stride: int, padding: tuple, chunk_rows: int
-) -> jax.Array:
+def conv_im2col_grad(x: jax.Array, kernel: jax.Array, stride: int, padding: tuple, chunk_rows: int) -> jax.Array:
   """Convolution whose weight gradient is a chunked im2col matmul (see module docstring)."""
   return _plain_conv(x, kernel, stride, padding)
 
@@ -121,13 +127,13 @@ def resolve_impl(impl: str) -> str:
 
 
 def conv2d(
-    x: jax.Array,
-    kernel: jax.Array,
-    *,
-    stride: int = 1,
-    padding: tuple | None = None,
-    impl: str = "auto",
-    chunk_rows: int = 512,
+  x: jax.Array,
+  kernel: jax.Array,
+  *,
+  stride: int = 1,
+  padding: tuple | None = None,
+  impl: str = "auto",
+  chunk_rows: int = 512,
 ) -> jax.Array:
   """NHWC x HWIO convolution; ``padding`` defaults to PyTorch-style ``k // 2`` on each side."""
   kh, kw = kernel.shape[:2]
