@@ -1,10 +1,11 @@
 """The adapted (conditional) model as training and sampling see it.
 
 Its parameter tree is ``{"backbone", "adapter"}`` plus ``"lora"`` (LoRA factors, when
-``adapter.lora_rank > 0``) and ``"initial"`` (a frozen copy of the pre-trained backbone, only for
-the frozen-teacher predictor ablation). Which sub-trees train is data (``trainable_labels``),
-used by ``optax.multi_transform``: frozen parameters get zero updates and no optimizer moments,
-and XLA drops their unused gradients.
+``adapter.lora_rank > 0``) and ``"initial"`` (a frozen copy of the initial adapted model, only for
+the frozen-teacher predictor: the pre-trained backbone with its zero-output adapter, i.e. the
+unconditional model, or a fine-tuned conditional model for two-stage consistency distillation).
+Which sub-trees train is data (``trainable_labels``), used by ``optax.multi_transform``: frozen
+parameters get zero updates and no optimizer moments, and XLA drops their unused gradients.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class AdaptedModel:
     lora_rank: int = 0
     lora_scale: float = 1.0
     lora_targets: str = ""
-    keep_initial: bool = False  # store the pre-trained backbone frozen beside the trained one
+    keep_initial: bool = False  # store the initial model frozen beside the trained one
 
     @property
     def backbone(self) -> UNet:
@@ -44,8 +45,13 @@ class AdaptedModel:
         )
         if self.lora_rank:
             params["lora"] = lora.init_lora(rng_lora, backbone_params, self.lora_targets, self.lora_rank)
+        return self.with_initial(params)
+
+    def with_initial(self, params: dict) -> dict:
+        """``params`` plus, when ``keep_initial``, a frozen copy of them as the ``initial`` model."""
+        params = {key: sub for key, sub in params.items() if key != "initial"}
         if self.keep_initial:
-            params["initial"] = jax.tree.map(jnp.copy, backbone_params)
+            params["initial"] = jax.tree.map(jnp.copy, params)
         return params
 
     def module_params(self, params: dict) -> dict:
@@ -69,11 +75,13 @@ class AdaptedModel:
             {"params": self.module_params(params)}, z_t, model_t, cond, instruction, train=train, rngs=rngs
         )
 
-    def apply_initial(self, params: dict, z_t: jax.Array, model_t: jax.Array) -> jax.Array:
-        """The frozen pre-trained (unconditional) backbone, for the ``teacher`` predictor."""
+    def apply_initial(
+        self, params: dict, z_t: jax.Array, model_t: jax.Array, cond: jax.Array, instruction: jax.Array | None = None
+    ) -> jax.Array:
+        """The frozen initial model, for the ``teacher`` predictor (see the module docstring)."""
         if "initial" not in params:
             raise ValueError("apply_initial needs the 'initial' parameters (built with keep_initial=True).")
-        return self.backbone.apply({"params": params["initial"]}, z_t, model_t)
+        return self.apply(params["initial"], z_t, model_t, cond, instruction)
 
     def is_trained(self, key: str) -> bool:
         """Whether the top-level sub-tree ``key`` trains."""

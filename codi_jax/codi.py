@@ -9,8 +9,10 @@ consistent with x at time t is the true eps, since z_t = alpha_t x + sigma_t eps
 Predictors (``codi.predictor``):
   prev     z_s_hat = alpha_s sg(x_hat) + sigma_s eps         (the paper's PREv; the real eps)
   ddim     z_s_hat = alpha_s sg(x_hat) + sigma_s sg(eps_hat)  (DDIM step with the online model)
-  teacher  z_s_hat = alpha_s x_0 + sigma_s eps_0 from the frozen pre-trained backbone (public
-           code's variant; unconditional)
+  teacher  z_s_hat = alpha_s x_0 + sigma_s eps_0 from the frozen initial model: the pre-trained
+           backbone (public code's variant; unconditional), or, for a run started from a
+           fine-tuned conditional checkpoint (``init_workdir``) with r = 0, that model: plain
+           consistency distillation, the paper's two-stage CM-II baseline
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ def default_codi_config() -> ml_collections.ConfigDict:
     config.guidance_weight = 1.0  # r: weight of ||x_hat - x||^2
     config.grid_size = 50  # N: t on {1/N, ..., 1}
     config.shared_t = True  # one t for the whole batch (paper); False: per example
+    # Multistep sampling moves to the next grid time with fresh noise (consistency-model style)
+    # instead of the DDIM move; measured here +0.4 to +0.7 dB PSNR at 4 steps (README "CoDi").
+    config.renoise = True
     return config
 
 
@@ -95,7 +100,7 @@ def codi_loss(
     elif config.predictor == "ddim":
         x_move, eps_move = x_hat, eps_hat
     elif config.predictor == "teacher":
-        initial = model.apply_initial(params, z_t, schedule.model_time(t))
+        initial = model.apply_initial(params, z_t, schedule.model_time(t), cond, instruction)
         x_move, eps_move = diffusion.x_eps_from_prediction(z_t, initial, alpha_t, sigma_t, parametrization)
     else:
         raise ValueError(f"codi.predictor={config.predictor!r}; valid values: {PREDICTORS}.")

@@ -3,13 +3,15 @@
 ``python -m codi_jax.demo --workdir=DIR``
 
 1. Starts from the committed unconditional teacher (``checkpoints/teacher_patches32``) and
-   runs CoDi (``configs/codi_sr4.py``) for ``--codi_steps`` steps in ``DIR/codi`` (resumable:
-   rerunning continues, it never starts over).
+   runs CoDi for ``--codi_steps`` steps in ``DIR/codi`` (resumable: rerunning continues, it never
+   starts over): full CoDi (``configs/codi_full_sr4.py``, adapter and backbone trained) or, with
+   ``--variant=pe``, PE-CoDi (``configs/codi_sr4.py``, adapter only).
 2. Restores the non-distilled conditional baseline (the same adapter trained with the plain
    diffusion loss by ``python -m codi_jax.train --config=configs/finetune_sr4.py``; committed in
    ``checkpoints/finetune_sr4``; trained here into ``DIR/finetune`` if absent).
-3. Samples held-out patches (photos never seen in training) with CoDi at 1/2/4 steps and the
-   baseline with DDIM at 4 and 50 steps; prints and writes (``DIR/results.md``, ``.json``) PSNR,
+3. Samples held-out patches (photos never seen in training) with CoDi at 1/2/4 steps (re-noising
+   between steps, and at 4 steps also with DDIM moves) and the baseline with DDIM at 4 and 50
+   steps; prints and writes (``DIR/results.md``, ``.json``) PSNR,
    SSIM and ms per image, and ``DIR/demo_grid.png``:
    condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth.
 """
@@ -31,7 +33,8 @@ from codi_jax.pretrained import load_conditional
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where the demo writes its CoDi run, results and grid.")
-flags.DEFINE_integer("codi_steps", 300, "CoDi training steps.")
+flags.DEFINE_integer("codi_steps", 800, "CoDi training steps (~15 min on 2 CPU cores for full CoDi).")
+flags.DEFINE_enum("variant", "full", ["full", "pe"], "full: adapter + backbone trained; pe: adapter only.")
 flags.DEFINE_string("teacher_workdir", "checkpoints/teacher_patches32", "The unconditional teacher.")
 flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4", "The non-distilled conditional baseline.")
 flags.DEFINE_integer("baseline_steps", 1000, "Fine-tune steps if the baseline checkpoint is missing.")
@@ -49,10 +52,13 @@ def resolve(path: str) -> str:
     return os.path.join(REPO_ROOT, path)
 
 
-def demo_configs(teacher_workdir: str, codi_steps: int):
-    from configs import codi_sr4, finetune_sr4
+def demo_configs(teacher_workdir: str, codi_steps: int, variant: str = "full"):
+    from configs import codi_full_sr4, codi_sr4, finetune_sr4
 
-    codi_config, finetune_config = codi_sr4.get_config(), finetune_sr4.get_config()
+    if variant not in ("full", "pe"):
+        raise ValueError(f"variant={variant!r}; valid: 'full', 'pe'.")
+    codi_config = (codi_full_sr4 if variant == "full" else codi_sr4).get_config()
+    finetune_config = finetune_sr4.get_config()
     for config in (codi_config, finetune_config):
         config.teacher_workdir = resolve(teacher_workdir)
     codi_config.num_train_steps = codi_steps
@@ -68,9 +74,11 @@ def run_demo(
     baseline_steps: int,
     num_eval: int,
     grid_rows: int,
+    variant: str = "full",
 ) -> list[evaluation.Row]:
     start = time.time()
-    codi_config, finetune_config = demo_configs(teacher_workdir, codi_steps)
+    codi_config, finetune_config = demo_configs(teacher_workdir, codi_steps, variant)
+    codi_name = "CoDi (full, ours)" if variant == "full" else "PE-CoDi (ours)"
     if not os.path.isdir(os.path.join(codi_config.teacher_workdir, "checkpoints")):
         raise FileNotFoundError(f"No teacher checkpoint at {codi_config.teacher_workdir}.")
     codi_dir = os.path.join(workdir, "codi")
@@ -101,7 +109,8 @@ def run_demo(
             codi_config.teacher_workdir,
         )
     examples = evaluation.held_out_examples(codi_model.config, num_eval)
-    rows = evaluation.evaluate_checkpoint(codi_model, examples, (1, 2, 4), "CoDi (PE, ours)")
+    rows = evaluation.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name)
+    rows += evaluation.evaluate_checkpoint(codi_model, examples, (4,), f"{codi_name}, DDIM moves", renoise=False)
     rows += evaluation.evaluate_checkpoint(baseline, examples, (4, 50), "conditional, not distilled (DDIM)")
     bicubic = examples["cond"]
     rows.append(
@@ -123,8 +132,8 @@ def run_demo(
     n = min(grid_rows, len(bicubic))
     columns = [
         recipes.cond_to_rgb(bicubic[:n]),
-        by_key[("CoDi (PE, ours)", 1)][:n],
-        by_key[("CoDi (PE, ours)", 4)][:n],
+        by_key[(codi_name, 1)][:n],
+        by_key[(codi_name, 4)][:n],
         by_key[("conditional, not distilled (DDIM)", 50)][:n],
         examples["image"][:n],
     ]
@@ -135,7 +144,7 @@ def run_demo(
 
     table = evaluation.markdown_table(rows)
     header = (
-        f"CoDi x4 SR, {len(bicubic)} held-out 32x32 patches (photos not in training); CoDi trained "
+        f"CoDi x4 SR, {len(bicubic)} held-out 32x32 patches (photos not in training); {codi_name} trained "
         f"{codi_steps} steps from teacher step {baseline.config.get('teacher_step', '?')}; "
         f"CoDi training {train_minutes:.1f} min, whole demo {total_minutes:.1f} min."
     )
@@ -146,6 +155,7 @@ def run_demo(
             {
                 "rows": [{k: v for k, v in dataclasses.asdict(r).items() if k != "samples"} for r in rows],
                 "codi_steps": codi_steps,
+                "variant": variant,
                 "train_minutes": train_minutes,
                 "total_minutes": total_minutes,
                 "devices": [str(d) for d in jax.devices()],
@@ -173,6 +183,7 @@ def main(argv):
         baseline_steps=FLAGS.baseline_steps,
         num_eval=FLAGS.num_eval,
         grid_rows=FLAGS.grid_rows,
+        variant=FLAGS.variant,
     )
 
 

@@ -12,7 +12,7 @@ overwriting) and prints the table.
 
 from __future__ import annotations
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from codi_jax import evaluation
 
@@ -24,7 +24,13 @@ flags.DEFINE_integer("num_eval", 256, "Held-out examples (eval split).")
 flags.DEFINE_integer("seed", 0, "Seed of the degradations and the sampling noise.")
 flags.DEFINE_integer("batch_size", 64, "Images per jitted sampling call.")
 flags.DEFINE_enum("solver", "ddim", ["ddim", "dpm++"], "Sampler between steps (dpm++: DPM-Solver++(2M)).")
+flags.DEFINE_bool(
+    "renoise", None, "DDIM solver: re-noise between steps (true) or not (false); default: each run's config."
+)
 flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
+flags.DEFINE_string("inception_weights", None, "Local pytorch-fid Inception weights (FID, KID); else skipped.")
+flags.DEFINE_string("lpips_linear_weights", None, "Local LPIPS v0.1 AlexNet linear-head weights; else skipped.")
+flags.DEFINE_string("lpips_backbone_weights", None, "Local AlexNet feature weights for LPIPS; else skipped.")
 flags.mark_flags_as_required(["run", "out"])
 
 
@@ -32,6 +38,11 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     step_counts = tuple(int(s) for s in FLAGS.steps)
+    weights = evaluation.MetricWeights(
+        FLAGS.inception_weights, FLAGS.lpips_linear_weights, FLAGS.lpips_backbone_weights
+    )
+    for skipped in weights.skipped():
+        logging.warning("Skipped: %s.", skipped)
     rows = evaluation.evaluate_runs(
         evaluation.parse_runs(FLAGS.run),
         step_counts,
@@ -40,6 +51,8 @@ def main(argv):
         seed=FLAGS.seed,
         batch_size=FLAGS.batch_size,
         solver=FLAGS.solver,
+        renoise=FLAGS.renoise,
+        weights=weights,
     )
     evaluation.write_results(rows, FLAGS.out)
     print(evaluation.markdown_table(rows))

@@ -2,8 +2,9 @@
 
 ``held_out_examples`` gives the task's fixed (seeded) conditions for the eval split or a folder;
 ``evaluate_checkpoint`` samples them at each requested step count and returns one row per
-(method, steps) with PSNR / SSIM (and the mean time per image of the jitted sampler, measured
-after a warm-up call, so compile time is excluded).
+(method, steps) with PSNR / SSIM / SWD, plus FID / KID and LPIPS when their weights are given as
+local files (``MetricWeights``; otherwise they are skipped with a message, never faked), and the
+mean time per image of the jitted sampler, measured after a warm-up call (compile excluded).
 """
 
 from __future__ import annotations
@@ -33,6 +34,52 @@ class Row:
     ms_per_image: float
     params_trained: int
     samples: np.ndarray = dataclasses.field(repr=False)
+    extra: dict = dataclasses.field(default_factory=dict)  # fid / kid / lpips when their weights were given
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricWeights:
+    """Local weight files of the metrics that need a pretrained network (None: metric skipped)."""
+
+    inception: str | None = None  # pytorch-fid Inception (FID, KID)
+    lpips_linear: str | None = None  # LPIPS v0.1 AlexNet linear heads
+    lpips_backbone: str | None = None  # torchvision AlexNet features
+
+    def names(self) -> list[str]:
+        wanted = []
+        if self.inception:
+            wanted += ["fid", "kid"]
+        if self.lpips_linear and self.lpips_backbone:
+            wanted.append("lpips")
+        return wanted
+
+    def skipped(self) -> list[str]:
+        missing = []
+        if not self.inception:
+            missing.append("FID/KID (no Inception weights given)")
+        if not (self.lpips_linear and self.lpips_backbone):
+            missing.append("LPIPS (no LPIPS weights given)")
+        return missing
+
+
+def weighted_metrics(samples: np.ndarray, targets: np.ndarray, weights: MetricWeights, seed: int = 0) -> dict:
+    names = weights.names()
+    if not names:
+        return {}
+    for path in (weights.inception, weights.lpips_linear, weights.lpips_backbone):
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"Metric weights file {path} does not exist.")
+    values = metrics.compute_metrics(
+        samples,
+        targets,
+        names,
+        seed=seed,
+        inception_weights=weights.inception,
+        kid_subset_size=min(1000, len(samples)),
+        lpips_linear_weights=weights.lpips_linear,
+        lpips_backbone_weights=weights.lpips_backbone,
+    )
+    return {name: values[name] for name in names if name in values}
 
 
 def held_out_examples(config: ml_collections.ConfigDict, num: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -77,8 +124,16 @@ def sample_all(
     batch_size: int = 64,
     times: np.ndarray | None = None,
     solver: str = "ddim",
+    renoise: bool | None = None,
 ) -> tuple[np.ndarray, float]:
-    """Samples for every example and the mean wall time per image (ms, after warm-up)."""
+    """Samples for every example and the mean wall time per image (ms, after warm-up).
+
+    ``renoise``: re-noise between DDIM steps; None takes the run's own default (CoDi: ``codi.renoise``).
+    """
+    if renoise is None:
+        renoise = recipes.renoise_between_steps(pre.config)
+    if renoise and solver != "ddim":
+        raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
     times = jnp.asarray(recipes.sample_times(pre.config, num_steps) if times is None else times)
     sampler = recipes.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver)
     cond, instruction = examples["cond"], examples.get("instruction")
@@ -86,7 +141,8 @@ def sample_all(
     outputs, elapsed = [], 0.0
     for start in range(0, len(cond), batch_size):
         sl = slice(start, start + batch_size)
-        args = (pre.params, cond[sl], None if instruction is None else instruction[sl], noise[sl], times, None)
+        renoise_rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), start) if renoise else None
+        args = (pre.params, cond[sl], None if instruction is None else instruction[sl], noise[sl], times, renoise_rng)
         if start == 0:
             jax.block_until_ready(sampler(*args))  # compile + warm-up, not timed
         t0 = time.perf_counter()
@@ -104,11 +160,15 @@ def evaluate_checkpoint(
     seed: int = 0,
     batch_size: int = 64,
     solver: str = "ddim",
+    renoise: bool | None = None,
+    weights: MetricWeights = MetricWeights(),
 ) -> list[Row]:
     trained = adapted.trainable_param_count(pre.model, pre.params)
     rows = []
     for num_steps in step_counts:
-        samples, ms = sample_all(pre, examples, num_steps, seed=seed, batch_size=batch_size, solver=solver)
+        samples, ms = sample_all(
+            pre, examples, num_steps, seed=seed, batch_size=batch_size, solver=solver, renoise=renoise
+        )
         rows.append(
             Row(
                 method=method,
@@ -119,21 +179,25 @@ def evaluate_checkpoint(
                 ms_per_image=ms,
                 params_trained=trained,
                 samples=samples,
+                extra=weighted_metrics(samples, examples["image"], weights, seed),
             )
         )
     return rows
 
 
+EXTRA_COLUMNS = {"fid": ("FID", ".2f"), "kid": ("KID", ".4f"), "lpips": ("LPIPS", ".4f")}
+
+
 def markdown_table(rows: list[Row]) -> str:
-    lines = [
-        "| method | steps | params trained | PSNR (dB) | SSIM | SWD x1e3 | ms / image |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    extras = [name for name in EXTRA_COLUMNS if any(name in r.extra for r in rows)]
+    head = ["method", "steps", "params trained", "PSNR (dB)", "SSIM", "SWD x1e3"]
+    head += [EXTRA_COLUMNS[name][0] for name in extras] + ["ms / image"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append(
-            f"| {r.method} | {r.steps} | {r.params_trained:,} | {r.psnr:.2f} | {r.ssim:.4f} | {r.swd:.1f} "
-            f"| {r.ms_per_image:.1f} |"
-        )
+        cells = [r.method, str(r.steps), f"{r.params_trained:,}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.swd:.1f}"]
+        cells += [format(r.extra[n], EXTRA_COLUMNS[n][1]) if n in r.extra else "–" for n in extras]
+        cells.append(f"{r.ms_per_image:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -156,6 +220,8 @@ def evaluate_runs(
     seed: int = 0,
     batch_size: int = 64,
     solver: str = "ddim",
+    renoise: bool | None = None,
+    weights: MetricWeights = MetricWeights(),
 ) -> list[Row]:
     loaded = [(name, load_conditional(workdir)) for name, workdir in runs]
     reference = loaded[0][1].config
@@ -169,7 +235,17 @@ def evaluate_runs(
         examples = held_out_examples(reference, num_eval, seed=seed)
     rows = []
     for name, pre in loaded:
-        rows += evaluate_checkpoint(pre, examples, step_counts, name, seed=seed, batch_size=batch_size, solver=solver)
+        rows += evaluate_checkpoint(
+            pre,
+            examples,
+            step_counts,
+            name,
+            seed=seed,
+            batch_size=batch_size,
+            solver=solver,
+            renoise=None if solver != "ddim" else renoise,
+            weights=weights,
+        )
     return rows
 
 

@@ -62,10 +62,14 @@ def sample_conditional(
     *,
     steps: int,
     seed: int,
-    stochastic: bool = False,
+    stochastic: bool | None = None,
     batch_size: int = 32,
 ) -> np.ndarray:
-    """Samples in [-1, 1] for each condition; the noise of example i depends only on (seed, i)."""
+    """Samples in [-1, 1] for each condition; the noise of example i depends only on (seed, i).
+
+    ``stochastic``: re-noise between steps; None takes the run's default (CoDi: ``codi.renoise``)."""
+    if stochastic is None:
+        stochastic = recipes.renoise_between_steps(pre.config)
     times = jnp.asarray(recipes.sample_times(pre.config, steps))  # raises if steps > grid
     sampler = recipes.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization)
     rng = jax.random.PRNGKey(seed)
@@ -112,7 +116,7 @@ def run(
     *,
     steps: int = 4,
     input_kind: str = "clean",
-    stochastic: bool = False,
+    stochastic: bool | None = None,
     seed: int = 0,
     batch_size: int = 32,
     instruction: int = 0,

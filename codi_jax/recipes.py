@@ -29,6 +29,7 @@ from PIL import Image
 
 from codi_jax import adapted, codi, diffusion, metrics, pretrained, sampling, teacher
 from codi_jax.data import pipeline, tasks
+from codi_jax.models import adapters
 from codi_jax.models.unet import unet_from_config
 from codi_jax.train_state import TrainState, create_train_state, make_optimizer
 
@@ -146,7 +147,12 @@ def resolve_from_teacher(config: ml_collections.ConfigDict) -> pretrained.Pretra
 
 
 def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, list | tuple) else value
+    """Tuples and lists compare equal (a restored config holds lists), recursively."""
+    if isinstance(value, list | tuple):
+        return [_normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    return value
 
 
 def build_conditional(config: ml_collections.ConfigDict) -> tuple[adapted.AdaptedModel, diffusion.Schedule]:
@@ -168,6 +174,21 @@ def sample_times(config: ml_collections.ConfigDict, num_steps: int) -> np.ndarra
     if config.method == "codi":
         return diffusion.sampling_grid(num_steps, int(config.codi.grid_size))
     return sampling.uniform_times(num_steps)
+
+
+def renoise_between_steps(config: ml_collections.ConfigDict) -> bool:
+    """Whether multistep sampling re-noises between steps: CoDi runs per ``codi.renoise`` (runs
+    saved before the field existed get its default), every other model moves by DDIM."""
+    if config.get("method") != "codi":
+        return False
+    return bool(config.codi.get("renoise", codi.default_codi_config().renoise))
+
+
+def renoise_key(config: ml_collections.ConfigDict, seed: int, batch_start: int = 0) -> jax.Array | None:
+    """The re-noising key of the batch starting at ``batch_start``, or None for DDIM moves."""
+    if not renoise_between_steps(config):
+        return None
+    return jax.random.fold_in(jax.random.PRNGKey(seed + 1), batch_start)
 
 
 SOLVERS = ("ddim", "dpm++")
@@ -209,9 +230,36 @@ def eval_examples(config: ml_collections.ConfigDict, num: int) -> dict[str, np.n
     return {key: value for key, value in batch.items() if key in ("image", "cond", "instruction")}
 
 
+INIT_SECTIONS = ("model", "schedule", "adapter", "task")
+
+
+def load_init_model(config: ml_collections.ConfigDict) -> Any:
+    """The (EMA) parameters of ``config.init_workdir``, a conditional run this one starts from (the
+    two-stage baseline: fine-tune first, then distil), or None. Its model, schedule, adapter and
+    task must be this config's: a clash is an error naming the field."""
+    workdir = config.get("init_workdir")
+    if not workdir:
+        return None
+    loaded = pretrained.load_conditional(workdir)
+    # A field added since that run was made holds its default there.
+    defaults = {"adapter": adapters.default_adapter_config().to_dict(), "task": tasks.default_task_config().to_dict()}
+    clashes = []
+    for section in INIT_SECTIONS:
+        ours = config[section].to_dict()
+        theirs = {**defaults.get(section, {}), **loaded.config[section].to_dict()}
+        for key in sorted(set(ours) | set(theirs)):
+            if _normalise(ours.get(key)) != _normalise(theirs.get(key)):
+                clashes.append(f"{section}.{key}: {ours.get(key)!r} (config) vs {theirs.get(key)!r} (init_workdir)")
+    if clashes:
+        raise ValueError(f"config.init_workdir={workdir} was trained with a different setup: " + "; ".join(clashes))
+    logging.info("Starting from the %s run at %s, step %d.", loaded.config.method, workdir, loaded.step)
+    return {key: sub for key, sub in loaded.params.items() if key != "initial"}
+
+
 def _conditional_recipe(config: ml_collections.ConfigDict) -> Recipe:
     codi.check_codi_config(config.codi)
     loaded = resolve_from_teacher(config)
+    init_params = load_init_model(config)
     model, schedule = build_conditional(config)
     parametrization = config.model.parametrization
     optimizer = model.optimizer(make_optimizer(config.optimizer))
@@ -220,8 +268,12 @@ def _conditional_recipe(config: ml_collections.ConfigDict) -> Recipe:
     instruction = jnp.zeros((1,), jnp.int32) if tasks.num_instructions(config.task) else None
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
 
-    def init_state(backbone_params):
-        params = model.init(init_rng, backbone_params, jnp.zeros(cond_shape), instruction)
+    def init_state(inputs):
+        backbone_params, start_params = inputs
+        if start_params is None:
+            params = model.init(init_rng, backbone_params, jnp.zeros(cond_shape), instruction)
+        else:
+            params = model.with_initial(start_params)
         return create_train_state(params, optimizer, run_rng)
 
     step = functools.partial(
@@ -247,7 +299,14 @@ def _conditional_recipe(config: ml_collections.ConfigDict) -> Recipe:
             times = jnp.asarray(sample_times(config, num_steps))
             images = np.asarray(
                 jax.device_get(
-                    sampler(state.ema_params, examples["cond"], examples.get("instruction"), noise, times, None)
+                    sampler(
+                        state.ema_params,
+                        examples["cond"],
+                        examples.get("instruction"),
+                        noise,
+                        times,
+                        renoise_key(config, config.seed),
+                    )
                 )
             )
             columns.append(images)
@@ -260,4 +319,4 @@ def _conditional_recipe(config: ml_collections.ConfigDict) -> Recipe:
         logging.info("Wrote samples (steps %s, EMA params) to %s; %s", step_counts, path, scalars)
         return scalars
 
-    return Recipe(init_state, loaded.params, step, write_samples, config.task)
+    return Recipe(init_state, (loaded.params, init_params), step, write_samples, config.task)

@@ -13,8 +13,9 @@ and centre-cropped to the model's size and the task's degradation is applied wit
 (edges, depth; white = edge / near) for ``edge`` / ``depth``.
 
 Steps: CoDi samples on its training grid, so ``--steps`` above the grid size is an error;
-between steps the sample moves deterministically (DDIM) or, with ``--stochastic``, re-noises
-with fresh noise. Existing files in ``--out`` are never overwritten.
+between steps the sample re-noises with fresh noise (``--stochastic``; CoDi's default, see
+``codi.renoise``) or moves deterministically (DDIM, ``--nostochastic``). Existing files in
+``--out`` are never overwritten.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ flags.DEFINE_string("cond", None, "An image file or a directory of images (see -
 flags.DEFINE_string("out", None, "Output directory (must not contain earlier outputs).")
 flags.DEFINE_integer("steps", 4, "Sampling steps (1, 2, 4, 8, ...; at most the training grid size for CoDi).")
 flags.DEFINE_enum("input", "clean", ["clean", "condition"], "What --cond holds (see the module docstring).")
-flags.DEFINE_bool("stochastic", False, "Re-noise with fresh noise between steps instead of DDIM.")
+flags.DEFINE_bool(
+    "stochastic",
+    None,
+    "Re-noise with fresh noise between steps (true) or move by DDIM (false); default: the run's "
+    "config (CoDi runs: codi.renoise, true unless changed; fine-tuned models: DDIM).",
+)
 flags.DEFINE_integer("seed", 0, "Seed of the initial noise, re-noising and (--input=clean) the degradation.")
 flags.DEFINE_integer("batch_size", 32, "Images per jitted call.")
 flags.DEFINE_integer("instruction", 0, "Instruction id for the edit task.")

@@ -67,7 +67,14 @@ def _build(kind: str, num_instructions: int = 0, **overrides):
 
 @pytest.mark.parametrize(
     "kind,extra",
-    [("controlnet", {}), ("fusion", {"train_backbone": True}), ("t2i", {}), ("controlnet", {"lora_rank": 2})],
+    [
+        ("controlnet", {}),
+        ("controlnet", {"hint_zero_init": False}),
+        ("fusion", {"train_backbone": True}),
+        ("fusion", {"train_backbone": True, "hint_zero_init": False}),
+        ("t2i", {}),
+        ("controlnet", {"lora_rank": 2}),
+    ],
 )
 def test_adapter_at_init_equals_backbone_exactly(kind, extra) -> None:
     model, params, backbone, backbone_params = _build(kind, **extra)
@@ -80,6 +87,27 @@ def test_adapter_at_init_equals_backbone_exactly(kind, extra) -> None:
     moved = jax.jit(model.apply)(perturbed, z, MODEL_T, cond)
     moved_other = jax.jit(model.apply)(perturbed, z, MODEL_T, -cond)
     assert float(jnp.max(jnp.abs(moved - moved_other))) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["controlnet", "fusion"])
+def test_random_hint_init_escapes_the_zero_init_saddle(kind) -> None:
+    """With diffusers' zero-init hint conv the first gradient of the adapter's output layer (zero
+    convs / mu) does not depend on the condition at all; with a random hint conv it does."""
+    z, cond = _inputs()
+    target = np.random.default_rng(3).standard_normal(z.shape).astype(np.float32)
+
+    def output_layer_grads(hint_zero_init: bool, c: np.ndarray):
+        model, params, _, _ = _build(kind, train_backbone=kind == "fusion", hint_zero_init=hint_zero_init)
+        loss = lambda p: jnp.mean(jnp.square(model.apply(p, z, MODEL_T, c) - target))
+        grads = jax.jit(jax.grad(loss))(params)["adapter"]
+        names = [n for n in grads if n.startswith(("controlnet_down", "controlnet_mid", "fusion_mu"))]
+        assert names
+        return np.concatenate([np.ravel(x) for n in names for x in jax.tree.leaves(grads[n])])
+
+    zero_a, zero_b = output_layer_grads(True, cond), output_layer_grads(True, -cond)
+    np.testing.assert_array_equal(zero_a, zero_b)
+    rand_a, rand_b = output_layer_grads(False, cond), output_layer_grads(False, -cond)
+    assert float(np.max(np.abs(rand_a - rand_b))) > 1e-3 * float(np.max(np.abs(rand_a)))
 
 
 def test_controlnet_copies_the_encoder() -> None:

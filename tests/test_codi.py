@@ -33,8 +33,8 @@ class LinearStub:
         return params["a"] * z + params["b"] * cond + params["c"] * (model_t / 1000.0)[:, None, None, None]
 
     @staticmethod
-    def apply_initial(params, z, model_t):
-        return params["a0"] * z + params["c"] * (model_t / 1000.0)[:, None, None, None]
+    def apply_initial(params, z, model_t, cond, instruction=None):
+        return params["a0"] * z + params["b0"] * cond + params["c"] * (model_t / 1000.0)[:, None, None, None]
 
 
 def _np_alpha_sigma(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -63,7 +63,7 @@ def _np_codi_loss(params, target_params, x, cond, k, eps, config):
     elif config.predictor == "ddim":
         z_s = a_s * x_hat + s_s * eps_hat
     else:
-        v0 = params["a0"] * z_t + params["c"] * t[:, None, None, None]
+        v0 = params["a0"] * z_t + params["b0"] * cond + params["c"] * t[:, None, None, None]
         z_s = a_s * (a_t * z_t - s_t * v0) + s_s * (s_t * z_t + a_t * v0)
     v_tgt = _np_linear(target_params, z_s, s, cond)
     x_tgt, eps_tgt = a_s * z_s - s_s * v_tgt, s_s * z_s + a_s * v_tgt
@@ -86,7 +86,7 @@ def _draws(rng, config):
 
 def _stub_params(seed):
     rng = np.random.default_rng(seed)
-    return {name: np.float32(rng.uniform(0.2, 0.8)) for name in ("a", "b", "c", "a0")}
+    return {name: np.float32(rng.uniform(0.2, 0.8)) for name in ("a", "b", "c", "a0", "b0")}
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax import few_step, pretrained, train_loop
+from codi_jax import evaluation, few_step, metrics, pretrained, train_loop
 from configs import tiny_codi, tiny_teacher
 
 
@@ -72,9 +72,12 @@ def test_codi_run_resumes_exactly_and_samples(teacher_dir, tmp_path) -> None:
     with pytest.raises(FileExistsError, match="nothing was overwritten"):
         few_step.run(straight, str(images), out, steps=2, seed=1)
     assert np.array_equal(first, np.asarray(Image.open(os.path.join(out, "im0.png"))))
-    # Stochastic multistep sampling differs from DDIM; too many steps is a clear error.
+    # CoDi's default re-noises between steps (codi.renoise); DDIM moves differ; too many steps is a
+    # clear error.
     stochastic = few_step.run(straight, str(images), str(tmp_path / "out3"), steps=2, seed=1, stochastic=True)
-    assert not np.array_equal(first, np.asarray(Image.open(stochastic[0])))
+    np.testing.assert_array_equal(first, np.asarray(Image.open(stochastic[0])))
+    ddim = few_step.run(straight, str(images), str(tmp_path / "out3b"), steps=2, seed=1, stochastic=False)
+    assert not np.array_equal(first, np.asarray(Image.open(ddim[0])))
     with pytest.raises(ValueError, match="exceed the 50-point training grid"):
         few_step.run(straight, str(images), str(tmp_path / "out4"), steps=51)
     # Conditions given directly (a low-resolution image for SR).
@@ -82,9 +85,16 @@ def test_codi_run_resumes_exactly_and_samples(teacher_dir, tmp_path) -> None:
     assert len(direct) == 2
 
 
-def test_conditional_errors(teacher_dir, tmp_path) -> None:
-    workdir = str(tmp_path / "codi")
+@pytest.fixture(scope="module")
+def codi_dir(teacher_dir, tmp_path_factory) -> str:
+    """A 2-step tiny CoDi run."""
+    workdir = str(tmp_path_factory.mktemp("codi"))
     train_loop.train_and_evaluate(_codi_config(teacher_dir, num_train_steps=2), workdir)
+    return workdir
+
+
+def test_conditional_errors(teacher_dir, codi_dir, tmp_path) -> None:
+    workdir = codi_dir
     other = _codi_config(teacher_dir)
     other.adapter.kind = "t2i"
     with pytest.raises(ValueError, match="adapter.kind"):
@@ -98,3 +108,59 @@ def test_conditional_errors(teacher_dir, tmp_path) -> None:
     missing = _codi_config(str(tmp_path / "no_teacher"))
     with pytest.raises(FileNotFoundError, match="No checkpoints directory"):
         train_loop.train_and_evaluate(missing, str(tmp_path / "missing"))
+
+
+def test_two_stage_run_starts_from_a_conditional_checkpoint(teacher_dir, codi_dir, tmp_path) -> None:
+    """CM-II: a run with ``init_workdir`` starts from that run's EMA params, keeps them frozen as the
+    teacher predictor's model, and refuses a source trained with another task."""
+    first = codi_dir
+    source = pretrained.load_conditional(first).params
+    second = str(tmp_path / "second")
+    config = _codi_config(teacher_dir, num_train_steps=2, init_workdir=first)
+    config.codi.predictor = "teacher"
+    config.codi.guidance_weight = 0.0
+    train_loop.train_and_evaluate(config, second)
+    after = pretrained.load_conditional(second, use_ema=False).params
+    assert sorted(after) == ["adapter", "backbone", "initial"]
+    for x, y in zip(jax.tree.leaves(after["initial"]), jax.tree.leaves(source), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    # The adapter trained on from the source's values (moved, but not re-initialised far away).
+    moved = [
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(after["adapter"]), jax.tree.leaves(source["adapter"]))
+    ]
+    assert 0 < max(moved) < 0.1
+
+    clash = _codi_config(teacher_dir, num_train_steps=2, init_workdir=first)
+    clash.task.scale = 4
+    with pytest.raises(ValueError, match="task.scale"):
+        train_loop.train_and_evaluate(clash, str(tmp_path / "clash"))
+    assert not os.path.exists(os.path.join(str(tmp_path / "clash"), "checkpoints"))
+
+
+def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
+    rows = evaluation.evaluate_runs([("a", codi_dir), ("b", codi_dir)], (1, 2), num_eval=5, batch_size=4)
+    assert [(r.method, r.steps) for r in rows] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    config = pretrained.load_conditional(codi_dir).config
+    targets = evaluation.held_out_examples(config, 5)["image"]
+    for r in rows:
+        assert r.samples.shape == targets.shape
+        expected = metrics.compute_metrics(r.samples, targets, ["psnr", "ssim"])
+        assert abs(r.psnr - expected["psnr"]) < 1e-4 and abs(r.ssim - expected["ssim"]) < 1e-4
+        assert r.params_trained > 0 and r.ms_per_image > 0 and not r.extra
+    # Same checkpoint, same seed: the same numbers; a different step count samples differently.
+    assert rows[0].psnr == rows[2].psnr and rows[0].psnr != rows[1].psnr
+    # Re-noising (the CoDi default) only acts between steps: 1 step is unchanged, 2 steps differ.
+    ddim = evaluation.evaluate_runs([("a", codi_dir)], (1, 2), num_eval=5, batch_size=4, renoise=False)
+    np.testing.assert_array_equal(ddim[0].samples, rows[0].samples)
+    assert not np.allclose(ddim[1].samples, rows[1].samples)
+    table = evaluation.markdown_table(rows)
+    assert "FID" not in table and table.count("\n") == 5
+    rows[0].extra = {"fid": 12.3456}
+    assert "| FID |" in evaluation.markdown_table(rows) and "12.35" in evaluation.markdown_table(rows)
+    paths = evaluation.write_results(rows, str(tmp_path / "out"))
+    with pytest.raises(FileExistsError, match="nothing was overwritten"):
+        evaluation.write_results(rows, str(tmp_path / "out"))
+    assert all(os.path.exists(p) for p in paths)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        evaluation.weighted_metrics(rows[0].samples, targets, evaluation.MetricWeights(inception="/no/such/file"))

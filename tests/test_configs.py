@@ -8,6 +8,7 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import pytest
 
 from codi_jax import codi, recipes
@@ -44,3 +45,18 @@ def test_config_is_valid(name: str) -> None:
     assert set(params) >= {"backbone", "adapter"}
     out = jax.eval_shape(model.apply, params, jnp.zeros((1, size, size, 3)), jnp.zeros((1,)), cond, instruction)
     assert out.shape == (1, size, size, 3)
+
+
+def test_renoise_default_comes_from_the_codi_section() -> None:
+    """CoDi configs re-noise between steps unless ``codi.renoise`` says no; configs saved before the
+    field existed get its default; non-distilled models always move by DDIM."""
+    config = importlib.import_module("configs.codi_sr4").get_config()
+    assert recipes.renoise_between_steps(config) is True
+    assert recipes.renoise_key(config, seed=3) is not None
+    config.codi.renoise = False
+    assert recipes.renoise_between_steps(config) is False and recipes.renoise_key(config, seed=3) is None
+    old = config.to_dict()
+    del old["codi"]["renoise"]
+    assert recipes.renoise_between_steps(ml_collections.ConfigDict(old)) is codi.default_codi_config().renoise
+    finetune = importlib.import_module("configs.finetune_sr4").get_config()
+    assert recipes.renoise_between_steps(finetune) is False

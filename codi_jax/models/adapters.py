@@ -46,6 +46,10 @@ class HintNetwork(nn.Module):
     channels: Sequence[int] = (16, 32)
     num_downsamples: int = 0
     conv_impl: str = "auto"
+    # diffusers zero-initialises conv_out too. With the zero convs after the encoder copy also at 0
+    # that is a saddle: neither gets a condition-dependent gradient until the other has moved
+    # (ControlNet's "sudden convergence"). The adapter's output is exactly 0 at init either way.
+    zero_init_out: bool = True
 
     @nn.compact
     def __call__(self, cond: jax.Array) -> jax.Array:
@@ -55,9 +59,8 @@ class HintNetwork(nn.Module):
             stride = 2 if i < self.num_downsamples else 1
             name = f"blocks_{2 * i + 1}"
             h = nn.silu(layers.Conv2D(self.channels[i + 1], stride=stride, conv_impl=self.conv_impl, name=name)(h))
-        return layers.Conv2D(
-            self.out_features, kernel_init=nn.initializers.zeros, conv_impl=self.conv_impl, name="conv_out"
-        )(h)
+        out_init = nn.initializers.zeros if self.zero_init_out else nn.initializers.lecun_normal()
+        return layers.Conv2D(self.out_features, kernel_init=out_init, conv_impl=self.conv_impl, name="conv_out")(h)
 
 
 class ControlNet(UNet):
@@ -70,6 +73,7 @@ class ControlNet(UNet):
     cond_channels: int = 3
     hint_channels: Sequence[int] = (16, 32)
     hint_downsamples: int = 0
+    hint_zero_init: bool = True
     num_instructions: int = 0  # > 0: a learned instruction embedding added to the time embedding
     output: str = "residuals"  # "residuals" (zero convs, PE-CoDi) | "blend" (mu fusion, full CoDi)
 
@@ -102,6 +106,7 @@ class ControlNet(UNet):
             tuple(self.hint_channels),
             self.hint_downsamples,
             self.conv_impl,
+            self.hint_zero_init,
             name="controlnet_cond_embedding",
         )(cond.astype(jnp.float32))
         if hint.shape[1:3] != sample.shape[1:3]:
@@ -200,6 +205,7 @@ def default_adapter_config() -> ml_collections.ConfigDict:
     config.train_backbone = False  # False: PE-CoDi (only adapter / LoRA params train); True: full CoDi
     config.hint_channels = (16, 32)  # ControlNet hint network widths
     config.hint_downsamples = 0  # stride-2 stages in the hint network (8x for SD latents: 3)
+    config.hint_zero_init = True  # diffusers' zero-init hint conv_out; False escapes the init saddle
     config.t2i_channels = ()  # T2I encoder widths per level; () = the backbone's block_out_channels
     config.lora_rank = 0  # > 0: LoRA of this rank on the backbone kernels matched by lora_targets
     config.lora_alpha = 0.0  # LoRA scale alpha / rank; 0 = rank (scale 1)
@@ -219,6 +225,7 @@ def build_conditional_model(
             cond_channels=cond_channels,
             hint_channels=tuple(adapter_config.hint_channels),
             hint_downsamples=adapter_config.get("hint_downsamples", 0),
+            hint_zero_init=adapter_config.get("hint_zero_init", True),
             num_instructions=num_instructions,
             output="residuals" if kind == "controlnet" else "blend",
         )
