@@ -1,6 +1,8 @@
 """The CPU fast paths (codi_jax.models.conv, layers.GroupNorm) equal the plain XLA ops and their
 ``jax.grad`` to float tolerance, and keep the parameter tree that checkpoints hold."""
 
+import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -118,6 +120,28 @@ def test_resolve_impl():
   assert conv.resolve_impl("im2col") == "im2col"
   with pytest.raises(ValueError, match="Unknown conv impl"):
     conv.resolve_impl("cudnn")
+  # auto: the im2col weight gradient only for outputs of at least AUTO_IM2COL_MIN_OUTPUT entries.
+  big = (16, 32, 32, 32)
+  assert math.prod(big) == conv.AUTO_IM2COL_MIN_OUTPUT
+  assert conv.resolve_impl("auto", big) == "im2col"
+  assert conv.resolve_impl("auto", (16, 16, 16, 64)) == "xla"
+  assert conv.resolve_impl("im2col", (1, 2, 2, 1)) == "im2col"
+
+
+def _uses_custom_vjp(x_shape, cout, kernel_size=3, impl="auto") -> bool:
+  x = jnp.zeros(x_shape)
+  kernel = jnp.zeros((kernel_size, kernel_size, x_shape[-1], cout))
+  return "custom_vjp" in str(jax.make_jaxpr(lambda a, b: conv.conv2d(a, b, impl=impl))(x, kernel))
+
+
+def test_auto_picks_the_path_by_conv_size():
+  assert _uses_custom_vjp((16, 32, 32, 8), 32)  # 16 * 32 * 32 * 32 = 2^19 outputs: im2col
+  assert not _uses_custom_vjp((16, 16, 16, 8), 64)  # 2^18: XLA's own gradient
+  assert _uses_custom_vjp((16, 16, 16, 8), 64, impl="im2col")  # explicit im2col: always
+  assert not _uses_custom_vjp((16, 32, 32, 8), 32, impl="xla")
+  # 1x1 convs are matmuls on CPU at every size (no custom VJP needed for that: all three are dots).
+  tiny_pointwise = jax.make_jaxpr(lambda a, b: conv.conv2d(a, b))(jnp.zeros((1, 2, 2, 4)), jnp.zeros((1, 1, 4, 4)))
+  assert "conv_general_dilated" not in str(tiny_pointwise)
 
 
 @pytest.mark.parametrize(
