@@ -33,6 +33,8 @@ import statistics
 import sys
 import time
 
+from bench_host import cpu_model, usable_cores
+
 MODELS = {"1.6M": (32, 64, 64), "6.5M": (64, 128, 128)}
 ATTENTION_LEVELS = (False, False, True)
 
@@ -60,17 +62,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _channels(name: str) -> tuple[int, ...]:
   return MODELS[name] if name in MODELS else tuple(int(c) for c in name.split("-"))
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
 
 
 def _time_calls(fn, steps: int, warmup: int) -> tuple[float, float]:
@@ -236,8 +227,8 @@ def main(argv=None) -> None:
   from codi_jax.models.conv import resolve_impl
 
   jax.config.update("jax_platforms", "cpu")
-  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  print(f"machine: {_cpu_model()}; cores used {threads} of {os.cpu_count()}; python {platform.python_version()}")
+  threads = len(usable_cores())
+  print(f"machine: {cpu_model()}; cores used {threads} of {os.cpu_count()}; python {platform.python_version()}")
   versions = f"jax {jax.__version__}"
   try:
     import flax

@@ -1,15 +1,17 @@
 """The paper's comparison (CoDi, ../shared/METHOD.md "Headline numbers") in miniature, x4 SR.
 
-  python benchmarks/paper_table.py --workdir=/tmp/paper_table          # ~45-60 min on 2 cores
+  python benchmarks/paper_table.py --workdir=/tmp/paper_table          # ~90 min on 2 cores
 
 1. Trains, from the committed unconditional teacher, every distilled model of the comparison with
    the project's own command (``python -m codi_jax.train``), ``--parallel`` runs at a time, each
    pinned to its own core: CoDi (PE, ControlNet), the two-stage CM-II baseline (started from the
-   committed fine-tuned model), the ablations (DDIM predictor, r = 0, x-space consistency) and full
-   CoDi (the ControlNet adapter with the backbone trained too). Runs are resumable; a finished one is not retrained.
+   committed fine-tuned model), the ablations (DDIM predictor, r = 0, x-space consistency), each
+   of the CPU default's departures from the paper's defaults put back alone (one t per batch, r = 1,
+   zero-init hint conv) and full CoDi (the ControlNet adapter with the backbone trained too). Runs
+   are resumable; a finished one is not retrained.
 2. Samples one held-out set (patches of photos never trained on) with each: the distilled models at
    1/2/4 steps on their grid, the non-distilled conditional model (``checkpoints/finetune_sr4``)
-   with DDIM at 4/8/20/50 steps and DPM-Solver++ at 4/8/20.
+   with DDIM and DPM-Solver++ at 4/8/20/50 steps.
 3. Writes ``--out`` (default ``docs/results.md``; an existing file is an error unless
    ``--overwrite``): the table, the paper's orderings checked one by one against it, the command,
    the machine, the training wall times, and an image grid beside it.
@@ -26,6 +28,8 @@ import platform
 import subprocess
 import sys
 import time
+
+from bench_host import cpu_model, usable_cores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +60,21 @@ RUNS = (  # the slowest (full CoDi) early, so the two cores finish together
     Run("abl_ddim", "ablation: DDIM predictor", "configs/codi_sr4.py", ("--config.codi.predictor=ddim",)),
     Run("abl_r0", "ablation: r = 0 (no guidance)", "configs/codi_sr4.py", ("--config.codi.guidance_weight=0.0",)),
     Run("abl_x", "ablation: x-space consistency", "configs/codi_sr4.py", ("--config.codi.consistency_space=x",)),
+    # Where configs/codi_sr4.py departs from ../shared/METHOD.md's defaults: each put back alone.
+    Run("paper_shared_t", "paper default: one t per batch", "configs/codi_sr4.py", ("--config.codi.shared_t=True",)),
+    Run("paper_r1", "paper default: r = 1", "configs/codi_sr4.py", ("--config.codi.guidance_weight=1.0",)),
+    Run(
+        "paper_zero_hint",
+        "paper default: zero-init hint conv",
+        "configs/codi_sr4.py",
+        ("--config.adapter.hint_zero_init=True",),
+    ),
+)
+# Departures of configs/codi_sr4.py from the paper's defaults: (run key, what our default is).
+DEPARTURES = (
+    ("paper_shared_t", "per-example t"),
+    ("paper_r1", "r = 4"),
+    ("paper_zero_hint", "a random last hint conv"),
 )
 BASELINE = "non-distilled (fine-tune)"
 
@@ -74,21 +93,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cores() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _add_wall(run_dir: str, seconds: float) -> float:
     """Training wall seconds of a run summed over invocations (resumes add; a finished run adds ~0)."""
     path = os.path.join(run_dir, "train_wall_s.json")
@@ -103,7 +107,7 @@ def _add_wall(run_dir: str, seconds: float) -> float:
 
 def train_all(runs: list[Run], workdir: str, steps: int, parallel: int) -> dict[str, float]:
     """Trains the runs, ``parallel`` at a time, each pinned to one core; returns wall seconds per run."""
-    cores = _cores()
+    cores = usable_cores()
     parallel = max(1, min(parallel or len(cores), len(cores)))
     pending, active, walls = list(runs), {}, {}
     while pending or active:
@@ -198,6 +202,23 @@ def orderings(rows, labels: dict[str, str]) -> list[str]:
     return lines
 
 
+def departures(rows, labels: dict[str, str]) -> list[str]:
+    """Each departure of the PE-CoDi default from the paper's setting, against that setting alone."""
+    lines = []
+    codi4 = _find(rows, labels.get("codi"), 4)
+    for key, ours in DEPARTURES:
+        paper4 = _find(rows, labels.get(key), 4)
+        if codi4 is None or paper4 is None:
+            continue
+        better = [m for m, ok in (("PSNR", codi4.psnr > paper4.psnr), ("SWD", codi4.swd < paper4.swd)) if ok]
+        lines.append(
+            f"- {ours} (ours) vs {labels[key]}: ours better on {', '.join(better) or 'neither'}. "
+            f"PE-CoDi 4: PSNR {codi4.psnr:.2f} dB, SWD {codi4.swd:.1f}; "
+            f"{labels[key]} 4: PSNR {paper4.psnr:.2f} dB, SWD {paper4.swd:.1f}."
+        )
+    return lines
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -261,21 +282,22 @@ def main(argv=None) -> None:
     grid = np.asarray(Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST))
 
     command = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    cores = _cores()
+    cores = usable_cores()
     parallel = max(1, min(args.parallel or len(cores), len(cores)))
     wall_lines = "\n".join(f"| {known[k].label} | {walls[k] / 60:.1f} |" for k in walls)
     text = f"""# CoDi in miniature: x4 super-resolution on the bundled photographs
 
 Made by one run of `{command}` on {datetime.date.today().isoformat()}:
-{_cpu_model()}, {len(cores)} core(s) used of {os.cpu_count()}, {platform.python_version()}, CPU only.
+{cpu_model()}, {len(cores)} core(s) used of {os.cpu_count()}, {platform.python_version()}, CPU only.
 Training in this invocation {train_minutes:.1f} min (runs {parallel} at a time,
 one core each; runs are resumable and the per-run totals below add up every invocation's time),
 evaluation {eval_minutes:.1f} min.
 
 Setup: the committed unconditional teacher (`checkpoints/teacher_patches32`, 32x32 patches, cosine
 schedule, v-prediction); condition = the x4 bicubic-downscaled patch upsampled back to 32x32.
-Every distilled run: {args.steps} steps, batch 16, lr 1e-3, the ControlNet adapter unless said
-otherwise, 50-point grid (`configs/codi_sr4.py`). The non-distilled conditional model is the
+Every distilled run: {args.steps} steps, batch 16, lr 1e-3, EMA 0.999, the ControlNet adapter,
+PREv predictor, eps-space consistency, r = 4, per-example t on a 50-point grid and a random last hint
+conv (`configs/codi_sr4.py`), unless its name says otherwise. The non-distilled conditional model is the
 committed `{args.baseline}` ({baseline.step} steps of the plain diffusion loss with the same adapter,
 `configs/finetune_sr4.py`; adapter only, backbone frozen, like PE-CoDi); CM-II starts from it.
 Distilled models sample on their training grid and re-noise between steps (`codi.renoise`, the
@@ -290,6 +312,10 @@ not have (`python -m codi_jax.evaluate --inception_weights=... --lpips_*_weights
 ## The paper's orderings, checked on this table
 
 {chr(10).join(orderings(rows, labels))}
+
+## Where the CPU default departs from the paper's, each checked alone
+
+{chr(10).join(departures(rows, labels)) or "- not measured (runs missing)."}
 
 ## Training wall time per run (minutes, one core each)
 
