@@ -224,7 +224,7 @@ def main(argv=None) -> None:
   import jax
   import jax.numpy as jnp
 
-  from codi_jax.models.conv import resolve_impl
+  from codi_jax.models.conv import AUTO_IM2COL_MIN_OUTPUT, resolve_impl
 
   jax.config.update("jax_platforms", "cpu")
   threads = len(usable_cores())
@@ -244,7 +244,8 @@ def main(argv=None) -> None:
     pass
   print(
     f"versions: {versions}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax dtype {args.dtype}; "
-    f"auto conv impl -> {resolve_impl('auto')}"
+    f"auto conv impl -> {resolve_impl('auto')} for convs with >= {AUTO_IM2COL_MIN_OUTPUT} output entries, "
+    f"{resolve_impl('auto', (1,))} below"
   )
   print(
     f"median of {args.steps} timed calls after {args.warmup} warm-up; times in seconds; "

@@ -1,6 +1,7 @@
 """The paper's comparison (CoDi, ../shared/METHOD.md "Headline numbers") in miniature, x4 SR.
 
-  python benchmarks/paper_table.py --workdir=/tmp/paper_table          # ~90 min on 2 cores
+  python benchmarks/paper_table.py --workdir=/tmp/paper_table             # ~50 min on 2 cores
+  python benchmarks/paper_table.py --workdir=/tmp/paper_table --runs=all  # + seed spread, departures: ~70 min
 
 1. Trains, from the committed unconditional teacher, every distilled model of the comparison with
    the project's own command (``python -m codi_jax.train``), ``--parallel`` runs at a time, each
@@ -44,6 +45,8 @@ class Run:
 
 RUNS = (  # the slowest (full CoDi) early, so the two cores finish together
     Run("codi", "CoDi (PE, ControlNet)", "configs/codi_sr4.py"),
+    # The same run with another seed (init, noise, t draws): how far apart two seeds land.
+    Run("codi_seed1", "CoDi (PE, ControlNet), seed 1", "configs/codi_sr4.py", ("--config.seed=1",)),
     Run(
         "full",
         "full CoDi (ControlNet, backbone trained)",
@@ -70,6 +73,7 @@ RUNS = (  # the slowest (full CoDi) early, so the two cores finish together
         ("--config.adapter.hint_zero_init=True",),
     ),
 )
+CORE_RUNS = ("codi", "full", "cm2", "cm2_lr1e-4", "abl_ddim", "abl_r0", "abl_x")
 # Departures of configs/codi_sr4.py from the paper's defaults: (run key, what our default is).
 DEPARTURES = (
     ("paper_shared_t", "per-example t"),
@@ -83,7 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", required=True, help="where the runs are trained (resumable)")
     p.add_argument("--steps", type=int, default=800, help="training steps of every distilled run")
-    p.add_argument("--runs", default=",".join(r.key for r in RUNS), help="comma list of run keys")
+    p.add_argument(
+        "--runs",
+        default="core",
+        help="comma list of run keys; 'core' = the paper's comparison (~50 min on 2 cores), 'all' = "
+        "also the seed-1 rerun and the paper-default departures (~70 min)",
+    )
     p.add_argument("--baseline", default="checkpoints/finetune_sr4", help="the non-distilled conditional model")
     p.add_argument("--parallel", type=int, default=0, help="runs at a time (0: one per available core)")
     p.add_argument("--num_eval", type=int, default=128, help="held-out patches")
@@ -172,6 +181,13 @@ def orderings(rows, labels: dict[str, str]) -> list[str]:
         )
 
     codi4, full4 = _find(rows, labels.get("codi"), 4), _find(rows, labels.get("full"), 4)
+    seed4 = _find(rows, labels.get("codi_seed1"), 4)
+    if codi4 is not None and seed4 is not None:
+        lines.append(
+            f"- Seed spread (read every gap below against it): PE-CoDi at 4 steps, seeds 0 and 1: PSNR "
+            f"{codi4.psnr:.2f} vs {seed4.psnr:.2f} dB ({abs(codi4.psnr - seed4.psnr):.2f} apart), SWD "
+            f"{codi4.swd:.1f} vs {seed4.swd:.1f}."
+        )
     ft4, ft50 = _find(rows, f"{BASELINE}, DDIM", 4), _find(rows, f"{BASELINE}, DDIM", 50)
     for name, row in (("full CoDi", full4), ("PE-CoDi", codi4)):
         compare(
@@ -184,13 +200,14 @@ def orderings(rows, labels: dict[str, str]) -> list[str]:
             )
     for key in ("cm2", "cm2_lr1e-4"):
         if key in labels:
-            compare(
-                f"PE-CoDi beats two-stage distillation ({labels[key]}) at 4 steps",
-                codi4,
-                _find(rows, labels[key], 4),
-                "PE-CoDi 4",
-                f"{labels[key]} 4",
-            )
+            for name, row in (("full CoDi", full4), ("PE-CoDi", codi4)):
+                compare(
+                    f"{name} beats two-stage distillation ({labels[key]}) at 4 steps",
+                    row,
+                    _find(rows, labels[key], 4),
+                    f"{name} 4",
+                    f"{labels[key]} 4",
+                )
     for key, claim in (
         ("abl_ddim", "the PREv predictor beats the DDIM predictor"),
         ("abl_r0", "removing the conditional guidance (r = 0) hurts"),
@@ -227,10 +244,11 @@ def main(argv=None) -> None:
     if not args.overwrite and any(os.path.exists(p) for p in (args.out, out_grid)):
         raise SystemExit(f"{args.out} (or its grid) exists; pass --overwrite to replace it. Nothing was written.")
     known = {r.key: r for r in RUNS}
-    unknown = [k for k in args.runs.split(",") if k not in known]
+    keys = {"core": ",".join(CORE_RUNS), "all": ",".join(known)}.get(args.runs, args.runs).split(",")
+    unknown = [k for k in keys if k not in known]
     if unknown:
         raise SystemExit(f"Unknown run keys {unknown}; known: {sorted(known)}.")
-    runs = [known[k] for k in args.runs.split(",")]
+    runs = [known[k] for k in keys]
     started = time.perf_counter()
     walls = train_all(runs, args.workdir, args.steps, args.parallel)
     train_minutes = (time.perf_counter() - started) / 60
@@ -299,7 +317,9 @@ Every distilled run: {args.steps} steps, batch 16, lr 1e-3, EMA 0.999, the Contr
 PREv predictor, eps-space consistency, r = 4, per-example t on a 50-point grid and a random last hint
 conv (`configs/codi_sr4.py`), unless its name says otherwise. The non-distilled conditional model is the
 committed `{args.baseline}` ({baseline.step} steps of the plain diffusion loss with the same adapter,
-`configs/finetune_sr4.py`; adapter only, backbone frozen, like PE-CoDi); CM-II starts from it.
+`configs/finetune_sr4.py`; adapter only, backbone frozen, like PE-CoDi); CM-II starts from it
+(so it has trained {baseline.step} + {args.steps} steps in all, CoDi {args.steps}) and distils it with
+x-space consistency and r = 0 (`configs/cm2_sr4.py`).
 Distilled models sample on their training grid and re-noise between steps (`codi.renoise`, the
 measured default); "DDIM moves" rows move deterministically instead. Held-out set: {len(examples["image"])} patches of
 photographs never seen in training, one fixed degradation and noise seed for every row.

@@ -141,7 +141,7 @@ def sample_all(
     outputs, elapsed = [], 0.0
     for start in range(0, len(cond), batch_size):
         sl = slice(start, start + batch_size)
-        renoise_rng = jax.random.fold_in(jax.random.PRNGKey(seed + 1), start) if renoise else None
+        renoise_rng = recipes.renoise_key(pre.config, seed, start, renoise)
         args = (pre.params, cond[sl], None if instruction is None else instruction[sl], noise[sl], times, renoise_rng)
         if start == 0:
             jax.block_until_ready(sampler(*args))  # compile + warm-up, not timed

@@ -68,8 +68,6 @@ def sample_conditional(
     """Samples in [-1, 1] for each condition; the noise of example i depends only on (seed, i).
 
     ``stochastic``: re-noise between steps; None takes the run's default (CoDi: ``codi.renoise``)."""
-    if stochastic is None:
-        stochastic = recipes.renoise_between_steps(pre.config)
     times = jnp.asarray(recipes.sample_times(pre.config, steps))  # raises if steps > grid
     sampler = recipes.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization)
     rng = jax.random.PRNGKey(seed)
@@ -78,7 +76,7 @@ def sample_conditional(
     for start in range(0, len(cond), batch_size):
         stop = min(start + batch_size, len(cond))
         noise = jnp.stack([jax.random.normal(jax.random.fold_in(rng, i), shape) for i in range(start, stop)])
-        renoise = jax.random.fold_in(jax.random.PRNGKey(seed + 1), start) if stochastic else None
+        renoise = recipes.renoise_key(pre.config, seed, start, stochastic)
         batch_instruction = None if instruction is None else jnp.asarray(instruction[start:stop])
         out.append(
             np.asarray(sampler(pre.params, jnp.asarray(cond[start:stop]), batch_instruction, noise, times, renoise))

@@ -184,9 +184,12 @@ def renoise_between_steps(config: ml_collections.ConfigDict) -> bool:
     return bool(config.codi.get("renoise", codi.default_codi_config().renoise))
 
 
-def renoise_key(config: ml_collections.ConfigDict, seed: int, batch_start: int = 0) -> jax.Array | None:
-    """The re-noising key of the batch starting at ``batch_start``, or None for DDIM moves."""
-    if not renoise_between_steps(config):
+def renoise_key(
+    config: ml_collections.ConfigDict, seed: int, batch_start: int = 0, renoise: bool | None = None
+) -> jax.Array | None:
+    """The re-noising key of the batch starting at ``batch_start``, or None for DDIM moves;
+    ``renoise`` None takes the run's default (``renoise_between_steps``)."""
+    if not (renoise_between_steps(config) if renoise is None else renoise):
         return None
     return jax.random.fold_in(jax.random.PRNGKey(seed + 1), batch_start)
 
