@@ -128,10 +128,11 @@ def sample_all(
 ) -> tuple[np.ndarray, float]:
     """Samples for every example and the mean wall time per image (ms, after warm-up).
 
-    ``renoise``: re-noise between DDIM steps; None takes the run's own default (CoDi: ``codi.renoise``).
+    ``renoise``: re-noise between DDIM steps; None takes the run's own default (CoDi: ``codi.renoise``)
+    for the DDIM solver and no re-noising for the others.
     """
     if renoise is None:
-        renoise = recipes.renoise_between_steps(pre.config)
+        renoise = solver == "ddim" and recipes.renoise_between_steps(pre.config)
     if renoise and solver != "ddim":
         raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
     times = jnp.asarray(recipes.sample_times(pre.config, num_steps) if times is None else times)
@@ -243,7 +244,7 @@ def evaluate_runs(
             seed=seed,
             batch_size=batch_size,
             solver=solver,
-            renoise=None if solver != "ddim" else renoise,
+            renoise=renoise,
             weights=weights,
         )
     return rows

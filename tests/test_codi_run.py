@@ -154,6 +154,11 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
     ddim = evaluation.evaluate_runs([("a", codi_dir)], (1, 2), num_eval=5, batch_size=4, renoise=False)
     np.testing.assert_array_equal(ddim[0].samples, rows[0].samples)
     assert not np.allclose(ddim[1].samples, rows[1].samples)
+    # Another solver does not inherit CoDi's re-noising default; asking for both is an error.
+    dpm = evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++")
+    assert dpm[0].samples.shape == targets.shape
+    with pytest.raises(ValueError, match="needs solver='ddim'"):
+        evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++", renoise=True)
     table = evaluation.markdown_table(rows)
     assert "FID" not in table and table.count("\n") == 5
     rows[0].extra = {"fid": 12.3456}
