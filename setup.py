@@ -30,6 +30,7 @@ TEST_REQUIRES = [
 REFERENCE_REQUIRES = [
     "torch==2.13.0",
     "diffusers==0.42.*",
+    "transformers==5.*",
     "safetensors",
 ]
 

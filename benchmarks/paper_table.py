@@ -256,7 +256,7 @@ def main(argv=None) -> None:
     import numpy as np
     from PIL import Image
 
-    from codi_jax import evaluation, recipes, sampling
+    from codi_jax import evaluation, sampling
     from codi_jax.pretrained import load_conditional
 
     eval_start = time.perf_counter()
@@ -279,7 +279,7 @@ def main(argv=None) -> None:
 
     # Grid: condition | full CoDi 1 | PE-CoDi 4 | full CoDi 4 | CM-II 4 | fine-tune DDIM 4 / 50 | target.
     n = min(args.grid_rows, args.num_eval)
-    columns = [recipes.cond_to_rgb(examples["cond"][:n])]
+    columns = [sampling.cond_to_rgb(examples["cond"][:n])]
     titles = ["condition"]
     for method, steps, title in (
         (labels.get("full"), 1, "full CoDi 1"),

@@ -4,8 +4,9 @@ Its parameter tree is ``{"backbone", "adapter"}`` plus ``"lora"`` (LoRA factors,
 ``adapter.lora_rank > 0``) and ``"initial"`` (a frozen copy of the initial adapted model, only for
 the frozen-teacher predictor: the pre-trained backbone with its zero-output adapter, i.e. the
 unconditional model, or a fine-tuned conditional model for two-stage consistency distillation).
-Which sub-trees train is data (``trainable_labels``), used by ``optax.multi_transform``: frozen
-parameters get zero updates and no optimizer moments, and XLA drops their unused gradients.
+Which sub-trees train is data (``is_trained``); ``split`` separates the trained sub-trees (the
+train state's ``params``: differentiated, in Adam, EMA'd) from the frozen ones (its ``frozen``:
+held once). When the backbone is frozen, ``initial`` holds no second copy of it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from codi_jax.models import adapters, lora
 from codi_jax.models.unet import UNet
@@ -48,10 +48,12 @@ class AdaptedModel:
         return self.with_initial(params)
 
     def with_initial(self, params: dict) -> dict:
-        """``params`` plus, when ``keep_initial``, a frozen copy of them as the ``initial`` model."""
+        """``params`` plus, when ``keep_initial``, a frozen copy of them as the ``initial`` model
+        (without the backbone when it is frozen: ``apply_initial`` then shares the one copy)."""
         params = {key: sub for key, sub in params.items() if key != "initial"}
         if self.keep_initial:
-            params["initial"] = jax.tree.map(jnp.copy, params)
+            copied = {key: sub for key, sub in params.items() if key != "backbone" or self.train_backbone}
+            params["initial"] = jax.tree.map(jnp.copy, copied)
         return params
 
     def module_params(self, params: dict) -> dict:
@@ -81,22 +83,18 @@ class AdaptedModel:
         """The frozen initial model, for the ``teacher`` predictor (see the module docstring)."""
         if "initial" not in params:
             raise ValueError("apply_initial needs the 'initial' parameters (built with keep_initial=True).")
-        return self.apply(params["initial"], z_t, model_t, cond, instruction)
+        initial = {"backbone": params["backbone"], **params["initial"]}
+        return self.apply(initial, z_t, model_t, cond, instruction)
 
     def is_trained(self, key: str) -> bool:
         """Whether the top-level sub-tree ``key`` trains."""
         return {"backbone": self.train_backbone, "adapter": True, "lora": True, "initial": False}[key]
 
-    def trainable_labels(self, params: dict) -> dict:
-        """``'train'`` / ``'freeze'`` for every leaf, by top-level sub-tree."""
-        labels = {}
-        for key, sub in params.items():
-            label = "train" if self.is_trained(key) else "freeze"
-            labels[key] = jax.tree.map(lambda _, label=label: label, sub)
-        return labels
-
-    def optimizer(self, base: optax.GradientTransformation) -> optax.GradientTransformation:
-        return optax.multi_transform({"train": base, "freeze": optax.set_to_zero()}, self.trainable_labels)
+    def split(self, params: dict) -> tuple[dict, dict]:
+        """``(trained, frozen)``: the top-level sub-trees that train and those that never change."""
+        trained = {key: sub for key, sub in params.items() if self.is_trained(key)}
+        frozen = {key: sub for key, sub in params.items() if not self.is_trained(key)}
+        return trained, frozen
 
 
 def build_adapted_model(
@@ -124,5 +122,4 @@ def count_params(tree: Any) -> int:
 
 
 def trainable_param_count(model: AdaptedModel, params: dict) -> int:
-    labels = model.trainable_labels(params)
-    return int(sum(x.size for x, label in zip(jax.tree.leaves(params), jax.tree.leaves(labels)) if label == "train"))
+    return count_params(model.split(params)[0])

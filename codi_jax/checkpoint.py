@@ -9,7 +9,6 @@ silent partial load.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -17,34 +16,13 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint import checkpoint_managers
+
+from codi_jax import config_diff
 
 # Config sections that fix the parameter tree (and so must match to restore a state).
 ARCHITECTURE_SECTIONS = ("model", "adapter", "task.name")
-
-
-def _config_dict(config: ml_collections.ConfigDict | Mapping) -> dict:
-    if isinstance(config, ml_collections.ConfigDict):
-        return json.loads(config.to_json_best_effort())
-    return json.loads(json.dumps(config, default=str))
-
-
-def config_differences(saved: Mapping, current: Mapping, sections=ARCHITECTURE_SECTIONS) -> list[str]:
-    """``section.field: saved -> current`` for every architecture field that differs.
-
-    ``sections`` names whole config sections or single ``section.field`` entries."""
-    diffs = []
-    for entry in sections:
-        section, _, field = entry.partition(".")
-        a, b = dict(saved.get(section) or {}), dict(current.get(section) or {})
-        keys = [field] if field else sorted(set(a) | set(b))
-        for key in keys:
-            va, vb = a.get(key), b.get(key)
-            if isinstance(va, list | tuple) and isinstance(vb, list | tuple):
-                va, vb = list(va), list(vb)
-            if va != vb:
-                diffs.append(f"{section}.{key}: {va!r} (checkpoint) vs {vb!r} (config)")
-    return diffs
 
 
 class Checkpointer:
@@ -85,7 +63,9 @@ class Checkpointer:
         """Saves if the policy says so (or ``force``); returns whether a save started."""
         return self.manager.save(
             step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(_config_dict(config))),
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeSave(state), config=ocp.args.JsonSave(config_diff.as_dict(config))
+            ),
             force=force,
         )
 
@@ -96,26 +76,41 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return dict(restored["config"])
 
-    def restore(
-        self, abstract_state: Any, config: ml_collections.ConfigDict | Mapping | None = None, step: int | None = None
-    ) -> Any:
-        """Restores ``state`` at ``step`` (default latest) into ``abstract_state``'s shapes and shardings.
+    def saved_tree(self, step: int) -> Mapping[str, Any]:
+        """The saved state's tree of array metadata (shapes, dtypes) at ``step``, read from disk."""
+        return ocp.PyTreeCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / "state")
 
-        If ``config`` is given, its architecture sections must equal the saved ones.
+    def restore(
+        self,
+        abstract_state: Any,
+        config: ml_collections.ConfigDict | Mapping | None = None,
+        step: int | None = None,
+        *,
+        partial: bool = False,
+    ) -> Any:
+        """Restores the state at ``step`` (default latest) into ``abstract_state``'s shapes and shardings.
+
+        The one restore of this codebase: every array is read straight into its target sharding
+        (``jax.ShapeDtypeStruct(..., sharding=...)`` leaves), so a checkpoint written on one
+        topology restores on another and nothing passes through a single device. ``partial``
+        restores only the sub-trees ``abstract_state`` names (a dict keyed like the saved state,
+        e.g. ``{"ema_params": ...}``). If ``config`` is given, its architecture sections must equal
+        the saved ones.
         """
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         if config is not None:
-            diffs = config_differences(self.restore_config(step), _config_dict(config))
+            diffs = config_diff.differences(self.restore_config(step), config, ARCHITECTURE_SECTIONS)
             if diffs:
                 raise ValueError(
                     f"Checkpoint {self.directory} (step {step}) was written by a different model config:\n  "
                     + "\n  ".join(diffs)
                     + "\nUse a fresh --workdir, or the config that wrote it."
                 )
-        restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-        return restored["state"]
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=partial)
+        return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -26,7 +26,7 @@ import optax
 
 from codi_jax import diffusion
 from codi_jax.adapted import AdaptedModel
-from codi_jax.train_state import TrainState, apply_gradients
+from codi_jax.train_state import TrainState, apply_gradients, model_params
 
 PREDICTORS = ("prev", "ddim", "teacher")
 CONSISTENCY_SPACES = ("eps", "x")
@@ -166,7 +166,8 @@ def train_step(
     config: ml_collections.ConfigDict,
     objective: str = "codi",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One CoDi (``objective='codi'``) or fine-tune update; the EMA params are CoDi's target network.
+    """One CoDi (``objective='codi'``) or fine-tune update; the EMA params (with the frozen weights)
+    are CoDi's target network.
 
     Pure: bind the keyword arguments (modules, schedule, config: no arrays) with
     ``functools.partial`` and jit; sharding is applied by the caller.
@@ -174,13 +175,12 @@ def train_step(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}; valid: {OBJECTIVES}.")
     loss_fn = codi_loss if objective == "codi" else finetune_loss
-    trained = {key: sub for key, sub in state.params.items() if model.is_trained(key)}
-    frozen = {key: sub for key, sub in state.params.items() if not model.is_trained(key)}
+    target_params = model_params(state, ema=True)
 
     def loss_of_trained(trained_params):
         return loss_fn(
-            {**frozen, **trained_params},
-            state.ema_params,
+            {**state.frozen, **trained_params},
+            target_params,
             batch,
             rng,
             model=model,
@@ -189,9 +189,8 @@ def train_step(
             config=config,
         )
 
-    # Differentiate the trained sub-trees only: no weight gradients are built for frozen ones.
-    (loss, aux), trained_grads = jax.value_and_grad(loss_of_trained, has_aux=True)(trained)
-    grads = {**jax.tree.map(jnp.zeros_like, frozen), **trained_grads}
+    # Only the trained sub-trees are differentiated; the frozen ones are data (``state.frozen``).
+    (loss, aux), grads = jax.value_and_grad(loss_of_trained, has_aux=True)(state.params)
     new_state, skipped = apply_gradients(state, grads, optimizer, ema_decay, ema_warmup)
-    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(trained_grads), "skipped_nonfinite": skipped}
+    metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "skipped_nonfinite": skipped}
     return new_state, metrics

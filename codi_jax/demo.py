@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags, logging
 from PIL import Image
 
-from codi_jax import evaluation, recipes, sampling, train_loop
+from codi_jax import evaluation, sampling, train_loop
 from codi_jax.pretrained import load_conditional
 
 FLAGS = flags.FLAGS
@@ -131,7 +131,7 @@ def run_demo(
     by_key = {(r.method, r.steps): r.samples for r in rows}
     n = min(grid_rows, len(bicubic))
     columns = [
-        recipes.cond_to_rgb(bicubic[:n]),
+        sampling.cond_to_rgb(bicubic[:n]),
         by_key[(codi_name, 1)][:n],
         by_key[(codi_name, 4)][:n],
         by_key[("conditional, not distilled (DDIM)", 50)][:n],

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from codi_jax import adapted, few_step, metrics, recipes
+from codi_jax import adapted, few_step, inference, metrics
 from codi_jax.data import pipeline, tasks
-from codi_jax.pretrained import ConditionalPretrained, load_conditional
+from codi_jax.pretrained import Pretrained, load_conditional
 
 
 @dataclasses.dataclass
@@ -116,7 +116,7 @@ def swd(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def sample_all(
-    pre: ConditionalPretrained,
+    pre: Pretrained,
     examples: dict[str, np.ndarray],
     num_steps: int,
     *,
@@ -132,17 +132,17 @@ def sample_all(
     for the DDIM solver and no re-noising for the others.
     """
     if renoise is None:
-        renoise = solver == "ddim" and recipes.renoise_between_steps(pre.config)
+        renoise = solver == "ddim" and inference.renoise_between_steps(pre.config)
     if renoise and solver != "ddim":
         raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
-    times = jnp.asarray(recipes.sample_times(pre.config, num_steps) if times is None else times)
-    sampler = recipes.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver)
+    times = jnp.asarray(inference.sample_times(pre.config, num_steps) if times is None else times)
+    sampler = inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver)
     cond, instruction = examples["cond"], examples.get("instruction")
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), examples["image"].shape, jnp.float32))
     outputs, elapsed = [], 0.0
     for start in range(0, len(cond), batch_size):
         sl = slice(start, start + batch_size)
-        renoise_rng = recipes.renoise_key(pre.config, seed, start, renoise)
+        renoise_rng = inference.renoise_key(pre.config, seed, start, renoise)
         args = (pre.params, cond[sl], None if instruction is None else instruction[sl], noise[sl], times, renoise_rng)
         if start == 0:
             jax.block_until_ready(sampler(*args))  # compile + warm-up, not timed
@@ -153,7 +153,7 @@ def sample_all(
 
 
 def evaluate_checkpoint(
-    pre: ConditionalPretrained,
+    pre: Pretrained,
     examples: dict[str, np.ndarray],
     step_counts: tuple[int, ...],
     method: str,

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from codi_jax import recipes, sampling
+from codi_jax import inference, sampling
 from codi_jax.data import pipeline, tasks
-from codi_jax.pretrained import ConditionalPretrained, load_conditional
+from codi_jax.pretrained import Pretrained, load_conditional
 
 
 def load_images(path: str, size: int) -> tuple[list[str], np.ndarray]:
@@ -56,7 +56,7 @@ def conditions_from_images(task_config, images: np.ndarray) -> np.ndarray:
 
 
 def sample_conditional(
-    pre: ConditionalPretrained,
+    pre: Pretrained,
     cond: np.ndarray,
     instruction: np.ndarray | None,
     *,
@@ -68,15 +68,15 @@ def sample_conditional(
     """Samples in [-1, 1] for each condition; the noise of example i depends only on (seed, i).
 
     ``stochastic``: re-noise between steps; None takes the run's default (CoDi: ``codi.renoise``)."""
-    times = jnp.asarray(recipes.sample_times(pre.config, steps))  # raises if steps > grid
-    sampler = recipes.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization)
+    times = jnp.asarray(inference.sample_times(pre.config, steps))  # raises if steps > grid
+    sampler = inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization)
     rng = jax.random.PRNGKey(seed)
     shape = cond.shape[1:3] + (pre.model.backbone.out_channels,)
     out = []
     for start in range(0, len(cond), batch_size):
         stop = min(start + batch_size, len(cond))
         noise = jnp.stack([jax.random.normal(jax.random.fold_in(rng, i), shape) for i in range(start, stop)])
-        renoise = recipes.renoise_key(pre.config, seed, start, stochastic)
+        renoise = inference.renoise_key(pre.config, seed, start, stochastic)
         batch_instruction = None if instruction is None else jnp.asarray(instruction[start:stop])
         out.append(
             np.asarray(sampler(pre.params, jnp.asarray(cond[start:stop]), batch_instruction, noise, times, renoise))
@@ -136,5 +136,5 @@ def run(
     samples = sample_conditional(
         pre, cond, instructions, steps=steps, seed=seed, stochastic=stochastic, batch_size=batch_size
     )
-    columns = [recipes.cond_to_rgb(cond), samples] + ([target] if target is not None else [])
+    columns = [sampling.cond_to_rgb(cond), samples] + ([target] if target is not None else [])
     return write_outputs(out_dir, names, columns)

@@ -1,28 +1,34 @@
-"""Restoring trained models from a workdir for sampling, evaluation or as CoDi's starting point.
+"""Restoring trained weights from a workdir: a teacher, a conditional run's start, or a model to sample.
 
 A workdir holds ``checkpoints/<step>/{state,config}`` written by the training loop; the saved
-config rebuilds the model, so callers need only the path.
+config rebuilds the model, so callers need only the path. Every restore goes through
+``checkpoint.Checkpointer.restore`` with an abstract tree carrying the target shardings and asks
+only for the sub-trees it needs (e.g. the EMA params, never the optimizer state), so weights
+are read straight into their shards on any mesh, whatever topology wrote them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import ml_collections
 
-from codi_jax import checkpoint, diffusion
-from codi_jax.models.unet import UNet, unet_from_config
-from codi_jax.train_state import create_train_state, make_optimizer
+from codi_jax import checkpoint, diffusion, networks, sharding
 
 
 @dataclasses.dataclass
 class Pretrained:
-    """A restored model: module, schedule, parametrization, parameters and where they came from."""
+    """A restored model: module, schedule, parametrization, parameters and where they came from.
 
-    model: UNet
+    ``model`` is the teacher's ``UNet`` (``method='teacher'``) or an ``adapted.AdaptedModel``; its
+    ``params`` are the full tree it applies (frozen weights merged with the trained / EMA ones).
+    """
+
+    model: Any
     schedule: diffusion.Schedule
     parametrization: diffusion.Parametrization
     params: Any
@@ -35,97 +41,92 @@ def checkpoint_dir(workdir: str) -> str:
     return os.path.join(workdir, "checkpoints")
 
 
-def load_pretrained(workdir: str, *, step: int | None = None, use_ema: bool = True) -> Pretrained:
-    """Restores the (EMA) parameters of the latest (or given) checkpoint in ``workdir``."""
+def _open(workdir: str, step: int | None, what: str) -> tuple[checkpoint.Checkpointer, int]:
     directory = checkpoint_dir(workdir)
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"No checkpoints directory at {directory} (is --workdir a training workdir?).")
+        raise FileNotFoundError(f"{what}={workdir}: no checkpoints directory at {directory} (not a training workdir).")
     ckpt = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
+    steps = ckpt.all_steps()
     step = ckpt.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"No checkpoint steps in {directory}.")
-    if step not in ckpt.all_steps():
-        raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; available: {ckpt.all_steps()}.")
-    config = ml_collections.ConfigDict(ckpt.restore_config(step))
-    model = unet_from_config(config.model)
-    schedule = diffusion.schedule_from_config(config.schedule)
-    optimizer = make_optimizer(config.optimizer)
-    size = config.data.image_size
-
-    def init_state():
-        sample = jax.numpy.zeros((1, size, size, config.model.in_channels))
-        params = model.init(jax.random.PRNGKey(0), sample, jax.numpy.zeros((1,)))["params"]
-        return create_train_state(params, optimizer, jax.random.PRNGKey(0))
-
-    abstract = jax.eval_shape(init_state)
-    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    state = ckpt.restore(abstract, step=step)
-    ckpt.close()
-    return Pretrained(
-        model=model,
-        schedule=schedule,
-        parametrization=config.model.parametrization,
-        params=state.ema_params if use_ema else state.params,
-        config=config,
-        step=step,
-        path=workdir,
-    )
+    if step is None or step not in steps:
+        ckpt.close()
+        raise FileNotFoundError(f"{what}={workdir}: no checkpoint for step {step} in {directory}; available: {steps}.")
+    return ckpt, step
 
 
-@dataclasses.dataclass
-class ConditionalPretrained:
-    """A restored CoDi / fine-tuned conditional model."""
-
-    model: Any  # codi_jax.adapted.AdaptedModel
-    schedule: diffusion.Schedule
-    parametrization: diffusion.Parametrization
-    params: Any
-    config: ml_collections.ConfigDict
-    step: int
-    path: str
+def read_config(workdir: str, step: int | None = None, what: str = "workdir") -> tuple[ml_collections.ConfigDict, int]:
+    """The config a workdir's checkpoint was written with, and that checkpoint's step (no weights read)."""
+    ckpt, step = _open(workdir, step, what)
+    try:
+        return ml_collections.ConfigDict(ckpt.restore_config(step)), step
+    finally:
+        ckpt.close()
 
 
-def load_conditional(workdir: str, *, step: int | None = None, use_ema: bool = True) -> ConditionalPretrained:
-    """Restores a ``codi`` / ``finetune`` run's (EMA) parameters; the saved config rebuilds the model
-    (the teacher checkpoint is not needed: the backbone is part of the saved state)."""
-    from codi_jax import recipes  # recipes imports this module
-    from codi_jax.data import tasks
+def _request(saved: Mapping[str, Any], abstract_params: Mapping[str, Any], use_ema: bool, where: str) -> dict:
+    """Which saved field each top-level entry of ``abstract_params`` is read from.
 
-    directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"No checkpoints directory at {directory} (is --workdir a training workdir?).")
-    ckpt = checkpoint.Checkpointer(directory, read_only=True, async_save=False)
-    step = ckpt.latest_step() if step is None else step
-    if step is None or step not in ckpt.all_steps():
-        raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; available: {ckpt.all_steps()}.")
-    config = ml_collections.ConfigDict(ckpt.restore_config(step))
+    Trained entries come from ``ema_params`` (or ``params``), frozen ones from ``frozen``. Runs
+    written before frozen weights left the trained state keep everything in ``params`` /
+    ``ema_params``, so those are looked in as well."""
+    order = ("ema_params", "frozen", "params") if use_ema else ("params", "frozen", "ema_params")
+    request: dict[str, dict] = {}
+    for key, sub in abstract_params.items():
+        field = next((f for f in order if key in (saved.get(f) or {})), None)
+        if field is None:
+            raise ValueError(f"{where} holds no parameters {key!r}; it has {sorted(saved.get('params') or {})}.")
+        request.setdefault(field, {})[key] = sub
+    return request
+
+
+def restore_params(
+    workdir: str, abstract_params: Any, *, step: int | None = None, use_ema: bool = True, what: str = "workdir"
+) -> tuple[Any, int]:
+    """The (EMA) parameters of ``workdir``'s latest (or given) checkpoint, read into the shapes and
+    shardings of ``abstract_params`` (a dict of ``jax.ShapeDtypeStruct`` with ``sharding``): the
+    teacher (its UNet params), a conditional run's start, or a model to sample. Returns
+    ``(params, step)``."""
+    ckpt, step = _open(workdir, step, what)
+    try:
+        where = f"{what}={workdir} (step {step})"
+        request = _request(ckpt.saved_tree(step), abstract_params, use_ema, where)
+        restored = ckpt.restore(request, step=step, partial=True)
+    finally:
+        ckpt.close()
+    merged = {key: sub for field in request for key, sub in restored[field].items()}
+    return {key: merged[key] for key in abstract_params}, step
+
+
+def load(
+    workdir: str,
+    *,
+    step: int | None = None,
+    use_ema: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
+    conditional: bool | None = None,
+) -> Pretrained:
+    """The model a workdir's saved config describes with its (EMA) parameters, replicated on
+    ``mesh`` (default: the first local device). ``conditional`` True / False requires a
+    codi / finetune run or a teacher run."""
+    config, step = read_config(workdir, step)
     method = config.get("method", "teacher")
-    if method not in ("codi", "finetune"):
-        raise ValueError(f"{workdir} holds a {method!r} run, not a conditional (codi / finetune) one.")
-    model, schedule = recipes.build_conditional(config)
-    optimizer = model.optimizer(make_optimizer(config.optimizer))
-    size = config.data.image_size
-    cond = jax.numpy.zeros((1, size, size, tasks.cond_channels(config.task)))
-    instruction = jax.numpy.zeros((1,), jax.numpy.int32) if tasks.num_instructions(config.task) else None
+    if conditional is not None and networks.is_conditional(config) != conditional:
+        wanted = "a conditional (codi / finetune)" if conditional else "an unconditional teacher"
+        raise ValueError(f"{workdir} holds a {method!r} run, not {wanted} one.")
+    if networks.is_conditional(config):
+        model, schedule = networks.build_conditional(config)
+    else:
+        model, schedule = networks.build_teacher(config)
+    mesh = mesh or sharding.make_mesh(devices=jax.local_devices()[:1])
+    shapes = networks.param_shapes(config)
+    abstract = checkpoint.abstract_like(shapes, sharding.tree_shardings(shapes, mesh))
+    params, step = restore_params(workdir, abstract, step=step, use_ema=use_ema)
+    return Pretrained(model, schedule, config.model.parametrization, params, config, step, workdir)
 
-    def init_state():
-        sample = jax.numpy.zeros((1, size, size, model.backbone.in_channels))
-        backbone = model.backbone.init(jax.random.PRNGKey(0), sample, jax.numpy.zeros((1,)))["params"]
-        params = model.init(jax.random.PRNGKey(0), backbone, cond, instruction)
-        return create_train_state(params, optimizer, jax.random.PRNGKey(0))
 
-    abstract = jax.eval_shape(init_state)
-    replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), abstract)
-    state = ckpt.restore(abstract, step=step)
-    ckpt.close()
-    return ConditionalPretrained(
-        model=model,
-        schedule=schedule,
-        parametrization=config.model.parametrization,
-        params=state.ema_params if use_ema else state.params,
-        config=config,
-        step=step,
-        path=workdir,
-    )
+def load_teacher(workdir: str, **kwargs: Any) -> Pretrained:
+    return load(workdir, conditional=False, **kwargs)
+
+
+def load_conditional(workdir: str, **kwargs: Any) -> Pretrained:
+    return load(workdir, conditional=True, **kwargs)

@@ -16,7 +16,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from codi_jax import sampling
-from codi_jax.pretrained import load_pretrained
+from codi_jax.pretrained import load_teacher
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
@@ -41,7 +41,7 @@ def sample_images(
     use_ema: bool = True,
 ) -> np.ndarray:
     """``num_images`` samples in [-1, 1] (NHWC float32) from ``workdir``'s checkpoint."""
-    pre = load_pretrained(workdir, step=step, use_ema=use_ema)
+    pre = load_teacher(workdir, step=step, use_ema=use_ema)
     size = pre.config.data.image_size
     channels = pre.config.model.out_channels
     times = sampling.uniform_times(steps)

@@ -66,6 +66,12 @@ def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def cond_to_rgb(cond: np.ndarray) -> np.ndarray:
+    """A viewable 3-channel picture of a condition (first 3 channels, or gray replicated)."""
+    cond = np.asarray(cond, np.float32)
+    return cond[..., :3] if cond.shape[-1] >= 3 else np.repeat(cond[..., :1], 3, axis=-1)
+
+
 def make_grid(images: np.ndarray, columns: int | None = None, pad: int = 1) -> np.ndarray:
     """Tiles NHWC images into one HWC image, ``columns`` per row (default: square-ish)."""
     images = np.asarray(images)

@@ -1,15 +1,18 @@
 """The training loop for every method (teacher, CoDi, fine-tune): ``train_and_evaluate``.
 
-Order of events: mesh -> recipe (model, optimizer, pure step; see ``recipes``) -> state
-created straight into its shardings -> resume from the workdir's latest checkpoint if there is
-one -> data stream advanced to the resumed step -> jitted pure train step in a loop with
-progress, TensorBoard scalars, sample grids (and quick eval scalars) and checkpoints.
+Order of events: config resolved -> ``(data, fsdp)`` mesh -> recipe (model, optimizer, pure
+step; see ``recipes``) -> state restored from the workdir's latest checkpoint, else created by a
+jitted init straight into its shardings (the teacher's weights restored into their shards
+first) -> this process's data stream advanced to the resumed step -> jitted pure train step in
+a loop with progress, TensorBoard scalars, sample grids (and quick eval scalars) and checkpoints.
+Every process runs the loop; only process 0 writes logs, images and summaries.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -18,46 +21,86 @@ import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from codi_jax import checkpoint, diffusion, recipes, sharding
+from codi_jax import checkpoint, config_resolution, diffusion, networks, recipes, sharding
 from codi_jax.data import pipeline
-from codi_jax.models.unet import UNet, unet_from_config
+from codi_jax.models.unet import UNet
 from codi_jax.train_state import TrainState
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[UNet, diffusion.Schedule]:
     """The teacher's UNet and schedule from its config."""
-    return unet_from_config(config.model), diffusion.schedule_from_config(config.schedule)
+    return networks.build_teacher(config)
 
 
-def create_sharded_state(recipe: recipes.Recipe, mesh: jax.sharding.Mesh, sharding_rules=()) -> tuple[TrainState, Any]:
-    """Initial state created by a jitted init directly into its shardings (no host copy)."""
-    abstract_state = jax.eval_shape(recipe.init_state, recipe.init_inputs)
-    state_shardings = sharding.tree_shardings(abstract_state, mesh, sharding_rules)
+def state_shardings(recipe: recipes.Recipe, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> Any:
+    """``(abstract state, its shardings)`` from the config's sharding rules; nothing is allocated."""
+    rules, min_size = sharding.rules_from_config(config)
+    abstract = jax.eval_shape(recipe.init_state, recipe.init_shapes)
+    return abstract, sharding.tree_shardings(abstract, mesh, rules, min_size)
+
+
+def create_sharded_state(
+    recipe: recipes.Recipe, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict
+) -> tuple[TrainState, Any]:
+    """Initial state created by a jitted init directly into its shardings; pre-trained inputs
+    (the teacher's EMA params) are restored straight into their shards first."""
+    _, shardings = state_shardings(recipe, mesh, config)
+    rules, min_size = sharding.rules_from_config(config)
+    input_shardings = sharding.tree_shardings(recipe.init_shapes, mesh, rules, min_size)
+    inputs = recipe.load_init_inputs(input_shardings)
     # Initialisation runs once: compile it without LLVM optimisation (threefry-heavy init graphs
     # otherwise take ~4x longer to compile on XLA:CPU than they take to run).
     init_fn = (
-        jax.jit(recipe.init_state, out_shardings=state_shardings)
-        .lower(recipe.init_inputs)
+        jax.jit(recipe.init_state, in_shardings=(input_shardings,), out_shardings=shardings)
+        .lower(inputs)
         .compile(compiler_options={"xla_backend_optimization_level": 0})
     )
-    return init_fn(recipe.init_inputs), state_shardings
+    return init_fn(inputs), shardings
+
+
+def local_batches(config: ml_collections.ConfigDict, task_config, start_step: int) -> Iterator[dict]:
+    """This process's share of every global batch from ``start_step`` on."""
+    dataset = pipeline.build_dataset(
+        config.data,
+        config.data.train_split,
+        config.batch_size,
+        seed=config.seed,
+        train=True,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        task_config=task_config,
+    )
+    # The stream is a deterministic function of the seed; skipping the batches already consumed
+    # makes a resumed run see exactly the data an uninterrupted one would.
+    return pipeline.numpy_iterator(dataset.skip(start_step))
+
+
+def restore_or_init(
+    recipe: recipes.Recipe, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer
+) -> tuple[TrainState, Any]:
+    """The run's latest checkpoint (pre-trained weights are then not read at all), else a fresh state."""
+    if ckpt.latest_step() is None:
+        return create_sharded_state(recipe, mesh, config)
+    abstract, shardings = state_shardings(recipe, mesh, config)
+    state = ckpt.restore(checkpoint.abstract_like(abstract, shardings), config)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    return state, shardings
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains the unconditional teacher in ``workdir``, resuming from its latest checkpoint."""
-    os.makedirs(workdir, exist_ok=True)
-    mesh = sharding.make_mesh(config.get("num_devices") or None)
+    """Trains ``config.method`` in ``workdir``, resuming from its latest checkpoint; ``config``
+    is resolved first (codi / finetune: the teacher's model and schedule) and left unchanged."""
+    config = config_resolution.resolve(config)
+    mesh = sharding.mesh_from_config(config)
     sharding.check_batch_divisible(config.batch_size, mesh)
-    recipe = recipes.make_recipe(config)  # codi / finetune: loads the teacher, fills config.model
-    state, state_shardings = create_sharded_state(recipe, mesh, config.get("sharding_rules", ()))
+    os.makedirs(workdir, exist_ok=True)
+    recipe = recipes.make_recipe(config, mesh)
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints,
     )
-    if ckpt.latest_step() is not None:
-        state = ckpt.restore(checkpoint.abstract_like(state, state_shardings), config)
-        logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    state, shardings = restore_or_init(recipe, mesh, config, ckpt)
     start_step = int(state.step)
     if start_step >= config.num_train_steps:
         logging.info("Checkpoint step %d >= num_train_steps %d: nothing to do.", start_step, config.num_train_steps)
@@ -68,24 +111,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     repl = sharding.replicated(mesh)
     step_fn = jax.jit(
         recipe.train_step,
-        in_shardings=(state_shardings, batch_sharding, repl),
-        out_shardings=(state_shardings, repl),
+        in_shardings=(shardings, batch_sharding, repl),
+        out_shardings=(shardings, repl),
         donate_argnums=(0,),
     )
-
-    dataset = pipeline.build_dataset(
-        config.data,
-        config.data.train_split,
-        config.batch_size,
-        seed=config.seed,
-        train=True,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-        task_config=recipe.task_config,
-    )
-    # The stream is a deterministic function of the seed; skipping the batches already consumed
-    # makes a resumed run see exactly the data an uninterrupted one would.
-    batches = pipeline.numpy_iterator(dataset.skip(start_step))
+    batches = local_batches(config, recipe.task_config, start_step)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
@@ -94,17 +124,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps
     )
     pending: list[dict[str, jax.Array]] = []
-    logging.info("Training from step %d to %d on %d device(s).", start_step, config.num_train_steps, mesh.size)
+    logging.info(
+        "Training from step %d to %d on a %s mesh (%d process(es)).",
+        start_step,
+        config.num_train_steps,
+        dict(mesh.shape),
+        jax.process_count(),
+    )
     t_last, step_last = time.time(), start_step
     for step in range(start_step + 1, config.num_train_steps + 1):
         batch = pipeline.to_global_batch(next(batches), batch_sharding)
-        step_rng = jax.random.fold_in(state.rng, step - 1)
+        step_rng = jax.random.fold_in(state.rng, step - 1)  # state.rng is replicated
         state, metrics = step_fn(state, batch, step_rng)
         pending.append(metrics)
         progress(step)
 
         if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            summary = {f"train/{k}": float(np.mean([jax.device_get(m[k]) for m in pending])) for k in pending[0]}
+            summary = {f"train/{k}": float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
             pending = []
             now = time.time()
             steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)

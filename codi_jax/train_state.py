@@ -12,10 +12,14 @@ import optax
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a resumed run needs: step, params, EMA params, optimizer state, base RNG.
+    """Everything a resumed run needs: step, trained params, their EMA, optimizer state, base RNG,
+    and the frozen weights.
 
-    ``ema_params`` is the exponential moving average of ``params`` (the teacher's sampling
-    weights; CoDi's target network). ``rng`` is the run's base key: step ``k`` uses
+    ``params`` holds only what trains; ``ema_params`` is its exponential moving average (the
+    teacher's sampling weights; CoDi's target network); ``opt_state`` has moments for it alone.
+    ``frozen`` holds the weights that never change (PE-CoDi's backbone, the teacher predictor's
+    initial model) once: not differentiated, not in Adam, not EMA'd. The model sees
+    ``{**frozen, **params}`` (``model_params``). ``rng`` is the run's base key: step ``k`` uses
     ``fold_in(rng, k)``, so a resumed run draws exactly the numbers an uninterrupted one would.
     """
 
@@ -24,6 +28,13 @@ class TrainState:
     ema_params: Any
     opt_state: Any
     rng: jax.Array
+    frozen: Any = flax.struct.field(default_factory=dict)
+
+
+def model_params(state: TrainState, *, ema: bool) -> Any:
+    """The full parameter tree the model applies: frozen weights plus the trained (or EMA) ones."""
+    trained = state.ema_params if ema else state.params
+    return {**state.frozen, **trained} if state.frozen else trained
 
 
 def make_optimizer(optimizer_config) -> optax.GradientTransformation:
@@ -45,7 +56,9 @@ def make_optimizer(optimizer_config) -> optax.GradientTransformation:
     )
 
 
-def create_train_state(params: Any, optimizer: optax.GradientTransformation, rng: jax.Array) -> TrainState:
+def create_train_state(
+    params: Any, optimizer: optax.GradientTransformation, rng: jax.Array, frozen: Any = None
+) -> TrainState:
     """A fresh state; the EMA starts as a copy of the params (a distinct buffer, safe to donate)."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
@@ -53,6 +66,7 @@ def create_train_state(params: Any, optimizer: optax.GradientTransformation, rng
         ema_params=jax.tree.map(jnp.copy, params),
         opt_state=optimizer.init(params),
         rng=rng,
+        frozen={} if frozen is None else frozen,
     )
 
 

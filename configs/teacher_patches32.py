@@ -6,6 +6,8 @@ v-prediction, cosine schedule.
 
 import ml_collections
 
+from codi_jax import sharding
+
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -61,5 +63,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.sample_every_steps = 1000
     config.sample_steps = 50
     config.num_sample_images = 64
-    config.sharding_rules = ()  # ((regex over param path, partition spec), ...); default replicated
+    # Mesh (data x fsdp) and sharding rules: ((regex over the param path, spec), ...), spec a
+    # PartitionSpec tuple or "fsdp" (split big leaves along fsdp); see codi_jax.sharding.
+    config.sharding = sharding.default_sharding_config()
     return config

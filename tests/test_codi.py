@@ -19,7 +19,7 @@ import pytest
 from codi_jax import adapted, codi, diffusion
 from codi_jax.models import adapters
 from codi_jax.models.unet import UNet
-from codi_jax.train_state import create_train_state, make_optimizer
+from codi_jax.train_state import create_train_state, make_optimizer, model_params
 
 SCHEDULE = diffusion.Schedule("cosine")
 B, S = 8, 4
@@ -215,7 +215,7 @@ def test_pe_codi_train_step_lowers_loss_and_keeps_backbone() -> None:
     optimizer_config = ml_collections.ConfigDict(
         dict(learning_rate=2e-3, warmup_steps=0, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
     )
-    optimizer = model.optimizer(make_optimizer(optimizer_config))
+    optimizer = make_optimizer(optimizer_config)
     config = codi.default_codi_config()
     rng = np.random.default_rng(0)
     hr = np.repeat(np.repeat(rng.uniform(-1, 1, (8, 4, 4, 3)), 4, 1), 4, 2).astype(np.float32)
@@ -224,7 +224,8 @@ def test_pe_codi_train_step_lowers_loss_and_keeps_backbone() -> None:
     @jax.jit
     def init(backbone_params):
         params = model.init(jax.random.PRNGKey(1), backbone_params, jnp.zeros((1, 16, 16, 3)), None)
-        return create_train_state(params, optimizer, jax.random.PRNGKey(2))
+        trained, frozen = model.split(params)
+        return create_train_state(trained, optimizer, jax.random.PRNGKey(2), frozen)
 
     state = init(backbone_params)
     step = jax.jit(
@@ -244,14 +245,15 @@ def test_pe_codi_train_step_lowers_loss_and_keeps_backbone() -> None:
             p, p, batch, jax.random.PRNGKey(99), model=model, schedule=SCHEDULE, parametrization="v", config=config
         )[1]["guidance"]
     )
-    before = float(eval_loss(state.params))
+    assert sorted(state.params) == ["adapter"] and sorted(state.frozen) == ["backbone"]
+    before = float(eval_loss(model_params(state, ema=False)))
     start = state
     for i in range(12):
         state, metrics = step(state, batch, jax.random.PRNGKey(i))
     assert float(metrics["skipped_nonfinite"]) == 0.0
-    after = float(eval_loss(state.params))
+    after = float(eval_loss(model_params(state, ema=False)))
     assert after < 0.9 * before, (before, after)
-    for a, b in zip(jax.tree.leaves(start.params["backbone"]), jax.tree.leaves(state.params["backbone"])):
+    for a, b in zip(jax.tree.leaves(start.frozen["backbone"]), jax.tree.leaves(state.frozen["backbone"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     changed = [
         not np.array_equal(np.asarray(a), np.asarray(b))

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax import evaluation, few_step, metrics, pretrained, train_loop
+from codi_jax import checkpoint, evaluation, few_step, metrics, networks, pretrained, train_loop
 from configs import tiny_codi, tiny_teacher
+
+REPLICATED = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +52,7 @@ def test_codi_run_resumes_exactly_and_samples(teacher_dir, tmp_path) -> None:
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6)
     # PE-CoDi: the backbone in the run's checkpoint is the teacher's EMA backbone, untouched.
-    teacher = pretrained.load_pretrained(teacher_dir)
+    teacher = pretrained.load_teacher(teacher_dir)
     for x, y in zip(jax.tree.leaves(a["backbone"]), jax.tree.leaves(teacher.params)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert os.path.exists(os.path.join(straight, "samples", "step_0000004.png"))
@@ -106,7 +108,7 @@ def test_conditional_errors(teacher_dir, codi_dir, tmp_path) -> None:
     with pytest.raises(ValueError, match="model.block_out_channels"):
         train_loop.train_and_evaluate(clash, str(tmp_path / "clash"))
     missing = _codi_config(str(tmp_path / "no_teacher"))
-    with pytest.raises(FileNotFoundError, match="No checkpoints directory"):
+    with pytest.raises(FileNotFoundError, match="no checkpoints directory"):
         train_loop.train_and_evaluate(missing, str(tmp_path / "missing"))
 
 
@@ -121,8 +123,20 @@ def test_two_stage_run_starts_from_a_conditional_checkpoint(teacher_dir, codi_di
     config.codi.guidance_weight = 0.0
     train_loop.train_and_evaluate(config, second)
     after = pretrained.load_conditional(second, use_ema=False).params
-    assert sorted(after) == ["adapter", "backbone", "initial"]
-    for x, y in zip(jax.tree.leaves(after["initial"]), jax.tree.leaves(source), strict=True):
+    assert sorted(after) == ["adapter", "backbone"]
+    # The frozen initial model is the source, held once: the (frozen) backbone is not copied into it.
+    ckpt = checkpoint.Checkpointer(os.path.join(second, "checkpoints"), read_only=True)
+    saved = ckpt.saved_tree(2)
+    assert sorted(saved["frozen"]) == ["backbone", "initial"] and sorted(saved["params"]) == ["adapter"]
+    assert sorted(saved["frozen"]["initial"]) == ["adapter"]
+    moments = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(saved["opt_state"])]
+    assert any("adapter" in m for m in moments) and not any("backbone" in m or "initial" in m for m in moments)
+    shapes = networks.param_shapes(pretrained.read_config(second)[0], with_initial=True)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=REPLICATED), shapes)
+    full, _ = pretrained.restore_params(second, abstract, use_ema=False)
+    for x, y in zip(jax.tree.leaves(full["initial"]["adapter"]), jax.tree.leaves(source["adapter"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(full["backbone"]), jax.tree.leaves(source["backbone"]), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     # The adapter trained on from the source's values (moved, but not re-initialised far away).
     moved = [

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from codi_jax import codi, recipes
+from codi_jax import codi, config_resolution, inference, networks
 from codi_jax.data import tasks
 from configs import tiny_teacher
 
@@ -23,7 +23,7 @@ CONFIG_NAMES = sorted(
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_is_valid(name: str) -> None:
     config = importlib.import_module(f"configs.{name}").get_config()
-    method = recipes.method_of(config)
+    method = config_resolution.method_of(config)
     if method == "teacher":
         assert config.model.parametrization in ("v", "eps", "x")
         return
@@ -34,7 +34,7 @@ def test_config_is_valid(name: str) -> None:
     with config.unlocked():
         config.model = tiny_teacher.get_config().model
         config.schedule = tiny_teacher.get_config().schedule
-    model, _ = recipes.build_conditional(config)
+    model, _ = networks.build_conditional(config)
     size = 16
     cond = jnp.zeros((1, size, size, tasks.cond_channels(config.task)))
     instruction = jnp.zeros((1,), jnp.int32) if tasks.num_instructions(config.task) else None
@@ -51,12 +51,12 @@ def test_renoise_default_comes_from_the_codi_section() -> None:
     """CoDi configs re-noise between steps unless ``codi.renoise`` says no; configs saved before the
     field existed get its default; non-distilled models always move by DDIM."""
     config = importlib.import_module("configs.codi_sr4").get_config()
-    assert recipes.renoise_between_steps(config) is True
-    assert recipes.renoise_key(config, seed=3) is not None
+    assert inference.renoise_between_steps(config) is True
+    assert inference.renoise_key(config, seed=3) is not None
     config.codi.renoise = False
-    assert recipes.renoise_between_steps(config) is False and recipes.renoise_key(config, seed=3) is None
+    assert inference.renoise_between_steps(config) is False and inference.renoise_key(config, seed=3) is None
     old = config.to_dict()
     del old["codi"]["renoise"]
-    assert recipes.renoise_between_steps(ml_collections.ConfigDict(old)) is codi.default_codi_config().renoise
+    assert inference.renoise_between_steps(ml_collections.ConfigDict(old)) is codi.default_codi_config().renoise
     finetune = importlib.import_module("configs.finetune_sr4").get_config()
-    assert recipes.renoise_between_steps(finetune) is False
+    assert inference.renoise_between_steps(finetune) is False

@@ -1,11 +1,7 @@
-"""Teacher training: the step learns, sharding does not change the numbers, resume is exact."""
+"""Teacher training: the step learns, non-finite updates are skipped, resume is exact (sharding: test_multihost)."""
 
 import functools
-import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +9,7 @@ import numpy as np
 import pytest
 
 from codi_jax import checkpoint, recipes, teacher, train_loop
-from codi_jax.pretrained import load_pretrained
+from codi_jax.pretrained import load_teacher
 from codi_jax.train_state import make_optimizer
 from configs import tiny_teacher
 
@@ -41,7 +37,7 @@ def test_train_step_lowers_loss_on_fixed_batch(tmp_path):
     model, schedule = train_loop.build_model(config)
     optimizer = make_optimizer(config.optimizer)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    state, _ = train_loop.create_sharded_state(recipes.make_recipe(config), mesh)
+    state, _ = train_loop.create_sharded_state(recipes.make_recipe(config, mesh), mesh, config)
     step = jax.jit(
         functools.partial(
             teacher.train_step, model=model, schedule=schedule, optimizer=optimizer, ema_decay=config.ema_decay
@@ -69,7 +65,7 @@ def test_nonfinite_update_is_skipped(tmp_path):
     model, schedule = train_loop.build_model(config)
     optimizer = make_optimizer(config.optimizer)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    state, _ = train_loop.create_sharded_state(recipes.make_recipe(config), mesh)
+    state, _ = train_loop.create_sharded_state(recipes.make_recipe(config, mesh), mesh, config)
     step = jax.jit(
         functools.partial(
             teacher.train_step, model=model, schedule=schedule, optimizer=optimizer, ema_decay=config.ema_decay
@@ -84,62 +80,9 @@ def test_nonfinite_update_is_skipped(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-_SHARDED_SCRIPT = textwrap.dedent("""
-    import functools, json, sys
-    import jax, jax.numpy as jnp, numpy as np
-    from codi_jax import recipes, sharding, teacher, train_loop
-    from codi_jax.train_state import make_optimizer
-    from configs import tiny_teacher
-    assert len(jax.devices()) == 8, jax.devices()
-    config = tiny_teacher.get_config()
-    model, schedule = train_loop.build_model(config)
-    optimizer = make_optimizer(config.optimizer)
-    batch = {"image": jnp.asarray(np.random.RandomState(0).uniform(-1, 1, (8, 16, 16, 3)).astype(np.float32))}
-    results = {}
-    for n in (1, 8):
-      mesh = sharding.make_mesh(n)
-      state, state_sh = train_loop.create_sharded_state(recipes.make_recipe(config), mesh)
-      step = jax.jit(functools.partial(teacher.train_step, model=model, schedule=schedule,
-                                       optimizer=optimizer, ema_decay=0.9),
-                     in_shardings=(state_sh, sharding.batch_sharding(mesh), sharding.replicated(mesh)),
-                     out_shardings=(state_sh, sharding.replicated(mesh)))
-      b = jax.device_put(batch, sharding.batch_sharding(mesh))
-      assert len(b["image"].sharding.device_set) == n
-      def loss_fn(params, x, rng):
-        return teacher.diffusion_loss(params, model, schedule, x, rng)
-      grad_fn = jax.jit(jax.grad(loss_fn),
-                        in_shardings=(state_sh.params, sharding.batch_sharding(mesh), sharding.replicated(mesh)))
-      grads = grad_fn(state.params, b["image"], jax.random.PRNGKey(7))
-      for i in range(2):
-        state, metrics = step(state, b, jax.random.PRNGKey(i))
-      results[n] = (jax.device_get(state.params), float(metrics["loss"]), jax.device_get(grads))
-    def max_diff(i):
-      return max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(results[1][i]),
-                                                             jax.tree.leaves(results[8][i])))
-    grad_scale = max(float(np.max(np.abs(a))) for a in jax.tree.leaves(results[1][2]))
-    print(json.dumps({"max_param_diff": max_diff(0), "max_grad_diff": max_diff(2), "grad_scale": grad_scale,
-                      "lr": config.optimizer.learning_rate, "loss1": results[1][1], "loss8": results[8][1]}))
-""")
-
-
-def test_sharded_step_on_8_devices_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", PYTHONPATH=REPO)
-    proc = subprocess.run(
-        [sys.executable, "-c", _SHARDED_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert abs(result["loss1"] - result["loss8"]) < 1e-5 * max(1.0, abs(result["loss1"])), result
-    # Gradients: the all-reduce over 8 shards sums in another order, nothing more.
-    assert result["max_grad_diff"] < 1e-5 * result["grad_scale"], result
-    # Params: Adam divides by sqrt(v), so a float-level gradient difference on a near-zero gradient
-    # can move a parameter by a fraction of the learning rate; a real sharding bug moves them by ~lr.
-    assert result["max_param_diff"] < 0.25 * result["lr"], result
-
-
 def _state_leaves(workdir):
-    pre = load_pretrained(workdir, use_ema=False)
-    ema = load_pretrained(workdir, use_ema=True)
+    pre = load_teacher(workdir, use_ema=False)
+    ema = load_teacher(workdir, use_ema=True)
     return pre.step, jax.tree.leaves(jax.device_get(pre.params)), jax.tree.leaves(jax.device_get(ema.params))
 
 

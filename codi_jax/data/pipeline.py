@@ -49,6 +49,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from jax.experimental import multihost_utils
 
 from codi_jax.data import skimage_patches, tasks
 
@@ -200,12 +201,25 @@ def _skimage_builder(data_config: ml_collections.ConfigDict) -> tfds.core.Datase
             f"available sizes {skimage_patches.PATCH_SIZES} (add one to "
             "skimage_patches.PATCH_SIZES)"
         )
-    builder = skimage_patches.SkimagePatches(config=f"patches{size}", data_dir=data_config.data_dir or None)
-    if not builder.is_prepared():
+
+    def make_builder() -> tfds.core.DatasetBuilder:
+        return skimage_patches.SkimagePatches(config=f"patches{size}", data_dir=data_config.data_dir or None)
+
+    builder = make_builder()
+    # Several processes: process 0 builds (a shared data_dir must not see racing writers), the
+    # others wait for it and then read. Every process reaches the barrier, built or not.
+    if jax.process_index() == 0 and not builder.is_prepared():
         # Offline build from files inside scikit-image; GCS explicitly off.
-        # Multi-host on a shared filesystem: build it once beforehand to avoid racing writers.
         logger.info("Building skimage_patches/patches%d into %s", size, builder.data_dir)
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"codi_jax: skimage_patches/patches{size} prepared")
+        builder = make_builder()
+        if not builder.is_prepared():
+            raise FileNotFoundError(
+                f"Process {jax.process_index()}: skimage_patches/patches{size} is not in {builder.data_dir} after "
+                "process 0 prepared it; data_config.data_dir must be shared storage (or prepare it on every host)."
+            )
     return builder
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax.models.unet import UNet
+from codi_jax.models.vae import AutoencoderKL, vae_from_diffusers_config, vae_param_shapes
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -406,3 +407,70 @@ def load_diffusers_unet(path: str, **model_overrides: Any) -> tuple[UNet, dict[s
         state_dict.update(load_file(file))
     model = UNet(**fields, **model_overrides)
     return model, unet_params_from_diffusers(state_dict, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE: diffusers ``AutoencoderKL`` (Stable Diffusion's VAE) -> ``codi_jax.models.vae.AutoencoderKL``.
+# Same name mapping and layout changes as the UNet (``encoder/mid_block/attentions_0/to_out_0`` <->
+# ``encoder.mid_block.attentions.0.to_out.0``); old attention names (``query`` / ``key`` / ``value`` /
+# ``proj_attn``, possibly stored as 1x1 convs) are renamed as for the UNet.
+# ---------------------------------------------------------------------------------------------
+
+
+def vae_params_from_diffusers(state_dict: Mapping[str, Any], model: AutoencoderKL) -> dict[str, Any]:
+    """Converts a diffusers ``AutoencoderKL`` state dict (name -> numpy array or torch tensor) to ``model``'s params.
+
+    Every parameter of ``model`` must be filled and every tensor of the state dict used, with
+    matching shapes; a mismatch raises ``ValueError`` naming the tensors. Returns float32 numpy.
+    """
+    state_dict = _normalise_names(state_dict)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(vae_param_shapes(model))
+    converted, missing, used = [], [], set()
+    for key_path, shape in flat:
+        path = tuple(k.key for k in key_path)
+        torch_name, our_path = _torch_name(path), "/".join(path)
+        if torch_name not in state_dict:
+            missing.append(f"{torch_name} (for {our_path})")
+            continue
+        used.add(torch_name)
+        converted.append(_convert_tensor(torch_name, our_path, _as_numpy(state_dict[torch_name]), shape.shape))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} VAE parameters missing from the diffusers state dict: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}"
+        )
+    unused = sorted(set(state_dict) - used)
+    if unused:
+        raise ValueError(
+            f"{len(unused)} diffusers VAE tensors have no counterpart in our AutoencoderKL (config mismatch?): "
+            f"{unused[:10]}{' ...' if len(unused) > 10 else ''}"
+        )
+    return jax.tree_util.tree_unflatten(treedef, converted)
+
+
+def load_diffusers_vae(path: str, **model_overrides: Any) -> tuple[AutoencoderKL, dict[str, Any]]:
+    """Reads a local diffusers ``AutoencoderKL`` (``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+    ``path`` is the directory ``save_pretrained`` writes (or a pipeline directory with a ``vae/``
+    subfolder, or a sharded checkpoint with a safetensors index) or the ``.safetensors`` file with
+    its ``config.json`` beside it. ``model_overrides`` set ``dtype`` / ``conv_impl``. Returns
+    ``(model, params)`` with float32 params.
+    """
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        if os.path.isfile(os.path.join(path, "vae", CONFIG_NAME)):
+            path = os.path.join(path, "vae")  # a pipeline directory: its VAE lives in vae/
+        else:
+            raise FileNotFoundError(f"No diffusers VAE at {path}: no {CONFIG_NAME} there nor in vae/.")
+    config_path, weight_files = _resolve_files(path)
+    with open(config_path) as f:
+        model = vae_from_diffusers_config(json.load(f), **model_overrides)
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
+        raise ImportError(
+            "Reading diffusers weights needs the `safetensors` package (pip install safetensors)."
+        ) from error
+    state_dict: dict[str, np.ndarray] = {}
+    for file in weight_files:
+        state_dict.update(load_file(file))
+    return model, vae_params_from_diffusers(state_dict, model)

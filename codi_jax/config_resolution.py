@@ -1,0 +1,66 @@
+"""Config resolution: a user's config in, the complete config the run records out (a new one).
+
+A codi / finetune run's backbone is its teacher's network: its ``model`` / ``schedule`` come
+from the teacher's saved config (fields the user did set must agree), ``teacher_step`` records
+which checkpoint. An ``init_workdir`` (the two-stage baselines) must have been trained with the
+same model, schedule, adapter and task. Only saved configs are read here, never weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import ml_collections
+
+from codi_jax import codi, config_diff, networks, pretrained
+from codi_jax.data import tasks
+from codi_jax.models import adapters
+
+METHODS = ("teacher",) + networks.CONDITIONAL_METHODS
+INIT_SECTIONS = ("model", "schedule", "adapter", "task")
+
+
+def method_of(config: ml_collections.ConfigDict) -> str:
+    method = config.get("method", "teacher")
+    if method not in METHODS:
+        raise ValueError(f"config.method={method!r}; valid methods: {METHODS}.")
+    return method
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The complete config of the run ``config`` asks for; ``config`` itself is left unchanged."""
+    if method_of(config) == "teacher":
+        return copy.deepcopy(config)
+    codi.check_codi_config(config.codi)
+    if not config.get("teacher_workdir"):
+        raise ValueError(f"config.method={config.method!r} needs config.teacher_workdir (a teacher training workdir).")
+    teacher, step = pretrained.read_config(config.teacher_workdir, what="config.teacher_workdir")
+    clashes = config_diff.differences(
+        config, teacher, ("model", "schedule"), names=("config", "teacher"), only_first_keys=True
+    )
+    if clashes:
+        raise ValueError(f"Config disagrees with the teacher at {config.teacher_workdir}: " + "; ".join(clashes))
+    resolved = copy.deepcopy(config)
+    with resolved.unlocked():
+        resolved.model = ml_collections.ConfigDict(teacher.model.to_dict())
+        resolved.schedule = ml_collections.ConfigDict(teacher.schedule.to_dict())
+        resolved.teacher_step = step
+    if int(resolved.data.image_size) % 2 ** (len(resolved.model.block_out_channels) - 1):
+        raise ValueError(f"data.image_size={resolved.data.image_size} does not fit the teacher's UNet levels.")
+    _check_init_workdir(resolved)
+    return resolved
+
+
+def _check_init_workdir(config: ml_collections.ConfigDict) -> None:
+    """``config.init_workdir`` (if set) holds a conditional run trained with this setup."""
+    workdir = config.get("init_workdir")
+    if not workdir:
+        return
+    saved, _ = pretrained.read_config(workdir, what="config.init_workdir")
+    if not networks.is_conditional(saved):
+        method = saved.get("method", "teacher")
+        raise ValueError(f"config.init_workdir={workdir} holds a {method!r} run, not a conditional one.")
+    defaults = {"adapter": adapters.default_adapter_config(), "task": tasks.default_task_config()}
+    clashes = config_diff.differences(config, saved, INIT_SECTIONS, names=("config", "init_workdir"), defaults=defaults)
+    if clashes:
+        raise ValueError(f"config.init_workdir={workdir} was trained with a different setup: " + "; ".join(clashes))

@@ -1,0 +1,390 @@
+"""Stable Diffusion's CLIP text encoder as a flax linen module, and its weights from transformers.
+
+``CLIPTextModel`` computes what transformers' ``CLIPTextModel`` returns as ``last_hidden_state``:
+token + learned position embeddings, pre-LayerNorm encoder layers with causal self-attention
+(``quick_gelu`` MLPs for SD 1.x, ``gelu`` for SD 2.x), then the final LayerNorm. With
+``output_hidden_states=True`` it also returns every layer's input/output like transformers'
+``hidden_states`` (``hidden_states[-2]`` is the penultimate layer's output, before the final
+LayerNorm, as SD 2.x "clip skip" users take it). The pooled output and the projection of
+``CLIPTextModelWithProjection`` are not implemented.
+
+Modules are named like transformers' (``encoder/layers_0/self_attn/q_proj`` <->
+``encoder.layers.0.self_attn.q_proj``), so conversion is a name mapping plus layouts: linear
+``weight`` (out, in) -> ``kernel`` (in, out), embedding ``weight`` -> ``embedding``, LayerNorm
+``weight`` -> ``scale``. State dicts in transformers 4.x layout (``text_model.`` prefix) and the
+``position_ids`` buffer are accepted. Weights are read with ``safetensors.numpy``; torch is never
+imported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+_ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+}
+# config.json fields that set the architecture (-> CLIPTextModel fields) and transformers' defaults.
+_ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=49408,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+# Fields that do not change last_hidden_state at inference (pooling token ids, init, bookkeeping,
+# PretrainedConfig's generic flags).
+_IGNORED_FIELDS = frozenset(
+    "_name_or_path _commit_hash transformers_version dtype torch_dtype initializer_range initializer_factor "
+    "projection_dim bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id return_dict "
+    "output_hidden_states output_attentions torchscript use_bfloat16 tie_word_embeddings is_encoder_decoder "
+    "is_decoder add_cross_attention chunk_size_feed_forward pruned_heads id2label label2id problem_type "
+    "tokenizer_class prefix task_specific_params finetuning_task cross_attention_hidden_size tf_legacy_loss "
+    "use_cache _attn_implementation _attn_implementation_autoset tie_encoder_decoder "
+    # generation settings that 4.x configs (e.g. a CLIPConfig's text_config) carry along
+    "bad_words_ids begin_suppress_tokens diversity_penalty do_sample early_stopping "
+    "encoder_no_repeat_ngram_size exponential_decay_length_penalty forced_bos_token_id forced_eos_token_id "
+    "length_penalty max_length min_length no_repeat_ngram_size num_beam_groups num_beams "
+    "num_return_sequences output_scores remove_invalid_values repetition_penalty return_dict_in_generate "
+    "suppress_tokens temperature top_k top_p typical_p".split()
+)
+# (field, values we can represent); a missing field gets the first value.
+_REQUIRED_VALUES: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("model_type", ("clip_text_model",)),
+    ("attention_dropout", (0.0, 0)),  # no dropout in this module (inference / frozen encoder)
+    ("dropout", (0.0, 0)),
+)
+_SUPPORTED_ARCHITECTURES = ("CLIPTextModel",)
+
+_LAYER_MODULE = re.compile(r"^layers_(\d+)$")
+
+
+class UnsupportedCLIPConfig(ValueError):
+    """The transformers CLIP text config uses a feature ``CLIPTextModel`` does not implement."""
+
+
+def _layer_norm(x: jax.Array, eps: float, name: str) -> jax.Array:
+    """LayerNorm computed in float32 (statistics and affine), cast back to the input dtype."""
+    return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, name=name)(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class CLIPAttention(nn.Module):
+    """transformers' ``CLIPAttention``: q/k/v/out projections, scaled dot-product over heads."""
+
+    hidden_size: int
+    num_heads: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        b, t, c = x.shape
+        head_dim = c // self.num_heads
+
+        def project(name: str) -> jax.Array:
+            return nn.Dense(c, dtype=self.dtype, name=name)(x).reshape(b, t, self.num_heads, head_dim)
+
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(head_dim)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v).reshape(b, t, c)
+        return nn.Dense(c, dtype=self.dtype, name="out_proj")(out)
+
+
+class CLIPMLP(nn.Module):
+    hidden_size: int
+    intermediate_size: int
+    hidden_act: str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        x = _ACTIVATIONS[self.hidden_act](x)
+        return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN residual block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    hidden_act: str
+    layer_norm_eps: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        attention = CLIPAttention(self.hidden_size, self.num_heads, self.dtype, name="self_attn")
+        x = x + attention(_layer_norm(x, self.layer_norm_eps, "layer_norm1"), mask)
+        mlp = CLIPMLP(self.hidden_size, self.intermediate_size, self.hidden_act, self.dtype, name="mlp")
+        return x + mlp(_layer_norm(x, self.layer_norm_eps, "layer_norm2"))
+
+
+class CLIPTextEmbeddings(nn.Module):
+    vocab_size: int
+    hidden_size: int
+    max_position_embeddings: int
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        tokens = nn.Embed(self.vocab_size, self.hidden_size, name="token_embedding")(input_ids)
+        positions = nn.Embed(self.max_position_embeddings, self.hidden_size, name="position_embedding")
+        return tokens + positions(jnp.arange(input_ids.shape[-1]))[None]
+
+
+class CLIPEncoder(nn.Module):
+    num_hidden_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    hidden_act: str
+    layer_norm_eps: float
+    dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        fields = (self.hidden_size, self.intermediate_size, self.num_heads, self.hidden_act, self.layer_norm_eps)
+        self.layers = [CLIPEncoderLayer(*fields, dtype=self.dtype) for _ in range(self.num_hidden_layers)]
+
+    def __call__(self, x: jax.Array, mask: jax.Array) -> tuple[jax.Array, ...]:
+        """Returns the encoder's input and every layer's output (transformers' ``hidden_states``)."""
+        states = [x]
+        for layer in self.layers:
+            states.append(layer(states[-1], mask))
+        return tuple(states)
+
+
+class CLIPTextModel(nn.Module):
+    """transformers' ``CLIPTextModel`` (its ``last_hidden_state``); fields are config.json's names."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    dtype: Any = jnp.float32  # compute dtype; params stay float32
+
+    @nn.compact
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, output_hidden_states: bool = False
+    ) -> jax.Array | tuple[jax.Array, tuple[jax.Array, ...]]:
+        """``input_ids`` (batch, tokens) -> ``last_hidden_state`` (batch, tokens, hidden_size).
+
+        ``attention_mask`` (batch, tokens; 1 = token, 0 = padding) additionally hides padded keys,
+        as transformers does when it is passed (SD pipelines pass none). With
+        ``output_hidden_states`` returns ``(last_hidden_state, hidden_states)``: the embeddings and
+        each layer's output, before the final LayerNorm (``hidden_states[-2]``: penultimate layer).
+        """
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}.")
+        tokens = input_ids.shape[-1]
+        if tokens > self.max_position_embeddings:
+            raise ValueError(f"{tokens} tokens exceed max_position_embeddings={self.max_position_embeddings}.")
+        x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings, name="embeddings")(
+            input_ids
+        ).astype(self.dtype)
+        mask = jnp.tril(jnp.ones((tokens, tokens), bool))[None, None]
+        if attention_mask is not None:
+            mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]
+        encoder = CLIPEncoder(
+            self.num_hidden_layers,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_attention_heads,
+            self.hidden_act,
+            self.layer_norm_eps,
+            self.dtype,
+            name="encoder",
+        )
+        hidden_states = encoder(x, mask)
+        last_hidden_state = _layer_norm(hidden_states[-1], self.layer_norm_eps, "final_layer_norm")
+        return (last_hidden_state, hidden_states) if output_hidden_states else last_hidden_state
+
+
+def _unsupported(message: str) -> UnsupportedCLIPConfig:
+    return UnsupportedCLIPConfig(f"Cannot convert transformers CLIP text config: {message}")
+
+
+def clip_text_config_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A transformers ``CLIPTextConfig`` dict (config.json) -> ``CLIPTextModel`` fields.
+
+    Raises ``UnsupportedCLIPConfig`` (a ``ValueError``) naming the field for anything the module
+    cannot reproduce exactly, including fields it does not know.
+    """
+    for field, supported in _REQUIRED_VALUES:
+        value = config.get(field, supported[0])
+        if value not in supported:
+            hint = " (a full CLIPConfig: use its text_config)" if field == "model_type" and value == "clip" else ""
+            raise _unsupported(f"{field}={value!r} is not supported (supported: {list(supported)}){hint}.")
+    architectures = config.get("architectures") or list(_SUPPORTED_ARCHITECTURES)
+    for architecture in architectures:
+        if architecture not in _SUPPORTED_ARCHITECTURES:
+            raise _unsupported(f"architectures entry {architecture!r} (supported: {list(_SUPPORTED_ARCHITECTURES)}).")
+    known = set(_ARCHITECTURE_DEFAULTS) | _IGNORED_FIELDS | {f for f, _ in _REQUIRED_VALUES} | {"architectures"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise _unsupported(f"unknown field {unknown[0]!r} (all unknown: {unknown}).")
+    fields = {name: config.get(name, default) for name, default in _ARCHITECTURE_DEFAULTS.items()}
+    if fields["hidden_act"] not in _ACTIVATIONS:
+        raise _unsupported(f"hidden_act={fields['hidden_act']!r} (supported: {sorted(_ACTIVATIONS)}).")
+    if fields["layer_norm_eps"] is None:
+        raise _unsupported("layer_norm_eps=None.")
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+        raise _unsupported(
+            f"hidden_size={fields['hidden_size']} is not a multiple of num_attention_heads="
+            f"{fields['num_attention_heads']}."
+        )
+    fields["layer_norm_eps"] = float(fields["layer_norm_eps"])
+    return fields
+
+
+def clip_text_from_config(config: Mapping[str, Any], **model_overrides: Any) -> CLIPTextModel:
+    """``CLIPTextModel`` for a transformers CLIP text ``config.json`` dict (``dtype`` may be overridden)."""
+    return CLIPTextModel(**clip_text_config_fields(config), **model_overrides)
+
+
+def clip_text_param_shapes(model: CLIPTextModel) -> Any:
+    """The shapes of ``model``'s parameters (no compilation, no random numbers drawn)."""
+    input_ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), input_ids)["params"]
+
+
+def _torch_name(path: tuple[str, ...]) -> str:
+    """Our parameter path -> the transformers (5.x layout) state-dict name."""
+    parts = []
+    for component in path[:-1]:
+        match = _LAYER_MODULE.match(component)
+        parts.extend(("layers", match.group(1)) if match else (component,))
+    leaves = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+    if path[-1] not in leaves:
+        raise ValueError(f"No transformers counterpart for parameter {'/'.join(path)} (leaf {path[-1]!r}).")
+    return ".".join(parts + [leaves[path[-1]]])
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor from model.state_dict()
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value)
+
+
+def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Drops ``position_ids`` buffers and the ``text_model.`` prefix of transformers 4.x checkpoints."""
+    renamed = {}
+    for name, value in state_dict.items():
+        short = name.removeprefix("text_model.")
+        if short == "embeddings.position_ids":
+            continue
+        if short in renamed:
+            raise ValueError(f"State dict has {short!r} both with and without the 'text_model.' prefix.")
+        renamed[short] = value
+    return renamed
+
+
+def _convert_tensor(torch_name: str, our_path: str, tensor: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+    converted = tensor.T if our_path.endswith("kernel") and tensor.ndim == 2 else tensor
+    if tuple(converted.shape) != tuple(expected):
+        raise ValueError(
+            f"Shape mismatch for {torch_name} (transformers {tuple(tensor.shape)}) -> {our_path}: expected "
+            f"{tuple(expected)} after conversion, got {tuple(converted.shape)}."
+        )
+    return np.ascontiguousarray(converted, dtype=np.float32)
+
+
+def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPTextModel) -> dict[str, Any]:
+    """Converts a transformers ``CLIPTextModel`` state dict (name -> numpy array or torch tensor) to params.
+
+    Every parameter of ``model`` must be filled and every tensor used (``position_ids`` buffers
+    aside), with matching shapes; a mismatch raises ``ValueError`` naming the tensors. Returns
+    float32 numpy arrays, for ``model.apply({"params": params}, input_ids)``.
+    """
+    state_dict = _normalise_names(state_dict)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(clip_text_param_shapes(model))
+    converted, missing, used = [], [], set()
+    for key_path, shape in flat:
+        path = tuple(k.key for k in key_path)
+        torch_name, our_path = _torch_name(path), "/".join(path)
+        if torch_name not in state_dict:
+            missing.append(f"{torch_name} (for {our_path})")
+            continue
+        used.add(torch_name)
+        converted.append(_convert_tensor(torch_name, our_path, _as_numpy(state_dict[torch_name]), shape.shape))
+    if missing:
+        raise ValueError(
+            f"{len(missing)} parameters missing from the CLIP text state dict: {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''}"
+        )
+    unused = sorted(set(state_dict) - used)
+    if unused:
+        raise ValueError(
+            f"{len(unused)} CLIP text tensors have no counterpart in our CLIPTextModel (config mismatch or "
+            f"a projection head?): {unused[:10]}{' ...' if len(unused) > 10 else ''}"
+        )
+    return jax.tree_util.tree_unflatten(treedef, converted)
+
+
+def _resolve_files(path: str) -> tuple[str, list[str]]:
+    """(config.json path, safetensors file paths) for a model / pipeline directory or a weights file."""
+    if os.path.isfile(path):
+        return os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME), [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No CLIP text encoder at {path}: neither a directory nor a file.")
+    directory = path
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isdir(os.path.join(path, "text_encoder")):
+        directory = os.path.join(path, "text_encoder")  # a pipeline directory
+    index = os.path.join(directory, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weights = [os.path.join(directory, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        weights = [os.path.join(directory, WEIGHTS_NAME)]
+    for file in weights:
+        if not os.path.isfile(file):
+            hint = ""
+            if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
+                hint = " (only a PyTorch pytorch_model.bin is there: save it as safetensors first)"
+            raise FileNotFoundError(f"Missing CLIP text weights file {file}{hint}.")
+    return os.path.join(directory, CONFIG_NAME), weights
+
+
+def load_clip_text(path: str, **model_overrides: Any) -> tuple[CLIPTextModel, dict[str, Any]]:
+    """Reads a local transformers ``CLIPTextModel`` (``config.json`` + ``model.safetensors``).
+
+    ``path`` is the directory ``save_pretrained`` writes (or a pipeline directory with a
+    ``text_encoder/`` subfolder, or a sharded checkpoint with a safetensors index) or the
+    ``.safetensors`` file with its ``config.json`` beside it. ``model_overrides`` set ``dtype``.
+    Returns ``(model, params)`` with float32 params.
+    """
+    config_path, weight_files = _resolve_files(path)
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"Missing CLIP text config {config_path} (needed beside {weight_files[0]}).")
+    with open(config_path) as f:
+        model = clip_text_from_config(json.load(f), **model_overrides)
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
+        raise ImportError("Reading CLIP weights needs the `safetensors` package (pip install safetensors).") from error
+    state_dict: dict[str, np.ndarray] = {}
+    for file in weight_files:
+        state_dict.update(load_file(file))
+    return model, clip_text_params_from_state_dict(state_dict, model)

@@ -1,0 +1,99 @@
+"""Scale-out: the step on (data x fsdp) meshes of 8 simulated devices equals the replicated one
+(teacher and full CoDi), and two real processes on localhost train a tiny CoDi run that equals
+one process on the same global batches, then resumes on one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+
+from codi_jax import pretrained
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "tests", "scripts")
+
+
+def _env(**extra: str) -> dict:
+    cache = os.environ.get("CODI_TEST_XLA_CACHE") or jax.config.jax_compilation_cache_dir or ""
+    return dict(os.environ, PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=cache, **extra)
+
+
+def _last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run(*args: str, env: dict | None = None, timeout: int = 900) -> dict:
+    script = os.path.join(SCRIPTS, args[0])
+    proc = subprocess.run(
+        [sys.executable, script, *args[1:]],
+        cwd=REPO,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return _last_json(proc)
+
+
+def test_data_and_fsdp_meshes_equal_the_replicated_step(tmp_path) -> None:
+    result = _run("sharded_equality.py", str(tmp_path), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    for model in ("teacher", "codi"):
+        rows, lr = result[model]["rows"], result[model]["lr"]
+        assert set(rows) == {"1x1", "8x1", "2x4", "1x8"}, rows
+        assert rows["1x8"]["split"] > 0 and rows["2x4"]["split"] == rows["1x8"]["split"], rows  # fsdp did shard
+        assert rows["8x1"]["split"] == 0 and rows["1x1"]["split"] == 0, rows
+        for name, row in rows.items():
+            # Losses: the same numbers summed in another order.
+            assert row["loss_rel"] < 1e-5, (model, name, row)
+            # Params: Adam divides by sqrt(v), so a float-level gradient difference on a near-zero
+            # gradient can move a parameter by a fraction of the learning rate; a sharding bug
+            # moves many by ~lr.
+            assert row["max_param_diff"] < 0.25 * lr and row["max_ema_diff"] < 0.25 * lr, (model, name, row)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_on_the_same_global_batches(tmp_path) -> None:
+    workdir = str(tmp_path)
+    _run("two_process.py", "teacher", workdir)
+    port = str(_free_port())
+    script = os.path.join(SCRIPTS, "two_process.py")
+    workers = [
+        subprocess.Popen(
+            [sys.executable, script, "worker", workdir, str(i), port],
+            cwd=REPO,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    results = []
+    for worker in workers:
+        out, err = worker.communicate(timeout=900)
+        results.append(_last_json(subprocess.CompletedProcess(worker.args, worker.returncode, out, err)))
+    assert [r["process"] for r in results] == [0, 1] and {r["step"] for r in results} == {2}
+    assert results[0]["digest"] == results[1]["digest"], results  # both processes hold the same state
+    assert os.listdir(os.path.join(workdir, "two", "samples")) == ["step_0000002.png"]
+
+    one = _run("two_process.py", "reference", workdir)
+    assert one["step"] == 2
+    two_params = pretrained.load_conditional(os.path.join(workdir, "two"), use_ema=False).params
+    one_params = pretrained.load_conditional(os.path.join(workdir, "one"), use_ema=False).params
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(two_params), jax.tree.leaves(one_params))]
+    assert max(diffs) < 0.25 * 1e-3, max(diffs)  # lr 1e-3 (tiny_codi)
+
+    resumed = _run("two_process.py", "resume", workdir)  # the 2-process checkpoint, on 1 process
+    assert resumed["step"] == 4
