@@ -79,15 +79,14 @@ def main() -> None:
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
     print(f"UNet params {count(backbone):,} (SD 1.5: {SD15_UNET_PARAMS:,}); ControlNet {count(full['adapter']):,}")
     opt, rng = optimizer(), jax.random.PRNGKey(0)
+    trained, frozen = {"adapter": full["adapter"]}, {"backbone": full["backbone"]}
     states = {
-        "teacher": jax.eval_shape(lambda: create_train_state(backbone, opt, rng)),
-        "PE-CoDi": jax.eval_shape(
-            lambda: create_train_state({"adapter": full["adapter"]}, opt, rng, {"backbone": full["backbone"]})
-        ),
+        "teacher": jax.eval_shape(lambda p: create_train_state(p, opt, rng), backbone),
+        "PE-CoDi": jax.eval_shape(lambda p, f: create_train_state(p, opt, rng, f), trained, frozen),
         "PE-CoDi (before: UNet in params + EMA)": jax.eval_shape(
-            lambda: create_train_state(full, opt, rng).replace(opt_state=opt.init({"adapter": full["adapter"]}))
+            lambda p, a: create_train_state(p, opt, rng).replace(opt_state=opt.init(a)), full, trained
         ),
-        "full CoDi": jax.eval_shape(lambda: create_train_state(full, opt, rng)),
+        "full CoDi": jax.eval_shape(lambda p: create_train_state(p, opt, rng), full),
     }
     n = len(jax.devices())
     meshes = {"replicated": sharding.make_mesh(n, 1), f"fsdp {n}": sharding.make_mesh(n, n)}
