@@ -49,6 +49,8 @@ def test_data_and_fsdp_meshes_equal_the_replicated_step(tmp_path) -> None:
         assert set(rows) == {"1x1", "8x1", "2x4", "1x8"}, rows
         assert rows["1x8"]["split"] > 0 and rows["2x4"]["split"] == rows["1x8"]["split"], rows  # fsdp did shard
         assert rows["8x1"]["split"] == 0 and rows["1x1"]["split"] == 0, rows
+        # A checkpoint written from the 1x8 FSDP mesh restores bitwise on one device, and back.
+        assert result[model]["topology"] == {"8->1": True, "1->8": True}, result[model]["topology"]
         for name, row in rows.items():
             # Losses: the same numbers summed in another order.
             assert row["loss_rel"] < 1e-5, (model, name, row)
