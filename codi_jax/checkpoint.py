@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
@@ -111,6 +112,52 @@ class Checkpointer:
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=partial)
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
+    def restore_latest_intact(self, abstract_state: Any, config: ml_collections.ConfigDict | Mapping) -> Any:
+        """The newest checkpoint that restores, into ``abstract_state``'s shardings.
+
+        One that does not restore (truncated data, missing metadata or manifest) is reported in
+        one line (step, path, cause), moved aside to ``corrupt-step-<N>`` (kept on disk, out of
+        the manager's way) and the next older one is tried; if none restores the error lists
+        what was tried. A config mismatch is not damage: it is raised at once. Incomplete
+        ``*-tmp`` directories (interrupted writes) are never steps; they are named in the log.
+        """
+        incomplete = sorted(name for name in os.listdir(self.directory) if "tmp" in name)
+        if incomplete:
+            logging.info("Ignoring incomplete checkpoint writes in %s: %s", self.directory, incomplete)
+        tried = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                saved = self.restore_config(step)
+            except Exception as error:  # noqa: BLE001  (any damage: fall back)
+                tried.append(self._set_aside(step, error))
+                continue
+            diffs = config_diff.differences(saved, config, ARCHITECTURE_SECTIONS)
+            if diffs:
+                raise ValueError(
+                    f"Checkpoint {self.directory} (step {step}) was written by a different model config:\n  "
+                    + "\n  ".join(diffs)
+                    + "\nUse a fresh --workdir, or the config that wrote it."
+                )
+            try:
+                return self.restore(abstract_state, step=step)
+            except Exception as error:  # noqa: BLE001
+                tried.append(self._set_aside(step, error))
+        raise FileNotFoundError(f"No checkpoint in {self.directory} restores; tried: " + "; ".join(tried))
+
+    def _set_aside(self, step: int, error: Exception) -> str:
+        path = os.path.join(self.directory, str(step))
+        cause = (str(error).strip().splitlines() or [""])[0][:300]
+        aside = os.path.join(self.directory, f"corrupt-step-{step}")
+        os.replace(path, aside)
+        self.manager.reload()
+        message = f"step {step} ({path}): {type(error).__name__}: {cause}"
+        logging.warning("Checkpoint %s does not restore; moved to %s, trying an older one.", message, aside)
+        return message
+
+    def check_for_errors(self) -> None:
+        """Raises the error of a failed background write (the step it was writing is incomplete)."""
+        self.manager.check_for_errors()
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

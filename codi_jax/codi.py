@@ -165,6 +165,7 @@ def train_step(
     parametrization: diffusion.Parametrization,
     config: ml_collections.ConfigDict,
     objective: str = "codi",
+    max_param_norm_ratio: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One CoDi (``objective='codi'``) or fine-tune update; the EMA params (with the frozen weights)
     are CoDi's target network.
@@ -191,6 +192,8 @@ def train_step(
 
     # Only the trained sub-trees are differentiated; the frozen ones are data (``state.frozen``).
     (loss, aux), grads = jax.value_and_grad(loss_of_trained, has_aux=True)(state.params)
-    new_state, skipped = apply_gradients(state, grads, optimizer, ema_decay, ema_warmup)
+    new_state, skipped = apply_gradients(
+        state, grads, optimizer, ema_decay, ema_warmup, loss=loss, max_param_norm_ratio=max_param_norm_ratio
+    )
     metrics = {"loss": loss, **aux, "grad_norm": optax.tree.norm(grads), "skipped_nonfinite": skipped}
     return new_state, metrics

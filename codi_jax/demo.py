@@ -11,25 +11,28 @@
    ``checkpoints/finetune_sr4``; trained here into ``DIR/finetune`` if absent).
 3. Samples held-out patches (photos never seen in training) with CoDi at 1/2/4 steps (re-noising
    between steps, and at 4 steps also with DDIM moves) and the baseline with DDIM at 4 and 50
-   steps; prints and writes (``DIR/results.md``, ``.json``) PSNR,
-   SSIM and ms per image, and ``DIR/demo_grid.png``:
-   condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth.
+   steps, printing a line per (model, step count) with an ETA; prints and writes
+   (``DIR/results.md``, ``.json``; a rerun replaces them, atomically) PSNR, SSIM, SWD and ms per
+   image, the bicubic upsampling of the input scored as a row, and ``DIR/demo_grid.png``
+   (tiles enlarged 4x): condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth.
+
+The flags, the teacher, a CoDi run already in ``DIR/codi`` (same task and variant) and the
+baseline (an x4 SR run) are checked before anything is trained; a bad input ends with one line
+``error: ...`` and exit code 2. ``python -m codi_jax.evaluate`` makes the same table for any runs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import time
 
 import jax
+import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from PIL import Image
+from absl import flags, logging
 
-from codi_jax import evaluation, sampling, train_loop
-from codi_jax.pretrained import load_conditional
+from codi_jax import atomic, cli, config_diff, evaluation, few_step, networks, sampling, train_loop
+from codi_jax.pretrained import load_conditional, read_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where the demo writes its CoDi run, results and grid.")
@@ -40,7 +43,6 @@ flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4", "The non-dis
 flags.DEFINE_integer("baseline_steps", 1000, "Fine-tune steps if the baseline checkpoint is missing.")
 flags.DEFINE_integer("num_eval", 64, "Held-out patches to evaluate.")
 flags.DEFINE_integer("grid_rows", 8, "Examples shown in the grid.")
-flags.mark_flags_as_required(["workdir"])
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -65,6 +67,104 @@ def demo_configs(teacher_workdir: str, codi_steps: int, variant: str = "full"):
     return codi_config, finetune_config
 
 
+# Fields a run in ``DIR/codi`` (resumed) and the baseline must share with the demo's config.
+SHARED_FIELDS = ("task.name", "task.scale", "data.image_size")
+CODI_FIELDS = SHARED_FIELDS + ("adapter.kind", "adapter.train_backbone")
+GRID_COLUMNS = "condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth"
+
+
+def _check_saved(
+    workdir: str, config: ml_collections.ConfigDict, fields: tuple[str, ...], what: str, hint: str
+) -> ml_collections.ConfigDict | None:
+    """The saved config of the run at ``workdir`` (None if there is none yet), which must be
+    conditional and agree with ``config`` on ``fields``."""
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return None
+    saved, _ = read_config(workdir, what=what)
+    if not networks.is_conditional(saved):
+        raise ValueError(f"{what}={workdir} holds a {saved.get('method', 'teacher')!r} run, not a conditional one.")
+    diffs = config_diff.differences(saved, config, fields, names=(workdir, "the demo"))
+    if diffs:
+        raise ValueError(f"{what}={workdir} holds another run: {'; '.join(diffs)}; {hint}")
+    return saved
+
+
+def check_demo(
+    workdir: str,
+    codi_config: ml_collections.ConfigDict,
+    finetune_config: ml_collections.ConfigDict,
+    baseline_dir: str,
+    *,
+    num_eval: int,
+    grid_rows: int,
+) -> None:
+    """Every check of the demo's inputs before anything is trained, loaded or compiled."""
+    for flag, value in (("codi_steps", codi_config.num_train_steps), ("num_eval", num_eval), ("grid_rows", grid_rows)):
+        if value < 1:
+            raise ValueError(f"--{flag}={value}: must be at least 1.")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise FileExistsError(f"--workdir {workdir} is a file, not a directory.")
+    teacher = codi_config.teacher_workdir
+    if not os.path.isdir(os.path.join(teacher, "checkpoints")):
+        raise FileNotFoundError(f"--teacher_workdir {teacher}: no teacher checkpoint (no checkpoints/ directory).")
+    saved, _ = read_config(teacher, what="--teacher_workdir")
+    if networks.is_conditional(saved):
+        raise ValueError(f"--teacher_workdir {teacher} holds a conditional {saved.method!r} run, not a teacher.")
+    hint = "use a fresh --workdir (or the --variant that wrote it)."
+    _check_saved(os.path.join(workdir, "codi"), codi_config, CODI_FIELDS, "--workdir", hint)
+    baseline = _check_saved(baseline_dir, finetune_config, SHARED_FIELDS, "--baseline_workdir", "give an x4 SR one.")
+    baseline_teacher = baseline.get("teacher_workdir") if baseline is not None else None
+    if baseline_teacher and os.path.basename(os.path.normpath(baseline_teacher)) != os.path.basename(
+        os.path.normpath(teacher)
+    ):
+        logging.warning("Baseline was fine-tuned from %s, CoDi from %s.", baseline_teacher, teacher)
+
+
+def baseline_workdir_for(workdir: str, baseline_workdir: str) -> str:
+    """The committed (or given) baseline if it has checkpoints, else ``DIR/finetune`` (trained here)."""
+    baseline_dir = resolve(baseline_workdir)
+    if os.path.isdir(os.path.join(baseline_dir, "checkpoints")):
+        return baseline_dir
+    return os.path.join(workdir, "finetune")
+
+
+def evaluate_demo(
+    codi_dir: str, baseline_dir: str, codi_name: str, num_eval: int
+) -> tuple[list[evaluation.Row], dict[str, np.ndarray], int | str]:
+    """The demo's rows (CoDi 1/2/4 steps, 4 with DDIM moves, the baseline at 4 / 50, bicubic), the
+    held-out examples and the baseline's teacher step; a line per row as it finishes."""
+    codi_model = load_conditional(codi_dir)
+    examples = evaluation.held_out_examples(codi_model.config, num_eval)
+    ddim_name, baseline_name = f"{codi_name}, DDIM moves", "conditional, not distilled (DDIM)"
+    jobs = [(codi_name, 1), (codi_name, 2), (codi_name, 4), (ddim_name, 4), (baseline_name, 4), (baseline_name, 50)]
+    progress = evaluation.Progress(jobs)
+    print(f"Evaluating {len(jobs)} (model, step count) pairs on {len(examples['image'])} held-out patches.")
+    rows = evaluation.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name, progress=progress)
+    rows += evaluation.evaluate_checkpoint(codi_model, examples, (4,), ddim_name, renoise=False, progress=progress)
+    del codi_model
+    baseline = load_conditional(baseline_dir)
+    rows += evaluation.evaluate_checkpoint(baseline, examples, (4, 50), baseline_name, progress=progress)
+    rows.append(evaluation.condition_row(examples))
+    return rows, examples, baseline.config.get("teacher_step", "?")
+
+
+def demo_grid(
+    rows: list[evaluation.Row], examples: dict[str, np.ndarray], codi_name: str, grid_rows: int
+) -> np.ndarray:
+    """condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth, tiles enlarged."""
+    by_key = {(r.method, r.steps): r.samples for r in rows}
+    n = min(grid_rows, len(examples["image"]))
+    columns = [
+        sampling.cond_to_rgb(examples["cond"][:n]),
+        by_key[(codi_name, 1)][:n],
+        by_key[(codi_name, 4)][:n],
+        by_key[("conditional, not distilled (DDIM)", 50)][:n],
+        examples["image"][:n],
+    ]
+    tiles = np.stack([sampling.to_uint8(c) for c in columns], axis=1).reshape((-1,) + examples["image"].shape[1:])
+    return few_step.viewable_grid(tiles, len(columns))
+
+
 def run_demo(
     workdir: str,
     *,
@@ -79,16 +179,13 @@ def run_demo(
     start = time.time()
     codi_config, finetune_config = demo_configs(teacher_workdir, codi_steps, variant)
     codi_name = "CoDi (full, ours)" if variant == "full" else "PE-CoDi (ours)"
-    if not os.path.isdir(os.path.join(codi_config.teacher_workdir, "checkpoints")):
-        raise FileNotFoundError(f"No teacher checkpoint at {codi_config.teacher_workdir}.")
+    baseline_dir = baseline_workdir_for(workdir, baseline_workdir)
+    check_demo(workdir, codi_config, finetune_config, baseline_dir, num_eval=num_eval, grid_rows=grid_rows)
     codi_dir = os.path.join(workdir, "codi")
     logging.info("Training CoDi for %d steps in %s.", codi_steps, codi_dir)
     train_loop.train_and_evaluate(codi_config, codi_dir)
     train_minutes = (time.time() - start) / 60
-
-    baseline_dir = resolve(baseline_workdir)
-    if not os.path.isdir(os.path.join(baseline_dir, "checkpoints")):
-        baseline_dir = os.path.join(workdir, "finetune")
+    if baseline_dir != resolve(baseline_workdir):
         logging.warning(
             "No baseline checkpoint at %s: fine-tuning one for %d steps in %s (slow).",
             baseline_workdir,
@@ -98,83 +195,33 @@ def run_demo(
         finetune_config.num_train_steps = baseline_steps
         train_loop.train_and_evaluate(finetune_config, baseline_dir)
 
-    codi_model = load_conditional(codi_dir)
-    baseline = load_conditional(baseline_dir)
-    if baseline.config.teacher_workdir and os.path.basename(
-        os.path.normpath(baseline.config.teacher_workdir)
-    ) != os.path.basename(os.path.normpath(codi_config.teacher_workdir)):
-        logging.warning(
-            "Baseline was fine-tuned from %s, CoDi from %s.",
-            baseline.config.teacher_workdir,
-            codi_config.teacher_workdir,
-        )
-    examples = evaluation.held_out_examples(codi_model.config, num_eval)
-    rows = evaluation.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name)
-    rows += evaluation.evaluate_checkpoint(codi_model, examples, (4,), f"{codi_name}, DDIM moves", renoise=False)
-    rows += evaluation.evaluate_checkpoint(baseline, examples, (4, 50), "conditional, not distilled (DDIM)")
-    bicubic = examples["cond"]
-    rows.append(
-        evaluation.Row(
-            method="bicubic upsampling of the input",
-            steps=0,
-            psnr=float(np.mean(evaluation.psnr(bicubic, examples["image"]))),
-            ssim=float(np.mean(evaluation.ssim(bicubic, examples["image"]))),
-            swd=evaluation.swd(bicubic, examples["image"]),
-            ms_per_image=0.0,
-            params_trained=0,
-            samples=bicubic,
-        )
-    )
+    rows, examples, teacher_step = evaluate_demo(codi_dir, baseline_dir, codi_name, num_eval)
     total_minutes = (time.time() - start) / 60
-
-    os.makedirs(workdir, exist_ok=True)
-    by_key = {(r.method, r.steps): r.samples for r in rows}
-    n = min(grid_rows, len(bicubic))
-    columns = [
-        sampling.cond_to_rgb(bicubic[:n]),
-        by_key[(codi_name, 1)][:n],
-        by_key[(codi_name, 4)][:n],
-        by_key[("conditional, not distilled (DDIM)", 50)][:n],
-        examples["image"][:n],
-    ]
-    tiles = np.stack([sampling.to_uint8(c) for c in columns], axis=1).reshape((-1,) + bicubic.shape[1:])
-    grid = sampling.make_grid(tiles, columns=len(columns))
-    grid = np.repeat(np.repeat(grid, 3, axis=0), 3, axis=1)  # 32x32 tiles are tiny: show them at 3x
-    Image.fromarray(grid).save(os.path.join(workdir, "demo_grid.png"))
-
-    table = evaluation.markdown_table(rows)
     header = (
-        f"CoDi x4 SR, {len(bicubic)} held-out 32x32 patches (photos not in training); {codi_name} trained "
-        f"{codi_steps} steps from teacher step {baseline.config.get('teacher_step', '?')}; "
+        f"CoDi x4 SR, {len(examples['image'])} held-out 32x32 patches (photos not in training); {codi_name} "
+        f"trained {codi_steps} steps from teacher step {teacher_step}; "
         f"CoDi training {train_minutes:.1f} min, whole demo {total_minutes:.1f} min."
     )
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-        f.write(header + "\n\n" + table + "\n")
-    with open(os.path.join(workdir, "results.json"), "w") as f:
-        json.dump(
-            {
-                "rows": [{k: v for k, v in dataclasses.asdict(r).items() if k != "samples"} for r in rows],
-                "codi_steps": codi_steps,
-                "variant": variant,
-                "train_minutes": train_minutes,
-                "total_minutes": total_minutes,
-                "devices": [str(d) for d in jax.devices()],
-            },
-            f,
-            indent=2,
-        )
+    meta = {
+        "codi_steps": codi_steps,
+        "variant": variant,
+        "train_minutes": train_minutes,
+        "total_minutes": total_minutes,
+        "devices": [str(d) for d in jax.devices()],
+    }
+    files = evaluation.results_files(rows, workdir, header, meta)  # reruns replace them (atomically)
+    grid_path = os.path.join(workdir, "demo_grid.png")
+    files[grid_path] = atomic.png_bytes(demo_grid(rows, examples, codi_name, grid_rows))
+    atomic.write_files(files)
     print(header)
-    print(table)
-    print(
-        f"Grid (condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth): "
-        f"{os.path.join(workdir, 'demo_grid.png')}"
-    )
+    print(evaluation.markdown_table(rows))
+    print(f"Grid ({GRID_COLUMNS}): {grid_path}")
     return rows
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
+    cli.require_flags("workdir")
     run_demo(
         FLAGS.workdir,
         codi_steps=FLAGS.codi_steps,
@@ -188,4 +235,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_main(main)

@@ -1,24 +1,32 @@
-"""Evaluate conditional checkpoints on a held-out set.
+"""Evaluate conditional checkpoints on a held-out set: one table, as the demo's.
 
-``python -m codi_jax.evaluate --run=CoDi=DIR --run=baseline=DIR2 --steps=1,2,4 --out=DIR``
+``python -m codi_jax.evaluate --run=CoDi=DIR:1,2,4 --run=baseline=DIR2:4,50 --out=DIR``
 
-Each ``--run`` is ``NAME=WORKDIR`` of a ``codi`` or ``finetune`` run (latest EMA checkpoint).
-The held-out set is the first ``--num_eval`` examples of the config's eval split, or the clean
-images in ``--images=DIR`` (resized and centre-cropped), with the task's degradation applied
-with ``--seed`` so every run sees identical conditions (the first run's task defines them; runs
-of another task are an error). Writes ``results.json`` and ``results.md`` in ``--out`` (never
-overwriting) and prints the table.
+Each ``--run`` is ``NAME=WORKDIR`` of a ``codi`` or ``finetune`` run (latest EMA checkpoint),
+sampled at ``--steps``, or ``NAME=WORKDIR:1,2,4`` with its own step counts. The held-out set is
+the first ``--num_eval`` examples of the config's eval split, or the clean images in
+``--images=DIR`` (resized and centre-cropped), with the task's degradation applied with
+``--seed`` so every run sees identical conditions (the first run's task defines them; runs of
+another task are an error). For super-resolution a ``bicubic`` row (the condition itself, scored
+like the samples) ends the table (``--nobicubic``: left out). Writes ``results.json`` and
+``results.md`` in ``--out`` (together, never overwriting) and prints the table; a line per
+(run, step count) reports progress with an ETA.
+
+Flags, ``--out``, the run specs, each run's saved config (task, image size, step counts against
+its training grid), the metric weight files and ``--images`` are checked before any weight is
+read; a bad input ends with one line ``error: ...`` and exit code 2. The library (JAX,
+TensorFlow) is imported after the flags are checked, so ``--help`` and flag errors are immediate.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from codi_jax import evaluation
+from codi_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("run", None, "NAME=WORKDIR of a codi / finetune run; repeatable.")
-flags.DEFINE_list("steps", ["1", "2", "4"], "Step counts to sample at (CoDi runs: at most the grid size).")
+flags.DEFINE_multi_string("run", None, "NAME=WORKDIR[:1,2,4] of a codi / finetune run; repeatable.")
+flags.DEFINE_list("steps", ["1", "2", "4"], "Step counts of runs given without their own (CoDi: at most the grid).")
 flags.DEFINE_string("images", None, "Folder of clean images to use instead of the eval split.")
 flags.DEFINE_integer("num_eval", 256, "Held-out examples (eval split).")
 flags.DEFINE_integer("seed", 0, "Seed of the degradations and the sampling noise.")
@@ -27,24 +35,27 @@ flags.DEFINE_enum("solver", "ddim", ["ddim", "dpm++"], "Sampler between steps (d
 flags.DEFINE_bool(
     "renoise", None, "DDIM solver: re-noise between steps (true) or not (false); default: each run's config."
 )
+flags.DEFINE_bool("bicubic", True, "Super-resolution: add the row of the condition itself (bicubic upsampling).")
 flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
 flags.DEFINE_string("inception_weights", None, "Local pytorch-fid Inception weights (FID, KID); else skipped.")
 flags.DEFINE_string("lpips_linear_weights", None, "Local LPIPS v0.1 AlexNet linear-head weights; else skipped.")
 flags.DEFINE_string("lpips_backbone_weights", None, "Local AlexNet feature weights for LPIPS; else skipped.")
-flags.mark_flags_as_required(["run", "out"])
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    step_counts = tuple(int(s) for s in FLAGS.steps)
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
+    cli.require_flags("run", "out")
+    cli.require_positive(batch_size=FLAGS.batch_size)
+    from codi_jax import evaluation  # heavy (JAX, TF): imported once the flags are known good
+
+    step_counts = evaluation.parse_step_counts(",".join(FLAGS.steps))
+    runs = evaluation.parse_runs(FLAGS.run)
+    evaluation.check_results_dir(FLAGS.out)
     weights = evaluation.MetricWeights(
         FLAGS.inception_weights, FLAGS.lpips_linear_weights, FLAGS.lpips_backbone_weights
     )
-    for skipped in weights.skipped():
-        logging.warning("Skipped: %s.", skipped)
     rows = evaluation.evaluate_runs(
-        evaluation.parse_runs(FLAGS.run),
+        runs,
         step_counts,
         images=FLAGS.images,
         num_eval=FLAGS.num_eval,
@@ -53,11 +64,17 @@ def main(argv):
         solver=FLAGS.solver,
         renoise=FLAGS.renoise,
         weights=weights,
+        bicubic=FLAGS.bicubic,
     )
-    evaluation.write_results(rows, FLAGS.out)
+    count = len(rows[0].samples)
+    header = f"Means over {count} held-out images (seed {FLAGS.seed}, solver {FLAGS.solver})."
+    meta = {"num_images": count, "seed": FLAGS.seed, "solver": FLAGS.solver, "runs": [r._asdict() for r in runs]}
+    evaluation.write_results(rows, FLAGS.out, header, meta)
     print(evaluation.markdown_table(rows))
-    print(f"Means over {len(rows[0].samples) if rows else 0} held-out images (seed {FLAGS.seed}); wrote {FLAGS.out}.")
+    print(f"{header} Wrote {FLAGS.out}.")
+    for skipped in weights.skipped():
+        logging.warning("Skipped: %s.", skipped)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_main(main)

@@ -12,16 +12,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from codi_jax import adapted, few_step, inference, metrics
+from codi_jax import adapted, atomic, few_step, inference, metrics, networks
 from codi_jax.data import pipeline, tasks
-from codi_jax.pretrained import Pretrained, load_conditional
+from codi_jax.pretrained import Pretrained, load_conditional, read_config
 
 
 @dataclasses.dataclass
@@ -53,6 +56,12 @@ class MetricWeights:
             wanted.append("lpips")
         return wanted
 
+    def check(self) -> None:
+        """Every weights file given exists (checked before anything is sampled)."""
+        for path in (self.inception, self.lpips_linear, self.lpips_backbone):
+            if path and not os.path.isfile(path):
+                raise FileNotFoundError(f"Metric weights file {path} does not exist.")
+
     def skipped(self) -> list[str]:
         missing = []
         if not self.inception:
@@ -66,9 +75,7 @@ def weighted_metrics(samples: np.ndarray, targets: np.ndarray, weights: MetricWe
     names = weights.names()
     if not names:
         return {}
-    for path in (weights.inception, weights.lpips_linear, weights.lpips_backbone):
-        if path and not os.path.isfile(path):
-            raise FileNotFoundError(f"Metric weights file {path} does not exist.")
+    weights.check()
     values = metrics.compute_metrics(
         samples,
         targets,
@@ -152,6 +159,84 @@ def sample_all(
     return np.concatenate(outputs), 1000.0 * elapsed / len(cond)
 
 
+def score_row(
+    method: str,
+    steps: int,
+    samples: np.ndarray,
+    targets: np.ndarray,
+    *,
+    ms_per_image: float = 0.0,
+    params_trained: int = 0,
+    weights: MetricWeights = MetricWeights(),
+    seed: int = 0,
+) -> Row:
+    """One table row: ``samples`` scored against ``targets`` with every metric."""
+    return Row(
+        method=method,
+        steps=steps,
+        psnr=float(np.mean(psnr(samples, targets))),
+        ssim=float(np.mean(ssim(samples, targets))),
+        swd=swd(samples, targets),
+        ms_per_image=ms_per_image,
+        params_trained=params_trained,
+        samples=samples,
+        extra=weighted_metrics(samples, targets, weights, seed),
+    )
+
+
+BICUBIC = "bicubic upsampling of the input"
+
+
+def condition_row(
+    examples: dict[str, np.ndarray], method: str = BICUBIC, *, weights: MetricWeights = MetricWeights(), seed: int = 0
+) -> Row:
+    """The condition itself scored like a sample (SR: the bicubic upsampling of the low-resolution
+    input, the baseline every SR table starts from); 0 steps, 0 parameters, 0 ms."""
+    if examples["cond"].shape != examples["image"].shape:
+        raise ValueError(
+            f"a {method!r} row needs conditions shaped like the targets (super-resolution); "
+            f"got {examples['cond'].shape} vs {examples['image'].shape}."
+        )
+    return score_row(method, 0, examples["cond"], examples["image"], weights=weights, seed=seed)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+class Progress:
+    """Prints one line per finished (run, step count): its time, the elapsed time and an ETA.
+
+    The ETA models each job left as an overhead (compile, warm-up, metrics: what a finished job
+    took beyond its timed sampling) plus its step count times the sampling time per step, both
+    averaged over the jobs finished so far."""
+
+    def __init__(self, jobs: Sequence[tuple[str, int]], out: Callable[[str], None] = print):
+        self.jobs = list(jobs)
+        self.out = out
+        self.done = 0
+        self.overheads: list[float] = []
+        self.step_seconds: list[float] = []
+        self.start = self.last = time.perf_counter()
+
+    def finished(self, row: Row) -> None:
+        now = time.perf_counter()
+        took, self.last = now - self.last, now
+        sampling = row.ms_per_image * len(row.samples) / 1000.0
+        self.overheads.append(max(took - sampling, 0.0))
+        self.step_seconds.append(sampling / max(row.steps, 1))
+        self.done += 1
+        overhead, per_step = float(np.mean(self.overheads)), float(np.mean(self.step_seconds))
+        left = sum(overhead + per_step * steps for _, steps in self.jobs[self.done :])
+        eta = f"ETA {_duration(left)}" if self.done < len(self.jobs) else "done"
+        self.out(
+            f"[{self.done}/{len(self.jobs)}] {row.method}, {row.steps} step{'s' if row.steps != 1 else ''}: "
+            f"PSNR {row.psnr:.2f} dB in {_duration(took)}; elapsed {_duration(now - self.start)}, {eta}"
+        )
+
+
 def evaluate_checkpoint(
     pre: Pretrained,
     examples: dict[str, np.ndarray],
@@ -163,26 +248,28 @@ def evaluate_checkpoint(
     solver: str = "ddim",
     renoise: bool | None = None,
     weights: MetricWeights = MetricWeights(),
+    progress: Progress | None = None,
 ) -> list[Row]:
+    """One row per step count (``progress``: a line printed as each finishes)."""
     trained = adapted.trainable_param_count(pre.model, pre.params)
     rows = []
     for num_steps in step_counts:
         samples, ms = sample_all(
             pre, examples, num_steps, seed=seed, batch_size=batch_size, solver=solver, renoise=renoise
         )
-        rows.append(
-            Row(
-                method=method,
-                steps=num_steps,
-                psnr=float(np.mean(psnr(samples, examples["image"]))),
-                ssim=float(np.mean(ssim(samples, examples["image"]))),
-                swd=swd(samples, examples["image"]),
-                ms_per_image=ms,
-                params_trained=trained,
-                samples=samples,
-                extra=weighted_metrics(samples, examples["image"], weights, seed),
-            )
+        row = score_row(
+            method,
+            num_steps,
+            samples,
+            examples["image"],
+            ms_per_image=ms,
+            params_trained=trained,
+            weights=weights,
+            seed=seed,
         )
+        rows.append(row)
+        if progress is not None:
+            progress.finished(row)
     return rows
 
 
@@ -202,18 +289,88 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def parse_runs(specs: list[str]) -> list[tuple[str, str]]:
+class RunSpec(NamedTuple):
+    """A run to evaluate: its table name, workdir and step counts (None: the shared ``--steps``)."""
+
+    name: str
+    workdir: str
+    steps: tuple[int, ...] | None = None
+
+
+def parse_step_counts(text: str, flag: str = "--steps") -> tuple[int, ...]:
+    """``"1,2,4"`` -> ``(1, 2, 4)``; every count a positive integer."""
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: step counts are comma-separated integers, e.g. 1,2,4.") from None
+    if not counts or min(counts) < 1:
+        raise ValueError(f"{flag} {text!r}: give at least one step count, each at least 1.")
+    return counts
+
+
+def parse_runs(specs: Sequence[str]) -> list[RunSpec]:
+    """``--run`` values: ``NAME=WORKDIR`` or ``NAME=WORKDIR:1,2,4`` (that run's own step counts)."""
     runs = []
     for spec in specs:
-        name, sep, workdir = spec.partition("=")
+        name, sep, rest = spec.partition("=")
+        workdir, colon, counts = rest.rpartition(":")
+        if not colon or not re.fullmatch(r"[0-9, ]+", counts):
+            workdir, counts = rest, ""
         if not sep or not name or not workdir:
-            raise ValueError(f"--run {spec!r} is not NAME=WORKDIR.")
-        runs.append((name, workdir))
+            raise ValueError(f"--run {spec!r} is not NAME=WORKDIR or NAME=WORKDIR:1,2,4.")
+        runs.append(RunSpec(name, workdir, parse_step_counts(counts, f"--run {spec!r}") if counts else None))
+    names = [run.name for run in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--run names must differ (they label the table rows); got {names}.")
     return runs
 
 
+def check_runs(
+    runs: Sequence[RunSpec], step_counts: tuple[int, ...], *, solver: str = "ddim", renoise: bool | None = None
+) -> list[tuple[RunSpec, ml_collections.ConfigDict]]:
+    """Every check of an evaluation from the runs' saved configs alone (no weights read): each run
+    is a codi / finetune run of the first run's task and image size, and samples at its step counts.
+    Returns each run (its step counts filled in) with its config."""
+    if renoise and solver != "ddim":
+        raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
+    checked = []
+    for spec in runs:
+        run = RunSpec(*spec)
+        config, _ = read_config(run.workdir, what=f"--run {run.name}={run.workdir}")
+        if not networks.is_conditional(config):
+            raise ValueError(
+                f"--run {run.name}={run.workdir} is a {config.get('method', 'teacher')!r} run, "
+                "not a conditional (codi / finetune) one."
+            )
+        run = run._replace(steps=tuple(run.steps or step_counts))
+        for num_steps in run.steps:
+            try:
+                few_step.check_steps(config, num_steps)
+            except ValueError as error:
+                raise ValueError(f"--run {run.name}: {error}") from None
+        if checked:
+            first, reference = checked[0]
+            if dict(config.task) != dict(reference.task) or config.data.image_size != reference.data.image_size:
+                raise ValueError(f"Run {run.name!r} was trained on another task or image size than {first.name!r}.")
+        checked.append((run, config))
+    return checked
+
+
+def evaluation_examples(
+    config: ml_collections.ConfigDict, *, images: str | None = None, num_eval: int = 256, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The held-out set: the clean images of folder ``images`` degraded with ``seed``, else the
+    first ``num_eval`` examples of the eval split."""
+    if images:
+        _, clean = few_step.load_images(images, int(config.data.image_size), flag="--images")
+        return tasks.degrade_images(config.task, clean, seed)
+    if num_eval < 1:
+        raise ValueError(f"--num_eval={num_eval}: must be at least 1.")
+    return held_out_examples(config, num_eval, seed=seed)
+
+
 def evaluate_runs(
-    runs: list[tuple[str, str]],
+    runs: Sequence[RunSpec | tuple],
     step_counts: tuple[int, ...],
     *,
     images: str | None = None,
@@ -223,41 +380,71 @@ def evaluate_runs(
     solver: str = "ddim",
     renoise: bool | None = None,
     weights: MetricWeights = MetricWeights(),
+    bicubic: bool = False,
+    progress: Callable[[str], None] | None = print,
 ) -> list[Row]:
-    loaded = [(name, load_conditional(workdir)) for name, workdir in runs]
-    reference = loaded[0][1].config
-    for name, pre in loaded[1:]:
-        if dict(pre.config.task) != dict(reference.task) or pre.config.data.image_size != reference.data.image_size:
-            raise ValueError(f"Run {name!r} was trained on another task or image size than {loaded[0][0]!r}.")
-    if images:
-        _, clean = few_step.load_images(images, int(reference.data.image_size))
-        examples = tasks.degrade_images(reference.task, clean, seed)
-    else:
-        examples = held_out_examples(reference, num_eval, seed=seed)
+    """Rows of every run at its step counts on one held-out set, then (``bicubic``; super-resolution
+    only, other tasks skip it with a note) the condition's own row. Everything is checked
+    (``check_runs``, the metric weights, the held-out images) before the first run is loaded; runs
+    are loaded one at a time. ``progress``: where the line per (run, step count) goes (None: nowhere)."""
+    checked = check_runs(runs, step_counts, solver=solver, renoise=renoise)
+    weights.check()
+    examples = evaluation_examples(checked[0][1], images=images, num_eval=num_eval, seed=seed)
+    if bicubic and checked[0][1].task.name != "sr":
+        bicubic = False
+        if progress is not None:
+            progress(f"No bicubic row: task {checked[0][1].task.name!r} is not super-resolution.")
+    jobs = [(run.name, n) for run, _ in checked for n in run.steps]
+    tracker = Progress(jobs, progress) if progress is not None else None
+    if progress is not None:
+        progress(f"Evaluating {len(jobs)} (run, step count) pairs on {len(examples['image'])} held-out images.")
     rows = []
-    for name, pre in loaded:
+    for run, _ in checked:
+        pre = load_conditional(run.workdir)
         rows += evaluate_checkpoint(
             pre,
             examples,
-            step_counts,
-            name,
+            run.steps,
+            run.name,
             seed=seed,
             batch_size=batch_size,
             solver=solver,
             renoise=renoise,
             weights=weights,
+            progress=tracker,
         )
+        del pre
+    if bicubic:
+        rows.append(condition_row(examples, weights=weights, seed=seed))
     return rows
 
 
-def write_results(rows: list[Row], out_dir: str, header: str = "") -> tuple[str, str]:
-    os.makedirs(out_dir, exist_ok=True)
-    paths = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
-    clashes = [p for p in paths if os.path.exists(p)]
-    if clashes:
-        raise FileExistsError(f"{clashes} already exist; choose another --out (nothing was overwritten).")
-    with open(paths[0], "w") as f:
-        json.dump([{k: v for k, v in dataclasses.asdict(r).items() if k != "samples"} for r in rows], f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write((header + "\n\n" if header else "") + markdown_table(rows) + "\n")
-    return paths
+RESULT_FILES = ("results.json", "results.md")
+
+
+def check_results_dir(out_dir: str, flag: str = "--out") -> None:
+    """Refuses an output directory that already holds results (nothing is ever overwritten)."""
+    few_step.check_out_dir(out_dir, RESULT_FILES, flag)
+
+
+def results_files(
+    rows: Sequence[Row], out_dir: str, header: str = "", meta: Mapping[str, Any] | None = None
+) -> dict[str, bytes]:
+    """``results.json`` (``{"rows": [...], **meta}``, samples left out) and ``results.md`` (the
+    header and the table) as ``path -> bytes`` for ``atomic.write_files``."""
+    table = [{k: v for k, v in dataclasses.asdict(r).items() if k != "samples"} for r in rows]
+    markdown = (header + "\n\n" if header else "") + markdown_table(list(rows)) + "\n"
+    json_path, md_path = (os.path.join(out_dir, name) for name in RESULT_FILES)
+    return {
+        json_path: json.dumps({"rows": table, **(meta or {})}, indent=2).encode(),
+        md_path: markdown.encode(),
+    }
+
+
+def write_results(
+    rows: Sequence[Row], out_dir: str, header: str = "", meta: Mapping[str, Any] | None = None
+) -> tuple[str, str]:
+    """Writes ``results.json`` and ``results.md`` together (all or nothing), never overwriting."""
+    check_results_dir(out_dir)
+    json_path, md_path = atomic.write_files(results_files(rows, out_dir, header, meta))
+    return json_path, md_path

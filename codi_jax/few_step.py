@@ -1,58 +1,212 @@
 """Few-step conditional sampling as library functions (the ``codi_jax.sample`` CLI wraps them).
 
-Loading clean images or conditions from files, sampling a restored CoDi / fine-tuned model, and
-writing one PNG per input plus a grid without overwriting anything.
+``prepare`` checks everything about a sampling request before any weight is read or anything is
+compiled (the run's saved config only, ``pretrained.read_config``): the input path and every
+image in it, the output directory, the step count against the run's training grid, the task;
+``run`` then restores the model, samples and writes one PNG per input plus a grid, all or
+nothing (``atomic.write_files``), never overwriting anything.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from PIL import Image
 
-from codi_jax import inference, sampling
+from codi_jax import atomic, inference, networks, sampling
 from codi_jax.data import pipeline, tasks
-from codi_jax.pretrained import Pretrained, load_conditional
+from codi_jax.pretrained import Pretrained, load_conditional, read_config
+
+CONDITION_TASKS = ("sr", "edge", "depth")  # tasks whose condition is one image (--input=condition)
+GRID_MIN_TILE = 128  # grid tiles are enlarged (nearest neighbour) to at least this many pixels
+MAX_NOTES = 5  # resize notes printed before the rest are summed up
 
 
-def load_images(path: str, size: int) -> tuple[list[str], np.ndarray]:
-    """``(names, images)``: every image at ``path`` (file or directory) as float32 [-1, 1], resized
-    (shorter side, bicubic) and centre-cropped to ``size``."""
-    if os.path.isdir(path):
-        paths = pipeline.list_image_files(path)
-    elif os.path.isfile(path):
-        paths = [path]
-    else:
-        raise FileNotFoundError(f"--cond {path!r} is neither an image file nor a directory.")
-    images = []
+def list_inputs(path: str, flag: str = "--cond") -> list[str]:
+    """The image files at ``path`` (one file, or a folder searched recursively); errors name the flag."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file or directory.")
+    try:
+        return pipeline.list_image_files(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{flag} {path}: the folder holds no images ({', '.join(pipeline.IMAGE_EXTENSIONS)})."
+        ) from None
+
+
+def fit_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxWx3 -> float32 ``size`` x ``size`` x 3 in [-1, 1]: shorter side resized (bicubic), centre crop."""
+    image = Image.fromarray(rgb)
+    if image.size != (size, size):
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
+def load_images(
+    path: str | Sequence[str],
+    size: int,
+    *,
+    accepted_sizes: Sequence[int] | None = None,
+    strict: bool = False,
+    note: Callable[[str], None] | None = print,
+    flag: str = "--cond",
+) -> tuple[list[str], np.ndarray]:
+    """``(names, images)``: every image at ``path`` (file, folder, or a list of files) as float32
+    [-1, 1], resized (shorter side, bicubic) and centre-cropped to ``size``.
+
+    Images not square at one of ``accepted_sizes`` (default: ``size``) are resized with a note
+    (``note``; None: silently), or refused with ``strict``. A file that does not decode is an
+    error naming it; ``flag`` names the path in errors."""
+    paths = list_inputs(path, flag) if isinstance(path, str) else list(path)
+    accepted = tuple(accepted_sizes or (size,))
+    images, notes = [], []
     for p in paths:
-        rgb = Image.fromarray(pipeline.load_image_rgb(p))
-        scale = size / min(rgb.size)
-        resized = rgb.resize((max(size, round(rgb.width * scale)), max(size, round(rgb.height * scale))), Image.BICUBIC)
-        left, top = (resized.width - size) // 2, (resized.height - size) // 2
-        crop = np.asarray(resized.crop((left, top, left + size, top + size)), np.float32)
-        images.append(crop / 127.5 - 1.0)
+        rgb = pipeline.load_image_rgb(p)  # ValueError naming the file if it does not decode
+        height, width = rgb.shape[:2]
+        if not (height == width and height in accepted):
+            wanted = " or ".join(f"{s}x{s}" for s in accepted)
+            if strict:
+                raise ValueError(f"{p}: {width}x{height}, the model takes {wanted} images (--strict_size).")
+            notes.append(f"{os.path.basename(p)}: {width}x{height} resized to {size}x{size}")
+        images.append(fit_image(rgb, size))
+    if note is not None:
+        for line in notes[:MAX_NOTES]:
+            note(line)
+        if len(notes) > MAX_NOTES:
+            note(f"... and {len(notes) - MAX_NOTES} more images resized to {size}x{size}")
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     return names, np.stack(images)
 
 
-def conditions_from_images(task_config, images: np.ndarray) -> np.ndarray:
+def check_condition_task(task_config: ml_collections.ConfigDict) -> None:
+    if task_config.name not in CONDITION_TASKS:
+        raise ValueError(
+            f"--input=condition is not supported for task {task_config.name!r} (its condition is not a single "
+            "image); use --input=clean with clean images."
+        )
+
+
+def conditions_from_images(task_config: ml_collections.ConfigDict, images: np.ndarray) -> np.ndarray:
     """Conditions given directly as images (``--input=condition``)."""
-    name, size = task_config.name, images.shape[1]
-    if name == "sr":
+    check_condition_task(task_config)
+    if task_config.name == "sr":
+        size = images.shape[1]
         low = size // int(task_config.scale)
         small = jax.image.resize(jnp.asarray(images), (len(images), low, low, 3), "bicubic", antialias=True)
         return np.clip(np.asarray(jax.image.resize(small, images.shape, "bicubic")), -1.0, 1.0)
-    if name in ("edge", "depth"):
-        gray = images @ np.array([0.299, 0.587, 0.114], np.float32)
-        return gray[..., None]
-    raise ValueError(
-        f"--input=condition is not supported for task {name!r} (its condition is not a single image); "
-        "use --input=clean with clean images."
-    )
+    gray = images @ np.array([0.299, 0.587, 0.114], np.float32)
+    return gray[..., None]
+
+
+def output_files(names: Sequence[str]) -> list[str]:
+    """``<name>.png`` per input and ``grid.png``; names that collide are an error."""
+    files = [f"{name}.png" for name in names] + ["grid.png"]
+    if len(set(files)) != len(files):
+        seen = [f for i, f in enumerate(files) if f in files[:i]]
+        raise ValueError(f"input file names collide after removing extensions ({seen[:3]}); rename them.")
+    return files
+
+
+def check_out_dir(out_dir: str, files: Sequence[str], flag: str = "--out") -> None:
+    """Refuses an output directory that is a file or already holds one of ``files``."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{flag} {out_dir} is a file, not a directory.")
+    clashes = [f for f in files if os.path.lexists(os.path.join(out_dir, f))]
+    if clashes:
+        raise FileExistsError(
+            f"{out_dir} already holds {clashes[:3]}{'...' if len(clashes) > 3 else ''}; "
+            f"choose another {flag} (nothing was overwritten)."
+        )
+
+
+def check_steps(config: ml_collections.ConfigDict, steps: int) -> None:
+    """``steps`` >= 1 and, for CoDi, at most its training grid (from the saved config alone)."""
+    if steps < 1:
+        raise ValueError(f"--steps={steps}: must be at least 1.")
+    try:
+        inference.sample_times(config, steps)
+    except ValueError as error:
+        raise ValueError(f"--steps={steps}: {error}") from None
+
+
+@dataclasses.dataclass
+class SamplePlan:
+    """A checked sampling request: the run's config and step, the inputs and what will be written."""
+
+    config: ml_collections.ConfigDict
+    step: int
+    names: list[str]
+    files: list[str]
+    cond: np.ndarray
+    target: np.ndarray | None
+    instructions: np.ndarray | None
+
+
+def read_conditional_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+    """The saved config of a codi / finetune run (JSON only, no weights) and its checkpoint step."""
+    config, step = read_config(workdir, step, what="--workdir")
+    if not networks.is_conditional(config):
+        raise ValueError(
+            f"--workdir {workdir} holds a {config.get('method', 'teacher')!r} run, not a conditional "
+            "(codi / finetune) one; sample an unconditional teacher with python -m codi_jax.sample_teacher."
+        )
+    return config, step
+
+
+def prepare(
+    workdir: str,
+    cond_path: str,
+    out_dir: str,
+    *,
+    steps: int,
+    input_kind: str = "clean",
+    seed: int = 0,
+    instruction: int = 0,
+    step: int | None = None,
+    strict_size: bool = False,
+) -> SamplePlan:
+    """Every check of a sampling request, before any weight is read (see the module docstring)."""
+    if steps < 1:
+        raise ValueError(f"--steps={steps}: must be at least 1.")
+    if input_kind not in ("clean", "condition"):
+        raise ValueError(f"--input={input_kind!r}; valid: 'clean', 'condition'.")
+    paths = list_inputs(cond_path)
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    files = output_files(names)
+    check_out_dir(out_dir, files)
+    config, step = read_conditional_config(workdir, step)
+    check_steps(config, steps)
+    task, size = config.task, int(config.data.image_size)
+    num_instructions = tasks.num_instructions(task)
+    if num_instructions and not 0 <= instruction < num_instructions:
+        raise ValueError(
+            f"--instruction={instruction}: the run's edit task has instructions 0..{num_instructions - 1}."
+        )
+    accepted = (size,)
+    if input_kind == "condition":
+        check_condition_task(task)
+        accepted = (size // int(task.scale), size) if task.name == "sr" else (size,)
+    _, images = load_images(paths, size, accepted_sizes=accepted, strict=strict_size)
+    if input_kind == "clean":
+        degraded = tasks.degrade_images(task, images, seed)
+        cond, target, instructions = degraded["cond"], degraded["image"], degraded.get("instruction")
+    else:
+        cond, target, instructions = conditions_from_images(task, images), None, None
+    if num_instructions and instructions is None:
+        instructions = np.full((len(cond),), instruction, np.int32)
+    return SamplePlan(config, step, names, files, cond, target, instructions)
 
 
 def sample_conditional(
@@ -84,27 +238,25 @@ def sample_conditional(
     return np.concatenate(out)
 
 
+def viewable_grid(tiles: np.ndarray, columns: int, min_tile: int = GRID_MIN_TILE) -> np.ndarray:
+    """``sampling.make_grid`` of uint8 NHWC ``tiles``, enlarged (nearest neighbour) by the smallest
+    integer factor that shows each tile at ``min_tile`` pixels or more (32-px tiles: 4x)."""
+    factor = max(1, -(-min_tile // min(tiles.shape[1:3])))
+    grid = sampling.make_grid(tiles, columns=columns)
+    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
 def write_outputs(out_dir: str, names: list[str], columns: list[np.ndarray]) -> list[str]:
-    """``<name>.png`` (the sample, ``columns[1]``) per input and ``grid.png`` with one row per input."""
-    os.makedirs(out_dir, exist_ok=True)
-    files = [f"{name}.png" for name in names] + ["grid.png"]
-    if len(set(files)) != len(files):
-        raise ValueError("Input file names collide after removing extensions; rename them.")
-    clashes = [f for f in files if os.path.exists(os.path.join(out_dir, f))]
-    if clashes:
-        raise FileExistsError(
-            f"{out_dir} already holds {clashes[:3]}{'...' if len(clashes) > 3 else ''}; "
-            "choose another --out (nothing was overwritten)."
-        )
+    """``<name>.png`` (the sample, ``columns[1]``) per input and ``grid.png`` with one row per input
+    (tiles enlarged, ``viewable_grid``), written as one all-or-nothing group; never overwrites."""
+    files = output_files(names)
+    check_out_dir(out_dir, files)
     pixels = [sampling.to_uint8(c) for c in columns]
-    paths = []
-    for name, image in zip(files, pixels[1]):
-        paths.append(os.path.join(out_dir, name))
-        Image.fromarray(image).save(paths[-1])
     tiles = np.stack(pixels, axis=1).reshape((-1,) + pixels[0].shape[1:])
-    paths.append(os.path.join(out_dir, "grid.png"))
-    Image.fromarray(sampling.make_grid(tiles, columns=len(columns))).save(paths[-1])
-    return paths
+    images = list(pixels[1]) + [viewable_grid(tiles, len(columns))]
+    return atomic.write_files(
+        {os.path.join(out_dir, name): atomic.png_bytes(image) for name, image in zip(files, images, strict=True)}
+    )
 
 
 def run(
@@ -120,21 +272,26 @@ def run(
     instruction: int = 0,
     step: int | None = None,
     use_ema: bool = True,
+    strict_size: bool = False,
 ) -> list[str]:
-    pre = load_conditional(workdir, step=step, use_ema=use_ema)
-    size = int(pre.config.data.image_size)
-    names, images = load_images(cond_path, size)
-    if input_kind == "clean":
-        degraded = tasks.degrade_images(pre.config.task, images, seed)
-        cond, target = degraded["cond"], degraded["image"]
-        instructions = degraded.get("instruction")
-    else:
-        cond, target = conditions_from_images(pre.config.task, images), None
-        instructions = None
-    if tasks.num_instructions(pre.config.task) and instructions is None:
-        instructions = np.full((len(cond),), instruction, np.int32)
-    samples = sample_conditional(
-        pre, cond, instructions, steps=steps, seed=seed, stochastic=stochastic, batch_size=batch_size
+    """Checks the request (``prepare``), restores the run, samples and writes; returns the paths
+    written (the samples, then ``grid.png``)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size={batch_size}: must be at least 1.")
+    plan = prepare(
+        workdir,
+        cond_path,
+        out_dir,
+        steps=steps,
+        input_kind=input_kind,
+        seed=seed,
+        instruction=instruction,
+        step=step,
+        strict_size=strict_size,
     )
-    columns = [sampling.cond_to_rgb(cond), samples] + ([target] if target is not None else [])
-    return write_outputs(out_dir, names, columns)
+    pre = load_conditional(workdir, step=plan.step, use_ema=use_ema)
+    samples = sample_conditional(
+        pre, plan.cond, plan.instructions, steps=steps, seed=seed, stochastic=stochastic, batch_size=batch_size
+    )
+    columns = [sampling.cond_to_rgb(plan.cond), samples] + ([plan.target] if plan.target is not None else [])
+    return write_outputs(out_dir, plan.names, columns)

@@ -26,12 +26,22 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from PIL import Image
 
-from codi_jax import checkpoint, codi, config_resolution, inference, metrics, networks, pretrained, sampling, teacher
+from codi_jax import (
+    atomic,
+    checkpoint,
+    codi,
+    config_resolution,
+    inference,
+    metrics,
+    networks,
+    pretrained,
+    sampling,
+    teacher,
+)
 from codi_jax import sharding as sharding_lib
 from codi_jax.data import pipeline
-from codi_jax.train_state import TrainState, create_train_state, make_optimizer, model_params
+from codi_jax.train_state import TrainState, create_train_state, default_update_policy, make_optimizer, model_params
 
 
 @dataclasses.dataclass
@@ -58,8 +68,15 @@ def _write_grid(writer, workdir: str, step: int, grid: np.ndarray, tag: str = "s
     writer.write_images(step, {tag: grid[None]})
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     path = os.path.join(workdir, "samples", f"step_{step:07d}.png")
-    Image.fromarray(grid).save(path)
+    atomic.save_png(path, grid)
     return path
+
+
+def update_policy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run's ``nonfinite`` section with defaults for fields it lacks (older configs)."""
+    policy = default_update_policy()
+    policy.update(dict(config.get("nonfinite") or {}))
+    return policy
 
 
 # --------------------------------------------------------------------------- teacher
@@ -83,6 +100,7 @@ def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
         ema_decay=config.ema_decay,
         ema_warmup=config.get("ema_warmup", False),
         parametrization=parametrization,
+        max_param_norm_ratio=update_policy(config).max_param_norm_ratio,
     )
     sampler = jax.jit(
         functools.partial(
@@ -160,6 +178,7 @@ def _conditional_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         parametrization=parametrization,
         config=config.codi,
         objective=config.method,
+        max_param_norm_ratio=update_policy(config).max_param_norm_ratio,
     )
     sampler = inference.make_conditional_sampler(model, schedule, parametrization)
     examples = eval_examples(config, config.num_sample_images)

@@ -15,14 +15,20 @@ and centre-cropped to the model's size and the task's degradation is applied wit
 Steps: CoDi samples on its training grid, so ``--steps`` above the grid size is an error;
 between steps the sample re-noises with fresh noise (``--stochastic``; CoDi's default, see
 ``codi.renoise``) or moves deterministically (DDIM, ``--nostochastic``). Existing files in
-``--out`` are never overwritten.
+``--out`` are never overwritten; all outputs are written together or not at all.
+
+Every check (flags, ``--cond`` and each image in it, ``--out``, ``--steps`` against the run's
+saved config) runs before any weight is read or anything is compiled; a bad input ends with one
+line ``error: ...`` and exit code 2 (``--verbose``: the traceback). Images not at the model's size
+are resized with a note, or refused with ``--strict_size``. The library (JAX, TensorFlow) is
+imported after the flags are checked, so ``--help`` and flag errors are immediate.
 """
 
 from __future__ import annotations
 
-from absl import app, flags, logging
+from absl import flags
 
-from codi_jax import few_step
+from codi_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "CoDi / fine-tune training workdir (holds checkpoints/).")
@@ -41,12 +47,15 @@ flags.DEFINE_integer("batch_size", 32, "Images per jitted call.")
 flags.DEFINE_integer("instruction", 0, "Instruction id for the edit task.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters.")
-flags.mark_flags_as_required(["workdir", "cond", "out"])
+flags.DEFINE_bool("strict_size", False, "Refuse images not at the model's size instead of resizing them.")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
+    cli.require_flags("workdir", "cond", "out")
+    cli.require_positive(steps=FLAGS.steps, batch_size=FLAGS.batch_size)
+    from codi_jax import few_step  # heavy (JAX, TF): imported once the flags are known good
+
     paths = few_step.run(
         FLAGS.workdir,
         FLAGS.cond,
@@ -59,10 +68,10 @@ def main(argv):
         instruction=FLAGS.instruction,
         step=FLAGS.step,
         use_ema=FLAGS.use_ema,
+        strict_size=FLAGS.strict_size,
     )
-    logging.info("Wrote %d samples and %s.", len(paths) - 1, paths[-1])
     print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_main(main)

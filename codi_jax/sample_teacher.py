@@ -2,7 +2,10 @@
 
 ``python -m codi_jax.sample_teacher --workdir=DIR --steps=50 --num_images=64 --out=DIR``
 restores the latest checkpoint's EMA parameters (the config is read from the checkpoint) and
-writes one PNG per sample plus ``grid.png``. Existing files in ``--out`` are never overwritten.
+writes one PNG per sample plus ``grid.png`` (tiles enlarged to at least 128 px), all together or
+not at all. Existing files in ``--out`` are never overwritten. Flags, ``--out`` and the run's
+saved config are checked before any weight is read; a bad input ends with one line
+``error: ...`` and exit code 2.
 """
 
 from __future__ import annotations
@@ -12,11 +15,10 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags, logging
-from PIL import Image
+from absl import flags
 
-from codi_jax import sampling
-from codi_jax.pretrained import load_teacher
+from codi_jax import atomic, cli, few_step, networks, sampling
+from codi_jax.pretrained import load_teacher, read_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/).")
@@ -27,7 +29,6 @@ flags.DEFINE_integer("batch_size", 64, "Samples per jitted call.")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters.")
-flags.mark_flags_as_required(["workdir", "out"])
 
 
 def sample_images(
@@ -63,42 +64,46 @@ def sample_images(
     return np.concatenate(out)
 
 
-def write_images(images: np.ndarray, out_dir: str, prefix: str = "sample") -> list[str]:
-    """Writes ``prefix_00000.png``... and ``grid.png``; refuses to overwrite existing files."""
-    os.makedirs(out_dir, exist_ok=True)
-    names = [f"{prefix}_{i:05d}.png" for i in range(len(images))] + ["grid.png"]
-    clashes = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
-    if clashes:
-        raise FileExistsError(
-            f"{out_dir} already holds {clashes[:3]}{'...' if len(clashes) > 3 else ''}; "
-            "choose another --out (nothing was overwritten)."
+def sample_files(num_images: int, prefix: str = "sample") -> list[str]:
+    """``prefix_00000.png``... and ``grid.png``."""
+    return [f"{prefix}_{i:05d}.png" for i in range(num_images)] + ["grid.png"]
+
+
+def check_request(
+    workdir: str, out_dir: str, *, steps: int, num_images: int, batch_size: int, step: int | None = None
+) -> None:
+    """Every check of a sampling request before any weight is read (the run's saved config only)."""
+    for flag, value in (("steps", steps), ("num_images", num_images), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{flag}={value}: must be at least 1.")
+    few_step.check_out_dir(out_dir, sample_files(num_images))
+    config, _ = read_config(workdir, step, what="--workdir")
+    if networks.is_conditional(config):
+        raise ValueError(
+            f"--workdir {workdir} holds a conditional {config.method!r} run; sample it with python -m codi_jax.sample."
         )
+
+
+def write_images(images: np.ndarray, out_dir: str, prefix: str = "sample") -> list[str]:
+    """Writes ``prefix_00000.png``... and ``grid.png`` as one all-or-nothing group; refuses to
+    overwrite existing files."""
+    names = sample_files(len(images), prefix)
+    few_step.check_out_dir(out_dir, names)
     pixels = sampling.to_uint8(images)
-    paths = []
-    for name, img in zip(names, pixels):
-        paths.append(os.path.join(out_dir, name))
-        Image.fromarray(img).save(paths[-1])
-    grid_path = os.path.join(out_dir, "grid.png")
-    Image.fromarray(sampling.make_grid(pixels)).save(grid_path)
-    return paths + [grid_path]
+    grid = few_step.viewable_grid(pixels, int(np.ceil(np.sqrt(len(pixels)))))
+    encoded = [atomic.png_bytes(image) for image in pixels] + [atomic.png_bytes(grid)]
+    return atomic.write_files({os.path.join(out_dir, n): data for n, data in zip(names, encoded, strict=True)})
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    images = sample_images(
-        FLAGS.workdir,
-        steps=FLAGS.steps,
-        num_images=FLAGS.num_images,
-        batch_size=FLAGS.batch_size,
-        seed=FLAGS.seed,
-        step=FLAGS.step,
-        use_ema=FLAGS.use_ema,
-    )
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
+    cli.require_flags("workdir", "out")
+    request = dict(steps=FLAGS.steps, num_images=FLAGS.num_images, batch_size=FLAGS.batch_size, step=FLAGS.step)
+    check_request(FLAGS.workdir, FLAGS.out, **request)
+    images = sample_images(FLAGS.workdir, seed=FLAGS.seed, use_ema=FLAGS.use_ema, **request)
     paths = write_images(images, FLAGS.out)
-    logging.info("Wrote %d images and %s.", len(paths) - 1, paths[-1])
     print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_main(main)

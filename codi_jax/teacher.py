@@ -43,11 +43,15 @@ def train_step(
     ema_decay: float,
     ema_warmup: bool = False,
     parametrization: diffusion.Parametrization = "v",
+    max_param_norm_ratio: float = 0.0,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One teacher update. Pure: bind the keyword arguments with ``functools.partial`` and jit."""
+    """One teacher update. Pure: bind the keyword arguments with ``functools.partial`` and jit.
+    ``max_param_norm_ratio``: see ``train_state.update_is_sane`` (0: reject non-finite only)."""
     loss, grads = jax.value_and_grad(diffusion_loss)(
         state.params, model, schedule, batch["image"], rng, parametrization
     )
-    new_state, skipped = apply_gradients(state, grads, optimizer, ema_decay, ema_warmup)
+    new_state, skipped = apply_gradients(
+        state, grads, optimizer, ema_decay, ema_warmup, loss=loss, max_param_norm_ratio=max_param_norm_ratio
+    )
     metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "skipped_nonfinite": skipped}
     return new_state, metrics

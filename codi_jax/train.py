@@ -5,12 +5,14 @@ Rerunning with the same workdir resumes from its latest checkpoint.
 """
 
 import os
+import sys
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
-from codi_jax import train_loop
+from codi_jax import cli, train_loop
+from codi_jax.run_status import RunStopped
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
@@ -29,7 +31,6 @@ flags.DEFINE_bool(
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --jax_distributed).")
 flags.DEFINE_integer("num_processes", None, "Number of processes, one per host (implies --jax_distributed).")
 flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --jax_distributed).")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def initialize_distributed() -> None:
@@ -38,7 +39,7 @@ def initialize_distributed() -> None:
     if not FLAGS.jax_distributed and all(v is None for v in explicit):
         return
     if any(v is None for v in explicit) and any(v is not None for v in explicit):
-        raise app.UsageError("Give all of --coordinator_address, --num_processes and --process_id, or none.")
+        raise cli.UserError("Give all of --coordinator_address, --num_processes and --process_id, or none.")
     jax.distributed.initialize(
         coordinator_address=FLAGS.coordinator_address,
         num_processes=FLAGS.num_processes,
@@ -49,15 +50,18 @@ def initialize_distributed() -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cli.no_arguments(argv)
+    cli.require_flags("config", "workdir")
     initialize_distributed()
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    logging.info("Config:\n%s", FLAGS.config)
-    train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    try:
+        train_loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except RunStopped as stopped:
+        logging.error("%s: %s", type(stopped).__name__, stopped)
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_main(main)

@@ -19,11 +19,13 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import metric_writers
 
 from codi_jax import checkpoint, config_resolution, diffusion, networks, recipes, sharding
 from codi_jax.data import pipeline
 from codi_jax.models.unet import UNet
+from codi_jax.run_status import CheckpointWriteFailed, Diverged, Preempted
+from codi_jax.stop_signals import StopSignals
 from codi_jax.train_state import TrainState
 
 
@@ -82,8 +84,8 @@ def restore_or_init(
     if ckpt.latest_step() is None:
         return create_sharded_state(recipe, mesh, config)
     abstract, shardings = state_shardings(recipe, mesh, config)
-    state = ckpt.restore(checkpoint.abstract_like(abstract, shardings), config)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, int(state.step))
+    state = ckpt.restore_latest_intact(checkpoint.abstract_like(abstract, shardings), config)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, int(sharding.to_host(state.step)))
     return state, shardings
 
 
@@ -93,6 +95,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     config = config_resolution.resolve(config)
     mesh = sharding.mesh_from_config(config)
     sharding.check_batch_divisible(config.batch_size, mesh)
+    logging.info("Config (resolved):\n%s", config)
+    logging.info(
+        "Data: %s (config.data.data_dir); XLA compilation cache: %s (--compilation_cache).",
+        config.data.get("data_dir") or os.path.expanduser("~/tensorflow_datasets"),
+        jax.config.jax_compilation_cache_dir or "off",
+    )
     os.makedirs(workdir, exist_ok=True)
     recipe = recipes.make_recipe(config, mesh)
     ckpt = checkpoint.Checkpointer(
@@ -101,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         keep=config.keep_checkpoints,
     )
     state, shardings = restore_or_init(recipe, mesh, config, ckpt)
-    start_step = int(state.step)
+    start_step = int(sharding.to_host(state.step))
     if start_step >= config.num_train_steps:
         logging.info("Checkpoint step %d >= num_train_steps %d: nothing to do.", start_step, config.num_train_steps)
         ckpt.close()
@@ -120,9 +128,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, int | float | str)})
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=config.num_train_steps, writer=writer, every_steps=config.log_every_steps
-    )
     pending: list[dict[str, jax.Array]] = []
     logging.info(
         "Training from step %d to %d on a %s mesh (%d process(es)).",
@@ -132,43 +137,101 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.process_count(),
     )
     t_last, step_last = time.time(), start_step
-    for step in range(start_step + 1, config.num_train_steps + 1):
-        batch = pipeline.to_global_batch(next(batches), batch_sharding)
-        step_rng = jax.random.fold_in(state.rng, step - 1)  # state.rng is replicated
-        state, metrics = step_fn(state, batch, step_rng)
-        pending.append(metrics)
-        progress(step)
+    policy, rejected = recipes.update_policy(config), 0
+    with StopSignals() as stop:
+        for step in range(start_step + 1, config.num_train_steps + 1):
+            batch = pipeline.to_global_batch(next(batches), batch_sharding)
+            step_rng = jax.random.fold_in(state.rng, step - 1)  # state.rng is replicated
+            state, metrics = step_fn(state, batch, step_rng)
+            pending.append(metrics)
+            if step == start_step + 1:  # rates and ETA leave the compile out
+                jax.block_until_ready(metrics)
+                logging.info("Step %d (compile included) took %.1f s.", step, time.time() - t_last)
+                t_last, step_last = time.time(), step
+            rejected = rejected + 1 if float(sharding.to_host(metrics["skipped_nonfinite"])) else 0
+            if policy.max_consecutive and rejected >= policy.max_consecutive:
+                ckpt.wait()
+                raise Diverged(_diverged_message(step, rejected, policy, ckpt))
+            if (step % config.log_every_steps == 0 or step == config.num_train_steps) and step > step_last:
+                t_last, step_last = _log_progress(writer, config, pending, step, t_last, step_last)
+                pending = []
+            if step % config.sample_every_steps == 0 or step == config.num_train_steps:
+                eval_scalars = recipe.write_samples(writer, workdir, step, state)
+                if eval_scalars:
+                    writer.write_scalars(step, eval_scalars)
+            _check_checkpoint_writes(ckpt)
+            stopping = stop.agreed()
+            # While updates are being rejected no checkpoint is written: the last one stays the last good one.
+            if stopping or not rejected:
+                ckpt.save(step, state, config, force=stopping or step == config.num_train_steps)
+            if stopping:
+                _wait_for_checkpoint(ckpt)
+                logging.warning(
+                    "Stopped by %s at step %d: checkpoint written to %s/%d. Rerun the same command to resume.",
+                    stop.requested or "another process's signal",
+                    step,
+                    ckpt.directory,
+                    step,
+                )
+                raise Preempted(f"stopped at step {step}; checkpoint {ckpt.directory}/{step}")
 
-        if step % config.log_every_steps == 0 or step == config.num_train_steps:
-            summary = {f"train/{k}": float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
-            pending = []
-            now = time.time()
-            steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
-            t_last, step_last = now, step
-            summary["train/steps_per_sec"] = steps_per_sec
-            summary["train/images_per_sec"] = steps_per_sec * config.batch_size
-            writer.write_scalars(step, summary)
-            eta_min = (config.num_train_steps - step) / max(steps_per_sec, 1e-9) / 60
-            logging.info(
-                "step %d/%d loss %.4f  %.2f steps/s  ETA %.1f min",
-                step,
-                config.num_train_steps,
-                summary["train/loss"],
-                steps_per_sec,
-                eta_min,
-            )
-
-        if step % config.sample_every_steps == 0 or step == config.num_train_steps:
-            eval_scalars = recipe.write_samples(writer, workdir, step, state)
-            if eval_scalars:
-                writer.write_scalars(step, eval_scalars)
-
-        ckpt.save(step, state, config, force=step == config.num_train_steps)
-        if ckpt.reached_preemption(step):
-            logging.warning("Preemption signal at step %d: checkpoint saved, stopping.", step)
-            break
-
-    ckpt.wait()
+    _wait_for_checkpoint(ckpt)
     ckpt.close()
     writer.flush()
     return state
+
+
+def _log_progress(writer, config, pending: list, step: int, t_last: float, step_last: int) -> tuple[float, int]:
+    """TensorBoard scalars and one log line (loss, steps/s since the last line, ETA)."""
+    summary = {f"train/{k}": float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
+    now = time.time()
+    steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
+    summary["train/steps_per_sec"] = steps_per_sec
+    summary["train/images_per_sec"] = steps_per_sec * config.batch_size
+    writer.write_scalars(step, summary)
+    eta_min = (config.num_train_steps - step) / max(steps_per_sec, 1e-9) / 60
+    logging.info(
+        "step %d/%d loss %.4f  %.2f steps/s  ETA %.1f min",
+        step,
+        config.num_train_steps,
+        summary["train/loss"],
+        steps_per_sec,
+        eta_min,
+    )
+    return now, step
+
+
+def _last_complete(ckpt: checkpoint.Checkpointer) -> str:
+    steps = ckpt.all_steps()
+    return f"{ckpt.directory}/{max(steps)}" if steps else f"none in {ckpt.directory}"
+
+
+def _diverged_message(step: int, rejected: int, policy, ckpt: checkpoint.Checkpointer) -> str:
+    return (
+        f"{rejected} consecutive updates rejected up to step {step} (non-finite loss / gradients / params, or the "
+        f"parameter norm moved by more than x{policy.max_param_norm_ratio}); no checkpoint was written for them. "
+        f"Last good checkpoint: {_last_complete(ckpt)}. Lower optimizer.learning_rate or check the data, then "
+        "rerun to resume from it."
+    )
+
+
+def _check_checkpoint_writes(ckpt: checkpoint.Checkpointer) -> None:
+    """A failed background checkpoint write stops the run at this step boundary."""
+    try:
+        ckpt.check_for_errors()
+    except Exception as error:
+        raise CheckpointWriteFailed(
+            f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {error}); "
+            f"last complete checkpoint: {_last_complete(ckpt)}"
+        ) from error
+
+
+def _wait_for_checkpoint(ckpt: checkpoint.Checkpointer) -> None:
+    try:
+        ckpt.wait()
+    except Exception as error:
+        raise CheckpointWriteFailed(
+            f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {error}); "
+            f"last complete checkpoint: {_last_complete(ckpt)}"
+        ) from error
+    _check_checkpoint_writes(ckpt)

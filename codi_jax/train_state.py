@@ -7,6 +7,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 
 
@@ -75,19 +76,50 @@ def tree_all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def default_update_policy() -> ml_collections.ConfigDict:
+    """The ``nonfinite`` config section: when an update is rejected and when the run gives up."""
+    config = ml_collections.ConfigDict()
+    # Reject an update whose new global parameter norm differs from the old one by more than this
+    # factor (either way): finite but absurd steps (e.g. learning_rate=1e30). 0 disables.
+    config.max_param_norm_ratio = 2.0
+    config.max_consecutive = 10  # this many rejected updates in a row stop the run (0: never)
+    return config
+
+
+def _global_norm(tree: Any) -> jax.Array:
+    return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)))
+
+
+def update_is_sane(
+    loss: jax.Array, grads: Any, old_params: Any, new_params: Any, max_param_norm_ratio: float
+) -> jax.Array:
+    """Whether to keep an update: finite loss, gradients and new params, and (ratio > 0) a global
+    parameter norm that moved by less than ``max_param_norm_ratio`` either way."""
+    ok = jnp.isfinite(loss) & tree_all_finite(grads) & tree_all_finite(new_params)
+    if max_param_norm_ratio:
+        old, new = _global_norm(old_params), _global_norm(new_params)
+        tiny = jnp.float32(1e-12)
+        ok &= (new <= max_param_norm_ratio * old + tiny) & (old <= max_param_norm_ratio * new + tiny)
+    return ok
+
+
 def apply_gradients(
     state: TrainState,
     grads: Any,
     optimizer: optax.GradientTransformation,
     ema_decay: float,
     ema_warmup: bool = False,
+    *,
+    loss: jax.Array | None = None,
+    max_param_norm_ratio: float = 0.0,
 ) -> tuple[TrainState, jax.Array]:
-    """One optimizer + EMA update; skipped (state kept) if it would produce NaN/Inf.
+    """One optimizer + EMA update; rejected (state kept, step counted) when the loss, the gradients
+    or the new params are non-finite or the update is absurd (``update_is_sane``).
 
     With ``ema_warmup`` the decay is ``min(ema_decay, (1 + step) / (10 + step))``, so that early
     EMA weights are not dominated by the random initialisation (at step 1000 a fixed 0.999 decay
     still gives the initial params a weight of 0.999**1000 = 37%).
-    Returns the new state and a flag that is 1.0 where the update was skipped.
+    Returns the new state and a flag that is 1.0 where the update was rejected.
     """
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -96,13 +128,14 @@ def apply_gradients(
         step = state.step.astype(jnp.float32)
         decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
     ema_params = optax.incremental_update(params, state.ema_params, step_size=1.0 - decay)
-    finite = tree_all_finite(params)
+    loss = jnp.float32(0.0) if loss is None else loss
+    keep = update_is_sane(loss, grads, state.params, params, max_param_norm_ratio)
     # One conditional over the whole tree: a per-leaf jnp.where on the global flag makes XLA:CPU
     # fuse every leaf with the reduction and multiplies compile time (~5x measured).
     params, ema_params, opt_state = jax.lax.cond(
-        finite,
+        keep,
         lambda: (params, ema_params, opt_state),
         lambda: (state.params, state.ema_params, state.opt_state),
     )
     new_state = state.replace(step=state.step + 1, params=params, ema_params=ema_params, opt_state=opt_state)
-    return new_state, 1.0 - finite.astype(jnp.float32)
+    return new_state, 1.0 - keep.astype(jnp.float32)

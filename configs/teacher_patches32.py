@@ -6,7 +6,7 @@ v-prediction, cosine schedule.
 
 import ml_collections
 
-from codi_jax import sharding
+from codi_jax import sharding, train_state
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -66,4 +66,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Mesh (data x fsdp) and sharding rules: ((regex over the param path, spec), ...), spec a
     # PartitionSpec tuple or "fsdp" (split big leaves along fsdp); see codi_jax.sharding.
     config.sharding = sharding.default_sharding_config()
+    # Update rejection (non-finite or parameter-norm jump) and when the run gives up; see
+    # codi_jax.train_state.default_update_policy.
+    config.nonfinite = train_state.default_update_policy()
     return config

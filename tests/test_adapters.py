@@ -212,3 +212,40 @@ def test_bad_adapter_config_and_condition_errors() -> None:
     wrong = jax.tree.map(lambda x: x[..., :1] if x.ndim == 4 else x, backbone_params)
     with pytest.raises(ValueError, match="shape"):
         adapters.init_from_backbone(dict(params), wrong, copy_encoder=True)
+
+
+def test_hint_network_has_diffusers_layout() -> None:
+    """diffusers' ControlNetConditioningEmbedding is ``channels = conditioning_embedding_out_channels``
+    with one stride-2 stage per consecutive pair: conv_in, blocks_0..5 (conv, stride-2 conv), conv_out."""
+    hint = adapters.HintNetwork(out_features=16, channels=(4, 8, 8, 16), num_downsamples=3)
+    cond = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
+    params = jax.eval_shape(hint.init, jax.random.PRNGKey(0), cond)["params"]
+    kernels = {name: leaf["kernel"].shape for name, leaf in params.items()}
+    assert kernels == {
+        "conv_in": (3, 3, 3, 4),
+        "blocks_0": (3, 3, 4, 4),
+        "blocks_1": (3, 3, 4, 8),
+        "blocks_2": (3, 3, 8, 8),
+        "blocks_3": (3, 3, 8, 8),
+        "blocks_4": (3, 3, 8, 8),
+        "blocks_5": (3, 3, 8, 16),
+        "conv_out": (3, 3, 16, 16),
+    }
+    assert jax.eval_shape(hint.apply, {"params": params}, cond).shape == (1, 8, 8, 16)
+    with pytest.raises(ValueError, match="3 downsamples need at least 4 channel widths"):
+        jax.eval_shape(adapters.HintNetwork(16, (4, 8), num_downsamples=3).init, jax.random.PRNGKey(0), cond)
+
+
+def test_controlnet_copies_heads_and_projection_layout() -> None:
+    """A backbone with per-level heads and SD 1.x's 1x1-conv projections gives a ControlNet whose
+    encoder copy has the backbone's tree (so init_from_backbone copies it leaf for leaf)."""
+    backbone = UNet(**TINY, cross_attention_dim=8, num_attention_heads=(1, 4), use_linear_projection=False)
+    model = adapters.build_conditional_model(backbone, _adapter_config(hint_downsamples=1), cond_channels=3)
+    assert model.adapter.num_attention_heads == (1, 4) and not model.adapter.use_linear_projection
+    z = jax.ShapeDtypeStruct((1, SIZE, SIZE, 3), jnp.float32)
+    cond = jax.ShapeDtypeStruct((1, 2 * SIZE, 2 * SIZE, 3), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, 5, 8), jnp.float32)
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0), z, MODEL_T[:1], cond, None, context)["params"]
+    shapes = jax.tree.map(lambda a: a.shape, params)
+    assert shapes["adapter"]["mid_block"] == shapes["backbone"]["mid_block"]
+    assert shapes["adapter"]["down_blocks_1"]["attentions_0"]["proj_in"]["kernel"] == (1, 1, 32, 32)

@@ -15,8 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from codi_jax.models.adapters import ConditionalUNet, ControlNet
 from codi_jax.models.convert_diffusers import (
     UnsupportedDiffusersConfig,
+    controlnet_config_from_diffusers,
+    controlnet_param_shapes,
+    controlnet_params_from_diffusers,
+    load_diffusers_controlnet,
     load_diffusers_unet,
     unet_config_from_diffusers,
     unet_param_shapes,
@@ -51,6 +56,38 @@ CONDITIONAL = dict(
     use_linear_projection=False,
 )
 TIMESTEPS = np.array([3.0, 817.0], np.float32)
+# diffusers' stable-diffusion-v1-5 unet/config.json, written out (defaults of omitted fields apply).
+SD15 = {
+    "_class_name": "UNet2DConditionModel",
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-05,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+}
+# stable-diffusion-2-1's: heads [5, 10, 20, 20] (64 channels per head), linear projections, fp32 scores.
+SD21 = {
+    **SD15,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "sample_size": 96,
+    "use_linear_projection": True,
+    "upcast_attention": True,
+    "dual_cross_attention": False,
+    "num_class_embeds": None,
+}
 
 
 # ---------------------------------------------------------------- configs (no torch needed)
@@ -82,32 +119,35 @@ def test_unconditional_config() -> None:
 def test_conditional_config_heads() -> None:
     fields = unet_config_from_diffusers(CONDITIONAL)
     assert fields["cross_attention_dim"] == 24 and fields["attention_head_dim"] == 8 and fields["mid_attention"]
+    assert fields["use_linear_projection"] is False and "num_attention_heads" not in fields
     # SD 2.x: 5/10/20/20 heads on 320/640/1280/1280 channels = 64 channels per head.
-    sd2 = unet_config_from_diffusers(
-        {
-            **CONDITIONAL,
-            "block_out_channels": [320, 640, 1280, 1280],
-            "norm_num_groups": 32,
-            "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-            "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-            "attention_head_dim": [5, 10, 20, 20],
-            "cross_attention_dim": 1024,
-            "use_linear_projection": True,
-        }
-    )
+    sd2 = unet_config_from_diffusers(SD21)
     assert sd2["attention_head_dim"] == 64 and sd2["attention_levels"] == (True, True, True, False)
-    # SD 1.x: 8 heads at every level -> 40 / 80 / 160 channels per head, which one head_dim cannot express.
-    with pytest.raises(UnsupportedDiffusersConfig, match="channels-per-head"):
-        unet_config_from_diffusers(
-            {
-                **CONDITIONAL,
-                "block_out_channels": [320, 640, 1280, 1280],
-                "norm_num_groups": 32,
-                "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-                "attention_head_dim": 8,
-            }
-        )
+    assert sd2["use_linear_projection"] is True and "num_attention_heads" not in sd2
+    # SD 1.x: 8 heads at every level -> 40 / 80 / 160 channels per head: heads per level.
+    sd1 = unet_config_from_diffusers(SD15)
+    assert sd1["num_attention_heads"] == (8, 8, 8, 8) and "attention_head_dim" not in sd1
+    assert sd1["use_linear_projection"] is False and sd1["cross_attention_dim"] == 768
+    # num_attention_heads, where given, wins over attention_head_dim (as in diffusers).
+    given = unet_config_from_diffusers({**SD15, "num_attention_heads": [5, 10, 20, 20]})
+    assert given["attention_head_dim"] == 64
+
+
+def test_sd_param_counts() -> None:
+    """Our trees for SD 1.5's UNet and an SD 1.5 ControlNet hold exactly diffusers' parameter counts
+    (counted from diffusers on the meta device: 859,520,964 and 361,279,120; SD 2.1's UNet: 865,910,724,
+    the same tree as SD 1.5's but for the 1024-wide context and linear projections)."""
+
+    def count(shapes: Any) -> int:
+        return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+
+    sd15 = unet_param_shapes(UNet(**unet_config_from_diffusers(SD15)))
+    assert count(sd15) == 859_520_964
+    assert sd15["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].shape == (1, 1, 320, 320)  # a 1x1 conv
+    controlnet_fields = {k: v for k, v in SD15.items() if k not in ("up_block_types", "out_channels", "sample_size")}
+    controlnet = ControlNet(**controlnet_config_from_diffusers({**controlnet_fields, "_class_name": "ControlNetModel"}))
+    assert controlnet.hint_channels == (16, 32, 96, 256) and controlnet.hint_downsamples == 3
+    assert count(controlnet_param_shapes(controlnet)) == 361_279_120
 
 
 @pytest.mark.parametrize(
@@ -136,6 +176,10 @@ def test_unsupported_unconditional_configs(override: dict[str, Any], match: str)
         ({"addition_embed_type": "text_time"}, "addition_embed_type"),
         ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type"),
         ({"only_cross_attention": True}, "only_cross_attention"),
+        ({"class_embed_type": "timestep"}, "class_embed_type"),
+        ({"attention_head_dim": [1, 3]}, r"attention_head_dim=\[1, 3\]: 3 heads on 32 channels"),
+        ({"attention_head_dim": [1, 4, 4]}, "attention_head_dim has 3 entries for 2 levels"),
+        ({"num_attention_heads": 5}, "num_attention_heads=5: 5 heads on 32 channels"),
     ],
 )
 def test_unsupported_conditional_configs(override: dict[str, Any], match: str) -> None:
@@ -247,9 +291,13 @@ def _save_pretrained_files(module: Any, config: dict[str, Any], directory: str) 
     )
 
 
-def _compare(reference: np.ndarray, ours: jax.Array) -> None:
+def _compare(reference: np.ndarray, ours: jax.Array, what: str, rel: float = 1e-5) -> None:
+    """max |ours - reference| <= rel * max(1, max |reference|), ours NHWC vs reference NCHW."""
     ours_nchw = np.asarray(ours).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(ours_nchw, reference, atol=1e-4, rtol=1e-4)
+    assert ours_nchw.shape == reference.shape, (what, ours_nchw.shape, reference.shape)
+    error, scale = float(np.max(np.abs(ours_nchw - reference))), float(np.max(np.abs(reference)))
+    print(f"{what}: max abs err {error:.3g} (max |ref| {scale:.3g})")
+    assert error <= rel * max(1.0, scale), (what, error, scale)
 
 
 def test_unet2d_model_matches_diffusers(tmp_path) -> None:
@@ -266,7 +314,8 @@ def test_unet2d_model_matches_diffusers(tmp_path) -> None:
     model = UNet(**unet_config_from_diffusers(dict(reference_model.config)))
     params = unet_params_from_diffusers(reference_model.state_dict(), model)
     apply = jax.jit(model.apply)
-    _compare(reference, apply({"params": params}, jnp.asarray(sample.transpose(0, 2, 3, 1)), TIMESTEPS))
+    out = apply({"params": params}, jnp.asarray(sample.transpose(0, 2, 3, 1)), TIMESTEPS)
+    _compare(reference, out, "UNet2DModel")
 
     # Through the files: config.json + diffusion_pytorch_model.safetensors, by directory and by file.
     directory = str(tmp_path / "unet2d")
@@ -277,23 +326,161 @@ def test_unet2d_model_matches_diffusers(tmp_path) -> None:
         jax.tree.map(np.testing.assert_array_equal, loaded_params, params)
 
 
-def test_unet2d_condition_model_matches_diffusers(tmp_path) -> None:
+# Tiny SD-shaped layouts: cross-attention at every level but the last, mid-block attention, text context.
+# SD 1.x-like: attention_head_dim=2 means 2 heads everywhere (8 channels per head at level 0, 16 in the
+# middle block) and 1x1-conv proj_in / proj_out. SD 2.x-like: per-level heads [2, 4] (8 channels per
+# head everywhere), linear projections, upcast_attention (one res-block per level, to compile faster).
+SD15_TINY = dict(
+    _class_name="UNet2DConditionModel",
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=[16, 32],
+    layers_per_block=2,
+    norm_num_groups=8,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    attention_head_dim=2,
+    cross_attention_dim=24,
+)
+SD21_TINY = dict(
+    SD15_TINY, layers_per_block=1, attention_head_dim=[2, 4], use_linear_projection=True, upcast_attention=True
+)
+HINT_CHANNELS = (4, 8, 8, 16)  # 3 stride-2 stages: the condition is at 8x the latent size
+
+
+def _diffusers_unet(config: dict[str, Any], seed: int) -> Any:
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(seed)  # diffusers' own initialisation draws from the global generator
+    return _perturbed(diffusers.UNet2DConditionModel(**{k: v for k, v in config.items() if k != "_class_name"}), seed)
+
+
+def _unet_inputs(size: int) -> tuple[np.ndarray, np.ndarray]:
+    sample = np.random.RandomState(0).randn(2, 4, size, size).astype(np.float32)
+    context = np.random.RandomState(1).randn(2, 5, 24).astype(np.float32)
+    return sample, context
+
+
+def _reference_unet(reference_model: Any, sample: np.ndarray, context: np.ndarray, **residuals: Any) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        args = (torch.from_numpy(sample), torch.from_numpy(TIMESTEPS), torch.from_numpy(context))
+        return reference_model(*args, **residuals).sample.numpy()
+
+
+def test_sd15_layout_unet_matches_diffusers(tmp_path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    reference_model = _diffusers_unet(SD15_TINY, seed=2)
+    sample, context = _unet_inputs(16)
+    reference = _reference_unet(reference_model, sample, context)
+
+    # A pipeline directory: the UNet lives in unet/.
+    _save_pretrained_files(reference_model, SD15_TINY, str(tmp_path / "pipeline" / "unet"))
+    model, params = load_diffusers_unet(str(tmp_path / "pipeline"))
+    assert model.num_attention_heads == (2, 2) and not model.use_linear_projection
+    assert params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].shape == (1, 1, 16, 16)
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(sample.transpose(0, 2, 3, 1)), TIMESTEPS, context)
+    _compare(reference, out, "UNet2DConditionModel SD 1.x layout")
+
+
+def test_sd21_layout_unet_matches_diffusers() -> None:
+    pytest.importorskip("torch")
+    reference_model = _diffusers_unet(SD21_TINY, seed=3)
+    sample, context = _unet_inputs(16)
+    reference = _reference_unet(reference_model, sample, context)
+
+    model = UNet(**unet_config_from_diffusers(dict(reference_model.config)))
+    assert model.attention_head_dim == 8 and model.num_attention_heads is None and model.use_linear_projection
+    params = unet_params_from_diffusers(reference_model.state_dict(), model)
+    assert params["down_blocks_0"]["attentions_0"]["proj_in"]["kernel"].shape == (16, 16)
+    out = jax.jit(model.apply)({"params": params}, jnp.asarray(sample.transpose(0, 2, 3, 1)), TIMESTEPS, context)
+    _compare(reference, out, "UNet2DConditionModel SD 2.x layout")
+
+
+@pytest.fixture(scope="module")
+def controlnet_run(tmp_path_factory) -> dict[str, Any]:
+    """A perturbed tiny diffusers UNet + ControlNetModel (SD 1.x layout), their outputs, and ours."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     pytest.importorskip("safetensors")
-    torch.manual_seed(0)
-    config = {k: v for k, v in CONDITIONAL.items() if k != "_class_name"}
-    reference_model = _perturbed(diffusers.UNet2DConditionModel(**config), seed=2)
-    sample = np.random.RandomState(0).randn(2, 4, 16, 16).astype(np.float32)
-    context = np.random.RandomState(1).randn(2, 5, 24).astype(np.float32)
+    unet = _diffusers_unet(SD15_TINY, seed=4)
+    torch.manual_seed(5)
+    controlnet = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=HINT_CHANNELS)
+    controlnet = _perturbed(controlnet, seed=5)  # diffusers zero-inits the zero convs and hint conv_out
+    directory = str(tmp_path_factory.mktemp("controlnet"))
+    controlnet.save_pretrained(directory)
+    sample, context = _unet_inputs(8)
+    cond = np.random.RandomState(2).uniform(0, 1, (2, 3, 64, 64)).astype(np.float32)
     with torch.no_grad():
-        reference = reference_model(
-            torch.from_numpy(sample), torch.from_numpy(TIMESTEPS), torch.from_numpy(context)
-        ).sample.numpy()
+        down, mid = controlnet(
+            torch.from_numpy(sample),
+            torch.from_numpy(TIMESTEPS),
+            torch.from_numpy(context),
+            torch.from_numpy(cond),
+            return_dict=False,
+        )
+    residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+    reference = dict(down=[d.numpy() for d in down], mid=mid.numpy())
+    reference["out"] = _reference_unet(unet, sample, context, **residuals)
 
-    # A pipeline directory: the UNet lives in unet/ (with SD 1.x-style 1x1-conv projections).
-    _save_pretrained_files(reference_model, CONDITIONAL, str(tmp_path / "pipeline" / "unet"))
-    model, params = load_diffusers_unet(str(tmp_path / "pipeline"))
-    assert model.cross_attention_dim == 24 and model.layers_per_block == 2
-    out = jax.jit(model.apply)({"params": params}, jnp.asarray(sample.transpose(0, 2, 3, 1)), TIMESTEPS, context)
-    _compare(reference, out)
+    adapter, adapter_params = load_diffusers_controlnet(directory)
+    backbone = UNet(**unet_config_from_diffusers(dict(unet.config)))
+    params = {"backbone": unet_params_from_diffusers(unet.state_dict(), backbone), "adapter": adapter_params}
+    model = ConditionalUNet(backbone=backbone, adapter=adapter)
+
+    @jax.jit
+    def run(params, x, cond, context):
+        hooks = adapter.apply({"params": params["adapter"]}, x, TIMESTEPS, cond, None, context)
+        return hooks, model.apply({"params": params}, x, TIMESTEPS, cond, None, context)
+
+    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
+    hooks, out = run(params, nhwc(sample), nhwc(cond), context)
+    ours = dict(down=hooks["down_residuals"], mid=hooks["mid_residual"], out=out)
+    return dict(reference=reference, ours=ours, adapter=adapter, adapter_params=adapter_params, directory=directory)
+
+
+def test_controlnet_residuals_match_diffusers(controlnet_run: dict[str, Any]) -> None:
+    reference, ours = controlnet_run["reference"], controlnet_run["ours"]
+    adapter = controlnet_run["adapter"]
+    assert adapter.hint_channels == HINT_CHANNELS and adapter.hint_downsamples == 3 and adapter.cond_channels == 3
+    assert adapter.num_attention_heads == (2, 2) and not adapter.use_linear_projection
+    assert len(ours["down"]) == len(reference["down"]) == 6
+    for k, (ref, got) in enumerate(zip(reference["down"], ours["down"])):
+        _compare(ref, got, f"ControlNet down residual {k}")
+    _compare(reference["mid"], ours["mid"], "ControlNet mid residual")
+
+
+def test_controlnet_conditioned_unet_matches_diffusers(controlnet_run: dict[str, Any]) -> None:
+    """UNet2DConditionModel with the ControlNetModel's residuals added (as StableDiffusionControlNetPipeline
+    does) equals our ConditionalUNet(backbone, ControlNet)."""
+    _compare(controlnet_run["reference"]["out"], controlnet_run["ours"]["out"], "UNet + ControlNet output")
+
+
+def test_controlnet_load_paths_and_errors(controlnet_run: dict[str, Any], tmp_path) -> None:
+    directory = controlnet_run["directory"]
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    os.symlink(directory, pipeline / "controlnet")
+    for path in (str(pipeline), os.path.join(directory, "diffusion_pytorch_model.safetensors")):
+        adapter, params = load_diffusers_controlnet(path)
+        assert adapter == controlnet_run["adapter"]
+        jax.tree.map(np.testing.assert_array_equal, params, controlnet_run["adapter_params"])
+    with pytest.raises(FileNotFoundError, match="controlnet/"):
+        load_diffusers_controlnet(str(tmp_path))
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    for override, match in [
+        ({"controlnet_conditioning_channel_order": "bgr"}, "controlnet_conditioning_channel_order"),
+        ({"global_pool_conditions": True}, "global_pool_conditions"),
+        ({"transformer_layers_per_block": 2}, "transformer_layers_per_block"),
+        ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+        ({"_class_name": "UNet2DConditionModel"}, "expected a ControlNetModel"),
+    ]:
+        with pytest.raises(UnsupportedDiffusersConfig, match=match):
+            controlnet_config_from_diffusers({**config, **override})
+    state = {k: v.numpy() for k, v in _diffusers_unet(SD15_TINY, seed=6).state_dict().items()}
+    with pytest.raises(ValueError, match=r"parameters missing.*controlnet_cond_embedding\.blocks\.0\.weight"):
+        controlnet_params_from_diffusers(state, controlnet_run["adapter"])

@@ -44,6 +44,7 @@ def _run(*args: str, env: dict | None = None, timeout: int = 900) -> dict:
 
 def test_data_and_fsdp_meshes_equal_the_replicated_step(tmp_path) -> None:
     result = _run("sharded_equality.py", str(tmp_path), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    (tmp_path / "result.json").write_text(json.dumps(result, indent=1))  # the figures, for the record
     for model in ("teacher", "codi"):
         rows, lr = result[model]["rows"], result[model]["lr"]
         assert set(rows) == {"1x1", "8x1", "2x4", "1x8"}, rows

@@ -40,7 +40,14 @@ def _zero_conv(features: int, name: str) -> layers.Conv2D:
 class HintNetwork(nn.Module):
     """Condition image -> features added after the encoder copy's ``conv_in`` (diffusers'
     ``ControlNetConditioningEmbedding``): conv-SiLU stack, optional stride-2 stages (for latent
-    backbones whose input is smaller than the condition), zero-initialised last conv."""
+    backbones whose input is smaller than the condition), zero-initialised last conv.
+
+    ``conv_in`` (to ``channels[0]``), then per consecutive pair ``(channels[i], channels[i + 1])`` a
+    conv ``blocks_{2i}`` and a conv ``blocks_{2i+1}``, stride 2 for the first ``num_downsamples``
+    pairs, each followed by SiLU, then ``conv_out``. diffusers' layout is
+    ``channels = conditioning_embedding_out_channels`` with ``num_downsamples = len(channels) - 1``
+    (SD: (16, 32, 96, 256), 3 stride-2 stages, the condition at 8x the latent size).
+    """
 
     out_features: int
     channels: Sequence[int] = (16, 32)
@@ -53,6 +60,11 @@ class HintNetwork(nn.Module):
 
     @nn.compact
     def __call__(self, cond: jax.Array) -> jax.Array:
+        if not 0 <= self.num_downsamples <= len(self.channels) - 1:
+            raise ValueError(
+                f"Hint network: {self.num_downsamples} downsamples need at least {self.num_downsamples + 1} "
+                f"channel widths (one stride-2 stage per consecutive pair); got channels={tuple(self.channels)}."
+            )
         h = nn.silu(layers.Conv2D(self.channels[0], conv_impl=self.conv_impl, name="conv_in")(cond))
         for i in range(len(self.channels) - 1):
             h = nn.silu(layers.Conv2D(self.channels[i], conv_impl=self.conv_impl, name=f"blocks_{2 * i}")(h))

@@ -1,14 +1,17 @@
-"""Diffusers (PyTorch) UNet weights -> this codebase's flax ``UNet`` parameters.
+"""Diffusers (PyTorch) UNet / VAE / ControlNet weights -> this codebase's flax parameters.
 
-Supports diffusers' ``UNet2DModel`` (``DownBlock2D`` / ``AttnDownBlock2D`` blocks, ``UNetMidBlock2D``)
-and ``UNet2DConditionModel`` (``DownBlock2D`` / ``CrossAttnDownBlock2D`` blocks with one
-``BasicTransformerBlock`` each, ``UNetMidBlock2DCrossAttn``). Our modules are named like
+Supports diffusers' ``UNet2DModel`` (``DownBlock2D`` / ``AttnDownBlock2D`` blocks, ``UNetMidBlock2D``),
+``UNet2DConditionModel`` (``DownBlock2D`` / ``CrossAttnDownBlock2D`` blocks with one
+``BasicTransformerBlock`` each, ``UNetMidBlock2DCrossAttn``: the SD 1.x and 2.x layouts, heads per
+level, conv or linear ``proj_in`` / ``proj_out``), ``AutoencoderKL`` and ``ControlNetModel`` (for
+``adapters.ControlNet``). Our modules are named like
 diffusers' (``down_blocks_0/resnets_1/conv1`` <-> ``down_blocks.0.resnets.1.conv1``), so the
 conversion is a name mapping plus layout changes:
 
 - conv ``weight`` (out, in, kh, kw) -> ``kernel`` (kh, kw, in, out);
-- linear ``weight`` (out, in) -> ``kernel`` (in, out) (also from a 1x1 conv ``proj_in`` /
-  ``proj_out``, as SD 1.x stores them: a 1x1 conv is the same per-pixel linear map);
+- linear ``weight`` (out, in) -> ``kernel`` (in, out) (also from a 1x1 conv where our layer is
+  linear, as old VAE attention projections are stored: a 1x1 conv is the same per-pixel map; SD 1.x's
+  1x1-conv ``proj_in`` / ``proj_out`` are 1x1 convs in our UNet too, ``use_linear_projection=False``);
 - norm ``weight`` -> ``scale``; ``bias`` -> ``bias``.
 
 Only the reading of the safetensors file needs a package beyond numpy (``safetensors``); torch
@@ -20,13 +23,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax.models.adapters import ControlNet
 from codi_jax.models.unet import UNet
 from codi_jax.models.vae import AutoencoderKL, vae_from_diffusers_config, vae_param_shapes
 
@@ -38,6 +42,11 @@ _UNCONDITIONAL_DOWN = {"DownBlock2D": False, "AttnDownBlock2D": True}
 _UNCONDITIONAL_UP = {"UpBlock2D": False, "AttnUpBlock2D": True}
 _CONDITIONAL_DOWN = {"DownBlock2D": False, "CrossAttnDownBlock2D": True}
 _CONDITIONAL_UP = {"UpBlock2D": False, "CrossAttnUpBlock2D": True}
+_UP_OF_DOWN = {
+    "DownBlock2D": "UpBlock2D",
+    "AttnDownBlock2D": "AttnUpBlock2D",
+    "CrossAttnDownBlock2D": "CrossAttnUpBlock2D",
+}
 
 # (field, value(s) we can represent); a config.json without the field gets diffusers' default,
 # which is always the first supported value.
@@ -80,8 +89,8 @@ _DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", 
 
 # Our module names with a numeric suffix that diffusers writes as a ModuleList index.
 _INDEXED_MODULE = re.compile(
-    r"^(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks|to_out|net)_(\d+)"
-    r"(?:_(\w+))?$"
+    r"^(controlnet_down_blocks|down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks"
+    r"|to_out|net|blocks)_(\d+)(?:_(\w+))?$"
 )
 
 
@@ -112,28 +121,47 @@ def _attention_flags(block_types: Any, table: Mapping[str, bool], field: str, cl
     return flags
 
 
-def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
-    """Maps a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` config (config.json) to ``UNet`` fields.
-
-    Raises ``UnsupportedDiffusersConfig`` (a ``ValueError``) naming the field for architectures
-    our ``UNet`` cannot reproduce exactly.
-    """
-    config = dict(config)
-    class_name = config.get("_class_name")
-    if class_name is None:  # a bare config dict (e.g. ``dict(model.config)``): infer the class
-        class_name = "UNet2DConditionModel" if config.get("cross_attention_dim") is not None else "UNet2DModel"
-    if class_name not in ("UNet2DModel", "UNet2DConditionModel"):
-        raise _unsupported(class_name, "only UNet2DModel and UNet2DConditionModel are supported.")
-    conditional = class_name == "UNet2DConditionModel"
-
-    requirements = _CONDITIONAL_REQUIREMENTS if conditional else _UNCONDITIONAL_REQUIREMENTS
+def _check_requirements(config: Mapping[str, Any], requirements: Sequence[tuple[str, tuple]], class_name: str) -> None:
     for field, supported in requirements:
         value = config.get(field, supported[0])
         if value not in supported:
             raise _unsupported(class_name, f"{field}={value!r} is not supported (supported: {list(supported)}).")
 
+
+def _mirrored_up_types(down_types: Sequence[str]) -> tuple[str, ...]:
+    return tuple(_UP_OF_DOWN.get(t, t) for t in reversed(down_types))
+
+
+def _attention_levels(config: Mapping[str, Any], conditional: bool, levels: int, class_name: str) -> tuple[bool, ...]:
+    """Per level, whether its blocks attend; the up blocks must mirror the down blocks."""
+    down_table, up_table = (
+        (_CONDITIONAL_DOWN, _CONDITIONAL_UP) if conditional else (_UNCONDITIONAL_DOWN, _UNCONDITIONAL_UP)
+    )
+    default_down = (
+        ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+        if conditional
+        else (("DownBlock2D",) + ("AttnDownBlock2D",) * 3)
+    )
+    down_types = config.get("down_block_types", default_down)
+    up_types = config.get("up_block_types", _mirrored_up_types(default_down))
+    if len(down_types) != levels or len(up_types) != levels:
+        raise _unsupported(
+            class_name, f"{len(down_types)} down / {len(up_types)} up block types for {levels} block_out_channels."
+        )
+    attention_levels = _attention_flags(down_types, down_table, "down_block_types", class_name)
+    up_attention = _attention_flags(up_types, up_table, "up_block_types", class_name)
+    if up_attention != attention_levels[::-1]:
+        raise _unsupported(
+            class_name,
+            f"up_block_types {list(up_types)} do not mirror down_block_types "
+            f"{list(down_types)} (our up level i has attention iff down level i does).",
+        )
+    return tuple(attention_levels)
+
+
+def _common_fields(config: Mapping[str, Any], conditional: bool, class_name: str) -> dict[str, Any]:
+    """The UNet fields every diffusers UNet maps the same way (channels, levels, norms, time)."""
     block_out_channels = tuple(int(c) for c in config.get("block_out_channels", (224, 448, 672, 896)))
-    levels = len(block_out_channels)
     layers_per_block = config.get("layers_per_block", 2)
     if isinstance(layers_per_block, (list, tuple)):
         if len(set(layers_per_block)) != 1:
@@ -149,46 +177,12 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
             f"time_embedding_dim={time_embedding_dim} (we use 4 * block_out_channels[0] = "
             f"{4 * block_out_channels[0]}).",
         )
-
-    down_table, up_table = (
-        (_CONDITIONAL_DOWN, _CONDITIONAL_UP) if conditional else (_UNCONDITIONAL_DOWN, _UNCONDITIONAL_UP)
-    )
-    default_down = (
-        ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-        if conditional
-        else (("DownBlock2D",) + ("AttnDownBlock2D",) * 3)
-    )
-    down_types = config.get("down_block_types", default_down)
-    up_types = config.get(
-        "up_block_types",
-        tuple(
-            {
-                "DownBlock2D": "UpBlock2D",
-                "AttnDownBlock2D": "AttnUpBlock2D",
-                "CrossAttnDownBlock2D": "CrossAttnUpBlock2D",
-            }[t]
-            for t in reversed(default_down)
-        ),
-    )
-    if len(down_types) != levels or len(up_types) != levels:
-        raise _unsupported(
-            class_name, f"{len(down_types)} down / {len(up_types)} up block types for {levels} block_out_channels."
-        )
-    attention_levels = _attention_flags(down_types, down_table, "down_block_types", class_name)
-    up_attention = _attention_flags(up_types, up_table, "up_block_types", class_name)
-    if up_attention != attention_levels[::-1]:
-        raise _unsupported(
-            class_name,
-            f"up_block_types {list(up_types)} do not mirror down_block_types "
-            f"{list(down_types)} (our up level i has attention iff down level i does).",
-        )
-
-    result: dict[str, Any] = dict(
+    return dict(
         in_channels=int(config.get("in_channels", 4 if conditional else 3)),
         out_channels=int(config.get("out_channels", 4 if conditional else 3)),
         block_out_channels=block_out_channels,
         layers_per_block=int(layers_per_block),
-        attention_levels=tuple(attention_levels),
+        attention_levels=_attention_levels(config, conditional, len(block_out_channels), class_name),
         norm_num_groups=int(norm_num_groups),
         norm_eps=float(config.get("norm_eps", 1e-5)),
         dropout=float(config.get("dropout", 0.0)),
@@ -196,31 +190,60 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
         freq_shift=float(config.get("freq_shift", 0)),
     )
 
-    if not conditional:
-        mid_block_type = config.get("mid_block_type", "UNetMidBlock2D")
-        if mid_block_type != "UNetMidBlock2D":
-            raise _unsupported(class_name, f"mid_block_type={mid_block_type!r} (we always have a UNetMidBlock2D).")
-        attn_groups = config.get("attn_norm_num_groups")
-        if attn_groups not in (None, norm_num_groups):
-            raise _unsupported(
-                class_name, f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={norm_num_groups}."
-            )
-        mid_attention = bool(config.get("add_attention", True))
-        head_dim = config.get("attention_head_dim", 8)
-        attended = [c for c, a in zip(block_out_channels, attention_levels) if a]
-        attended += [block_out_channels[-1]] if mid_attention else []
-        if head_dim is None:
-            # diffusers: one head of all channels per block. Ours: heads = max(1, channels // head_dim).
-            head_dim = max(block_out_channels)
-        else:
-            for channels in attended:
-                if channels % head_dim:
-                    raise _unsupported(
-                        class_name, f"attention_head_dim={head_dim} does not divide {channels} channels."
-                    )
-        result.update(mid_attention=mid_attention, attention_head_dim=int(head_dim), cross_attention_dim=None)
-        return result
 
+def _unconditional_attention(config: Mapping[str, Any], fields: Mapping[str, Any], class_name: str) -> dict:
+    """``UNet2DModel``: ``attention_head_dim`` is channels per head (None: one head of all channels)."""
+    block_out_channels, norm_num_groups = fields["block_out_channels"], fields["norm_num_groups"]
+    mid_block_type = config.get("mid_block_type", "UNetMidBlock2D")
+    if mid_block_type != "UNetMidBlock2D":
+        raise _unsupported(class_name, f"mid_block_type={mid_block_type!r} (we always have a UNetMidBlock2D).")
+    attn_groups = config.get("attn_norm_num_groups")
+    if attn_groups not in (None, norm_num_groups):
+        raise _unsupported(
+            class_name, f"attn_norm_num_groups={attn_groups} differs from norm_num_groups={norm_num_groups}."
+        )
+    mid_attention = bool(config.get("add_attention", True))
+    head_dim = config.get("attention_head_dim", 8)
+    attended = [c for c, a in zip(block_out_channels, fields["attention_levels"]) if a]
+    attended += [block_out_channels[-1]] if mid_attention else []
+    if head_dim is None:
+        # diffusers: one head of all channels per block. Ours: heads = max(1, channels // head_dim).
+        head_dim = max(block_out_channels)
+    else:
+        for channels in attended:
+            if channels % head_dim:
+                raise _unsupported(class_name, f"attention_head_dim={head_dim} does not divide {channels} channels.")
+    return dict(mid_attention=mid_attention, attention_head_dim=int(head_dim), cross_attention_dim=None)
+
+
+def _conditional_heads(config: Mapping[str, Any], fields: Mapping[str, Any], class_name: str) -> dict[str, Any]:
+    """Heads per level. For ``UNet2DConditionModel`` / ``ControlNetModel`` diffusers' ``attention_head_dim``
+    is the number of heads (a historical misnomer) unless ``num_attention_heads`` is given.
+
+    One channels-per-head for every attention block maps to ``attention_head_dim`` (as before
+    per-level heads existed); otherwise the heads per level map to ``num_attention_heads``.
+    """
+    block_out_channels, attention_levels = fields["block_out_channels"], fields["attention_levels"]
+    levels = len(block_out_channels)
+    field = "num_attention_heads" if config.get("num_attention_heads") is not None else "attention_head_dim"
+    num_heads = _per_level(config.get(field, 8), levels, field, class_name)
+    blocks = {f"level {i}": i for i in range(levels) if attention_levels[i]}
+    blocks["mid block"] = levels - 1
+    per_block = {}
+    for block, level in blocks.items():
+        channels, heads = block_out_channels[level], num_heads[level]
+        if not isinstance(heads, int) or heads < 1 or channels % heads:
+            raise _unsupported(class_name, f"{field}={config.get(field)!r}: {heads!r} heads on {channels} channels.")
+        per_block[block] = channels // heads
+    distinct = set(per_block.values())
+    if len(distinct) == 1:
+        return dict(attention_head_dim=int(distinct.pop()))
+    return dict(num_attention_heads=tuple(int(h) for h in num_heads))
+
+
+def _conditional_attention(config: Mapping[str, Any], fields: Mapping[str, Any], class_name: str) -> dict:
+    """``UNet2DConditionModel`` / ``ControlNetModel``: one transformer block per attention, SD 1.x / 2.x."""
+    levels = len(fields["block_out_channels"])
     mid_block_type = config.get("mid_block_type", "UNetMidBlock2DCrossAttn")
     if mid_block_type != "UNetMidBlock2DCrossAttn":
         raise _unsupported(class_name, f"mid_block_type={mid_block_type!r} (we support UNetMidBlock2DCrossAttn).")
@@ -236,28 +259,39 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
             raise _unsupported(class_name, f"{field}={config.get(field)!r} (we support {default!r} only).")
     if config.get("mid_block_only_cross_attention") not in (None, False):
         raise _unsupported(class_name, "mid_block_only_cross_attention=True is not supported.")
-    # diffusers' ``attention_head_dim`` is the number of heads here unless num_attention_heads is set.
-    num_heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
-    num_heads = _per_level(num_heads, levels, "num_attention_heads", class_name)
-    head_dims = {}
-    for level, (channels, heads) in enumerate(zip(block_out_channels, num_heads)):
-        if attention_levels[level]:
-            head_dims[f"level {level}"] = (channels, heads)
-    head_dims["mid block"] = (block_out_channels[-1], num_heads[-1])
-    if any(channels % heads for channels, heads in head_dims.values()):
-        raise _unsupported(class_name, f"attention heads do not divide the channels: {head_dims} (channels, heads).")
-    distinct = {channels // heads for channels, heads in head_dims.values()}
-    if len(distinct) != 1:
-        per_block = {name: channels // heads for name, (channels, heads) in head_dims.items()}
-        raise _unsupported(
-            class_name,
-            f"our UNet uses one channels-per-head for every attention block; this model's are {per_block} "
-            "(e.g. SD 1.x has 8 heads at every level, so 40/80/160 channels per head).",
-        )
-    result.update(
-        mid_attention=True, attention_head_dim=int(distinct.pop()), cross_attention_dim=int(cross_attention_dim)
+    # upcast_attention (either value) needs nothing: our attention logits and softmax are always float32.
+    return dict(
+        mid_attention=True,
+        **_conditional_heads(config, fields, class_name),
+        cross_attention_dim=int(cross_attention_dim),
+        use_linear_projection=bool(config.get("use_linear_projection", False)),
     )
-    return result
+
+
+def _unet_fields(config: Mapping[str, Any], class_name: str) -> dict[str, Any]:
+    conditional = class_name != "UNet2DModel"
+    requirements = _CONDITIONAL_REQUIREMENTS if conditional else _UNCONDITIONAL_REQUIREMENTS
+    _check_requirements(config, requirements, class_name)
+    fields = _common_fields(config, conditional, class_name)
+    attention = _conditional_attention if conditional else _unconditional_attention
+    return {**fields, **attention(config, fields, class_name)}
+
+
+def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Maps a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` config (config.json) to ``UNet`` fields.
+
+    SD 1.x and 2.x layouts map exactly (heads per level, conv or linear transformer projections,
+    ``upcast_attention``). Raises ``UnsupportedDiffusersConfig`` (a ``ValueError``) naming the field
+    for architectures our ``UNet`` cannot reproduce exactly (e.g. SDXL's ``addition_embed_type``,
+    ``transformer_layers_per_block`` != 1, ``class_embed_type``).
+    """
+    config = dict(config)
+    class_name = config.get("_class_name")
+    if class_name is None:  # a bare config dict (e.g. ``dict(model.config)``): infer the class
+        class_name = "UNet2DConditionModel" if config.get("cross_attention_dim") is not None else "UNet2DModel"
+    if class_name not in ("UNet2DModel", "UNet2DConditionModel"):
+        raise _unsupported(class_name, "only UNet2DModel and UNet2DConditionModel are supported.")
+    return _unet_fields(config, class_name)
 
 
 def _torch_name(path: tuple[str, ...]) -> str:
@@ -320,14 +354,9 @@ def unet_param_shapes(model: UNet) -> Any:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, timesteps, context)["params"]
 
 
-def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> dict[str, Any]:
-    """Converts a diffusers UNet state dict (name -> numpy array or torch tensor) to ``model``'s params.
-
-    Every parameter of ``model`` must be present, every tensor of the state dict must be used,
-    and every shape must match; errors name the parameter. Returns a float32 numpy pytree.
-    """
+def _params_from_state_dict(state_dict: Mapping[str, Any], shapes: Any, what: str) -> dict[str, Any]:
+    """Fills the parameter tree ``shapes`` from a diffusers state dict (``what`` names our model in errors)."""
     state_dict = _normalise_names(state_dict)
-    shapes = unet_param_shapes(model)
     flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     converted, missing, used = [], [], set()
     for key_path, shape in flat:
@@ -348,10 +377,32 @@ def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> di
     unused = sorted(set(state_dict) - used)
     if unused:
         raise ValueError(
-            f"{len(unused)} diffusers tensors have no counterpart in our UNet (unsupported blocks?): "
+            f"{len(unused)} diffusers tensors have no counterpart in our {what} (unsupported blocks?): "
             f"{unused[:10]}{' ...' if len(unused) > 10 else ''}"
         )
     return jax.tree_util.tree_unflatten(treedef, converted)
+
+
+def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> dict[str, Any]:
+    """Converts a diffusers UNet state dict (name -> numpy array or torch tensor) to ``model``'s params.
+
+    Every parameter of ``model`` must be present, every tensor of the state dict must be used,
+    and every shape must match; errors name the parameter. Returns a float32 numpy pytree.
+    """
+    return _params_from_state_dict(state_dict, unet_param_shapes(model), "UNet")
+
+
+def _read_safetensors(files: Sequence[str]) -> dict[str, np.ndarray]:
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
+        raise ImportError(
+            "Reading diffusers weights needs the `safetensors` package (pip install safetensors)."
+        ) from error
+    state_dict: dict[str, np.ndarray] = {}
+    for file in files:
+        state_dict.update(load_file(file))
+    return state_dict
 
 
 def _resolve_files(path: str) -> tuple[str, list[str]]:
@@ -396,17 +447,8 @@ def load_diffusers_unet(path: str, **model_overrides: Any) -> tuple[UNet, dict[s
     config_path, weight_files = _resolve_files(path)
     with open(config_path) as f:
         fields = unet_config_from_diffusers(json.load(f))
-    try:
-        from safetensors.numpy import load_file
-    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
-        raise ImportError(
-            "Reading diffusers weights needs the `safetensors` package (pip install safetensors)."
-        ) from error
-    state_dict: dict[str, np.ndarray] = {}
-    for file in weight_files:
-        state_dict.update(load_file(file))
     model = UNet(**fields, **model_overrides)
-    return model, unet_params_from_diffusers(state_dict, model)
+    return model, unet_params_from_diffusers(_read_safetensors(weight_files), model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,3 +516,99 @@ def load_diffusers_vae(path: str, **model_overrides: Any) -> tuple[AutoencoderKL
     for file in weight_files:
         state_dict.update(load_file(file))
     return model, vae_params_from_diffusers(state_dict, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNet: diffusers ``ControlNetModel`` -> ``codi_jax.models.adapters.ControlNet`` (``output='residuals'``).
+# The encoder copy has the UNet's names (``conv_in``, ``time_embedding``, ``down_blocks_i``, ``mid_block``);
+# ``controlnet_cond_embedding/{conv_in, blocks_N, conv_out}`` is our ``HintNetwork`` (diffusers'
+# ``ControlNetConditioningEmbedding``: conv_in, then per consecutive channel pair a conv and a stride-2 conv,
+# then conv_out, i.e. ``hint_channels = conditioning_embedding_out_channels`` with ``len - 1`` downsamples);
+# ``controlnet_down_blocks_k`` / ``controlnet_mid_block`` are our zero convs.
+# ---------------------------------------------------------------------------------------------
+
+_CONTROLNET_REQUIREMENTS: tuple[tuple[str, tuple[Any, ...]], ...] = (
+    ("controlnet_conditioning_channel_order", ("rgb",)),
+    ("global_pool_conditions", (False,)),
+    ("addition_embed_type", (None,)),
+    ("class_embed_type", (None,)),
+)
+
+
+def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Maps a diffusers ``ControlNetModel`` config (config.json) to ``adapters.ControlNet`` fields.
+
+    The UNet fields are those of the UNet the ControlNet copies (``out_channels`` is the diffusers
+    default 4: a ControlNet has no output conv); the hint network's widths are
+    ``conditioning_embedding_out_channels``. Raises ``UnsupportedDiffusersConfig`` naming the field.
+    """
+    config = dict(config)
+    class_name = config.get("_class_name", "ControlNetModel")
+    if class_name != "ControlNetModel":
+        raise _unsupported(class_name, "expected a ControlNetModel config.")
+    _check_requirements(config, _CONTROLNET_REQUIREMENTS, class_name)
+    hint_channels = config.get("conditioning_embedding_out_channels", (16, 32, 96, 256))
+    if not hint_channels:
+        raise _unsupported(class_name, f"conditioning_embedding_out_channels={hint_channels!r} (need >= 1 width).")
+    down_types = config.get("down_block_types", ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",))
+    unet_like = {**config, "down_block_types": down_types, "up_block_types": _mirrored_up_types(down_types)}
+    fields = _unet_fields(unet_like, class_name)
+    return dict(
+        fields,
+        cond_channels=int(config.get("conditioning_channels", 3)),
+        hint_channels=tuple(int(c) for c in hint_channels),
+        hint_downsamples=len(hint_channels) - 1,
+        output="residuals",
+    )
+
+
+def controlnet_param_shapes(adapter: ControlNet) -> Any:
+    """The shapes of ``adapter``'s parameters (no compilation, no random numbers drawn)."""
+    size = 2 ** (len(adapter.block_out_channels) - 1)
+    cond_size = size * 2**adapter.hint_downsamples
+    sample = jax.ShapeDtypeStruct((1, size, size, adapter.in_channels), jnp.float32)
+    cond = jax.ShapeDtypeStruct((1, cond_size, cond_size, adapter.cond_channels), jnp.float32)
+    timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
+    context = None
+    if adapter.cross_attention_dim is not None:
+        context = jax.ShapeDtypeStruct((1, 1, adapter.cross_attention_dim), jnp.float32)
+    return jax.eval_shape(adapter.init, jax.random.PRNGKey(0), sample, timesteps, cond, None, context)["params"]
+
+
+def controlnet_params_from_diffusers(state_dict: Mapping[str, Any], adapter_module: ControlNet) -> dict[str, Any]:
+    """Converts a diffusers ``ControlNetModel`` state dict (name -> numpy array or torch tensor) to the
+    params of ``adapter_module`` (a ``ControlNet`` with ``output='residuals'`` and no instructions).
+
+    Every parameter must be present, every tensor used, every shape match; errors name the tensor.
+    Returns a float32 numpy pytree (the ``"adapter"`` sub-tree of a ``ConditionalUNet``).
+    """
+    if adapter_module.output != "residuals":
+        raise ValueError(f"A diffusers ControlNet gives zero-conv residuals; adapter output={adapter_module.output!r}.")
+    if adapter_module.num_instructions:
+        raise ValueError(
+            "A diffusers ControlNet has no instruction embedding; build the adapter with num_instructions=0."
+        )
+    return _params_from_state_dict(state_dict, controlnet_param_shapes(adapter_module), "ControlNet")
+
+
+def load_diffusers_controlnet(path: str, **model_overrides: Any) -> tuple[ControlNet, dict[str, Any]]:
+    """Reads a local diffusers ``ControlNetModel`` (``config.json`` + ``diffusion_pytorch_model.safetensors``).
+
+    ``path`` is the directory ``save_pretrained`` writes (or a pipeline directory with a
+    ``controlnet/`` subfolder, or a sharded checkpoint with a safetensors index) or the
+    ``.safetensors`` file with its ``config.json`` beside it. ``model_overrides`` set
+    non-architectural fields (``dtype``, ``remat``, ``conv_impl``). Returns ``(adapter, params)``:
+    ``ConditionalUNet(backbone=unet, adapter=adapter)`` applies it with
+    ``{"backbone": unet_params, "adapter": params}``; the condition goes in at 2**hint_downsamples
+    times the latent size, in the range the ControlNet was trained on (diffusers: [0, 1]).
+    """
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        if os.path.isfile(os.path.join(path, "controlnet", CONFIG_NAME)):
+            path = os.path.join(path, "controlnet")  # a pipeline directory: its ControlNet lives in controlnet/
+        else:
+            raise FileNotFoundError(f"No diffusers ControlNet at {path}: no {CONFIG_NAME} there nor in controlnet/.")
+    config_path, weight_files = _resolve_files(path)
+    with open(config_path) as f:
+        fields = controlnet_config_from_diffusers(json.load(f))
+    adapter = ControlNet(**fields, **model_overrides)
+    return adapter, controlnet_params_from_diffusers(_read_safetensors(weight_files), adapter)

@@ -182,8 +182,23 @@ class ResnetBlock(nn.Module):
         return (x.astype(self.dtype) + h).astype(self.dtype)
 
 
+def num_heads(channels: int, head_dim: int, heads: int | None = None) -> int:
+    """Heads of an attention block on ``channels``: ``heads`` if given (it must divide the channels),
+    else ``max(1, channels // head_dim)`` (channels per head, the default of our configs)."""
+    if heads is None:
+        return max(1, channels // head_dim)
+    if heads < 1 or channels % heads:
+        raise ValueError(f"Attention with {heads} heads on {channels} channels: heads must divide the channels.")
+    return heads
+
+
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Multi-head attention over (batch, tokens, channels) with float32 logits and softmax."""
+    """Multi-head attention over (batch, tokens, channels).
+
+    Logits and softmax are float32 whatever the compute dtype (diffusers' ``upcast_attention=True``
+    behaviour, always on: a bf16 product of q and k is exact in float32); the weights are cast back
+    to ``v``'s dtype for the value product, as diffusers does.
+    """
     b, tq, c = q.shape
     tk = k.shape[1]
     head_dim = c // heads
@@ -203,11 +218,12 @@ class SpatialSelfAttention(nn.Module):
     groups: int = 32
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    heads: int | None = None  # if set, the number of heads (``head_dim`` is then unused)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, hgt, wid, c = x.shape
-        heads = max(1, c // self.head_dim)
+        heads = num_heads(c, self.head_dim, self.heads)
         h = _group_norm(self.groups, self.eps, "group_norm")(x).reshape(b, hgt * wid, c)
         q = nn.Dense(c, dtype=self.dtype, name="to_q")(h)
         k = nn.Dense(c, dtype=self.dtype, name="to_k")(h)
@@ -263,20 +279,33 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """diffusers ``Transformer2DModel`` (one block, linear projections as in SD 2.x)."""
+    """diffusers ``Transformer2DModel`` with one ``BasicTransformerBlock``.
+
+    ``linear_projection``: ``proj_in`` / ``proj_out`` are linear layers (kernel ``(c, c)``, SD 2.x's
+    ``use_linear_projection=True``) or 1x1 convs (kernel ``(1, 1, c, c)``, SD 1.x). The two compute
+    the same per-pixel map; the flag keeps the parameter shapes those of the diffusers layout.
+    """
 
     head_dim: int = 32
     groups: int = 32
     dtype: Dtype = jnp.float32
+    heads: int | None = None  # if set, the number of heads (``head_dim`` is then unused)
+    linear_projection: bool = True
+
+    def _projection(self, h: jax.Array, name: str) -> jax.Array:
+        c = h.shape[-1]
+        if self.linear_projection:
+            return nn.Dense(c, dtype=self.dtype, name=name)(h)
+        return Conv2D(c, kernel_size=1, dtype=self.dtype, name=name)(h[:, None])[:, 0]
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
         b, hgt, wid, c = x.shape
-        heads = max(1, c // self.head_dim)
+        heads = num_heads(c, self.head_dim, self.heads)
         h = _group_norm(self.groups, 1e-6, "norm")(x).reshape(b, hgt * wid, c)
-        h = nn.Dense(c, dtype=self.dtype, name="proj_in")(h)
+        h = self._projection(h, "proj_in")
         h = TransformerBlock(heads, self.dtype, name="transformer_blocks_0")(h, context)
-        h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h)
+        h = self._projection(h, "proj_out")
         return (x + h.reshape(b, hgt, wid, c).astype(x.dtype)).astype(self.dtype)
 
 

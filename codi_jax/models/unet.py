@@ -37,6 +37,8 @@ class _Blocks(nn.Module):
     groups: int
     eps: float
     head_dim: int
+    heads: int | None  # if set, the number of heads of this block's attention (else channels // head_dim)
+    linear_projection: bool
     dropout: float
     dtype: Dtype
     conv_impl: str
@@ -60,8 +62,10 @@ class _Blocks(nn.Module):
     def attend(self, x: jax.Array, context: jax.Array | None, name: str) -> jax.Array:
         _, attn_cls, transformer_cls = _block_classes(self.remat)
         if self.cross_attention:
-            return transformer_cls(self.head_dim, self.groups, self.dtype, name=name)(x, context)
-        return attn_cls(self.head_dim, self.groups, self.eps, self.dtype, name=name)(x)
+            return transformer_cls(
+                self.head_dim, self.groups, self.dtype, self.heads, self.linear_projection, name=name
+            )(x, context)
+        return attn_cls(self.head_dim, self.groups, self.eps, self.dtype, self.heads, name=name)(x)
 
 
 class DownBlock(_Blocks):
@@ -115,9 +119,14 @@ class UNet(nn.Module):
       layers_per_block: res-blocks per down level (up levels have one more, as in diffusers).
       attention_levels: per level, whether its blocks carry attention (chooses the resolutions).
       mid_attention: attention in the middle block.
-      attention_head_dim: channels per head.
+      attention_head_dim: channels per head (used when ``num_attention_heads`` is None).
+      num_attention_heads: if set, the number of heads per level (the middle block uses the last
+        level's), as diffusers' ``UNet2DConditionModel`` configs give them (SD 1.x: 8 at every level,
+        i.e. 40 / 80 / 160 channels per head); heads do not change parameter shapes.
       cross_attention_dim: if set, attention blocks are SD-style transformers that attend to a
         ``context`` sequence of this width.
+      use_linear_projection: the transformers' ``proj_in`` / ``proj_out`` are linear layers (SD 2.x)
+        or 1x1 convs (SD 1.x); the same map, stored with diffusers' parameter shapes.
       norm_num_groups / norm_eps: GroupNorm settings.
       flip_sin_to_cos / freq_shift: sinusoidal time-embedding convention (diffusers' defaults).
       dtype: compute dtype (params stay float32).
@@ -132,7 +141,9 @@ class UNet(nn.Module):
     attention_levels: Sequence[bool] = (False, False, True)
     mid_attention: bool = True
     attention_head_dim: int = 32
+    num_attention_heads: Sequence[int] | None = None
     cross_attention_dim: int | None = None
+    use_linear_projection: bool = True
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     dropout: float = 0.0
@@ -142,14 +153,17 @@ class UNet(nn.Module):
     remat: bool = False
     conv_impl: str = "auto"
 
-    def _settings(self, level_features: int, attention: bool, num_layers: int, train: bool) -> dict:
+    def _settings(self, level: int, attention: bool, num_layers: int, train: bool) -> dict:
+        """Block settings at ``level`` (the middle block is at the last level)."""
         return dict(
-            features=level_features,
+            features=self.block_out_channels[level],
             num_layers=num_layers,
             attention=attention,
             groups=self.norm_num_groups,
             eps=self.norm_eps,
             head_dim=self.attention_head_dim,
+            heads=None if self.num_attention_heads is None else int(self.num_attention_heads[level]),
+            linear_projection=self.use_linear_projection,
             dropout=self.dropout,
             dtype=self.dtype,
             conv_impl=self.conv_impl,
@@ -182,16 +196,14 @@ class UNet(nn.Module):
         if hint is not None:
             h = h + hint.astype(h.dtype)
         skips = [h]
-        for i, features in enumerate(self.block_out_channels):
+        for i in range(levels):
             h, block_skips = DownBlock(
-                **self._settings(features, self.attention_levels[i], self.layers_per_block, train),
+                **self._settings(i, self.attention_levels[i], self.layers_per_block, train),
                 add_downsample=i < levels - 1,
                 name=f"down_blocks_{i}",
             )(h, temb, context)
             skips.extend(block_skips)
-        h = MidBlock(**self._settings(self.block_out_channels[-1], self.mid_attention, 1, train), name="mid_block")(
-            h, temb, context
-        )
+        h = MidBlock(**self._settings(levels - 1, self.mid_attention, 1, train), name="mid_block")(h, temb, context)
         return skips, h
 
     def skip_specs(self) -> list[tuple[int, int]]:
@@ -203,12 +215,26 @@ class UNet(nn.Module):
                 specs.append((features, i + 1))
         return specs
 
+    def _check_heads(self) -> None:
+        levels = len(self.block_out_channels)
+        if len(self.num_attention_heads) != levels:
+            raise ValueError(
+                f"num_attention_heads has {len(self.num_attention_heads)} entries but block_out_channels has {levels}."
+            )
+        attended = [i for i in range(levels) if self.attention_levels[i]] + ([levels - 1] if self.mid_attention else [])
+        for i in attended:
+            heads, channels = self.num_attention_heads[i], self.block_out_channels[i]
+            if heads < 1 or channels % heads:
+                raise ValueError(f"num_attention_heads[{i}]={heads} does not divide level {i}'s {channels} channels.")
+
     def check_input(self, sample: jax.Array) -> None:
         levels = len(self.block_out_channels)
         if len(self.attention_levels) != levels:
             raise ValueError(
                 f"attention_levels has {len(self.attention_levels)} entries but block_out_channels has {levels}."
             )
+        if self.num_attention_heads is not None:
+            self._check_heads()
         if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
             raise ValueError(f"UNet expects NHWC input with {self.in_channels} channels, got shape {sample.shape}.")
         factor = 2 ** (levels - 1)
@@ -268,11 +294,11 @@ class UNet(nn.Module):
             h = h + mu * (f.astype(h.dtype) - h)
 
         num_up_layers = self.layers_per_block + 1
-        for i, features in enumerate(reversed(self.block_out_channels)):
+        for i in range(levels):
             level = levels - 1 - i
             block_skips, skips = tuple(skips[-num_up_layers:]), skips[:-num_up_layers]
             h = UpBlock(
-                **self._settings(features, self.attention_levels[level], num_up_layers, train),
+                **self._settings(level, self.attention_levels[level], num_up_layers, train),
                 add_upsample=i < levels - 1,
                 name=f"up_blocks_{i}",
             )(h, block_skips, temb, context)
@@ -294,7 +320,7 @@ def unet_from_config(model_config) -> UNet:
         raise ValueError(f"Unknown model config fields {sorted(unknown)}; valid: {sorted(valid)}.")
     if "dtype" in cfg and isinstance(cfg["dtype"], str):
         cfg["dtype"] = jnp.dtype(cfg["dtype"])
-    for key in ("block_out_channels", "attention_levels"):
-        if key in cfg:
+    for key in ("block_out_channels", "attention_levels", "num_attention_heads"):
+        if cfg.get(key) is not None:
             cfg[key] = tuple(cfg[key])
     return UNet(**cfg)
