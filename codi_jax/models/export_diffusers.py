@@ -21,7 +21,6 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from codi_jax.models.adapters import ControlNet
@@ -29,6 +28,7 @@ from codi_jax.models.convert_diffusers import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     _torch_name,
+    controlnet_param_shapes,
     unet_config_from_diffusers,
     unet_param_shapes,
 )
@@ -336,19 +336,6 @@ def controlnet_diffusers_config(adapter: ControlNet) -> dict[str, Any]:
         "num_class_embeds": None,
         "addition_embed_type": None,
     }
-
-
-def controlnet_param_shapes(adapter: ControlNet) -> Any:
-    """The shapes of ``adapter``'s parameters (no compilation, no random numbers drawn)."""
-    size = 2 ** (len(adapter.block_out_channels) - 1)
-    cond_size = size * 2**adapter.hint_downsamples
-    sample = jax.ShapeDtypeStruct((1, size, size, adapter.in_channels), jnp.float32)
-    cond = jax.ShapeDtypeStruct((1, cond_size, cond_size, adapter.cond_channels), jnp.float32)
-    timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
-    context = None
-    if adapter.cross_attention_dim is not None:
-        context = jax.ShapeDtypeStruct((1, 1, adapter.cross_attention_dim), jnp.float32)
-    return jax.eval_shape(adapter.init, jax.random.PRNGKey(0), sample, timesteps, cond, None, context)["params"]
 
 
 def controlnet_state_dict(adapter: ControlNet, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
