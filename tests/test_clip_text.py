@@ -8,10 +8,8 @@ those files, saved, and compared with ours on varied prompts for eos- and ``!``-
 
 from __future__ import annotations
 
-import collections
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +26,9 @@ from codi_jax.models.clip_text import (  # noqa: E402
     load_clip_text,
 )
 from codi_jax.models.clip_tokenizer import load_clip_tokenizer  # noqa: E402
+from tests import tiny_sd  # noqa: E402
 
 MAX_LENGTH = 48  # model_max_length of the tokenizers and max_position_embeddings of the encoders
-CORPUS = (
-    "a photo of a cat sitting on the mat, the cat is happy. a painting of the sea at sunset, "
-    "there is a dog and another dog, the quick brown fox jumps over the lazy dog; photograph "
-    "of mountains, highly detailed, trending on artstation. café naïve résumé straße"
-)
 PROMPTS = [
     "a photo of a cat",
     "The Quick Brown Fox Jumps Over The Lazy Dog!",
@@ -57,59 +51,9 @@ LONG_PROMPT = "the cat sat on the mat " * 12
 PROMPTS.append(LONG_PROMPT)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in table:
-            table[b], extra = chr(256 + extra), extra + 1
-    return table
-
-
-def _learn_bpe(corpus: str, num_merges: int) -> tuple[list[str], list[tuple[str, str]]]:
-    """CLIP-shaped vocabulary (bytes, bytes + </w>, merges, specials) and greedily learned merges."""
-    byte_chars = list(_bytes_to_unicode().values())  # CLIP's order: printable bytes first, so '!' is id 0
-    words = collections.Counter(re.findall(r"[^\W\d_]+", corpus.lower()))
-    encoded = {}
-    for word, count in words.items():
-        chars = [_bytes_to_unicode()[b] for b in word.encode("utf-8")]
-        encoded[tuple(chars[:-1] + [chars[-1] + "</w>"])] = count
-    merges = []
-    for _ in range(num_merges):
-        pairs = collections.Counter()
-        for symbols, count in encoded.items():
-            for pair in zip(symbols, symbols[1:]):
-                pairs[pair] += count
-        if not pairs:
-            break
-        best = max(pairs, key=lambda p: (pairs[p], p))
-        merges.append(best)
-        merged = {}
-        for symbols, count in encoded.items():
-            out, i = [], 0
-            while i < len(symbols):
-                if symbols[i : i + 2] == best:
-                    out.append(best[0] + best[1])
-                    i += 2
-                else:
-                    out.append(symbols[i])
-                    i += 1
-            merged[tuple(out)] = count
-        encoded = merged
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    return vocab + ["<|startoftext|>", "<|endoftext|>"], merges
-
-
 @pytest.fixture(scope="module")
 def bpe_files(tmp_path_factory) -> tuple[str, str, int]:
-    vocab, merges = _learn_bpe(CORPUS, 80)
-    directory = tmp_path_factory.mktemp("bpe")
-    vocab_file, merges_file = str(directory / "vocab.json"), str(directory / "merges.txt")
-    with open(vocab_file, "w", encoding="utf-8") as f:
-        json.dump({token: i for i, token in enumerate(vocab)}, f, ensure_ascii=False)
-    with open(merges_file, "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return vocab_file, merges_file, len(vocab)
+    return tiny_sd.write_bpe_files(str(tmp_path_factory.mktemp("bpe")), 80)
 
 
 # ---------------------------------------------------------------- tokenizer
