@@ -35,14 +35,36 @@ class AdaptedModel:
     def backbone(self) -> UNet:
         return self.module.backbone
 
-    def init(self, rng: jax.Array, backbone_params: Any, cond: jax.Array, instruction: jax.Array | None) -> dict:
-        """Fresh adapter (and LoRA) parameters around the pre-trained ``backbone_params``."""
+    @property
+    def takes_guidance_scale(self) -> bool:
+        """Whether the student reads the CFG scale w (CFG-aware distillation)."""
+        return bool(getattr(self.module.adapter, "guidance_embedding", False))
+
+    def init(
+        self,
+        rng: jax.Array,
+        backbone_params: Any,
+        cond: jax.Array,
+        instruction: jax.Array | None,
+        *,
+        sample_shape: tuple[int, ...] | None = None,
+        context: jax.Array | None = None,
+        guidance_scale: jax.Array | None = None,
+        adapter_params: dict | None = None,
+    ) -> dict:
+        """Fresh adapter (and LoRA) parameters around the pre-trained ``backbone_params``;
+        ``sample_shape`` defaults to the condition's spatial size (pixel-space backbones).
+        ``adapter_params`` (a converted public ControlNet) replace the adapter's sub-trees they name."""
         rng_module, rng_lora = jax.random.split(rng)
-        sample = jnp.zeros(cond.shape[:-1] + (self.backbone.in_channels,), jnp.float32)
-        params = self.module.init(rng_module, sample, jnp.zeros(cond.shape[:1]), cond, instruction)["params"]
+        sample = jnp.zeros(sample_shape or cond.shape[:-1] + (self.backbone.in_channels,), jnp.float32)
+        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        params = self.module.init(rng_module, sample, jnp.zeros(cond.shape[:1]), cond, instruction, context, **extra)
+        params = params["params"]
         params = adapters.init_from_backbone(
             dict(params), backbone_params, copy_encoder=isinstance(self.module.adapter, adapters.ControlNet)
         )
+        if adapter_params is not None:
+            params["adapter"] = {**params["adapter"], **adapter_params}
         if self.lora_rank:
             params["lora"] = lora.init_lora(rng_lora, backbone_params, self.lora_targets, self.lora_rank)
         return self.with_initial(params)
@@ -69,22 +91,34 @@ class AdaptedModel:
         model_t: jax.Array,
         cond: jax.Array,
         instruction: jax.Array | None = None,
+        context: jax.Array | None = None,
         *,
+        guidance_scale: jax.Array | None = None,
         train: bool = False,
         rngs: dict | None = None,
     ) -> jax.Array:
+        """The network output; ``context`` is the text embedding sequence (text backbones),
+        ``guidance_scale`` the student's w (CFG-aware distillation)."""
+        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         return self.module.apply(
-            {"params": self.module_params(params)}, z_t, model_t, cond, instruction, train=train, rngs=rngs
+            {"params": self.module_params(params)},
+            z_t,
+            model_t,
+            cond,
+            instruction,
+            context,
+            train=train,
+            rngs=rngs,
+            **extra,
         )
 
-    def apply_initial(
-        self, params: dict, z_t: jax.Array, model_t: jax.Array, cond: jax.Array, instruction: jax.Array | None = None
-    ) -> jax.Array:
-        """The frozen initial model, for the ``teacher`` predictor (see the module docstring)."""
+    def apply_initial(self, params: dict, z_t: jax.Array, model_t: jax.Array, cond: jax.Array, *args, **kwargs):
+        """The frozen initial model, for the ``teacher`` predictor (see the module docstring);
+        further arguments as ``apply``."""
         if "initial" not in params:
             raise ValueError("apply_initial needs the 'initial' parameters (built with keep_initial=True).")
         initial = {"backbone": params["backbone"], **params["initial"]}
-        return self.apply(initial, z_t, model_t, cond, instruction)
+        return self.apply(initial, z_t, model_t, cond, *args, **kwargs)
 
     def is_trained(self, key: str) -> bool:
         """Whether the top-level sub-tree ``key`` trains."""
@@ -103,12 +137,15 @@ def build_adapted_model(
     cond_channels: int,
     num_instructions: int = 0,
     keep_initial: bool = False,
+    guidance_embedding: bool = False,
 ) -> AdaptedModel:
     rank = int(adapter_config.get("lora_rank", 0))
     if rank and adapter_config.train_backbone:
         raise ValueError("adapter.lora_rank > 0 with adapter.train_backbone=True: LoRA is for a frozen backbone.")
     return AdaptedModel(
-        module=adapters.build_conditional_model(backbone, adapter_config, cond_channels, num_instructions),
+        module=adapters.build_conditional_model(
+            backbone, adapter_config, cond_channels, num_instructions, guidance_embedding
+        ),
         train_backbone=bool(adapter_config.train_backbone),
         lora_rank=rank,
         lora_scale=lora.lora_scale(rank, adapter_config.get("lora_alpha", 0.0)) if rank else 1.0,

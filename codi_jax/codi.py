@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from codi_jax import diffusion
+from codi_jax import diffusion, guidance
 from codi_jax.adapted import AdaptedModel
 from codi_jax.train_state import TrainState, apply_gradients, model_params
 
@@ -44,7 +44,17 @@ def default_codi_config() -> ml_collections.ConfigDict:
     # Multistep sampling moves to the next grid time with fresh noise (consistency-model style)
     # instead of the DDIM move; measured here +0.4 to +0.7 dB PSNR at 4 steps (README "CoDi").
     config.renoise = True
+    # CFG-aware distillation (text backbones): () = off; (w_min, w_max): per example w ~ U[w_min,
+    # w_max], the consistency target (and the teacher predictor) built from CFG-guided predictions
+    # of the frozen / EMA models, w fed to the student through the adapter's guidance embedding.
+    config.cfg_range = ()
     return config
+
+
+def cfg_range(config: ml_collections.ConfigDict) -> tuple[float, float] | None:
+    """``codi.cfg_range`` as ``(w_min, w_max)``, or None when CFG-aware distillation is off."""
+    values = tuple(config.get("cfg_range", ()) or ())
+    return (float(values[0]), float(values[1])) if values else None
 
 
 def check_codi_config(config: ml_collections.ConfigDict) -> None:
@@ -56,14 +66,45 @@ def check_codi_config(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"codi.{field}={value!r}; valid values: {valid}.")
     if int(config.grid_size) < 1:
         raise ValueError(f"codi.grid_size must be >= 1, got {config.grid_size}.")
-
-
-def _batch_instruction(batch: dict) -> jax.Array | None:
-    return batch.get("instruction")
+    values = tuple(config.get("cfg_range", ()) or ())
+    if values and (len(values) != 2 or not 0.0 <= float(values[0]) <= float(values[1])):
+        raise ValueError(f"codi.cfg_range={values}: expected () (off) or (w_min, w_max) with 0 <= w_min <= w_max.")
 
 
 def _bcast(values: jax.Array, like: jax.Array) -> jax.Array:
     return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
+
+
+def _conditioning(batch: dict) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """``(cond, instruction, context)`` of a batch (the latter two None when the task has none)."""
+    return batch["cond"], batch.get("instruction"), batch.get("context")
+
+
+def guided_prediction(
+    apply_fn: Any, params: Any, z: jax.Array, model_t: jax.Array, batch: dict, w: jax.Array | None
+) -> jax.Array:
+    """The frozen / EMA model's output at ``z``; with ``w``, CFG-guided between the batch's
+    ``context`` and ``uncond_context`` (two separate calls, at the student's neutral w = 1)."""
+    cond, instruction, context = _conditioning(batch)
+    neutral = {} if w is None else {"guidance_scale": jnp.ones_like(w)}
+    with_text = apply_fn(params, z, model_t, cond, instruction, context, **neutral)
+    if w is None:
+        return with_text
+    without_text = apply_fn(params, z, model_t, cond, instruction, batch["uncond_context"], **neutral)
+    return guidance.combine(without_text, with_text, w)
+
+
+def _move(params, z_t, t, x_hat, eps_hat, eps, batch, w, *, model, schedule, parametrization, config):
+    """The predictor's ``(x, eps)`` that move ``z_t`` to ``z_s_hat`` (module docstring)."""
+    if config.predictor == "prev":
+        return x_hat, eps
+    if config.predictor == "ddim":
+        return x_hat, eps_hat
+    if config.predictor == "teacher":
+        initial = guided_prediction(model.apply_initial, params, z_t, schedule.model_time(t), batch, w)
+        alpha_t, sigma_t = schedule.alpha_sigma(t)
+        return diffusion.x_eps_from_prediction(z_t, initial, alpha_t, sigma_t, parametrization)
+    raise ValueError(f"codi.predictor={config.predictor!r}; valid values: {PREDICTORS}.")
 
 
 def codi_loss(
@@ -77,36 +118,42 @@ def codi_loss(
     parametrization: diffusion.Parametrization,
     config: ml_collections.ConfigDict,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """CoDi loss and its parts for one batch ``{"image": x, "cond": c[, "instruction"]}``."""
-    x, cond, instruction = batch["image"], batch["cond"], _batch_instruction(batch)
+    """CoDi loss and its parts for one batch ``{"image": x, "cond": c[, "instruction", "context",
+    "uncond_context"]}`` (``x`` in the backbone's space: pixels or scaled latents)."""
+    x = batch["image"]
     batch_size, grid_size = x.shape[0], int(config.grid_size)
     rng_k, rng_eps, rng_dropout = jax.random.split(rng, 3)
+    rng_w = jax.random.fold_in(rng, 3)
     k = jax.random.randint(rng_k, () if config.shared_t else (batch_size,), 1, grid_size + 1)
     k = jnp.broadcast_to(k, (batch_size,))
     t = k.astype(jnp.float32) / grid_size
     s = (k - 1).astype(jnp.float32) / grid_size
+    w_range = cfg_range(config)
+    w = None if w_range is None else jax.random.uniform(rng_w, (batch_size,), minval=w_range[0], maxval=w_range[1])
     eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_s, sigma_s = schedule.alpha_sigma(s)
     z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
 
+    student = {} if w is None else {"guidance_scale": w}
+    cond, instruction, context = _conditioning(batch)
     prediction = model.apply(
-        params, z_t, schedule.model_time(t), cond, instruction, train=True, rngs={"dropout": rng_dropout}
+        params,
+        z_t,
+        schedule.model_time(t),
+        cond,
+        instruction,
+        context,
+        train=True,
+        rngs={"dropout": rng_dropout},
+        **student,
     )
     x_hat, eps_hat = diffusion.x_eps_from_prediction(z_t, prediction, alpha_t, sigma_t, parametrization)
-
-    if config.predictor == "prev":
-        x_move, eps_move = x_hat, eps
-    elif config.predictor == "ddim":
-        x_move, eps_move = x_hat, eps_hat
-    elif config.predictor == "teacher":
-        initial = model.apply_initial(params, z_t, schedule.model_time(t), cond, instruction)
-        x_move, eps_move = diffusion.x_eps_from_prediction(z_t, initial, alpha_t, sigma_t, parametrization)
-    else:
-        raise ValueError(f"codi.predictor={config.predictor!r}; valid values: {PREDICTORS}.")
+    statics = dict(model=model, schedule=schedule, parametrization=parametrization, config=config)
+    x_move, eps_move = _move(params, z_t, t, x_hat, eps_hat, eps, batch, w, **statics)
     z_s_hat = jax.lax.stop_gradient(diffusion.q_sample(x_move, eps_move, alpha_s, sigma_s))
 
-    target_prediction = model.apply(target_params, z_s_hat, schedule.model_time(s), cond, instruction)
+    target_prediction = guided_prediction(model.apply, target_params, z_s_hat, schedule.model_time(s), batch, w)
     x_target, eps_target = diffusion.x_eps_from_prediction(
         z_s_hat, target_prediction, alpha_s, sigma_s, parametrization
     )
@@ -120,9 +167,9 @@ def codi_loss(
         consistency = jnp.mean(jnp.square(x_hat - x_target))
     else:
         raise ValueError(f"codi.consistency_space={config.consistency_space!r}; valid values: {CONSISTENCY_SPACES}.")
-    guidance = jnp.mean(jnp.square(x_hat - x))
-    loss = consistency + config.guidance_weight * guidance
-    return loss, {"consistency": consistency, "guidance": guidance, "t": jnp.mean(t)}
+    guidance_term = jnp.mean(jnp.square(x_hat - x))
+    loss = consistency + config.guidance_weight * guidance_term
+    return loss, {"consistency": consistency, "guidance": guidance_term, "t": jnp.mean(t)}
 
 
 def finetune_loss(
@@ -138,7 +185,7 @@ def finetune_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The ordinary diffusion loss of the adapted model (the non-distilled conditional model)."""
     del target_params, config
-    x, cond, instruction = batch["image"], batch["cond"], _batch_instruction(batch)
+    x, (cond, instruction, context) = batch["image"], _conditioning(batch)
     rng_t, rng_eps, rng_dropout = jax.random.split(rng, 3)
     t = schedule.sample_train_time(rng_t, (x.shape[0],))
     eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
@@ -146,7 +193,7 @@ def finetune_loss(
     z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
     target = diffusion.prediction_from_x_eps(x, eps, alpha_t, sigma_t, parametrization)
     prediction = model.apply(
-        params, z_t, schedule.model_time(t), cond, instruction, train=True, rngs={"dropout": rng_dropout}
+        params, z_t, schedule.model_time(t), cond, instruction, context, train=True, rngs={"dropout": rng_dropout}
     )
     loss = jnp.mean(jnp.square(prediction - target))
     return loss, {"t": jnp.mean(t)}

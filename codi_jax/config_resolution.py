@@ -12,12 +12,23 @@ import copy
 
 import ml_collections
 
-from codi_jax import codi, config_diff, networks, pretrained
+from codi_jax import codi, config_diff, converting, networks, pretrained
 from codi_jax.data import tasks
 from codi_jax.models import adapters
 
 METHODS = ("teacher",) + networks.CONDITIONAL_METHODS
 INIT_SECTIONS = ("model", "schedule", "adapter", "task")
+# The teacher's frozen models (VAE, text encoder) and prompts: a run inherits them; fields the
+# user's config sets (e.g. ``text.prompt``) override the teacher's.
+FROZEN_MODEL_SECTIONS = ("latent", "text")
+# How the teacher's network is computed, not what it is: a run may choose its own.
+RUN_MODEL_CHOICES = ("dtype", "remat", "conv_impl")
+
+
+def _merged_section(teacher_section: ml_collections.ConfigDict, own: ml_collections.ConfigDict | None):
+    merged = teacher_section.to_dict()
+    merged.update((own or ml_collections.ConfigDict()).to_dict())
+    return ml_collections.ConfigDict(merged)
 
 
 def method_of(config: ml_collections.ConfigDict) -> str:
@@ -35,20 +46,53 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not config.get("teacher_workdir"):
         raise ValueError(f"config.method={config.method!r} needs config.teacher_workdir (a teacher training workdir).")
     teacher, step = pretrained.read_config(config.teacher_workdir, what="config.teacher_workdir")
+    own = {key: config.model[key] for key in RUN_MODEL_CHOICES if key in (config.get("model") or {})}
     clashes = config_diff.differences(
         config, teacher, ("model", "schedule"), names=("config", "teacher"), only_first_keys=True
     )
+    clashes = [c for c in clashes if c.split(":")[0].split(".", 1)[1] not in own]
     if clashes:
         raise ValueError(f"Config disagrees with the teacher at {config.teacher_workdir}: " + "; ".join(clashes))
     resolved = copy.deepcopy(config)
     with resolved.unlocked():
-        resolved.model = ml_collections.ConfigDict(teacher.model.to_dict())
+        resolved.model = ml_collections.ConfigDict({**teacher.model.to_dict(), **own})
         resolved.schedule = ml_collections.ConfigDict(teacher.schedule.to_dict())
         resolved.teacher_step = step
-    if int(resolved.data.image_size) % 2 ** (len(resolved.model.block_out_channels) - 1):
+        for section in FROZEN_MODEL_SECTIONS:
+            if teacher.get(section) is not None:
+                resolved[section] = _merged_section(teacher[section], config.get(section))
+    input_size = networks.model_input_size(resolved)
+    if input_size % 2 ** (len(resolved.model.block_out_channels) - 1):
         raise ValueError(f"data.image_size={resolved.data.image_size} does not fit the teacher's UNet levels.")
     _check_init_workdir(resolved)
+    _check_init_from(resolved)
     return resolved
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+    """``adapter.init_from`` (if set) is a converted ControlNet that fits the configured adapter."""
+    path = config.adapter.get("init_from", "")
+    if not path:
+        return
+    if config.adapter.kind != "controlnet":
+        raise ValueError(f"adapter.init_from={path} is a ControlNet; adapter.kind={config.adapter.kind!r}.")
+    try:
+        saved = converting.controlnet_adapter_fields(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"adapter.init_from={path}: {error}") from None
+    wanted = {
+        "hint_channels": tuple(config.adapter.hint_channels),
+        "hint_downsamples": int(config.adapter.get("hint_downsamples", 0)),
+        "cond_channels": tasks.cond_channels(config.task),
+    }
+    clashes = [f"{key}: {saved.get(key)} (ControlNet) vs {value} (config)" for key, value in wanted.items()]
+    clashes = [c for c, (key, value) in zip(clashes, wanted.items()) if _normal(saved.get(key)) != _normal(value)]
+    if clashes:
+        raise ValueError(f"adapter.init_from={path} does not fit the configured adapter: " + "; ".join(clashes))
+
+
+def _normal(value):
+    return list(value) if isinstance(value, list | tuple) else value
 
 
 def _check_init_workdir(config: ml_collections.ConfigDict) -> None:

@@ -70,7 +70,8 @@ class Schedule:
             return jnp.cos(angle), jnp.sin(angle)
         # Discrete: alpha_bar on the grid t = i / T, i = 0..T, with alpha_bar(0) = 1 (clean data);
         # linear interpolation in between, exact on the grid.
-        alpha_bar = np.concatenate([[1.0], self.alphas_cumprod()]).astype(np.float32)
+        # A jnp array so that traced t (under jit / scan) can index it.
+        alpha_bar = jnp.asarray(np.concatenate([[1.0], self.alphas_cumprod()]).astype(np.float32))
         position = t * self.num_train_timesteps
         lo = jnp.clip(jnp.floor(position), 0, self.num_train_timesteps - 1).astype(jnp.int32)
         frac = position - lo
@@ -180,3 +181,50 @@ def sampling_grid(num_steps: int, grid_size: int) -> np.ndarray:
     if len(np.unique(ks)) != num_steps:  # stride too large for the tail: fall back to even spacing
         ks = np.round(np.linspace(grid_size, 1, num_steps)).astype(int)
     return np.concatenate([ks / grid_size, [0.0]]).astype(np.float32)
+
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _diffusers_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int) -> np.ndarray:
+    """diffusers ``DDIMScheduler.set_timesteps``'s integer timesteps (diffusers 0.42), descending."""
+    n, T = num_steps, num_train_timesteps
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    raise ValueError(f"timestep_spacing={spacing!r}; expected one of {TIMESTEP_SPACINGS}.")
+
+
+def diffusers_ddim_times(
+    schedule: Schedule,
+    num_steps: int,
+    timestep_spacing: str = "leading",
+    steps_offset: int = 1,
+    set_alpha_to_one: bool = False,
+) -> np.ndarray:
+    """diffusers ``DDIMScheduler``'s sampling times as our continuous times (float32).
+
+    Returns the ``num_steps`` start times ``t = (tau + 1) / T`` of diffusers' integer timesteps
+    ``tau`` (``set_timesteps``), then the final time: ``0`` (``alpha_bar = 1``) with
+    ``set_alpha_to_one``, else ``1 / T`` (diffusers' ``final_alpha_cumprod = alphas_cumprod[0]``).
+    Run ``sampling.ddim_sample(..., clip_denoised=False, output="z")`` over them to reproduce
+    diffusers' DDIM (``eta=0``, ``clip_sample=False``), the latents it hands the VAE.
+
+    diffusers' ``step`` moves from ``tau`` to ``tau - T // num_steps``, not to the next timestep
+    of its list; the two agree for ``leading`` and for ``trailing`` when ``num_steps`` divides
+    ``T`` (SD's configs). For ``linspace`` they do not (diffusers then re-enters each step at
+    another timestep than it moved to); a DDIM over these times moves to the next start time.
+    """
+    if not schedule.is_discrete:
+        raise ValueError(f"diffusers' DDIM timesteps need a discrete schedule, got kind={schedule.kind!r}.")
+    T = schedule.num_train_timesteps
+    if not 1 <= num_steps <= T:
+        raise ValueError(f"num_steps={num_steps}: must be in [1, {T}] (num_train_timesteps).")
+    taus = _diffusers_timesteps(T, num_steps, timestep_spacing, steps_offset)
+    if taus.min() < 0 or taus.max() > T - 1:
+        raise ValueError(f"steps_offset={steps_offset} puts timesteps {taus.tolist()} outside [0, {T - 1}].")
+    final = 0.0 if set_alpha_to_one else 1.0 / T
+    return np.concatenate([(taus + 1) / T, [final]]).astype(np.float32)

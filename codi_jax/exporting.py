@@ -54,6 +54,11 @@ def check_exportable(config: Any) -> None:
     """Refuses runs whose adapter diffusers cannot represent (from the config alone: no weights read)."""
     if config.get("method", "teacher") == "teacher":
         return
+    if tuple(config.get("codi", {}).get("cfg_range", ()) or ()):
+        raise ValueError(
+            "codi.cfg_range: a CFG-distilled student reads the guidance scale through an embedding that diffusers' "
+            "ControlNetModel cannot represent; export a run trained without codi.cfg_range."
+        )
     kind = config.adapter.kind
     if kind in UNSUPPORTED_ADAPTERS:
         raise ValueError(
@@ -62,9 +67,10 @@ def check_exportable(config: Any) -> None:
         )
 
 
-def scheduler_config(schedule: diffusion.Schedule, parametrization: str) -> dict[str, Any]:
+def scheduler_config(schedule: diffusion.Schedule, parametrization: str, clip_sample: bool = True) -> dict[str, Any]:
     """``DDIMScheduler`` config of our schedule: betas, prediction type, and DDIM as our sampler does it
-    (x_hat clipped to [-1, 1], ``trailing`` spacing = our uniform times, final alpha 1 = ``t = 0``)."""
+    (x_hat clipped to [-1, 1] in pixel space, not for latents; ``trailing`` spacing = our uniform
+    times, final alpha 1 = ``t = 0``)."""
     from codi_jax.models.export_diffusers import DIFFUSERS_VERSION
 
     if parametrization not in PREDICTION_TYPES:
@@ -78,7 +84,7 @@ def scheduler_config(schedule: diffusion.Schedule, parametrization: str) -> dict
         "beta_schedule": BETA_SCHEDULES[schedule.kind],
         "trained_betas": None,
         "prediction_type": PREDICTION_TYPES[parametrization],
-        "clip_sample": True,
+        "clip_sample": bool(clip_sample),
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
         "steps_offset": 0,
@@ -118,12 +124,13 @@ def step_table(config: Any, schedule: diffusion.Schedule, steps: int) -> list[tu
 
 def model_parts(pre: Any) -> list[tuple[str, dict[str, Any], dict[str, np.ndarray]]]:
     """``(subfolder, config.json, state dict)`` of every network of a restored run (``Pretrained``)."""
+    from codi_jax import networks
     from codi_jax.models import export_diffusers
     from codi_jax.models.unet import UNet
 
     check_exportable(pre.config)
     data = pre.config.get("data")
-    sample_size = int(data.image_size) if data is not None and data.get("image_size") else None
+    sample_size = networks.model_input_size(pre.config) if data is not None and data.get("image_size") else None
     if isinstance(pre.model, UNet):  # a teacher
         config = export_diffusers.unet_diffusers_config(pre.model, sample_size)
         return [("unet", config, export_diffusers.unet_state_dict(pre.model, pre.params))]
@@ -302,11 +309,55 @@ def export_pretrained(pre: Any, out: str, *, steps: int = 4, overwrite: bool = F
         for name, config, state in parts:
             export_diffusers.write_model_files(os.path.join(staging, name), config, state)
         os.makedirs(os.path.join(staging, "scheduler"))
+        scheduler = scheduler_config(pre.schedule, pre.parametrization, clip_sample=not _frozen_components(pre.config))
         with open(os.path.join(staging, "scheduler", "scheduler_config.json"), "w") as f:
-            json.dump(scheduler_config(pre.schedule, pre.parametrization), f, indent=2, sort_keys=True)
+            json.dump(scheduler, f, indent=2, sort_keys=True)
+        _write_pipeline_files(pre.config, staging, configs)
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(readme)
     return sorted(os.path.join(root, name) for root, _, names in os.walk(out) for name in names)
+
+
+def _frozen_components(config: Any) -> dict[str, str]:
+    """subfolder -> the diffusers / transformers folder of each frozen model a latent text run uses."""
+    latent, text = config.get("latent") or {}, config.get("text") or {}
+    found = {
+        "vae": latent.get("vae", ""),
+        "text_encoder": text.get("encoder", ""),
+        "tokenizer": text.get("tokenizer", ""),
+    }
+    return {name: path for name, path in found.items() if path}
+
+
+PIPELINE_LIBRARIES = {
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "controlnet": ["diffusers", "ControlNetModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+}
+
+
+def _write_pipeline_files(config: Any, staging: str, parts: Mapping[str, Any]) -> None:
+    """For a latent text run: its frozen VAE / text encoder / tokenizer folders copied as they are
+    (never trained), and ``model_index.json`` of a ``StableDiffusion[ControlNet]Pipeline``."""
+    import shutil
+
+    from codi_jax.models.export_diffusers import DIFFUSERS_VERSION
+
+    components = _frozen_components(config)
+    if set(components) != {"vae", "text_encoder", "tokenizer"}:
+        return  # not a full SD pipeline: the networks alone
+    for name, path in components.items():
+        shutil.copytree(path, os.path.join(staging, name))
+    names = sorted(set(parts) | set(components) | {"scheduler"})
+    index = {"_class_name": "StableDiffusionControlNetPipeline" if "controlnet" in parts else "StableDiffusionPipeline"}
+    index.update(_diffusers_version=DIFFUSERS_VERSION, requires_safety_checker=False)
+    index.update({name: PIPELINE_LIBRARIES[name] for name in names})
+    index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None])
+    with open(os.path.join(staging, "model_index.json"), "w") as f:
+        json.dump(index, f, indent=2, sort_keys=True)
 
 
 def export_workdir(

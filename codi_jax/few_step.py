@@ -10,6 +10,7 @@ nothing (``atomic.write_files``), never overwriting anything.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Sequence
 
@@ -19,7 +20,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from codi_jax import atomic, inference, networks, sampling
+from codi_jax import atomic, encoders, frozen_inputs, inference, networks, sampling
 from codi_jax.data import pipeline, tasks
 from codi_jax.pretrained import Pretrained, load_conditional, read_config
 
@@ -209,6 +210,17 @@ def prepare(
     return SamplePlan(config, step, names, files, cond, target, instructions)
 
 
+def check_text_request(config: ml_collections.ConfigDict, prompt: str | None, guidance_scale: float | None) -> None:
+    """``--prompt`` / ``--guidance_scale`` need a text-conditioned run (checked before any weight)."""
+    if frozen_inputs.has_text(config):
+        encoders.check_encoder_paths(config)
+        if guidance_scale is not None and guidance_scale < 0:
+            raise ValueError(f"--guidance_scale={guidance_scale}: must be >= 0.")
+        return
+    if prompt is not None or guidance_scale not in (None, 1.0):
+        raise ValueError("--prompt / --guidance_scale need a text-conditioned run; this run's backbone has no text.")
+
+
 def sample_conditional(
     pre: Pretrained,
     cond: np.ndarray,
@@ -218,23 +230,33 @@ def sample_conditional(
     seed: int,
     stochastic: bool | None = None,
     batch_size: int = 32,
+    guidance_scale: float | None = None,
 ) -> np.ndarray:
     """Samples in [-1, 1] for each condition; the noise of example i depends only on (seed, i).
 
-    ``stochastic``: re-noise between steps; None takes the run's default (CoDi: ``codi.renoise``)."""
+    ``stochastic``: re-noise between steps; None takes the run's default (CoDi: ``codi.renoise``).
+    Latent runs sample latents and decode them with the VAE; text runs use the config's prompt
+    (``text.prompt``, or the instruction's) with CFG scale ``guidance_scale`` (None: the run's
+    ``sample_guidance_scale``, default 1 = no guidance)."""
     times = jnp.asarray(inference.sample_times(pre.config, steps))  # raises if steps > grid
-    sampler = inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization)
+    enc, frozen = frozen_inputs.load(pre.config)
+    latent = enc.vae is not None
+    sampler = inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, clip=not latent)
+    decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
     rng = jax.random.PRNGKey(seed)
-    shape = cond.shape[1:3] + (pre.model.backbone.out_channels,)
+    size = cond.shape[1] // networks.latent_factor(pre.config)
+    shape = (size, size, pre.model.backbone.out_channels)
     out = []
     for start in range(0, len(cond), batch_size):
         stop = min(start + batch_size, len(cond))
         noise = jnp.stack([jax.random.normal(jax.random.fold_in(rng, i), shape) for i in range(start, stop)])
         renoise = inference.renoise_key(pre.config, seed, start, stochastic)
-        batch_instruction = None if instruction is None else jnp.asarray(instruction[start:stop])
-        out.append(
-            np.asarray(sampler(pre.params, jnp.asarray(cond[start:stop]), batch_instruction, noise, times, renoise))
-        )
+        batch = {"cond": jnp.asarray(cond[start:stop])}
+        if instruction is not None:
+            batch["instruction"] = jnp.asarray(instruction[start:stop])
+        text = inference.text_inputs(frozen_inputs.add_text(frozen, batch), pre.config, guidance_scale)
+        x = sampler(pre.params, batch["cond"], batch.get("instruction"), noise, times, renoise, text)
+        out.append(np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0))
     return np.concatenate(out)
 
 
@@ -273,6 +295,8 @@ def run(
     step: int | None = None,
     use_ema: bool = True,
     strict_size: bool = False,
+    guidance_scale: float | None = None,
+    prompt: str | None = None,
 ) -> list[str]:
     """Checks the request (``prepare``), restores the run, samples and writes; returns the paths
     written (the samples, then ``grid.png``)."""
@@ -289,9 +313,20 @@ def run(
         step=step,
         strict_size=strict_size,
     )
+    check_text_request(plan.config, prompt, guidance_scale)
     pre = load_conditional(workdir, step=plan.step, use_ema=use_ema)
+    if prompt is not None:
+        with pre.config.unlocked():
+            pre.config.text.prompt = prompt
     samples = sample_conditional(
-        pre, plan.cond, plan.instructions, steps=steps, seed=seed, stochastic=stochastic, batch_size=batch_size
+        pre,
+        plan.cond,
+        plan.instructions,
+        steps=steps,
+        seed=seed,
+        stochastic=stochastic,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
     )
     columns = [sampling.cond_to_rgb(plan.cond), samples] + ([plan.target] if plan.target is not None else [])
     return write_outputs(out_dir, plan.names, columns)

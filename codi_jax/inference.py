@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from codi_jax import adapted, codi, diffusion, sampling
+from codi_jax import adapted, codi, diffusion, guidance, sampling
 
 SOLVERS = ("ddim", "dpm++")
 
@@ -36,22 +37,65 @@ def renoise_key(
     return jax.random.fold_in(jax.random.PRNGKey(seed + 1), batch_start)
 
 
+def text_inputs(batch: dict, config: ml_collections.ConfigDict, guidance_scale: float | None = None) -> dict | None:
+    """The sampler's ``text`` argument from a batch holding ``context`` / ``uncond_context``
+    (``codi_jax.frozen_inputs.add_text``): the guidance scale is ``guidance_scale`` or the run's
+    ``sample_guidance_scale`` (default 1: no guidance). None for runs without text."""
+    if batch.get("context") is None:
+        return None
+    scale = float(config.get("sample_guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+    n = batch["context"].shape[0]
+    return {
+        "context": batch["context"],
+        "uncond_context": batch["uncond_context"],
+        "guidance_scale": None if scale == 1.0 else jnp.full((n,), scale, jnp.float32),
+    }
+
+
+def _guided_apply(model: adapted.AdaptedModel, params, z_t, model_t, cond, instruction, text: dict | None):
+    """The model's output with its text: a CFG-distilled student reads w itself (one call);
+    another model with w != 1 is guided between the prompt and the negative prompt (two calls)."""
+    if text is None:
+        return model.apply(params, z_t, model_t, cond, instruction)
+    w = text["guidance_scale"]
+    if model.takes_guidance_scale:
+        w = jnp.ones((z_t.shape[0],), jnp.float32) if w is None else w
+        return model.apply(params, z_t, model_t, cond, instruction, text["context"], guidance_scale=w)
+    with_text = model.apply(params, z_t, model_t, cond, instruction, text["context"])
+    if w is None:
+        return with_text
+    without = model.apply(params, z_t, model_t, cond, instruction, text["uncond_context"])
+    return guidance.combine(without, with_text, w)
+
+
+def _clip_kwargs(clip: bool) -> dict:
+    return {"clip_denoised": clip}
+
+
 def make_conditional_sampler(
-    model: adapted.AdaptedModel, schedule: diffusion.Schedule, parametrization: str, solver: str = "ddim"
+    model: adapted.AdaptedModel,
+    schedule: diffusion.Schedule,
+    parametrization: str,
+    solver: str = "ddim",
+    *,
+    clip: bool = True,
 ):
-    """Jitted ``(params, cond, instruction, z_init, times, renoise_rng) -> x``.
+    """Jitted ``(params, cond, instruction, z_init, times, renoise_rng, text=None) -> x``.
 
     ``solver``: ``ddim`` (deterministic DDIM, or re-noising given ``renoise_rng``) or ``dpm++``
-    (DPM-Solver++(2M), deterministic; for the non-distilled baselines)."""
+    (DPM-Solver++(2M), deterministic; for the non-distilled baselines). ``text``: see
+    ``text_inputs``. ``clip``: clip ``x_hat`` to the image range (False for latents)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}; valid: {SOLVERS}.")
 
-    def sample(params, cond, instruction, z_init, times, renoise_rng):
+    def sample(params, cond, instruction, z_init, times, renoise_rng, text=None):
         def apply_fn(p, z_t, model_t):
-            return model.apply(p, z_t, model_t, cond, instruction)
+            return _guided_apply(model, p, z_t, model_t, cond, instruction, text)
 
         if solver == "dpm++":
             return sampling.dpm_solver_pp_sample(apply_fn, params, z_init, times, schedule, parametrization)
-        return sampling.ddim_sample(apply_fn, params, z_init, times, schedule, parametrization, renoise_rng)
+        return sampling.ddim_sample(
+            apply_fn, params, z_init, times, schedule, parametrization, renoise_rng, **_clip_kwargs(clip)
+        )
 
     return jax.jit(sample)

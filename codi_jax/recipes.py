@@ -32,6 +32,9 @@ from codi_jax import (
     checkpoint,
     codi,
     config_resolution,
+    converting,
+    encoders,
+    frozen_inputs,
     inference,
     metrics,
     networks,
@@ -52,6 +55,10 @@ class Recipe:
     train_step: Callable  # (state, batch, rng) -> (state, metrics)
     write_samples: Callable  # (writer, workdir, step, state) -> dict of eval scalars
     task_config: ml_collections.ConfigDict | None  # the data task, None for unconditional
+    # (frozen_data, batch, rng) -> the batch the step trains on (VAE latents, prompt embeddings);
+    # None when the data goes in as it is. ``frozen_data`` is never trained or checkpointed.
+    encode_batch: Callable | None = None
+    frozen_data: Any = None
 
 
 def make_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Recipe:
@@ -83,6 +90,11 @@ def update_policy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
 
 
 def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Recipe:
+    if frozen_inputs.is_latent(config) or frozen_inputs.has_text(config):
+        raise ValueError(
+            "Training a latent / text-conditioned teacher is not supported here: convert a pre-trained one "
+            "(python -m codi_jax.convert) and distil it (config.method='codi', config.teacher_workdir)."
+        )
     model, schedule = networks.build_teacher(config)
     optimizer = make_optimizer(config.optimizer)
     parametrization = config.model.parametrization
@@ -135,18 +147,25 @@ def eval_examples(config: ml_collections.ConfigDict, num: int) -> dict[str, np.n
     return {key: value for key, value in batch.items() if key in ("image", "cond", "instruction")}
 
 
+# Adapter sub-trees a converted diffusers ControlNet does not have (this codebase's additions).
+NOT_IN_DIFFUSERS_CONTROLNET = ("instruction_embedding", "guidance_embedding")
+
+
 def _conditional_init(config: ml_collections.ConfigDict, model, optimizer) -> tuple[Callable, Any, Callable]:
     """``(init_state, init_shapes, load_init_inputs)``: a fresh adapter around the teacher's EMA
-    backbone, or (``init_workdir``) another conditional run's EMA params."""
+    backbone (with ``adapter.init_from``: a converted public ControlNet as the adapter), or
+    (``init_workdir``) another conditional run's EMA params."""
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     cond, instruction = networks.condition_placeholders(config)
-    start_from = config.get("init_workdir")
+    placeholders = networks.init_placeholders(config)
+    start_from, controlnet = config.get("init_workdir"), config.adapter.get("init_from", "")
 
     def init_state(inputs):
         if start_from:
             params = model.with_initial(inputs)
         else:
-            params = model.init(init_rng, inputs, cond, instruction)
+            backbone, adapter = (inputs["backbone"], inputs["controlnet"]) if controlnet else (inputs, None)
+            params = model.init(init_rng, backbone, cond, instruction, adapter_params=adapter, **placeholders)
         trained, frozen = model.split(params)
         return create_train_state(trained, optimizer, run_rng, frozen)
 
@@ -154,13 +173,27 @@ def _conditional_init(config: ml_collections.ConfigDict, model, optimizer) -> tu
         shapes, source, what = networks.param_shapes(config), start_from, "config.init_workdir"
     else:
         shapes, source, what = networks.teacher_param_shapes(config), config.teacher_workdir, "config.teacher_workdir"
+    if controlnet and not start_from:
+        adapter = networks.param_shapes(config)["adapter"]
+        converted = {k: v for k, v in adapter.items() if not k.startswith(NOT_IN_DIFFUSERS_CONTROLNET)}
+        shapes = {"backbone": shapes, "controlnet": converted}
 
     def load_init_inputs(shardings):
-        params, step = pretrained.restore_params(source, checkpoint.abstract_like(shapes, shardings), what=what)
-        logging.info("Initial weights: EMA params of %s at step %d.", source, step)
-        return params
+        if controlnet and not start_from:
+            backbone = load_init_inputs_from(source, shapes["backbone"], shardings["backbone"], what)
+            abstract = checkpoint.abstract_like(shapes["controlnet"], shardings["controlnet"])
+            logging.info("Initial adapter: the converted ControlNet at %s.", controlnet)
+            return {"backbone": backbone, "controlnet": converting.restore_controlnet(controlnet, abstract)}
+        return load_init_inputs_from(source, shapes, shardings, what)
 
     return init_state, shapes, load_init_inputs
+
+
+def load_init_inputs_from(source: str, shapes: Any, shardings: Any, what: str) -> Any:
+    """The EMA params of the workdir ``source`` read into ``shapes`` on ``shardings``."""
+    params, step = pretrained.restore_params(source, checkpoint.abstract_like(shapes, shardings), what=what)
+    logging.info("Initial weights: EMA params of %s at step %d.", source, step)
+    return params
 
 
 def _conditional_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Recipe:
@@ -180,10 +213,25 @@ def _conditional_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         objective=config.method,
         max_param_norm_ratio=update_policy(config).max_param_norm_ratio,
     )
-    sampler = inference.make_conditional_sampler(model, schedule, parametrization)
+    enc, frozen_data = frozen_inputs.load(config)
+    frozen_data = sharding_lib.put_replicated(frozen_data, mesh)
+    write_samples = _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data)
+    encode = frozen_inputs.batch_encoder(config, enc)
+    return Recipe(init_state, init_shapes, load_init_inputs, step, write_samples, config.task, encode, frozen_data)
+
+
+def _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data) -> Callable:
+    """Periodic samples at each of ``config.sample_step_counts`` on held-out examples (decoded
+    with the VAE for latent runs), with their PSNR against the targets."""
+    latent = enc.vae is not None
+    sampler = inference.make_conditional_sampler(model, schedule, config.model.parametrization, clip=not latent)
     examples = eval_examples(config, config.num_sample_images)
-    noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1), examples["image"].shape, jnp.float32)
+    size = networks.model_input_size(config)
+    noise_shape = (len(examples["image"]), size, size, int(config.model.in_channels))
+    noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1), noise_shape, jnp.float32)
     on_mesh = sharding_lib.put_replicated({**examples, "noise": noise}, mesh)
+    text = inference.text_inputs(frozen_inputs.add_text(frozen_data, on_mesh), config)
+    decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
     step_counts = tuple(config.sample_step_counts)
 
     def write_samples(writer, workdir: str, step: int, state: TrainState) -> dict:
@@ -193,9 +241,8 @@ def _conditional_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
             times = sharding_lib.put_replicated(inference.sample_times(config, num_steps).astype(np.float32), mesh)
             renoise = inference.renoise_key(config, config.seed)
             renoise = None if renoise is None else sharding_lib.put_replicated(renoise, mesh)
-            images = sharding_lib.to_host(
-                sampler(params, on_mesh["cond"], on_mesh.get("instruction"), on_mesh["noise"], times, renoise)
-            )
+            out = sampler(params, on_mesh["cond"], on_mesh.get("instruction"), on_mesh["noise"], times, renoise, text)
+            images = sharding_lib.to_host(decode(frozen_data.vae_params, out) if latent else out)
             columns.append(images)
             scalars[f"eval/psnr_{num_steps}step"] = float(np.mean(metrics.psnr(images, examples["image"])))
         columns.append(examples["image"])
@@ -205,4 +252,4 @@ def _conditional_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
         logging.info("Wrote samples (steps %s, EMA params) to %s; %s", step_counts, path, scalars)
         return scalars
 
-    return Recipe(init_state, init_shapes, load_init_inputs, step, write_samples, config.task)
+    return write_samples

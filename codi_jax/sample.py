@@ -48,6 +48,13 @@ flags.DEFINE_integer("instruction", 0, "Instruction id for the edit task.")
 flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
 flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters.")
 flags.DEFINE_bool("strict_size", False, "Refuse images not at the model's size instead of resizing them.")
+flags.DEFINE_string("prompt", None, "Text prompt for a text-conditioned (Stable Diffusion) run; default: the run's.")
+flags.DEFINE_float(
+    "guidance_scale",
+    None,
+    "Classifier-free guidance scale w (text runs; 1 = none; default: the run's sample_guidance_scale). A "
+    "CFG-distilled student (codi.cfg_range) reads w itself; other models are guided with two calls per step.",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -69,6 +76,8 @@ def main(argv: list[str]) -> None:
         step=FLAGS.step,
         use_ema=FLAGS.use_ema,
         strict_size=FLAGS.strict_size,
+        guidance_scale=FLAGS.guidance_scale,
+        prompt=FLAGS.prompt,
     )
     print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 

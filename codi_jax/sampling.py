@@ -22,6 +22,9 @@ def uniform_times(num_steps: int) -> np.ndarray:
     return np.linspace(1.0, 0.0, num_steps + 1, dtype=np.float32)
 
 
+DDIM_OUTPUTS = ("x_hat", "z")
+
+
 def ddim_sample(
     apply_fn: ApplyFn,
     params: Any,
@@ -30,14 +33,25 @@ def ddim_sample(
     schedule: diffusion.Schedule,
     parametrization: diffusion.Parametrization,
     renoise_rng: jax.Array | None = None,
+    clip_denoised: bool = True,
+    output: str = "x_hat",
 ) -> jax.Array:
-    """DDIM from ``z_init`` at ``times[0]`` down to ``times[-1]``; returns ``x_hat``.
+    """DDIM from ``z_init`` at ``times[0]`` down to ``times[-1]``; returns ``x_hat`` (default) or ``z``.
 
     Between steps the sample moves to the next time deterministically (``alpha_s x_hat +
     sigma_s eps_hat``) or, given ``renoise_rng``, with fresh noise (``alpha_s x_hat + sigma_s
-    eps``, consistency-model style multistep sampling). The last step returns the network's
-    ``x_hat`` itself (equal to the DDIM move when the final time is 0), clipped to the data range.
+    eps``, consistency-model style multistep sampling). ``output="x_hat"``: the last step returns
+    the network's ``x_hat`` itself (equal to the DDIM move when the final time is 0);
+    ``output="z"``: the last DDIM move, the sample at ``times[-1]`` (diffusers' DDIM, which ends at
+    ``alpha_bar = alphas_cumprod[0]``, i.e. ``t = 1 / T``, with ``set_alpha_to_one=False``).
+    ``clip_denoised`` clips every ``x_hat`` to the data range [-1, 1]; latents must not be
+    clipped (``False``: diffusers' DDIM with ``clip_sample=False``).
+
+    ``params`` is whatever ``apply_fn`` takes first: a parameter tree, or a pytree bundling it with
+    per-call inputs such as a text context (``guidance.Guided``).
     """
+    if output not in DDIM_OUTPUTS:
+        raise ValueError(f"output={output!r}; expected one of {DDIM_OUTPUTS}.")
     times = jnp.asarray(times, jnp.float32)
     num_steps = times.shape[0] - 1
     step_rngs = jax.random.split(renoise_rng if renoise_rng is not None else jax.random.PRNGKey(0), num_steps)
@@ -50,14 +64,15 @@ def ddim_sample(
         model_t = jnp.broadcast_to(schedule.model_time(t), (z_t.shape[0],))
         prediction = apply_fn(params, z_t, model_t)
         x_hat, eps_hat = diffusion.x_eps_from_prediction(z_t, prediction, alpha_t, sigma_t, parametrization)
-        x_hat = jnp.clip(x_hat, -1.0, 1.0)
+        if clip_denoised:
+            x_hat = jnp.clip(x_hat, -1.0, 1.0)
         if renoise_rng is not None:
             eps_hat = jax.random.normal(step_rng, z_t.shape, z_t.dtype)
         return diffusion.ddim_step(x_hat, eps_hat, alpha_s, sigma_s), x_hat
 
     pairs = jnp.stack([times[:-1], times[1:]], axis=1)
-    _, x_hats = jax.lax.scan(step, z_init, (pairs, step_rngs))
-    return x_hats[-1]
+    z_final, x_hats = jax.lax.scan(step, z_init, (pairs, step_rngs))
+    return z_final if output == "z" else x_hats[-1]
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

@@ -28,6 +28,8 @@ from codi_jax.run_status import CheckpointWriteFailed, Diverged, Preempted
 from codi_jax.stop_signals import StopSignals
 from codi_jax.train_state import TrainState
 
+ENCODE_KEY = 1 << 20  # fold_in tag of the batch encoder's key (the step's own key is used as is)
+
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[UNet, diffusion.Schedule]:
     """The teacher's UNet and schedule from its config."""
@@ -124,6 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         donate_argnums=(0,),
     )
     batches = local_batches(config, recipe.task_config, start_step)
+    encode = None if recipe.encode_batch is None else jax.jit(recipe.encode_batch, out_shardings=batch_sharding)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
@@ -142,6 +145,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         for step in range(start_step + 1, config.num_train_steps + 1):
             batch = pipeline.to_global_batch(next(batches), batch_sharding)
             step_rng = jax.random.fold_in(state.rng, step - 1)  # state.rng is replicated
+            if encode is not None:  # VAE latents / prompt embeddings (frozen models), own key
+                batch = encode(recipe.frozen_data, batch, jax.random.fold_in(step_rng, ENCODE_KEY))
             state, metrics = step_fn(state, batch, step_rng)
             pending.append(metrics)
             if step == start_step + 1:  # rates and ETA leave the compile out

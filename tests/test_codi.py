@@ -25,16 +25,28 @@ SCHEDULE = diffusion.Schedule("cosine")
 B, S = 8, 4
 
 
+def _text_and_w(params, context, guidance_scale):
+    """The stub's context term ``d mean(context)`` and guidance term ``e (w - 1)`` (0 when absent)."""
+    out = 0.0
+    if context is not None:
+        out = out + params.get("d", 0.0) * jnp.mean(context, axis=(1, 2))[:, None, None, None]
+    if guidance_scale is not None:
+        out = out + params.get("e", 0.0) * (guidance_scale - 1.0)[:, None, None, None]
+    return out
+
+
 class LinearStub:
-    """Duck-typed ``AdaptedModel``: ``pred = a z + b cond + c (model_t / 1000)``."""
+    """Duck-typed ``AdaptedModel``: ``pred = a z + b cond + c (model_t / 1000)`` [+ text / w terms]."""
 
     @staticmethod
-    def apply(params, z, model_t, cond, instruction=None, *, train=False, rngs=None):
-        return params["a"] * z + params["b"] * cond + params["c"] * (model_t / 1000.0)[:, None, None, None]
+    def apply(params, z, model_t, cond, instruction=None, context=None, *, guidance_scale=None, train=False, rngs=None):
+        linear = params["a"] * z + params["b"] * cond + params["c"] * (model_t / 1000.0)[:, None, None, None]
+        return linear + _text_and_w(params, context, guidance_scale)
 
     @staticmethod
-    def apply_initial(params, z, model_t, cond, instruction=None):
-        return params["a0"] * z + params["b0"] * cond + params["c"] * (model_t / 1000.0)[:, None, None, None]
+    def apply_initial(params, z, model_t, cond, instruction=None, context=None, *, guidance_scale=None):
+        linear = params["a0"] * z + params["b0"] * cond + params["c"] * (model_t / 1000.0)[:, None, None, None]
+        return linear + _text_and_w(params, context, guidance_scale)
 
 
 def _np_alpha_sigma(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -119,6 +131,69 @@ def test_codi_loss_matches_numpy(predictor, space, shared_t, r) -> None:
         expected = _np_codi_loss(params, target_params, x.astype(np.float64), cond, k, eps, config)
         np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
     assert seen_boundary and seen_interior
+
+
+def _np_cfg_loss(params, target_params, x, cond, k, eps, m_text, m_null, w, config):
+    """NumPy CoDi loss with CFG-aware distillation (stub: text term d m, w term e (w - 1))."""
+    n, w4 = config.grid_size, w[:, None, None, None]
+    text, null = m_text[:, None, None, None], m_null[:, None, None, None]
+    t, s = k / n, (k - 1) / n
+    a_t, s_t = (v[:, None, None, None] for v in _np_alpha_sigma(t))
+    a_s, s_s = (v[:, None, None, None] for v in _np_alpha_sigma(s))
+    z_t = a_t * x + s_t * eps
+    v_hat = _np_linear(params, z_t, t, cond) + params["d"] * text + params["e"] * (w4 - 1.0)
+    x_hat = a_t * z_t - s_t * v_hat
+    if config.predictor == "prev":
+        z_s = a_s * x_hat + s_s * eps
+    else:  # teacher: the initial model, guided (uncond + w (cond - uncond)) at the neutral w = 1
+        base = params["a0"] * z_t + params["b0"] * cond + params["c"] * t[:, None, None, None]
+        v0 = base + params["d"] * null + w4 * params["d"] * (text - null)
+        z_s = a_s * (a_t * z_t - s_t * v0) + s_s * (s_t * z_t + a_t * v0)
+    base = _np_linear(target_params, z_s, s, cond)
+    v_tgt = base + target_params["d"] * null + w4 * target_params["d"] * (text - null)
+    eps_tgt = np.where((k == 1)[:, None, None, None], eps, s_s * z_s + a_s * v_tgt)
+    eps_hat = s_t * z_t + a_t * v_hat
+    return np.mean((eps_hat - eps_tgt) ** 2) + config.guidance_weight * np.mean((x_hat - x) ** 2)
+
+
+@pytest.mark.parametrize("predictor", ["prev", "teacher"])
+def test_cfg_aware_loss_matches_numpy_and_w1_is_no_guidance(predictor) -> None:
+    config = codi.default_codi_config()
+    config.update(predictor=predictor, shared_t=False, grid_size=3, cfg_range=(1.5, 7.0))
+    rng = np.random.default_rng(0)
+    x, cond = (rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32) for _ in range(2))
+    context, uncond = (rng.normal(size=(B, 5, 6)).astype(np.float32) for _ in range(2))
+    batch = {"image": x, "cond": cond, "context": context, "uncond_context": uncond}
+    params, target_params = _stub_params(1), _stub_params(2)
+    for p, seed in ((params, 3), (target_params, 4)):
+        p.update(d=np.float32(np.random.default_rng(seed).uniform(0.2, 0.8)), e=np.float32(0.3))
+    loss_of = lambda cfg: jax.jit(
+        functools.partial(codi.codi_loss, model=LinearStub(), schedule=SCHEDULE, parametrization="v", config=cfg)
+    )
+    key = jax.random.PRNGKey(5)
+    loss, _ = loss_of(config)(params, target_params, batch, key)
+    k, eps = _draws(key, config)
+    w = np.asarray(jax.random.uniform(jax.random.fold_in(key, 3), (B,), minval=1.5, maxval=7.0), np.float64)
+    assert np.ptp(w) > 1.0  # per-example scales
+    m_text, m_null = context.mean(axis=(1, 2)), uncond.mean(axis=(1, 2))
+    expected = _np_cfg_loss(params, target_params, x.astype(np.float64), cond, k, eps, m_text, m_null, w, config)
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
+
+    # w = 1: exactly the loss without guidance (the student's w term and the guidance vanish).
+    unguided = config.copy_and_resolve_references()
+    unguided.cfg_range = ()
+    config.cfg_range = (1.0, 1.0)
+    plain, _ = loss_of(unguided)(params, target_params, {**batch, "uncond_context": None}, key)
+    at_one, _ = loss_of(config)(params, target_params, batch, key)
+    assert float(at_one) == float(plain)
+
+
+def test_cfg_range_is_checked() -> None:
+    config = codi.default_codi_config()
+    for bad in ((3.0, 2.0), (1.0,), (-1.0, 2.0)):
+        config.cfg_range = bad
+        with pytest.raises(ValueError, match="cfg_range"):
+            codi.check_codi_config(config)
 
 
 def test_gradient_flows_only_through_the_online_prediction() -> None:

@@ -129,6 +129,7 @@ def _adapter_config(**overrides: Any) -> ml_collections.ConfigDict:
     config = adapters.default_adapter_config()
     config.hint_channels = (8, 16)
     config.hint_downsamples = 1  # diffusers: len(conditioning_embedding_out_channels) - 1
+    config.hint_unit_range = True  # the condition in [0, 1], as diffusers' pipelines feed it
     config.update(overrides)
     return config
 
@@ -161,7 +162,8 @@ def test_unet2d_condition_model_and_controlnet_export_match_diffusers(tmp_path) 
     context = np.random.RandomState(3).randn(2, 5, 8).astype(np.float32)
     t, ctx = torch.from_numpy(TIMESTEPS), torch.from_numpy(context)
     with torch.no_grad():
-        down, mid = reference(_nchw(sample), t, ctx, controlnet_cond=_nchw(cond), return_dict=False)
+        unit_cond = _nchw((cond + 1.0) / 2.0)  # hint_unit_range: ours maps [-1, 1] to diffusers' [0, 1]
+        down, mid = reference(_nchw(sample), t, ctx, controlnet_cond=unit_cond, return_dict=False)
         out = reference_unet(
             _nchw(sample), t, ctx, down_block_additional_residuals=down, mid_block_additional_residual=mid
         ).sample
@@ -208,8 +210,9 @@ def test_unet_config_round_trips_layouts() -> None:
         (CROSS, dict(kind="fusion"), "cannot represent this adapter"),
         (CROSS, dict(hint_downsamples=0), r"hint_downsamples=0 .*cannot be expressed"),
         (TINY, {}, "UNet2DModel-style backbone"),
+        (CROSS, dict(hint_unit_range=False), r"hint_unit_range=False"),
     ],
-    ids=["fusion", "hint_downsamples", "unet2d_backbone"],
+    ids=["fusion", "hint_downsamples", "unet2d_backbone", "condition_range"],
 )
 def test_controlnet_refusals(backbone_fields: dict, overrides: dict, match: str) -> None:
     adapter = _controlnet_model(backbone_fields, **overrides).adapter
@@ -219,10 +222,13 @@ def test_controlnet_refusals(backbone_fields: dict, overrides: dict, match: str)
         export_diffusers.controlnet_state_dict(adapter, {})
 
 
-def test_controlnet_with_instructions_is_refused() -> None:
+def test_controlnet_with_instructions_or_guidance_embedding_is_refused() -> None:
     backbone = UNet(**CROSS)
     adapter = adapters.build_conditional_model(backbone, _adapter_config(), 3, num_instructions=4).adapter
     with pytest.raises(ValueError, match="num_instructions=4"):
+        export_diffusers.controlnet_diffusers_config(adapter)
+    adapter = adapters.build_conditional_model(backbone, _adapter_config(), 3, guidance_embedding=True).adapter
+    with pytest.raises(ValueError, match="guidance-scale"):
         export_diffusers.controlnet_diffusers_config(adapter)
 
 

@@ -88,6 +88,21 @@ class ControlNet(UNet):
     hint_zero_init: bool = True
     num_instructions: int = 0  # > 0: a learned instruction embedding added to the time embedding
     output: str = "residuals"  # "residuals" (zero convs, PE-CoDi) | "blend" (mu fusion, full CoDi)
+    guidance_embedding: bool = False  # CFG-aware distillation: the guidance scale w enters the temb
+    hint_unit_range: bool = False  # the hint network reads (cond + 1) / 2 in [0, 1], as diffusers' ControlNets
+
+    def guidance_offset(self, guidance_scale: jax.Array, batch: int, features: int) -> jax.Array:
+        """``e(w) - e(1)`` with ``e`` = sinusoid(1000 w) -> dense -> SiLU -> zero-init dense: 0 at
+        init for every w, and exactly 0 at w = 1 whatever the weights (so w = 1 is no guidance)."""
+        w = jnp.broadcast_to(jnp.asarray(guidance_scale, jnp.float32), (batch,))
+        hidden = nn.Dense(features, name="guidance_embedding_linear_1")
+        out = nn.Dense(features, kernel_init=nn.initializers.zeros, name="guidance_embedding_linear_2")
+
+        def embed(values):
+            sinusoid = layers.timestep_embedding(1000.0 * values, self.block_out_channels[0])
+            return out(nn.silu(hidden(sinusoid)))
+
+        return embed(w) - embed(jnp.ones_like(w))
 
     @nn.compact
     def __call__(
@@ -98,6 +113,7 @@ class ControlNet(UNet):
         instruction: jax.Array | None = None,
         context: jax.Array | None = None,
         *,
+        guidance_scale: jax.Array | None = None,
         train: bool = False,
     ) -> dict[str, Any]:
         self.check_input(sample)
@@ -113,6 +129,10 @@ class ControlNet(UNet):
                 raise ValueError("This adapter was built for instructions (num_instructions > 0); none was given.")
             table = nn.Embed(self.num_instructions, temb.shape[-1], name="instruction_embedding")
             temb = temb + table(instruction.astype(jnp.int32))
+        if self.guidance_embedding:
+            if guidance_scale is None:
+                raise ValueError("This adapter was built for a guidance scale (codi.cfg); none was given.")
+            temb = temb + self.guidance_offset(guidance_scale, sample.shape[0], temb.shape[-1])
         hint = HintNetwork(
             self.block_out_channels[0],
             tuple(self.hint_channels),
@@ -120,7 +140,7 @@ class ControlNet(UNet):
             self.conv_impl,
             self.hint_zero_init,
             name="controlnet_cond_embedding",
-        )(cond.astype(jnp.float32))
+        )((cond.astype(jnp.float32) + 1.0) / 2.0 if self.hint_unit_range else cond.astype(jnp.float32))
         if hint.shape[1:3] != sample.shape[1:3]:
             raise ValueError(
                 f"Hint features {hint.shape[1:3]} do not match the input {sample.shape[1:3]}: condition size "
@@ -204,9 +224,11 @@ class ConditionalUNet(nn.Module):
         instruction: jax.Array | None = None,
         context: jax.Array | None = None,
         *,
+        guidance_scale: jax.Array | None = None,
         train: bool = False,
     ) -> jax.Array:
-        hooks = self.adapter(sample, timesteps, cond, instruction, context, train=train)
+        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
+        hooks = self.adapter(sample, timesteps, cond, instruction, context, train=train, **extra)
         return self.backbone(sample, timesteps, context, train=train, **hooks)
 
 
@@ -226,10 +248,16 @@ def default_adapter_config() -> ml_collections.ConfigDict:
 
 
 def build_conditional_model(
-    backbone: UNet, adapter_config: ml_collections.ConfigDict, cond_channels: int, num_instructions: int = 0
+    backbone: UNet,
+    adapter_config: ml_collections.ConfigDict,
+    cond_channels: int,
+    num_instructions: int = 0,
+    guidance_embedding: bool = False,
 ) -> ConditionalUNet:
     """The adapted model for ``adapter_config.kind``; the backbone module is used as is."""
     kind = adapter_config.kind
+    if guidance_embedding and kind == "t2i":
+        raise ValueError("codi.cfg (a guidance-scale embedding) needs a time-conditioned adapter: controlnet / fusion.")
     if kind in ("controlnet", "fusion"):
         fields = {k: getattr(backbone, k) for k in UNet.__dataclass_fields__ if k not in ("parent", "name")}
         adapter = ControlNet(
@@ -240,6 +268,8 @@ def build_conditional_model(
             hint_zero_init=adapter_config.get("hint_zero_init", True),
             num_instructions=num_instructions,
             output="residuals" if kind == "controlnet" else "blend",
+            guidance_embedding=guidance_embedding,
+            hint_unit_range=bool(adapter_config.get("hint_unit_range", False)),
         )
     elif kind == "t2i":
         adapter = T2IAdapter(

@@ -57,7 +57,15 @@ ARCHITECTURE_FIELDS = (
 # ... and those that only choose how it computes (not exported).
 RUNTIME_FIELDS = ("dtype", "remat", "conv_impl")
 # ControlNet fields beyond the UNet's; hint_zero_init is only an initialisation choice.
-CONTROLNET_FIELDS = ("cond_channels", "hint_channels", "hint_downsamples", "num_instructions", "output")
+CONTROLNET_FIELDS = (
+    "cond_channels",
+    "hint_channels",
+    "hint_downsamples",
+    "num_instructions",
+    "output",
+    "guidance_embedding",
+    "hint_unit_range",
+)
 CONTROLNET_INIT_FIELDS = ("hint_zero_init",)
 
 # ControlNet components diffusers writes as ModuleList indices (split here whatever _torch_name does).
@@ -286,6 +294,16 @@ def _check_controlnet(adapter: ControlNet) -> None:
         raise ValueError(
             f"ControlNet num_instructions={adapter.num_instructions}: the instruction embedding is not exported "
             "(diffusers' pipelines pass no class labels to a ControlNetModel)."
+        )
+    if adapter.guidance_embedding:
+        raise ValueError(
+            "ControlNet guidance_embedding (CFG-aware distillation): diffusers' ControlNetModel has no guidance-scale "
+            "embedding, so it cannot represent this adapter."
+        )
+    if not adapter.hint_unit_range:
+        raise ValueError(
+            "ControlNet hint_unit_range=False: this adapter reads the condition in [-1, 1], diffusers' ControlNet "
+            "pipelines feed it in [0, 1]; train with adapter.hint_unit_range=True to export."
         )
     if adapter.hint_downsamples != len(adapter.hint_channels) - 1:
         raise ValueError(

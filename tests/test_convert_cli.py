@@ -1,0 +1,269 @@
+"""``python -m codi_jax.convert``: a local diffusers pipeline / UNet folder (+ ControlNet) -> a teacher workdir.
+
+One tiny random Stable Diffusion pipeline (``tests.tiny_sd``) is converted once per module; the
+workdir's teacher (``pretrained.load_teacher``) must compute what the PyTorch UNet computes
+(errors relative to the output scale), the saved config must hold the fields codi runs read, the
+frozen parts must be byte copies our loaders read, and the ControlNet must restore to the
+parameters ``load_diffusers_controlnet`` gives. The CLI runs in a subprocess (success, refusals).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import pytest
+
+from codi_jax import checkpoint, config_resolution, converting, pretrained, sharding
+from codi_jax.models import clip_text, clip_tokenizer, convert_diffusers
+from tests import tiny_sd
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+pytest.importorskip("safetensors")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMESTEPS = np.array([3.0, 817.0], np.float32)
+PIXEL_UNET = dict(
+    sample_size=16,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(16, 32),
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    attention_head_dim=8,
+)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("convert")
+    pipe = tiny_sd.make_pipeline(str(root / "pipe"))
+    tiny_sd.make_controlnet(pipe.unet, str(root / "controlnet"))
+    out = str(root / "teacher")
+    summary = converting.convert(str(root / "pipe"), out, controlnet=str(root / "controlnet"))
+    print("\n".join(converting.summary_lines(summary)))
+    return dict(root=root, pipe=pipe, out=out, summary=summary)
+
+
+def _compare(reference: np.ndarray, ours: Any, what: str, rel: float = 1e-5) -> None:
+    """max |ours - reference| <= rel * max(1, max |reference|), ours NHWC vs reference NCHW."""
+    ours = np.asarray(ours).transpose(0, 3, 1, 2)
+    assert ours.shape == reference.shape, (what, ours.shape, reference.shape)
+    error, scale = float(np.max(np.abs(ours - reference))), float(np.max(np.abs(reference)))
+    print(f"{what}: max abs err {error:.3g} (max |ref| {scale:.3g})")
+    assert error <= rel * max(1.0, scale), (what, error, scale)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "codi_jax.convert", *args], cwd=REPO, capture_output=True, text=True, timeout=180
+    )
+
+
+def _assert_one_line_refusal(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_teacher_matches_pytorch_unet(converted: dict[str, Any]) -> None:
+    pre = pretrained.load_teacher(converted["out"])
+    assert (pre.step, pre.parametrization, pre.schedule.kind) == (0, "eps", "scaled_linear")
+    rng = np.random.RandomState(0)
+    sample = rng.randn(2, 4, tiny_sd.LATENT_SIZE, tiny_sd.LATENT_SIZE).astype(np.float32)
+    context = rng.randn(2, 5, tiny_sd.CROSS_ATTENTION_DIM).astype(np.float32)
+    with torch.no_grad():
+        args = (torch.from_numpy(sample), torch.from_numpy(TIMESTEPS), torch.from_numpy(context))
+        reference = converted["pipe"].unet(*args).sample.numpy()
+    ours = jax.jit(pre.model.apply)({"params": pre.params}, sample.transpose(0, 2, 3, 1), TIMESTEPS, context)
+    _compare(reference, ours, "converted SD UNet (load_teacher)")
+    torch_count = sum(p.numel() for p in converted["pipe"].unet.parameters())
+    assert converted["summary"].param_counts["unet"] == torch_count
+
+
+def test_saved_config_fields(converted: dict[str, Any]) -> None:
+    out, root = converted["out"], converted["root"]
+    config, step = pretrained.read_config(out)
+    assert step == 0 and config.method == "teacher"
+    unet_config = json.load(open(root / "pipe" / "unet" / "config.json"))
+    fields = convert_diffusers.unet_config_from_diffusers(unet_config)
+    model = config.model.to_dict()
+    assert {k: model[k] for k in fields} == {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    assert (model["parametrization"], model["dtype"], model["remat"], model["conv_impl"]) == (
+        "eps",
+        "float32",
+        False,
+        "auto",
+    )
+    assert config.schedule.to_dict() == dict(
+        kind="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
+    )
+    assert config.data.image_size == tiny_sd.IMAGE_SIZE  # the UNet's sample_size x the VAE's 8
+    components = os.path.join(out, "components")
+    assert config.latent.to_dict() == dict(vae=os.path.join(components, "vae"), encode="sample")
+    assert config.text.to_dict() == dict(
+        encoder=os.path.join(components, "text_encoder"),
+        tokenizer=os.path.join(components, "tokenizer"),
+        prompt="",
+        negative_prompt="",
+        max_length=tiny_sd.MAX_LENGTH,
+    )
+    assert config.source.to_dict() == dict(diffusers=str(root / "pipe"), controlnet=str(root / "controlnet"))
+    saved = checkpoint.Checkpointer(pretrained.checkpoint_dir(out), read_only=True)
+    assert sorted(saved.saved_tree(0)) == ["ema_params", "step"]  # the minimal state: the UNet once
+    saved.close()
+    # A codi run with config.teacher_workdir=OUT takes the teacher's model / schedule / frozen parts.
+    from configs import codi_sr4
+
+    codi_config = codi_sr4.get_config()
+    codi_config.teacher_workdir = out
+    resolved = config_resolution.resolve(codi_config)
+    assert resolved.model.to_dict() == model and resolved.schedule.to_dict() == config.schedule.to_dict()
+
+
+def test_components_are_byte_copies_that_load(converted: dict[str, Any]) -> None:
+    pipe_dir, components = converted["root"] / "pipe", os.path.join(converted["out"], "components")
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        comparison = filecmp.dircmp(pipe_dir / name, os.path.join(components, name))
+        assert not (comparison.left_only or comparison.right_only or comparison.diff_files), name
+        for file in comparison.common_files:
+            assert filecmp.cmp(pipe_dir / name / file, os.path.join(components, name, file), shallow=False)
+    assert filecmp.cmp(pipe_dir / "model_index.json", os.path.join(components, "model_index.json"), shallow=False)
+    config, _ = pretrained.read_config(converted["out"])
+    _, vae_params = convert_diffusers.load_diffusers_vae(config.latent.vae)
+    _, text_params = clip_text.load_clip_text(config.text.encoder)
+    tokenizer = clip_tokenizer.load_clip_tokenizer(config.text.tokenizer)
+    counts = converted["summary"].param_counts
+    assert (
+        counts["vae"]
+        == converting.count_params(vae_params)
+        == sum(p.numel() for p in converted["pipe"].vae.parameters())
+    )
+    assert counts["text_encoder"] == converting.count_params(text_params)
+    prompt = "a photo of a cat"
+    expected = converted["pipe"].tokenizer(prompt, padding="max_length", max_length=tiny_sd.MAX_LENGTH).input_ids
+    assert tokenizer(prompt).input_ids[0].tolist() == list(expected)
+
+
+def test_controlnet_restores_into_shardings(converted: dict[str, Any]) -> None:
+    assert converting.controlnet_adapter_fields(converted["out"]) == dict(
+        hint_channels=tiny_sd.HINT_CHANNELS, hint_downsamples=3, cond_channels=3, output="residuals"
+    )
+    adapter, reference = convert_diffusers.load_diffusers_controlnet(str(converted["root"] / "controlnet"))
+    shapes = convert_diffusers.controlnet_param_shapes(adapter)
+    mesh = sharding.make_mesh(devices=jax.local_devices()[:1])
+    abstract = checkpoint.abstract_like(shapes, sharding.tree_shardings(shapes, mesh))
+    restored = converting.restore_controlnet(converted["out"], abstract)
+    errors = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), restored, reference)
+    print(f"ControlNet params: max abs err {max(jax.tree.leaves(errors)):.3g}")
+    jax.tree.map(np.testing.assert_array_equal, restored, reference)
+    jax.tree.map(lambda a, s: a.sharding == s.sharding or pytest.fail("sharding"), restored, abstract)
+    assert converted["summary"].param_counts["controlnet"] == converting.count_params(reference)
+
+    wrong = dict(abstract, conv_in=dict(abstract["conv_in"], bias=jax.ShapeDtypeStruct((5,), np.float32)))
+    with pytest.raises(ValueError, match="leaf conv_in/bias is"):
+        converting.restore_controlnet(os.path.join(converted["out"], "controlnet"), wrong)
+
+
+def test_cli_converts_and_refuses(converted: dict[str, Any], tmp_path) -> None:
+    root, out = converted["root"], str(tmp_path / "cli_teacher")
+    start = time.perf_counter()
+    proc = _cli(f"--diffusers={root / 'pipe'}", f"--workdir={out}", f"--controlnet={root / 'controlnet'}")
+    print(f"CLI convert (with --controlnet): {time.perf_counter() - start:.1f} s wall\n{proc.stdout}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "parameters -> checkpoints/0" in proc.stdout and "controlnet:" in proc.stdout
+    assert pretrained.read_config(out)[0].source.controlnet == str(root / "controlnet")
+
+    proc = _cli(f"--diffusers={root / 'pipe'}", f"--workdir={out}")
+    _assert_one_line_refusal(proc, "--overwrite", out)
+    _assert_one_line_refusal(_cli(f"--diffusers={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'o'}"), "nowhere")
+    _assert_one_line_refusal(_cli(f"--workdir={tmp_path / 'o'}"), "--diffusers")
+
+    sdxl = tmp_path / "sdxl_unet"  # a UNet folder whose config asks for SDXL's added embeddings
+    shutil.copytree(root / "pipe" / "unet", sdxl)
+    shutil.copytree(root / "pipe" / "scheduler", sdxl / "scheduler")
+    config = json.load(open(sdxl / "config.json"))
+    json.dump(dict(config, addition_embed_type="text_time"), open(sdxl / "config.json", "w"))
+    _assert_one_line_refusal(_cli(f"--diffusers={sdxl}", f"--workdir={tmp_path / 'o'}"), "addition_embed_type")
+    assert not os.path.exists(tmp_path / "o")
+
+    # --overwrite replaces the workdir atomically (here: without the ControlNet).
+    converting.convert(str(root / "pipe"), out, overwrite=True)
+    assert not os.path.exists(os.path.join(out, "controlnet"))
+    assert pretrained.read_config(out)[0].source.controlnet == ""
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "override, field",
+    [
+        (dict(beta_schedule="squaredcos_cap_v2"), "beta_schedule"),
+        (dict(rescale_betas_zero_snr=True), "rescale_betas_zero_snr"),
+        (dict(trained_betas=[0.1, 0.2]), "trained_betas"),
+        (dict(prediction_type="flow"), "prediction_type"),
+        (dict(variance_type="learned_range"), "variance_type"),
+    ],
+)
+def test_unsupported_schedulers(override: dict[str, Any], field: str) -> None:
+    config = dict(tiny_sd.SCHEDULER, _class_name="DDIMScheduler", **override)
+    with pytest.raises(ValueError, match=field):
+        converting.schedule_from_scheduler_config(config)
+
+
+def test_refusals_before_loading(converted: dict[str, Any], tmp_path) -> None:
+    root = converted["root"]
+    controlnet = tmp_path / "controlnet"
+    shutil.copytree(root / "controlnet", controlnet)
+    config = json.load(open(controlnet / "config.json"))
+    json.dump(dict(config, cross_attention_dim=24), open(controlnet / "config.json", "w"))
+    with pytest.raises(ValueError, match="cross_attention_dim=24 differs from the UNet's cross_attention_dim=32"):
+        converting.convert(str(root / "pipe"), str(tmp_path / "o"), controlnet=str(controlnet))
+
+    pipe = tmp_path / "pipe"
+    shutil.copytree(root / "pipe", pipe)
+    shutil.rmtree(pipe / "vae")
+    with pytest.raises(FileNotFoundError, match="Missing vae folder"):
+        converting.convert(str(pipe), str(tmp_path / "o"))
+    lone = tmp_path / "lone" / "unet"
+    shutil.copytree(root / "pipe" / "unet", lone)
+    with pytest.raises(FileNotFoundError, match="No scheduler config"):
+        converting.convert(str(lone), str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="holds the input"):  # --overwrite would delete the input
+        converting.convert(str(pipe / "unet"), str(pipe), overwrite=True)
+    assert os.path.isdir(pipe / "unet")
+    assert not os.path.exists(tmp_path / "o")
+
+
+def test_pixel_unet_folder(tmp_path) -> None:
+    torch.manual_seed(0)
+    unet = tiny_sd.perturbed(diffusers.UNet2DModel(**PIXEL_UNET), seed=3, scale=0.05)
+    unet.save_pretrained(str(tmp_path / "ddpm" / "unet"), safe_serialization=True)
+    scheduler = diffusers.DDPMScheduler(beta_schedule="linear", prediction_type="v_prediction")
+    scheduler.save_pretrained(str(tmp_path / "ddpm" / "scheduler"))  # found beside the UNet folder
+    out = str(tmp_path / "teacher")
+    summary = converting.convert(str(tmp_path / "ddpm" / "unet"), out)
+    print("\n".join(converting.summary_lines(summary)))
+    pre = pretrained.load_teacher(out)
+    config = pre.config
+    assert (config.latent.vae, config.text.encoder, config.text.tokenizer, config.text.max_length) == ("", "", "", 0)
+    assert (config.data.image_size, pre.parametrization) == (16, "v")
+    assert config.schedule.to_dict() == dict(kind="linear", num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02)
+    assert sorted(os.listdir(os.path.join(out, "components"))) == ["scheduler"]
+    sample = np.random.RandomState(0).randn(2, 3, 16, 16).astype(np.float32)
+    with torch.no_grad():
+        reference = unet(torch.from_numpy(sample), torch.from_numpy(TIMESTEPS)).sample.numpy()
+    ours = jax.jit(pre.model.apply)({"params": pre.params}, sample.transpose(0, 2, 3, 1), TIMESTEPS)
+    _compare(reference, ours, "converted UNet2DModel (load_teacher)")
