@@ -21,7 +21,7 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from codi_jax import checkpoint, config_resolution, diffusion, networks, recipes, sharding
+from codi_jax import checkpoint, config_resolution, diffusion, encoders, networks, recipes, sharding
 from codi_jax.data import pipeline
 from codi_jax.models.unet import UNet
 from codi_jax.run_status import CheckpointWriteFailed, Diverged, Preempted
@@ -79,6 +79,14 @@ def local_batches(config: ml_collections.ConfigDict, task_config, start_step: in
     return pipeline.numpy_iterator(dataset.skip(start_step))
 
 
+def check_input_paths(config: ml_collections.ConfigDict) -> None:
+    """The local paths a run reads (image folder, VAE / text encoder folders), checked before any
+    weight is loaded or anything is compiled; errors name the config field."""
+    encoders.check_encoder_paths(config)
+    if config.data.get("source") == "folder":
+        pipeline.list_image_files(config.data.get("folder", ""))
+
+
 def restore_or_init(
     recipe: recipes.Recipe, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer
 ) -> tuple[TrainState, Any]:
@@ -95,6 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains ``config.method`` in ``workdir``, resuming from its latest checkpoint; ``config``
     is resolved first (codi / finetune: the teacher's model and schedule) and left unchanged."""
     config = config_resolution.resolve(config)
+    check_input_paths(config)
     mesh = sharding.mesh_from_config(config)
     sharding.check_batch_divisible(config.batch_size, mesh)
     logging.info("Config (resolved):\n%s", config)

@@ -11,13 +11,15 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from codi_jax import codi, config_resolution, inference, networks
+from codi_jax import codi, config_resolution, inference, networks, train_loop
 from codi_jax.data import tasks
 from configs import tiny_teacher
 
-CONFIG_NAMES = sorted(
+ALL_CONFIGS = sorted(
     p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py") if p.stem != "__init__"
 )
+SD_CONFIGS = [name for name in ALL_CONFIGS if name.startswith(("sd15_", "sd21_"))]
+CONFIG_NAMES = [name for name in ALL_CONFIGS if name not in SD_CONFIGS]
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
@@ -60,3 +62,37 @@ def test_renoise_default_comes_from_the_codi_section() -> None:
     assert inference.renoise_between_steps(ml_collections.ConfigDict(old)) is codi.default_codi_config().renoise
     finetune = importlib.import_module("configs.finetune_sr4").get_config()
     assert inference.renoise_between_steps(finetune) is False
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_teacher(tmp_path_factory) -> str:
+    """A converted tiny random Stable Diffusion pipeline (teacher workdir)."""
+    pytest.importorskip("diffusers")
+    from codi_jax import converting
+    from tests import tiny_sd
+
+    root = tmp_path_factory.mktemp("sd_configs")
+    tiny_sd.make_pipeline(str(root / "pipeline"))
+    converting.convert(str(root / "pipeline"), str(root / "teacher"))
+    return str(root / "teacher")
+
+
+@pytest.mark.parametrize("name", SD_CONFIGS)
+def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name: str, tiny_sd_teacher) -> None:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    with pytest.raises(ValueError, match="teacher_workdir"):
+        config_resolution.resolve(config)
+    from tests import tiny_sd
+
+    config.teacher_workdir = tiny_sd_teacher
+    config.data.image_size = tiny_sd.IMAGE_SIZE
+    config.adapter.hint_channels = tiny_sd.HINT_CHANNELS
+    resolved = config_resolution.resolve(config)
+    assert resolved.latent.vae and resolved.text.encoder and resolved.model.cross_attention_dim
+    assert resolved.model.dtype == "bfloat16"  # the run's compute choice, not the teacher's float32
+    if resolved.data.source == "folder":
+        with pytest.raises(ValueError, match="data_config.folder"):
+            train_loop.check_input_paths(resolved)
+    shapes = networks.param_shapes(resolved)  # abstract init: latent-size input, pixel-size condition, context
+    assert set(shapes) >= {"backbone", "adapter"}
+    assert ("guidance_embedding_linear_1" in shapes["adapter"]) == bool(resolved.codi.cfg_range)
