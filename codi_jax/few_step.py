@@ -92,6 +92,8 @@ def load_images(
 
 
 def check_condition_task(task_config: ml_collections.ConfigDict) -> None:
+    if tasks.text_instructions(task_config):
+        return  # the source image to edit, with the instruction from --prompt
     if task_config.name not in CONDITION_TASKS:
         raise ValueError(
             f"--input=condition is not supported for task {task_config.name!r} (its condition is not a single "
@@ -102,6 +104,8 @@ def check_condition_task(task_config: ml_collections.ConfigDict) -> None:
 def conditions_from_images(task_config: ml_collections.ConfigDict, images: np.ndarray) -> np.ndarray:
     """Conditions given directly as images (``--input=condition``)."""
     check_condition_task(task_config)
+    if tasks.text_instructions(task_config):
+        return images
     if task_config.name == "sr":
         size = images.shape[1]
         low = size // int(task_config.scale)
@@ -200,6 +204,11 @@ def prepare(
         check_condition_task(task)
         accepted = (size // int(task.scale), size) if task.name == "sr" else (size,)
     _, images = load_images(paths, size, accepted_sizes=accepted, strict=strict_size)
+    if input_kind == "clean" and tasks.text_instructions(task):
+        raise ValueError(
+            "--input=clean: this run edits by free-text instructions; pass the images to edit with "
+            "--input=condition and the instruction with --prompt."
+        )
     if input_kind == "clean":
         degraded = tasks.degrade_images(task, images, seed)
         cond, target, instructions = degraded["cond"], degraded["image"], degraded.get("instruction")

@@ -59,6 +59,7 @@ class Recipe:
     # None when the data goes in as it is. ``frozen_data`` is never trained or checkpointed.
     encode_batch: Callable | None = None
     frozen_data: Any = None
+    tokenize: Callable | None = None  # text -> ids, for data with free-text instructions
 
 
 def make_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Recipe:
@@ -138,13 +139,19 @@ def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 # --------------------------------------------------------------------------- conditional
 
 
-def eval_examples(config: ml_collections.ConfigDict, num: int) -> dict[str, np.ndarray]:
+def eval_examples(config: ml_collections.ConfigDict, num: int, tokenize: Callable | None = None) -> dict:
     """The first ``num`` held-out examples with the task applied (fixed degradations)."""
     ds = pipeline.build_dataset(
-        config.data, config.data.eval_split, num, seed=config.seed, train=False, task_config=config.task
+        config.data,
+        config.data.eval_split,
+        num,
+        seed=config.seed,
+        train=False,
+        task_config=config.task,
+        tokenize=tokenize,
     )
     batch = next(pipeline.numpy_iterator(ds))
-    return {key: value for key, value in batch.items() if key in ("image", "cond", "instruction")}
+    return {key: value for key, value in batch.items() if key in ("image", "cond", "instruction", "prompt_ids")}
 
 
 # Adapter sub-trees a converted diffusers ControlNet does not have (this codebase's additions).
@@ -217,7 +224,10 @@ def _conditional_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Me
     frozen_data = sharding_lib.put_replicated(frozen_data, mesh)
     write_samples = _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data)
     encode = frozen_inputs.batch_encoder(config, enc)
-    return Recipe(init_state, init_shapes, load_init_inputs, step, write_samples, config.task, encode, frozen_data)
+    tokenize = frozen_inputs.tokenizer_of(config, enc)
+    return Recipe(
+        init_state, init_shapes, load_init_inputs, step, write_samples, config.task, encode, frozen_data, tokenize
+    )
 
 
 def _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data) -> Callable:
@@ -225,12 +235,12 @@ def _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data) 
     with the VAE for latent runs), with their PSNR against the targets."""
     latent = enc.vae is not None
     sampler = inference.make_conditional_sampler(model, schedule, config.model.parametrization, clip=not latent)
-    examples = eval_examples(config, config.num_sample_images)
+    examples = eval_examples(config, config.num_sample_images, frozen_inputs.tokenizer_of(config, enc))
     size = networks.model_input_size(config)
     noise_shape = (len(examples["image"]), size, size, int(config.model.in_channels))
     noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1), noise_shape, jnp.float32)
     on_mesh = sharding_lib.put_replicated({**examples, "noise": noise}, mesh)
-    text = inference.text_inputs(frozen_inputs.add_text(frozen_data, on_mesh), config)
+    text = inference.text_inputs(frozen_inputs.add_text(frozen_data, on_mesh, enc.text_model), config)
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
     step_counts = tuple(config.sample_step_counts)
 

@@ -62,7 +62,7 @@ def create_sharded_state(
     return init_fn(inputs), shardings
 
 
-def local_batches(config: ml_collections.ConfigDict, task_config, start_step: int) -> Iterator[dict]:
+def local_batches(config: ml_collections.ConfigDict, task_config, start_step: int, tokenize=None) -> Iterator[dict]:
     """This process's share of every global batch from ``start_step`` on."""
     dataset = pipeline.build_dataset(
         config.data,
@@ -73,6 +73,7 @@ def local_batches(config: ml_collections.ConfigDict, task_config, start_step: in
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         task_config=task_config,
+        tokenize=tokenize,
     )
     # The stream is a deterministic function of the seed; skipping the batches already consumed
     # makes a resumed run see exactly the data an uninterrupted one would.
@@ -85,6 +86,8 @@ def check_input_paths(config: ml_collections.ConfigDict) -> None:
     encoders.check_encoder_paths(config)
     if config.data.get("source") == "folder":
         pipeline.list_image_files(config.data.get("folder", ""))
+    if config.data.get("source") == "edit_triples":
+        pipeline.list_edit_triples(config.data.get("folder", ""))
 
 
 def restore_or_init(
@@ -134,7 +137,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         out_shardings=(shardings, repl),
         donate_argnums=(0,),
     )
-    batches = local_batches(config, recipe.task_config, start_step)
+    batches = local_batches(config, recipe.task_config, start_step, recipe.tokenize)
     encode = None if recipe.encode_batch is None else jax.jit(recipe.encode_batch, out_shardings=batch_sharding)
 
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)

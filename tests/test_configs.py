@@ -90,8 +90,8 @@ def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name
     resolved = config_resolution.resolve(config)
     assert resolved.latent.vae and resolved.text.encoder and resolved.model.cross_attention_dim
     assert resolved.model.dtype == "bfloat16"  # the run's compute choice, not the teacher's float32
-    if resolved.data.source == "folder":
-        with pytest.raises(ValueError, match="data_config.folder"):
+    if resolved.data.source in ("folder", "edit_triples"):
+        with pytest.raises((ValueError, FileNotFoundError), match="data_config.folder"):
             train_loop.check_input_paths(resolved)
     shapes = networks.param_shapes(resolved)  # abstract init: latent-size input, pixel-size condition, context
     assert set(shapes) >= {"backbone", "adapter"}

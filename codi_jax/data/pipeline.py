@@ -6,6 +6,10 @@ Sources (`data_config.source`):
   tfds             any prepared tfds dataset (`tfds_name`, e.g. 'div2k/bicubic_x4',
                    'nyu_depth_v2', 'imagenette'); never downloads, raises if not prepared.
   folder           a directory of png/jpg/jpeg/bmp/webp images, searched recursively.
+  edit_triples     InstructPix2Pix's layout under `folder`: one directory per instruction with
+                   `prompt.json` (its `edit` is the instruction) and image pairs `<seed>_0.<ext>`
+                   (source) / `<seed>_1.<ext>` (edited); one example per pair, with `source` and
+                   `prompt_ids` (the instruction's token ids, from `build_dataset(tokenize=...)`).
 
 Batches hold the local (per-process) batch, `global_batch_size // process_count` examples:
   image      float32 (B, S, S, 3) in [-1, 1]
@@ -59,7 +63,7 @@ try:
 except (RuntimeError, ValueError):  # Devices already initialised, or no GPU support.
     pass
 
-SOURCES = ("skimage_patches", "tfds", "folder")
+SOURCES = ("skimage_patches", "tfds", "folder", "edit_triples")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 logger = logging.getLogger(__name__)
 
@@ -168,15 +172,22 @@ def _preprocess(
         joint = tf.concat([rgb, depth], axis=-1)  # Same crop / flip for both.
     else:
         joint = rgb
+    has_source = "source" in example  # an edit pair: same crop / flip as the edited image
+    if has_source:
+        source = _to_rgb_float(example["source"])
+        source = tf.image.resize(source, tf.shape(rgb)[:2], method="bilinear", antialias=True)
+        joint = tf.concat([joint, source], axis=-1)
     augment = train and seed is not None
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2)) if augment else (None, None)
     joint = _fit_to_size(joint, image_size, random_crop=random_crop, train=augment, seed=crop_seed)
     if augment and random_flip:
         joint = tf.image.stateless_random_flip_left_right(joint, flip_seed)
-    channels = 4 if has_depth else 3
+    channels = 3 + int(has_depth) + 3 * int(has_source)
     joint = tf.ensure_shape(joint, [image_size, image_size, channels])
 
-    out = {key: value for key, value in example.items() if key not in ("image", "depth")}
+    out = {key: value for key, value in example.items() if key not in ("image", "depth", "source")}
+    if has_source:
+        out["source"] = tf.clip_by_value(joint[..., channels - 3 :] * 2.0 - 1.0, -1.0, 1.0)
     out["image"] = tf.clip_by_value(joint[..., :3] * 2.0 - 1.0, -1.0, 1.0)
     if has_depth:
         out["depth"] = joint[..., 3:]
@@ -407,6 +418,62 @@ def _folder_examples(
     return ds, decode, len(paths)
 
 
+def list_edit_triples(folder: str) -> list[tuple[str, str, str]]:
+    """``(source, edited, instruction)`` of every pair under ``folder`` (InstructPix2Pix layout,
+    see the module docstring), sorted; errors name the folder or file."""
+    import json
+
+    if not folder or not os.path.isdir(folder):
+        raise FileNotFoundError(f"data_config.folder={folder!r}: not a directory (source='edit_triples')")
+    triples = []
+    for root, _, names in sorted(os.walk(folder, followlinks=True)):
+        if "prompt.json" not in names:
+            continue
+        with open(os.path.join(root, "prompt.json")) as f:
+            instruction = str(json.load(f).get("edit", ""))
+        sources = sorted(
+            n for n in names if os.path.splitext(n)[0].endswith("_0") and n.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        for name in sources:
+            stem, ext = os.path.splitext(name)
+            edited = [n for n in names if os.path.splitext(n)[0] == stem[:-2] + "_1"]
+            if not edited:
+                raise FileNotFoundError(f"{os.path.join(root, name)}: no edited image {stem[:-2]}_1{ext} beside it")
+            triples.append((os.path.join(root, name), os.path.join(root, edited[0]), instruction))
+    if not triples:
+        raise FileNotFoundError(f"data_config.folder={folder!r}: no prompt.json with <seed>_0 / <seed>_1 image pairs")
+    return triples
+
+
+def _triple_examples(
+    data_config: ml_collections.ConfigDict,
+    *,
+    tokenize: Any,
+    train: bool,
+    seed: int,
+    process_index: int,
+    process_count: int,
+) -> tuple[tf.data.Dataset, Any, int]:
+    if tokenize is None:
+        raise ValueError("data_config.source='edit_triples' needs a tokenizer: a text-conditioned run (config.text)")
+    triples = list_edit_triples(data_config.folder)
+    columns = {key: [t[i] for t in triples] for i, key in enumerate(("source", "edited", "instruction"))}
+    ds = tf.data.Dataset.from_tensor_slices(columns).shard(process_count, process_index)
+    if train:
+        ds = ds.shuffle(len(triples), seed=seed, reshuffle_each_iteration=True)
+    length = len(tokenize(""))
+
+    def decode(raw: dict) -> Batch:
+        load = lambda key: tf.ensure_shape(
+            tf.numpy_function(lambda p: load_image_rgb(p.decode()), [raw[key]], tf.uint8, stateful=False),
+            [None, None, 3],
+        )
+        ids = tf.numpy_function(lambda t: np.asarray(tokenize(t.decode()), np.int32), [raw["instruction"]], tf.int32)
+        return {"image": load("edited"), "source": load("source"), "prompt_ids": tf.ensure_shape(ids, [length])}
+
+    return ds, decode, len(triples)
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -420,9 +487,11 @@ def build_dataset(
     process_index: int = 0,
     process_count: int = 1,
     task_config: ml_collections.ConfigDict | None = None,
+    tokenize: Any = None,
 ) -> tf.data.Dataset:
     """Batched dataset of this process's share of `split` (see the module docstring); with
-    `task_config`, every example carries the task's `cond` (see codi_jax.data.tasks)."""
+    `task_config`, every example carries the task's `cond` (see codi_jax.data.tasks).
+    `tokenize(text) -> int ids` turns `edit_triples` instructions into `prompt_ids`."""
     if task_config is not None:
         tasks.check_task_config(task_config)
         if task_config.name == "none":
@@ -454,6 +523,9 @@ def build_dataset(
             )
         ds, decode, num_examples = _folder_examples(data_config, **shard)
         index_offset, index_stride = process_index, process_count  # Dataset.shard: round robin.
+    elif data_config.source == "edit_triples":
+        ds, decode, num_examples = _triple_examples(data_config, tokenize=tokenize, **shard)
+        index_offset, index_stride = process_index, process_count
     else:
         if data_config.source == "skimage_patches":
             builder, image_key = _skimage_builder(data_config), "image"

@@ -63,6 +63,7 @@ SR_DOWNSAMPLES = ("bicubic", "area")
 MASK_KINDS = ("freeform", "box", "mixed")
 EDGE_METHODS = ("canny", "sobel")
 DEPTH_SOURCES = ("feature", "procedural")
+EDIT_INSTRUCTIONS = ("ids", "text")
 # The edit table; an instruction id indexes it.
 EDIT_NAMES = (
     "flip_horizontal",
@@ -124,6 +125,9 @@ def default_task_config() -> ml_collections.ConfigDict:
     config.procedural = procedural.default_procedural_config()  # depth_source='procedural' only
     # ---- edit
     config.num_instructions = len(EDIT_NAMES)  # the first this many of EDIT_NAMES are used
+    # 'ids': this codebase's synthetic edits (EDIT_NAMES, an instruction id per example); 'text':
+    # the data's own pairs and free-text instructions (source='edit_triples', InstructPix2Pix)
+    config.instructions = "ids"
     return config
 
 
@@ -187,6 +191,8 @@ def check_task_config(task_config: ml_collections.ConfigDict) -> None:
         if task_config.depth_source == "procedural":
             procedural.check_procedural_config(task_config.procedural)
     elif name == "edit":
+        if "instructions" in task_config:  # configs saved before the field existed: 'ids'
+            _check_choice(task_config, "instructions", EDIT_INSTRUCTIONS)
         count = task_config.num_instructions
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= len(EDIT_NAMES):
             _fail("num_instructions", count, f"an integer in [1, {len(EDIT_NAMES)}] (the edits: {EDIT_NAMES})")
@@ -201,7 +207,12 @@ def cond_channels(task_config: ml_collections.ConfigDict) -> int:
 def num_instructions(task_config: ml_collections.ConfigDict) -> int:
     """Size of the instruction vocabulary (0 for tasks without instructions)."""
     check_task_config(task_config)
-    return int(task_config.num_instructions) if task_config.name == "edit" else 0
+    return int(task_config.num_instructions) if task_config.name == "edit" and not text_instructions(task_config) else 0
+
+
+def text_instructions(task_config: ml_collections.ConfigDict) -> bool:
+    """True for the edit task on the data's own (source, edited, instruction) triples."""
+    return task_config.name == "edit" and task_config.get("instructions", "ids") == "text"
 
 
 def instruction_names(task_config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -505,6 +516,12 @@ def apply_task(task_config: ml_collections.ConfigDict, example: Example, seed: t
             out["depth"] = tf.cast(depth[..., None], example["depth"].dtype)
             if "has_depth" in example:
                 out["has_depth"] = tf.ones_like(example["has_depth"])
+    elif text_instructions(task_config):  # the data's own pair: cond = its source image
+        if "source" not in example:
+            raise ValueError(
+                "task.instructions='text' needs (source, edited, instruction) examples: data.source='edit_triples'."
+            )
+        cond = out.pop("source")
     else:  # edit
         count = int(task_config.num_instructions)
         instruction = tf.random.stateless_uniform([], seed, 0, count, tf.int32)

@@ -192,22 +192,46 @@ def num_heads(channels: int, head_dim: int, heads: int | None = None) -> int:
     return heads
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int) -> jax.Array:
-    """Multi-head attention over (batch, tokens, channels).
+# How attention is computed (``UNet.attention_impl``); every choice has the same parameters:
+#   "dot_product": ``jax.nn.dot_product_attention`` with ``implementation=None`` (in JAX 0.10.2
+#                  that is always its XLA path; future JAX may pick cuDNN on GPU by itself);
+#   "cudnn":       the same call with ``implementation="cudnn"`` (cuDNN flash attention: NVIDIA
+#                  GPUs, bf16 / fp16 compute, head dim a multiple of 8 and <= 128, <= 256 on Hopper);
+#   "einsum":      this module's explicit einsum-softmax-einsum (the original path).
+ATTENTION_IMPLS = ("dot_product", "cudnn", "einsum")
+HALF_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def _einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """(batch, tokens, heads, head_dim) attention with the full float32 score matrix materialised."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits / math.sqrt(q.shape[-1]), axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: str = "dot_product") -> jax.Array:
+    """Multi-head attention over (batch, tokens, channels); ``impl`` is one of ``ATTENTION_IMPLS``.
 
     Logits and softmax are float32 whatever the compute dtype (diffusers' ``upcast_attention=True``
     behaviour, always on: a bf16 product of q and k is exact in float32); the weights are cast back
-    to ``v``'s dtype for the value product, as diffusers does.
+    to ``v``'s dtype for the value product, as diffusers does. ``jax.nn.dot_product_attention``'s
+    XLA path does exactly this (float32 logits from bf16 inputs, float32 softmax, weights cast to
+    the value dtype); cuDNN keeps its softmax statistics in float32 and never stores the scores.
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}; valid: {ATTENTION_IMPLS}.")
+    if impl == "cudnn" and q.dtype not in HALF_DTYPES:
+        raise ValueError(f"attention_impl='cudnn' needs model.dtype bfloat16 or float16; the compute dtype is {q.dtype}.")
     b, tq, c = q.shape
     tk = k.shape[1]
     head_dim = c // heads
     q = q.reshape(b, tq, heads, head_dim)
     k = k.reshape(b, tk, heads, head_dim)
     v = v.reshape(b, tk, heads, head_dim)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits / math.sqrt(head_dim), axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    if impl == "einsum":
+        out = _einsum_attention(q, k, v)
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, implementation="cudnn" if impl == "cudnn" else None)
     return out.reshape(b, tq, c)
 
 
@@ -219,6 +243,7 @@ class SpatialSelfAttention(nn.Module):
     eps: float = 1e-5
     dtype: Dtype = jnp.float32
     heads: int | None = None  # if set, the number of heads (``head_dim`` is then unused)
+    attention_impl: str = "dot_product"  # see ``ATTENTION_IMPLS``
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -228,7 +253,7 @@ class SpatialSelfAttention(nn.Module):
         q = nn.Dense(c, dtype=self.dtype, name="to_q")(h)
         k = nn.Dense(c, dtype=self.dtype, name="to_k")(h)
         v = nn.Dense(c, dtype=self.dtype, name="to_v")(h)
-        out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(_attention(q, k, v, heads))
+        out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(attention(q, k, v, heads, self.attention_impl))
         return (x + out.reshape(b, hgt, wid, c).astype(x.dtype)).astype(self.dtype)
 
 
@@ -237,6 +262,7 @@ class CrossAttention(nn.Module):
 
     heads: int
     dtype: Dtype = jnp.float32
+    attention_impl: str = "dot_product"  # see ``ATTENTION_IMPLS``
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -245,7 +271,8 @@ class CrossAttention(nn.Module):
         q = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_q")(x)
         k = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_k")(context)
         v = nn.Dense(c, use_bias=False, dtype=self.dtype, name="to_v")(context)
-        return nn.Dense(c, dtype=self.dtype, name="to_out_0")(_attention(q, k, v, self.heads))
+        out = attention(q, k, v, self.heads, self.attention_impl)
+        return nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
 
 
 class GEGLUFeedForward(nn.Module):
@@ -266,15 +293,18 @@ class TransformerBlock(nn.Module):
 
     heads: int
     dtype: Dtype = jnp.float32
+    attention_impl: str = "dot_product"  # see ``ATTENTION_IMPLS``
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None) -> jax.Array:
         def norm(name):
             return nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, name=name)
 
-        x = x + CrossAttention(self.heads, self.dtype, name="attn1")(norm("norm1")(x).astype(self.dtype))
+        impl = self.attention_impl
+        x = x + CrossAttention(self.heads, self.dtype, impl, name="attn1")(norm("norm1")(x).astype(self.dtype))
         if context is not None:
-            x = x + CrossAttention(self.heads, self.dtype, name="attn2")(norm("norm2")(x).astype(self.dtype), context)
+            attn2 = CrossAttention(self.heads, self.dtype, impl, name="attn2")
+            x = x + attn2(norm("norm2")(x).astype(self.dtype), context)
         return x + GEGLUFeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x).astype(self.dtype))
 
 
@@ -291,6 +321,7 @@ class Transformer2D(nn.Module):
     dtype: Dtype = jnp.float32
     heads: int | None = None  # if set, the number of heads (``head_dim`` is then unused)
     linear_projection: bool = True
+    attention_impl: str = "dot_product"  # see ``ATTENTION_IMPLS``
 
     def _projection(self, h: jax.Array, name: str) -> jax.Array:
         c = h.shape[-1]
@@ -304,7 +335,7 @@ class Transformer2D(nn.Module):
         heads = num_heads(c, self.head_dim, self.heads)
         h = _group_norm(self.groups, 1e-6, "norm")(x).reshape(b, hgt * wid, c)
         h = self._projection(h, "proj_in")
-        h = TransformerBlock(heads, self.dtype, name="transformer_blocks_0")(h, context)
+        h = TransformerBlock(heads, self.dtype, self.attention_impl, name="transformer_blocks_0")(h, context)
         h = self._projection(h, "proj_out")
         return (x + h.reshape(b, hgt, wid, c).astype(x.dtype)).astype(self.dtype)
 
