@@ -39,7 +39,7 @@ def summary(state) -> dict:
     return {"process": jax.process_index(), "step": int(sharding.to_host(state.step)), "digest": digest}
 
 
-def both_shards(config, task_config, start_step):
+def both_shards(config, task_config, start_step, tokenize=None):
     """What the two processes read, concatenated: the same global batches in one process."""
     from codi_jax.data import pipeline
 
@@ -52,6 +52,7 @@ def both_shards(config, task_config, start_step):
                 seed=config.seed,
                 train=True,
                 process_index=index,
+                tokenize=tokenize,
                 process_count=2,
                 task_config=task_config,
             ).skip(start_step)
