@@ -22,7 +22,7 @@ INIT_SECTIONS = ("model", "schedule", "adapter", "task")
 # user's config sets (e.g. ``text.prompt``) override the teacher's.
 FROZEN_MODEL_SECTIONS = ("latent", "text")
 # How the teacher's network is computed, not what it is: a run may choose its own.
-RUN_MODEL_CHOICES = ("dtype", "remat", "conv_impl")
+RUN_MODEL_CHOICES = ("dtype", "remat", "conv_impl", "attention_impl", "remat_policy")
 
 
 def _merged_section(teacher_section: ml_collections.ConfigDict, own: ml_collections.ConfigDict | None):

@@ -211,13 +211,19 @@ def _equations(jaxpr: Any):
                     yield from _equations(sub)
 
 
+def _attention_dot_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """An attention product's shape as (batch, heads, queries, keys): the einsum path's 4-D as it is;
+    ``jax.nn.dot_product_attention``'s (batch, heads, queries, groups=1, keys) without its group axis."""
+    return shape[:3] + shape[4:] if len(shape) == 5 and shape[3] == 1 else shape
+
+
 def _logit_shapes(model: UNet, params: Any, x: jax.Array, context: jax.Array) -> set[tuple[int, ...]]:
-    """Shapes of the 4-D products in ``model``'s forward pass (the attention logits among them)."""
+    """Shapes of the 4-D (5-D grouped) products in ``model``'s forward pass (the attention logits among them)."""
     jaxpr = jax.make_jaxpr(model.apply)({"params": params}, x, TIMESTEPS, context).jaxpr
     return {
-        tuple(e.outvars[0].aval.shape)
+        _attention_dot_shape(tuple(e.outvars[0].aval.shape))
         for e in _equations(jaxpr)
-        if e.primitive.name == "dot_general" and e.outvars[0].aval.ndim == 4
+        if e.primitive.name == "dot_general" and e.outvars[0].aval.ndim in (4, 5)
     }
 
 
@@ -233,7 +239,7 @@ def test_bfloat16_attention_scores_and_softmax_are_float32() -> None:
     dots = [e for e in equations if e.primitive.name == "dot_general"]
     assert exps and all(e.outvars[0].aval.dtype == jnp.float32 for e in exps)
     # 4 transformers (down, mid, 2 up) x 2 attentions: q.k -> float32 logits, weights.v -> bf16.
-    attention_dots = [e for e in dots if e.outvars[0].aval.ndim == 4]
+    attention_dots = [e for e in dots if e.outvars[0].aval.ndim in (4, 5)]
     assert all(v.aval.dtype == jnp.bfloat16 for e in attention_dots for v in e.invars)
     out_dtypes = sorted(str(e.outvars[0].aval.dtype) for e in attention_dots)
     assert out_dtypes == ["bfloat16"] * 8 + ["float32"] * 8, out_dtypes

@@ -55,7 +55,7 @@ ARCHITECTURE_FIELDS = (
     "freq_shift",
 )
 # ... and those that only choose how it computes (not exported).
-RUNTIME_FIELDS = ("dtype", "remat", "conv_impl")
+RUNTIME_FIELDS = ("dtype", "remat", "conv_impl", "attention_impl", "remat_policy")
 # ControlNet fields beyond the UNet's; hint_zero_init is only an initialisation choice.
 CONTROLNET_FIELDS = (
     "cond_channels",

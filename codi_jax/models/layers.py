@@ -221,7 +221,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, heads: int, impl: str = 
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={impl!r}; valid: {ATTENTION_IMPLS}.")
     if impl == "cudnn" and q.dtype not in HALF_DTYPES:
-        raise ValueError(f"attention_impl='cudnn' needs model.dtype bfloat16 or float16; the compute dtype is {q.dtype}.")
+        raise ValueError(
+            f"attention_impl='cudnn' needs model.dtype bfloat16 or float16; the compute dtype is {q.dtype}."
+        )
     b, tq, c = q.shape
     tk = k.shape[1]
     head_dim = c // heads

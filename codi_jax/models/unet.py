@@ -10,6 +10,7 @@ Hooks for adapters: ``__call__`` takes optional additive residuals for every ski
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,10 +23,28 @@ from codi_jax.models import layers
 Dtype = Any
 
 
-def _block_classes(remat: bool):
-    if remat:
-        return nn.remat(layers.ResnetBlock), nn.remat(layers.SpatialSelfAttention), nn.remat(layers.Transformer2D)
-    return layers.ResnetBlock, layers.SpatialSelfAttention, layers.Transformer2D
+# ``UNet.remat_policy``: what a rematerialised block keeps from its forward pass (the rest is
+# recomputed in the backward pass). "full" is ``jax.checkpoint``'s default (nothing but the block's
+# inputs is kept, the same as "nothing_saveable"); "dots_saveable" keeps every matmul output (the
+# attention scores among them); "dots_with_no_batch_dims_saveable" keeps the projections' and
+# feed-forwards' outputs but not the per-head score products.
+REMAT_POLICIES = {
+    "full": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@functools.cache
+def _block_classes(remat: bool, policy: str = "full"):
+    """(res-block, self-attention, transformer) classes, wrapped in ``nn.remat`` with ``policy``."""
+    classes = layers.ResnetBlock, layers.SpatialSelfAttention, layers.Transformer2D
+    if not remat:
+        return classes
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={policy!r}; valid: {sorted(REMAT_POLICIES)}.")
+    return tuple(nn.remat(cls, policy=REMAT_POLICIES[policy]) for cls in classes)
 
 
 class _Blocks(nn.Module):
@@ -45,9 +64,11 @@ class _Blocks(nn.Module):
     remat: bool
     deterministic: bool
     cross_attention: bool
+    attention_impl: str
+    remat_policy: str
 
     def resnet(self, name: str):
-        resnet_cls, _, _ = _block_classes(self.remat)
+        resnet_cls, _, _ = _block_classes(self.remat, self.remat_policy)
         return resnet_cls(
             self.features,
             self.groups,
@@ -60,12 +81,13 @@ class _Blocks(nn.Module):
         )
 
     def attend(self, x: jax.Array, context: jax.Array | None, name: str) -> jax.Array:
-        _, attn_cls, transformer_cls = _block_classes(self.remat)
+        _, attn_cls, transformer_cls = _block_classes(self.remat, self.remat_policy)
+        impl = self.attention_impl
         if self.cross_attention:
             return transformer_cls(
-                self.head_dim, self.groups, self.dtype, self.heads, self.linear_projection, name=name
+                self.head_dim, self.groups, self.dtype, self.heads, self.linear_projection, impl, name=name
             )(x, context)
-        return attn_cls(self.head_dim, self.groups, self.eps, self.dtype, self.heads, name=name)(x)
+        return attn_cls(self.head_dim, self.groups, self.eps, self.dtype, self.heads, impl, name=name)(x)
 
 
 class DownBlock(_Blocks):
@@ -132,6 +154,14 @@ class UNet(nn.Module):
       dtype: compute dtype (params stay float32).
       remat: rematerialise each res / attention block in the backward pass.
       conv_impl: "auto" | "xla" | "im2col" (see ``codi_jax.models.conv``).
+      attention_impl: "dot_product" (``jax.nn.dot_product_attention``, XLA) | "cudnn" (its cuDNN
+        flash attention: NVIDIA GPUs with bf16 / fp16 compute) | "einsum" (explicit scores); see
+        ``layers.ATTENTION_IMPLS``. Same parameters and float32 softmax in every case.
+      remat_policy: with ``remat``, what each block keeps for the backward pass: "full" (nothing:
+        recompute the block) | "nothing_saveable" (the same) | "dots_saveable" |
+        "dots_with_no_batch_dims_saveable" (``jax.checkpoint_policies``; see ``REMAT_POLICIES``).
+      The last four only choose how the network is computed (saved configs without
+      ``attention_impl`` / ``remat_policy`` get the defaults).
     """
 
     in_channels: int = 3
@@ -152,6 +182,8 @@ class UNet(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
     conv_impl: str = "auto"
+    attention_impl: str = "dot_product"
+    remat_policy: str = "full"
 
     def _settings(self, level: int, attention: bool, num_layers: int, train: bool) -> dict:
         """Block settings at ``level`` (the middle block is at the last level)."""
@@ -170,6 +202,8 @@ class UNet(nn.Module):
             remat=self.remat,
             deterministic=not train,
             cross_attention=self.cross_attention_dim is not None,
+            attention_impl=self.attention_impl,
+            remat_policy=self.remat_policy,
         )
 
     def time_embed(self, timesteps: jax.Array) -> jax.Array:
@@ -227,7 +261,15 @@ class UNet(nn.Module):
             if heads < 1 or channels % heads:
                 raise ValueError(f"num_attention_heads[{i}]={heads} does not divide level {i}'s {channels} channels.")
 
+    def check_choices(self) -> None:
+        """``attention_impl`` / ``remat_policy`` are known values (errors name the field)."""
+        if self.attention_impl not in layers.ATTENTION_IMPLS:
+            raise ValueError(f"model.attention_impl={self.attention_impl!r}; valid: {layers.ATTENTION_IMPLS}.")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"model.remat_policy={self.remat_policy!r}; valid: {sorted(REMAT_POLICIES)}.")
+
     def check_input(self, sample: jax.Array) -> None:
+        self.check_choices()
         levels = len(self.block_out_channels)
         if len(self.attention_levels) != levels:
             raise ValueError(
@@ -323,4 +365,6 @@ def unet_from_config(model_config) -> UNet:
     for key in ("block_out_channels", "attention_levels", "num_attention_heads"):
         if cfg.get(key) is not None:
             cfg[key] = tuple(cfg[key])
-    return UNet(**cfg)
+    model = UNet(**cfg)
+    model.check_choices()
+    return model

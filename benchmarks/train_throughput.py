@@ -1,0 +1,238 @@
+"""Train-step throughput of a CoDi run: step time, images/s, per-device memory, FLOPs and MFU.
+
+The step is ``codi.train_step`` bound exactly as ``recipes`` binds it for a run, jitted with the
+state donated and compiled ahead of time (as ``train_loop`` does), on one device:
+
+  tiny   configs/tiny_codi.py on configs/tiny_teacher.py's UNet (16x16, x2 SR)
+  demo   configs/codi_sr4.py on configs/teacher_patches32.py's UNet (the demo's shapes: 32x32)
+  sd15   configs/sd15_sr4.py on an SD-1.5-shaped UNet (diffusers UNet2DConditionModel config,
+         random weights) + ControlNet (x8 hint network), bf16, remat, 64x64 latents with a
+         77x768 text context and 512x512 conditions (the batch the step sees after the VAE /
+         text encoder; encoding them is benchmarks/latent_encoding.py's subject)
+
+Printed: compile time; memory per device from ``Compiled.memory_analysis()`` (what
+``train_loop`` logs before step 1) and, where the backend has them, ``memory_stats()`` peak
+bytes (on CPU: the process's max RSS, which also holds the compiler and Python); model FLOPs
+per step (XLA's cost analysis of the step lowered without remat: what the model needs) and
+executed FLOPs (of the compiled step, recomputation included); then, unless ``--no_run``,
+the median step time over ``--steps`` timed steps after ``--warmup`` untimed ones, images/s,
+TFLOP/s (model FLOPs / step time) and, given ``--peak_tflops`` (the device's dense bf16 or fp32
+peak), MFU.
+
+  python benchmarks/train_throughput.py --config=tiny|demo|sd15 [--method=pe|full] [--batch=N] \\
+      [--no_run] [--peak_tflops=989] [--attention_impl=dot_product|cudnn|einsum] \\
+      [--remat=true|false] [--remat_policy=full|dots_saveable|...] [--dtype=bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from bench_host import cpu_model, usable_cores
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from codi_jax import codi, networks, recipes, train_loop  # noqa: E402
+from codi_jax.data import tasks  # noqa: E402
+from codi_jax.models.convert_diffusers import unet_config_from_diffusers  # noqa: E402
+from codi_jax.train_state import create_train_state, make_optimizer  # noqa: E402
+from configs import codi_sr4, sd15_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
+
+SD15_UNET = {  # diffusers' UNet2DConditionModel config of Stable Diffusion 1.5
+    "_class_name": "UNet2DConditionModel",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "cross_attention_dim": 768,
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+SD15_TEXT = (77, 768)
+DEFAULT_BATCH = {"tiny": None, "demo": None, "sd15": 4}  # None: the config's batch_size
+
+
+def run_config(name: str, method: str) -> tuple[ml_collections.ConfigDict, int, tuple[int, int] | None]:
+    """``(resolved-like codi config, backbone input size, text context shape or None)``."""
+    if name == "sd15":
+        config = sd15_sr4.get_config()
+        model = dict(unet_config_from_diffusers(SD15_UNET), parametrization="eps")
+        model.update(dtype=config.model.dtype, remat=config.model.remat)
+        schedule, latent, context = dict(kind="scaled_linear"), SD15_UNET["sample_size"], SD15_TEXT
+    else:
+        config, teacher = (tiny_codi.get_config(), tiny_teacher.get_config())
+        if name == "demo":
+            config, teacher = codi_sr4.get_config(), teacher_patches32.get_config()
+        model, schedule = teacher.model.to_dict(), teacher.schedule.to_dict()
+        config.data = teacher.data
+        latent, context = int(config.data.image_size), None
+    with config.unlocked():
+        config.model = ml_collections.ConfigDict(model)
+        config.schedule = ml_collections.ConfigDict(schedule)
+        config.adapter.train_backbone = method == "full"  # configs/codi_full_sr4.py's only change
+    return config, latent, context
+
+
+def step_and_inputs(config: ml_collections.ConfigDict, latent: int, context: tuple[int, int] | None, batch: int):
+    """``(step, init, abstract batch, abstract rng)``: the run's pure step and a fresh-state init."""
+    model, schedule = networks.build_conditional(config)
+    optimizer = make_optimizer(config.optimizer)
+    step = functools.partial(
+        codi.train_step,
+        model=model,
+        schedule=schedule,
+        optimizer=optimizer,
+        ema_decay=config.ema_decay,
+        ema_warmup=config.get("ema_warmup", False),
+        parametrization=config.model.parametrization,
+        config=config.codi,
+        objective=config.method,
+        max_param_norm_ratio=recipes.update_policy(config).max_param_norm_ratio,
+    )
+    size, channels = int(config.data.image_size), int(config.model.in_channels)
+    cond_channels = tasks.cond_channels(config.task)
+    width = None if context is None else context[1]
+
+    def init():
+        one_context = None if width is None else jnp.zeros((1, 1, width))
+        sample = jnp.zeros((1, latent, latent, channels))
+        backbone = model.backbone.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), one_context)["params"]
+        cond = jnp.zeros((1, size, size, cond_channels))
+        params = model.init(jax.random.PRNGKey(1), backbone, cond, None, sample_shape=sample.shape, context=one_context)
+        trained, frozen = model.split(params)
+        return create_train_state(trained, optimizer, jax.random.PRNGKey(2), frozen)
+
+    batch_tree = {
+        "image": jax.ShapeDtypeStruct((batch, latent, latent, channels), jnp.float32),
+        "cond": jax.ShapeDtypeStruct((batch, size, size, cond_channels), jnp.float32),
+    }
+    if context is not None:
+        batch_tree["context"] = jax.ShapeDtypeStruct((batch, *context), jnp.float32)
+    return step, init, batch_tree, jax.ShapeDtypeStruct((2,), jnp.uint32)
+
+
+def flops_of(cost: Any) -> float:
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float((cost or {}).get("flops", float("nan")))
+
+
+def model_flops(config, latent, context, batch: int) -> float:
+    """FLOPs of one step as the model needs them: the step lowered without remat (nothing compiled)."""
+    plain = ml_collections.ConfigDict(config.to_dict())
+    plain.model.remat = False
+    step, init, batch_tree, rng = step_and_inputs(plain, latent, context, batch)
+    return flops_of(jax.jit(step).lower(jax.eval_shape(init), batch_tree, rng).cost_analysis())
+
+
+def random_like(abstract: Any, seed: int = 0) -> Any:
+    leaves, tree = jax.tree.flatten(abstract)
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+    return jax.tree.unflatten(tree, [jax.random.uniform(k, a.shape, a.dtype, -1.0, 1.0) for k, a in zip(keys, leaves)])
+
+
+def peak_memory() -> tuple[str, float | None]:
+    """``(what, bytes)``: the device's peak bytes in use where reported, else the process's max RSS."""
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001  (unimplemented on some backends)
+        stats = {}
+    if "peak_bytes_in_use" in stats:
+        return "memory_stats peak_bytes_in_use", float(stats["peak_bytes_in_use"])
+    return "process max RSS (CPU: includes compiler + Python)", resource.getrusage(
+        resource.RUSAGE_SELF
+    ).ru_maxrss * 1024.0
+
+
+def time_steps(compiled, init, batch_tree, steps: int, warmup: int) -> list[float]:
+    """Wall seconds of ``steps`` steps after ``warmup`` untimed ones (state donated step to step)."""
+    init_fn = jax.jit(init).lower().compile(compiler_options={"xla_backend_optimization_level": 0})
+    state, batch, rng = init_fn(), random_like(batch_tree), jax.random.PRNGKey(3)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch, jax.random.fold_in(rng, i))
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def apply_overrides(config: ml_collections.ConfigDict, args: argparse.Namespace) -> None:
+    for field in ("attention_impl", "remat_policy", "dtype"):
+        if getattr(args, field) is not None:
+            config.model[field] = getattr(args, field)
+    if args.remat is not None:
+        config.model.remat = args.remat == "true"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", choices=("tiny", "demo", "sd15"), default="tiny")
+    p.add_argument("--method", choices=("pe", "full"), default="pe", help="PE-CoDi (adapter trains) or full CoDi")
+    p.add_argument("--batch", type=int, default=None, help="global batch (one device); default: the config's, sd15: 4")
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
+    p.add_argument("--no_run", action="store_true", help="compile only: memory and FLOPs, no step run")
+    p.add_argument("--peak_tflops", type=float, default=None, help="the device's peak TFLOP/s (for MFU)")
+    p.add_argument("--attention_impl", default=None, help="override model.attention_impl")
+    p.add_argument("--remat", choices=("true", "false"), default=None, help="override model.remat")
+    p.add_argument("--remat_policy", default=None, help="override model.remat_policy")
+    p.add_argument("--dtype", default=None, help="override model.dtype")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    config, latent, context = run_config(args.config, args.method)
+    apply_overrides(config, args)
+    batch = args.batch or DEFAULT_BATCH[args.config] or int(config.batch_size)
+    device = jax.local_devices()[0]
+    print(f"host: {cpu_model()}, {len(usable_cores())} usable cores; device: {device.device_kind} ({device.platform})")
+    model = config.model
+    print(
+        f"config={args.config} method={args.method} batch={batch} input {latent}x{latent}, dtype={model.dtype} "
+        f"remat={model.remat} remat_policy={model.get('remat_policy', 'full')} "
+        f"attention_impl={model.get('attention_impl', 'dot_product')}"
+    )
+    step, init, batch_tree, rng = step_and_inputs(config, latent, context, batch)
+    start = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0,)).lower(jax.eval_shape(init), batch_tree, rng).compile()
+    print(f"compile: {time.perf_counter() - start:.1f} s")
+    report(compiled, config, latent, context, batch, args, init, batch_tree)
+
+
+def report(compiled, config, latent, context, batch, args, init, batch_tree) -> None:
+    sizes = train_loop.step_memory(compiled)
+    if sizes is not None:
+        print(train_loop.memory_line(sizes, train_loop.device_bytes_limit(jax.local_devices()[0])))
+    flops, executed = model_flops(config, latent, context, batch), flops_of(compiled.cost_analysis())
+    print(f"model FLOPs / step: {flops / 1e12:.4f} TFLOP (executed, remat included: {executed / 1e12:.4f} TFLOP)")
+    if args.no_run:
+        return
+    times = time_steps(compiled, init, batch_tree, args.steps, args.warmup)
+    median = statistics.median(times)
+    what, peak = peak_memory()
+    tflops = flops / median / 1e12
+    mfu = f"{100 * tflops / args.peak_tflops:.1f}%" if args.peak_tflops else "n/a (give --peak_tflops)"
+    print(f"peak memory ({what}): {peak / 2**30:.3f} GiB")
+    print(
+        f"step: median {1e3 * median:.1f} ms over {len(times)} (min {1e3 * min(times):.1f}, max "
+        f"{1e3 * max(times):.1f}); {batch / median:.1f} images/s; {tflops:.3f} TFLOP/s; MFU {mfu}"
+    )
+
+
+if __name__ == "__main__":
+    main()
