@@ -17,6 +17,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from sd15_shapes import SD15_UNET, SD15_VAE
 
 from codi_jax import adapted, codi, diffusion
 from codi_jax.models import adapters
@@ -25,31 +26,6 @@ from codi_jax.models.unet import UNet
 from codi_jax.models.vae import vae_from_diffusers_config
 from codi_jax.train_state import create_train_state, make_optimizer
 
-SD15_UNET = {
-    "_class_name": "UNet2DConditionModel",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 64,
-}
-SD15_VAE = {
-    "block_out_channels": [128, 256, 512, 512],
-    "down_block_types": ["DownEncoderBlock2D"] * 4,
-    "up_block_types": ["UpDecoderBlock2D"] * 4,
-    "in_channels": 3,
-    "out_channels": 3,
-    "latent_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 512,
-    "scaling_factor": 0.18215,
-}
 TINY_UNET = dict(SD15_UNET, block_out_channels=[16, 32], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"])
 TINY_UNET.update(up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32, layers_per_block=1)
 TINY_UNET.update(norm_num_groups=8, attention_head_dim=4, sample_size=8)

@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 from bench_host import cpu_model, usable_cores
+from sd15_shapes import SD15_UNET
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -48,19 +49,6 @@ from codi_jax.models.convert_diffusers import unet_config_from_diffusers  # noqa
 from codi_jax.train_state import create_train_state, make_optimizer  # noqa: E402
 from configs import codi_sr4, sd15_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
 
-SD15_UNET = {  # diffusers' UNet2DConditionModel config of Stable Diffusion 1.5
-    "_class_name": "UNet2DConditionModel",
-    "attention_head_dim": 8,
-    "block_out_channels": [320, 640, 1280, 1280],
-    "cross_attention_dim": 768,
-    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
-    "in_channels": 4,
-    "out_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "sample_size": 64,
-}
 SD15_TEXT = (77, 768)
 DEFAULT_BATCH = {"tiny": None, "demo": None, "sd15": 4}  # None: the config's batch_size
 
