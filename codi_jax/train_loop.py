@@ -82,10 +82,11 @@ def local_batches(config: ml_collections.ConfigDict, task_config, start_step: in
         process_count=jax.process_count(),
         task_config=task_config,
         tokenize=tokenize,
+        start_batch=start_step,
     )
-    # The stream is a deterministic function of the seed; skipping the batches already consumed
-    # makes a resumed run see exactly the data an uninterrupted one would.
-    return pipeline.numpy_iterator(dataset.skip(start_step))
+    # The stream is a deterministic function of the seed and the step: a resumed run reads the
+    # batches an uninterrupted one would, starting at its step directly (random access).
+    return pipeline.numpy_iterator(dataset)
 
 
 def check_input_paths(config: ml_collections.ConfigDict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from unittest import mock
 
@@ -17,7 +18,7 @@ import tensorflow_datasets as tfds
 from ml_collections import ConfigDict
 from PIL import Image
 
-from codi_jax.data import skimage_patches
+from codi_jax.data import pipeline, skimage_patches
 from codi_jax.data.pipeline import (
     build_dataset,
     default_data_config,
@@ -81,6 +82,16 @@ def _builder(data_dir: str, size: int = 32) -> tfds.core.DatasetBuilder:
     return skimage_patches.SkimagePatches(config=f"patches{size}", data_dir=data_dir)
 
 
+def _records(builder: tfds.core.DatasetBuilder, split: str) -> Iterator[dict]:
+    """Every example of a split with `source` as str; the PNGs and zlib depth maps stay encoded."""
+    skip = {"image": tfds.decode.SkipDecoding(), "depth": tfds.decode.SkipDecoding()}
+    source = builder.as_data_source(split=split, decoders=skip)
+    for index in range(len(source)):
+        example = dict(source[index])
+        example["source"] = example["source"].decode()
+        yield example
+
+
 # --------------------------------------------------------------------------- builder
 
 
@@ -94,33 +105,28 @@ def test_builds_offline_and_fast(offline_build: dict) -> None:
     assert splits["test"].num_examples > 1_000
     # No (photo, scale) contributes more than the cap: large photos do not dominate.
     counts: dict = {}
-    for ex in tfds.as_numpy(builder.as_dataset(split="train").map(lambda e: (e["source"], e["scale"]))):
-        counts[ex] = counts.get(ex, 0) + 1
+    for example in _records(builder, "train"):
+        key = (example["source"], example["scale"])
+        counts[key] = counts.get(key, 0) + 1
     assert max(counts.values()) == skimage_patches.MAX_PATCHES_PER_SCALE
     assert len({source for source, _ in counts}) == len(skimage_patches.TRAIN_PHOTOS)
 
 
 def test_patch_shapes_and_dtypes(offline_build: dict) -> None:
     builder = _builder(offline_build["data_dir"])
-    example = next(iter(tfds.as_numpy(builder.as_dataset(split="train").take(1))))
+    example = builder.as_data_source(split="train")[0]  # ArrayRecord: random access.
     assert example["image"].shape == (32, 32, 3)
     assert example["image"].dtype == np.uint8
     assert example["depth"].shape == (32, 32, 1)
     assert example["depth"].dtype == np.float32
-    assert example["scale"].dtype == np.int32
-    assert example["has_depth"].dtype == np.bool_
+    assert isinstance(example["scale"], int | np.integer)
+    assert isinstance(example["has_depth"], bool | np.bool_)
     assert example["image"].std() >= skimage_patches.MIN_PATCH_STD  # Flat patches are dropped.
 
 
 def test_split_is_disjoint_by_source(offline_build: dict) -> None:
     builder = _builder(offline_build["data_dir"])
-    # Only `source` is needed: leave the PNGs and zlib depth maps undecoded.
-    skip = {"image": tfds.decode.SkipDecoding(), "depth": tfds.decode.SkipDecoding()}
-    sources = {}
-    for split in ("train", "test"):
-        ds = builder.as_dataset(split=split, decoders=skip).map(lambda ex: ex["source"])
-        batches = tfds.as_numpy(ds.batch(4096))
-        sources[split] = {name.decode() for batch in batches for name in batch}
+    sources = {split: {example["source"] for example in _records(builder, split)} for split in ("train", "test")}
     assert sources["test"] == set(skimage_patches.TEST_PHOTOS) == {"chelsea", "coffee"}
     assert sources["train"] == set(skimage_patches.TRAIN_PHOTOS)
     assert not sources["train"] & sources["test"]
@@ -149,8 +155,8 @@ def test_patches_are_multiscale_deterministic_and_carry_depth() -> None:
 
 def test_patches64_builds(tmp_path: Path) -> None:
     builder = _builder(str(tmp_path), 64)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-    example = next(iter(tfds.as_numpy(builder.as_dataset(split="test").take(1))))
+    builder.download_and_prepare(file_format=skimage_patches.FILE_FORMAT, download_config=skimage_patches.OFFLINE)
+    example = builder.as_data_source(split="test")[0]
     assert example["image"].shape == (64, 64, 3) and example["image"].dtype == np.uint8
     assert builder.info.splits["test"].num_examples > 200
 
@@ -174,6 +180,78 @@ def test_train_batches_range_layout_and_determinism(data_config: ConfigDict) -> 
     for key in batch_a:
         np.testing.assert_array_equal(batch_a[key], batch_b[key])
     assert not np.array_equal(batch_a["image"], batch_c["image"])
+
+
+def _batches(config: ConfigDict, split: str, count: int, start: int = 0, **kwargs) -> list[dict]:
+    stream = numpy_iterator(build_dataset(config, split, 8, seed=3, train=True, start_batch=start, **kwargs))
+    return [next(stream) for _ in range(count)]
+
+
+def test_training_stream_resumes_at_any_batch_and_epochs_are_permutations(data_config: ConfigDict) -> None:
+    data_config.random_flip = False  # Patches are stored at their size: examples are the records.
+    split = "train[:20]"  # 2.5 batches of 8 per epoch: batches straddle epochs.
+    uninterrupted = _batches(data_config, split, 7)
+    for start in (1, 2, 5):
+        for offset, batch in enumerate(_batches(data_config, split, 7 - start, start=start)):
+            for key in batch:
+                np.testing.assert_array_equal(batch[key], uninterrupted[start + offset][key])
+    stream = np.concatenate([batch["image"] for batch in uninterrupted])
+    records = list(numpy_iterator(build_dataset(data_config, split, 20, seed=0, train=False)))[0]["image"]
+    epochs = [stream[20 * e : 20 * (e + 1)] for e in range(2)]
+    for epoch in epochs:  # Every record exactly once per epoch.
+        assert sorted(x.tobytes() for x in epoch) == sorted(x.tobytes() for x in records)
+    assert not np.array_equal(epochs[0], epochs[1])  # A fresh order each epoch.
+
+
+def test_resumed_stream_reads_only_what_it_yields(tmp_path: Path) -> None:
+    """Starting at batch 1000 decodes about one batch of files, not the 8,000 examples before it."""
+    for index in range(5):
+        Image.fromarray(np.full((8, 8, 3), 40 * index, np.uint8)).save(tmp_path / f"{index}.png")
+    config = _folder_config(tmp_path)
+    config.update(image_size=8)
+    reads = []
+    real_load = pipeline.load_image_rgb
+
+    def counting_load(path: str) -> np.ndarray:
+        reads.append(path)
+        return real_load(path)
+
+    with mock.patch.object(pipeline, "load_image_rgb", counting_load):
+        resumed = _batches(config, "train", 1, start=1000)[0]
+        assert len(reads) < 8 * 50, len(reads)  # Prefetching reads a few batches ahead, no more.
+        reads.clear()
+        replayed = _batches(config, "train", 1001)[-1]
+    assert len(reads) >= 8 * 1001
+    for key in resumed:
+        np.testing.assert_array_equal(resumed[key], replayed[key])
+
+
+def test_tfrecord_tfds_dataset_replays_to_the_resumed_batch(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """No random access in TFRecord files: the same batches, by skipping, with a warning."""
+    _builder(str(tmp_path), 64).download_and_prepare(file_format="tfrecord", download_config=skimage_patches.OFFLINE)
+    config = default_data_config()
+    config.update(source="tfds", tfds_name="skimage_patches/patches64", data_dir=str(tmp_path), image_size=64)
+    config.shuffle_buffer = 64
+    uninterrupted = [next(numpy_iterator(build_dataset(config, "train", 4, seed=0, train=True).skip(3)))]
+    with caplog.at_level("WARNING"):
+        resumed = next(numpy_iterator(build_dataset(config, "train", 4, seed=0, train=True, start_batch=3)))
+    for key in resumed:
+        np.testing.assert_array_equal(resumed[key], uninterrupted[0][key])
+    assert "file_format=array_record" in caplog.text
+
+
+def test_training_shards_of_two_processes_are_disjoint_per_epoch(tmp_path: Path) -> None:
+    for index in range(6):
+        Image.fromarray(np.full((8, 8, 3), 40 * index, np.uint8)).save(tmp_path / f"{index}.png")
+    config = _folder_config(tmp_path)
+    config.update(image_size=8, random_flip=False)
+    shards = []
+    for process in range(2):
+        stream = numpy_iterator(
+            build_dataset(config, "train", 6, seed=0, train=True, process_index=process, process_count=2, start_batch=4)
+        )
+        shards.append({float(image.mean()) for image in next(stream)["image"]})
+    assert len(shards[0]) == len(shards[1]) == 3 and not shards[0] & shards[1]
 
 
 def test_eval_pass_is_deterministic_padded_and_finite(data_config: ConfigDict, offline_build: dict) -> None:

@@ -27,11 +27,18 @@ batches stay full. Task randomness: training folds a constant into each example'
 seed; eval uses (seed, the example's index in the split), so a held-out set's conditions are
 the same in every run, for every batch size and process count.
 
-Training: files and examples are shuffled with `seed`, repeated forever and augmented with
-stateless random ops keyed by (seed, process_index, example index), so the stream is the same
-on every run. Eval (train=False): one deterministic pass, no augmentation, and the last batch is
-padded (mask=False) so that every process yields the same number of batches and no example is
-dropped.
+Training: an endless stream of this process's examples, epoch after epoch, each epoch a fresh
+permutation of the records keyed by (seed, process_index, epoch), augmented with stateless
+random ops keyed by (seed, process_index, stream position), so the stream is the same on every
+run. Records are read by random access (folder / edit_triples file lists; tfds datasets stored
+as ArrayRecord, as skimage_patches is), so `build_dataset(start_batch=k)` (a resumed run) costs
+what batch 0 costs and yields exactly what an uninterrupted stream yields from batch k.
+TFRecord-stored tfds datasets have no random access: they are read in file order through a
+`shuffle_buffer` and a resumed run replays (skips) the batches before k, with a warning;
+`tfds build <name> --file_format=array_record` gives them random access.
+
+Eval (train=False): one deterministic pass, no augmentation, and the last batch is padded
+(mask=False) so that every process yields the same number of batches and no example is dropped.
 
 Geometry for tfds / folder images: by default the shorter side is resized to `image_size`
 (anti-aliased bilinear) and the centre is cropped; with `random_crop=True` a random
@@ -45,8 +52,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -195,10 +202,63 @@ def _preprocess(
     return out
 
 
-def _example_seeds(seed: int, process_index: int) -> tf.data.Dataset:
-    """Per-example stateless seeds: fold the example index into (seed, process_index)."""
+class Records(NamedTuple):
+    """Random access to this process's share of a split: ``read(index)`` maps an int64 scalar in
+    ``[0, size)`` to one raw example (what the source's ``decode`` turns into an image)."""
+
+    size: int
+    read: Callable[[tf.Tensor], Any]
+
+
+class Source(NamedTuple):
+    """A split as this process reads it: random access (``records``) or, for TFRecord-stored tfds
+    datasets, only a sequential ``examples`` stream (shuffled when training); ``decode`` turns a
+    raw example into ``{"image": uint8, ...}``; ``num_examples`` counts the whole split (eval)."""
+
+    records: Records | None
+    examples: tf.data.Dataset | None
+    decode: Callable[[Any], Batch]
+    num_examples: int | None
+
+
+def _epoch_order(seed: int, process_index: int, epoch: tf.Tensor, size: int) -> tf.Tensor:
+    """A permutation of ``range(size)``, a function of (seed, process_index, epoch) only."""
     base = tf.constant([seed, process_index], tf.int64)
-    return tf.data.Dataset.range(2**62).map(lambda index: tf.random.experimental.stateless_fold_in(base, index))
+    key = tf.random.experimental.stateless_fold_in(base, tf.cast(epoch, tf.int64))  # dtype sets the key
+    scores = tf.random.stateless_uniform([size], key, minval=None, maxval=None, dtype=tf.int64)
+    return tf.argsort(scores, stable=True)
+
+
+def training_indices(size: int, *, seed: int, process_index: int, start: int) -> tf.data.Dataset:
+    """Record indices of this process's training examples from stream position ``start`` on:
+    epoch ``e`` visits the records in the order ``_epoch_order(seed, process_index, e)``. Starting
+    at any position costs one permutation, whatever the position."""
+    first_epoch, offset = divmod(int(start), size)
+    head = tf.data.Dataset.from_tensor_slices(_epoch_order(seed, process_index, first_epoch, size)[offset:])
+    tail = tf.data.Dataset.range(first_epoch + 1, 2**62).flat_map(
+        lambda epoch: tf.data.Dataset.from_tensor_slices(_epoch_order(seed, process_index, epoch, size))
+    )
+    return head.concatenate(tail)
+
+
+def _example_seeds(seed: int, process_index: int, start: int = 0) -> tf.data.Dataset:
+    """Per-example stateless seeds: fold the example's stream position into (seed, process_index)."""
+    base = tf.constant([seed, process_index], tf.int64)
+    return tf.data.Dataset.range(int(start), 2**62).map(
+        lambda index: tf.random.experimental.stateless_fold_in(base, index)
+    )
+
+
+def _kept_records(records: Records, keep: Callable[[Any], tf.Tensor]) -> Records:
+    """The records ``keep`` accepts (one pass over the split, before training starts)."""
+    flags = tf.data.Dataset.range(records.size).map(
+        lambda i: keep(records.read(i)), num_parallel_calls=tf.data.AUTOTUNE
+    )
+    kept = np.flatnonzero(np.fromiter(flags.as_numpy_iterator(), bool, records.size)).astype(np.int64)
+    if not kept.size:
+        raise ValueError("no training example passes the task's filter (e.g. no example has depth)")
+    table = tf.constant(kept)
+    return Records(int(kept.size), lambda index: records.read(tf.gather(table, index)))
 
 
 # --------------------------------------------------------------------------- sources
@@ -222,7 +282,7 @@ def _skimage_builder(data_config: ml_collections.ConfigDict) -> tfds.core.Datase
     if jax.process_index() == 0 and not builder.is_prepared():
         # Offline build from files inside scikit-image; GCS explicitly off.
         logger.info("Building skimage_patches/patches%d into %s", size, builder.data_dir)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        builder.download_and_prepare(file_format=skimage_patches.FILE_FORMAT, download_config=skimage_patches.OFFLINE)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"codi_jax: skimage_patches/patches{size} prepared")
         builder = make_builder()
@@ -261,6 +321,8 @@ def _num_examples(builder: tfds.core.DatasetBuilder, split: str, image_key: str)
         return int(builder.info.splits[split].num_examples)
     except (KeyError, ValueError, TypeError):
         pass
+    if _has_random_access(builder):
+        return len(builder.as_data_source(split=split))
     ds = builder.as_dataset(split=split, decoders=_skip_image_decoding(builder, image_key))
     count = int(ds.cardinality())
     if count < 0:
@@ -293,8 +355,9 @@ def _tfds_examples(
     seed: int,
     process_index: int,
     process_count: int,
-) -> tuple[tf.data.Dataset, Any, int | None]:
-    """Returns (dataset of raw examples, function decoding one example, eval example count)."""
+    shuffle_buffer: int,
+) -> Source:
+    """This process's share of a tfds split (random access when stored as ArrayRecord)."""
     features = builder.info.features
     if image_key not in features:
         raise ValueError(
@@ -318,6 +381,11 @@ def _tfds_examples(
 
     process_split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
     decoders = _skip_image_decoding(builder, image_key)
+    decode = _tfds_decoder(image_key, features[image_key], decoders is not None)
+    num_examples = None if train else _num_examples(builder, split, image_key)
+    if _has_random_access(builder):
+        records = _tfds_records(builder, process_split, keep, decoders)
+        return Source(records, None, decode, num_examples)
     ds = builder.as_dataset(
         split=process_split,
         shuffle_files=train,
@@ -325,13 +393,20 @@ def _tfds_examples(
         read_config=tfds.ReadConfig(shuffle_seed=seed, add_tfds_id=False),
     )
     ds = ds.map(lambda example: {key: example[key] for key in keep})
+    if train:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return Source(None, ds, decode, num_examples)
+
+
+def _tfds_decoder(image_key: str, image_feature: Any, encoded: bool) -> Callable[[Batch], Batch]:
+    """Decodes the (possibly still encoded) image of a raw tfds example into ``example["image"]``."""
     image_dtype = tf.as_dtype(image_feature.np_dtype)
     image_shape = tuple(image_feature.shape)
 
     def decode(example: Batch) -> Batch:
         example = dict(example)
         image = example.pop(image_key)
-        if decoders is not None:
+        if encoded:
             # Decode to the feature's channel count and static shape when known, so that fixed
             # size images (skimage patches) skip resizing and channel switching.
             channels = image_shape[-1] if len(image_shape) == 3 and image_shape[-1] else 0
@@ -342,8 +417,33 @@ def _tfds_examples(
         example["image"] = image
         return example
 
-    num_examples = None if train else _num_examples(builder, split, image_key)
-    return ds, decode, num_examples
+    return decode
+
+
+def _has_random_access(builder: tfds.core.DatasetBuilder) -> bool:
+    return str(builder.info.file_format) in ("FileFormat.ARRAY_RECORD", "array_record")
+
+
+def _tfds_records(builder: tfds.core.DatasetBuilder, split: str, keep: list[str], decoders: dict | None) -> Records:
+    """Random access to an ArrayRecord-stored tfds split; images stay encoded until ``decode``."""
+    source = builder.as_data_source(split=split, decoders=decoders)
+    specs = {}
+    for key in keep:
+        if decoders and key in decoders:
+            specs[key] = (tf.string, ())
+        else:
+            feature = builder.info.features[key]
+            specs[key] = (tf.as_dtype(feature.np_dtype), tuple(feature.shape))
+
+    def fetch(index: np.ndarray) -> list[np.ndarray]:
+        example = source[int(index)]
+        return [np.asarray(example[key], dtype.as_numpy_dtype) for key, (dtype, _) in specs.items()]
+
+    def read(index: tf.Tensor) -> Batch:
+        values = tf.numpy_function(fetch, [index], [dtype for dtype, _ in specs.values()], stateful=False)
+        return {key: tf.ensure_shape(value, shape) for (key, (_, shape)), value in zip(specs.items(), values)}
+
+    return Records(len(source), read)
 
 
 def list_image_files(folder: str) -> list[str]:
@@ -396,26 +496,25 @@ def load_image_rgb(path: str) -> np.ndarray:
     return rgb
 
 
-def _folder_examples(
-    data_config: ml_collections.ConfigDict,
-    *,
-    train: bool,
-    seed: int,
-    process_index: int,
-    process_count: int,
-) -> tuple[tf.data.Dataset, Any, int]:
+def _folder_examples(data_config: ml_collections.ConfigDict, *, process_index: int, process_count: int) -> Source:
     paths = list_image_files(data_config.folder)
     _check_image_headers(paths)
-    ds = tf.data.Dataset.from_tensor_slices(paths).shard(process_count, process_index)
-    if train:
-        # File names are tiny: shuffle all of them, a fresh order each epoch.
-        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    share = _process_share(paths, process_index, process_count, data_config.folder)
+    table = tf.constant(share)
 
     def decode(path: tf.Tensor) -> Batch:
         image = tf.numpy_function(lambda p: load_image_rgb(p.decode()), [path], tf.uint8, stateful=False)
         return {"image": tf.ensure_shape(image, [None, None, 3])}
 
-    return ds, decode, len(paths)
+    return Source(Records(len(share), lambda index: tf.gather(table, index)), None, decode, len(paths))
+
+
+def _process_share(items: list, process_index: int, process_count: int, folder: str) -> list:
+    """Round robin: process p reads items p, p + P, p + 2P, ..."""
+    share = items[process_index::process_count]
+    if not share:
+        raise ValueError(f"data_config.folder={folder!r}: {len(items)} examples cannot feed {process_count} processes")
+    return share
 
 
 def list_edit_triples(folder: str) -> list[tuple[str, str, str]]:
@@ -446,21 +545,13 @@ def list_edit_triples(folder: str) -> list[tuple[str, str, str]]:
 
 
 def _triple_examples(
-    data_config: ml_collections.ConfigDict,
-    *,
-    tokenize: Any,
-    train: bool,
-    seed: int,
-    process_index: int,
-    process_count: int,
-) -> tuple[tf.data.Dataset, Any, int]:
+    data_config: ml_collections.ConfigDict, *, tokenize: Any, process_index: int, process_count: int
+) -> Source:
     if tokenize is None:
         raise ValueError("data_config.source='edit_triples' needs a tokenizer: a text-conditioned run (config.text)")
     triples = list_edit_triples(data_config.folder)
-    columns = {key: [t[i] for t in triples] for i, key in enumerate(("source", "edited", "instruction"))}
-    ds = tf.data.Dataset.from_tensor_slices(columns).shard(process_count, process_index)
-    if train:
-        ds = ds.shuffle(len(triples), seed=seed, reshuffle_each_iteration=True)
+    share = _process_share(triples, process_index, process_count, data_config.folder)
+    columns = {key: tf.constant([t[i] for t in share]) for i, key in enumerate(("source", "edited", "instruction"))}
     length = len(tokenize(""))
 
     def decode(raw: dict) -> Batch:
@@ -471,7 +562,8 @@ def _triple_examples(
         ids = tf.numpy_function(lambda t: np.asarray(tokenize(t.decode()), np.int32), [raw["instruction"]], tf.int32)
         return {"image": load("edited"), "source": load("source"), "prompt_ids": tf.ensure_shape(ids, [length])}
 
-    return ds, decode, len(triples)
+    read = lambda index: {key: tf.gather(column, index) for key, column in columns.items()}
+    return Source(Records(len(share), read), None, decode, len(triples))
 
 
 # --------------------------------------------------------------------------- public API
@@ -488,10 +580,13 @@ def build_dataset(
     process_count: int = 1,
     task_config: ml_collections.ConfigDict | None = None,
     tokenize: Any = None,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Batched dataset of this process's share of `split` (see the module docstring); with
     `task_config`, every example carries the task's `cond` (see codi_jax.data.tasks).
-    `tokenize(text) -> int ids` turns `edit_triples` instructions into `prompt_ids`."""
+    `tokenize(text) -> int ids` turns `edit_triples` instructions into `prompt_ids`.
+    Training streams start at batch `start_batch` (a resumed run's step): by random access, at
+    the cost of batch 0, except for TFRecord-stored tfds datasets, which replay the batches."""
     if task_config is not None:
         tasks.check_task_config(task_config)
         if task_config.name == "none":
@@ -505,14 +600,7 @@ def build_dataset(
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     local_batch_size = global_batch_size // process_count
-    image_size = int(data_config.image_size)
-
-    shard = {
-        "train": train,
-        "seed": seed,
-        "process_index": process_index,
-        "process_count": process_count,
-    }
+    shard = {"process_index": process_index, "process_count": process_count}
     # Eval task seeds use the example's index in the whole split: index = offset + stride * local.
     index_offset, index_stride = 0, 1
     if data_config.source == "folder":
@@ -521,67 +609,108 @@ def build_dataset(
                 "task.depth_source='feature' needs a source with a `depth` feature; data_config.source='folder' "
                 "has none (use task.depth_source='procedural')"
             )
-        ds, decode, num_examples = _folder_examples(data_config, **shard)
-        index_offset, index_stride = process_index, process_count  # Dataset.shard: round robin.
+        source = _folder_examples(data_config, **shard)
+        index_offset, index_stride = process_index, process_count  # Round robin.
     elif data_config.source == "edit_triples":
-        ds, decode, num_examples = _triple_examples(data_config, tokenize=tokenize, **shard)
+        source = _triple_examples(data_config, tokenize=tokenize, **shard)
         index_offset, index_stride = process_index, process_count
     else:
         if data_config.source == "skimage_patches":
             builder, image_key = _skimage_builder(data_config), "image"
         else:
             builder, image_key = _tfds_builder(data_config), data_config.image_key
-        ds, decode, num_examples = _tfds_examples(builder, split, image_key=image_key, **shard)
+        source = _tfds_examples(
+            builder,
+            split,
+            image_key=image_key,
+            train=train,
+            seed=seed,
+            shuffle_buffer=data_config.shuffle_buffer,
+            **shard,
+        )
         if task_config is not None and not train:
             index_offset = _process_split_offset(builder, split, image_key, process_index, process_count)
-        if train:
-            ds = ds.shuffle(data_config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
 
     def preprocess(raw: Any, example_seed: tf.Tensor | None) -> Batch:
         return _preprocess(
-            decode(raw),
+            source.decode(raw),
             example_seed,
-            image_size=image_size,
+            image_size=int(data_config.image_size),
             train=train,
             random_flip=bool(data_config.random_flip),
             random_crop=bool(data_config.random_crop),
         )
 
-    keep_example = None if task_config is None else tasks.example_filter(task_config)
     if train:
-        if keep_example is not None:
-            ds = ds.filter(keep_example)  # Before repeat: an empty result ends instead of spinning.
-        ds = ds.repeat()
-        ds = tf.data.Dataset.zip(ds, _example_seeds(seed, process_index))
-        if task_config is None:
-            ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
-        else:
-
-            def preprocess_with_task(raw: Any, example_seed: tf.Tensor) -> Batch:
-                task_seed = tasks.training_task_seed(example_seed)
-                return tasks.apply_task(task_config, preprocess(raw, example_seed), task_seed)
-
-            ds = ds.map(preprocess_with_task, num_parallel_calls=tf.data.AUTOTUNE)
-    elif task_config is None:
-        ds = ds.map(lambda raw: preprocess(raw, None), num_parallel_calls=tf.data.AUTOTUNE)
-        ds = _pad_for_eval(ds, num_examples, global_batch_size, local_batch_size)
+        ds, replay = _training_examples(
+            source, task_config, preprocess, seed, process_index, start_batch * local_batch_size
+        )
     else:
-        ds = ds.enumerate()  # Before filtering: indices are positions in the split.
-        if keep_example is not None:
-            ds = ds.filter(lambda index, raw: keep_example(raw))
-
-        def preprocess_with_indexed_task(index: tf.Tensor, raw: Any) -> Batch:
-            task_seed = tasks.indexed_task_seed(seed, index_offset + index_stride * index)
-            return tasks.apply_task(task_config, preprocess(raw, None), task_seed)
-
-        ds = ds.map(preprocess_with_indexed_task, num_parallel_calls=tf.data.AUTOTUNE)
-        # Padding counts come from the unfiltered size, so every process still yields the same
-        # number of batches (filtered-out examples become padding).
-        ds = _pad_for_eval(ds, num_examples, global_batch_size, local_batch_size)
+        ds, replay = _eval_examples(source, task_config, preprocess, seed, index_offset, index_stride), 0
+        ds = _pad_for_eval(ds, source.num_examples, global_batch_size, local_batch_size)
     ds = ds.batch(local_batch_size, drop_remainder=True)
+    if replay:
+        ds = ds.skip(start_batch)
     options = tf.data.Options()
     options.deterministic = True  # Parallel maps keep order: reproducible batches.
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _training_examples(
+    source: Source, task_config: Any, preprocess: Callable, seed: int, process_index: int, start: int
+) -> tuple[tf.data.Dataset, bool]:
+    """The endless augmented training stream from example position ``start``, and whether the
+    caller must still skip to it (sources without random access)."""
+    keep_example = None if task_config is None else tasks.example_filter(task_config)
+    records, replay = source.records, source.records is None
+    if replay:
+        ds = source.examples
+        if keep_example is not None:
+            ds = ds.filter(keep_example)  # Before repeat: an empty result ends instead of spinning.
+        ds = tf.data.Dataset.zip(ds.repeat(), _example_seeds(seed, process_index))
+        if start:
+            logger.warning(
+                "Resuming at example %d of a TFRecord-stored tfds dataset replays every batch before it; "
+                "prepare it with `tfds build <name> --file_format=array_record` to resume by random access.",
+                start,
+            )
+    else:
+        if keep_example is not None:
+            records = _kept_records(records, keep_example)
+        indices = training_indices(records.size, seed=seed, process_index=process_index, start=start)
+        raw = indices.map(records.read, num_parallel_calls=tf.data.AUTOTUNE)
+        ds = tf.data.Dataset.zip(raw, _example_seeds(seed, process_index, start))
+
+    def example(raw: Any, example_seed: tf.Tensor) -> Batch:
+        if task_config is None:
+            return preprocess(raw, example_seed)
+        return tasks.apply_task(task_config, preprocess(raw, example_seed), tasks.training_task_seed(example_seed))
+
+    return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE), replay
+
+
+def _eval_examples(
+    source: Source, task_config: Any, preprocess: Callable, seed: int, index_offset: int, index_stride: int
+) -> tf.data.Dataset:
+    """One deterministic pass over the split, unaugmented, before padding."""
+    if source.records is None:
+        ds = source.examples
+    else:
+        ds = tf.data.Dataset.range(source.records.size).map(source.records.read, num_parallel_calls=tf.data.AUTOTUNE)
+    if task_config is None:
+        return ds.map(lambda raw: preprocess(raw, None), num_parallel_calls=tf.data.AUTOTUNE)
+    keep_example = tasks.example_filter(task_config)
+    ds = ds.enumerate()  # Before filtering: indices are positions in the split.
+    if keep_example is not None:
+        ds = ds.filter(lambda index, raw: keep_example(raw))
+
+    def indexed_task(index: tf.Tensor, raw: Any) -> Batch:
+        task_seed = tasks.indexed_task_seed(seed, index_offset + index_stride * index)
+        return tasks.apply_task(task_config, preprocess(raw, None), task_seed)
+
+    # Padding counts come from the unfiltered size, so every process still yields the same
+    # number of batches (filtered-out examples become padding).
+    return ds.map(indexed_task, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _process_split_offset(

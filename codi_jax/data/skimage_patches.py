@@ -35,8 +35,9 @@ Sizes (patches per split, as built with scikit-image 0.26; build time on one sha
   (uncapped they were ~70% of train, mostly full-resolution texture).
 
 Build: `python -m codi_jax.data.skimage_patches --data_dir DIR [--config patches32 ...]`, or
-`SkimagePatches(config="patches32", data_dir=DIR).download_and_prepare()`; the input pipeline
-builds it on first use. (`tfds build` on this file needs apache_beam, which is not installed.)
+`SkimagePatches(config="patches32", data_dir=DIR).download_and_prepare(file_format=FILE_FORMAT)`
+(ArrayRecord, for random access); the input pipeline builds it on first use.
+(`tfds build` on this file needs apache_beam, which is not installed.)
 Add a patch size by adding it to `PATCH_SIZES`.
 """
 
@@ -186,15 +187,21 @@ def _config(patch_size: int) -> SkimagePatchesConfig:
     )
 
 
+# ArrayRecord: random access, so a resumed run reads its batch directly (codi_jax.data.pipeline).
+FILE_FORMAT = "array_record"
+OFFLINE = tfds.download.DownloadConfig(try_download_gcs=False)
+
+
 # Run as `python -m`, this file executes a second time (as __main__) after the package import
 # registered the class: skip registering the duplicate.
 class SkimagePatches(tfds.core.GeneratorBasedBuilder, skip_registration=__name__ == "__main__"):
     """Patches of scikit-image's bundled colour photographs (built offline)."""
 
-    VERSION = tfds.core.Version("1.1.0")
+    VERSION = tfds.core.Version("1.2.0")
     RELEASE_NOTES: ClassVar[dict[str, str]] = {
         "1.0.0": "Initial release.",
         "1.1.0": "At most MAX_PATCHES_PER_SCALE patches per (photo, scale).",
+        "1.2.0": "Stored as ArrayRecord (random access: a resumed run starts at its batch directly).",
     }
     BUILDER_CONFIGS: ClassVar[list[SkimagePatchesConfig]] = [_config(s) for s in PATCH_SIZES]
 
@@ -246,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for name in args.config or [config.name for config in SkimagePatches.BUILDER_CONFIGS]:
         builder = SkimagePatches(config=name, data_dir=args.data_dir)
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+        builder.download_and_prepare(file_format=FILE_FORMAT, download_config=OFFLINE)
         sizes = {split: info.num_examples for split, info in builder.info.splits.items()}
         print(f"{builder.info.full_name}: {sizes} in {builder.data_dir}")
 

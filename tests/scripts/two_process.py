@@ -55,7 +55,8 @@ def both_shards(config, task_config, start_step, tokenize=None):
                 tokenize=tokenize,
                 process_count=2,
                 task_config=task_config,
-            ).skip(start_step)
+                start_batch=start_step,
+            )
         )
         for index in range(2)
     ]
