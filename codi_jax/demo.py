@@ -144,7 +144,7 @@ def evaluate_demo(
     del codi_model
     baseline = load_conditional(baseline_dir)
     rows += evaluation.evaluate_checkpoint(baseline, examples, (4, 50), baseline_name, progress=progress)
-    rows.append(evaluation.condition_row(examples))
+    rows.append(evaluation.condition_row(examples, task=baseline.config.task))
     return rows, examples, baseline.config.get("teacher_step", "?")
 
 

