@@ -10,11 +10,13 @@
    diffusion loss by ``python -m codi_jax.train --config=configs/finetune_sr4.py``; committed in
    ``checkpoints/finetune_sr4``; trained here into ``DIR/finetune`` if absent).
 3. Samples held-out patches (photos never seen in training) with CoDi at 1/2/4 steps (re-noising
-   between steps, and at 4 steps also with DDIM moves) and the baseline with DDIM at 4 and 50
-   steps, printing a line per (model, step count) with an ETA; prints and writes
-   (``DIR/results.md``, ``.json``; a rerun replaces them, atomically) PSNR, SSIM, SWD and ms per
-   image, the bicubic upsampling of the input scored as a row, and ``DIR/demo_grid.png``
-   (tiles enlarged 4x): condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth.
+   between steps, and at 4 steps also with DDIM moves, and with low-frequency consistency) and
+   the baseline with DDIM at 4 and 50 steps, each row the mean over ``--num_seeds`` sampling seeds
+   with its spread (± sd), printing a line per (model, step count) with an ETA; prints and writes
+   (``DIR/results.md``, ``.json``; a rerun replaces them, atomically) PSNR, SSIM, SWD, LPIPS,
+   LR-consistency, mean-colour error and ms per image, the bicubic upsampling of the input scored
+   as a row, and ``DIR/demo_grid.png`` (tiles enlarged 4x): condition | CoDi 1 step | CoDi 4 steps
+   | baseline 50 steps | ground truth.
 
 The flags, the teacher, a CoDi run already in ``DIR/codi`` (same task and variant) and the
 baseline (an x4 SR run) are checked before anything is trained; a bad input ends with one line
@@ -43,6 +45,7 @@ flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4", "The non-dis
 flags.DEFINE_integer("baseline_steps", 1000, "Fine-tune steps if the baseline checkpoint is missing.")
 flags.DEFINE_integer("num_eval", 64, "Held-out patches to evaluate.")
 flags.DEFINE_integer("grid_rows", 8, "Examples shown in the grid.")
+flags.DEFINE_integer("num_seeds", 3, "Sampling seeds per row: each row is their mean, with its spread (± sd).")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -97,9 +100,15 @@ def check_demo(
     *,
     num_eval: int,
     grid_rows: int,
+    num_seeds: int = 1,
 ) -> None:
     """Every check of the demo's inputs before anything is trained, loaded or compiled."""
-    for flag, value in (("codi_steps", codi_config.num_train_steps), ("num_eval", num_eval), ("grid_rows", grid_rows)):
+    for flag, value in (
+        ("codi_steps", codi_config.num_train_steps),
+        ("num_eval", num_eval),
+        ("grid_rows", grid_rows),
+        ("num_seeds", num_seeds),
+    ):
         if value < 1:
             raise ValueError(f"--{flag}={value}: must be at least 1.")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
@@ -129,21 +138,25 @@ def baseline_workdir_for(workdir: str, baseline_workdir: str) -> str:
 
 
 def evaluate_demo(
-    codi_dir: str, baseline_dir: str, codi_name: str, num_eval: int
+    codi_dir: str, baseline_dir: str, codi_name: str, num_eval: int, num_seeds: int = 1
 ) -> tuple[list[evaluation.Row], dict[str, np.ndarray], int | str]:
-    """The demo's rows (CoDi 1/2/4 steps, 4 with DDIM moves, the baseline at 4 / 50, bicubic), the
-    held-out examples and the baseline's teacher step; a line per row as it finishes."""
+    """The demo's rows (CoDi 1/2/4 steps, 4 with DDIM moves, 4 with low-frequency consistency, the
+    baseline at 4 / 50, bicubic), each the mean over ``num_seeds`` sampling seeds, the held-out
+    examples and the baseline's teacher step; a line per row as it finishes."""
     codi_model = load_conditional(codi_dir)
     examples = evaluation.held_out_examples(codi_model.config, num_eval)
     ddim_name, baseline_name = f"{codi_name}, DDIM moves", "conditional, not distilled (DDIM)"
-    jobs = [(codi_name, 1), (codi_name, 2), (codi_name, 4), (ddim_name, 4), (baseline_name, 4), (baseline_name, 50)]
+    jobs = [(codi_name, 1), (codi_name, 2), (codi_name, 4), (ddim_name, 4), (codi_name, 4)]
+    jobs += [(baseline_name, 4), (baseline_name, 50)]
     progress = evaluation.Progress(jobs)
     print(f"Evaluating {len(jobs)} (model, step count) pairs on {len(examples['image'])} held-out patches.")
-    rows = evaluation.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name, progress=progress)
-    rows += evaluation.evaluate_checkpoint(codi_model, examples, (4,), ddim_name, renoise=False, progress=progress)
+    common = {"progress": progress, "num_seeds": num_seeds}
+    rows = evaluation.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name, **common)
+    rows += evaluation.evaluate_checkpoint(codi_model, examples, (4,), ddim_name, renoise=False, **common)
+    rows += evaluation.evaluate_checkpoint(codi_model, examples, (4,), codi_name, lowpass_consistency=True, **common)
     del codi_model
     baseline = load_conditional(baseline_dir)
-    rows += evaluation.evaluate_checkpoint(baseline, examples, (4, 50), baseline_name, progress=progress)
+    rows += evaluation.evaluate_checkpoint(baseline, examples, (4, 50), baseline_name, **common)
     rows.append(evaluation.condition_row(examples, task=baseline.config.task))
     return rows, examples, baseline.config.get("teacher_step", "?")
 
@@ -152,7 +165,7 @@ def demo_grid(
     rows: list[evaluation.Row], examples: dict[str, np.ndarray], codi_name: str, grid_rows: int
 ) -> np.ndarray:
     """condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth, tiles enlarged."""
-    by_key = {(r.method, r.steps): r.samples for r in rows}
+    by_key = {(r.method, r.steps): r.samples for r in rows if not r.lowpass_consistency}
     n = min(grid_rows, len(examples["image"]))
     columns = [
         sampling.cond_to_rgb(examples["cond"][:n]),
@@ -175,12 +188,15 @@ def run_demo(
     num_eval: int,
     grid_rows: int,
     variant: str = "full",
+    num_seeds: int = 1,
 ) -> list[evaluation.Row]:
     start = time.time()
     codi_config, finetune_config = demo_configs(teacher_workdir, codi_steps, variant)
     codi_name = "CoDi (full, ours)" if variant == "full" else "PE-CoDi (ours)"
     baseline_dir = baseline_workdir_for(workdir, baseline_workdir)
-    check_demo(workdir, codi_config, finetune_config, baseline_dir, num_eval=num_eval, grid_rows=grid_rows)
+    check_demo(
+        workdir, codi_config, finetune_config, baseline_dir, num_eval=num_eval, grid_rows=grid_rows, num_seeds=num_seeds
+    )
     codi_dir = os.path.join(workdir, "codi")
     logging.info("Training CoDi for %d steps in %s.", codi_steps, codi_dir)
     train_loop.train_and_evaluate(codi_config, codi_dir)
@@ -195,16 +211,19 @@ def run_demo(
         finetune_config.num_train_steps = baseline_steps
         train_loop.train_and_evaluate(finetune_config, baseline_dir)
 
-    rows, examples, teacher_step = evaluate_demo(codi_dir, baseline_dir, codi_name, num_eval)
+    rows, examples, teacher_step = evaluate_demo(codi_dir, baseline_dir, codi_name, num_eval, num_seeds)
     total_minutes = (time.time() - start) / 60
     header = (
         f"CoDi x4 SR, {len(examples['image'])} held-out 32x32 patches (photos not in training); {codi_name} "
         f"trained {codi_steps} steps from teacher step {teacher_step}; "
-        f"CoDi training {train_minutes:.1f} min, whole demo {total_minutes:.1f} min."
+        f"CoDi training {train_minutes:.1f} min, whole demo {total_minutes:.1f} min. "
+        f"Each row: mean over {num_seeds} sampling seed{'s' if num_seeds > 1 else ''}"
+        f"{' ± sample standard deviation' if num_seeds > 1 else ''} (training seed fixed)."
     )
     meta = {
         "codi_steps": codi_steps,
         "variant": variant,
+        "num_seeds": num_seeds,
         "train_minutes": train_minutes,
         "total_minutes": total_minutes,
         "devices": [str(d) for d in jax.devices()],
@@ -231,6 +250,7 @@ def main(argv: list[str]) -> None:
         num_eval=FLAGS.num_eval,
         grid_rows=FLAGS.grid_rows,
         variant=FLAGS.variant,
+        num_seeds=FLAGS.num_seeds,
     )
 
 

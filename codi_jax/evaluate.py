@@ -37,6 +37,7 @@ flags.DEFINE_list("steps", ["1", "2", "4"], "Step counts of runs given without t
 flags.DEFINE_string("images", None, "Folder of clean images to use instead of the eval split.")
 flags.DEFINE_integer("num_eval", 256, "Held-out examples (eval split).")
 flags.DEFINE_integer("seed", 0, "Seed of the degradations and the sampling noise.")
+flags.DEFINE_integer("num_seeds", 1, "Sampling seeds per row (seed, seed+1, ...): rows are means, with ± sd.")
 flags.DEFINE_integer("batch_size", 64, "Images per jitted sampling call.")
 flags.DEFINE_enum("solver", "ddim", ["ddim", "dpm++"], "Sampler between steps (dpm++: DPM-Solver++(2M)).")
 flags.DEFINE_bool(
@@ -63,7 +64,7 @@ flags.DEFINE_string(
 def main(argv: list[str]) -> None:
     cli.no_arguments(argv)
     cli.require_flags("run", "out")
-    cli.require_positive(batch_size=FLAGS.batch_size)
+    cli.require_positive(batch_size=FLAGS.batch_size, num_seeds=FLAGS.num_seeds)
     from codi_jax import evaluation  # heavy (JAX, TF): imported once the flags are known good
 
     step_counts = evaluation.parse_step_counts(",".join(FLAGS.steps))
@@ -84,12 +85,19 @@ def main(argv: list[str]) -> None:
         weights=weights,
         bicubic=FLAGS.bicubic,
         lowpass_consistency=FLAGS.lowpass_consistency,
+        num_seeds=FLAGS.num_seeds,
     )
     count = len(rows[0].samples)
     lowpass_note = ", low-frequency consistency" if FLAGS.lowpass_consistency else ""
-    header = f"Means over {count} held-out images (seed {FLAGS.seed}, solver {FLAGS.solver}{lowpass_note})."
+    seeds = (
+        f"seed {FLAGS.seed}"
+        if FLAGS.num_seeds == 1
+        else f"± sd over sampling seeds {FLAGS.seed}..{FLAGS.seed + FLAGS.num_seeds - 1}"
+    )
+    header = f"Means over {count} held-out images ({seeds}, solver {FLAGS.solver}{lowpass_note})."
     meta = {"num_images": count, "seed": FLAGS.seed, "solver": FLAGS.solver, "runs": [r._asdict() for r in runs]}
     meta["lowpass_consistency"] = FLAGS.lowpass_consistency
+    meta["num_seeds"] = FLAGS.num_seeds
     meta["lpips"] = weights.lpips_protocol()
     evaluation.write_results(rows, FLAGS.out, header, meta)
     print(evaluation.markdown_table(rows))

@@ -44,6 +44,42 @@ class Row:
     # lpips, lr_psnr (None: not applicable), color_error; fid / kid when their weights were given
     extra: dict = dataclasses.field(default_factory=dict)
     lowpass_consistency: bool = False  # sampled with low-frequency consistency (codi_jax.lowpass)
+    seeds: int = 1  # sampling seeds the values are the mean over
+    spread: dict = dataclasses.field(default_factory=dict)  # metric -> standard deviation over the seeds
+
+
+SPREAD_METRICS = ("psnr", "ssim", "swd")
+
+
+def mean_row(rows: Sequence[Row]) -> Row:
+    """The mean of rows that differ only in their sampling seed; ``spread`` holds each metric's
+    sample standard deviation over them (ddof=1); ``samples`` are the first seed's."""
+    if len(rows) == 1:
+        return rows[0]
+
+    def stats(values: list[float | None]) -> tuple[float | None, float | None]:
+        if any(v is None for v in values):
+            return None, None
+        array = np.asarray(values, np.float64)
+        return float(array.mean()), float(array.std(ddof=1))
+
+    first, spread = rows[0], {}
+    means = {}
+    for name in SPREAD_METRICS:
+        means[name], spread[name] = stats([getattr(r, name) for r in rows])
+    extra = {}
+    for name in first.extra:
+        extra[name], deviation = stats([r.extra.get(name) for r in rows])
+        if deviation is not None:
+            spread[name] = deviation
+    return dataclasses.replace(
+        first,
+        **means,
+        ms_per_image=float(np.mean([r.ms_per_image for r in rows])),
+        extra=extra,
+        seeds=len(rows),
+        spread=spread,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,34 +325,43 @@ def evaluate_checkpoint(
     weights: MetricWeights = MetricWeights(),
     progress: Progress | None = None,
     lowpass_consistency: bool = False,
+    num_seeds: int = 1,
 ) -> list[Row]:
     """One row per step count (``progress``: a line printed as each finishes); ``lowpass_consistency``:
-    sampled with low-frequency consistency (pixel-space super-resolution runs only)."""
+    sampled with low-frequency consistency (pixel-space super-resolution runs only); ``num_seeds``:
+    the row is the mean over sampling seeds ``seed .. seed + num_seeds - 1``, with their spread."""
+    if num_seeds < 1:
+        raise ValueError(f"num_seeds={num_seeds}: must be at least 1.")
     trained = adapted.trainable_param_count(pre.model, pre.params)
     rows = []
     for num_steps in step_counts:
-        samples, ms = sample_all(
-            pre,
-            examples,
-            num_steps,
-            seed=seed,
-            batch_size=batch_size,
-            solver=solver,
-            renoise=renoise,
-            lowpass_consistency=lowpass_consistency,
-        )
-        row = score_row(
-            method,
-            num_steps,
-            samples,
-            examples["image"],
-            ms_per_image=ms,
-            params_trained=trained,
-            weights=weights,
-            seed=seed,
-            task=pre.config.task,
-            lowpass_consistency=lowpass_consistency,
-        )
+        per_seed = []
+        for row_seed in range(seed, seed + num_seeds):
+            samples, ms = sample_all(
+                pre,
+                examples,
+                num_steps,
+                seed=row_seed,
+                batch_size=batch_size,
+                solver=solver,
+                renoise=renoise,
+                lowpass_consistency=lowpass_consistency,
+            )
+            per_seed.append(
+                score_row(
+                    method,
+                    num_steps,
+                    samples,
+                    examples["image"],
+                    ms_per_image=ms,
+                    params_trained=trained,
+                    weights=weights,
+                    seed=row_seed,
+                    task=pre.config.task,
+                    lowpass_consistency=lowpass_consistency,
+                )
+            )
+        row = mean_row(per_seed)
         rows.append(row)
         if progress is not None:
             progress.finished(row)
@@ -338,6 +383,13 @@ def _cell(value: float | None, spec: str) -> str:
     return "–" if value is None or np.isnan(value) else format(value, spec)
 
 
+def _spread_cell(row: Row, name: str, value: float | None, spec: str) -> str:
+    """A cell with its spread over seeds (``mean ± sd``) when the row has one."""
+    cell = _cell(value, spec)
+    deviation = row.spread.get(name)
+    return cell if deviation is None or cell == "–" else f"{cell} ± {format(deviation, spec)}"
+
+
 def markdown_table(rows: list[Row]) -> str:
     extras = [name for name in EXTRA_COLUMNS if any(name in r.extra for r in rows)]
     head = ["method", "steps", "params trained", "PSNR (dB)", "SSIM", "SWD x1e3"]
@@ -345,8 +397,11 @@ def markdown_table(rows: list[Row]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         method = r.method + (LOWPASS_SUFFIX if r.lowpass_consistency else "")
-        cells = [method, str(r.steps), f"{r.params_trained:,}", f"{r.psnr:.2f}", f"{r.ssim:.4f}", f"{r.swd:.1f}"]
-        cells += [_cell(r.extra.get(n), EXTRA_COLUMNS[n][1]) for n in extras]
+        cells = [method, str(r.steps), f"{r.params_trained:,}"]
+        cells += [
+            _spread_cell(r, n, getattr(r, n), spec) for n, spec in (("psnr", ".2f"), ("ssim", ".4f"), ("swd", ".1f"))
+        ]
+        cells += [_spread_cell(r, n, r.extra.get(n), EXTRA_COLUMNS[n][1]) for n in extras]
         cells.append(f"{r.ms_per_image:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -457,13 +512,14 @@ def evaluate_runs(
     bicubic: bool = False,
     progress: Callable[[str], None] | None = print,
     lowpass_consistency: bool = False,
+    num_seeds: int = 1,
 ) -> list[Row]:
     """Rows of every run at its step counts on one held-out set, then (``bicubic``; super-resolution
     only, other tasks skip it with a note) the condition's own row. Everything is checked
     (``check_runs``, the metric weights, the held-out images) before the first run is loaded; runs
     are loaded one at a time. ``progress``: where the line per (run, step count) goes (None: nowhere).
     ``lowpass_consistency``: every run sampled with low-frequency consistency (the bicubic row is the
-    condition itself, unchanged)."""
+    condition itself, unchanged). ``num_seeds``: each row the mean over that many sampling seeds."""
     checked = check_runs(runs, step_counts, solver=solver, renoise=renoise, lowpass_consistency=lowpass_consistency)
     weights.check()
     examples = evaluation_examples(checked[0][1], images=images, num_eval=num_eval, seed=seed)
@@ -490,6 +546,7 @@ def evaluate_runs(
             weights=weights,
             progress=tracker,
             lowpass_consistency=lowpass_consistency,
+            num_seeds=num_seeds,
         )
         del pre
     if bicubic:

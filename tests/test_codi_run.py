@@ -176,6 +176,17 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
     consistent = evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, lowpass_consistency=True)
     assert consistent[0].lowpass_consistency and "+ low-frequency consistency" in evaluation.markdown_table(consistent)
     assert consistent[0].extra["lr_psnr"] > rows[1].extra["lr_psnr"] + 10.0
+    # Seeds: the row is the mean of the single-seed rows (seed 0 is rows[0]), with their spread.
+    seeded = evaluation.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, num_seeds=2)[0]
+    held_out = evaluation.held_out_examples(config, 5)  # the same conditions; sampling seed 1
+    seed1 = evaluation.evaluate_checkpoint(pretrained.load_conditional(codi_dir), held_out, (1,), "a", seed=1)[0]
+    for name in ("psnr", "ssim", "swd"):
+        values = [getattr(rows[0], name), getattr(seed1, name)]
+        assert getattr(seeded, name) == pytest.approx(np.mean(values), rel=1e-6)
+        assert seeded.spread[name] == pytest.approx(np.std(values, ddof=1), rel=1e-6, abs=1e-9 * abs(values[0]))
+    assert seeded.seeds == 2 and seeded.spread["psnr"] > 0
+    np.testing.assert_array_equal(seeded.samples, rows[0].samples)
+    assert f"{seeded.psnr:.2f} ± {seeded.spread['psnr']:.2f}" in evaluation.markdown_table([seeded])
     # Another solver does not inherit CoDi's re-noising default; asking for both is an error.
     dpm = evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++")
     assert dpm[0].samples.shape == targets.shape
