@@ -185,6 +185,12 @@ def swd(x: np.ndarray, y: np.ndarray) -> float:
     return float(metrics.sliced_wasserstein_distance(np.clip(x, -1.0, 1.0), y, min_resolution=16).average)
 
 
+def make_sampler(pre: Pretrained, solver: str = "ddim", lowpass_consistency: bool = False) -> Callable:
+    """The jitted sampler of ``sample_all`` (built once, it compiles once per step count)."""
+    ops = inference.lowpass_operators(pre.config) if lowpass_consistency else None
+    return inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver, lowpass_ops=ops)
+
+
 def sample_all(
     pre: Pretrained,
     examples: dict[str, np.ndarray],
@@ -196,20 +202,22 @@ def sample_all(
     solver: str = "ddim",
     renoise: bool | None = None,
     lowpass_consistency: bool = False,
+    sampler: Callable | None = None,
 ) -> tuple[np.ndarray, float]:
     """Samples for every example and the mean wall time per image (ms, after warm-up).
 
     ``renoise``: re-noise between DDIM steps; None takes the run's own default (CoDi: ``codi.renoise``)
     for the DDIM solver and no re-noising for the others. ``lowpass_consistency``: replace the low
-    frequencies of every step's prediction by the condition's (``codi_jax.lowpass``).
+    frequencies of every step's prediction by the condition's (``codi_jax.lowpass``). ``sampler``:
+    ``make_sampler``'s, to reuse its compilations (None: a new one).
     """
     if renoise is None:
         renoise = solver == "ddim" and inference.renoise_between_steps(pre.config)
     if renoise and solver != "ddim":
         raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
     times = jnp.asarray(inference.sample_times(pre.config, num_steps) if times is None else times)
-    ops = inference.lowpass_operators(pre.config) if lowpass_consistency else None
-    sampler = inference.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver, lowpass_ops=ops)
+    if sampler is None:
+        sampler = make_sampler(pre, solver, lowpass_consistency)
     cond, instruction = examples["cond"], examples.get("instruction")
     noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), examples["image"].shape, jnp.float32))
     outputs, elapsed = [], 0.0
@@ -333,6 +341,7 @@ def evaluate_checkpoint(
     if num_seeds < 1:
         raise ValueError(f"num_seeds={num_seeds}: must be at least 1.")
     trained = adapted.trainable_param_count(pre.model, pre.params)
+    sampler = make_sampler(pre, solver, lowpass_consistency)  # compiled once per step count, not per seed
     rows = []
     for num_steps in step_counts:
         per_seed = []
@@ -346,6 +355,7 @@ def evaluate_checkpoint(
                 solver=solver,
                 renoise=renoise,
                 lowpass_consistency=lowpass_consistency,
+                sampler=sampler,
             )
             per_seed.append(
                 score_row(
