@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from codi_jax import cli, diffusion, evaluation, few_step, inference, lowpass, sampling
+from codi_jax import cli, diffusion, evaluation, few_step, inference, lowpass, pretrained, sampling
 from codi_jax.data import tasks
 from codi_jax.metrics import compute_metrics
 
@@ -254,3 +254,14 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
         evaluation.check_runs([("a", inpaint)], (1,), lowpass_consistency=True)
     assert evaluation.check_runs([("a", inpaint)], (1,))  # off: no check
     assert not os.path.exists(out)
+
+
+def test_check_runs_fills_task_fields_added_since_a_run_was_saved(tmp_path) -> None:
+    """The committed baseline predates ``task.instructions``: a new run (which has it, at its default)
+    is evaluated beside it; a real task difference is still refused."""
+    new = _edited_run(str(tmp_path / "new"), lambda c: c["task"].update(instructions="ids"))
+    assert "instructions" not in pretrained.read_config(FINETUNE)[0].task
+    assert len(evaluation.check_runs([("old", FINETUNE), ("new", new)], (1,))) == 2
+    other = _edited_run(str(tmp_path / "other"), lambda c: c["task"].update(instructions="ids", scale=2))
+    with pytest.raises(ValueError, match="another task or image size"):
+        evaluation.check_runs([("old", FINETUNE), ("other", other)], (1,))
