@@ -34,7 +34,7 @@ run. Records are read by random access (folder / edit_triples file lists; tfds d
 as ArrayRecord, as skimage_patches is), so `build_dataset(start_batch=k)` (a resumed run) costs
 what batch 0 costs and yields exactly what an uninterrupted stream yields from batch k.
 TFRecord-stored tfds datasets have no random access: they are read in file order through a
-`shuffle_buffer` and a resumed run replays (skips) the batches before k, with a warning;
+`shuffle_buffer` and a resumed run reads (without decoding) the examples before k, with a warning;
 `tfds build <name> --file_format=array_record` gives them random access.
 
 Eval (train=False): one deterministic pass, no augmentation, and the last batch is padded
@@ -586,7 +586,7 @@ def build_dataset(
     `task_config`, every example carries the task's `cond` (see codi_jax.data.tasks).
     `tokenize(text) -> int ids` turns `edit_triples` instructions into `prompt_ids`.
     Training streams start at batch `start_batch` (a resumed run's step): by random access, at
-    the cost of batch 0, except for TFRecord-stored tfds datasets, which replay the batches."""
+    the cost of batch 0, except for TFRecord-stored tfds datasets, which read the examples before it."""
     if task_config is not None:
         tasks.check_task_config(task_config)
         if task_config.name == "none":
@@ -642,15 +642,11 @@ def build_dataset(
         )
 
     if train:
-        ds, replay = _training_examples(
-            source, task_config, preprocess, seed, process_index, start_batch * local_batch_size
-        )
+        ds = _training_examples(source, task_config, preprocess, seed, process_index, start_batch * local_batch_size)
     else:
-        ds, replay = _eval_examples(source, task_config, preprocess, seed, index_offset, index_stride), 0
+        ds = _eval_examples(source, task_config, preprocess, seed, index_offset, index_stride)
         ds = _pad_for_eval(ds, source.num_examples, global_batch_size, local_batch_size)
     ds = ds.batch(local_batch_size, drop_remainder=True)
-    if replay:
-        ds = ds.skip(start_batch)
     options = tf.data.Options()
     options.deterministic = True  # Parallel maps keep order: reproducible batches.
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
@@ -658,19 +654,19 @@ def build_dataset(
 
 def _training_examples(
     source: Source, task_config: Any, preprocess: Callable, seed: int, process_index: int, start: int
-) -> tuple[tf.data.Dataset, bool]:
-    """The endless augmented training stream from example position ``start``, and whether the
-    caller must still skip to it (sources without random access)."""
+) -> tf.data.Dataset:
+    """The endless augmented training stream from example position ``start``. Sources without
+    random access skip to it before decoding: the examples before it are read, not decoded."""
     keep_example = None if task_config is None else tasks.example_filter(task_config)
-    records, replay = source.records, source.records is None
-    if replay:
+    records = source.records
+    if records is None:
         ds = source.examples
         if keep_example is not None:
             ds = ds.filter(keep_example)  # Before repeat: an empty result ends instead of spinning.
-        ds = tf.data.Dataset.zip(ds.repeat(), _example_seeds(seed, process_index))
+        ds = tf.data.Dataset.zip(ds.repeat(), _example_seeds(seed, process_index)).skip(start)
         if start:
             logger.warning(
-                "Resuming at example %d of a TFRecord-stored tfds dataset replays every batch before it; "
+                "Resuming at example %d of a TFRecord-stored tfds dataset reads every example before it; "
                 "prepare it with `tfds build <name> --file_format=array_record` to resume by random access.",
                 start,
             )
@@ -686,7 +682,7 @@ def _training_examples(
             return preprocess(raw, example_seed)
         return tasks.apply_task(task_config, preprocess(raw, example_seed), tasks.training_task_seed(example_seed))
 
-    return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE), replay
+    return ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _eval_examples(
