@@ -109,9 +109,21 @@ class Checkpointer:
                     + "\n  ".join(diffs)
                     + "\nUse a fresh --workdir, or the config that wrote it."
                 )
+        partial = partial or self._only_empty_fields_unsaved(abstract_state, step)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=partial)
         return self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+
+    def _only_empty_fields_unsaved(self, abstract_state: Any, step: int) -> bool:
+        """Whether the saved state lacks only fields that are empty in ``abstract_state`` (a state
+        written before such a field existed, e.g. ``TrainState.frozen``: it restores as is)."""
+        fields = getattr(abstract_state, "__dataclass_fields__", None)
+        if not fields:
+            return False
+        saved = self.saved_tree(step)
+        saved = getattr(saved, "tree", saved)
+        unsaved = [name for name in fields if name not in saved]
+        return bool(unsaved) and all(not jax.tree.leaves(getattr(abstract_state, name)) for name in unsaved)
 
     def restore_latest_intact(self, abstract_state: Any, config: ml_collections.ConfigDict | Mapping) -> Any:
         """The newest checkpoint that restores, into ``abstract_state``'s shardings.

@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
             eval_split="test",
             random_flip=True,
             random_crop=False,
+            color_augment=0.0,  # share of training examples recoloured (grey / hue / saturation)
             shuffle_buffer=10000,
         )
     )

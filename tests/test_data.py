@@ -203,6 +203,36 @@ def test_training_stream_resumes_at_any_batch_and_epochs_are_permutations(data_c
     assert not np.array_equal(epochs[0], epochs[1])  # A fresh order each epoch.
 
 
+def test_color_augment_recolours_a_share_and_keeps_geometry(data_config: ConfigDict) -> None:
+    """Recoloured examples are grey (ITU-R 601 luma of the original, by NumPy) or keep each pixel's
+    HSV value max(R, G, B) (hue rotation and saturation scaling do not change it); crops / flips and
+    the other examples are the stream without the option."""
+    split = "train[:64]"
+    plain_config = data_config.copy_and_resolve_references()
+    del plain_config.color_augment  # configs saved before the field: the same stream as 0
+    plain = np.concatenate([b["image"] for b in _batches(plain_config, split, 8)])
+    data_config.color_augment = 0.0
+    off = np.concatenate([b["image"] for b in _batches(data_config, split, 8)])
+    np.testing.assert_array_equal(off, plain)
+    data_config.color_augment = 1.0
+    on = (np.concatenate([b["image"] for b in _batches(data_config, split, 8)]) + 1) / 2
+    original = (plain + 1) / 2
+    luma = original @ np.array([0.2989, 0.5870, 0.1140], np.float32)
+    grey = np.ptp(on, axis=-1).max(axis=(1, 2)) < 1e-6
+    assert 4 <= grey.sum() <= 32, grey.sum()  # GREY_SHARE = 1/4 of 64
+    np.testing.assert_allclose(on[grey][..., 0], luma[grey], atol=2e-3)  # uint8 rounding in TF's op
+    np.testing.assert_allclose(on[~grey].max(-1), original[~grey].max(-1), atol=1e-5)
+    mean_shift = np.abs(on[~grey].mean((1, 2)) - original[~grey].mean((1, 2))).max(-1)
+    assert np.median(mean_shift) > 0.02, mean_shift  # the colours did change
+    data_config.color_augment = 0.5
+    half = np.concatenate([b["image"] for b in _batches(data_config, split, 8)])
+    changed = np.any(half != plain, axis=(1, 2, 3))
+    assert 16 <= changed.sum() <= 48, changed.sum()
+    data_config.color_augment = 1.5
+    with pytest.raises(ValueError, match="color_augment=1.5 must be a share in"):
+        build_dataset(data_config, split, 8, seed=0, train=True)
+
+
 def test_resumed_stream_reads_only_what_it_yields(tmp_path: Path) -> None:
     """Starting at batch 1000 decodes about one batch of files, not the 8,000 examples before it."""
     for index in range(5):

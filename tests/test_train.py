@@ -124,6 +124,27 @@ def test_resume_with_other_architecture_is_a_clear_error(tmp_path):
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [1]
 
 
+def test_committed_teacher_resumes_into_the_current_train_state():
+    """checkpoints/teacher_patches32 was written before ``TrainState.frozen`` existed; the README's
+    "continues from the committed step" restores it whole (strict on every saved field)."""
+    from configs import teacher_patches32
+
+    config = teacher_patches32.get_config()
+    mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
+    recipe = recipes.make_recipe(config, mesh)
+    abstract, shardings = train_loop.state_shardings(recipe, mesh, config)
+    ckpt = checkpoint.Checkpointer(os.path.join(REPO, "checkpoints/teacher_patches32/checkpoints"), read_only=True)
+    assert "frozen" not in ckpt.saved_tree(3500).tree
+    state = ckpt.restore_latest_intact(checkpoint.abstract_like(abstract, shardings), config)
+    assert int(state.step) == 3500 and state.frozen == {}
+    assert jax.tree.structure(state) == jax.tree.structure(abstract)
+    ema = ckpt.restore({"ema_params": abstract.ema_params}, step=3500, partial=True)["ema_params"]
+    for a, b in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="tree structures do not match"):  # other missing fields still fail
+        ckpt.restore({"params": abstract.params, "extra": jnp.zeros(2)}, step=3500)
+
+
 def test_ema_update_with_and_without_warmup():
     import optax
 

@@ -90,6 +90,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.eval_split = "test"
     config.random_flip = True  # horizontal flip, training only
     config.random_crop = False  # random crop at native resolution (tfds/folder), else resize
+    # Training only: the share of examples whose colours are changed (see _recolor): a teacher
+    # whose prior is not the training photographs' palettes. 0 = off (streams as before).
+    config.color_augment = 0.0
     config.shuffle_buffer = 10_000
     return config
 
@@ -155,6 +158,23 @@ def _fit_to_size(image: tf.Tensor, size: int, *, random_crop: bool, train: bool,
     return image
 
 
+# Colour augmentation: of the recoloured examples this share is made grey; the others get a
+# uniformly random hue rotation (the whole circle) and a saturation scale in SATURATION_RANGE.
+GREY_SHARE = 0.25
+SATURATION_RANGE = (0.5, 1.5)
+
+
+def _recolor(rgb: tf.Tensor, seed: tf.Tensor, probability: float) -> tf.Tensor:
+    """With ``probability``, a new colouring of an HxWx3 float image in [0, 1] (stateless in
+    ``seed``): grey (ITU-R 601 luma) or a random hue rotation and saturation scale."""
+    draws = tf.random.stateless_uniform([4], seed)
+    grey = tf.tile(tf.image.rgb_to_grayscale(rgb), [1, 1, 3])
+    low, high = SATURATION_RANGE
+    tinted = tf.image.adjust_saturation(tf.image.adjust_hue(rgb, draws[2] - 0.5), low + (high - low) * draws[3])
+    recolored = tf.where(draws[1] < GREY_SHARE, grey, tinted)
+    return tf.where(draws[0] < probability, recolored, rgb)
+
+
 def _preprocess(
     example: Batch,
     seed: tf.Tensor | None,
@@ -163,9 +183,16 @@ def _preprocess(
     train: bool,
     random_flip: bool,
     random_crop: bool,
+    color_augment: float = 0.0,
 ) -> Batch:
     """Geometry + value range for one example: {"image": uint8 HxWxC, "depth"?: ...}."""
     rgb = _to_rgb_float(example["image"])
+    has_source = "source" in example  # an edit pair: same crop / flip as the edited image
+    if train and seed is not None and color_augment > 0:
+        if has_source:
+            raise ValueError("data.color_augment would change an edit's colours; it is for image-only data")
+        # Its own stream (fold_in), so crops and flips are the same with or without it.
+        rgb = _recolor(rgb, tf.random.experimental.stateless_fold_in(seed, 1), color_augment)
     has_depth = "depth" in example
     if has_depth:
         depth = tf.cast(example["depth"], tf.float32)
@@ -179,7 +206,6 @@ def _preprocess(
         joint = tf.concat([rgb, depth], axis=-1)  # Same crop / flip for both.
     else:
         joint = rgb
-    has_source = "source" in example  # an edit pair: same crop / flip as the edited image
     if has_source:
         source = _to_rgb_float(example["source"])
         source = tf.image.resize(source, tf.shape(rgb)[:2], method="bilinear", antialias=True)
@@ -593,6 +619,8 @@ def build_dataset(
             task_config = None  # Unconditional: exactly the plain pipeline.
     if data_config.source not in SOURCES:
         raise ValueError(f"data_config.source={data_config.source!r}; valid values: {SOURCES}")
+    if not 0.0 <= float(data_config.get("color_augment", 0.0)) <= 1.0:
+        raise ValueError(f"data.color_augment={data_config.color_augment} must be a share in [0, 1]")
     if global_batch_size % process_count or global_batch_size < process_count:
         raise ValueError(
             f"global_batch_size={global_batch_size} must be a positive multiple of process_count={process_count}"
@@ -639,6 +667,7 @@ def build_dataset(
             train=train,
             random_flip=bool(data_config.random_flip),
             random_crop=bool(data_config.random_crop),
+            color_augment=float(data_config.get("color_augment", 0.0)),
         )
 
     if train:
