@@ -29,9 +29,15 @@ TEST_REQUIRES = [
     "ruff",
 ]
 
-# Test-only numerical references (diffusers' schedulers and PyTorch modules).
+# Test-only numerical references (diffusers' schedulers and PyTorch modules; the lpips and
+# pytorch-fid packages, which import torchvision). torch 2.14.1 + torchvision 0.29.1: the pair whose
+# compiled ops match (PyPI's torchvision for torch 2.13.0 needs CUDA libraries the CPU torch lacks);
+# on x86_64 PyPI's torch 2.14.1 is the CUDA build (several GB), which runs on the CPU.
 REFERENCE_REQUIRES = [
-    "torch==2.13.0",
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "lpips==0.1.4",
+    "pytorch-fid==0.3.0",
     "diffusers==0.42.*",
     "transformers==5.*",
     "safetensors",

@@ -1,9 +1,15 @@
-"""What the benchmark scripts report about the machine they ran on."""
+"""What the benchmark scripts report about the machine they ran on (and one import guard)."""
 
 from __future__ import annotations
 
 import os
 import platform
+import sys
+
+# The test extra's torch (PyPI's CUDA build) brings triton; torch._dynamo (imported by diffusers)
+# imports it when present, and that crashes a process that has loaded TensorFlow. The benchmarks run
+# torch on the CPU only, so triton is hidden (as in the repository's conftest.py).
+sys.modules.setdefault("triton", None)
 
 
 def usable_cores() -> list[int]:

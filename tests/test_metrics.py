@@ -463,24 +463,15 @@ if torch is not None:
         return total[:, 0].numpy()
 
 
-# Why lpips / pytorch-fid are not in the test extra (so these checks skip where they are not
-# installed by hand with a working torchvision): both import torchvision, and the only torchvision
-# for torch 2.13.0 on PyPI (0.28.0) is a CUDA build whose compiled ops (_C.so) link libtorch_cuda.so
-# and libc10_cuda.so, which the CPU torch (2.13.0+cpu) lacks, so `import torchvision` fails with
-# "operator torchvision::nms does not exist"; the CPU build is on PyTorch's own index only.
-_NO_TORCHVISION = (
-    "lpips / pytorch-fid need torchvision; PyPI's torchvision 0.28.0 for torch 2.13.0 is a CUDA build "
-    "whose ops need libtorch_cuda.so (absent from CPU torch), the CPU build is not on PyPI"
-)
-
-
 def _import_optional(name: str) -> types.ModuleType:
-    """Imports a reference package or skips (pytorch_fid / lpips raise more than ImportError
-    when torchvision is installed but its compiled ops do not match the installed torch)."""
+    """Imports a reference package (lpips / pytorch_fid, in the test extra with the torchvision that
+    matches its torch), or skips where it is not installed. Any other import failure (e.g. a
+    torchvision whose compiled ops do not match torch: "operator torchvision::nms does not exist")
+    is an error, not a skip."""
     try:
         return importlib.import_module(name)
-    except Exception as error:  # noqa: BLE001 - any failure means "reference not available here"
-        pytest.skip(f"{name} not importable here ({type(error).__name__}: {error}); {_NO_TORCHVISION}")
+    except ModuleNotFoundError as error:
+        pytest.skip(f"{name} not installed ({error}); pip install -e '.[test]'")
 
 
 @pytest.fixture(scope="module")
