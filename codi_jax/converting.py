@@ -365,8 +365,14 @@ def _training_sections() -> dict[str, Any]:
     from codi_jax import sharding, train_state
 
     data = dict(source="skimage_patches", tfds_name="", image_key="image", folder="", data_dir="", image_size=32)
-    data.update(train_split="train", eval_split="test", random_flip=True, random_crop=False, color_augment=0.0)
-    data.update(shuffle_buffer=10000)
+    data.update(
+        train_split="train",
+        eval_split="test",
+        random_flip=True,
+        random_crop=False,
+        color_augment=0.0,
+        shuffle_buffer=10000,
+    )
     optimizer = dict(learning_rate=3e-4, warmup_steps=200, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0)
     return dict(
         seed=0,

@@ -619,7 +619,8 @@ def build_dataset(
             task_config = None  # Unconditional: exactly the plain pipeline.
     if data_config.source not in SOURCES:
         raise ValueError(f"data_config.source={data_config.source!r}; valid values: {SOURCES}")
-    if not 0.0 <= float(data_config.get("color_augment", 0.0)) <= 1.0:
+    color_augment = float(data_config.get("color_augment", 0.0))  # saved configs may predate the field
+    if not 0.0 <= color_augment <= 1.0:
         raise ValueError(f"data.color_augment={data_config.color_augment} must be a share in [0, 1]")
     if global_batch_size % process_count or global_batch_size < process_count:
         raise ValueError(
@@ -667,7 +668,7 @@ def build_dataset(
             train=train,
             random_flip=bool(data_config.random_flip),
             random_crop=bool(data_config.random_crop),
-            color_augment=float(data_config.get("color_augment", 0.0)),
+            color_augment=color_augment,
         )
 
     if train:
