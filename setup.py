@@ -12,8 +12,9 @@ INSTALL_REQUIRES = [
     "importlib_resources",  # tfds 4.9.10 imports it but does not declare it
     "clu==0.0.12",
     # clu's metric writers import TensorFlow; the CPU build is enough (TF only writes summaries
-    # and runs the input pipeline).
-    "tensorflow-cpu",
+    # and runs the input pipeline). 2.21 prints oneDNN INFO lines on import whatever
+    # TF_CPP_MIN_LOG_LEVEL says, which breaks the CLIs' one-line errors; 2.20 honours it.
+    "tensorflow-cpu==2.20.0",
     "tensorboard",
     "scikit-image>=0.26,<0.27",
     "pillow",
