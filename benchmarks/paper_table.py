@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="comma list of run keys; 'core' = the paper's comparison (~50 min on 2 cores), 'all' = "
         "also the seed-1 rerun and the paper-default departures (~70 min)",
     )
-    p.add_argument("--baseline", default="checkpoints/finetune_sr4", help="the non-distilled conditional model")
+    p.add_argument("--baseline", default="checkpoints/finetune_sr4_color", help="the non-distilled conditional model")
     p.add_argument("--parallel", type=int, default=0, help="runs at a time (0: one per available core)")
     p.add_argument("--num_eval", type=int, default=128, help="held-out patches")
     p.add_argument("--grid_rows", type=int, default=8)

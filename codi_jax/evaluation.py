@@ -529,13 +529,15 @@ def evaluate_runs(
     progress: Callable[[str], None] | None = print,
     lowpass_consistency: bool = False,
     num_seeds: int = 1,
+    use_ema: bool = True,
 ) -> list[Row]:
     """Rows of every run at its step counts on one held-out set, then (``bicubic``; super-resolution
     only, other tasks skip it with a note) the condition's own row. Everything is checked
     (``check_runs``, the metric weights, the held-out images) before the first run is loaded; runs
     are loaded one at a time. ``progress``: where the line per (run, step count) goes (None: nowhere).
     ``lowpass_consistency``: every run sampled with low-frequency consistency (the bicubic row is the
-    condition itself, unchanged). ``num_seeds``: each row the mean over that many sampling seeds."""
+    condition itself, unchanged). ``num_seeds``: each row the mean over that many sampling seeds.
+    ``use_ema``: sample with the EMA weights (False: the raw trained weights)."""
     checked = check_runs(runs, step_counts, solver=solver, renoise=renoise, lowpass_consistency=lowpass_consistency)
     weights.check()
     examples = evaluation_examples(checked[0][1], images=images, num_eval=num_eval, seed=seed)
@@ -549,7 +551,7 @@ def evaluate_runs(
         progress(f"Evaluating {len(jobs)} (run, step count) pairs on {len(examples['image'])} held-out images.")
     rows = []
     for run, _ in checked:
-        pre = load_conditional(run.workdir)
+        pre = load_conditional(run.workdir, use_ema=use_ema)
         rows += evaluate_checkpoint(
             pre,
             examples,

@@ -1,6 +1,7 @@
 """CoDi x4 super-resolution on 32x32 patches of the bundled photographs (CPU scale; the demo).
 
-Starts from the committed unconditional teacher (``checkpoints/teacher_patches32``); its saved
+Starts from the committed colour-augmented unconditional teacher
+(``checkpoints/teacher_patches32_color``); its saved
 config supplies ``model`` and ``schedule``. PE-CoDi: a ControlNet adapter trains, the backbone
 is frozen. Condition: the x4-downscaled patch (8x8) upsampled back to 32x32.
 """
@@ -16,7 +17,7 @@ from configs import teacher_patches32
 def get_config() -> ml_collections.ConfigDict:
     config = teacher_patches32.get_config()
     config.method = "codi"  # 'codi' | 'finetune' (the non-distilled conditional model)
-    config.teacher_workdir = "checkpoints/teacher_patches32"
+    config.teacher_workdir = "checkpoints/teacher_patches32_color"
     # A conditional run (codi / finetune workdir) to start from instead of a fresh adapter: the
     # two-stage baselines (configs/cm2_sr4.py). Its model, adapter and task must match.
     config.init_workdir = ""

@@ -176,6 +176,13 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
     consistent = evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, lowpass_consistency=True)
     assert consistent[0].lowpass_consistency and "+ low-frequency consistency" in evaluation.markdown_table(consistent)
     assert consistent[0].extra["lr_psnr"] > rows[1].extra["lr_psnr"] + 10.0
+    # Raw (not EMA) weights: the rows of the raw params, which this short run's EMA lags behind.
+    raw = evaluation.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, use_ema=False)[0]
+    held = evaluation.held_out_examples(config, 5)
+    raw_model = pretrained.load_conditional(codi_dir, use_ema=False)
+    direct = evaluation.evaluate_checkpoint(raw_model, held, (1,), "a", batch_size=4)[0]
+    np.testing.assert_array_equal(raw.samples, direct.samples)
+    assert not np.allclose(raw.samples, rows[0].samples)
     # Seeds: the row is the mean of the single-seed rows (seed 0 is rows[0]), with their spread.
     seeded = evaluation.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, num_seeds=2)[0]
     held_out = evaluation.held_out_examples(config, 5)  # the same conditions; sampling seed 1
