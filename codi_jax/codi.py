@@ -31,6 +31,7 @@ from codi_jax.train_state import TrainState, apply_gradients, model_params
 
 PREDICTORS = ("prev", "ddim", "teacher")
 CONSISTENCY_SPACES = ("eps", "x", "lpips")
+GUIDANCE_SCHEDULES = ("constant", "noise")
 OBJECTIVES = ("codi", "finetune")
 
 
@@ -43,6 +44,10 @@ def default_codi_config() -> ml_collections.ConfigDict:
     # consistency-models paper's best distillation; RGB pixel-space backbones only.
     config.consistency_space = "eps"
     config.guidance_weight = 1.0  # r: weight of ||x_hat - x||^2
+    # 'constant': r at every t (paper); 'noise': r sigma_t^2, full weight at the top of the grid (where
+    # noise-space consistency hardly constrains x_hat) and little near the data (where the pull to
+    # the posterior mean E[x | z_t, c] would smooth the last sampling steps).
+    config.guidance_schedule = "constant"
     config.grid_size = 50  # N: t on {1/N, ..., 1}
     config.shared_t = True  # one t for the whole batch (paper); False: per example
     # Multistep sampling moves to the next grid time with fresh noise (consistency-model style)
@@ -65,6 +70,7 @@ def check_codi_config(config: ml_collections.ConfigDict) -> None:
     for field, value, valid in (
         ("predictor", config.predictor, PREDICTORS),
         ("consistency_space", config.consistency_space, CONSISTENCY_SPACES),
+        ("guidance_schedule", config.get("guidance_schedule", "constant"), GUIDANCE_SCHEDULES),
     ):
         if value not in valid:
             raise ValueError(f"codi.{field}={value!r}; valid values: {valid}.")
@@ -188,7 +194,10 @@ def codi_loss(
     eps_target = jax.lax.stop_gradient(jnp.where(at_data, eps, eps_target))
 
     consistency = consistency_distance(config.consistency_space, x_hat, x_target, eps_hat, eps_target)
-    guidance_term = jnp.mean(jnp.square(x_hat - x))
+    squared_error = jnp.square(x_hat - x)
+    if config.get("guidance_schedule", "constant") == "noise":
+        squared_error = _bcast(jnp.square(sigma_t), x) * squared_error
+    guidance_term = jnp.mean(squared_error)
     loss = consistency + config.guidance_weight * guidance_term
     return loss, {"consistency": consistency, "guidance": guidance_term, "t": jnp.mean(t)}
 

@@ -90,7 +90,8 @@ def _np_codi_loss(params, target_params, x, cond, k, eps, config):
         consistency = np.mean(np.asarray(distances, np.float64))
     else:
         consistency = np.mean((x_hat - x_tgt) ** 2)
-    return consistency + config.guidance_weight * np.mean((x_hat - x) ** 2)
+    r_of_t = s_t**2 if config.get("guidance_schedule", "constant") == "noise" else 1.0
+    return consistency + config.guidance_weight * np.mean(r_of_t * (x_hat - x) ** 2)
 
 
 def _draws(rng, config):
@@ -107,19 +108,21 @@ def _stub_params(seed):
 
 
 @pytest.mark.parametrize(
-    "predictor,space,shared_t,r",
+    "predictor,space,shared_t,r,schedule",
     [
-        ("prev", "eps", True, 1.0),
-        ("prev", "eps", False, 1.0),
-        ("prev", "x", False, 0.5),
-        ("prev", "lpips", False, 0.5),
-        ("ddim", "eps", False, 1.0),
-        ("teacher", "eps", False, 0.0),
+        ("prev", "eps", True, 1.0, "constant"),
+        ("prev", "eps", False, 1.0, "constant"),
+        ("prev", "x", False, 0.5, "constant"),
+        ("prev", "lpips", False, 0.5, "constant"),
+        ("prev", "eps", False, 2.0, "noise"),
+        ("ddim", "eps", False, 1.0, "constant"),
+        ("teacher", "eps", False, 0.0, "constant"),
     ],
 )
-def test_codi_loss_matches_numpy(predictor, space, shared_t, r) -> None:
+def test_codi_loss_matches_numpy(predictor, space, shared_t, r, schedule) -> None:
     config = codi.default_codi_config()
     config.update(predictor=predictor, consistency_space=space, shared_t=shared_t, guidance_weight=r, grid_size=3)
+    config.guidance_schedule = schedule
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)
     cond = rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)
