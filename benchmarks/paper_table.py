@@ -322,6 +322,8 @@ def main(argv=None) -> None:
     wall_lines = "\n".join(f"| {known[k].label} | {walls[k] / 60:.1f} |" for k in walls)
     text = f"""# CoDi in miniature: x4 super-resolution on the bundled photographs
 
+Why the few-step samples are smooth, each candidate measured alone: [`smoothness.md`](smoothness.md).
+
 Made by one run of `{command}` on {datetime.date.today().isoformat()}:
 {cpu_model()}, {len(cores)} core(s) used of {os.cpu_count()}, {platform.python_version()}, CPU only.
 Training in this invocation {train_minutes:.1f} min (runs {parallel} at a time,
