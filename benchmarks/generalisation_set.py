@@ -11,7 +11,7 @@ image, as PNGs into ``--out`` (refused if it exists). Evaluate with the clean-im
 
   python benchmarks/generalisation_set.py --out=/tmp/generalisation
   python -m codi_jax.evaluate --images=/tmp/generalisation --run=CoDi=DIR/codi:1,2,4 \\
-      --run=baseline=checkpoints/finetune_sr4:4,50 --num_seeds=3 --out=/tmp/generalisation_results
+      --run=baseline=checkpoints/finetune_sr4_color:4,50 --num_seeds=3 --out=/tmp/generalisation_results
 """
 
 from __future__ import annotations
