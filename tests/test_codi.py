@@ -347,3 +347,19 @@ def test_pe_codi_train_step_lowers_loss_and_keeps_backbone() -> None:
     # The EMA target moved towards the online params but not onto them.
     zero_conv = lambda p: np.asarray(p["adapter"]["controlnet_mid_block"]["kernel"])  # noqa: E731
     assert 0 < np.abs(zero_conv(state.ema_params)).max() < np.abs(zero_conv(state.params)).max()
+
+
+def test_lpips_consistency_traces_twice_and_refuses_latents() -> None:
+    """The LPIPS weights enter each trace as constants: a second trace (another shape) must not meet a
+    tracer left in the loader's cache by the first; latents (4 channels) get a readable error."""
+    lpips._load_packaged_cached.cache_clear()  # the first load happens inside the trace below
+    rng = np.random.default_rng(0)
+    distance = jax.jit(codi.consistency_distance, static_argnums=0)
+    for size in (8, 16):
+        a, b = (rng.uniform(-1, 1, (2, size, size, 3)).astype(np.float32) for _ in range(2))
+        got = float(distance("lpips", a, b, a, b))
+        expected = float(np.mean(lpips.lpips_distance(lpips.load_packaged_lpips(), a, b)))
+        assert got == pytest.approx(expected, rel=1e-5) and got > 0
+    latents = np.zeros((2, 8, 8, 4), np.float32)
+    with pytest.raises(ValueError, match="needs RGB pixel-space samples"):
+        codi.consistency_distance("lpips", latents, latents, latents, latents)
