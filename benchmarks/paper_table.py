@@ -170,7 +170,7 @@ COMPARED = (("psnr", "PSNR", True), ("swd", "SWD", False), ("lpips", "LPIPS", Fa
 
 def _value(row, metric: str) -> tuple[float, float]:
     """(mean, sd over sampling seeds; 0 for one seed) of a row's metric."""
-    value = getattr(row, metric) if metric in ("psnr", "ssim", "swd") else row.extra[metric]
+    value = getattr(row, metric) if hasattr(row, metric) else row.extra[metric]
     return float(value), float(row.spread.get(metric, 0.0))
 
 

@@ -40,7 +40,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where the demo writes its CoDi run, results and grid.")
 # 1,500: at 800 steps CoDi was still improving on every metric and 1,600 beat 800 on all of them
 # (docs/smoothness.md); 1,500 keeps the demo near 20 minutes on a 2-core host.
-flags.DEFINE_integer("codi_steps", 1500, "CoDi training steps (~15 min on 2 CPU cores for full CoDi).")
+flags.DEFINE_integer("codi_steps", 1500, "CoDi training steps (full CoDi: 16.5 min on a 2-core AMD EPYC host).")
 flags.DEFINE_enum("variant", "full", ["full", "pe"], "full: adapter + backbone trained; pe: adapter only.")
 flags.DEFINE_string("teacher_workdir", "checkpoints/teacher_patches32_color", "The unconditional teacher.")
 flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4_color", "The non-distilled conditional baseline.")
