@@ -21,7 +21,8 @@ peak), MFU.
 
   python benchmarks/train_throughput.py --config=tiny|demo|sd15 [--method=pe|full] [--batch=N] \\
       [--no_run] [--peak_tflops=989] [--attention_impl=dot_product|cudnn|einsum] \\
-      [--remat=true|false] [--remat_policy=full|dots_saveable|...] [--dtype=bfloat16]
+      [--remat=true|false] [--remat_policy=full|dots_saveable|...] [--dtype=bfloat16] \\
+      [--conv_impl=auto|xla|im2col]
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def time_steps(compiled, init, batch_tree, steps: int, warmup: int) -> list[floa
 
 
 def apply_overrides(config: ml_collections.ConfigDict, args: argparse.Namespace) -> None:
-    for field in ("attention_impl", "remat_policy", "dtype"):
+    for field in ("attention_impl", "remat_policy", "dtype", "conv_impl"):
         if getattr(args, field) is not None:
             config.model[field] = getattr(args, field)
     if args.remat is not None:
@@ -179,6 +180,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", choices=("true", "false"), default=None, help="override model.remat")
     p.add_argument("--remat_policy", default=None, help="override model.remat_policy")
     p.add_argument("--dtype", default=None, help="override model.dtype")
+    p.add_argument("--conv_impl", default=None, help="override model.conv_impl (auto, xla, im2col)")
     return p.parse_args(argv)
 
 

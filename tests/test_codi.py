@@ -142,6 +142,44 @@ def test_codi_loss_matches_numpy(predictor, space, shared_t, r, schedule) -> Non
     assert seen_boundary and seen_interior
 
 
+@pytest.mark.parametrize("target", ["ema", "online"])
+def test_train_step_target_network_is_the_ema_or_the_online_params(target) -> None:
+    """The loss a train step reports is the NumPy loss with the EMA params (``codi.target='ema'``)
+    or the online params (``'online'``) as the target network."""
+    config = codi.default_codi_config()
+    config.update(shared_t=False, grid_size=3, target=target)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)
+    cond = rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)
+    params, ema = _stub_params(1), _stub_params(2)
+    optimizer = make_optimizer(
+        ml_collections.ConfigDict(
+            dict(learning_rate=1e-3, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
+        )
+    )
+    state = create_train_state(params, optimizer, jax.random.PRNGKey(0)).replace(ema_params=ema)
+    step = functools.partial(
+        codi.train_step,
+        model=LinearStub(),
+        schedule=SCHEDULE,
+        optimizer=optimizer,
+        ema_decay=0.9,
+        ema_warmup=False,
+        parametrization="v",
+        config=config,
+    )
+    key = jax.random.PRNGKey(5)
+    _, metrics = jax.jit(step)(state, {"image": x, "cond": cond}, key)
+    k, eps = _draws(key, config)
+    assert np.any(k > 1)  # an interior t, where the target network matters
+    expected = {
+        name: _np_codi_loss(params, target_params, x.astype(np.float64), cond, k, eps, config)
+        for name, target_params in (("ema", ema), ("online", params))
+    }
+    assert abs(expected["ema"] - expected["online"]) > 1e-3 * expected["ema"]
+    np.testing.assert_allclose(float(metrics["loss"]), expected[target], rtol=2e-5)
+
+
 def _np_cfg_loss(params, target_params, x, cond, k, eps, m_text, m_null, w, config):
     """NumPy CoDi loss with CFG-aware distillation (stub: text term d m, w term e (w - 1))."""
     n, w4 = config.grid_size, w[:, None, None, None]
@@ -273,6 +311,10 @@ def test_bad_codi_config_is_named() -> None:
     config = codi.default_codi_config()
     config.predictor = "euler"
     with pytest.raises(ValueError, match="codi.predictor='euler'"):
+        codi.check_codi_config(config)
+    config = codi.default_codi_config()
+    config.target = "teacher"
+    with pytest.raises(ValueError, match="codi.target='teacher'"):
         codi.check_codi_config(config)
 
 
