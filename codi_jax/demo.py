@@ -38,9 +38,10 @@ from codi_jax.pretrained import load_conditional, read_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where the demo writes its CoDi run, results and grid.")
-# 1,500: at 800 steps CoDi was still improving on every metric and 1,600 beat 800 on all of them
-# (docs/smoothness.md); 1,500 keeps the demo near 20 minutes on a 2-core host.
-flags.DEFINE_integer("codi_steps", 1500, "CoDi training steps (full CoDi: 16.5 min on a 2-core AMD EPYC host).")
+# 2,400 at batch 8 (configs/codi_full_sr4.py): CoDi improves with training length on every metric
+# (docs/smoothness.md), and at batch 8 a step costs about half a batch-16 one; 2,400 steps take about
+# the time of 1,300 at batch 16, to keep the demo near 20 minutes on a 2-core host.
+flags.DEFINE_integer("codi_steps", 2400, "CoDi training steps (full CoDi, batch 8: ~2 steps/s on a 2-core host).")
 flags.DEFINE_enum("variant", "full", ["full", "pe"], "full: adapter + backbone trained; pe: adapter only.")
 flags.DEFINE_string("teacher_workdir", "checkpoints/teacher_patches32_color", "The unconditional teacher.")
 flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4_color", "The non-distilled conditional baseline.")

@@ -203,13 +203,15 @@ def sample_all(
     renoise: bool | None = None,
     lowpass_consistency: bool = False,
     sampler: Callable | None = None,
+    warm_up: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Samples for every example and the mean wall time per image (ms, after warm-up).
 
     ``renoise``: re-noise between DDIM steps; None takes the run's own default (CoDi: ``codi.renoise``)
     for the DDIM solver and no re-noising for the others. ``lowpass_consistency``: replace the low
     frequencies of every step's prediction by the condition's (``codi_jax.lowpass``). ``sampler``:
-    ``make_sampler``'s, to reuse its compilations (None: a new one).
+    ``make_sampler``'s, to reuse its compilations (None: a new one). ``warm_up``: run the first batch
+    once untimed before timing it (compilation); False when ``sampler`` has already run these shapes.
     """
     if renoise is None:
         renoise = solver == "ddim" and inference.renoise_between_steps(pre.config)
@@ -225,7 +227,7 @@ def sample_all(
         sl = slice(start, start + batch_size)
         renoise_rng = inference.renoise_key(pre.config, seed, start, renoise)
         args = (pre.params, cond[sl], None if instruction is None else instruction[sl], noise[sl], times, renoise_rng)
-        if start == 0:
+        if start == 0 and warm_up:
             jax.block_until_ready(sampler(*args))  # compile + warm-up, not timed
         t0 = time.perf_counter()
         outputs.append(np.asarray(jax.block_until_ready(sampler(*args))))
@@ -356,6 +358,7 @@ def evaluate_checkpoint(
                 renoise=renoise,
                 lowpass_consistency=lowpass_consistency,
                 sampler=sampler,
+                warm_up=row_seed == seed,  # later seeds reuse the first one's compilation
             )
             per_seed.append(
                 score_row(
