@@ -4,7 +4,8 @@ The step is ``codi.train_step`` bound exactly as ``recipes`` binds it for a run,
 state donated and compiled ahead of time (as ``train_loop`` does), on one device:
 
   tiny   configs/tiny_codi.py on configs/tiny_teacher.py's UNet (16x16, x2 SR)
-  demo   configs/codi_sr4.py on configs/teacher_patches32.py's UNet (the demo's shapes: 32x32)
+  demo   configs/codi_sr4.py (--method=full: configs/codi_full_sr4.py, batch 8) on
+         configs/teacher_patches32.py's UNet (the demo's shapes: 32x32)
   sd15   configs/sd15_sr4.py on an SD-1.5-shaped UNet (diffusers UNet2DConditionModel config,
          random weights) + ControlNet (x8 hint network), bf16, remat, 64x64 latents with a
          77x768 text context and 512x512 conditions (the batch the step sees after the VAE /
@@ -48,7 +49,7 @@ from codi_jax import codi, networks, recipes, train_loop  # noqa: E402
 from codi_jax.data import tasks  # noqa: E402
 from codi_jax.models.convert_diffusers import unet_config_from_diffusers  # noqa: E402
 from codi_jax.train_state import create_train_state, make_optimizer  # noqa: E402
-from configs import codi_sr4, sd15_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
+from configs import codi_full_sr4, codi_sr4, sd15_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
 
 SD15_TEXT = (77, 768)
 DEFAULT_BATCH = {"tiny": None, "demo": None, "sd15": 4}  # None: the config's batch_size
@@ -64,14 +65,15 @@ def run_config(name: str, method: str) -> tuple[ml_collections.ConfigDict, int, 
     else:
         config, teacher = (tiny_codi.get_config(), tiny_teacher.get_config())
         if name == "demo":
-            config, teacher = codi_sr4.get_config(), teacher_patches32.get_config()
+            demo = codi_full_sr4 if method == "full" else codi_sr4
+            config, teacher = demo.get_config(), teacher_patches32.get_config()
         model, schedule = teacher.model.to_dict(), teacher.schedule.to_dict()
         config.data = teacher.data
         latent, context = int(config.data.image_size), None
     with config.unlocked():
         config.model = ml_collections.ConfigDict(model)
         config.schedule = ml_collections.ConfigDict(schedule)
-        config.adapter.train_backbone = method == "full"  # configs/codi_full_sr4.py's only change
+        config.adapter.train_backbone = method == "full"  # the tiny config's full CoDi; codi_full_sr4 sets it too
     return config, latent, context
 
 

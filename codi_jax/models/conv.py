@@ -124,8 +124,9 @@ conv_im2col_grad.defvjp(_fwd, _bwd)
 # at batch 16-32 and 32x32 im2col takes 0.54-0.86x XLA's time; at 8x8 1.0-1.7x; at 16x16 it wins
 # from 64 output channels at batch 32 (0.74-0.89x) and loses below (1.1-1.6x). 2^19 splits those.
 # Those timings are an Intel host's. On a 2-core AMD EPYC host (2026-12-03) the demo's whole full-CoDi
-# step (``benchmarks/train_throughput.py --config=demo --method=full --conv_impl=...``, median of 8)
-# took 985 ms with auto, 939 with xla and 997 with im2col: within the run-to-run spread (+-15%).
+# step at batch 16 (``benchmarks/train_throughput.py --config=demo --method=full --batch=16
+# --conv_impl=...``, median of 8) took 985 ms with auto, 939 with xla and 997 with im2col: within the
+# run-to-run spread (+-15%).
 AUTO_IM2COL_MIN_OUTPUT = 2**19
 
 
