@@ -38,10 +38,16 @@ from codi_jax.pretrained import load_conditional, read_config
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Where the demo writes its CoDi run, results and grid.")
-# 2,400 at batch 8 (configs/codi_full_sr4.py): CoDi improves with training length on every metric
-# (docs/smoothness.md), and at batch 8 a step costs about half a batch-16 one; 2,400 steps take about
-# the time of 1,300 at batch 16, to keep the demo near 20 minutes on a 2-core host.
-flags.DEFINE_integer("codi_steps", 2400, "CoDi training steps (full CoDi, batch 8: ~2 steps/s on a 2-core host).")
+# Full CoDi, 2,400 at batch 8 (configs/codi_full_sr4.py): CoDi improves with training length on every
+# metric (docs/smoothness.md), and at batch 8 a step costs about half a batch-16 one; 2,400 steps take
+# about the time of 1,300 at batch 16, to keep the demo near 20 minutes on a 2-core host. PE-CoDi
+# (configs/codi_sr4.py, batch 16): 1,500, as measured in docs/smoothness.md.
+DEFAULT_CODI_STEPS = {"full": 2400, "pe": 1500}
+flags.DEFINE_integer(
+    "codi_steps",
+    None,
+    f"CoDi training steps; default by --variant: {DEFAULT_CODI_STEPS} (full: ~2 steps/s on 2 cores).",
+)
 flags.DEFINE_enum("variant", "full", ["full", "pe"], "full: adapter + backbone trained; pe: adapter only.")
 flags.DEFINE_string("teacher_workdir", "checkpoints/teacher_patches32_color", "The unconditional teacher.")
 flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4_color", "The non-distilled conditional baseline.")
@@ -246,7 +252,7 @@ def main(argv: list[str]) -> None:
     cli.require_flags("workdir")
     run_demo(
         FLAGS.workdir,
-        codi_steps=FLAGS.codi_steps,
+        codi_steps=DEFAULT_CODI_STEPS[FLAGS.variant] if FLAGS.codi_steps is None else FLAGS.codi_steps,
         teacher_workdir=FLAGS.teacher_workdir,
         baseline_workdir=FLAGS.baseline_workdir,
         baseline_steps=FLAGS.baseline_steps,
