@@ -142,6 +142,21 @@ def test_codi_loss_matches_numpy(predictor, space, shared_t, r, schedule) -> Non
     assert seen_boundary and seen_interior
 
 
+def _jitted_train_step(model, optimizer, config):
+    """``codi.train_step`` bound as the tests run it: v-prediction, EMA decay 0.9, no warm-up."""
+    step = functools.partial(
+        codi.train_step,
+        model=model,
+        schedule=SCHEDULE,
+        optimizer=optimizer,
+        ema_decay=0.9,
+        ema_warmup=False,
+        parametrization="v",
+        config=config,
+    )
+    return jax.jit(step)
+
+
 @pytest.mark.parametrize("target", ["ema", "online"])
 def test_train_step_target_network_is_the_ema_or_the_online_params(target) -> None:
     """The loss a train step reports is the NumPy loss with the EMA params (``codi.target='ema'``)
@@ -158,18 +173,8 @@ def test_train_step_target_network_is_the_ema_or_the_online_params(target) -> No
         )
     )
     state = create_train_state(params, optimizer, jax.random.PRNGKey(0)).replace(ema_params=ema)
-    step = functools.partial(
-        codi.train_step,
-        model=LinearStub(),
-        schedule=SCHEDULE,
-        optimizer=optimizer,
-        ema_decay=0.9,
-        ema_warmup=False,
-        parametrization="v",
-        config=config,
-    )
     key = jax.random.PRNGKey(5)
-    _, metrics = jax.jit(step)(state, {"image": x, "cond": cond}, key)
+    _, metrics = _jitted_train_step(LinearStub(), optimizer, config)(state, {"image": x, "cond": cond}, key)
     k, eps = _draws(key, config)
     assert np.any(k > 1)  # an interior t, where the target network matters
     expected = {
@@ -354,18 +359,7 @@ def test_pe_codi_train_step_lowers_loss_and_keeps_backbone() -> None:
         return create_train_state(trained, optimizer, jax.random.PRNGKey(2), frozen)
 
     state = init(backbone_params)
-    step = jax.jit(
-        functools.partial(
-            codi.train_step,
-            model=model,
-            schedule=SCHEDULE,
-            optimizer=optimizer,
-            ema_decay=0.9,
-            ema_warmup=False,
-            parametrization="v",
-            config=config,
-        )
-    )
+    step = _jitted_train_step(model, optimizer, config)
     eval_loss = jax.jit(
         lambda p: codi.codi_loss(
             p, p, batch, jax.random.PRNGKey(99), model=model, schedule=SCHEDULE, parametrization="v", config=config
