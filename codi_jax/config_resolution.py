@@ -15,6 +15,7 @@ import ml_collections
 from codi_jax import codi, config_diff, converting, networks, pretrained
 from codi_jax.data import tasks
 from codi_jax.models import adapters
+from codi_jax.train_state import check_optimizer_config
 
 METHODS = ("teacher",) + networks.CONDITIONAL_METHODS
 INIT_SECTIONS = ("model", "schedule", "adapter", "task")
@@ -40,6 +41,7 @@ def method_of(config: ml_collections.ConfigDict) -> str:
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The complete config of the run ``config`` asks for; ``config`` itself is left unchanged."""
+    check_optimizer_config(config.optimizer)
     if method_of(config) == "teacher":
         return copy.deepcopy(config)
     codi.check_codi_config(config.codi)

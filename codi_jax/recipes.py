@@ -97,7 +97,7 @@ def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
             "(python -m codi_jax.convert) and distil it (config.method='codi', config.teacher_workdir)."
         )
     model, schedule = networks.build_teacher(config)
-    optimizer = make_optimizer(config.optimizer)
+    optimizer = make_optimizer(config.optimizer, config.num_train_steps)
     parametrization = config.model.parametrization
     size = int(config.data.image_size)
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -206,7 +206,7 @@ def load_init_inputs_from(source: str, shapes: Any, shardings: Any, what: str) -
 def _conditional_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Recipe:
     model, schedule = networks.build_conditional(config)
     parametrization = config.model.parametrization
-    optimizer = make_optimizer(config.optimizer)
+    optimizer = make_optimizer(config.optimizer, config.num_train_steps)
     init_state, init_shapes, load_init_inputs = _conditional_init(config, model, optimizer)
     step = functools.partial(
         codi.train_step,

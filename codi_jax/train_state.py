@@ -38,17 +38,47 @@ def model_params(state: TrainState, *, ema: bool) -> Any:
     return {**state.frozen, **trained} if state.frozen else trained
 
 
-def make_optimizer(optimizer_config) -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and a (warmup then) constant learning rate."""
-    lr = optimizer_config.learning_rate
-    warmup = optimizer_config.get("warmup_steps", 0)
-    schedule = optax.linear_schedule(0.0, lr, warmup) if warmup else lr
-    if warmup:
-        schedule = optax.join_schedules([schedule, optax.constant_schedule(lr)], [warmup])
+LR_DECAYS = ("constant", "cosine")
+
+
+def check_optimizer_config(optimizer_config: ml_collections.ConfigDict) -> None:
+    """One readable error for an unknown ``optimizer.decay`` or a negative ``decay_steps``."""
+    decay = optimizer_config.get("decay", "constant")
+    if decay not in LR_DECAYS:
+        raise ValueError(f"optimizer.decay={decay!r}; valid values: {LR_DECAYS}.")
+    if int(optimizer_config.get("decay_steps", 0)) < 0:
+        raise ValueError(f"optimizer.decay_steps must be >= 0, got {optimizer_config.decay_steps}.")
+
+
+def learning_rate_schedule(optimizer_config: ml_collections.ConfigDict, num_train_steps: int = 0) -> optax.Schedule:
+    """Linear warm-up over ``warmup_steps``, then ``decay``: 'constant' (the paper's) or 'cosine'
+    from the peak to 0 at ``decay_steps`` (0: ``num_train_steps``; extending a finished run past
+    that step resumes at lr 0, so raise ``decay_steps`` with it)."""
+    check_optimizer_config(optimizer_config)
+    lr = float(optimizer_config.learning_rate)
+    warmup = int(optimizer_config.get("warmup_steps", 0))
+    if optimizer_config.get("decay", "constant") == "constant":
+        after = optax.constant_schedule(lr)
+    else:
+        total = int(optimizer_config.get("decay_steps", 0)) or int(num_train_steps)
+        if total <= warmup:
+            raise ValueError(
+                f"optimizer.decay='cosine' needs decay_steps (or num_train_steps) > warmup_steps={warmup}, got {total}."
+            )
+        after = optax.cosine_decay_schedule(lr, total - warmup)
+    if not warmup:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def make_optimizer(
+    optimizer_config: ml_collections.ConfigDict, num_train_steps: int = 0
+) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping on ``learning_rate_schedule``."""
     return optax.chain(
         optax.clip_by_global_norm(optimizer_config.grad_clip_norm),
         optax.adamw(
-            schedule,
+            learning_rate_schedule(optimizer_config, num_train_steps),
             b1=optimizer_config.b1,
             b2=optimizer_config.b2,
             eps=optimizer_config.eps,

@@ -54,8 +54,19 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
+    # decay: 'constant' after the warm-up, or 'cosine' to 0 at decay_steps (0: num_train_steps).
     config.optimizer = ml_collections.ConfigDict(
-        dict(learning_rate=3e-4, warmup_steps=200, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0, grad_clip_norm=1.0)
+        dict(
+            learning_rate=3e-4,
+            warmup_steps=200,
+            decay="constant",
+            decay_steps=0,
+            b1=0.9,
+            b2=0.99,
+            eps=1e-8,
+            weight_decay=0.0,
+            grad_clip_norm=1.0,
+        )
     )
     config.ema_decay = 0.999
     config.ema_warmup = True  # decay min(0.999, (1+step)/(10+step)): early samples not tied to the init

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codi_jax import checkpoint, recipes, teacher, train_loop
+from codi_jax import checkpoint, recipes, teacher, train_loop, train_state
 from codi_jax.pretrained import load_teacher
 from codi_jax.train_state import make_optimizer
 from configs import tiny_teacher
@@ -164,3 +164,52 @@ def test_ema_update_with_and_without_warmup():
     late = state.replace(step=jnp.asarray(10_000, jnp.int32))
     new, _ = apply_gradients(late, grads, sgd, ema_decay=0.9, ema_warmup=True)
     np.testing.assert_allclose(new.ema_params["w"], 0.1, rtol=1e-6)
+
+
+def _optimizer_config(**fields):
+    config = tiny_teacher.get_config().optimizer
+    for key, value in fields.items():
+        config[key] = value
+    return config
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_cosine_decay_drives_adam_steps(warmup):
+    """With a constant gradient, Adam's bias-corrected step is lr_k * g / (|g| + eps) ~ lr_k: the
+    steps follow the closed-form warm-up + cosine schedule and reach 0 at decay_steps."""
+    peak, total = 1e-3, 20
+    config = _optimizer_config(learning_rate=peak, warmup_steps=warmup, decay="cosine", decay_steps=0, weight_decay=0.0)
+    optimizer = make_optimizer(config, num_train_steps=total)
+    params = {"w": jnp.zeros((3,))}
+    grads = {"w": jnp.asarray([1.0, -2.0, 0.5])}
+    state = optimizer.init(params)
+    steps = []
+    for _ in range(total + 1):
+        updates, state = optimizer.update(grads, state, params)
+        steps.append(float(jnp.abs(updates["w"][0])))
+    k = np.arange(total + 1, dtype=np.float64)
+    decay = 0.5 * peak * (1 + np.cos(np.pi * np.clip(k - warmup, 0, None) / (total - warmup)))
+    expected = np.where(k < warmup, peak * k / max(warmup, 1), decay)
+    np.testing.assert_allclose(steps, expected, rtol=1e-5, atol=1e-6 * peak)
+    assert steps[-1] < 1e-6 * peak
+
+
+def test_constant_schedule_is_the_default():
+    config = tiny_teacher.get_config().optimizer
+    assert config.decay == "constant"
+    schedule = train_state.learning_rate_schedule(config, num_train_steps=100)
+    assert float(schedule(0)) == pytest.approx(config.learning_rate)
+    assert float(schedule(10_000)) == pytest.approx(config.learning_rate)
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(decay="linear"), "optimizer.decay='linear'"),
+        (dict(decay_steps=-1), "optimizer.decay_steps must be >= 0"),
+        (dict(decay="cosine", warmup_steps=50, decay_steps=50), "needs decay_steps"),
+    ],
+)
+def test_bad_lr_schedule_is_one_readable_error(fields, message):
+    with pytest.raises(ValueError, match=message):
+        train_state.learning_rate_schedule(_optimizer_config(**fields), num_train_steps=0)
