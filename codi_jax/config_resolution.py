@@ -41,7 +41,7 @@ def method_of(config: ml_collections.ConfigDict) -> str:
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The complete config of the run ``config`` asks for; ``config`` itself is left unchanged."""
-    check_optimizer_config(config.optimizer)
+    check_optimizer_config(config.optimizer, config.get("num_train_steps", 0))
     if method_of(config) == "teacher":
         return copy.deepcopy(config)
     codi.check_codi_config(config.codi)

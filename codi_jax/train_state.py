@@ -41,31 +41,37 @@ def model_params(state: TrainState, *, ema: bool) -> Any:
 LR_DECAYS = ("constant", "cosine")
 
 
-def check_optimizer_config(optimizer_config: ml_collections.ConfigDict) -> None:
-    """One readable error for an unknown ``optimizer.decay`` or a negative ``decay_steps``."""
+def check_optimizer_config(optimizer_config: ml_collections.ConfigDict, num_train_steps: int = 0) -> None:
+    """One readable error for an unknown ``optimizer.decay``, a negative ``decay_steps``, or a
+    cosine decay that would end before its warm-up does."""
     decay = optimizer_config.get("decay", "constant")
     if decay not in LR_DECAYS:
         raise ValueError(f"optimizer.decay={decay!r}; valid values: {LR_DECAYS}.")
     if int(optimizer_config.get("decay_steps", 0)) < 0:
         raise ValueError(f"optimizer.decay_steps must be >= 0, got {optimizer_config.decay_steps}.")
+    warmup, end = int(optimizer_config.get("warmup_steps", 0)), _decay_end(optimizer_config, num_train_steps)
+    if decay == "cosine" and end <= warmup:
+        raise ValueError(
+            f"optimizer.decay='cosine' needs decay_steps (or num_train_steps) > warmup_steps={warmup}, got {end}."
+        )
+
+
+def _decay_end(optimizer_config: ml_collections.ConfigDict, num_train_steps: int) -> int:
+    return int(optimizer_config.get("decay_steps", 0)) or int(num_train_steps)
 
 
 def learning_rate_schedule(optimizer_config: ml_collections.ConfigDict, num_train_steps: int = 0) -> optax.Schedule:
     """Linear warm-up over ``warmup_steps``, then ``decay``: 'constant' (the paper's) or 'cosine'
-    from the peak to 0 at ``decay_steps`` (0: ``num_train_steps``; extending a finished run past
-    that step resumes at lr 0, so raise ``decay_steps`` with it)."""
-    check_optimizer_config(optimizer_config)
+    from the peak to 0 at ``decay_steps`` (0: ``num_train_steps``). Resuming a cosine run with a
+    larger ``num_train_steps`` and ``decay_steps`` 0 moves the end of the decay, so the lr jumps back
+    up; with ``decay_steps`` set, steps past it train at lr 0."""
+    check_optimizer_config(optimizer_config, num_train_steps)
     lr = float(optimizer_config.learning_rate)
     warmup = int(optimizer_config.get("warmup_steps", 0))
     if optimizer_config.get("decay", "constant") == "constant":
         after = optax.constant_schedule(lr)
     else:
-        total = int(optimizer_config.get("decay_steps", 0)) or int(num_train_steps)
-        if total <= warmup:
-            raise ValueError(
-                f"optimizer.decay='cosine' needs decay_steps (or num_train_steps) > warmup_steps={warmup}, got {total}."
-            )
-        after = optax.cosine_decay_schedule(lr, total - warmup)
+        after = optax.cosine_decay_schedule(lr, _decay_end(optimizer_config, num_train_steps) - warmup)
     if not warmup:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codi_jax import checkpoint, recipes, teacher, train_loop, train_state
+from codi_jax import checkpoint, config_resolution, recipes, teacher, train_loop, train_state
 from codi_jax.pretrained import load_teacher
 from codi_jax.train_state import make_optimizer
 from configs import tiny_teacher
@@ -213,3 +213,10 @@ def test_constant_schedule_is_the_default():
 def test_bad_lr_schedule_is_one_readable_error(fields, message):
     with pytest.raises(ValueError, match=message):
         train_state.learning_rate_schedule(_optimizer_config(**fields), num_train_steps=0)
+
+
+def test_cosine_decay_ending_in_the_warm_up_is_refused_at_config_resolution(tmp_path):
+    config = _tiny_config(tmp_path)
+    config.optimizer.update(decay="cosine", warmup_steps=config.num_train_steps)
+    with pytest.raises(ValueError, match="needs decay_steps"):
+        config_resolution.resolve(config)
