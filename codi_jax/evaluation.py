@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from codi_jax import adapted, atomic, few_step, inference, lowpass, metrics, networks
+from codi_jax import adapted, atomic, few_step, inference, lowpass, metrics, networks, sampling
 from codi_jax.data import pipeline, tasks
 from codi_jax.pretrained import Pretrained, load_conditional, read_config
 
@@ -221,18 +221,15 @@ def sample_all(
     if sampler is None:
         sampler = make_sampler(pre, solver, lowpass_consistency)
     cond, instruction = examples["cond"], examples.get("instruction")
-    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(seed), examples["image"].shape, jnp.float32))
-    outputs, elapsed = [], 0.0
-    for start in range(0, len(cond), batch_size):
-        sl = slice(start, start + batch_size)
-        renoise_rng = inference.renoise_key(pre.config, seed, start, renoise)
-        args = (pre.params, cond[sl], None if instruction is None else instruction[sl], noise[sl], times, renoise_rng)
-        if start == 0 and warm_up:
-            jax.block_until_ready(sampler(*args))  # compile + warm-up, not timed
-        t0 = time.perf_counter()
-        outputs.append(np.asarray(jax.block_until_ready(sampler(*args))))
-        elapsed += time.perf_counter() - t0
-    return np.concatenate(outputs), 1000.0 * elapsed / len(cond)
+
+    def sample_batch(batch: slice, z_init: jax.Array, renoise_keys: jax.Array | None) -> jax.Array:
+        batch_instruction = None if instruction is None else instruction[batch]
+        return sampler(pre.params, cond[batch], batch_instruction, z_init, times, renoise_keys)
+
+    shape = examples["image"].shape[1:]
+    return sampling.sample_in_batches(
+        sample_batch, len(cond), shape, seed=seed, renoise=renoise, batch_size=batch_size, warm_up=warm_up
+    )
 
 
 def score_row(

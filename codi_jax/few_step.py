@@ -263,21 +263,22 @@ def sample_conditional(
         pre.model, pre.schedule, pre.parametrization, clip=not latent, lowpass_ops=ops
     )
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
-    rng = jax.random.PRNGKey(seed)
     size = cond.shape[1] // networks.latent_factor(pre.config)
-    shape = (size, size, pre.model.backbone.out_channels)
-    out = []
-    for start in range(0, len(cond), batch_size):
-        stop = min(start + batch_size, len(cond))
-        noise = jnp.stack([jax.random.normal(jax.random.fold_in(rng, i), shape) for i in range(start, stop)])
-        renoise = inference.renoise_key(pre.config, seed, start, stochastic)
-        batch = {"cond": jnp.asarray(cond[start:stop])}
+
+    def sample_batch(batch: slice, z_init: jax.Array, renoise_keys: jax.Array | None) -> np.ndarray:
+        inputs = {"cond": jnp.asarray(cond[batch])}
         if instruction is not None:
-            batch["instruction"] = jnp.asarray(instruction[start:stop])
-        text = inference.text_inputs(frozen_inputs.add_text(frozen, batch), pre.config, guidance_scale)
-        x = sampler(pre.params, batch["cond"], batch.get("instruction"), noise, times, renoise, text)
-        out.append(np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0))
-    return np.concatenate(out)
+            inputs["instruction"] = jnp.asarray(instruction[batch])
+        text = inference.text_inputs(frozen_inputs.add_text(frozen, inputs), pre.config, guidance_scale)
+        x = sampler(pre.params, inputs["cond"], inputs.get("instruction"), z_init, times, renoise_keys, text)
+        return np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0)
+
+    renoise = inference.renoise_between_steps(pre.config) if stochastic is None else bool(stochastic)
+    shape = (size, size, pre.model.backbone.out_channels)
+    samples, _ = sampling.sample_in_batches(
+        sample_batch, len(cond), shape, seed=seed, renoise=renoise, batch_size=batch_size
+    )
+    return samples
 
 
 def viewable_grid(tiles: np.ndarray, columns: int, min_tile: int = GRID_MIN_TILE) -> np.ndarray:

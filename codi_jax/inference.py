@@ -30,16 +30,6 @@ def renoise_between_steps(config: ml_collections.ConfigDict) -> bool:
     return bool(config.codi.get("renoise", codi.default_codi_config().renoise))
 
 
-def renoise_key(
-    config: ml_collections.ConfigDict, seed: int, batch_start: int = 0, renoise: bool | None = None
-) -> jax.Array | None:
-    """The re-noising key of the batch starting at ``batch_start``, or None for DDIM moves;
-    ``renoise`` None takes the run's default (``renoise_between_steps``)."""
-    if not (renoise_between_steps(config) if renoise is None else renoise):
-        return None
-    return jax.random.fold_in(jax.random.PRNGKey(seed + 1), batch_start)
-
-
 def check_lowpass_consistency(config: ml_collections.ConfigDict) -> None:
     """Low-frequency consistency needs a pixel-space super-resolution run (from its config alone)."""
     if encoders.vae_path(config):
@@ -104,9 +94,10 @@ def make_conditional_sampler(
     clip: bool = True,
     lowpass_ops: lowpass.SrOperators | None = None,
 ):
-    """Jitted ``(params, cond, instruction, z_init, times, renoise_rng, text=None) -> x``.
+    """Jitted ``(params, cond, instruction, z_init, times, renoise_keys, text=None) -> x``.
 
-    ``solver``: ``ddim`` (deterministic DDIM, or re-noising given ``renoise_rng``) or ``dpm++``
+    ``solver``: ``ddim`` (deterministic DDIM, or re-noising given per-example ``renoise_keys``:
+    ``sampling.example_keys``) or ``dpm++``
     (DPM-Solver++(2M), deterministic; for the non-distilled baselines). ``text``: see
     ``text_inputs``. ``clip``: clip ``x_hat`` to the image range (False for latents).
     ``lowpass_ops`` (``lowpass_operators``; None: off): after each step's (clipped) ``x_hat``, its
@@ -114,7 +105,7 @@ def make_conditional_sampler(
     if solver not in SOLVERS:
         raise ValueError(f"solver={solver!r}; valid: {SOLVERS}.")
 
-    def sample(params, cond, instruction, z_init, times, renoise_rng, text=None):
+    def sample(params, cond, instruction, z_init, times, renoise_keys, text=None):
         def apply_fn(p, z_t, model_t):
             return _guided_apply(model, p, z_t, model_t, cond, instruction, text)
 
@@ -130,7 +121,7 @@ def make_conditional_sampler(
             times,
             schedule,
             parametrization,
-            renoise_rng,
+            renoise_keys,
             project_x_hat=project,
             **_clip_kwargs(clip),
         )

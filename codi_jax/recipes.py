@@ -22,7 +22,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -124,8 +123,9 @@ def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
             parametrization=parametrization,
         )
     )
-    shape = (config.num_sample_images, size, size, config.model.out_channels)
-    noise = sharding_lib.put_replicated(jax.random.normal(jax.random.PRNGKey(config.seed + 1), shape), mesh)
+    shape = (size, size, config.model.out_channels)
+    noise = sampling.example_noise(config.seed + 1, np.arange(config.num_sample_images), shape)
+    noise = sharding_lib.put_replicated(noise, mesh)
 
     def write_samples(writer, workdir: str, step: int, state: TrainState) -> dict:
         images = sharding_lib.to_host(sampler(state.ema_params, noise))
@@ -237,9 +237,11 @@ def _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data) 
     sampler = inference.make_conditional_sampler(model, schedule, config.model.parametrization, clip=not latent)
     examples = eval_examples(config, config.num_sample_images, frozen_inputs.tokenizer_of(config, enc))
     size = networks.model_input_size(config)
-    noise_shape = (len(examples["image"]), size, size, int(config.model.in_channels))
-    noise = jax.random.normal(jax.random.PRNGKey(config.seed + 1), noise_shape, jnp.float32)
+    indices = np.arange(len(examples["image"]))  # the same per-example noise as every sampling command
+    noise = sampling.example_noise(config.seed + 1, indices, (size, size, int(config.model.in_channels)))
+    renoise = sampling.example_keys(config.seed + 2, indices) if inference.renoise_between_steps(config) else None
     on_mesh = sharding_lib.put_replicated({**examples, "noise": noise}, mesh)
+    renoise = None if renoise is None else sharding_lib.put_replicated(renoise, mesh)
     text = inference.text_inputs(frozen_inputs.add_text(frozen_data, on_mesh, enc.text_model), config)
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
     step_counts = tuple(config.sample_step_counts)
@@ -249,8 +251,6 @@ def _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data) 
         params = model_params(state, ema=True)
         for num_steps in step_counts:
             times = sharding_lib.put_replicated(inference.sample_times(config, num_steps).astype(np.float32), mesh)
-            renoise = inference.renoise_key(config, config.seed)
-            renoise = None if renoise is None else sharding_lib.put_replicated(renoise, mesh)
             out = sampler(params, on_mesh["cond"], on_mesh.get("instruction"), on_mesh["noise"], times, renoise, text)
             images = sharding_lib.to_host(decode(frozen_data.vae_params, out) if latent else out)
             columns.append(images)

@@ -141,13 +141,15 @@ def sample_images(
         sample = _latent_text_sampler(pre, steps, min(batch_size, num_images), text)
     else:
         sample = _pixel_sampler(pre, steps)
-    rng = jax.random.PRNGKey(seed)
-    out = []
-    for start in range(0, num_images, batch_size):
-        n = min(batch_size, num_images - start)
-        noise = jax.random.normal(jax.random.fold_in(rng, start), (n, size, size, channels))
-        out.append(sample(noise))
-    return np.concatenate(out)
+    samples, _ = sampling.sample_in_batches(
+        lambda _, z_init, __: sample(z_init),
+        num_images,
+        (size, size, channels),
+        seed=seed,
+        renoise=False,
+        batch_size=batch_size,
+    )
+    return samples
 
 
 def check_text_flags(

@@ -1,8 +1,14 @@
-"""Samplers. Pure functions of (params, noise, times); the network is bound by ``partial``."""
+"""Samplers. Pure functions of (params, noise, times); the network is bound by ``partial``.
+
+Also the one loop every sampling command runs (``sample_in_batches``): the noise of example i
+(initial and re-noising) depends only on (seed, i), never on the batch size or the other examples.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -32,7 +38,7 @@ def ddim_sample(
     times: jax.Array,
     schedule: diffusion.Schedule,
     parametrization: diffusion.Parametrization,
-    renoise_rng: jax.Array | None = None,
+    renoise_keys: jax.Array | None = None,
     clip_denoised: bool = True,
     output: str = "x_hat",
     project_x_hat: Callable[[jax.Array], jax.Array] | None = None,
@@ -40,9 +46,11 @@ def ddim_sample(
     """DDIM from ``z_init`` at ``times[0]`` down to ``times[-1]``; returns ``x_hat`` (default) or ``z``.
 
     Between steps the sample moves to the next time deterministically (``alpha_s x_hat +
-    sigma_s eps_hat``) or, given ``renoise_rng``, with fresh noise (``alpha_s x_hat + sigma_s
-    eps``, consistency-model style multistep sampling). ``output="x_hat"``: the last step returns
-    the network's ``x_hat`` itself (equal to the DDIM move when the final time is 0);
+    sigma_s eps_hat``) or, given ``renoise_keys`` (one key per example, ``example_keys``), with
+    fresh noise (``alpha_s x_hat + sigma_s eps``, consistency-model style multistep sampling); the
+    fresh noise of example b at step k is drawn from ``fold_in(renoise_keys[b], k)``.
+    ``output="x_hat"``: the last step returns the network's ``x_hat`` itself (equal to the DDIM
+    move when the final time is 0);
     ``output="z"``: the last DDIM move, the sample at ``times[-1]`` (diffusers' DDIM, which ends at
     ``alpha_bar = alphas_cumprod[0]``, i.e. ``t = 1 / T``, with ``set_alpha_to_one=False``).
     ``clip_denoised`` clips every ``x_hat`` to the data range [-1, 1]; latents must not be
@@ -56,10 +64,9 @@ def ddim_sample(
         raise ValueError(f"output={output!r}; expected one of {DDIM_OUTPUTS}.")
     times = jnp.asarray(times, jnp.float32)
     num_steps = times.shape[0] - 1
-    step_rngs = jax.random.split(renoise_rng if renoise_rng is not None else jax.random.PRNGKey(0), num_steps)
 
     def step(z_t, inputs):
-        t_pair, step_rng = inputs
+        t_pair, index = inputs
         t, s = t_pair[0], t_pair[1]
         alpha_t, sigma_t = schedule.alpha_sigma(t)
         alpha_s, sigma_s = schedule.alpha_sigma(s)
@@ -70,13 +77,72 @@ def ddim_sample(
             x_hat = jnp.clip(x_hat, -1.0, 1.0)
         if project_x_hat is not None:
             x_hat = project_x_hat(x_hat)
-        if renoise_rng is not None:
-            eps_hat = jax.random.normal(step_rng, z_t.shape, z_t.dtype)
+        if renoise_keys is not None:
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(renoise_keys, index)
+            eps_hat = jax.vmap(lambda key: jax.random.normal(key, z_t.shape[1:], z_t.dtype))(step_keys)
         return diffusion.ddim_step(x_hat, eps_hat, alpha_s, sigma_s), x_hat
 
     pairs = jnp.stack([times[:-1], times[1:]], axis=1)
-    z_final, x_hats = jax.lax.scan(step, z_init, (pairs, step_rngs))
+    z_final, x_hats = jax.lax.scan(step, z_init, (pairs, jnp.arange(num_steps)))
     return z_final if output == "z" else x_hats[-1]
+
+
+def example_keys(seed: int, indices: Sequence[int] | np.ndarray) -> jax.Array:
+    """One key per example: ``fold_in(PRNGKey(seed), i)`` for each index ``i`` (raw uint32 keys)."""
+    return _example_keys(jax.random.PRNGKey(seed), jnp.asarray(np.asarray(indices, np.uint32)))
+
+
+@jax.jit
+def _example_keys(key: jax.Array, indices: jax.Array) -> jax.Array:
+    return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, indices)
+
+
+def example_noise(seed: int, indices: Sequence[int] | np.ndarray, shape: tuple[int, ...]) -> jax.Array:
+    """Standard normal noise of shape ``(len(indices),) + shape``; row b is
+    ``normal(fold_in(PRNGKey(seed), indices[b]), shape)``, whatever the other rows are."""
+    return _noise_from_keys(example_keys(seed, indices), tuple(shape))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _noise_from_keys(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys)
+
+
+# sample_fn(batch, z_init, renoise_keys) -> samples of the examples in ``batch`` (a slice)
+BatchSampleFn = Callable[[slice, jax.Array, jax.Array | None], jax.Array]
+
+
+def sample_in_batches(
+    sample_fn: BatchSampleFn,
+    num: int,
+    noise_shape: tuple[int, ...],
+    *,
+    seed: int,
+    renoise: bool,
+    batch_size: int,
+    warm_up: bool = False,
+) -> tuple[np.ndarray, float]:
+    """The one sampling loop: ``sample_fn`` on each batch of ``num`` examples; returns the samples
+    (numpy, concatenated) and the mean wall time per image in ms.
+
+    Example i starts from ``example_noise(seed, [i], noise_shape)`` and, with ``renoise``, re-noises
+    with ``example_keys(seed + 1, [i])``, so its sample is the same at any batch size and beside
+    any other examples (up to float rounding, which can depend on the batch shape). ``warm_up``:
+    run the first batch once, untimed, before timing it (compilation)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    outputs, elapsed = [], 0.0
+    for start in range(0, num, batch_size):
+        batch = slice(start, min(start + batch_size, num))
+        indices = np.arange(batch.start, batch.stop)
+        z_init = example_noise(seed, indices, noise_shape)
+        keys = example_keys(seed + 1, indices) if renoise else None
+        if start == 0 and warm_up:
+            jax.block_until_ready(sample_fn(batch, z_init, keys))
+        t0 = time.perf_counter()
+        outputs.append(np.asarray(jax.block_until_ready(sample_fn(batch, z_init, keys))))
+        elapsed += time.perf_counter() - t0
+    return np.concatenate(outputs), 1000.0 * elapsed / max(num, 1)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

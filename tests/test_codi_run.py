@@ -167,6 +167,13 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
         assert r.extra == {**r.extra, **evaluation.faithfulness_metrics(r.samples, targets, config.task)}
     # Same checkpoint, same seed: the same numbers; a different step count samples differently.
     assert rows[0].psnr == rows[2].psnr and rows[0].psnr != rows[1].psnr
+    # The sampling command and evaluate run one loop: example i gets the same noise (initial and
+    # re-noising) at any batch size, so the `sample` binary draws the samples evaluate scored (up to
+    # float rounding, which another batch shape can change).
+    held = evaluation.held_out_examples(config, 5)
+    model = pretrained.load_conditional(codi_dir)
+    sampled = few_step.sample_conditional(model, held["cond"], None, steps=2, seed=0, batch_size=2)
+    np.testing.assert_allclose(sampled, rows[1].samples, rtol=0, atol=1e-5 * 2.0)  # data range 2
     # Re-noising (the CoDi default) only acts between steps: 1 step is unchanged, 2 steps differ.
     ddim = evaluation.evaluate_runs([("a", codi_dir)], (1, 2), num_eval=5, batch_size=4, renoise=False)
     np.testing.assert_array_equal(ddim[0].samples, rows[0].samples)
@@ -178,7 +185,6 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
     assert consistent[0].extra["lr_psnr"] > rows[1].extra["lr_psnr"] + 10.0
     # Raw (not EMA) weights: the rows of the raw params, which this short run's EMA lags behind.
     raw = evaluation.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, use_ema=False)[0]
-    held = evaluation.held_out_examples(config, 5)
     raw_model = pretrained.load_conditional(codi_dir, use_ema=False)
     direct = evaluation.evaluate_checkpoint(raw_model, held, (1,), "a", batch_size=4)[0]
     np.testing.assert_array_equal(raw.samples, direct.samples)
@@ -188,7 +194,6 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
     held_out = evaluation.held_out_examples(config, 5)  # the same conditions; sampling seed 1
     # The same batch size as ``seeded``: another batch shape compiles other kernels, whose rounding
     # differs by CPU (on an AMD EPYC host SWD moved by 1.5e-6 relative at batch 64 against 4).
-    model = pretrained.load_conditional(codi_dir)
     seed1 = evaluation.evaluate_checkpoint(model, held_out, (1,), "a", seed=1, batch_size=4)[0]
     for name in ("psnr", "ssim", "swd"):
         values = [getattr(rows[0], name), getattr(seed1, name)]
