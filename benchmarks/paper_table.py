@@ -110,8 +110,10 @@ def _add_wall(run_dir: str, seconds: float) -> float:
     if os.path.exists(path):
         with open(path) as f:
             total += float(json.load(f)["seconds"])
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
         json.dump({"seconds": total}, f)
+    os.replace(tmp, path)  # atomic: an interrupted write keeps the previous total
     return total
 
 
@@ -272,7 +274,7 @@ def main(argv=None) -> None:
     import numpy as np
     from PIL import Image
 
-    from codi_jax import evaluation, sampling
+    from codi_jax import atomic, evaluation, sampling
     from codi_jax.pretrained import load_conditional
 
     eval_start = time.perf_counter()
@@ -375,12 +377,14 @@ x4 downscale, the task's own, against the low-resolution input; higher is better
 
 ![samples]({os.path.basename(out_grid)})
 """
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Image.fromarray(grid).save(out_grid)
-    with open(args.out, "w") as f:
-        f.write(text)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump([{k: v for k, v in dataclasses.asdict(r).items() if k != "samples"} for r in rows], f, indent=2)
+    records = [{k: v for k, v in dataclasses.asdict(r).items() if k != "samples"} for r in rows]
+    atomic.write_files(  # all three or none
+        {
+            out_grid: atomic.png_bytes(grid),
+            args.out: text.encode("utf-8"),
+            os.path.splitext(args.out)[0] + ".json": json.dumps(records, indent=2).encode("utf-8"),
+        }
+    )
     print(text)
 
 

@@ -19,5 +19,5 @@ def get_config() -> ml_collections.ConfigDict:
     config.codi.predictor = "teacher"  # the frozen initial model = the fine-tuned conditional model
     config.codi.guidance_weight = 0.0
     config.codi.consistency_space = "x"
-    config.adapter.hint_zero_init = True  # as checkpoints/finetune_sr4_color was made (its init is overwritten anyway)
+    # The adapter's architecture (hint_zero_init included) is codi_sr4's, as the init's was made.
     return config

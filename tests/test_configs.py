@@ -22,6 +22,24 @@ SD_CONFIGS = [name for name in ALL_CONFIGS if name.startswith(("sd15_", "sd21_")
 CONFIG_NAMES = [name for name in ALL_CONFIGS if name not in SD_CONFIGS]
 
 
+REPO = pathlib.Path(__file__).parent.parent
+
+
+def _on_committed_checkpoints(name: str) -> bool:
+    config = importlib.import_module(f"configs.{name}").get_config()
+    paths = [config.get("teacher_workdir") or "", config.get("init_workdir") or ""]
+    return any(p.startswith("checkpoints/") for p in paths)
+
+
+@pytest.mark.parametrize("name", [n for n in CONFIG_NAMES if _on_committed_checkpoints(n)])
+def test_config_resolves_on_the_committed_checkpoints_it_names(name: str, monkeypatch) -> None:
+    """A config that starts from a committed teacher / init resolves against it as shipped (a
+    clash with the init's saved setup would stop ``codi_jax.train`` before its first step)."""
+    monkeypatch.chdir(REPO)
+    resolved = config_resolution.resolve(importlib.import_module(f"configs.{name}").get_config())
+    assert resolved.teacher_step > 0
+
+
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_is_valid(name: str) -> None:
     config = importlib.import_module(f"configs.{name}").get_config()
