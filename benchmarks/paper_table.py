@@ -1,7 +1,9 @@
 """The paper's comparison (CoDi, ../shared/METHOD.md "Headline numbers") in miniature, x4 SR.
 
-  python benchmarks/paper_table.py --workdir=/tmp/paper_table             # ~50 min on 2 cores
-  python benchmarks/paper_table.py --workdir=/tmp/paper_table --runs=all  # + seed spread, departures: ~70 min
+  python benchmarks/paper_table.py --workdir=/tmp/paper_table             # ~75 min on 2 cores
+  python benchmarks/paper_table.py --workdir=/tmp/paper_table --runs=all  # + seed 1, departures: ~100 min
+
+(2026-12-03, a 2-core Intel Xeon host: the core runs and seed 1, 81 min: 52 training, 29 evaluation.)
 
 1. Trains, from the committed unconditional teacher, every distilled model of the comparison with
    the project's own command (``python -m codi_jax.train``), ``--parallel`` runs at a time, each
@@ -142,8 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--runs",
         default="core",
-        help="comma list of run keys; 'core' = the paper's comparison (~50 min on 2 cores), 'all' = "
-        "also the seed-1 rerun and the paper-default departures (~70 min)",
+        help="comma list of run keys; 'core' = the paper's comparison (~75 min on 2 cores), 'all' = "
+        "also the seed-1 rerun and the paper-default departures (~100 min)",
     )
     p.add_argument("--baseline", default="checkpoints/finetune_sr4_color", help="the non-distilled conditional model")
     p.add_argument("--parallel", type=int, default=0, help="runs at a time (0: one per available core)")
