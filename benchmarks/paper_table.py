@@ -35,6 +35,9 @@ import time
 from bench_host import cpu_model, usable_cores
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from codi_jax import atomic  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,10 +167,7 @@ def _add_wall(run_dir: str, seconds: float) -> float:
     if os.path.exists(path):
         with open(path) as f:
             total += float(json.load(f)["seconds"])
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({"seconds": total}, f)
-    os.replace(tmp, path)  # atomic: an interrupted write keeps the previous total
+    atomic.write_text(path, json.dumps({"seconds": total}))  # an interrupted write keeps the previous total
     return total
 
 
@@ -310,7 +310,6 @@ def departures(rows, labels: dict[str, str]) -> list[str]:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
     os.chdir(ROOT)
     out_grid = os.path.splitext(args.out)[0] + "_grid.png"
     if not args.overwrite and any(os.path.exists(p) for p in (args.out, out_grid)):
@@ -328,7 +327,7 @@ def main(argv=None) -> None:
     import numpy as np
     from PIL import Image
 
-    from codi_jax import atomic, evaluation, sampling
+    from codi_jax import evaluation, sampling
     from codi_jax.pretrained import load_conditional
 
     eval_start = time.perf_counter()

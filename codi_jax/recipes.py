@@ -237,9 +237,12 @@ def _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data) 
     sampler = inference.make_conditional_sampler(model, schedule, config.model.parametrization, clip=not latent)
     examples = eval_examples(config, config.num_sample_images, frozen_inputs.tokenizer_of(config, enc))
     size = networks.model_input_size(config)
-    indices = np.arange(len(examples["image"]))  # the same per-example noise as every sampling command
-    noise = sampling.example_noise(config.seed + 1, indices, (size, size, int(config.model.in_channels)))
-    renoise = sampling.example_keys(config.seed + 2, indices) if inference.renoise_between_steps(config) else None
+    noise, renoise = sampling.example_inputs(  # the per-example noise every sampling command draws
+        config.seed + 1,
+        np.arange(len(examples["image"])),
+        (size, size, int(config.model.in_channels)),
+        inference.renoise_between_steps(config),
+    )
     on_mesh = sharding_lib.put_replicated({**examples, "noise": noise}, mesh)
     renoise = None if renoise is None else sharding_lib.put_replicated(renoise, mesh)
     text = inference.text_inputs(frozen_inputs.add_text(frozen_data, on_mesh, enc.text_model), config)

@@ -108,6 +108,14 @@ def _noise_from_keys(keys: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jax.vmap(lambda key: jax.random.normal(key, shape, jnp.float32))(keys)
 
 
+def example_inputs(
+    seed: int, indices: Sequence[int] | np.ndarray, shape: tuple[int, ...], renoise: bool
+) -> tuple[jax.Array, jax.Array | None]:
+    """The initial noise (``example_noise(seed, ...)``) and, with ``renoise``, the re-noising keys
+    (``example_keys(seed + 1, ...)``; else None) of the examples ``indices``."""
+    return example_noise(seed, indices, shape), (example_keys(seed + 1, indices) if renoise else None)
+
+
 # sample_fn(batch, z_init, renoise_keys) -> samples of the examples in ``batch`` (a slice)
 BatchSampleFn = Callable[[slice, jax.Array, jax.Array | None], jax.Array]
 
@@ -125,18 +133,15 @@ def sample_in_batches(
     """The one sampling loop: ``sample_fn`` on each batch of ``num`` examples; returns the samples
     (numpy, concatenated) and the mean wall time per image in ms.
 
-    Example i starts from ``example_noise(seed, [i], noise_shape)`` and, with ``renoise``, re-noises
-    with ``example_keys(seed + 1, [i])``, so its sample is the same at any batch size and beside
-    any other examples (up to float rounding, which can depend on the batch shape). ``warm_up``:
-    run the first batch once, untimed, before timing it (compilation)."""
+    Example i gets ``example_inputs(seed, [i], noise_shape, renoise)``, so its sample is the same
+    at any batch size and beside any other examples (up to float rounding, which can depend on the
+    batch shape). ``warm_up``: run the first batch once, untimed, before timing it (compilation)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     outputs, elapsed = [], 0.0
     for start in range(0, num, batch_size):
         batch = slice(start, min(start + batch_size, num))
-        indices = np.arange(batch.start, batch.stop)
-        z_init = example_noise(seed, indices, noise_shape)
-        keys = example_keys(seed + 1, indices) if renoise else None
+        z_init, keys = example_inputs(seed, np.arange(batch.start, batch.stop), noise_shape, renoise)
         if start == 0 and warm_up:
             jax.block_until_ready(sample_fn(batch, z_init, keys))
         t0 = time.perf_counter()
