@@ -3,7 +3,7 @@
 For every (model, image size, batch) config and every conv impl this measures, on the CPU cores
 this process may run on:
 
-* the whole train step (``codi_jax.teacher.train_step``: v-prediction MSE, AdamW with clipping,
+* the whole train step (``codi_jax.objectives.teacher.train_step``: v-prediction MSE, AdamW with clipping,
   EMA, non-finite check; jitted with the state donated, as ``train_loop`` does), its compile time
   (reported apart, never inside the step time) and images/s;
 * the split: a jitted forward (``model.apply``) and a jitted ``value_and_grad`` of the loss;
@@ -105,9 +105,10 @@ def _bench_jax(channels, image_size, batch, impl, dtype, args) -> dict:
     import ml_collections
     import numpy as np
 
-    from codi_jax import diffusion, teacher
+    from codi_jax import diffusion
     from codi_jax.models.unet import UNet
-    from codi_jax.train_state import create_train_state, make_optimizer
+    from codi_jax.objectives import teacher
+    from codi_jax.training.train_state import create_train_state, make_optimizer
 
     model = UNet(block_out_channels=channels, attention_levels=ATTENTION_LEVELS, dtype=jnp.dtype(dtype), conv_impl=impl)
     schedule = diffusion.Schedule("cosine")

@@ -9,7 +9,7 @@ that the two batches are equal.
 
   python benchmarks/data_resume.py [--config=demo|folder] [--step=10000] [--replay_step=N]
 
-``demo``: configs/codi_sr4.py's data and x4 SR task (skimage_patches/patches32, batch 16).
+``demo``: codi_jax/configs/cpu/codi_sr4.py's data and x4 SR task (skimage_patches/patches32, batch 16).
 ``folder``: the same task on a folder of 64 scikit-image photographs saved as PNGs (random
 crops at native resolution), the layout of a user's own images. ``--replay_step`` (default
 ``--step``) bounds the replay, which takes minutes at 10,000 steps; the replay time at
@@ -29,8 +29,8 @@ from bench_host import cpu_model, usable_cores
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from codi_jax.configs.cpu import codi_sr4  # noqa: E402
 from codi_jax.data import pipeline  # noqa: E402
-from configs import codi_sr4  # noqa: E402
 
 
 def folder_of_photos(directory: str, count: int = 64) -> str:

@@ -19,12 +19,13 @@ import jax
 import jax.numpy as jnp
 from sd15_shapes import SD15_UNET, SD15_VAE
 
-from codi_jax import adapted, codi, diffusion
-from codi_jax.models import adapters
-from codi_jax.models.convert_diffusers import unet_config_from_diffusers
+from codi_jax import diffusion
+from codi_jax.interop.torch_to_flax import unet_config_from_diffusers
+from codi_jax.models import adapters, student
 from codi_jax.models.unet import UNet
 from codi_jax.models.vae import vae_from_diffusers_config
-from codi_jax.train_state import create_train_state, make_optimizer
+from codi_jax.objectives import codi
+from codi_jax.training.train_state import create_train_state, make_optimizer
 
 TINY_UNET = dict(SD15_UNET, block_out_channels=[16, 32], down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"])
 TINY_UNET.update(up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"], cross_attention_dim=32, layers_per_block=1)
@@ -38,7 +39,7 @@ def _parts(unet_config: dict, vae_config: dict, hint: tuple[int, ...]):
     )
     adapter = adapters.default_adapter_config()
     adapter.update(hint_channels=hint, hint_downsamples=3, hint_unit_range=True)
-    model = adapted.build_adapted_model(backbone, adapter, cond_channels=3)
+    model = student.build_adapted_model(backbone, adapter, cond_channels=3)
     return model, vae_from_diffusers_config(vae_config)
 
 

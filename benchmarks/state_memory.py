@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from codi_jax import adapted, sharding
-from codi_jax.models import adapters
+from codi_jax import sharding
+from codi_jax.models import adapters, student
 from codi_jax.models.unet import unet_from_config
-from codi_jax.train_state import create_train_state, make_optimizer
+from codi_jax.training.train_state import create_train_state, make_optimizer
 
 SD15_UNET = dict(
     in_channels=4,
@@ -51,7 +51,7 @@ def shapes(latent: int) -> tuple[dict, dict]:
     unet = unet_from_config(SD15_UNET)
     adapter_config = adapters.default_adapter_config()
     adapter_config.update(hint_channels=(16, 32, 96, 256), hint_downsamples=3)
-    model = adapted.build_adapted_model(unet, adapter_config, cond_channels=3)
+    model = student.build_adapted_model(unet, adapter_config, cond_channels=3)
     z, t = jnp.zeros((1, latent, latent, 4)), jnp.zeros((1,))
     context = jnp.zeros((1, 77, 768))
     cond = jnp.zeros((1, 8 * latent, 8 * latent, 3))

@@ -3,10 +3,10 @@
 The step is ``codi.train_step`` bound exactly as ``recipes`` binds it for a run, jitted with the
 state donated and compiled ahead of time (as ``train_loop`` does), on one device:
 
-  tiny   configs/tiny_codi.py on configs/tiny_teacher.py's UNet (16x16, x2 SR)
-  demo   configs/codi_sr4.py (--method=full: configs/codi_full_sr4.py, batch 8) on
-         configs/teacher_patches32.py's UNet (the demo's shapes: 32x32)
-  sd15   configs/sd15_sr4.py on an SD-1.5-shaped UNet (diffusers UNet2DConditionModel config,
+  tiny   codi_jax/configs/cpu/tiny_codi.py on codi_jax/configs/cpu/tiny_teacher.py's UNet (16x16, x2 SR)
+  demo   codi_jax/configs/cpu/codi_sr4.py (--method=full: codi_jax/configs/cpu/codi_full_sr4.py, batch 8) on
+         codi_jax/configs/cpu/teacher_patches32.py's UNet (the demo's shapes: 32x32)
+  sd15   codi_jax/configs/sd/sd15_sr4.py on an SD-1.5-shaped UNet (diffusers UNet2DConditionModel config,
          random weights) + ControlNet (x8 hint network), bf16, remat, 64x64 latents with a
          77x768 text context and 512x512 conditions (the batch the step sees after the VAE /
          text encoder; encoding them is benchmarks/latent_encoding.py's subject)
@@ -45,11 +45,17 @@ from sd15_shapes import SD15_UNET
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from codi_jax import codi, networks, recipes, train_loop  # noqa: E402
+from codi_jax.configs.cpu import codi_full_sr4, codi_sr4, teacher_patches32, tiny_codi, tiny_teacher
+from codi_jax.configs.sd import sd15_sr4  # noqa: E402
 from codi_jax.data import tasks  # noqa: E402
-from codi_jax.models.convert_diffusers import unet_config_from_diffusers  # noqa: E402
-from codi_jax.train_state import create_train_state, make_optimizer  # noqa: E402
-from configs import codi_full_sr4, codi_sr4, sd15_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
+from codi_jax.interop.torch_to_flax import unet_config_from_diffusers  # noqa: E402
+from codi_jax.models import networks
+from codi_jax.objectives import codi
+from codi_jax.training import (
+    loop,  # noqa: E402
+    recipes,
+)
+from codi_jax.training.train_state import create_train_state, make_optimizer  # noqa: E402
 
 SD15_TEXT = (77, 768)
 DEFAULT_BATCH = {"tiny": None, "demo": None, "sd15": 4}  # None: the config's batch_size
@@ -207,9 +213,9 @@ def main(argv=None) -> None:
 
 
 def report(compiled, config, latent, context, batch, args, init, batch_tree) -> None:
-    sizes = train_loop.step_memory(compiled)
+    sizes = loop.step_memory(compiled)
     if sizes is not None:
-        print(train_loop.memory_line(sizes, train_loop.device_bytes_limit(jax.local_devices()[0])))
+        print(loop.memory_line(sizes, loop.device_bytes_limit(jax.local_devices()[0])))
     flops, executed = model_flops(config, latent, context, batch), flops_of(compiled.cost_analysis())
     print(f"model FLOPs / step: {flops / 1e12:.4f} TFLOP (executed, remat included: {executed / 1e12:.4f} TFLOP)")
     if args.no_run:

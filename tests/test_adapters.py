@@ -12,8 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from codi_jax import adapted
-from codi_jax.models import adapters, lora
+from codi_jax.models import adapters, lora, student
 from codi_jax.models.unet import UNet
 
 TINY = dict(
@@ -56,7 +55,7 @@ def _inputs(cond_channels: int = 3):
 
 def _build(kind: str, num_instructions: int = 0, **overrides):
     backbone, backbone_params = _backbone_and_params()
-    model = adapted.build_adapted_model(
+    model = student.build_adapted_model(
         backbone, _adapter_config(kind=kind, **overrides), cond_channels=3, num_instructions=num_instructions
     )
     instruction = jnp.zeros((BATCH,), jnp.int32) if num_instructions else None
@@ -194,17 +193,17 @@ def test_only_trainable_params_change_after_an_optimizer_step(kind, extra) -> No
             assert not any(changed), f"frozen {key} changed"
     expect_backbone_trained = kind == "fusion"
     assert model.is_trained("backbone") == expect_backbone_trained
-    counts = adapted.trainable_param_count(model, params)
-    total = adapted.count_params(params)
+    counts = student.trainable_param_count(model, params)
+    total = student.count_params(params)
     assert 0 < counts < total if not expect_backbone_trained else counts == total
 
 
 def test_bad_adapter_config_and_condition_errors() -> None:
     backbone, backbone_params = _backbone_and_params()
     with pytest.raises(ValueError, match="adapter.kind='nope'"):
-        adapted.build_adapted_model(backbone, _adapter_config(kind="nope"), 3)
+        student.build_adapted_model(backbone, _adapter_config(kind="nope"), 3)
     with pytest.raises(ValueError, match="LoRA is for a frozen backbone"):
-        adapted.build_adapted_model(backbone, _adapter_config(kind="fusion", train_backbone=True, lora_rank=2), 3)
+        student.build_adapted_model(backbone, _adapter_config(kind="fusion", train_backbone=True, lora_rank=2), 3)
     model, params, _, _ = _build("controlnet")
     z, cond = _inputs()
     with pytest.raises(ValueError, match="3 channels"):

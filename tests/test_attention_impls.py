@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codi_jax.models import export_diffusers, layers
+from codi_jax.interop import flax_to_torch
+from codi_jax.models import layers
 from codi_jax.models.unet import REMAT_POLICIES, MidBlock, UNet, unet_from_config
 from tests.test_unet import random_params
 
@@ -191,5 +192,5 @@ def test_config_fields_defaults_and_errors() -> None:
     with pytest.raises(ValueError, match="model.remat_policy='everything'"):
         unet_from_config(dict(old_config, remat_policy="everything"))
     # Compute-only: exported configs are the same whatever the choice.
-    assert {"attention_impl", "remat_policy"} <= set(export_diffusers.RUNTIME_FIELDS)
-    assert export_diffusers.unet_diffusers_config(chosen) == export_diffusers.unet_diffusers_config(model)
+    assert {"attention_impl", "remat_policy"} <= set(flax_to_torch.RUNTIME_FIELDS)
+    assert flax_to_torch.unet_diffusers_config(chosen) == flax_to_torch.unet_diffusers_config(model)

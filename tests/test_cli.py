@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from codi_jax import sample_teacher, train_loop
-from configs import tiny_teacher
+from codi_jax.cli import sample_teacher
+from codi_jax.configs.cpu import tiny_teacher
+from codi_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ def trained_workdir(tmp_path_factory):
     config.data.data_dir = str(root / "tfds")
     config.num_train_steps = 2
     workdir = str(root / "run")
-    train_loop.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -55,7 +56,7 @@ def test_train_cli_rejects_unknown_config_field(tmp_path):
             sys.executable,
             "-m",
             "codi_jax.train",
-            "--config=configs/tiny_teacher.py",
+            "--config=codi_jax/configs/cpu/tiny_teacher.py",
             f"--workdir={tmp_path}",
             "--config.no_such_field=3",
         ],

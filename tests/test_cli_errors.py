@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax import atomic, cli
+from codi_jax import atomic
+from codi_jax.cli import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(REPO, "checkpoints", "finetune_sr4")  # committed conditional run (32x32, x4 SR)
@@ -98,11 +99,17 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], str]]:
             f"error: {p['taken']} already holds ['im0.png']; choose another --out (nothing was overwritten).",
         ),
         "train_unknown_config_field": (
-            ["-m", "codi_jax.train", "--config=configs/tiny_teacher.py", "--workdir=x", "--config.batch_sise=4"],
+            [
+                "-m",
+                "codi_jax.train",
+                "--config=codi_jax/configs/cpu/tiny_teacher.py",
+                "--workdir=x",
+                "--config.batch_sise=4",
+            ],
             "error: --config.batch_sise: no such config field; nearest valid: batch_size (see --helpshort)",
         ),
         "train_missing_teacher": (
-            ["-m", "codi_jax.train", "--config=configs/tiny_codi.py", f"--workdir={p['missing']}"],
+            ["-m", "codi_jax.train", "--config=codi_jax/configs/cpu/tiny_codi.py", f"--workdir={p['missing']}"],
             "error: config.method='codi' needs config.teacher_workdir (a teacher training workdir).",
         ),
         "unknown_workdir": (
@@ -162,7 +169,7 @@ def test_flag_errors_are_immediate(results) -> None:
 
 def test_existing_out_is_refused_before_loading(inputs, monkeypatch) -> None:
     """On a real conditional run: no restore (the loader is replaced by one that fails) and fast."""
-    from codi_jax import few_step
+    from codi_jax.sampling import few_step
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded")
@@ -182,13 +189,15 @@ def test_existing_out_is_refused_before_loading(inputs, monkeypatch) -> None:
 
 def test_checks_from_the_saved_config_alone(inputs) -> None:
     """The grid, strict-size, run-spec and teacher checks, on a workdir with no weights at all."""
-    from codi_jax import evaluation, few_step, sample_teacher
+    from codi_jax.cli import sample_teacher
+    from codi_jax.evaluation import scoring
+    from codi_jax.sampling import few_step
 
     fresh = inputs["taken"] + "_unused"
     with pytest.raises(ValueError) as error:
         few_step.prepare(inputs["fake"], inputs["images"], fresh, steps=9)
     assert (
-        cli.one_line(error.value)
+        common.one_line(error.value)
         == "--steps=9: 9 sampling steps exceed the 8-point training grid; use at most 8 steps."
     )
     with pytest.raises(ValueError, match=r"im0.png: 48x40, the model takes 32x32 images \(--strict_size\)"):
@@ -196,13 +205,13 @@ def test_checks_from_the_saved_config_alone(inputs) -> None:
     plan = few_step.prepare(inputs["fake"], inputs["images"], fresh, steps=8)
     assert plan.files == ["im0.png", "grid.png"] and plan.cond.shape == plan.target.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="'justadir' is not NAME=WORKDIR or NAME=WORKDIR:1,2,4"):
-        evaluation.parse_runs(["justadir"])
-    assert evaluation.parse_runs(["a=/x/y:1,2", "b=/z"]) == [("a", "/x/y", (1, 2)), ("b", "/z", None)]
+        scoring.parse_runs(["justadir"])
+    assert scoring.parse_runs(["a=/x/y:1,2", "b=/z"]) == [("a", "/x/y", (1, 2)), ("b", "/z", None)]
     with pytest.raises(ValueError, match="names must differ"):
-        evaluation.parse_runs(["a=/x", "a=/y"])
+        scoring.parse_runs(["a=/x", "a=/y"])
     with pytest.raises(ValueError, match="--run a: --steps=9: 9 sampling steps exceed the 8-point"):
-        evaluation.check_runs([evaluation.RunSpec("a", inputs["fake"], (1, 9))], (1,))
-    checked = evaluation.check_runs([("a", inputs["fake"], (1, 8)), ("b", FINETUNE)], (2, 50))
+        scoring.check_runs([scoring.RunSpec("a", inputs["fake"], (1, 9))], (1,))
+    checked = scoring.check_runs([("a", inputs["fake"], (1, 8)), ("b", FINETUNE)], (2, 50))
     assert [run.steps for run, _ in checked] == [(1, 8), (2, 50)]
     with pytest.raises(ValueError, match="holds a conditional 'codi' run; sample it with python -m codi_jax.sample"):
         sample_teacher.check_request(inputs["fake"], fresh, steps=2, num_images=1, batch_size=1)
@@ -212,7 +221,7 @@ def test_checks_from_the_saved_config_alone(inputs) -> None:
 
 
 def test_wrong_size_is_resized_with_a_note(inputs, capsys) -> None:
-    from codi_jax import few_step
+    from codi_jax.sampling import few_step
 
     names, images = few_step.load_images(inputs["images"], 32)
     assert names == ["im0"] and images.shape == (1, 32, 32, 3)
@@ -225,22 +234,22 @@ def test_wrong_size_is_resized_with_a_note(inputs, capsys) -> None:
 
 def test_run_main_reports_user_errors_and_keeps_bug_tracebacks(capsys) -> None:
     def bad_input(argv):
-        raise cli.UserError("first line\nsecond line")
+        raise common.UserError("first line\nsecond line")
 
     def bug(argv):
         raise RuntimeError("a genuine bug")
 
     with pytest.raises(SystemExit) as exit_info:
-        cli.run_main(bad_input, argv=["prog"])
+        common.run_main(bad_input, argv=["prog"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == "error: first line; second line\n"
     with pytest.raises(RuntimeError, match="a genuine bug"):
-        cli.run_main(bug, argv=["prog"])
+        common.run_main(bug, argv=["prog"])
     try:
-        with pytest.raises(cli.UserError):  # --verbose: the traceback instead of one line
-            cli.run_main(bad_input, argv=["prog", "--verbose"])
+        with pytest.raises(common.UserError):  # --verbose: the traceback instead of one line
+            common.run_main(bad_input, argv=["prog", "--verbose"])
     finally:
-        cli.FLAGS.verbose = False
+        common.FLAGS.verbose = False
 
 
 def _failing_write(monkeypatch, fail_at: int) -> list[str]:
@@ -261,7 +270,8 @@ def _failing_write(monkeypatch, fail_at: int) -> list[str]:
 
 
 def test_disk_full_midway_leaves_nothing_and_a_rerun_works(tmp_path, monkeypatch) -> None:
-    from codi_jax import evaluation, few_step
+    from codi_jax.evaluation import scoring
+    from codi_jax.sampling import few_step
 
     out = str(tmp_path / "out")
     columns = [np.zeros((2, 16, 16, 3), np.float32), np.ones((2, 16, 16, 3), np.float32)]
@@ -279,16 +289,16 @@ def test_disk_full_midway_leaves_nothing_and_a_rerun_works(tmp_path, monkeypatch
     # Tiles are enlarged to >= 128 px (16 px: 8x): 2 rows, 2 columns, 1 px padding.
     assert np.asarray(Image.open(grid)).shape == (8 * (2 * 17 + 1), 8 * (2 * 17 + 1), 3)
 
-    rows = [evaluation.condition_row({"cond": columns[0], "image": columns[1]})]
+    rows = [scoring.condition_row({"cond": columns[0], "image": columns[1]})]
     _failing_write(monkeypatch, fail_at=2)
     results = str(tmp_path / "results")
     with pytest.raises(OSError, match="results.md failed: .*No space left on device; nothing was written"):
-        evaluation.write_results(rows, results)
+        scoring.write_results(rows, results)
     assert os.listdir(results) == []
     monkeypatch.undo()
-    json_path, _ = evaluation.write_results(rows, results)
+    json_path, _ = scoring.write_results(rows, results)
     with open(json_path) as f:
-        assert json.load(f)["rows"][0]["method"] == evaluation.BICUBIC
+        assert json.load(f)["rows"][0]["method"] == scoring.BICUBIC
 
 
 def test_failed_rename_takes_back_what_was_placed(tmp_path, monkeypatch) -> None:
@@ -313,7 +323,7 @@ def test_third_party_info_is_quiet_by_default() -> None:
 
     import orbax.checkpoint
 
-    quiet = cli.QuietThirdParty()
+    quiet = common.QuietThirdParty()
     orbax_file = os.path.join(os.path.dirname(orbax.checkpoint.__file__), "checkpoint_manager.py")
 
     def record(level: int, path: str, msg: str = "something") -> logging.LogRecord:

@@ -16,11 +16,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from codi_jax import adapted, codi, diffusion
+from codi_jax import diffusion
 from codi_jax.metrics import lpips
-from codi_jax.models import adapters
+from codi_jax.models import adapters, student
 from codi_jax.models.unet import UNet
-from codi_jax.train_state import create_train_state, make_optimizer, model_params
+from codi_jax.objectives import codi
+from codi_jax.training.train_state import create_train_state, make_optimizer, model_params
 
 SCHEDULE = diffusion.Schedule("cosine")
 B, S = 8, 4
@@ -337,7 +338,7 @@ def _tiny_adapted(kind: str = "controlnet"):
     ]
     adapter_config = adapters.default_adapter_config()
     adapter_config.update(kind=kind, hint_channels=(8, 16), train_backbone=kind == "fusion")
-    model = adapted.build_adapted_model(backbone, adapter_config, cond_channels=3)
+    model = student.build_adapted_model(backbone, adapter_config, cond_channels=3)
     return model, backbone_params
 
 

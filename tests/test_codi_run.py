@@ -13,8 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax import checkpoint, evaluation, few_step, metrics, networks, pretrained, train_loop
-from configs import tiny_codi, tiny_teacher
+from codi_jax import metrics
+from codi_jax.configs.cpu import tiny_codi, tiny_teacher
+from codi_jax.evaluation import scoring
+from codi_jax.models import networks
+from codi_jax.runs import checkpoint, pretrained
+from codi_jax.sampling import few_step
+from codi_jax.training import loop
 
 REPLICATED = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
@@ -27,7 +32,7 @@ def teacher_dir(tmp_path_factory) -> str:
     config.num_train_steps = 2
     config.checkpoint_every_steps = 2
     config.sample_every_steps = 1000
-    train_loop.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
     return workdir
 
 
@@ -45,9 +50,9 @@ def _params(workdir: str):
 
 def test_codi_run_resumes_exactly_and_samples(teacher_dir, tmp_path) -> None:
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_loop.train_and_evaluate(_codi_config(teacher_dir), straight)
-    train_loop.train_and_evaluate(_codi_config(teacher_dir, num_train_steps=2), resumed)
-    train_loop.train_and_evaluate(_codi_config(teacher_dir), resumed)
+    loop.train_and_evaluate(_codi_config(teacher_dir), straight)
+    loop.train_and_evaluate(_codi_config(teacher_dir, num_train_steps=2), resumed)
+    loop.train_and_evaluate(_codi_config(teacher_dir), resumed)
     a, b = _params(straight), _params(resumed)
     scale = max(float(np.max(np.abs(np.asarray(x)))) for x in jax.tree.leaves(a))
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
@@ -92,7 +97,7 @@ def test_codi_run_resumes_exactly_and_samples(teacher_dir, tmp_path) -> None:
 def codi_dir(teacher_dir, tmp_path_factory) -> str:
     """A 2-step tiny CoDi run."""
     workdir = str(tmp_path_factory.mktemp("codi"))
-    train_loop.train_and_evaluate(_codi_config(teacher_dir, num_train_steps=2), workdir)
+    loop.train_and_evaluate(_codi_config(teacher_dir, num_train_steps=2), workdir)
     return workdir
 
 
@@ -101,16 +106,16 @@ def test_conditional_errors(teacher_dir, codi_dir, tmp_path) -> None:
     other = _codi_config(teacher_dir)
     other.adapter.kind = "t2i"
     with pytest.raises(ValueError, match="adapter.kind"):
-        train_loop.train_and_evaluate(other, workdir)
+        loop.train_and_evaluate(other, workdir)
     with pytest.raises(ValueError, match="not a conditional"):
         pretrained.load_conditional(teacher_dir)
     clash = _codi_config(teacher_dir)
     clash.model.block_out_channels = (8, 16)
     with pytest.raises(ValueError, match="model.block_out_channels"):
-        train_loop.train_and_evaluate(clash, str(tmp_path / "clash"))
+        loop.train_and_evaluate(clash, str(tmp_path / "clash"))
     missing = _codi_config(str(tmp_path / "no_teacher"))
     with pytest.raises(FileNotFoundError, match="no checkpoints directory"):
-        train_loop.train_and_evaluate(missing, str(tmp_path / "missing"))
+        loop.train_and_evaluate(missing, str(tmp_path / "missing"))
 
 
 def test_two_stage_run_starts_from_a_conditional_checkpoint(teacher_dir, codi_dir, tmp_path) -> None:
@@ -122,7 +127,7 @@ def test_two_stage_run_starts_from_a_conditional_checkpoint(teacher_dir, codi_di
     config = _codi_config(teacher_dir, num_train_steps=2, init_workdir=first)
     config.codi.predictor = "teacher"
     config.codi.guidance_weight = 0.0
-    train_loop.train_and_evaluate(config, second)
+    loop.train_and_evaluate(config, second)
     after = pretrained.load_conditional(second, use_ema=False).params
     assert sorted(after) == ["adapter", "backbone"]
     # The frozen initial model is the source, held once: the (frozen) backbone is not copied into it.
@@ -149,81 +154,81 @@ def test_two_stage_run_starts_from_a_conditional_checkpoint(teacher_dir, codi_di
     clash = _codi_config(teacher_dir, num_train_steps=2, init_workdir=first)
     clash.task.scale = 4
     with pytest.raises(ValueError, match="task.scale"):
-        train_loop.train_and_evaluate(clash, str(tmp_path / "clash"))
+        loop.train_and_evaluate(clash, str(tmp_path / "clash"))
     assert not os.path.exists(os.path.join(str(tmp_path / "clash"), "checkpoints"))
 
 
 def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
-    rows = evaluation.evaluate_runs([("a", codi_dir), ("b", codi_dir)], (1, 2), num_eval=5, batch_size=4)
+    rows = scoring.evaluate_runs([("a", codi_dir), ("b", codi_dir)], (1, 2), num_eval=5, batch_size=4)
     assert [(r.method, r.steps) for r in rows] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     config = pretrained.load_conditional(codi_dir).config
-    targets = evaluation.held_out_examples(config, 5)["image"]
+    targets = scoring.held_out_examples(config, 5)["image"]
     for r in rows:
         assert r.samples.shape == targets.shape
         expected = metrics.compute_metrics(r.samples, targets, ["psnr", "ssim"])
         assert abs(r.psnr - expected["psnr"]) < 1e-4 and abs(r.ssim - expected["ssim"]) < 1e-4
         assert r.params_trained > 0 and r.ms_per_image > 0 and r.extra["lpips"] > 0
         assert set(r.extra) == {"lpips", "lr_psnr", "color_error"}
-        assert r.extra == {**r.extra, **evaluation.faithfulness_metrics(r.samples, targets, config.task)}
+        assert r.extra == {**r.extra, **scoring.faithfulness_metrics(r.samples, targets, config.task)}
     # Same checkpoint, same seed: the same numbers; a different step count samples differently.
     assert rows[0].psnr == rows[2].psnr and rows[0].psnr != rows[1].psnr
     # The sampling command and evaluate run one loop: example i gets the same noise (initial and
     # re-noising) at any batch size, so the `sample` binary draws the samples evaluate scored (up to
     # float rounding, which another batch shape can change).
-    held = evaluation.held_out_examples(config, 5)
+    held = scoring.held_out_examples(config, 5)
     model = pretrained.load_conditional(codi_dir)
     sampled = few_step.sample_conditional(model, held["cond"], None, steps=2, seed=0, batch_size=2)
     np.testing.assert_allclose(sampled, rows[1].samples, rtol=0, atol=1e-5 * 2.0)  # data range 2
     # Re-noising (the CoDi default) only acts between steps: 1 step is unchanged, 2 steps differ.
-    ddim = evaluation.evaluate_runs([("a", codi_dir)], (1, 2), num_eval=5, batch_size=4, renoise=False)
+    ddim = scoring.evaluate_runs([("a", codi_dir)], (1, 2), num_eval=5, batch_size=4, renoise=False)
     np.testing.assert_array_equal(ddim[0].samples, rows[0].samples)
     assert not np.allclose(ddim[1].samples, rows[1].samples)
     # Low-frequency consistency: the sample's downscale moves to the LR input (up to the final clip to
     # [-1, 1], which this barely trained model's far-off predictions make large: ~13 dB -> ~33 dB).
-    consistent = evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, lowpass_consistency=True)
-    assert consistent[0].lowpass_consistency and "+ low-frequency consistency" in evaluation.markdown_table(consistent)
+    consistent = scoring.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, lowpass_consistency=True)
+    assert consistent[0].lowpass_consistency and "+ low-frequency consistency" in scoring.markdown_table(consistent)
     assert consistent[0].extra["lr_psnr"] > rows[1].extra["lr_psnr"] + 10.0
     # Raw (not EMA) weights: the rows of the raw params, which this short run's EMA lags behind.
-    raw = evaluation.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, use_ema=False)[0]
+    raw = scoring.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, use_ema=False)[0]
     raw_model = pretrained.load_conditional(codi_dir, use_ema=False)
-    direct = evaluation.evaluate_checkpoint(raw_model, held, (1,), "a", batch_size=4)[0]
+    direct = scoring.evaluate_checkpoint(raw_model, held, (1,), "a", batch_size=4)[0]
     np.testing.assert_array_equal(raw.samples, direct.samples)
     assert not np.allclose(raw.samples, rows[0].samples)
     # Seeds: the row is the mean of the single-seed rows (seed 0 is rows[0]), with their spread.
-    seeded = evaluation.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, num_seeds=2)[0]
-    held_out = evaluation.held_out_examples(config, 5)  # the same conditions; sampling seed 1
+    seeded = scoring.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, num_seeds=2)[0]
+    held_out = scoring.held_out_examples(config, 5)  # the same conditions; sampling seed 1
     # The same batch size as ``seeded``: another batch shape compiles other kernels, whose rounding
     # differs by CPU (on an AMD EPYC host SWD moved by 1.5e-6 relative at batch 64 against 4).
-    seed1 = evaluation.evaluate_checkpoint(model, held_out, (1,), "a", seed=1, batch_size=4)[0]
+    seed1 = scoring.evaluate_checkpoint(model, held_out, (1,), "a", seed=1, batch_size=4)[0]
     for name in ("psnr", "ssim", "swd"):
         values = [getattr(rows[0], name), getattr(seed1, name)]
         assert getattr(seeded, name) == pytest.approx(np.mean(values), rel=1e-6)
         assert seeded.spread[name] == pytest.approx(np.std(values, ddof=1), rel=1e-6, abs=1e-9 * abs(values[0]))
     assert seeded.seeds == 2 and seeded.spread["psnr"] > 0
     np.testing.assert_array_equal(seeded.samples, rows[0].samples)
-    assert f"{seeded.psnr:.2f} ± {seeded.spread['psnr']:.2f}" in evaluation.markdown_table([seeded])
+    assert f"{seeded.psnr:.2f} ± {seeded.spread['psnr']:.2f}" in scoring.markdown_table([seeded])
     # Another solver does not inherit CoDi's re-noising default; asking for both is an error.
-    dpm = evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++")
+    dpm = scoring.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++")
     assert dpm[0].samples.shape == targets.shape
     with pytest.raises(ValueError, match="needs solver='ddim'"):
-        evaluation.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++", renoise=True)
+        scoring.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++", renoise=True)
     # The demo's table in one call: per-run step counts, the bicubic row, a progress line per row.
     lines: list[str] = []
-    runs = [evaluation.RunSpec("a", codi_dir, (1,)), ("b", codi_dir)]
-    mixed = evaluation.evaluate_runs(runs, (2,), num_eval=5, batch_size=4, bicubic=True, progress=lines.append)
-    assert [(r.method, r.steps) for r in mixed] == [("a", 1), ("b", 2), (evaluation.BICUBIC, 0)]
+    runs = [scoring.RunSpec("a", codi_dir, (1,)), ("b", codi_dir)]
+    mixed = scoring.evaluate_runs(runs, (2,), num_eval=5, batch_size=4, bicubic=True, progress=lines.append)
+    assert [(r.method, r.steps) for r in mixed] == [("a", 1), ("b", 2), (scoring.BICUBIC, 0)]
     assert mixed[0].psnr == rows[0].psnr and mixed[1].psnr == rows[3].psnr
-    cond = evaluation.held_out_examples(config, 5)["cond"]
+    cond = scoring.held_out_examples(config, 5)["cond"]
     assert mixed[2].psnr == pytest.approx(metrics.compute_metrics(cond, targets, ["psnr"])["psnr"], abs=1e-4)
     assert lines[0] == "Evaluating 2 (run, step count) pairs on 5 held-out images."
     assert lines[1].startswith("[1/2] a, 1 step: PSNR") and "ETA" in lines[1] and lines[2].endswith("done")
-    table = evaluation.markdown_table(rows)
+    table = scoring.markdown_table(rows)
     assert "FID" not in table and table.count("\n") == 5
     rows[0].extra = {"fid": 12.3456}
-    assert "| FID |" in evaluation.markdown_table(rows) and "12.35" in evaluation.markdown_table(rows)
-    paths = evaluation.write_results(rows, str(tmp_path / "out"))
+    assert "| FID |" in scoring.markdown_table(rows) and "12.35" in scoring.markdown_table(rows)
+    paths = scoring.write_results(rows, str(tmp_path / "out"))
     with pytest.raises(FileExistsError, match="nothing was overwritten"):
-        evaluation.write_results(rows, str(tmp_path / "out"))
+        scoring.write_results(rows, str(tmp_path / "out"))
     assert all(os.path.exists(p) for p in paths)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        evaluation.weighted_metrics(rows[0].samples, targets, evaluation.MetricWeights(inception="/no/such/file"))
+        scoring.weighted_metrics(rows[0].samples, targets, scoring.MetricWeights(inception="/no/such/file"))

@@ -1,4 +1,4 @@
-"""Every config in configs/ is valid: known fields, a valid task, and (for conditional runs) an
+"""Every config in codi_jax/configs/ is valid: known fields, a valid task, and (for conditional runs) an
 adapted model that initialises for its task's condition (checked abstractly, no compile)."""
 
 from __future__ import annotations
@@ -11,14 +11,19 @@ import jax.numpy as jnp
 import ml_collections
 import pytest
 
-from codi_jax import codi, config_resolution, inference, networks, train_loop
+from codi_jax import configs
+from codi_jax.configs.cpu import tiny_teacher
 from codi_jax.data import tasks
-from configs import tiny_teacher
+from codi_jax.models import networks
+from codi_jax.objectives import codi
+from codi_jax.runs import config_resolution
+from codi_jax.sampling import conditional
+from codi_jax.training import loop
 
-ALL_CONFIGS = sorted(
-    p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py") if p.stem != "__init__"
+ALL_CONFIGS = sorted(  # "group.name", e.g. "cpu.codi_sr4"
+    f"{p.parent.name}.{p.stem}" for p in pathlib.Path(configs.__file__).parent.glob("*/*.py") if p.stem != "__init__"
 )
-SD_CONFIGS = [name for name in ALL_CONFIGS if name.startswith(("sd15_", "sd21_"))]
+SD_CONFIGS = [name for name in ALL_CONFIGS if name.startswith("sd.")]
 CONFIG_NAMES = [name for name in ALL_CONFIGS if name not in SD_CONFIGS]
 
 
@@ -26,23 +31,23 @@ REPO = pathlib.Path(__file__).parent.parent
 
 
 def _on_committed_checkpoints(name: str) -> bool:
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"codi_jax.configs.{name}").get_config()
     paths = [config.get("teacher_workdir") or "", config.get("init_workdir") or ""]
-    return any(p.startswith("checkpoints/") for p in paths)
+    return any(p.startswith(configs.committed_checkpoint("")) for p in paths)
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIG_NAMES if _on_committed_checkpoints(n)])
-def test_config_resolves_on_the_committed_checkpoints_it_names(name: str, monkeypatch) -> None:
+def test_config_resolves_on_the_committed_checkpoints_it_names(name: str, monkeypatch, tmp_path) -> None:
     """A config that starts from a committed teacher / init resolves against it as shipped (a
     clash with the init's saved setup would stop ``codi_jax.train`` before its first step)."""
-    monkeypatch.chdir(REPO)
-    resolved = config_resolution.resolve(importlib.import_module(f"configs.{name}").get_config())
+    monkeypatch.chdir(tmp_path)  # the committed paths are absolute: any working directory
+    resolved = config_resolution.resolve(importlib.import_module(f"codi_jax.configs.{name}").get_config())
     assert resolved.teacher_step > 0
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
 def test_config_is_valid(name: str) -> None:
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"codi_jax.configs.{name}").get_config()
     method = config_resolution.method_of(config)
     if method == "teacher":
         assert config.model.parametrization in ("v", "eps", "x")
@@ -70,33 +75,33 @@ def test_config_is_valid(name: str) -> None:
 def test_renoise_default_comes_from_the_codi_section() -> None:
     """CoDi configs re-noise between steps unless ``codi.renoise`` says no; configs saved before the
     field existed get its default; non-distilled models always move by DDIM."""
-    config = importlib.import_module("configs.codi_sr4").get_config()
-    assert inference.renoise_between_steps(config) is True
+    config = importlib.import_module("codi_jax.configs.cpu.codi_sr4").get_config()
+    assert conditional.renoise_between_steps(config) is True
     config.codi.renoise = False
-    assert inference.renoise_between_steps(config) is False
+    assert conditional.renoise_between_steps(config) is False
     old = config.to_dict()
     del old["codi"]["renoise"]
-    assert inference.renoise_between_steps(ml_collections.ConfigDict(old)) is codi.default_codi_config().renoise
-    finetune = importlib.import_module("configs.finetune_sr4").get_config()
-    assert inference.renoise_between_steps(finetune) is False
+    assert conditional.renoise_between_steps(ml_collections.ConfigDict(old)) is codi.default_codi_config().renoise
+    finetune = importlib.import_module("codi_jax.configs.cpu.finetune_sr4").get_config()
+    assert conditional.renoise_between_steps(finetune) is False
 
 
 @pytest.fixture(scope="module")
 def tiny_sd_teacher(tmp_path_factory) -> str:
     """A converted tiny random Stable Diffusion pipeline (teacher workdir)."""
     pytest.importorskip("diffusers")
-    from codi_jax import converting
+    from codi_jax.interop import convert
     from tests import tiny_sd
 
     root = tmp_path_factory.mktemp("sd_configs")
     tiny_sd.make_pipeline(str(root / "pipeline"))
-    converting.convert(str(root / "pipeline"), str(root / "teacher"))
+    convert.convert(str(root / "pipeline"), str(root / "teacher"))
     return str(root / "teacher")
 
 
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name: str, tiny_sd_teacher) -> None:
-    config = importlib.import_module(f"configs.{name}").get_config()
+    config = importlib.import_module(f"codi_jax.configs.{name}").get_config()
     with pytest.raises(ValueError, match="teacher_workdir"):
         config_resolution.resolve(config)
     from tests import tiny_sd
@@ -109,7 +114,7 @@ def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name
     assert resolved.model.dtype == "bfloat16"  # the run's compute choice, not the teacher's float32
     if resolved.data.source in ("folder", "edit_triples"):
         with pytest.raises((ValueError, FileNotFoundError), match="data_config.folder"):
-            train_loop.check_input_paths(resolved)
+            loop.check_input_paths(resolved)
     shapes = networks.param_shapes(resolved)  # abstract init: latent-size input, pixel-size condition, context
     assert set(shapes) >= {"backbone", "adapter"}
     assert ("guidance_embedding_linear_1" in shapes["adapter"]) == bool(resolved.codi.cfg_range)

@@ -22,8 +22,10 @@ import jax
 import numpy as np
 import pytest
 
-from codi_jax import checkpoint, config_resolution, converting, pretrained, sharding
-from codi_jax.models import clip_text, clip_tokenizer, convert_diffusers
+from codi_jax import sharding
+from codi_jax.interop import convert, torch_to_flax
+from codi_jax.models import clip_text, clip_tokenizer
+from codi_jax.runs import checkpoint, config_resolution, pretrained
 from tests import tiny_sd
 
 torch = pytest.importorskip("torch")
@@ -51,8 +53,8 @@ def converted(tmp_path_factory) -> dict[str, Any]:
     pipe = tiny_sd.make_pipeline(str(root / "pipe"))
     tiny_sd.make_controlnet(pipe.unet, str(root / "controlnet"))
     out = str(root / "teacher")
-    summary = converting.convert(str(root / "pipe"), out, controlnet=str(root / "controlnet"))
-    print("\n".join(converting.summary_lines(summary)))
+    summary = convert.convert(str(root / "pipe"), out, controlnet=str(root / "controlnet"))
+    print("\n".join(convert.summary_lines(summary)))
     return dict(root=root, pipe=pipe, out=out, summary=summary)
 
 
@@ -99,7 +101,7 @@ def test_saved_config_fields(converted: dict[str, Any]) -> None:
     config, step = pretrained.read_config(out)
     assert step == 0 and config.method == "teacher"
     unet_config = json.load(open(root / "pipe" / "unet" / "config.json"))
-    fields = convert_diffusers.unet_config_from_diffusers(unet_config)
+    fields = torch_to_flax.unet_config_from_diffusers(unet_config)
     model = config.model.to_dict()
     assert {k: model[k] for k in fields} == {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
     assert (model["parametrization"], model["dtype"], model["remat"], model["conv_impl"]) == (
@@ -126,7 +128,7 @@ def test_saved_config_fields(converted: dict[str, Any]) -> None:
     assert sorted(saved.saved_tree(0)) == ["ema_params", "step"]  # the minimal state: the UNet once
     saved.close()
     # A codi run with config.teacher_workdir=OUT takes the teacher's model / schedule / frozen parts.
-    from configs import codi_sr4
+    from codi_jax.configs.cpu import codi_sr4
 
     codi_config = codi_sr4.get_config()
     codi_config.teacher_workdir = out
@@ -143,39 +145,37 @@ def test_components_are_byte_copies_that_load(converted: dict[str, Any]) -> None
             assert filecmp.cmp(pipe_dir / name / file, os.path.join(components, name, file), shallow=False)
     assert filecmp.cmp(pipe_dir / "model_index.json", os.path.join(components, "model_index.json"), shallow=False)
     config, _ = pretrained.read_config(converted["out"])
-    _, vae_params = convert_diffusers.load_diffusers_vae(config.latent.vae)
+    _, vae_params = torch_to_flax.load_diffusers_vae(config.latent.vae)
     _, text_params = clip_text.load_clip_text(config.text.encoder)
     tokenizer = clip_tokenizer.load_clip_tokenizer(config.text.tokenizer)
     counts = converted["summary"].param_counts
     assert (
-        counts["vae"]
-        == converting.count_params(vae_params)
-        == sum(p.numel() for p in converted["pipe"].vae.parameters())
+        counts["vae"] == convert.count_params(vae_params) == sum(p.numel() for p in converted["pipe"].vae.parameters())
     )
-    assert counts["text_encoder"] == converting.count_params(text_params)
+    assert counts["text_encoder"] == convert.count_params(text_params)
     prompt = "a photo of a cat"
     expected = converted["pipe"].tokenizer(prompt, padding="max_length", max_length=tiny_sd.MAX_LENGTH).input_ids
     assert tokenizer(prompt).input_ids[0].tolist() == list(expected)
 
 
 def test_controlnet_restores_into_shardings(converted: dict[str, Any]) -> None:
-    assert converting.controlnet_adapter_fields(converted["out"]) == dict(
+    assert convert.controlnet_adapter_fields(converted["out"]) == dict(
         hint_channels=tiny_sd.HINT_CHANNELS, hint_downsamples=3, cond_channels=3, output="residuals"
     )
-    adapter, reference = convert_diffusers.load_diffusers_controlnet(str(converted["root"] / "controlnet"))
-    shapes = convert_diffusers.controlnet_param_shapes(adapter)
+    adapter, reference = torch_to_flax.load_diffusers_controlnet(str(converted["root"] / "controlnet"))
+    shapes = torch_to_flax.controlnet_param_shapes(adapter)
     mesh = sharding.make_mesh(devices=jax.local_devices()[:1])
     abstract = checkpoint.abstract_like(shapes, sharding.tree_shardings(shapes, mesh))
-    restored = converting.restore_controlnet(converted["out"], abstract)
+    restored = convert.restore_controlnet(converted["out"], abstract)
     errors = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), restored, reference)
     print(f"ControlNet params: max abs err {max(jax.tree.leaves(errors)):.3g}")
     jax.tree.map(np.testing.assert_array_equal, restored, reference)
     jax.tree.map(lambda a, s: a.sharding == s.sharding or pytest.fail("sharding"), restored, abstract)
-    assert converted["summary"].param_counts["controlnet"] == converting.count_params(reference)
+    assert converted["summary"].param_counts["controlnet"] == convert.count_params(reference)
 
     wrong = dict(abstract, conv_in=dict(abstract["conv_in"], bias=jax.ShapeDtypeStruct((5,), np.float32)))
     with pytest.raises(ValueError, match="leaf conv_in/bias is"):
-        converting.restore_controlnet(os.path.join(converted["out"], "controlnet"), wrong)
+        convert.restore_controlnet(os.path.join(converted["out"], "controlnet"), wrong)
 
 
 def test_cli_converts_and_refuses(converted: dict[str, Any], tmp_path) -> None:
@@ -201,7 +201,7 @@ def test_cli_converts_and_refuses(converted: dict[str, Any], tmp_path) -> None:
     assert not os.path.exists(tmp_path / "o")
 
     # --overwrite replaces the workdir atomically (here: without the ControlNet).
-    converting.convert(str(root / "pipe"), out, overwrite=True)
+    convert.convert(str(root / "pipe"), out, overwrite=True)
     assert not os.path.exists(os.path.join(out, "controlnet"))
     assert pretrained.read_config(out)[0].source.controlnet == ""
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
@@ -220,7 +220,7 @@ def test_cli_converts_and_refuses(converted: dict[str, Any], tmp_path) -> None:
 def test_unsupported_schedulers(override: dict[str, Any], field: str) -> None:
     config = dict(tiny_sd.SCHEDULER, _class_name="DDIMScheduler", **override)
     with pytest.raises(ValueError, match=field):
-        converting.schedule_from_scheduler_config(config)
+        convert.schedule_from_scheduler_config(config)
 
 
 def test_refusals_before_loading(converted: dict[str, Any], tmp_path) -> None:
@@ -230,19 +230,19 @@ def test_refusals_before_loading(converted: dict[str, Any], tmp_path) -> None:
     config = json.load(open(controlnet / "config.json"))
     json.dump(dict(config, cross_attention_dim=24), open(controlnet / "config.json", "w"))
     with pytest.raises(ValueError, match="cross_attention_dim=24 differs from the UNet's cross_attention_dim=32"):
-        converting.convert(str(root / "pipe"), str(tmp_path / "o"), controlnet=str(controlnet))
+        convert.convert(str(root / "pipe"), str(tmp_path / "o"), controlnet=str(controlnet))
 
     pipe = tmp_path / "pipe"
     shutil.copytree(root / "pipe", pipe)
     shutil.rmtree(pipe / "vae")
     with pytest.raises(FileNotFoundError, match="Missing vae folder"):
-        converting.convert(str(pipe), str(tmp_path / "o"))
+        convert.convert(str(pipe), str(tmp_path / "o"))
     lone = tmp_path / "lone" / "unet"
     shutil.copytree(root / "pipe" / "unet", lone)
     with pytest.raises(FileNotFoundError, match="No scheduler config"):
-        converting.convert(str(lone), str(tmp_path / "o"))
+        convert.convert(str(lone), str(tmp_path / "o"))
     with pytest.raises(ValueError, match="holds the input"):  # --overwrite would delete the input
-        converting.convert(str(pipe / "unet"), str(pipe), overwrite=True)
+        convert.convert(str(pipe / "unet"), str(pipe), overwrite=True)
     assert os.path.isdir(pipe / "unet")
     assert not os.path.exists(tmp_path / "o")
 
@@ -254,8 +254,8 @@ def test_pixel_unet_folder(tmp_path) -> None:
     scheduler = diffusers.DDPMScheduler(beta_schedule="linear", prediction_type="v_prediction")
     scheduler.save_pretrained(str(tmp_path / "ddpm" / "scheduler"))  # found beside the UNet folder
     out = str(tmp_path / "teacher")
-    summary = converting.convert(str(tmp_path / "ddpm" / "unet"), out)
-    print("\n".join(converting.summary_lines(summary)))
+    summary = convert.convert(str(tmp_path / "ddpm" / "unet"), out)
+    print("\n".join(convert.summary_lines(summary)))
     pre = pretrained.load_teacher(out)
     config = pre.config
     assert (config.latent.vae, config.text.encoder, config.text.tokenizer, config.text.max_length) == ("", "", "", 0)

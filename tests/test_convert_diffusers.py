@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codi_jax.models.adapters import ConditionalUNet, ControlNet
-from codi_jax.models.convert_diffusers import (
+from codi_jax.interop.torch_to_flax import (
     UnsupportedDiffusersConfig,
     controlnet_config_from_diffusers,
     controlnet_param_shapes,
@@ -27,6 +26,7 @@ from codi_jax.models.convert_diffusers import (
     unet_param_shapes,
     unet_params_from_diffusers,
 )
+from codi_jax.models.adapters import ConditionalUNet, ControlNet
 from codi_jax.models.unet import UNet
 
 UNCONDITIONAL = dict(
@@ -189,7 +189,7 @@ def test_unsupported_conditional_configs(override: dict[str, Any], match: str) -
 
 def _fake_state_dict(model: UNet) -> dict[str, np.ndarray]:
     """A diffusers-layout state dict for ``model`` built from our shapes (inverse layout changes)."""
-    from codi_jax.models.convert_diffusers import _torch_name
+    from codi_jax.interop.torch_to_flax import _torch_name
 
     rng = np.random.RandomState(0)
     state = {}

@@ -253,7 +253,7 @@ def test_dpm_solver_pp_solves_the_gaussian_probability_flow_ode() -> None:
     """For data x ~ N(0, s^2) the exact denoiser is known, and the probability-flow ODE maps z_1 to
     x_0 = z_1 * s / sqrt(alpha_1^2 s^2 + sigma_1^2) (it preserves quantiles). DPM-Solver++(2M)
     must converge to that, at second order: far closer than DDIM at the same step count."""
-    from codi_jax import sampling
+    from codi_jax.sampling import samplers
 
     schedule = diffusion.Schedule("cosine")
     data_std = 0.3  # samples stay inside [-1, 1]: DDIM clips its x_hat
@@ -267,11 +267,11 @@ def test_dpm_solver_pp_solves_the_gaussian_probability_flow_ode() -> None:
     alpha_1, sigma_1 = schedule.alpha_sigma(jnp.float32(1.0))
     expected = z_init * data_std / jnp.sqrt(alpha_1**2 * data_std**2 + sigma_1**2)
     times = jnp.linspace(1.0, 1e-3, 21)
-    dpm = sampling.dpm_solver_pp_sample(exact_x_prediction, None, z_init, times, schedule, "x", clip_denoised=False)
-    fine = sampling.dpm_solver_pp_sample(
+    dpm = samplers.dpm_solver_pp_sample(exact_x_prediction, None, z_init, times, schedule, "x", clip_denoised=False)
+    fine = samplers.dpm_solver_pp_sample(
         exact_x_prediction, None, z_init, jnp.linspace(1.0, 1e-3, 201), schedule, "x", clip_denoised=False
     )
-    ddim = sampling.ddim_sample(exact_x_prediction, None, z_init, times, schedule, "x")
+    ddim = samplers.ddim_sample(exact_x_prediction, None, z_init, times, schedule, "x")
     err_dpm = float(jnp.max(jnp.abs(dpm - expected)))
     err_fine = float(jnp.max(jnp.abs(fine - expected)))
     err_ddim = float(jnp.max(jnp.abs(ddim - expected)))
@@ -282,23 +282,23 @@ def test_dpm_solver_pp_solves_the_gaussian_probability_flow_ode() -> None:
 def test_example_noise_depends_only_on_seed_and_index() -> None:
     """Row b of ``example_noise`` is ``normal(fold_in(PRNGKey(seed), i_b))``, drawn here one key at a
     time; the same index gets the same noise whatever else is in the batch."""
-    from codi_jax import sampling
+    from codi_jax.sampling import samplers
 
     shape = (3, 2, 4)
-    rows = sampling.example_noise(7, [0, 5, 2], shape)
+    rows = samplers.example_noise(7, [0, 5, 2], shape)
     for row, index in zip(rows, (0, 5, 2)):
         expected = jax.random.normal(jax.random.fold_in(jax.random.PRNGKey(7), index), shape)
         np.testing.assert_array_equal(np.asarray(row), np.asarray(expected))
-    np.testing.assert_array_equal(np.asarray(sampling.example_noise(7, [5], shape))[0], np.asarray(rows[1]))
-    assert not np.allclose(sampling.example_noise(8, [0], shape)[0], rows[0])
-    keys = sampling.example_keys(7, [5])
+    np.testing.assert_array_equal(np.asarray(samplers.example_noise(7, [5], shape))[0], np.asarray(rows[1]))
+    assert not np.allclose(samplers.example_noise(8, [0], shape)[0], rows[0])
+    keys = samplers.example_keys(7, [5])
     np.testing.assert_array_equal(np.asarray(keys[0]), np.asarray(jax.random.fold_in(jax.random.PRNGKey(7), 5)))
 
 
 def test_sample_in_batches_gives_each_example_its_own_noise_at_any_batch_size() -> None:
     """The loop hands example i the noise ``example_noise(seed, [i])`` and re-noising keys
     ``example_keys(seed + 1, [i])`` (or None), so the samples do not depend on the batch size."""
-    from codi_jax import sampling
+    from codi_jax.sampling import samplers
 
     shape, seen = (2, 2, 3), []
 
@@ -309,43 +309,43 @@ def test_sample_in_batches_gives_each_example_its_own_noise_at_any_batch_size() 
 
     outputs = {}
     for batch_size in (1, 3, 7):
-        outputs[batch_size], ms = sampling.sample_in_batches(
+        outputs[batch_size], ms = samplers.sample_in_batches(
             sample_fn, 7, shape, seed=4, renoise=True, batch_size=batch_size
         )
         assert ms >= 0.0
     np.testing.assert_array_equal(outputs[1], outputs[3])
     np.testing.assert_array_equal(outputs[1], outputs[7])
-    key = sampling.example_keys(5, [6])[0]
-    expected = sampling.example_noise(4, [6], shape)[0] + jax.random.uniform(key, shape)
+    key = samplers.example_keys(5, [6])[0]
+    expected = samplers.example_noise(4, [6], shape)[0] + jax.random.uniform(key, shape)
     np.testing.assert_array_equal(outputs[3][6], np.asarray(expected))
     assert [b for b, _ in seen[1:4]] == [slice(1, 2), slice(2, 3), slice(3, 4)]
     seen.clear()
-    plain, _ = sampling.sample_in_batches(sample_fn, 2, shape, seed=4, renoise=False, batch_size=2, warm_up=True)
+    plain, _ = samplers.sample_in_batches(sample_fn, 2, shape, seed=4, renoise=False, batch_size=2, warm_up=True)
     assert seen == [(slice(0, 2), True)] * 2  # warm-up: the first batch once more, untimed
-    np.testing.assert_array_equal(plain, np.asarray(sampling.example_noise(4, [0, 1], shape)))
+    np.testing.assert_array_equal(plain, np.asarray(samplers.example_noise(4, [0, 1], shape)))
 
 
 def test_ddim_renoising_draws_each_examples_noise_from_its_own_key() -> None:
     """A model that predicts x = 0 makes every re-noised DDIM move ``z_s = sigma_s eps``: the last
     move (``output="z"``) is ``sigma_end normal(fold_in(key_b, last step))``, per example."""
-    from codi_jax import sampling
+    from codi_jax.sampling import samplers
 
     schedule = diffusion.Schedule("cosine")
     times = jnp.asarray([1.0, 0.6, 0.3], jnp.float32)
     z_init = jnp.ones((3, 2, 2, 3))
-    keys = sampling.example_keys(11, [0, 1, 2])
+    keys = samplers.example_keys(11, [0, 1, 2])
 
     def zero_x(params, z_t, model_t):
         return jnp.zeros_like(z_t)
 
-    z = sampling.ddim_sample(zero_x, None, z_init, times, schedule, "x", keys, output="z")
+    z = samplers.ddim_sample(zero_x, None, z_init, times, schedule, "x", keys, output="z")
     _, sigma_end = schedule.alpha_sigma(times[-1])
     for b in range(3):
         eps = jax.random.normal(jax.random.fold_in(keys[b], 1), (2, 2, 3))
         np.testing.assert_allclose(
             np.asarray(z[b]), np.asarray(sigma_end * eps), rtol=1e-6, atol=1e-6 * float(sigma_end)
         )
-    alone = sampling.ddim_sample(zero_x, None, z_init[1:2], times, schedule, "x", keys[1:2], output="z")
+    alone = samplers.ddim_sample(zero_x, None, z_init[1:2], times, schedule, "x", keys[1:2], output="z")
     np.testing.assert_array_equal(np.asarray(alone[0]), np.asarray(z[1]))
-    deterministic = sampling.ddim_sample(zero_x, None, z_init, times, schedule, "x", output="z")
+    deterministic = samplers.ddim_sample(zero_x, None, z_init, times, schedule, "x", output="z")
     assert not np.allclose(deterministic, z)

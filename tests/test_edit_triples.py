@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax import encoders, frozen_inputs
 from codi_jax.data import pipeline, tasks
+from codi_jax.frozen import batch_inputs, encoders
 
 INSTRUCTIONS = ["make it a painting of the sea", "turn the cat into a dog"]
 
@@ -74,21 +74,21 @@ def test_pairs_stay_aligned_and_prompts_are_tokenized(tmp_path) -> None:
 
 def test_batch_encoder_encodes_each_examples_prompt(tmp_path) -> None:
     pytest.importorskip("transformers")
-    from codi_jax import converting
+    from codi_jax.interop import convert
     from tests import tiny_sd
 
     tiny_sd.make_pipeline(str(tmp_path / "pipeline"))
-    converting.convert(str(tmp_path / "pipeline"), str(tmp_path / "teacher"))
-    from codi_jax import pretrained
+    convert.convert(str(tmp_path / "pipeline"), str(tmp_path / "teacher"))
+    from codi_jax.runs import pretrained
 
     config, _ = pretrained.read_config(str(tmp_path / "teacher"))
     config.task = tasks.default_task_config()
     config.task.update(name="edit", instructions="text")
-    enc, frozen = frozen_inputs.load(config)
-    tokenize = frozen_inputs.tokenizer_of(config, enc)
+    enc, frozen = batch_inputs.load(config)
+    tokenize = batch_inputs.tokenizer_of(config, enc)
     ids = np.stack([tokenize(text) for text in INSTRUCTIONS])
     batch = {"cond": np.zeros((2, 64, 64, 3), np.float32), "prompt_ids": ids}
-    out = jax.jit(frozen_inputs.add_text, static_argnums=2)(frozen, batch, enc.text_model)
+    out = jax.jit(batch_inputs.add_text, static_argnums=2)(frozen, batch, enc.text_model)
     expected = encoders.encode_prompts(enc, INSTRUCTIONS)
     scale = float(np.max(np.abs(expected)))
     np.testing.assert_allclose(np.asarray(out["context"]), np.asarray(expected), atol=1e-6 * scale)

@@ -21,12 +21,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from codi_jax import adapted, codi, diffusion, exporting, sampling
+from codi_jax import diffusion
 from codi_jax.data import tasks
-from codi_jax.models import adapters, export_diffusers, lora
-from codi_jax.models.convert_diffusers import load_diffusers_unet, unet_param_shapes
+from codi_jax.interop import export, flax_to_torch
+from codi_jax.interop.torch_to_flax import load_diffusers_unet, unet_param_shapes
+from codi_jax.models import adapters, lora, student
 from codi_jax.models.unet import UNet
-from codi_jax.pretrained import Pretrained
+from codi_jax.objectives import codi
+from codi_jax.runs.pretrained import Pretrained
+from codi_jax.sampling import samplers
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -87,7 +90,7 @@ def _inputs(channels: int, size: int = 16, seed: int = 0) -> np.ndarray:
 def test_unet2d_model_export_matches_diffusers(tmp_path) -> None:
     model = UNet(**TINY)
     params = _random_params(unet_param_shapes(model), seed=1)
-    path = export_diffusers.save_unet(model, params, str(tmp_path / "unet"), sample_size=16)
+    path = flax_to_torch.save_unet(model, params, str(tmp_path / "unet"), sample_size=16)
     assert sorted(os.listdir(path)) == ["config.json", "diffusion_pytorch_model.safetensors"]
     reference_model = diffusers.UNet2DModel.from_pretrained(path).eval()
     sample = _inputs(3)
@@ -111,7 +114,7 @@ def test_unet2d_model_export_matches_diffusers(tmp_path) -> None:
 )
 def test_unet_configs_diffusers_cannot_represent(fields: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        export_diffusers.unet_diffusers_config(UNet(**fields))
+        flax_to_torch.unet_diffusers_config(UNet(**fields))
 
 
 def test_unet_state_dict_checks_the_tree() -> None:
@@ -119,7 +122,7 @@ def test_unet_state_dict_checks_the_tree() -> None:
     params = _random_params(unet_param_shapes(model), seed=3)
     del params["mid_block"]["resnets_1"]["norm2"]
     with pytest.raises(ValueError, match="mid_block/resnets_1/norm2"):
-        export_diffusers.unet_state_dict(model, params)
+        flax_to_torch.unet_state_dict(model, params)
 
 
 # ---------------------------------------------------------------- ControlNet
@@ -141,7 +144,7 @@ def _controlnet_model(backbone_fields: dict = CROSS_SD1, **overrides: Any) -> ad
 def _controlnet_params(model: adapters.ConditionalUNet) -> dict:
     return {
         "backbone": _random_params(unet_param_shapes(model.backbone), seed=4),
-        "adapter": _random_params(export_diffusers.controlnet_param_shapes(model.adapter), seed=5),
+        "adapter": _random_params(flax_to_torch.controlnet_param_shapes(model.adapter), seed=5),
     }
 
 
@@ -150,10 +153,10 @@ def test_unet2d_condition_model_and_controlnet_export_match_diffusers(tmp_path) 
     the output with the residuals added, against diffusers' ControlNetModel + UNet2DConditionModel."""
     model = _controlnet_model()
     params = _controlnet_params(model)
-    state = export_diffusers.unet_state_dict(model.backbone, params["backbone"])
+    state = flax_to_torch.unet_state_dict(model.backbone, params["backbone"])
     assert state["up_blocks.0.attentions.0.proj_in.weight"].shape == (32, 32, 1, 1)
-    unet_path = export_diffusers.save_unet(model.backbone, params["backbone"], str(tmp_path / "unet"))
-    path = export_diffusers.save_controlnet(model.adapter, params["adapter"], str(tmp_path / "controlnet"))
+    unet_path = flax_to_torch.save_unet(model.backbone, params["backbone"], str(tmp_path / "unet"))
+    path = flax_to_torch.save_controlnet(model.adapter, params["adapter"], str(tmp_path / "controlnet"))
     reference_unet = diffusers.UNet2DConditionModel.from_pretrained(unet_path).eval()
     assert set(reference_unet.state_dict()) == set(state)
     assert reference_unet.mid_block.attentions[0].transformer_blocks[0].attn1.heads == 4
@@ -181,27 +184,27 @@ def test_unet2d_condition_model_and_controlnet_export_match_diffusers(tmp_path) 
 
     _, loaded_params = load_diffusers_unet(unet_path)
     jax.tree.map(np.testing.assert_array_equal, loaded_params, params["backbone"])
-    from codi_jax.models import convert_diffusers
+    from codi_jax.interop import torch_to_flax
 
-    if hasattr(convert_diffusers, "load_diffusers_controlnet"):  # the importer, where it exists
-        loaded_adapter, loaded = convert_diffusers.load_diffusers_controlnet(path)
+    if hasattr(torch_to_flax, "load_diffusers_controlnet"):  # the importer, where it exists
+        loaded_adapter, loaded = torch_to_flax.load_diffusers_controlnet(path)
         jax.tree.map(np.testing.assert_array_equal, loaded, params["adapter"])
         assert loaded_adapter.hint_downsamples == model.adapter.hint_downsamples
 
 
 def test_unet_config_round_trips_layouts() -> None:
     """Config-level inverse of ``unet_config_from_diffusers`` for the layouts (no compilation)."""
-    from codi_jax.models.convert_diffusers import unet_config_from_diffusers
+    from codi_jax.interop.torch_to_flax import unet_config_from_diffusers
 
     for fields in (CROSS, CROSS_SD1, dict(CROSS_SD1, attention_levels=(True, True), num_attention_heads=(2, 2))):
         model = UNet(**fields)
-        config = export_diffusers.unet_diffusers_config(model)
+        config = flax_to_torch.unet_diffusers_config(model)
         assert config["_class_name"] == "UNet2DConditionModel"
         assert config["use_linear_projection"] == model.use_linear_projection
         back = UNet(**unet_config_from_diffusers(config))
-        assert export_diffusers._effective_architecture(back) == export_diffusers._effective_architecture(model)
+        assert flax_to_torch._effective_architecture(back) == flax_to_torch._effective_architecture(model)
     single_heads = UNet(**dict(TINY, attention_head_dim=64))  # one head of all channels everywhere
-    assert export_diffusers.unet_diffusers_config(single_heads)["attention_head_dim"] is None
+    assert flax_to_torch.unet_diffusers_config(single_heads)["attention_head_dim"] is None
 
 
 @pytest.mark.parametrize(
@@ -217,19 +220,19 @@ def test_unet_config_round_trips_layouts() -> None:
 def test_controlnet_refusals(backbone_fields: dict, overrides: dict, match: str) -> None:
     adapter = _controlnet_model(backbone_fields, **overrides).adapter
     with pytest.raises(ValueError, match=match):
-        export_diffusers.controlnet_diffusers_config(adapter)
+        flax_to_torch.controlnet_diffusers_config(adapter)
     with pytest.raises(ValueError, match=match):
-        export_diffusers.controlnet_state_dict(adapter, {})
+        flax_to_torch.controlnet_state_dict(adapter, {})
 
 
 def test_controlnet_with_instructions_or_guidance_embedding_is_refused() -> None:
     backbone = UNet(**CROSS)
     adapter = adapters.build_conditional_model(backbone, _adapter_config(), 3, num_instructions=4).adapter
     with pytest.raises(ValueError, match="num_instructions=4"):
-        export_diffusers.controlnet_diffusers_config(adapter)
+        flax_to_torch.controlnet_diffusers_config(adapter)
     adapter = adapters.build_conditional_model(backbone, _adapter_config(), 3, guidance_embedding=True).adapter
     with pytest.raises(ValueError, match="guidance-scale"):
-        export_diffusers.controlnet_diffusers_config(adapter)
+        flax_to_torch.controlnet_diffusers_config(adapter)
 
 
 # ---------------------------------------------------------------- the CLI's library function
@@ -251,7 +254,7 @@ def _run_config(method: str, schedule: dict, **adapter: Any) -> ml_collections.C
 def _codi_pretrained(**adapter: Any) -> Pretrained:
     config = _run_config("codi", dict(kind="scaled_linear"), lora_rank=2, **adapter)
     backbone = UNet(**CROSS)
-    model = adapted.build_adapted_model(backbone, config.adapter, cond_channels=3)
+    model = student.build_adapted_model(backbone, config.adapter, cond_channels=3)
     params = _controlnet_params(model.module)
     factors = {}  # nonzero LoRA factors on every targeted kernel (numpy: no compilation)
     for keys in lora.target_paths(params["backbone"], config.adapter.lora_targets):
@@ -266,7 +269,7 @@ def _codi_pretrained(**adapter: Any) -> Pretrained:
 def test_export_codi_run(tmp_path) -> None:
     pre = _codi_pretrained()
     out = str(tmp_path / "export")
-    files = exporting.export_pretrained(pre, out, steps=4)
+    files = export.export_pretrained(pre, out, steps=4)
     assert sorted(os.path.relpath(f, out) for f in files) == [
         "README.md",
         "controlnet/config.json",
@@ -302,7 +305,7 @@ def test_export_codi_run(tmp_path) -> None:
     assert x.shape == (1, 4, 16, 16) and float(x.abs().max()) <= 1.0
 
     with pytest.raises(FileExistsError, match="not empty"):
-        exporting.export_pretrained(pre, out)
+        export.export_pretrained(pre, out)
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no staging directory left
 
 
@@ -311,14 +314,14 @@ def test_atomic_directory_replaces_or_leaves_untouched(tmp_path) -> None:
     target.mkdir()
     (target / "stale.txt").write_text("old")
     with pytest.raises(FileExistsError, match="not empty"):
-        with export_diffusers.atomic_directory(str(target)):
+        with flax_to_torch.atomic_directory(str(target)):
             pass
     with pytest.raises(RuntimeError, match="half-way"):
-        with export_diffusers.atomic_directory(str(target), overwrite=True) as staging:
+        with flax_to_torch.atomic_directory(str(target), overwrite=True) as staging:
             open(os.path.join(staging, "new.txt"), "w").close()
             raise RuntimeError("failed half-way")
     assert os.listdir(target) == ["stale.txt"] and os.listdir(tmp_path) == ["out"]
-    with export_diffusers.atomic_directory(str(target), overwrite=True) as staging:
+    with flax_to_torch.atomic_directory(str(target), overwrite=True) as staging:
         open(os.path.join(staging, "new.txt"), "w").close()
     assert os.listdir(target) == ["new.txt"] and os.listdir(tmp_path) == ["out"]
 
@@ -333,13 +336,13 @@ def _readme_sampler(readme: str) -> dict:
 
 def test_export_teacher_readme_sampler_matches_ours(tmp_path) -> None:
     """A cosine-schedule teacher: unet/ + scheduler/ (flagged approximate) and a README loop that
-    reproduces ``sampling.ddim_sample`` (deterministic DDIM) exactly."""
+    reproduces ``samplers.ddim_sample`` (deterministic DDIM) exactly."""
     config = _run_config("teacher", dict(kind="cosine"))
     model = UNet(**TINY)
     params = _random_params(unet_param_shapes(model), seed=6)
     pre = Pretrained(model, diffusion.Schedule("cosine"), "v", params, config, 3, "/runs/teacher")
     out = str(tmp_path / "teacher")
-    exporting.export_pretrained(pre, out, steps=3)
+    export.export_pretrained(pre, out, steps=3)
     assert sorted(os.listdir(out)) == ["README.md", "scheduler", "unet"]
     assert json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))["beta_schedule"] == (
         "squaredcos_cap_v2"
@@ -352,8 +355,8 @@ def test_export_teacher_readme_sampler_matches_ours(tmp_path) -> None:
     z = _inputs(3, seed=4)
     theirs = namespace["sample"](_nchw(z))
     apply_fn = lambda p, z_t, model_t: model.apply({"params": p}, z_t, model_t)
-    times = sampling.uniform_times(3)
-    ours = jax.jit(sampling.ddim_sample, static_argnums=(0, 4, 5))(apply_fn, params, z, times, pre.schedule, "v")
+    times = samplers.uniform_times(3)
+    ours = jax.jit(samplers.ddim_sample, static_argnums=(0, 4, 5))(apply_fn, params, z, times, pre.schedule, "v")
     _check_close("README DDIM sampler (3 steps)", theirs, ours)
 
 
@@ -361,13 +364,13 @@ def test_export_refuses_what_diffusers_cannot_represent(tmp_path) -> None:
     pre = _codi_pretrained()
     pre.config.adapter.kind = "fusion"
     with pytest.raises(ValueError, match="diffusers cannot represent the mu-fusion adapter"):
-        exporting.export_pretrained(pre, str(tmp_path / "out"))
+        export.export_pretrained(pre, str(tmp_path / "out"))
     pre.config.adapter.kind = "t2i"
     with pytest.raises(ValueError, match="diffusers cannot represent the T2I adapter"):
-        exporting.export_pretrained(pre, str(tmp_path / "out"))
+        export.export_pretrained(pre, str(tmp_path / "out"))
     assert os.listdir(tmp_path) == []  # nothing written
     with pytest.raises(ValueError, match="exceed the 50-point training grid"):
-        exporting.step_table(pre.config, pre.schedule, 51)
+        export.step_table(pre.config, pre.schedule, 51)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

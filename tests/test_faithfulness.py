@@ -17,9 +17,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from codi_jax import cli, diffusion, evaluation, few_step, inference, lowpass, pretrained, sampling
+from codi_jax import diffusion, lowpass
+from codi_jax.cli import common
 from codi_jax.data import tasks
+from codi_jax.evaluation import scoring
 from codi_jax.metrics import compute_metrics
+from codi_jax.runs import pretrained
+from codi_jax.sampling import conditional, few_step, samplers
 
 SIZE, SCALE = 16, 4
 FINETUNE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "checkpoints", "finetune_sr4")  # 32 px, x4 SR
@@ -96,13 +100,13 @@ def test_target_is_consistent_with_its_own_condition(method: str) -> None:
     np.testing.assert_allclose(low, _tf_downscale(target, method), atol=1e-5)  # = the task's LR input
     recovered = np.asarray(lowpass.lr_from_condition(ops, jnp.asarray(cond)))
     assert np.min(_numpy_psnr(recovered, low)) > 90.0  # the condition's LR image is the target's
-    row = evaluation.faithfulness_metrics(target, target, task)
+    row = scoring.faithfulness_metrics(target, target, task)
     assert row["lr_psnr"] == np.inf and row["color_error"] == 0.0
-    bicubic = evaluation.faithfulness_metrics(cond, target, task)  # the bicubic row: finite, below
+    bicubic = scoring.faithfulness_metrics(cond, target, task)  # the bicubic row: finite, below
     assert 20.0 < bicubic["lr_psnr"] < 90.0
     inpaint = tasks.default_task_config()
     inpaint.name = "inpaint"
-    assert evaluation.faithfulness_metrics(cond, target, inpaint)["lr_psnr"] is None  # not applicable
+    assert scoring.faithfulness_metrics(cond, target, inpaint)["lr_psnr"] is None  # not applicable
 
 
 def test_lowpass_is_numpy_pseudo_inverse_projection() -> None:
@@ -172,8 +176,8 @@ def test_sampler_option(solver: str) -> None:
     z = jax.random.normal(jax.random.PRNGKey(1), cond.shape)
     model, params = _toy_model(), jnp.float32(0.7)
     ops = lowpass.sr_operators(task, SIZE)
-    off = inference.make_conditional_sampler(model, schedule, "x", solver)(params, cond, None, z, times, None)
-    on = inference.make_conditional_sampler(model, schedule, "x", solver, lowpass_ops=ops)
+    off = conditional.make_conditional_sampler(model, schedule, "x", solver)(params, cond, None, z, times, None)
+    on = conditional.make_conditional_sampler(model, schedule, "x", solver, lowpass_ops=ops)
     on = on(params, cond, None, z, times, None)
     apply_fn = lambda p, z_t, t: model.apply(p, z_t, t, cond, None)  # noqa: E731
     if solver == "ddim":
@@ -181,31 +185,31 @@ def test_sampler_option(solver: str) -> None:
         np.testing.assert_array_equal(np.asarray(off), np.asarray(before))
         np.testing.assert_allclose(lowpass.downscale(ops, on), _tf_downscale(target, "bicubic"), atol=1e-4)
     else:
-        run = functools.partial(sampling.dpm_solver_pp_sample, apply_fn, schedule=schedule, parametrization="x")
+        run = functools.partial(samplers.dpm_solver_pp_sample, apply_fn, schedule=schedule, parametrization="x")
         np.testing.assert_array_equal(np.asarray(off), np.asarray(jax.jit(run)(params, z, times)))
     assert float(jnp.abs(on - off).max()) > 1e-2
 
 
 def test_option_refuses_latent_and_other_tasks() -> None:
     config = ml_collections.ConfigDict({"task": _sr_task(), "data": {"image_size": SIZE}})
-    assert isinstance(inference.lowpass_operators(config), lowpass.SrOperators)
+    assert isinstance(conditional.lowpass_operators(config), lowpass.SrOperators)
     config.latent = ml_collections.ConfigDict({"vae": "/models/sd15/vae"})
     with pytest.raises(ValueError, match="needs a pixel-space run; this run samples VAE latents"):
-        inference.check_lowpass_consistency(config)
+        conditional.check_lowpass_consistency(config)
     config.latent.vae = ""
     config.task.name = "edge"
     with pytest.raises(ValueError, match="needs a super-resolution run .* task is 'edge'"):
-        inference.check_lowpass_consistency(config)
+        conditional.check_lowpass_consistency(config)
 
 
 def test_markdown_table_columns() -> None:
     samples = np.zeros((1, SIZE, SIZE, 3), np.float32)
     extra = {"lpips": 0.1, "lr_psnr": 31.234, "color_error": 2.5}
     rows = [
-        evaluation.Row("CoDi", 4, 25.0, 0.8, 60.0, 1.0, 10, samples, extra=extra, lowpass_consistency=True),
-        evaluation.Row("CoDi", 4, 25.0, 0.8, 60.0, 1.0, 10, samples, extra={**extra, "lr_psnr": None}),
+        scoring.Row("CoDi", 4, 25.0, 0.8, 60.0, 1.0, 10, samples, extra=extra, lowpass_consistency=True),
+        scoring.Row("CoDi", 4, 25.0, 0.8, 60.0, 1.0, 10, samples, extra={**extra, "lr_psnr": None}),
     ]
-    table = evaluation.markdown_table(rows).splitlines()
+    table = scoring.markdown_table(rows).splitlines()
     assert "| LR-consistency (dB) | mean-colour error |" in table[0]
     assert "| CoDi + low-frequency consistency | 4 |" in table[2] and "| 31.23 | 2.50 |" in table[2]
     assert "| CoDi | 4 |" in table[3] and "| – | 2.50 |" in table[3]
@@ -236,12 +240,12 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
     out = str(tmp_path / "out")
     plan = few_step.prepare(FINETUNE, str(images), out, steps=1, lowpass_consistency=True)
     assert plan.cond.shape == (1, 32, 32, 3)
-    assert evaluation.check_runs([("sr", FINETUNE)], (1,), lowpass_consistency=True)
+    assert scoring.check_runs([("sr", FINETUNE)], (1,), lowpass_consistency=True)
 
     latent = _edited_run(str(tmp_path / "latent"), lambda c: c.update(latent={"vae": "/models/vae"}))
     with pytest.raises(ValueError) as error:
         few_step.prepare(latent, str(images), out, steps=1, lowpass_consistency=True)
-    assert cli.one_line(error.value) == (
+    assert common.one_line(error.value) == (
         "--lowpass_consistency: low-frequency consistency needs a pixel-space run; this run samples VAE latents "
         "(latent.vae=/models/vae)."
     )
@@ -251,8 +255,8 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
 
     inpaint = _edited_run(str(tmp_path / "inpaint"), to_inpaint)
     with pytest.raises(ValueError, match=r"^--run a: low-frequency consistency needs a super-resolution run"):
-        evaluation.check_runs([("a", inpaint)], (1,), lowpass_consistency=True)
-    assert evaluation.check_runs([("a", inpaint)], (1,))  # off: no check
+        scoring.check_runs([("a", inpaint)], (1,), lowpass_consistency=True)
+    assert scoring.check_runs([("a", inpaint)], (1,))  # off: no check
     assert not os.path.exists(out)
 
 
@@ -261,7 +265,7 @@ def test_check_runs_fills_task_fields_added_since_a_run_was_saved(tmp_path) -> N
     is evaluated beside it; a real task difference is still refused."""
     new = _edited_run(str(tmp_path / "new"), lambda c: c["task"].update(instructions="ids"))
     assert "instructions" not in pretrained.read_config(FINETUNE)[0].task
-    assert len(evaluation.check_runs([("old", FINETUNE), ("new", new)], (1,))) == 2
+    assert len(scoring.check_runs([("old", FINETUNE), ("new", new)], (1,))) == 2
     other = _edited_run(str(tmp_path / "other"), lambda c: c["task"].update(instructions="ids", scale=2))
     with pytest.raises(ValueError, match="another task or image size"):
-        evaluation.check_runs([("old", FINETUNE), ("other", other)], (1,))
+        scoring.check_runs([("old", FINETUNE), ("other", other)], (1,))

@@ -1,4 +1,5 @@
-"""Classifier-free guidance (``codi_jax.guidance``) and the frozen encoders' pure functions (``codi_jax.encoders``)."""
+"""Classifier-free guidance (``codi_jax.sampling.guidance``) and the frozen encoders' pure functions
+(``codi_jax.frozen.encoders``)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-from codi_jax import diffusion, encoders, guidance, sampling
+from codi_jax import diffusion
+from codi_jax.frozen import encoders
 from codi_jax.models.vae import AutoencoderKL, vae_param_shapes
+from codi_jax.sampling import guidance, samplers
 
 
 def _pair(seed: int = 0, shape=(3, 4, 4, 2)) -> tuple[jax.Array, jax.Array]:
@@ -79,7 +82,7 @@ def test_guided_ddim_compiles_once_for_every_scale_and_matches_the_unguided_samp
     text, negative = (jnp.asarray(np.random.default_rng(s).normal(size=(3, 5, 6)), jnp.float32) for s in (5, 6))
     params = {"w": jnp.float32(0.3)}
     run = functools.partial(
-        sampling.ddim_sample, times=times, schedule=schedule, parametrization="eps", clip_denoised=False, output="z"
+        samplers.ddim_sample, times=times, schedule=schedule, parametrization="eps", clip_denoised=False, output="z"
     )
     guided = jax.jit(functools.partial(run, guidance.guided_apply(_toy_apply)))
     at_one = guided(guidance.Guided(params, (text, control), (negative, control), jnp.float32(1.0)), z)
@@ -100,21 +103,21 @@ def test_ddim_sample_options() -> None:
     def big_x(params, z_t, model_t):  # x prediction far outside [-1, 1]
         return 5.0 * z_t
 
-    default = np.asarray(sampling.ddim_sample(big_x, None, z, times, schedule, "x"))
+    default = np.asarray(samplers.ddim_sample(big_x, None, z, times, schedule, "x"))
     assert np.abs(default).max() <= 1.0
-    unclipped = np.asarray(sampling.ddim_sample(big_x, None, z, times, schedule, "x", clip_denoised=False))
+    unclipped = np.asarray(samplers.ddim_sample(big_x, None, z, times, schedule, "x", clip_denoised=False))
     assert np.abs(unclipped).max() > 1.0
-    final = np.asarray(sampling.ddim_sample(big_x, None, z, times, schedule, "x", clip_denoised=False, output="z"))
+    final = np.asarray(samplers.ddim_sample(big_x, None, z, times, schedule, "x", clip_denoised=False, output="z"))
     # the last move: alpha_s x_hat + sigma_s eps_hat at s = times[-1] from the same last x_hat
     t, s = times[-2], times[-1]
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     alpha_s, sigma_s = schedule.alpha_sigma(s)
-    steps = sampling.ddim_sample(big_x, None, z, times[:-1], schedule, "x", clip_denoised=False, output="z")
+    steps = samplers.ddim_sample(big_x, None, z, times[:-1], schedule, "x", clip_denoised=False, output="z")
     x_hat, eps_hat = diffusion.x_eps_from_prediction(steps, big_x(None, steps, None), alpha_t, sigma_t, "x")
     np.testing.assert_allclose(final, np.asarray(alpha_s * x_hat + sigma_s * eps_hat), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(unclipped, np.asarray(x_hat), rtol=1e-6)
     with pytest.raises(ValueError, match="output='eps'"):
-        sampling.ddim_sample(big_x, None, z, times, schedule, "x", output="eps")
+        samplers.ddim_sample(big_x, None, z, times, schedule, "x", output="eps")
 
 
 TINY_VAE = dict(block_out_channels=(8, 8, 16), layers_per_block=1, norm_num_groups=4, latent_channels=4)
@@ -183,7 +186,7 @@ PIXEL_TEACHER = os.path.join(REPO, "checkpoints", "teacher_patches32")  # commit
 
 
 def test_text_flags_on_a_pixel_teacher_are_one_line_user_errors(tmp_path, capsys) -> None:
-    from codi_jax import sample_teacher
+    from codi_jax.cli import sample_teacher
 
     pixel = ml_collections.ConfigDict({"latent": {"vae": ""}, "text": {"encoder": ""}})
     sample_teacher.check_text_flags(pixel, "w", None, None, 1.0)  # the defaults are fine
@@ -198,16 +201,16 @@ def test_text_flags_on_a_pixel_teacher_are_one_line_user_errors(tmp_path, capsys
     with pytest.raises(ValueError, match="--guidance_scale=-1.0: must be a finite number >= 0"):
         sample_teacher.check_text_flags(text, "w", "a cat", "", -1.0)
     out = str(tmp_path / "samples")
-    from codi_jax import cli
+    from codi_jax.cli import common
 
     argv = ["sample_teacher", f"--workdir={PIXEL_TEACHER}", f"--out={out}", "--prompt=a cat"]
     try:
         with pytest.raises(SystemExit) as exit_info:
-            cli.run_main(sample_teacher.main, argv=argv)
+            common.run_main(sample_teacher.main, argv=argv)
     finally:
         for name in ("workdir", "out", "prompt"):
-            cli.FLAGS[name].value = cli.FLAGS[name].default
-    assert exit_info.value.code == cli.EXIT_USER_ERROR
+            common.FLAGS[name].value = common.FLAGS[name].default
+    assert exit_info.value.code == common.EXIT_USER_ERROR
     assert capsys.readouterr().err == (
         f"error: --prompt: the teacher in --workdir {PIXEL_TEACHER} has no text encoder (config.text.encoder).\n"
     )

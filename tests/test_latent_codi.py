@@ -17,8 +17,11 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from codi_jax import converting, exporting, few_step, pretrained, train_loop  # noqa: E402
-from configs import tiny_codi  # noqa: E402
+from codi_jax.configs.cpu import tiny_codi  # noqa: E402
+from codi_jax.interop import convert, export  # noqa: E402
+from codi_jax.runs import pretrained  # noqa: E402
+from codi_jax.sampling import few_step  # noqa: E402
+from codi_jax.training import loop  # noqa: E402
 from tests import tiny_sd  # noqa: E402
 
 
@@ -28,7 +31,7 @@ def teacher(tmp_path_factory) -> dict:
     pipe = tiny_sd.make_pipeline(str(root / "pipeline"))
     tiny_sd.make_controlnet(pipe.unet, str(root / "controlnet"))
     workdir = str(root / "teacher")
-    converting.convert(str(root / "pipeline"), workdir, controlnet=str(root / "controlnet"))
+    convert.convert(str(root / "pipeline"), workdir, controlnet=str(root / "controlnet"))
     return {"workdir": workdir, "root": root}
 
 
@@ -58,9 +61,9 @@ def _leaves_close(a, b, what: str) -> None:
 
 
 def test_init_from_converted_controlnet(teacher, tmp_path) -> None:
-    state = train_loop.train_and_evaluate(_config(teacher, num_train_steps=0), str(tmp_path / "init"))
+    state = loop.train_and_evaluate(_config(teacher, num_train_steps=0), str(tmp_path / "init"))
     shapes = jax.eval_shape(lambda: state.params["adapter"])
-    converted = converting.restore_controlnet(teacher["workdir"], shapes)
+    converted = convert.restore_controlnet(teacher["workdir"], shapes)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(state.params["adapter"]), jax.tree.leaves(converted)):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(path))
     backbone = pretrained.load_teacher(teacher["workdir"]).params
@@ -69,9 +72,9 @@ def test_init_from_converted_controlnet(teacher, tmp_path) -> None:
 
 def test_latent_run_resumes_exactly_samples_and_exports(teacher, tmp_path) -> None:
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train_loop.train_and_evaluate(_config(teacher), straight)
-    train_loop.train_and_evaluate(_config(teacher, num_train_steps=2), resumed)
-    train_loop.train_and_evaluate(_config(teacher), resumed)
+    loop.train_and_evaluate(_config(teacher), straight)
+    loop.train_and_evaluate(_config(teacher, num_train_steps=2), resumed)
+    loop.train_and_evaluate(_config(teacher), resumed)
     a = pretrained.load_conditional(straight, use_ema=False).params
     b = pretrained.load_conditional(resumed, use_ema=False).params
     _leaves_close(a, b, "resumed run = uninterrupted run")
@@ -89,7 +92,7 @@ def test_latent_run_resumes_exactly_samples_and_exports(teacher, tmp_path) -> No
     assert len(written) == 3 and all(os.path.getsize(p) > 0 for p in written)
 
     out = str(tmp_path / "export")
-    exporting.export_workdir(straight, out, steps=1)
+    export.export_workdir(straight, out, steps=1)
     pre = pretrained.load_conditional(straight)
     cond = rng.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
     ours = few_step.sample_conditional(pre, cond, None, steps=1, seed=3, stochastic=False)

@@ -808,11 +808,11 @@ def test_compute_metrics_with_weights(torch_inception, lpips_state_dicts, tmp_pa
 
 
 def test_evaluation_scores_lpips_by_default(tmp_path) -> None:
-    """``evaluation.MetricWeights``: LPIPS is always a column (packaged weights), FID / KID only
+    """``scoring.MetricWeights``: LPIPS is always a column (packaged weights), FID / KID only
     with Inception weights; LPIPS files come in pairs; checks happen before anything is scored."""
-    from codi_jax import evaluation
+    from codi_jax.evaluation import scoring
 
-    default = evaluation.MetricWeights()
+    default = scoring.MetricWeights()
     assert default.names() == ["lpips"] and default.skipped() == ["FID/KID (no Inception weights given)"]
     assert default.lpips_protocol() == {
         "version": "0.1",
@@ -822,13 +822,13 @@ def test_evaluation_scores_lpips_by_default(tmp_path) -> None:
     }
     default.check()
     pred, target = _photo_pairs(32)
-    extra = evaluation.weighted_metrics(pred, target, default)
+    extra = scoring.weighted_metrics(pred, target, default)
     expected = lpips_metric.lpips_distance(lpips_metric.load_packaged_lpips(), pred, target)
     assert list(extra) == ["lpips"]
     np.testing.assert_allclose(extra["lpips"], np.mean(np.asarray(expected)), rtol=1e-5)
     (tmp_path / "lin.npz").write_bytes(b"")
     with pytest.raises(ValueError, match="give both the linear-head and the backbone file"):
-        evaluation.MetricWeights(lpips_linear=str(tmp_path / "lin.npz")).check()
-    row = evaluation.Row("bicubic", 0, 30.0, 0.9, 50.0, 0.0, 0, pred, extra=extra)
-    table = evaluation.markdown_table([row])
+        scoring.MetricWeights(lpips_linear=str(tmp_path / "lin.npz")).check()
+    row = scoring.Row("bicubic", 0, 30.0, 0.9, 50.0, 0.0, 0, pred, extra=extra)
+    table = scoring.markdown_table([row])
     assert "| LPIPS |" in table and f"| {extra['lpips']:.4f} |" in table

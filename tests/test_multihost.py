@@ -13,7 +13,7 @@ import sys
 import jax
 import numpy as np
 
-from codi_jax import pretrained
+from codi_jax.runs import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")

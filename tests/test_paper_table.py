@@ -10,14 +10,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import paper_table  # noqa: E402
 
-from codi_jax import evaluation  # noqa: E402
+from codi_jax.evaluation import scoring  # noqa: E402
 
 
-def _row(psnr: float, swd: float, lpips: float, sd: float) -> evaluation.Row:
+def _row(psnr: float, swd: float, lpips: float, sd: float) -> scoring.Row:
     spread = {"psnr": sd, "swd": 10 * sd, "lpips": sd / 100}
-    return evaluation.Row(
-        "m", 4, psnr, 0.5, swd, 1.0, 1, np.zeros((1, 2, 2, 3)), {"lpips": lpips}, seeds=3, spread=spread
-    )
+    return scoring.Row("m", 4, psnr, 0.5, swd, 1.0, 1, np.zeros((1, 2, 2, 3)), {"lpips": lpips}, seeds=3, spread=spread)
 
 
 def test_judge_reads_each_metric_against_twice_the_spread() -> None:

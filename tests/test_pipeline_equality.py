@@ -3,7 +3,7 @@
 A tiny random Stable-Diffusion folder (``tests/tiny_sd.py``) is sampled by diffusers'
 ``StableDiffusionPipeline`` / ``StableDiffusionControlNetPipeline`` (DDIM, 4 steps, classifier-free
 guidance 3.0, given latents) and by our path on the same latents: tokenizer -> CLIP text encoder
-(``encoders.encode_prompts``) -> guided DDIM (``guidance.guided_apply`` in ``sampling.ddim_sample``
+(``encoders.encode_prompts``) -> guided DDIM (``guidance.guided_apply`` in ``samplers.ddim_sample``
 over ``diffusion.diffusers_ddim_times``, no clipping, ending at diffusers' final ``alpha_bar``) ->
 VAE decode. Latents and images must agree to float32 rounding (relative to their scale).
 """
@@ -19,9 +19,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from codi_jax import diffusion, encoders, guidance, sampling
+from codi_jax import diffusion
+from codi_jax.frozen import encoders
+from codi_jax.interop.torch_to_flax import load_diffusers_controlnet, load_diffusers_unet
 from codi_jax.models.adapters import ConditionalUNet
-from codi_jax.models.convert_diffusers import load_diffusers_controlnet, load_diffusers_unet
+from codi_jax.sampling import guidance, samplers
 from tests import tiny_sd
 
 torch = pytest.importorskip("torch")
@@ -71,7 +73,7 @@ def _sampler(apply_fn, schedule: diffusion.Schedule, parametrization: str, times
     """The jitted guided DDIM ``(Guided, z_init) -> z`` at the final time."""
     return jax.jit(
         functools.partial(
-            sampling.ddim_sample,
+            samplers.ddim_sample,
             guidance.guided_apply(apply_fn),
             times=np.asarray(times, np.float32),
             schedule=schedule,
@@ -213,11 +215,12 @@ def test_controlnet_matches_diffusers(sd_eps) -> None:
 def test_sample_teacher_on_a_converted_pipeline_matches_diffusers(sd_eps, tmp_path) -> None:
     """``sample_teacher`` on the converted folder: its ``uniform_times`` grid (t = 1, 3/4, ..., 0) is
     diffusers' ``trailing`` spacing ending at ``alpha_bar = 1`` (``set_alpha_to_one``)."""
-    from codi_jax import converting, sample_teacher
+    from codi_jax.cli import sample_teacher
+    from codi_jax.interop import convert
 
     directory, pipe, _ = sd_eps
     out = str(tmp_path / "teacher")
-    converting.convert(directory, out)
+    convert.convert(directory, out)
     prompt, negative, num_images, batch_size = PROMPTS[0], NEGATIVE[1], 2, 1  # two batches, one compile
     request = dict(steps=STEPS, num_images=num_images, batch_size=batch_size)
     text = dict(prompt=prompt, negative_prompt=negative, guidance_scale=SCALE)

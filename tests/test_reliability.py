@@ -19,10 +19,11 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from codi_jax import checkpoint, run_status, train_loop
-from codi_jax.pretrained import load_teacher
-from codi_jax.train_state import apply_gradients, create_train_state
-from configs import tiny_teacher
+from codi_jax.configs.cpu import tiny_teacher
+from codi_jax.runs import checkpoint
+from codi_jax.runs.pretrained import load_teacher
+from codi_jax.training import loop, run_status
+from codi_jax.training.train_state import apply_gradients, create_train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,11 +128,11 @@ def _corrupt(step_dir: str, how: str) -> None:
 @pytest.mark.parametrize("how", ["truncated data", "missing _METADATA", "missing manifest"])
 def test_damaged_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path, how, caplog) -> None:
     workdir = str(tmp_path / "run")
-    train_loop.train_and_evaluate(_config(data_dir, num_train_steps=6, sample_every_steps=1000), workdir)
+    loop.train_and_evaluate(_config(data_dir, num_train_steps=6, sample_every_steps=1000), workdir)
     assert _steps(workdir) == [3, 6]
     _corrupt(os.path.join(workdir, "checkpoints", "6"), how)
     with caplog.at_level("WARNING"):
-        state = train_loop.train_and_evaluate(_config(data_dir, num_train_steps=7, sample_every_steps=1000), workdir)
+        state = loop.train_and_evaluate(_config(data_dir, num_train_steps=7, sample_every_steps=1000), workdir)
     assert int(state.step) == 7
     assert any("step 6" in r.getMessage() and "does not restore" in r.getMessage() for r in caplog.records)
     assert os.path.isdir(os.path.join(workdir, "checkpoints", "corrupt-step-6"))  # kept on disk
@@ -140,10 +141,10 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous(data_dir, tmp_path
 
 def test_no_checkpoint_restores_is_a_clear_error(data_dir, tmp_path) -> None:
     workdir = str(tmp_path / "run")
-    train_loop.train_and_evaluate(_config(data_dir, num_train_steps=3, sample_every_steps=1000), workdir)
+    loop.train_and_evaluate(_config(data_dir, num_train_steps=3, sample_every_steps=1000), workdir)
     _corrupt(os.path.join(workdir, "checkpoints", "3"), "missing _METADATA")
     with pytest.raises(FileNotFoundError, match=r"No checkpoint in .* restores; tried: step 3"):
-        train_loop.train_and_evaluate(_config(data_dir, num_train_steps=4, sample_every_steps=1000), workdir)
+        loop.train_and_evaluate(_config(data_dir, num_train_steps=4, sample_every_steps=1000), workdir)
 
 
 def test_absurd_updates_are_rejected_and_stop_the_run(data_dir, tmp_path) -> None:
@@ -157,12 +158,12 @@ def test_absurd_updates_are_rejected_and_stop_the_run(data_dir, tmp_path) -> Non
         assert np.array_equal(np.asarray(new.params["w"]), np.ones(4)) == bool(rejected)
     # A run: 2 good steps with a checkpoint, then lr 1e30: stops after max_consecutive rejections.
     workdir = str(tmp_path / "run")
-    train_loop.train_and_evaluate(_config(data_dir, num_train_steps=2, checkpoint_every_steps=2), workdir)
+    loop.train_and_evaluate(_config(data_dir, num_train_steps=2, checkpoint_every_steps=2), workdir)
     config = _config(data_dir, num_train_steps=20, checkpoint_every_steps=1, sample_every_steps=1000)
     config.optimizer.learning_rate = 1e30
     config.nonfinite.max_consecutive = 3
     with pytest.raises(run_status.Diverged, match="3 consecutive updates rejected up to step 5.*checkpoints/2"):
-        train_loop.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)
     assert _steps(workdir) == [2]  # no checkpoint while updates were being rejected
 
 
@@ -178,4 +179,4 @@ def test_failed_checkpoint_write_stops_at_the_next_step(data_dir, tmp_path, monk
     monkeypatch.setattr(checkpoint.Checkpointer, "check_for_errors", failing)
     config = _config(data_dir, num_train_steps=6, checkpoint_every_steps=2, sample_every_steps=1000)
     with pytest.raises(run_status.CheckpointWriteFailed, match="No space left on device.*last complete checkpoint"):
-        train_loop.train_and_evaluate(config, workdir)
+        loop.train_and_evaluate(config, workdir)

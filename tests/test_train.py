@@ -8,10 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from codi_jax import checkpoint, config_resolution, recipes, teacher, train_loop, train_state
-from codi_jax.pretrained import load_teacher
-from codi_jax.train_state import make_optimizer
-from configs import tiny_teacher
+from codi_jax.configs.cpu import tiny_teacher
+from codi_jax.objectives import teacher
+from codi_jax.runs import checkpoint, config_resolution
+from codi_jax.runs.pretrained import load_teacher
+from codi_jax.training import loop, recipes, train_state
+from codi_jax.training.train_state import make_optimizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,10 +36,10 @@ def _fixed_batch(config, n=8):
 
 def test_train_step_lowers_loss_on_fixed_batch(tmp_path):
     config = _tiny_config(tmp_path)
-    model, schedule = train_loop.build_model(config)
+    model, schedule = loop.build_model(config)
     optimizer = make_optimizer(config.optimizer)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    state, _ = train_loop.create_sharded_state(recipes.make_recipe(config, mesh), mesh, config)
+    state, _ = loop.create_sharded_state(recipes.make_recipe(config, mesh), mesh, config)
     step = jax.jit(
         functools.partial(
             teacher.train_step, model=model, schedule=schedule, optimizer=optimizer, ema_decay=config.ema_decay
@@ -62,10 +64,10 @@ def test_train_step_lowers_loss_on_fixed_batch(tmp_path):
 
 def test_nonfinite_update_is_skipped(tmp_path):
     config = _tiny_config(tmp_path)
-    model, schedule = train_loop.build_model(config)
+    model, schedule = loop.build_model(config)
     optimizer = make_optimizer(config.optimizer)
     mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
-    state, _ = train_loop.create_sharded_state(recipes.make_recipe(config, mesh), mesh, config)
+    state, _ = loop.create_sharded_state(recipes.make_recipe(config, mesh), mesh, config)
     step = jax.jit(
         functools.partial(
             teacher.train_step, model=model, schedule=schedule, optimizer=optimizer, ema_decay=config.ema_decay
@@ -90,12 +92,12 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     straight = str(tmp_path / "straight")
     resumed = str(tmp_path / "resumed")
     config = _tiny_config(tmp_path)
-    train_loop.train_and_evaluate(config, straight)
+    loop.train_and_evaluate(config, straight)
 
     first_half = _tiny_config(tmp_path, num_train_steps=3)
-    train_loop.train_and_evaluate(first_half, resumed)
+    loop.train_and_evaluate(first_half, resumed)
     assert checkpoint.Checkpointer(os.path.join(resumed, "checkpoints")).latest_step() == 3
-    train_loop.train_and_evaluate(config, resumed)  # same workdir: resumes at 3, runs to 6
+    loop.train_and_evaluate(config, resumed)  # same workdir: resumes at 3, runs to 6
 
     step_a, params_a, ema_a = _state_leaves(straight)
     step_b, params_b, ema_b = _state_leaves(resumed)
@@ -105,7 +107,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * max(1.0, scale))
     # Sanity: training did move the params (so equality above is not vacuous).
     fresh = _tiny_config(tmp_path, num_train_steps=1)
-    train_loop.train_and_evaluate(fresh, str(tmp_path / "one_step"))
+    loop.train_and_evaluate(fresh, str(tmp_path / "one_step"))
     _, params_one, _ = _state_leaves(str(tmp_path / "one_step"))
     assert max(float(np.abs(a - b).max()) for a, b in zip(params_a, params_one)) > 1e-4
     # The loop wrote summaries and a sample grid.
@@ -115,11 +117,11 @@ def test_resume_equals_uninterrupted_run(tmp_path):
 
 def test_resume_with_other_architecture_is_a_clear_error(tmp_path):
     workdir = str(tmp_path / "run")
-    train_loop.train_and_evaluate(_tiny_config(tmp_path, num_train_steps=1), workdir)
+    loop.train_and_evaluate(_tiny_config(tmp_path, num_train_steps=1), workdir)
     other = _tiny_config(tmp_path, num_train_steps=2)
     other.model.block_out_channels = (16, 16)
     with pytest.raises(ValueError, match="block_out_channels"):
-        train_loop.train_and_evaluate(other, workdir)
+        loop.train_and_evaluate(other, workdir)
     # The existing checkpoint is untouched.
     assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).all_steps() == [1]
 
@@ -127,12 +129,12 @@ def test_resume_with_other_architecture_is_a_clear_error(tmp_path):
 def test_committed_teacher_resumes_into_the_current_train_state():
     """checkpoints/teacher_patches32 was written before ``TrainState.frozen`` existed; the README's
     "continues from the committed step" restores it whole (strict on every saved field)."""
-    from configs import teacher_patches32
+    from codi_jax.configs.cpu import teacher_patches32
 
     config = teacher_patches32.get_config()
     mesh = jax.make_mesh((1, 1), ("data", "fsdp"))
     recipe = recipes.make_recipe(config, mesh)
-    abstract, shardings = train_loop.state_shardings(recipe, mesh, config)
+    abstract, shardings = loop.state_shardings(recipe, mesh, config)
     ckpt = checkpoint.Checkpointer(os.path.join(REPO, "checkpoints/teacher_patches32/checkpoints"), read_only=True)
     assert "frozen" not in ckpt.saved_tree(3500).tree
     state = ckpt.restore_latest_intact(checkpoint.abstract_like(abstract, shardings), config)
@@ -148,7 +150,7 @@ def test_committed_teacher_resumes_into_the_current_train_state():
 def test_ema_update_with_and_without_warmup():
     import optax
 
-    from codi_jax.train_state import apply_gradients, create_train_state
+    from codi_jax.training.train_state import apply_gradients, create_train_state
 
     params = {"w": jnp.zeros((3,))}
     sgd = optax.sgd(1.0)

@@ -17,7 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from codi_jax.models.convert_diffusers import load_diffusers_vae, vae_params_from_diffusers  # noqa: E402
+from codi_jax.interop.torch_to_flax import load_diffusers_vae, vae_params_from_diffusers  # noqa: E402
 from codi_jax.models.vae import AutoencoderKL, vae_from_diffusers_config  # noqa: E402
 
 TINY = dict(

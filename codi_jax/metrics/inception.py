@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax.interop.torch_state import read_state_dict, state_dict_to_variables
 from codi_jax.metrics.color import to_unit_range
-from codi_jax.metrics.torch_weights import read_state_dict, state_dict_to_variables
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048

@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax.interop.torch_state import read_state_dict, state_dict_to_variables
 from codi_jax.metrics.numpy_pickle import read_numpy_pickle
-from codi_jax.metrics.torch_weights import read_state_dict, state_dict_to_variables
 
 SHIFT = (-0.030, -0.088, -0.188)  # lpips.ScalingLayer
 SCALE = (0.458, 0.448, 0.450)

@@ -12,8 +12,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from codi_jax import checkpoint, config_resolution, recipes, sharding, train_loop
-from configs import tiny_codi, tiny_teacher
+from codi_jax import sharding
+from codi_jax.configs.cpu import tiny_codi, tiny_teacher
+from codi_jax.runs import checkpoint, config_resolution
+from codi_jax.training import loop, recipes
 
 MESHES = ((1, 1), (8, 1), (8, 4), (8, 8))  # (devices, fsdp)
 
@@ -33,7 +35,7 @@ def run(config, conditional: bool, workdir: str) -> dict:
         config.num_devices, config.sharding.fsdp, config.sharding.min_size = devices, fsdp, 64
         mesh = sharding.mesh_from_config(config)
         recipe = recipes.make_recipe(config, mesh)
-        state, shardings = train_loop.create_sharded_state(recipe, mesh, config)
+        state, shardings = loop.create_sharded_state(recipe, mesh, config)
         split = [s for s in jax.tree.leaves(shardings) if any(a is not None for a in s.spec)]
         repl = sharding.replicated(mesh)
         step = jax.jit(
@@ -91,7 +93,7 @@ def main(workdir: str) -> None:
     result = {"teacher": compare(run(teacher, False, workdir), teacher.optimizer.learning_rate)}
     # A teacher checkpoint (fresh weights; equality does not need a trained one) for CoDi.
     mesh = sharding.make_mesh(1)
-    state, _ = train_loop.create_sharded_state(recipes.make_recipe(teacher, mesh), mesh, teacher)
+    state, _ = loop.create_sharded_state(recipes.make_recipe(teacher, mesh), mesh, teacher)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "teacher", "checkpoints"), async_save=False)
     ckpt.save(0, state, teacher, force=True)
     ckpt.close()

@@ -19,7 +19,7 @@ STEPS = 2
 
 
 def codi_config(workdir: str):
-    from configs import tiny_codi
+    from codi_jax.configs.cpu import tiny_codi
 
     config = tiny_codi.get_config()
     config.teacher_workdir = os.path.join(workdir, "teacher")
@@ -68,13 +68,15 @@ def both_shards(config, task_config, start_step, tokenize=None):
 def main(mode: str, workdir: str, *rest: str) -> None:
     if mode == "worker":
         jax.distributed.initialize(f"localhost:{rest[1]}", num_processes=2, process_id=int(rest[0]))
-    from codi_jax import checkpoint, recipes, sharding, train_loop
-    from configs import tiny_teacher
+    from codi_jax import sharding
+    from codi_jax.configs.cpu import tiny_teacher
+    from codi_jax.runs import checkpoint
+    from codi_jax.training import loop, recipes
 
     if mode == "teacher":
         teacher = tiny_teacher.get_config()
         mesh = sharding.make_mesh(1)
-        state, _ = train_loop.create_sharded_state(recipes.make_recipe(teacher, mesh), mesh, teacher)
+        state, _ = loop.create_sharded_state(recipes.make_recipe(teacher, mesh), mesh, teacher)
         ckpt = checkpoint.Checkpointer(os.path.join(workdir, "teacher", "checkpoints"), async_save=False)
         ckpt.save(0, state, teacher, force=True)
         ckpt.close()
@@ -83,10 +85,10 @@ def main(mode: str, workdir: str, *rest: str) -> None:
     config = codi_config(workdir)
     run_dir = os.path.join(workdir, "one" if mode == "reference" else "two")
     if mode == "reference":
-        train_loop.local_batches = both_shards
+        loop.local_batches = both_shards
     if mode == "resume":
         config.num_train_steps = STEPS + 2
-    state = train_loop.train_and_evaluate(config, run_dir)
+    state = loop.train_and_evaluate(config, run_dir)
     print(json.dumps(summary(state)))
 
 

@@ -1,0 +1,204 @@
+"""What every command-line entry point shares: readable errors, quiet logs, ``--verbose``.
+
+``run_main(main)`` runs ``main`` under absl's ``app.run``. A problem with the user's input (a
+``UserError``, ``ValueError``, ``OSError`` such as ``FileNotFoundError`` / ``FileExistsError`` or a
+failed write, a bad flag) ends the program with ONE line on stderr, ``error: <message>``, and exit
+code 2; genuine bugs (any other exception) keep their traceback. ``--verbose`` shows the traceback
+for every error and lets third-party INFO logs through; by default the absl / Python logs of
+orbax, TensorFlow, TFDS, clu, JAX and Flax below WARNING are dropped (and TensorFlow's C++ logs
+below WARNING via ``TF_CPP_MIN_LOG_LEVEL=2``, set when this module is imported, before TF is).
+
+Import this module before anything that imports TensorFlow (``from codi_jax import cli, ...``
+does: ``cli`` sorts first).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+VERBOSE_SPELLINGS = ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1", "-verbose")
+if not any(arg in VERBOSE_SPELLINGS for arg in sys.argv[1:]):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_bool("verbose", False, "Show tracebacks for every error and third-party INFO logs.")
+
+THIRD_PARTY = ("orbax", "tensorflow", "tensorflow_datasets", "clu", "jax", "jaxlib", "flax", "etils")
+# Third-party warnings that say nothing to a user of the CLIs: orbax on every read-only restore,
+# TFDS on every dataset read and while building one.
+HARMLESS_WARNINGS = (
+    "CheckpointManagerOptions.read_only=True",
+    "Given directory is read only",
+    "`FeatureConnector.dtype` is deprecated",
+    "has no dataset_info.json",
+)
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the command line or the files it names (reported in one line, exit 2)."""
+
+
+USER_ERRORS = (UserError, ValueError, OSError, app.UsageError)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (multi-line messages joined with '; ')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
+def _package_dirs(names: Sequence[str]) -> tuple[str, ...]:
+    dirs = []
+    for name in names:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            continue
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            dirs.append(os.path.join(os.path.realpath(location), ""))
+    return tuple(dirs)
+
+
+class QuietThirdParty(logging.Filter):
+    """Drops records below WARNING logged from third-party packages (absl logging calls included:
+    they all go through the 'absl' logger, so the caller's file tells where they came from)."""
+
+    def __init__(self, packages: Sequence[str] = THIRD_PARTY):
+        super().__init__()
+        self.dirs = _package_dirs(packages)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        third_party = record.name.split(".")[0] in THIRD_PARTY or os.path.realpath(record.pathname).startswith(
+            self.dirs
+        )
+        if not third_party:
+            return True
+        if record.levelno == logging.WARNING and any(text in str(record.msg) for text in HARMLESS_WARNINGS):
+            return False
+        return record.levelno >= logging.WARNING
+
+
+def configure_logging(verbose: bool) -> None:
+    """Quiet third-party logs unless ``verbose`` (see the module docstring)."""
+    level = logging.INFO if verbose else logging.WARNING
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(level)  # tf.get_logger() is logging.getLogger("tensorflow")
+    handler = absl_logging.get_absl_handler()
+    for existing in [f for f in handler.filters if isinstance(f, QuietThirdParty)]:
+        handler.removeFilter(existing)
+    if not verbose:
+        handler.addFilter(QuietThirdParty())
+
+
+def require_flags(*names: str) -> None:
+    """Raises ``UserError`` naming every flag of ``names`` left unset (None), with its help."""
+    missing = [name for name in names if FLAGS[name].value is None]
+    if missing:
+        # Multi-value flags' help ends in absl's ";\n repeat this option..." line: keep the first line.
+        helps = {name: FLAGS[name].help.splitlines()[0].rstrip(".;") for name in missing}
+        described = "; ".join(f"--{name} ({helps[name]})" for name in missing)
+        raise UserError(f"missing required flag{'s' if len(missing) > 1 else ''}: {described}")
+
+
+def require_positive(**values: int) -> None:
+    """Raises ``UserError`` for the first integer flag (``name=value``) below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise UserError(f"--{name}={value}: must be at least 1.")
+
+
+def no_arguments(argv: Sequence[str]) -> None:
+    """Raises ``UserError`` on positional arguments (everything is passed as --flags)."""
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments {list(argv[1:])}; every option is a --flag (see --helpshort).")
+
+
+def _config_keys(argv: Sequence[str]) -> list[str]:
+    """Every dotted field of the ``--config=FILE`` config (for suggestions; [] if it does not load)."""
+    path = next((arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")), None)
+    try:
+        spec = importlib.util.spec_from_file_location("_codi_cli_config", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config().to_dict()
+    except Exception:  # noqa: BLE001  (only for a hint)
+        return []
+
+    def walk(tree: dict, prefix: str) -> list[str]:
+        keys = []
+        for key, value in tree.items():
+            keys.append(prefix + key)
+            if isinstance(value, dict):
+                keys += walk(value, prefix + key + ".")
+        return keys
+
+    return walk(config, "")
+
+
+def unknown_config_field(argv: Sequence[str], error: BaseException) -> str | None:
+    """The message for a ``--config.FIELD=...`` override naming no field, with the nearest valid ones."""
+    overrides = [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
+    keys = _config_keys(argv)
+    unknown = [field for field in overrides if keys and field not in keys]
+    if not unknown:
+        return None
+    near = difflib.get_close_matches(unknown[0], keys, n=3, cutoff=0.5)
+    hint = f"; nearest valid: {', '.join(near)}" if near else ""
+    return f"--config.{unknown[0]}: no such config field{hint}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError) as error:
+        message = unknown_config_field(argv, error)
+        if message is None and not isinstance(error, flags.Error):
+            raise
+        sys.stderr.write(f"error: {message or one_line(error)} (see --helpshort)\n")
+        sys.exit(EXIT_USER_ERROR)
+
+
+HELP_SPELLINGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
+FULL_HELP_SPELLINGS = ("--helpfull", "-helpfull")
+
+
+def print_help(module_name: str, full: bool = False) -> NoReturn:
+    """The command's docstring and its flags on stdout, exit 0 (``--helpfull``: every flag)."""
+    module = sys.modules[module_name]
+    usage = (module.__doc__ or module_name).strip()
+    flag_help = FLAGS.get_help() if full else FLAGS.module_help(module_name)
+    tail = "" if full else "\n\nShared: --verbose (tracebacks, third-party logs); --helpfull lists every flag."
+    sys.stdout.write(f"{usage}\n\nFlags:\n{flag_help}{tail}\n")
+    sys.exit(0)
+
+
+def run_main(main_fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> NoReturn:
+    """Runs ``main_fn(argv)`` with ``app.run``; user errors end in one line and exit code 2;
+    ``--help`` prints the command's docstring and flags and exits 0."""
+    args = sys.argv if argv is None else argv
+    if any(a in HELP_SPELLINGS + FULL_HELP_SPELLINGS for a in args[1:]):
+        print_help(main_fn.__module__, full=any(a in FULL_HELP_SPELLINGS for a in args[1:]))
+
+    def main(args: list[str]) -> Any:
+        configure_logging(FLAGS.verbose)
+        try:
+            return main_fn(args)
+        except USER_ERRORS as error:
+            if FLAGS.verbose:
+                raise
+            sys.stdout.flush()
+            sys.stderr.write(f"error: {one_line(error)}\n")
+            sys.stderr.flush()
+            sys.exit(EXIT_USER_ERROR)
+
+    app.run(main, argv=argv, flags_parser=_parse_flags)

@@ -1,0 +1,68 @@
+"""Trains a model: ``python -m codi_jax.train --config=codi_jax/configs/cpu/teacher_patches32.py --workdir=DIR``.
+
+Every config field can be overridden on the command line, e.g. ``--config.batch_size=16``.
+Rerunning with the same workdir resumes from its latest checkpoint.
+"""
+
+import os
+import sys
+
+import jax
+from absl import flags, logging
+from ml_collections import config_flags
+
+from codi_jax.cli import common
+from codi_jax.training import loop
+from codi_jax.training.run_status import RunStopped
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, TensorBoard summaries and samples.")
+flags.DEFINE_string(
+    "compilation_cache",
+    os.path.expanduser("~/.cache/codi_jax/xla"),
+    "Persistent XLA compilation cache ('' disables): resumed runs skip compiling.",
+)
+flags.DEFINE_bool(
+    "jax_distributed",
+    False,
+    "Multi-host (TPU pods, multi-node GPU): call jax.distributed.initialize() first. Alone it relies on "
+    "JAX's cluster auto-detection (TPU, SLURM, ...); give the three flags below to set it explicitly.",
+)
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --jax_distributed).")
+flags.DEFINE_integer("num_processes", None, "Number of processes, one per host (implies --jax_distributed).")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --jax_distributed).")
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize`` with the explicit flags given (None: auto-detected)."""
+    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if not FLAGS.jax_distributed and all(v is None for v in explicit):
+        return
+    if any(v is None for v in explicit) and any(v is not None for v in explicit):
+        raise common.UserError("Give all of --coordinator_address, --num_processes and --process_id, or none.")
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    if jax.process_index() > 0:
+        logging.set_verbosity(logging.WARNING)  # process 0 logs for the run
+
+
+def main(argv):
+    common.no_arguments(argv)
+    common.require_flags("config", "workdir")
+    initialize_distributed()
+    if FLAGS.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    try:
+        loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except RunStopped as stopped:
+        logging.error("%s: %s", type(stopped).__name__, stopped)
+        sys.exit(stopped.exit_code)
+
+
+if __name__ == "__main__":
+    common.run_main(main)

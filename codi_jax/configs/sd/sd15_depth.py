@@ -1,0 +1,26 @@
+"""Stable Diffusion 1.5: PE-CoDi depth-to-image (NYU Depth v2 through tfds, or pairs in a folder).
+
+  python -m codi_jax.train --config=codi_jax/configs/sd/sd15_depth.py --workdir=$RUN \\
+      --config.teacher_workdir=$SD15 --config.data.data_dir=/data/tfds
+
+``nyu_depth_v2`` must be prepared locally for tfds (no download at run time); its metric depth
+becomes the condition (near = +1). Initialise from a public depth ControlNet with
+``--config.adapter.init_from=$SD15/controlnet`` after ``convert --controlnet``.
+"""
+
+import ml_collections
+
+from codi_jax.configs.sd import sd15_sr4
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = sd15_sr4.get_config()
+    config.task.name = "depth"
+    config.task.depth_source = "feature"
+    config.task.depth_is_disparity = False
+    config.data.source = "tfds"
+    config.data.tfds_name = "nyu_depth_v2"
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"
+    config.data.random_crop = False
+    return config

@@ -1,0 +1,1 @@
+"""Evaluation: held-out sets, sampling and scoring them, tables."""

@@ -1,0 +1,601 @@
+"""A local diffusers model as a teacher workdir (the library behind ``python -m codi_jax.convert``).
+
+``python -m codi_jax.convert --diffusers=DIR --workdir=OUT [--controlnet=DIR] [--overwrite]``
+
+Input (``--diffusers``), read from local files only:
+
+- a pipeline folder: ``model_index.json``, ``unet/``, ``scheduler/`` and the frozen parts
+  ``model_index.json`` lists (``vae/``, ``text_encoder/``, ``tokenizer/``): Stable Diffusion 1.x /
+  2.x, or a pixel ``DDPMPipeline``. Listed parts a teacher never uses (``safety_checker``,
+  ``feature_extractor``, ``image_encoder``) are skipped; any other listed part is refused.
+- a single ``UNet2DModel`` / ``UNet2DConditionModel`` folder (``config.json`` + safetensors). Its
+  noise schedule is read from the first of ``DIR/scheduler/scheduler_config.json``,
+  ``DIR/scheduler_config.json`` and ``DIR/../scheduler/scheduler_config.json`` that exists; with
+  none the conversion is refused naming the three paths. There is deliberately no default
+  schedule: a wrong prediction type or beta range gives a teacher that loads and samples garbage.
+  A single folder brings no VAE / text encoder (pass the pipeline folder for those).
+
+Output (``OUT``), a teacher workdir that ``config.teacher_workdir=OUT`` (codi / finetune runs) and
+``pretrained.load_teacher(OUT)`` read like one trained here:
+
+- ``checkpoints/0/{state,config}`` (``checkpoint.Checkpointer``). The state is
+  ``{"step": 0, "ema_params": <UNet params>}``: every reader of a teacher
+  (``pretrained.restore_params``, ``use_ema`` True or False: ``pretrained._request`` falls back to
+  ``ema_params``) finds the UNet there, so the weights are stored once (SD 1.5's UNet: 3.4 GB),
+  without a ``params`` copy or zero Adam moments (4x that). It is not a state to resume teacher
+  *training* from (no ``opt_state``).
+- ``components/``: byte copies of ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
+  ``model_index.json`` (the frozen parts stay diffusers / transformers files; each is loaded once
+  with this codebase's loaders before the output is committed).
+- ``controlnet/`` (``--controlnet=DIR``, a diffusers ``ControlNetModel`` whose backbone fields equal
+  the UNet's): ``params/``, an Orbax PyTree checkpoint of the adapter params
+  (``restore_controlnet``), and ``adapter.json``, the adapter fields (``controlnet_adapter_fields``).
+
+The saved config (``teacher_config``): ``method="teacher"``; ``model`` = every ``UNet`` field
+(``unet_config_from_diffusers`` over the UNet's defaults) + ``dtype`` / ``remat`` / ``conv_impl`` +
+``parametrization`` (``epsilon`` / ``v_prediction`` / ``sample`` -> eps / v / x); ``schedule`` =
+``{kind, num_train_timesteps, beta_start, beta_end}``; ``data`` with ``image_size`` = the UNet's
+``sample_size`` times the VAE's downsampling (the pixel size ``networks.model_input_size`` divides
+back to the UNet's input size; the UNet's ``sample_size`` for a pixel model); ``latent`` =
+``{vae: abs OUT/components/vae | "", encode: "sample"}``; ``text`` = ``{encoder, tokenizer: abs paths
+| "", prompt: "", negative_prompt: "", max_length}`` (``max_length`` 0 without a tokenizer);
+``source`` = ``{diffusers, controlnet}`` (absolute input paths); the training sections of
+``codi_jax/configs/cpu/teacher_patches32`` (optimizer, EMA, logging, sharding, nonfinite) for completeness.
+
+Every check on paths and configs (an existing ``OUT``, missing folders or weights, unsupported
+UNet / VAE / text encoder / scheduler / ControlNet fields) runs before any weights are read, and
+``OUT`` is written atomically (``flax_to_torch.atomic_directory``): all or nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+# = pretrained.checkpoint_dir(workdir); not imported from there: pretrained pulls in the data
+# pipeline and TensorFlow (~9 s of the CLI's wall time on this machine).
+CHECKPOINTS = "checkpoints"
+COMPONENTS = "components"
+CONTROLNET = "controlnet"
+CONTROLNET_PARAMS = "params"
+ADAPTER_FILE = "adapter.json"
+MODEL_INDEX = "model_index.json"
+CONFIG_NAME = "config.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")
+TRANSFORMERS_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# Frozen parts a pipeline may list, with the classes our loaders read.
+FROZEN_PARTS = {
+    "vae": ("AutoencoderKL",),
+    "text_encoder": ("CLIPTextModel",),
+    "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+}
+IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
+PARAMETRIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
+BETA_SCHEDULES = ("scaled_linear", "linear")
+# diffusers' defaults for a scheduler_config.json that omits a field (DDPM / DDIM / PNDM / Euler ...).
+SCHEDULER_DEFAULTS = dict(
+    num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon"
+)
+# Schedulers over DDPM betas (their other fields are sampling choices, ours are our own).
+SCHEDULER_CLASSES = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "UniPCMultistepScheduler",
+    "DEISMultistepScheduler",
+    "LCMScheduler",
+    "TCDScheduler",
+)
+# (field, refused(value), why): scheduler fields that change what the UNet was trained on.
+SCHEDULER_REFUSALS = (
+    ("trained_betas", lambda v: v is not None, "explicit betas (ours come from beta_schedule)"),
+    ("rescale_betas_zero_snr", bool, "zero-terminal-SNR rescaled betas"),
+    ("timestep_type", lambda v: v not in (None, "discrete"), "the UNet is fed continuous (sigma) times"),
+    ("variance_type", lambda v: v in ("learned", "learned_range"), "the UNet also predicts the variance"),
+)
+# ControlNet fields that are the adapter's own (the rest must equal the UNet's); out_channels is
+# diffusers' default 4 on a ControlNet, which has no output conv.
+ADAPTER_FIELDS = ("hint_channels", "hint_downsamples", "cond_channels", "output")
+NOT_COMPARED = ("out_channels",)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where each part of the input lives (checked to exist; nothing loaded)."""
+
+    root: str  # absolute --diffusers
+    kind: str  # "pipeline" | "unet folder"
+    unet_dir: str
+    unet_config: dict[str, Any]
+    scheduler_file: str
+    parts: dict[str, str]  # frozen part name -> its folder
+    model_index: str  # "" for a single UNet folder
+    skipped: tuple[str, ...]  # parts model_index.json lists that are not converted
+    controlnet_dir: str  # "" without --controlnet
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """A checked conversion: the source, the output and every field derived from configs alone."""
+
+    source: Source
+    out: str  # absolute
+    unet_fields: dict[str, Any]
+    schedule: dict[str, Any]
+    parametrization: str
+    image_size: int
+    adapter_fields: dict[str, Any] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    plan: Plan
+    param_counts: dict[str, int]  # part -> number of parameters
+    max_length: int
+    seconds: float
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Missing {path}.")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}.") from error
+
+
+def _require_weights(directory: str, names: tuple[str, str], what: str) -> None:
+    """``directory`` holds ``config.json`` and safetensors weights (a single file or an index)."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Missing {what} folder {directory}.")
+    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
+        raise FileNotFoundError(f"Missing {what} config {os.path.join(directory, CONFIG_NAME)}.")
+    if not any(os.path.isfile(os.path.join(directory, name)) for name in names):
+        binaries = [n for n in os.listdir(directory) if n.endswith(".bin")]
+        hint = f" (only {binaries[0]} is there: save it as safetensors first)" if binaries else ""
+        raise FileNotFoundError(f"Missing {what} weights {os.path.join(directory, names[0])}{hint}.")
+
+
+def _require_tokenizer(directory: str) -> None:
+    if not any(os.path.isfile(os.path.join(directory, n)) for n in ("tokenizer.json", "vocab.json")):
+        raise FileNotFoundError(f"Missing tokenizer files in {directory} (tokenizer.json or vocab.json + merges.txt).")
+
+
+def _find_scheduler(unet_dir: str) -> str:
+    """The scheduler config beside a single UNet folder (see the module docstring)."""
+    candidates = [
+        os.path.join(unet_dir, "scheduler", SCHEDULER_CONFIG),
+        os.path.join(unet_dir, SCHEDULER_CONFIG),
+        os.path.join(os.path.dirname(unet_dir), "scheduler", SCHEDULER_CONFIG),
+    ]
+    for path in candidates:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(
+        f"No scheduler config for the UNet at {unet_dir}: none of {candidates} exists (the noise schedule and "
+        "prediction type come from it; pass the pipeline folder, or put the scheduler/ folder beside the UNet)."
+    )
+
+
+def _pipeline_parts(root: str, index: Mapping[str, Any]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """The frozen parts ``model_index.json`` lists (checked) and the listed parts that are skipped."""
+    parts, skipped = {}, []
+    for name, entry in index.items():
+        if name.startswith("_") or name in ("unet", "scheduler") or not isinstance(entry, list):
+            continue
+        class_name = entry[1] if len(entry) > 1 else None
+        if class_name is None:
+            continue
+        if name in IGNORED_PARTS:
+            skipped.append(name)
+            continue
+        if name not in FROZEN_PARTS:
+            raise ValueError(
+                f"{os.path.join(root, MODEL_INDEX)} lists {name}={class_name}, a part this converter does not "
+                f"handle (converted: unet, scheduler, {', '.join(FROZEN_PARTS)}; skipped: {', '.join(IGNORED_PARTS)})."
+            )
+        if class_name not in FROZEN_PARTS[name]:
+            raise ValueError(f"{MODEL_INDEX}: {name} is a {class_name}; supported: {list(FROZEN_PARTS[name])}.")
+        directory = os.path.join(root, name)
+        if name == "tokenizer":
+            if not os.path.isdir(directory):
+                raise FileNotFoundError(f"{MODEL_INDEX} lists a tokenizer but {directory} is missing.")
+            _require_tokenizer(directory)
+        else:
+            _require_weights(directory, DIFFUSERS_WEIGHTS if name == "vae" else TRANSFORMERS_WEIGHTS, name)
+        parts[name] = directory
+    return parts, tuple(skipped)
+
+
+def find_source(diffusers: str, controlnet: str | None = None) -> Source:
+    """The input's layout, every file it needs checked to exist (no weights read)."""
+    root = os.path.abspath(diffusers)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--diffusers={diffusers}: no such directory.")
+    controlnet_dir = os.path.abspath(controlnet) if controlnet else ""
+    if controlnet_dir:
+        _require_weights(controlnet_dir, DIFFUSERS_WEIGHTS, "ControlNet")
+    index_path = os.path.join(root, MODEL_INDEX)
+    if os.path.isfile(index_path):
+        index = _read_json(index_path)
+        unet_dir = os.path.join(root, "unet")
+        _require_weights(unet_dir, DIFFUSERS_WEIGHTS, "UNet")
+        scheduler_file = os.path.join(root, "scheduler", SCHEDULER_CONFIG)
+        if not os.path.isfile(scheduler_file):
+            raise FileNotFoundError(f"Missing scheduler config {scheduler_file} (the pipeline's noise schedule).")
+        parts, skipped = _pipeline_parts(root, index)
+        unet_config = _read_json(os.path.join(unet_dir, CONFIG_NAME))
+        return Source(
+            root, "pipeline", unet_dir, unet_config, scheduler_file, parts, index_path, skipped, controlnet_dir
+        )
+    if not os.path.isfile(os.path.join(root, CONFIG_NAME)):
+        raise FileNotFoundError(
+            f"--diffusers={diffusers}: neither a pipeline folder ({MODEL_INDEX}) nor a UNet folder ({CONFIG_NAME})."
+        )
+    _require_weights(root, DIFFUSERS_WEIGHTS, "UNet")
+    unet_config = _read_json(os.path.join(root, CONFIG_NAME))
+    return Source(root, "unet folder", root, unet_config, _find_scheduler(root), {}, "", (), controlnet_dir)
+
+
+def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = SCHEDULER_CONFIG) -> tuple[dict, str]:
+    """``(schedule section, parametrization)`` of a diffusers scheduler config; unsupported fields
+    raise ``ValueError`` naming the field and ``where``."""
+    class_name = config.get("_class_name")
+    if class_name is not None and class_name not in SCHEDULER_CLASSES:
+        raise ValueError(f"{where}: _class_name={class_name!r} is not a DDPM-beta scheduler we read.")
+    for field, refused, why in SCHEDULER_REFUSALS:
+        if refused(config.get(field)):
+            raise ValueError(f"{where}: {field}={config[field]!r} is not supported ({why}).")
+    values = {key: config.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
+    if values["beta_schedule"] not in BETA_SCHEDULES:
+        raise ValueError(
+            f"{where}: beta_schedule={values['beta_schedule']!r} is not supported (supported: {list(BETA_SCHEDULES)})."
+        )
+    if values["prediction_type"] not in PARAMETRIZATIONS:
+        raise ValueError(
+            f"{where}: prediction_type={values['prediction_type']!r} is not supported "
+            f"(supported: {list(PARAMETRIZATIONS)})."
+        )
+    if int(values["num_train_timesteps"]) < 1:
+        raise ValueError(f"{where}: num_train_timesteps={values['num_train_timesteps']!r} must be at least 1.")
+    schedule = dict(
+        kind=values["beta_schedule"],
+        num_train_timesteps=int(values["num_train_timesteps"]),
+        beta_start=float(values["beta_start"]),
+        beta_end=float(values["beta_end"]),
+    )
+    return schedule, PARAMETRIZATIONS[values["prediction_type"]]
+
+
+def _check_frozen_parts(source: Source, unet_fields: Mapping[str, Any]) -> int:
+    """The frozen parts' configs fit the UNet (and our modules); returns the VAE's downsampling (1 without)."""
+    from codi_jax.models import clip_text, vae
+
+    factor = 1
+    if "vae" in source.parts:
+        vae_config = _read_json(os.path.join(source.parts["vae"], CONFIG_NAME))
+        model = vae.vae_from_diffusers_config(vae_config)
+        for field in ("in_channels", "out_channels"):
+            if unet_fields[field] != model.latent_channels:
+                raise ValueError(
+                    f"unet/config.json {field}={unet_fields[field]} but vae/config.json latent_channels="
+                    f"{model.latent_channels}: not a latent teacher (an inpainting / depth UNet?)."
+                )
+        factor = 2 ** (len(model.block_out_channels) - 1)
+    if "text_encoder" in source.parts:
+        fields = clip_text.clip_text_config_fields(_read_json(os.path.join(source.parts["text_encoder"], CONFIG_NAME)))
+        if fields["hidden_size"] != unet_fields.get("cross_attention_dim"):
+            raise ValueError(
+                f"text_encoder/config.json hidden_size={fields['hidden_size']} but unet/config.json "
+                f"cross_attention_dim={unet_fields.get('cross_attention_dim')}."
+            )
+    return factor
+
+
+def check_controlnet_backbone(adapter: Mapping[str, Any], unet_fields: Mapping[str, Any], where: str) -> dict:
+    """The adapter fields of a ControlNet (``controlnet_config_from_diffusers`` output) whose backbone
+    fields must equal the UNet's (``ValueError`` naming the first that differs)."""
+    backbone = {k: v for k, v in adapter.items() if k not in ADAPTER_FIELDS}
+    plain = lambda value: list(value) if isinstance(value, tuple | list) else value
+    for field in sorted((set(backbone) | set(unet_fields)) - set(NOT_COMPARED)):
+        ours, theirs = backbone.get(field), unet_fields.get(field)
+        if plain(ours) != plain(theirs):
+            raise ValueError(f"{where}: the ControlNet's {field}={ours!r} differs from the UNet's {field}={theirs!r}.")
+    return {field: adapter[field] for field in ADAPTER_FIELDS}
+
+
+def _check_out(out: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise FileExistsError(f"--workdir={out} exists and is not a directory.")
+    if os.path.isdir(out) and os.listdir(out) and not overwrite:
+        raise FileExistsError(f"--workdir={out} exists and is not empty; pass --overwrite to replace it.")
+    for path in inputs:
+        real_in, real_out = os.path.realpath(path), os.path.realpath(out)
+        if real_in == real_out or real_in.startswith(real_out + os.sep):
+            raise ValueError(f"--workdir={out} holds the input {path}: write the teacher elsewhere.")
+
+
+def plan_conversion(diffusers: str, workdir: str, *, controlnet: str | None = None, overwrite: bool = False) -> Plan:
+    """Every check of a conversion, from paths and configs alone (no weights read)."""
+    if not os.path.exists(diffusers):
+        raise FileNotFoundError(f"--diffusers={diffusers}: no such directory.")
+    out = os.path.abspath(workdir)
+    _check_out(out, overwrite, tuple(p for p in (diffusers, controlnet) if p))
+    source = find_source(diffusers, controlnet)
+    from codi_jax.interop import torch_to_flax
+
+    unet_fields = torch_to_flax.unet_config_from_diffusers(source.unet_config)
+    schedule, parametrization = schedule_from_scheduler_config(_read_json(source.scheduler_file), source.scheduler_file)
+    sample_size = source.unet_config.get("sample_size")
+    levels = len(unet_fields["block_out_channels"])
+    if not isinstance(sample_size, int) or sample_size % 2 ** (levels - 1):
+        raise ValueError(
+            f"{os.path.join(source.unet_dir, CONFIG_NAME)}: sample_size={sample_size!r} (need one int, a multiple of "
+            f"2**{levels - 1} for {levels} levels; it sets data.image_size)."
+        )
+    factor = _check_frozen_parts(source, unet_fields)
+    adapter_fields = None
+    if source.controlnet_dir:
+        where = os.path.join(source.controlnet_dir, CONFIG_NAME)
+        adapter = torch_to_flax.controlnet_config_from_diffusers(_read_json(where))
+        adapter_fields = check_controlnet_backbone(adapter, unet_fields, where)
+    return Plan(source, out, unet_fields, schedule, parametrization, sample_size * factor, adapter_fields)
+
+
+def _training_sections() -> dict[str, Any]:
+    """The non-model sections of a teacher config, with ``codi_jax/configs/cpu/teacher_patches32``'s values (the
+    ``configs`` package is not installed with ``codi_jax``, so they are written out here)."""
+    from codi_jax import sharding
+    from codi_jax.training import train_state
+
+    data = dict(source="skimage_patches", tfds_name="", image_key="image", folder="", data_dir="", image_size=32)
+    data.update(
+        train_split="train",
+        eval_split="test",
+        random_flip=True,
+        random_crop=False,
+        color_augment=0.0,
+        shuffle_buffer=10000,
+    )
+    optimizer = dict(learning_rate=3e-4, warmup_steps=200, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0)
+    return dict(
+        seed=0,
+        num_devices=0,
+        data=ml_collections.ConfigDict(data),
+        optimizer=ml_collections.ConfigDict(dict(optimizer, grad_clip_norm=1.0)),
+        ema_decay=0.999,
+        ema_warmup=True,
+        batch_size=32,
+        num_train_steps=100_000,
+        log_every_steps=50,
+        checkpoint_every_steps=250,
+        keep_checkpoints=2,
+        sample_every_steps=1000,
+        sample_steps=50,
+        num_sample_images=64,
+        sharding=sharding.default_sharding_config(),
+        nonfinite=train_state.default_update_policy(),
+    )
+
+
+def _model_section(unet_fields: Mapping[str, Any], parametrization: str) -> ml_collections.ConfigDict:
+    """Every ``UNet`` field (its defaults, then the converted ones) plus the parametrization."""
+    from codi_jax.models.unet import UNet
+
+    defaults = {
+        f.name: f.default
+        for f in dataclasses.fields(UNet)
+        if f.name not in ("parent", "name") and f.default is not dataclasses.MISSING
+    }
+    model = {**defaults, **unet_fields, "dtype": "float32", "remat": False, "conv_impl": "auto"}
+    return ml_collections.ConfigDict(dict(model, parametrization=parametrization))
+
+
+def teacher_config(plan: Plan, max_length: int) -> ml_collections.ConfigDict:
+    """The config saved with the converted teacher (field layout: see the module docstring)."""
+    components = os.path.join(plan.out, COMPONENTS)
+    parts = plan.source.parts
+    config = ml_collections.ConfigDict(_training_sections())
+    config.method = "teacher"
+    config.model = _model_section(plan.unet_fields, plan.parametrization)
+    config.schedule = ml_collections.ConfigDict(plan.schedule)
+    config.data.image_size = plan.image_size
+    vae = os.path.join(components, "vae") if "vae" in parts else ""
+    config.latent = ml_collections.ConfigDict(dict(vae=vae, encode="sample"))
+    config.text = ml_collections.ConfigDict(
+        dict(
+            encoder=os.path.join(components, "text_encoder") if "text_encoder" in parts else "",
+            tokenizer=os.path.join(components, "tokenizer") if "tokenizer" in parts else "",
+            prompt="",
+            negative_prompt="",
+            max_length=int(max_length),
+        )
+    )
+    config.source = ml_collections.ConfigDict(
+        dict(diffusers=plan.source.root, controlnet=plan.source.controlnet_dir or "")
+    )
+    return config
+
+
+def count_params(tree: Any) -> int:
+    import jax
+    import numpy as np
+
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def _copy_components(source: Source, components: str) -> None:
+    """Byte copies (symbolic links followed, as in a hub cache snapshot) of the frozen parts."""
+    os.makedirs(components)
+    for name, directory in source.parts.items():
+        shutil.copytree(directory, os.path.join(components, name))
+    scheduler_dir = os.path.dirname(source.scheduler_file)
+    if os.path.basename(scheduler_dir) == "scheduler":
+        shutil.copytree(scheduler_dir, os.path.join(components, "scheduler"))
+    else:  # a scheduler_config.json beside the UNet's config.json
+        os.makedirs(os.path.join(components, "scheduler"))
+        shutil.copyfile(source.scheduler_file, os.path.join(components, "scheduler", SCHEDULER_CONFIG))
+    if source.model_index:
+        shutil.copyfile(source.model_index, os.path.join(components, MODEL_INDEX))
+
+
+def _check_components(components: str, source: Source) -> tuple[dict[str, int], int]:
+    """Loads every copied part with our loaders; returns their parameter counts and the prompt length."""
+    from codi_jax.interop import torch_to_flax
+    from codi_jax.models import clip_text, clip_tokenizer
+
+    counts, max_length = {}, 0
+    if "vae" in source.parts:
+        counts["vae"] = count_params(torch_to_flax.load_diffusers_vae(os.path.join(components, "vae"))[1])
+    if "text_encoder" in source.parts:
+        text_dir = os.path.join(components, "text_encoder")
+        counts["text_encoder"] = count_params(clip_text.load_clip_text(text_dir)[1])
+        max_length = int(_read_json(os.path.join(text_dir, CONFIG_NAME)).get("max_position_embeddings", 77))
+    if "tokenizer" in source.parts:
+        tokenizer = clip_tokenizer.load_clip_tokenizer(os.path.join(components, "tokenizer"))
+        max_length = tokenizer.model_max_length or max_length
+    return counts, max_length
+
+
+def _save_teacher(workdir: str, unet_params: Any, config: ml_collections.ConfigDict) -> None:
+    """``workdir/checkpoints/0``: the minimal teacher state (see the module docstring) and ``config``."""
+    import jax
+    import jax.numpy as jnp
+
+    from codi_jax.runs import checkpoint
+
+    state = {"step": jnp.zeros((), jnp.int32), "ema_params": jax.device_put(unet_params)}
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, CHECKPOINTS), async_save=False)
+    try:
+        ckpt.save(0, state, config, force=True)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+
+
+def save_controlnet(directory: str, params: Any, adapter_fields: Mapping[str, Any]) -> None:
+    """``directory/params`` (Orbax PyTree of the adapter params) and ``directory/adapter.json``."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, ADAPTER_FILE), "w") as f:
+        json.dump(dict(adapter_fields), f, indent=2, sort_keys=True)
+    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer.save(os.path.join(directory, CONTROLNET_PARAMS), args=ocp.args.PyTreeSave(jax.device_put(params)))
+    checkpointer.close()
+
+
+def _controlnet_dir(path: str) -> str:
+    """A converted ControlNet folder: ``path`` itself or the teacher workdir's ``controlnet/``."""
+    for directory in (path, os.path.join(path, CONTROLNET)):
+        if os.path.isfile(os.path.join(directory, ADAPTER_FILE)):
+            return directory
+    raise FileNotFoundError(f"No converted ControlNet at {path}: no {ADAPTER_FILE} there nor in {CONTROLNET}/.")
+
+
+def controlnet_adapter_fields(path: str) -> dict[str, Any]:
+    """The adapter fields of a converted ControlNet (``path``: its folder or the teacher workdir):
+    ``hint_channels`` (tuple), ``hint_downsamples``, ``cond_channels``, ``output``."""
+    fields = _read_json(os.path.join(_controlnet_dir(path), ADAPTER_FILE))
+    return dict(fields, hint_channels=tuple(fields["hint_channels"]))
+
+
+def _leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    import jax
+
+    return {
+        "/".join(str(k.key) for k in path): tuple(leaf.shape)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def restore_controlnet(path: str, abstract_params: Any) -> Any:
+    """The converted ControlNet's params (``path``: its folder or the teacher workdir), read straight
+    into the shapes and shardings of ``abstract_params`` (``jax.ShapeDtypeStruct`` leaves with
+    ``sharding``, the adapter's tree). A missing / extra leaf or a shape mismatch raises ``ValueError``
+    naming the leaf."""
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    params_dir = os.path.join(_controlnet_dir(path), CONTROLNET_PARAMS)
+    saved = _leaf_shapes(ocp.PyTreeCheckpointHandler().metadata(epath.Path(params_dir)).tree)
+    wanted = _leaf_shapes(abstract_params)
+    missing, extra = sorted(set(wanted) - set(saved)), sorted(set(saved) - set(wanted))
+    if missing or extra:
+        raise ValueError(f"ControlNet at {params_dir}: leaves missing {missing[:5]}, not asked for {extra[:5]}.")
+    for leaf, shape in wanted.items():
+        if saved[leaf] != shape:
+            raise ValueError(f"ControlNet at {params_dir}: leaf {leaf} is {saved[leaf]} on disk, asked for {shape}.")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+    checkpointer = ocp.PyTreeCheckpointer()
+    try:
+        return checkpointer.restore(params_dir, args=ocp.args.PyTreeRestore(abstract_params, restore_args=restore_args))
+    finally:
+        checkpointer.close()
+
+
+def convert(diffusers: str, workdir: str, *, controlnet: str | None = None, overwrite: bool = False) -> Summary:
+    """Converts a local diffusers pipeline / UNet folder (and ControlNet) into the teacher workdir
+    ``workdir`` (see the module docstring); every check runs before any weights are read."""
+    start = time.perf_counter()
+    plan = plan_conversion(diffusers, workdir, controlnet=controlnet, overwrite=overwrite)
+    from codi_jax.interop import flax_to_torch, torch_to_flax
+
+    with flax_to_torch.atomic_directory(plan.out, overwrite=overwrite) as staging:
+        components = os.path.join(staging, COMPONENTS)
+        _copy_components(plan.source, components)
+        counts, max_length = _check_components(components, plan.source)
+        _, unet_params = torch_to_flax.load_diffusers_unet(plan.source.unet_dir)
+        counts = {"unet": count_params(unet_params), **counts}
+        _save_teacher(staging, unet_params, teacher_config(plan, max_length))
+        del unet_params
+        if plan.source.controlnet_dir:
+            _, controlnet_params = torch_to_flax.load_diffusers_controlnet(plan.source.controlnet_dir)
+            counts["controlnet"] = count_params(controlnet_params)
+            save_controlnet(os.path.join(staging, CONTROLNET), controlnet_params, plan.adapter_fields)
+    return Summary(plan, counts, max_length, time.perf_counter() - start)
+
+
+def summary_lines(summary: Summary) -> list[str]:
+    """What was converted, where it went, parameter counts and the wall time."""
+    plan, counts = summary.plan, summary.param_counts
+    schedule = plan.schedule
+    class_name = plan.source.unet_config.get("_class_name", "UNet")
+    lines = [
+        f"Converted {plan.source.root} ({plan.source.kind}) -> {plan.out} in {summary.seconds:.1f} s",
+        f"  unet: {class_name}, {counts['unet']:,} parameters -> checkpoints/0 (ema_params); parametrization "
+        f"{plan.parametrization}, schedule {schedule['kind']} ({schedule['num_train_timesteps']} steps, beta "
+        f"{schedule['beta_start']:g}..{schedule['beta_end']:g}), data.image_size {plan.image_size}",
+    ]
+    for name in FROZEN_PARTS:
+        if name in plan.source.parts:
+            size = f"{counts[name]:,} parameters" if name in counts else f"max_length {summary.max_length}"
+            lines.append(f"  {name}: {size} -> {COMPONENTS}/{name} (copied, loaded and checked)")
+    lines.append(f"  scheduler: {os.path.basename(plan.source.scheduler_file)} -> {COMPONENTS}/scheduler")
+    if plan.adapter_fields is not None:
+        fields = plan.adapter_fields
+        lines.append(
+            f"  controlnet: {counts['controlnet']:,} parameters -> {CONTROLNET}/ (hint network "
+            f"x{2 ** fields['hint_downsamples']}, cond_channels {fields['cond_channels']})"
+        )
+    if plan.source.skipped:
+        lines.append(f"  skipped: {', '.join(plan.source.skipped)}")
+    return lines

@@ -1,0 +1,436 @@
+"""This codebase's flax ``UNet`` / ControlNet parameters -> diffusers (PyTorch) model folders.
+
+The inverse of ``convert_diffusers``: the same name mapping (``_torch_name``) with the layout
+changes undone (kernel ``(kh, kw, in, out)`` -> weight ``(out, in, kh, kw)``, linear ``(in, out)``
+-> ``(out, in)``, norm ``scale`` -> ``weight``), plus a ``config.json`` that diffusers'
+``UNet2DModel`` / ``UNet2DConditionModel`` / ``ControlNetModel`` constructs into the same
+architecture. Anything diffusers cannot express is a ``ValueError`` naming the field. Only
+numpy and ``safetensors`` are used; torch is never imported. Folders are written atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from codi_jax.interop.torch_to_flax import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _torch_name,
+    controlnet_param_shapes,
+    unet_config_from_diffusers,
+    unet_param_shapes,
+)
+from codi_jax.models.adapters import ControlNet
+from codi_jax.models.unet import UNet
+
+# The diffusers release these configs were checked against (tests/test_export.py).
+DIFFUSERS_VERSION = "0.42.1"
+# UNet fields that describe the architecture (written to config.json) ...
+ARCHITECTURE_FIELDS = (
+    "in_channels",
+    "out_channels",
+    "block_out_channels",
+    "layers_per_block",
+    "attention_levels",
+    "mid_attention",
+    "attention_head_dim",
+    "num_attention_heads",
+    "cross_attention_dim",
+    "use_linear_projection",
+    "norm_num_groups",
+    "norm_eps",
+    "dropout",
+    "flip_sin_to_cos",
+    "freq_shift",
+)
+# ... and those that only choose how it computes (not exported).
+RUNTIME_FIELDS = ("dtype", "remat", "conv_impl", "attention_impl", "remat_policy")
+# ControlNet fields beyond the UNet's; hint_zero_init is only an initialisation choice.
+CONTROLNET_FIELDS = (
+    "cond_channels",
+    "hint_channels",
+    "hint_downsamples",
+    "num_instructions",
+    "output",
+    "guidance_embedding",
+    "hint_unit_range",
+)
+CONTROLNET_INIT_FIELDS = ("hint_zero_init",)
+
+# ControlNet components diffusers writes as ModuleList indices (split here whatever _torch_name does).
+_CONTROLNET_INDEXED = re.compile(r"^(controlnet_down_blocks|blocks)_(\d+)$")
+
+
+def _field_values(module: Any, known: tuple[str, ...], kind: str) -> dict[str, Any]:
+    """``module``'s dataclass fields; a field this exporter does not know is an error naming it."""
+    names = [f.name for f in dataclasses.fields(module) if f.name not in ("parent", "name")]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(
+            f"Cannot export {kind} field(s) {unknown} to diffusers: export_diffusers does not know how diffusers "
+            "represents them."
+        )
+    return {name: getattr(module, name) for name in names}
+
+
+def _level_heads(model: UNet) -> list[int]:
+    """Heads at each level as our attention computes them (the middle block uses the last level's)."""
+    if model.num_attention_heads is not None:
+        return [int(h) for h in model.num_attention_heads]
+    return [max(1, int(c) // int(model.attention_head_dim)) for c in model.block_out_channels]
+
+
+def _attention_blocks(model: UNet) -> dict[str, tuple[int, int]]:
+    """``{block: (channels, heads)}`` of every attention block; heads must divide the channels."""
+    levels = len(model.block_out_channels)
+    heads = _level_heads(model)
+    if len(heads) != levels:
+        raise ValueError(f"num_attention_heads has {len(heads)} entries for {levels} levels.")
+    blocks = {f"level {i}": i for i in range(levels) if model.attention_levels[i]}
+    if model.mid_attention:
+        blocks["mid block"] = levels - 1
+    result = {name: (int(model.block_out_channels[i]), heads[i]) for name, i in blocks.items()}
+    uneven = {name: ch for name, ch in result.items() if ch[1] < 1 or ch[0] % ch[1]}
+    if uneven:
+        raise ValueError(f"Attention heads do not divide the channels of {uneven} (channels, heads).")
+    return result
+
+
+def _unconditional_head_dim(model: UNet) -> int | None:
+    """``UNet2DModel``'s ``attention_head_dim``: one channels-per-head for every attention block
+    (None: one head of all channels in every block)."""
+    blocks = _attention_blocks(model)
+    if not blocks:
+        return int(model.attention_head_dim)
+    if all(heads == 1 for _, heads in blocks.values()):
+        return None
+    per_head = {name: channels // heads for name, (channels, heads) in blocks.items()}
+    if len(set(per_head.values())) != 1:
+        raise ValueError(
+            f"num_attention_heads={model.num_attention_heads} gives channels per head {per_head}: diffusers' "
+            "UNet2DModel has one attention_head_dim (channels per head) for every attention block."
+        )
+    return next(iter(per_head.values()))
+
+
+def _block_types(model: UNet) -> tuple[list[str], list[str]]:
+    cross = model.cross_attention_dim is not None
+    down, up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if cross else ("AttnDownBlock2D", "AttnUpBlock2D")
+    down_types = [down if a else "DownBlock2D" for a in model.attention_levels]
+    up_types = [up if a else "UpBlock2D" for a in reversed(model.attention_levels)]
+    return down_types, up_types
+
+
+def _common_config(model: UNet) -> dict[str, Any]:
+    down_types, up_types = _block_types(model)
+    return dict(
+        in_channels=int(model.in_channels),
+        out_channels=int(model.out_channels),
+        block_out_channels=[int(c) for c in model.block_out_channels],
+        layers_per_block=int(model.layers_per_block),
+        down_block_types=down_types,
+        up_block_types=up_types,
+        norm_num_groups=int(model.norm_num_groups),
+        norm_eps=float(model.norm_eps),
+        dropout=float(model.dropout),
+        flip_sin_to_cos=bool(model.flip_sin_to_cos),
+        freq_shift=model.freq_shift,
+        act_fn="silu",
+        center_input_sample=False,
+        downsample_padding=1,
+        mid_block_scale_factor=1,
+        resnet_time_scale_shift="default",
+    )
+
+
+def _attention_config(model: UNet) -> dict[str, Any]:
+    if model.cross_attention_dim is None:
+        return dict(
+            _class_name="UNet2DModel",
+            mid_block_type="UNetMidBlock2D",
+            add_attention=bool(model.mid_attention),
+            attention_head_dim=_unconditional_head_dim(model),
+            attn_norm_num_groups=None,
+            time_embedding_type="positional",
+            downsample_type="conv",
+            upsample_type="conv",
+        )
+    if not model.mid_attention:
+        raise ValueError(
+            "mid_attention=False with cross_attention_dim set: diffusers' UNetMidBlock2DCrossAttn always has attention."
+        )
+    _attention_blocks(model)  # heads divide the channels
+    # UNet2DConditionModel reads ``attention_head_dim`` as the number of heads per level (diffusers
+    # issue #2011; it refuses ``num_attention_heads``), so the heads go there.
+    return dict(
+        _class_name="UNet2DConditionModel",
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        attention_head_dim=_level_heads(model),
+        cross_attention_dim=int(model.cross_attention_dim),
+        use_linear_projection=bool(model.use_linear_projection),
+        only_cross_attention=False,
+        transformer_layers_per_block=1,
+        upcast_attention=False,  # ours computes logits / softmax in float32 always; equal in float32
+    )
+
+
+def _effective_architecture(model: UNet) -> dict[str, Any]:
+    """What the architecture computes, independent of how the heads are written (per-level heads
+    or channels per head) and of the projection flag where no transformer uses it."""
+    fields = {name: getattr(model, name) for name in ARCHITECTURE_FIELDS}
+    fields["block_out_channels"] = tuple(int(c) for c in model.block_out_channels)
+    fields["attention_levels"] = tuple(bool(a) for a in model.attention_levels)
+    fields["freq_shift"] = float(model.freq_shift)
+    del fields["attention_head_dim"], fields["num_attention_heads"]
+    fields["heads"] = _attention_blocks(model)
+    if model.cross_attention_dim is None:
+        del fields["use_linear_projection"]
+    return fields
+
+
+def unet_diffusers_config(model: UNet, sample_size: int | None = None) -> dict[str, Any]:
+    """A ``config.json`` that diffusers constructs into ``model``'s architecture: ``UNet2DModel``, or
+    ``UNet2DConditionModel`` when ``cross_attention_dim`` is set. The inverse of
+    ``unet_config_from_diffusers`` (checked: converting it back computes the same network).
+
+    Raises ``ValueError`` naming the field diffusers cannot represent.
+    """
+    _field_values(model, ARCHITECTURE_FIELDS + RUNTIME_FIELDS, "UNet")
+    config = {**_common_config(model), **_attention_config(model)}
+    config.update(sample_size=sample_size, _diffusers_version=DIFFUSERS_VERSION)
+    ours = _effective_architecture(model)
+    try:
+        back = _effective_architecture(UNet(**unet_config_from_diffusers(config)))
+    except ValueError as error:  # our importer cannot read what we wrote: a field this exporter mis-writes
+        raise ValueError(f"The exported UNet config does not convert back to this UNet: {error}") from error
+    differing = {
+        name: (ours.get(name), back.get(name)) for name in set(ours) | set(back) if ours.get(name) != back.get(name)
+    }
+    if differing:
+        raise ValueError(f"The diffusers config would not rebuild this UNet; fields (ours, diffusers'): {differing}.")
+    return config
+
+
+def _convert_back(torch_name: str, value: Any, expected: tuple[int, ...], leaf: str) -> np.ndarray:
+    array = np.asarray(jax.device_get(value), dtype=np.float32)
+    if tuple(array.shape) != tuple(expected):
+        raise ValueError(f"Parameter for {torch_name} has shape {tuple(array.shape)}; the model expects {expected}.")
+    if array.ndim == 4:  # conv kernel (kh, kw, in, out) -> weight (out, in, kh, kw)
+        array = array.transpose(3, 2, 0, 1)
+    elif array.ndim == 2 and leaf == "kernel":  # linear kernel (in, out) -> weight (out, in)
+        array = array.T
+    return np.ascontiguousarray(array)
+
+
+def _state_dict(
+    params: Any, shapes: Any, name_fn: Callable[[tuple[str, ...]], str], what: str
+) -> dict[str, np.ndarray]:
+    """``params`` (checked against ``shapes``, the model's parameter tree) as a diffusers state dict."""
+    expected = {
+        tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
+    }
+    given = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    missing = sorted("/".join(p) for p in set(expected) - set(given))
+    extra = sorted("/".join(p) for p in set(given) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{what} parameters do not fit the model: missing {missing[:10]}, unexpected {extra[:10]}.")
+    state = {}
+    for path, shape in expected.items():
+        torch_name = name_fn(path)
+        state[torch_name] = _convert_back(torch_name, given[path], shape, path[-1])
+    return state
+
+
+def unet_state_dict(model: UNet, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``model``'s params as a diffusers state dict (name -> float32 numpy): the exact inverse of
+    ``unet_params_from_diffusers``. The tree must be exactly ``model``'s; errors name the leaf."""
+    return _state_dict(params, unet_param_shapes(model), _torch_name, "UNet")
+
+
+# ---------------------------------------------------------------------------------------------
+# ControlNet: our ``adapters.ControlNet`` (output='residuals') <-> diffusers ``ControlNetModel``.
+# ---------------------------------------------------------------------------------------------
+
+
+def _controlnet_torch_name(path: tuple[str, ...]) -> str:
+    parts: list[str] = []
+    for component in path:
+        match = _CONTROLNET_INDEXED.match(component)
+        parts.extend(match.groups() if match else (component,))
+    return _torch_name(tuple(parts))
+
+
+def _encoder_unet(adapter: ControlNet) -> UNet:
+    """The UNet whose encoder ``adapter`` copies (same architecture fields)."""
+    return UNet(**{name: getattr(adapter, name) for name in ARCHITECTURE_FIELDS + RUNTIME_FIELDS})
+
+
+def _check_controlnet(adapter: ControlNet) -> None:
+    known = ARCHITECTURE_FIELDS + RUNTIME_FIELDS + CONTROLNET_FIELDS + CONTROLNET_INIT_FIELDS
+    _field_values(adapter, known, "ControlNet")
+    if adapter.output != "residuals":
+        raise ValueError(
+            f"ControlNet output={adapter.output!r} (the mu-fusion adapter): diffusers' ControlNetModel only adds "
+            "zero-conv residuals, so it cannot represent this adapter."
+        )
+    if adapter.cross_attention_dim is None:
+        raise ValueError(
+            "diffusers' ControlNetModel copies a UNet2DConditionModel encoder (cross-attention blocks, a two-resnet "
+            "cross-attention mid block); this ControlNet copies a UNet2DModel-style backbone (cross_attention_dim="
+            "None), which ControlNetModel cannot represent."
+        )
+    if adapter.num_instructions:
+        raise ValueError(
+            f"ControlNet num_instructions={adapter.num_instructions}: the instruction embedding is not exported "
+            "(diffusers' pipelines pass no class labels to a ControlNetModel)."
+        )
+    if adapter.guidance_embedding:
+        raise ValueError(
+            "ControlNet guidance_embedding (CFG-aware distillation): diffusers' ControlNetModel has no guidance-scale "
+            "embedding, so it cannot represent this adapter."
+        )
+    if not adapter.hint_unit_range:
+        raise ValueError(
+            "ControlNet hint_unit_range=False: this adapter reads the condition in [-1, 1], diffusers' ControlNet "
+            "pipelines feed it in [0, 1]; train with adapter.hint_unit_range=True to export."
+        )
+    if adapter.hint_downsamples != len(adapter.hint_channels) - 1:
+        raise ValueError(
+            f"ControlNet hint network with hint_downsamples={adapter.hint_downsamples} and hint_channels="
+            f"{tuple(adapter.hint_channels)}: diffusers' conditioning_embedding_out_channels always downsamples "
+            f"len(channels) - 1 = {len(adapter.hint_channels) - 1} times, so this layout cannot be expressed."
+        )
+
+
+def controlnet_diffusers_config(adapter: ControlNet) -> dict[str, Any]:
+    """A ``config.json`` that diffusers' ``ControlNetModel`` constructs into ``adapter``'s architecture.
+
+    Raises ``ValueError`` saying why when diffusers cannot represent the adapter (mu fusion, a
+    UNet2DModel-style encoder, instructions, or a hint network whose downsampling differs).
+    """
+    _check_controlnet(adapter)
+    unet = unet_diffusers_config(_encoder_unet(adapter))
+    shared = (
+        "in_channels",
+        "block_out_channels",
+        "layers_per_block",
+        "down_block_types",
+        "mid_block_type",
+        "norm_num_groups",
+        "norm_eps",
+        "flip_sin_to_cos",
+        "freq_shift",
+        "act_fn",
+        "downsample_padding",
+        "mid_block_scale_factor",
+        "resnet_time_scale_shift",
+        "attention_head_dim",
+        "cross_attention_dim",
+        "use_linear_projection",
+        "only_cross_attention",
+        "transformer_layers_per_block",
+        "upcast_attention",
+    )
+    return {
+        "_class_name": "ControlNetModel",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        **{key: unet[key] for key in shared},
+        "conditioning_channels": int(adapter.cond_channels),
+        "conditioning_embedding_out_channels": [int(c) for c in adapter.hint_channels],
+        "controlnet_conditioning_channel_order": "rgb",
+        "global_pool_conditions": False,
+        "class_embed_type": None,
+        "num_class_embeds": None,
+        "addition_embed_type": None,
+    }
+
+
+def controlnet_state_dict(adapter: ControlNet, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """``adapter``'s params as a diffusers ``ControlNetModel`` state dict (name -> float32 numpy):
+    the encoder copy under the UNet's names, ``controlnet_cond_embedding.{conv_in, blocks.N,
+    conv_out}``, ``controlnet_down_blocks.N`` and ``controlnet_mid_block``."""
+    _check_controlnet(adapter)
+    return _state_dict(params, controlnet_param_shapes(adapter), _controlnet_torch_name, "ControlNet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing folders.
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary sibling directory of ``path`` to fill; on success it replaces ``path``
+    (``os.replace``; an existing ``path`` is refused unless empty or ``overwrite``). On an error
+    the temporary directory is removed and ``path`` is left as it was."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{path} exists and is not a directory.")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise FileExistsError(f"{path} exists and is not empty (pass overwrite to replace it).")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield staging
+        _replace_directory(staging, path, parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace_directory(staging: str, path: str, parent: str) -> None:
+    """``os.replace(staging, path)``; a non-empty ``path`` is moved aside first and deleted after
+    (or put back if the replace fails)."""
+    if not (os.path.isdir(path) and os.listdir(path)):
+        os.replace(staging, path)
+        return
+    aside = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+    previous = os.path.join(aside, "previous")
+    os.replace(path, previous)
+    try:
+        os.replace(staging, path)
+    except BaseException:
+        os.replace(previous, path)
+        shutil.rmtree(aside, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def write_model_files(directory: str, config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray]) -> None:
+    """``config.json`` + ``diffusion_pytorch_model.safetensors`` (what ``save_pretrained`` writes)."""
+    from safetensors.numpy import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(dict(config), f, indent=2, sort_keys=True)
+    save_file(dict(state_dict), os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def save_unet(
+    model: UNet, params: Mapping[str, Any], path: str, *, sample_size: int | None = None, overwrite: bool = False
+) -> str:
+    """Writes ``model`` + ``params`` as a diffusers UNet folder at ``path`` (atomically); returns it."""
+    config, state = unet_diffusers_config(model, sample_size), unet_state_dict(model, params)
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        write_model_files(staging, config, state)
+    return os.path.abspath(path)
+
+
+def save_controlnet(adapter: ControlNet, params: Mapping[str, Any], path: str, *, overwrite: bool = False) -> str:
+    """Writes a ControlNet adapter as a diffusers ``ControlNetModel`` folder at ``path`` (atomically)."""
+    config, state = controlnet_diffusers_config(adapter), controlnet_state_dict(adapter, params)
+    with atomic_directory(path, overwrite=overwrite) as staging:
+        write_model_files(staging, config, state)
+    return os.path.abspath(path)

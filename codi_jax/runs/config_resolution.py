@@ -1,0 +1,114 @@
+"""Config resolution: a user's config in, the complete config the run records out (a new one).
+
+A codi / finetune run's backbone is its teacher's network: its ``model`` / ``schedule`` come
+from the teacher's saved config (fields the user did set must agree), ``teacher_step`` records
+which checkpoint. An ``init_workdir`` (the two-stage baselines) must have been trained with the
+same model, schedule, adapter and task. Only saved configs are read here, never weights.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import ml_collections
+
+from codi_jax.data import tasks
+from codi_jax.interop import convert
+from codi_jax.models import adapters, networks
+from codi_jax.objectives import codi
+from codi_jax.runs import config_diff, pretrained
+from codi_jax.training.train_state import check_optimizer_config
+
+METHODS = ("teacher",) + networks.CONDITIONAL_METHODS
+INIT_SECTIONS = ("model", "schedule", "adapter", "task")
+# The teacher's frozen models (VAE, text encoder) and prompts: a run inherits them; fields the
+# user's config sets (e.g. ``text.prompt``) override the teacher's.
+FROZEN_MODEL_SECTIONS = ("latent", "text")
+# How the teacher's network is computed, not what it is: a run may choose its own.
+RUN_MODEL_CHOICES = ("dtype", "remat", "conv_impl", "attention_impl", "remat_policy")
+
+
+def _merged_section(teacher_section: ml_collections.ConfigDict, own: ml_collections.ConfigDict | None):
+    merged = teacher_section.to_dict()
+    merged.update((own or ml_collections.ConfigDict()).to_dict())
+    return ml_collections.ConfigDict(merged)
+
+
+def method_of(config: ml_collections.ConfigDict) -> str:
+    method = config.get("method", "teacher")
+    if method not in METHODS:
+        raise ValueError(f"config.method={method!r}; valid methods: {METHODS}.")
+    return method
+
+
+def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The complete config of the run ``config`` asks for; ``config`` itself is left unchanged."""
+    check_optimizer_config(config.optimizer, config.get("num_train_steps", 0))
+    if method_of(config) == "teacher":
+        return copy.deepcopy(config)
+    codi.check_codi_config(config.codi)
+    if not config.get("teacher_workdir"):
+        raise ValueError(f"config.method={config.method!r} needs config.teacher_workdir (a teacher training workdir).")
+    teacher, step = pretrained.read_config(config.teacher_workdir, what="config.teacher_workdir")
+    own = {key: config.model[key] for key in RUN_MODEL_CHOICES if key in (config.get("model") or {})}
+    clashes = config_diff.differences(
+        config, teacher, ("model", "schedule"), names=("config", "teacher"), only_first_keys=True
+    )
+    clashes = [c for c in clashes if c.split(":")[0].split(".", 1)[1] not in own]
+    if clashes:
+        raise ValueError(f"Config disagrees with the teacher at {config.teacher_workdir}: " + "; ".join(clashes))
+    resolved = copy.deepcopy(config)
+    with resolved.unlocked():
+        resolved.model = ml_collections.ConfigDict({**teacher.model.to_dict(), **own})
+        resolved.schedule = ml_collections.ConfigDict(teacher.schedule.to_dict())
+        resolved.teacher_step = step
+        for section in FROZEN_MODEL_SECTIONS:
+            if teacher.get(section) is not None:
+                resolved[section] = _merged_section(teacher[section], config.get(section))
+    input_size = networks.model_input_size(resolved)
+    if input_size % 2 ** (len(resolved.model.block_out_channels) - 1):
+        raise ValueError(f"data.image_size={resolved.data.image_size} does not fit the teacher's UNet levels.")
+    _check_init_workdir(resolved)
+    _check_init_from(resolved)
+    return resolved
+
+
+def _check_init_from(config: ml_collections.ConfigDict) -> None:
+    """``adapter.init_from`` (if set) is a converted ControlNet that fits the configured adapter."""
+    path = config.adapter.get("init_from", "")
+    if not path:
+        return
+    if config.adapter.kind != "controlnet":
+        raise ValueError(f"adapter.init_from={path} is a ControlNet; adapter.kind={config.adapter.kind!r}.")
+    try:
+        saved = convert.controlnet_adapter_fields(path)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"adapter.init_from={path}: {error}") from None
+    wanted = {
+        "hint_channels": tuple(config.adapter.hint_channels),
+        "hint_downsamples": int(config.adapter.get("hint_downsamples", 0)),
+        "cond_channels": tasks.cond_channels(config.task),
+    }
+    clashes = [f"{key}: {saved.get(key)} (ControlNet) vs {value} (config)" for key, value in wanted.items()]
+    clashes = [c for c, (key, value) in zip(clashes, wanted.items()) if _normal(saved.get(key)) != _normal(value)]
+    if clashes:
+        raise ValueError(f"adapter.init_from={path} does not fit the configured adapter: " + "; ".join(clashes))
+
+
+def _normal(value):
+    return list(value) if isinstance(value, list | tuple) else value
+
+
+def _check_init_workdir(config: ml_collections.ConfigDict) -> None:
+    """``config.init_workdir`` (if set) holds a conditional run trained with this setup."""
+    workdir = config.get("init_workdir")
+    if not workdir:
+        return
+    saved, _ = pretrained.read_config(workdir, what="config.init_workdir")
+    if not networks.is_conditional(saved):
+        method = saved.get("method", "teacher")
+        raise ValueError(f"config.init_workdir={workdir} holds a {method!r} run, not a conditional one.")
+    defaults = {"adapter": adapters.default_adapter_config(), "task": tasks.default_task_config()}
+    clashes = config_diff.differences(config, saved, INIT_SECTIONS, names=("config", "init_workdir"), defaults=defaults)
+    if clashes:
+        raise ValueError(f"config.init_workdir={workdir} was trained with a different setup: " + "; ".join(clashes))

@@ -1,0 +1,1 @@
+"""Sampling: pure samplers, the conditional sampler of a run, guidance, few-step sampling of images."""

@@ -1,0 +1,359 @@
+"""Few-step conditional sampling as library functions (the ``codi_jax.sample`` CLI wraps them).
+
+``prepare`` checks everything about a sampling request before any weight is read or anything is
+compiled (the run's saved config only, ``pretrained.read_config``): the input path and every
+image in it, the output directory, the step count against the run's training grid, the task;
+``run`` then restores the model, samples and writes one PNG per input plus a grid, all or
+nothing (``atomic.write_files``), never overwriting anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from codi_jax import atomic
+from codi_jax.data import pipeline, tasks
+from codi_jax.frozen import batch_inputs, encoders
+from codi_jax.models import networks
+from codi_jax.runs.pretrained import Pretrained, load_conditional, read_config
+from codi_jax.sampling import conditional, samplers
+
+CONDITION_TASKS = ("sr", "edge", "depth")  # tasks whose condition is one image (--input=condition)
+GRID_MIN_TILE = 128  # grid tiles are enlarged (nearest neighbour) to at least this many pixels
+MAX_NOTES = 5  # resize notes printed before the rest are summed up
+
+
+def list_inputs(path: str, flag: str = "--cond") -> list[str]:
+    """The image files at ``path`` (one file, or a folder searched recursively); errors name the flag."""
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path}: no such file or directory.")
+    try:
+        return pipeline.list_image_files(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{flag} {path}: the folder holds no images ({', '.join(pipeline.IMAGE_EXTENSIONS)})."
+        ) from None
+
+
+def fit_image(rgb: np.ndarray, size: int) -> np.ndarray:
+    """uint8 HxWx3 -> float32 ``size`` x ``size`` x 3 in [-1, 1]: shorter side resized (bicubic), centre crop."""
+    image = Image.fromarray(rgb)
+    if image.size != (size, size):
+        scale = size / min(image.size)
+        width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+        image = image.resize((width, height), Image.BICUBIC)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image, np.float32) / 127.5 - 1.0
+
+
+def load_images(
+    path: str | Sequence[str],
+    size: int,
+    *,
+    accepted_sizes: Sequence[int] | None = None,
+    strict: bool = False,
+    note: Callable[[str], None] | None = print,
+    flag: str = "--cond",
+) -> tuple[list[str], np.ndarray]:
+    """``(names, images)``: every image at ``path`` (file, folder, or a list of files) as float32
+    [-1, 1], resized (shorter side, bicubic) and centre-cropped to ``size``.
+
+    Images not square at one of ``accepted_sizes`` (default: ``size``) are resized with a note
+    (``note``; None: silently), or refused with ``strict``. A file that does not decode is an
+    error naming it; ``flag`` names the path in errors."""
+    paths = list_inputs(path, flag) if isinstance(path, str) else list(path)
+    accepted = tuple(accepted_sizes or (size,))
+    images, notes = [], []
+    for p in paths:
+        rgb = pipeline.load_image_rgb(p)  # ValueError naming the file if it does not decode
+        height, width = rgb.shape[:2]
+        if not (height == width and height in accepted):
+            wanted = " or ".join(f"{s}x{s}" for s in accepted)
+            if strict:
+                raise ValueError(f"{p}: {width}x{height}, the model takes {wanted} images (--strict_size).")
+            notes.append(f"{os.path.basename(p)}: {width}x{height} resized to {size}x{size}")
+        images.append(fit_image(rgb, size))
+    if note is not None:
+        for line in notes[:MAX_NOTES]:
+            note(line)
+        if len(notes) > MAX_NOTES:
+            note(f"... and {len(notes) - MAX_NOTES} more images resized to {size}x{size}")
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    return names, np.stack(images)
+
+
+def check_condition_task(task_config: ml_collections.ConfigDict) -> None:
+    if tasks.text_instructions(task_config):
+        return  # the source image to edit, with the instruction from --prompt
+    if task_config.name not in CONDITION_TASKS:
+        raise ValueError(
+            f"--input=condition is not supported for task {task_config.name!r} (its condition is not a single "
+            "image); use --input=clean with clean images."
+        )
+
+
+def conditions_from_images(task_config: ml_collections.ConfigDict, images: np.ndarray) -> np.ndarray:
+    """Conditions given directly as images (``--input=condition``)."""
+    check_condition_task(task_config)
+    if tasks.text_instructions(task_config):
+        return images
+    if task_config.name == "sr":
+        size = images.shape[1]
+        low = size // int(task_config.scale)
+        small = jax.image.resize(jnp.asarray(images), (len(images), low, low, 3), "bicubic", antialias=True)
+        return np.clip(np.asarray(jax.image.resize(small, images.shape, "bicubic")), -1.0, 1.0)
+    gray = images @ np.array([0.299, 0.587, 0.114], np.float32)
+    return gray[..., None]
+
+
+def output_files(names: Sequence[str]) -> list[str]:
+    """``<name>.png`` per input and ``grid.png``; names that collide are an error."""
+    files = [f"{name}.png" for name in names] + ["grid.png"]
+    if len(set(files)) != len(files):
+        seen = [f for i, f in enumerate(files) if f in files[:i]]
+        raise ValueError(f"input file names collide after removing extensions ({seen[:3]}); rename them.")
+    return files
+
+
+def check_out_dir(out_dir: str, files: Sequence[str], flag: str = "--out") -> None:
+    """Refuses an output directory that is a file or already holds one of ``files``."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise FileExistsError(f"{flag} {out_dir} is a file, not a directory.")
+    clashes = [f for f in files if os.path.lexists(os.path.join(out_dir, f))]
+    if clashes:
+        raise FileExistsError(
+            f"{out_dir} already holds {clashes[:3]}{'...' if len(clashes) > 3 else ''}; "
+            f"choose another {flag} (nothing was overwritten)."
+        )
+
+
+def check_steps(config: ml_collections.ConfigDict, steps: int) -> None:
+    """``steps`` >= 1 and, for CoDi, at most its training grid (from the saved config alone)."""
+    if steps < 1:
+        raise ValueError(f"--steps={steps}: must be at least 1.")
+    try:
+        conditional.sample_times(config, steps)
+    except ValueError as error:
+        raise ValueError(f"--steps={steps}: {error}") from None
+
+
+@dataclasses.dataclass
+class SamplePlan:
+    """A checked sampling request: the run's config and step, the inputs and what will be written."""
+
+    config: ml_collections.ConfigDict
+    step: int
+    names: list[str]
+    files: list[str]
+    cond: np.ndarray
+    target: np.ndarray | None
+    instructions: np.ndarray | None
+
+
+def read_conditional_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
+    """The saved config of a codi / finetune run (JSON only, no weights) and its checkpoint step."""
+    config, step = read_config(workdir, step, what="--workdir")
+    if not networks.is_conditional(config):
+        raise ValueError(
+            f"--workdir {workdir} holds a {config.get('method', 'teacher')!r} run, not a conditional "
+            "(codi / finetune) one; sample an unconditional teacher with python -m codi_jax.sample_teacher."
+        )
+    return config, step
+
+
+def prepare(
+    workdir: str,
+    cond_path: str,
+    out_dir: str,
+    *,
+    steps: int,
+    input_kind: str = "clean",
+    seed: int = 0,
+    instruction: int = 0,
+    step: int | None = None,
+    strict_size: bool = False,
+    lowpass_consistency: bool = False,
+) -> SamplePlan:
+    """Every check of a sampling request, before any weight is read (see the module docstring)."""
+    if steps < 1:
+        raise ValueError(f"--steps={steps}: must be at least 1.")
+    if input_kind not in ("clean", "condition"):
+        raise ValueError(f"--input={input_kind!r}; valid: 'clean', 'condition'.")
+    paths = list_inputs(cond_path)
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    files = output_files(names)
+    check_out_dir(out_dir, files)
+    config, step = read_conditional_config(workdir, step)
+    check_steps(config, steps)
+    if lowpass_consistency:
+        try:
+            conditional.check_lowpass_consistency(config)
+        except ValueError as error:
+            raise ValueError(f"--lowpass_consistency: {error}") from None
+    task, size = config.task, int(config.data.image_size)
+    num_instructions = tasks.num_instructions(task)
+    if num_instructions and not 0 <= instruction < num_instructions:
+        raise ValueError(
+            f"--instruction={instruction}: the run's edit task has instructions 0..{num_instructions - 1}."
+        )
+    accepted = (size,)
+    if input_kind == "condition":
+        check_condition_task(task)
+        accepted = (size // int(task.scale), size) if task.name == "sr" else (size,)
+    _, images = load_images(paths, size, accepted_sizes=accepted, strict=strict_size)
+    if input_kind == "clean" and tasks.text_instructions(task):
+        raise ValueError(
+            "--input=clean: this run edits by free-text instructions; pass the images to edit with "
+            "--input=condition and the instruction with --prompt."
+        )
+    if input_kind == "clean":
+        degraded = tasks.degrade_images(task, images, seed)
+        cond, target, instructions = degraded["cond"], degraded["image"], degraded.get("instruction")
+    else:
+        cond, target, instructions = conditions_from_images(task, images), None, None
+    if num_instructions and instructions is None:
+        instructions = np.full((len(cond),), instruction, np.int32)
+    return SamplePlan(config, step, names, files, cond, target, instructions)
+
+
+def check_text_request(config: ml_collections.ConfigDict, prompt: str | None, guidance_scale: float | None) -> None:
+    """``--prompt`` / ``--guidance_scale`` need a text-conditioned run (checked before any weight)."""
+    if batch_inputs.has_text(config):
+        encoders.check_encoder_paths(config)
+        if guidance_scale is not None and guidance_scale < 0:
+            raise ValueError(f"--guidance_scale={guidance_scale}: must be >= 0.")
+        return
+    if prompt is not None or guidance_scale not in (None, 1.0):
+        raise ValueError("--prompt / --guidance_scale need a text-conditioned run; this run's backbone has no text.")
+
+
+def sample_conditional(
+    pre: Pretrained,
+    cond: np.ndarray,
+    instruction: np.ndarray | None,
+    *,
+    steps: int,
+    seed: int,
+    stochastic: bool | None = None,
+    batch_size: int = 32,
+    guidance_scale: float | None = None,
+    lowpass_consistency: bool = False,
+) -> np.ndarray:
+    """Samples in [-1, 1] for each condition; the noise of example i depends only on (seed, i).
+
+    ``stochastic``: re-noise between steps; None takes the run's default (CoDi: ``codi.renoise``).
+    Latent runs sample latents and decode them with the VAE; text runs use the config's prompt
+    (``text.prompt``, or the instruction's) with CFG scale ``guidance_scale`` (None: the run's
+    ``sample_guidance_scale``, default 1 = no guidance). ``lowpass_consistency``: replace the low
+    frequencies of every step's prediction by the condition's (pixel-space super-resolution only)."""
+    times = jnp.asarray(conditional.sample_times(pre.config, steps))  # raises if steps > grid
+    enc, frozen = batch_inputs.load(pre.config)
+    latent = enc.vae is not None
+    ops = conditional.lowpass_operators(pre.config) if lowpass_consistency else None
+    sampler = conditional.make_conditional_sampler(
+        pre.model, pre.schedule, pre.parametrization, clip=not latent, lowpass_ops=ops
+    )
+    decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
+    size = cond.shape[1] // networks.latent_factor(pre.config)
+
+    def sample_batch(batch: slice, z_init: jax.Array, renoise_keys: jax.Array | None) -> np.ndarray:
+        inputs = {"cond": jnp.asarray(cond[batch])}
+        if instruction is not None:
+            inputs["instruction"] = jnp.asarray(instruction[batch])
+        text = conditional.text_inputs(batch_inputs.add_text(frozen, inputs), pre.config, guidance_scale)
+        x = sampler(pre.params, inputs["cond"], inputs.get("instruction"), z_init, times, renoise_keys, text)
+        return np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0)
+
+    renoise = conditional.renoise_between_steps(pre.config) if stochastic is None else bool(stochastic)
+    shape = (size, size, pre.model.backbone.out_channels)
+    samples, _ = samplers.sample_in_batches(
+        sample_batch, len(cond), shape, seed=seed, renoise=renoise, batch_size=batch_size
+    )
+    return samples
+
+
+def viewable_grid(tiles: np.ndarray, columns: int, min_tile: int = GRID_MIN_TILE) -> np.ndarray:
+    """``samplers.make_grid`` of uint8 NHWC ``tiles``, enlarged (nearest neighbour) by the smallest
+    integer factor that shows each tile at ``min_tile`` pixels or more (32-px tiles: 4x)."""
+    factor = max(1, -(-min_tile // min(tiles.shape[1:3])))
+    grid = samplers.make_grid(tiles, columns=columns)
+    return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
+
+
+def write_outputs(out_dir: str, names: list[str], columns: list[np.ndarray]) -> list[str]:
+    """``<name>.png`` (the sample, ``columns[1]``) per input and ``grid.png`` with one row per input
+    (tiles enlarged, ``viewable_grid``), written as one all-or-nothing group; never overwrites."""
+    files = output_files(names)
+    check_out_dir(out_dir, files)
+    pixels = [samplers.to_uint8(c) for c in columns]
+    tiles = np.stack(pixels, axis=1).reshape((-1,) + pixels[0].shape[1:])
+    images = list(pixels[1]) + [viewable_grid(tiles, len(columns))]
+    return atomic.write_files(
+        {os.path.join(out_dir, name): atomic.png_bytes(image) for name, image in zip(files, images, strict=True)}
+    )
+
+
+def run(
+    workdir: str,
+    cond_path: str,
+    out_dir: str,
+    *,
+    steps: int = 4,
+    input_kind: str = "clean",
+    stochastic: bool | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    instruction: int = 0,
+    step: int | None = None,
+    use_ema: bool = True,
+    strict_size: bool = False,
+    guidance_scale: float | None = None,
+    prompt: str | None = None,
+    lowpass_consistency: bool = False,
+) -> list[str]:
+    """Checks the request (``prepare``), restores the run, samples and writes; returns the paths
+    written (the samples, then ``grid.png``)."""
+    if batch_size < 1:
+        raise ValueError(f"--batch_size={batch_size}: must be at least 1.")
+    plan = prepare(
+        workdir,
+        cond_path,
+        out_dir,
+        steps=steps,
+        input_kind=input_kind,
+        seed=seed,
+        instruction=instruction,
+        step=step,
+        strict_size=strict_size,
+        lowpass_consistency=lowpass_consistency,
+    )
+    check_text_request(plan.config, prompt, guidance_scale)
+    pre = load_conditional(workdir, step=plan.step, use_ema=use_ema)
+    if prompt is not None:
+        with pre.config.unlocked():
+            pre.config.text.prompt = prompt
+    samples = sample_conditional(
+        pre,
+        plan.cond,
+        plan.instructions,
+        steps=steps,
+        seed=seed,
+        stochastic=stochastic,
+        batch_size=batch_size,
+        guidance_scale=guidance_scale,
+        lowpass_consistency=lowpass_consistency,
+    )
+    columns = [samplers.cond_to_rgb(plan.cond), samples] + ([plan.target] if plan.target is not None else [])
+    return write_outputs(out_dir, plan.names, columns)

@@ -1,0 +1,365 @@
+"""The training loop for every method (teacher, CoDi, fine-tune): ``train_and_evaluate``.
+
+Order of events: config resolved -> ``(data, fsdp)`` mesh -> recipe (model, optimizer, pure
+step; see ``recipes``) -> state restored from the workdir's latest checkpoint, else created by a
+jitted init straight into its shardings (the teacher's weights restored into their shards
+first) -> this process's data stream advanced to the resumed step -> jitted pure train step in
+a loop with progress, TensorBoard scalars, sample grids (and quick eval scalars) and checkpoints.
+Every process runs the loop; only process 0 writes logs, images and summaries.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers
+
+from codi_jax import diffusion, sharding
+from codi_jax.data import pipeline
+from codi_jax.frozen import encoders
+from codi_jax.models import networks
+from codi_jax.models.unet import UNet
+from codi_jax.runs import checkpoint, config_resolution
+from codi_jax.training import recipes
+from codi_jax.training.run_status import CheckpointWriteFailed, Diverged, Preempted
+from codi_jax.training.stop_signals import StopSignals
+from codi_jax.training.train_state import TrainState
+
+ENCODE_KEY = 1 << 20  # fold_in tag of the batch encoder's key (the step's own key is used as is)
+# ``Compiled.memory_analysis()`` fields (``<name>_size_in_bytes``) of the AOT memory line.
+MEMORY_PARTS = ("argument", "output", "alias", "temp", "generated_code")
+GIB = 2**30
+
+
+class StepMemoryError(ValueError):
+    """The compiled train step needs more memory per device than a device has (a user error: exit 2)."""
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[UNet, diffusion.Schedule]:
+    """The teacher's UNet and schedule from its config."""
+    return networks.build_teacher(config)
+
+
+def state_shardings(recipe: recipes.Recipe, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict) -> Any:
+    """``(abstract state, its shardings)`` from the config's sharding rules; nothing is allocated."""
+    rules, min_size = sharding.rules_from_config(config)
+    abstract = jax.eval_shape(recipe.init_state, recipe.init_shapes)
+    return abstract, sharding.tree_shardings(abstract, mesh, rules, min_size)
+
+
+def create_sharded_state(
+    recipe: recipes.Recipe, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict
+) -> tuple[TrainState, Any]:
+    """Initial state created by a jitted init directly into its shardings; pre-trained inputs
+    (the teacher's EMA params) are restored straight into their shards first."""
+    _, shardings = state_shardings(recipe, mesh, config)
+    rules, min_size = sharding.rules_from_config(config)
+    input_shardings = sharding.tree_shardings(recipe.init_shapes, mesh, rules, min_size)
+    inputs = recipe.load_init_inputs(input_shardings)
+    # Initialisation runs once: compile it without LLVM optimisation (threefry-heavy init graphs
+    # otherwise take ~4x longer to compile on XLA:CPU than they take to run).
+    init_fn = (
+        jax.jit(recipe.init_state, in_shardings=(input_shardings,), out_shardings=shardings)
+        .lower(inputs)
+        .compile(compiler_options={"xla_backend_optimization_level": 0})
+    )
+    return init_fn(inputs), shardings
+
+
+def local_batches(config: ml_collections.ConfigDict, task_config, start_step: int, tokenize=None) -> Iterator[dict]:
+    """This process's share of every global batch from ``start_step`` on."""
+    dataset = pipeline.build_dataset(
+        config.data,
+        config.data.train_split,
+        config.batch_size,
+        seed=config.seed,
+        train=True,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        task_config=task_config,
+        tokenize=tokenize,
+        start_batch=start_step,
+    )
+    # The stream is a deterministic function of the seed and the step: a resumed run reads the
+    # batches an uninterrupted one would, starting at its step directly (random access).
+    return pipeline.numpy_iterator(dataset)
+
+
+def check_input_paths(config: ml_collections.ConfigDict) -> None:
+    """The local paths a run reads (image folder, VAE / text encoder folders), checked before any
+    weight is loaded or anything is compiled; errors name the config field."""
+    encoders.check_encoder_paths(config)
+    if config.data.get("source") == "folder":
+        pipeline.list_image_files(config.data.get("folder", ""))
+    if config.data.get("source") == "edit_triples":
+        pipeline.list_edit_triples(config.data.get("folder", ""))
+
+
+def restore_or_init(
+    recipe: recipes.Recipe, mesh: jax.sharding.Mesh, config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer
+) -> tuple[TrainState, Any]:
+    """The run's latest checkpoint (pre-trained weights are then not read at all), else a fresh state."""
+    if ckpt.latest_step() is None:
+        return create_sharded_state(recipe, mesh, config)
+    abstract, shardings = state_shardings(recipe, mesh, config)
+    state = ckpt.restore_latest_intact(checkpoint.abstract_like(abstract, shardings), config)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, int(sharding.to_host(state.step)))
+    return state, shardings
+
+
+def step_memory(compiled: Any) -> dict[str, int] | None:
+    """Per-device bytes of a compiled step (``memory_analysis``): ``MEMORY_PARTS`` and ``total`` =
+    arguments + outputs - aliased (donated state buffers reused for the outputs) + temporaries +
+    generated code; None where the backend reports none."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (a backend without memory analysis: nothing to report)
+        return None
+    if stats is None:
+        return None
+    sizes = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0) for name in MEMORY_PARTS}
+    sizes["total"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["generated_code"]
+    return sizes
+
+
+def device_bytes_limit(device: Any) -> int | None:
+    """The memory an accelerator lets one program use (``memory_stats()["bytes_limit"]``); None on
+    backends that report none (CPU)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001  (memory_stats is unimplemented on some backends)
+        return None
+    limit = (stats or {}).get("bytes_limit")
+    return int(limit) if limit else None
+
+
+def memory_line(sizes: Mapping[str, int], bytes_limit: int | None) -> str:
+    """The AOT memory log line (GiB per device)."""
+    gib = {name: sizes[name] / GIB for name in (*MEMORY_PARTS, "total")}
+    limit = (
+        f"of {bytes_limit / GIB:.2f} GiB on the device" if bytes_limit else "(no device limit reported: not checked)"
+    )
+    return (
+        f"Train step memory per device (AOT): arguments {gib['argument']:.3f} GiB + outputs {gib['output']:.3f} GiB "
+        f"- donated {gib['alias']:.3f} GiB + temporaries {gib['temp']:.3f} GiB + generated code "
+        f"{gib['generated_code']:.3f} GiB = {gib['total']:.3f} GiB {limit}."
+    )
+
+
+def check_step_memory(sizes: Mapping[str, int], bytes_limit: int | None, config: ml_collections.ConfigDict) -> None:
+    """Raises ``StepMemoryError`` naming the config fields to change when the step's total exceeds
+    ``bytes_limit`` (None: no limit known, nothing checked)."""
+    if bytes_limit is None or sizes["total"] <= bytes_limit:
+        return
+    model, section = config.get("model") or {}, config.get("sharding") or {}
+    raise StepMemoryError(
+        f"the compiled train step needs {sizes['total'] / GIB:.2f} GiB per device (temporaries "
+        f"{sizes['temp'] / GIB:.2f} GiB, arguments {sizes['argument'] / GIB:.2f} GiB) but a device has "
+        f"{bytes_limit / GIB:.2f} GiB. To fit: lower config.batch_size (now {config.get('batch_size')}); shard the "
+        f"state over more devices with config.sharding.fsdp (now {section.get('fsdp', 1)}); set "
+        f"config.model.remat=True (now {model.get('remat', False)}); or compute in "
+        f"config.model.dtype='bfloat16' (now {model.get('dtype', 'float32')!r})."
+    )
+
+
+def step_batch_abstract(recipe: recipes.Recipe, batch: dict, rng: jax.Array, batch_sharding: Any) -> dict:
+    """Shapes of the batch the step trains on: ``batch`` itself, or what ``recipe.encode_batch``
+    makes of it (VAE latents, prompt embeddings), on ``batch_sharding``; nothing is run."""
+    if recipe.encode_batch is not None:
+        batch = jax.eval_shape(recipe.encode_batch, recipe.frozen_data, batch, rng)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding, weak_type=x.weak_type), batch
+    )
+
+
+def compile_train_step(
+    recipe: recipes.Recipe, config: ml_collections.ConfigDict, in_shardings: tuple, state: TrainState, batch: dict
+) -> Any:
+    """The train step compiled ahead of time (state donated; ``in_shardings`` = state, batch, rng),
+    its memory analysis logged and checked against the device's memory before step 1."""
+    state_sharding_tree, batch_sharding, repl = in_shardings
+    rng = jax.random.fold_in(state.rng, 0)  # shape / dtype / sharding of every step's key
+    start = time.time()
+    compiled = (
+        jax.jit(
+            recipe.train_step,
+            in_shardings=in_shardings,
+            out_shardings=(state_sharding_tree, repl),
+            donate_argnums=(0,),
+        )
+        .lower(state, step_batch_abstract(recipe, batch, rng, batch_sharding), rng)
+        .compile()
+    )
+    logging.info("Train step compiled ahead of time in %.1f s.", time.time() - start)
+    sizes = step_memory(compiled)
+    if sizes is None:
+        logging.info("Train step memory: this backend reports no memory analysis.")
+        return compiled
+    bytes_limit = device_bytes_limit(jax.local_devices()[0])
+    logging.info("%s", memory_line(sizes, bytes_limit))
+    check_step_memory(sizes, bytes_limit, config)
+    return compiled
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains ``config.method`` in ``workdir``, resuming from its latest checkpoint; ``config``
+    is resolved first (codi / finetune: the teacher's model and schedule) and left unchanged."""
+    config = config_resolution.resolve(config)
+    check_input_paths(config)
+    mesh = sharding.mesh_from_config(config)
+    sharding.check_batch_divisible(config.batch_size, mesh)
+    logging.info("Config (resolved):\n%s", config)
+    logging.info(
+        "Data: %s (config.data.data_dir); XLA compilation cache: %s (--compilation_cache).",
+        config.data.get("data_dir") or os.path.expanduser("~/tensorflow_datasets"),
+        jax.config.jax_compilation_cache_dir or "off",
+    )
+    os.makedirs(workdir, exist_ok=True)
+    recipe = recipes.make_recipe(config, mesh)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"),
+        save_every_steps=config.checkpoint_every_steps,
+        keep=config.keep_checkpoints,
+    )
+    state, shardings = restore_or_init(recipe, mesh, config, ckpt)
+    start_step = int(sharding.to_host(state.step))
+    if start_step >= config.num_train_steps:
+        logging.info("Checkpoint step %d >= num_train_steps %d: nothing to do.", start_step, config.num_train_steps)
+        ckpt.close()
+        return state
+
+    batch_sharding = sharding.batch_sharding(mesh)
+    repl = sharding.replicated(mesh)
+    batches = local_batches(config, recipe.task_config, start_step, recipe.tokenize)
+    global_batches = (pipeline.to_global_batch(local, batch_sharding) for local in batches)
+    first_batch = next(global_batches)
+    global_batches = itertools.chain([first_batch], global_batches)
+    encode = None if recipe.encode_batch is None else jax.jit(recipe.encode_batch, out_shardings=batch_sharding)
+    try:  # ahead of time, so a step that cannot fit fails here, with the fields to change
+        step_fn = compile_train_step(recipe, config, (shardings, batch_sharding, repl), state, first_batch)
+    except StepMemoryError:
+        ckpt.close()
+        raise
+
+    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    if start_step == 0:
+        writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, int | float | str)})
+    pending: list[dict[str, jax.Array]] = []
+    logging.info(
+        "Training from step %d to %d on a %s mesh (%d process(es)).",
+        start_step,
+        config.num_train_steps,
+        dict(mesh.shape),
+        jax.process_count(),
+    )
+    t_last, step_last = time.time(), start_step
+    policy, rejected = recipes.update_policy(config), 0
+    with StopSignals() as stop:
+        for step in range(start_step + 1, config.num_train_steps + 1):
+            batch = next(global_batches)
+            step_rng = jax.random.fold_in(state.rng, step - 1)  # state.rng is replicated
+            if encode is not None:  # VAE latents / prompt embeddings (frozen models), own key
+                batch = encode(recipe.frozen_data, batch, jax.random.fold_in(step_rng, ENCODE_KEY))
+            state, metrics = step_fn(state, batch, step_rng)
+            pending.append(metrics)
+            if step == start_step + 1:  # rates and ETA leave the compile out
+                jax.block_until_ready(metrics)
+                logging.info(
+                    "Step %d (first call; the step was compiled before) took %.1f s.", step, time.time() - t_last
+                )
+                t_last, step_last = time.time(), step
+            rejected = rejected + 1 if float(sharding.to_host(metrics["skipped_nonfinite"])) else 0
+            if policy.max_consecutive and rejected >= policy.max_consecutive:
+                ckpt.wait()
+                raise Diverged(_diverged_message(step, rejected, policy, ckpt))
+            if (step % config.log_every_steps == 0 or step == config.num_train_steps) and step > step_last:
+                t_last, step_last = _log_progress(writer, config, pending, step, t_last, step_last)
+                pending = []
+            if step % config.sample_every_steps == 0 or step == config.num_train_steps:
+                eval_scalars = recipe.write_samples(writer, workdir, step, state)
+                if eval_scalars:
+                    writer.write_scalars(step, eval_scalars)
+            _check_checkpoint_writes(ckpt)
+            stopping = stop.agreed()
+            # While updates are being rejected no checkpoint is written: the last one stays the last good one.
+            if stopping or not rejected:
+                ckpt.save(step, state, config, force=stopping or step == config.num_train_steps)
+            if stopping:
+                _wait_for_checkpoint(ckpt)
+                logging.warning(
+                    "Stopped by %s at step %d: checkpoint written to %s/%d. Rerun the same command to resume.",
+                    stop.requested or "another process's signal",
+                    step,
+                    ckpt.directory,
+                    step,
+                )
+                raise Preempted(f"stopped at step {step}; checkpoint {ckpt.directory}/{step}")
+
+    _wait_for_checkpoint(ckpt)
+    ckpt.close()
+    writer.flush()
+    return state
+
+
+def _log_progress(writer, config, pending: list, step: int, t_last: float, step_last: int) -> tuple[float, int]:
+    """TensorBoard scalars and one log line (loss, steps/s since the last line, ETA)."""
+    summary = {f"train/{k}": float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
+    now = time.time()
+    steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
+    summary["train/steps_per_sec"] = steps_per_sec
+    summary["train/images_per_sec"] = steps_per_sec * config.batch_size
+    writer.write_scalars(step, summary)
+    eta_min = (config.num_train_steps - step) / max(steps_per_sec, 1e-9) / 60
+    logging.info(
+        "step %d/%d loss %.4f  %.2f steps/s  ETA %.1f min",
+        step,
+        config.num_train_steps,
+        summary["train/loss"],
+        steps_per_sec,
+        eta_min,
+    )
+    return now, step
+
+
+def _last_complete(ckpt: checkpoint.Checkpointer) -> str:
+    steps = ckpt.all_steps()
+    return f"{ckpt.directory}/{max(steps)}" if steps else f"none in {ckpt.directory}"
+
+
+def _diverged_message(step: int, rejected: int, policy, ckpt: checkpoint.Checkpointer) -> str:
+    return (
+        f"{rejected} consecutive updates rejected up to step {step} (non-finite loss / gradients / params, or the "
+        f"parameter norm moved by more than x{policy.max_param_norm_ratio}); no checkpoint was written for them. "
+        f"Last good checkpoint: {_last_complete(ckpt)}. Lower optimizer.learning_rate or check the data, then "
+        "rerun to resume from it."
+    )
+
+
+def _check_checkpoint_writes(ckpt: checkpoint.Checkpointer) -> None:
+    """A failed background checkpoint write stops the run at this step boundary."""
+    try:
+        ckpt.check_for_errors()
+    except Exception as error:
+        raise CheckpointWriteFailed(
+            f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {error}); "
+            f"last complete checkpoint: {_last_complete(ckpt)}"
+        ) from error
+
+
+def _wait_for_checkpoint(ckpt: checkpoint.Checkpointer) -> None:
+    try:
+        ckpt.wait()
+    except Exception as error:
+        raise CheckpointWriteFailed(
+            f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {error}); "
+            f"last complete checkpoint: {_last_complete(ckpt)}"
+        ) from error
+    _check_checkpoint_writes(ckpt)
