@@ -9,7 +9,7 @@ model that invents colour shows it in the mean-colour error) and one synthetic c
 and x4 (block means), flat patches (sd < 8) dropped, evenly spaced over each image, the same number per
 image, as PNGs into ``--out`` (refused if it exists). Evaluate with the clean-image route:
 
-  python benchmarks/generalisation_set.py --out=/tmp/generalisation
+  python experiments/generalisation_set.py --out=/tmp/generalisation
   python -m codi_jax.evaluate --images=/tmp/generalisation --run=CoDi=DIR/codi:1,2,4 \\
       --run=baseline=checkpoints/finetune_sr4_color:4,50 --num_seeds=3 --out=/tmp/generalisation_results
 """

@@ -1,7 +1,7 @@
 """The paper's comparison (CoDi, ../shared/METHOD.md "Headline numbers") in miniature, x4 SR.
 
-  python benchmarks/paper_table.py --workdir=/tmp/paper_table             # ~75 min on 2 cores
-  python benchmarks/paper_table.py --workdir=/tmp/paper_table --runs=all  # + seed 1, departures: ~100 min
+  python experiments/paper_table.py --workdir=/tmp/paper_table             # ~75 min on 2 cores
+  python experiments/paper_table.py --workdir=/tmp/paper_table --runs=all  # + seed 1, departures: ~100 min
 
 (2026-12-03, a 2-core Intel Xeon host: the core runs and seed 1, 81 min: 52 training, 29 evaluation.)
 
@@ -32,10 +32,11 @@ import subprocess
 import sys
 import time
 
-from bench_host import cpu_model, usable_cores
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from bench_host import cpu_model, usable_cores  # noqa: E402
 
 from codi_jax import atomic  # noqa: E402
 
@@ -387,7 +388,7 @@ def main(argv=None) -> None:
     grid = samplers.make_grid(samplers.to_uint8(tiles), columns=len(columns))
     grid = np.asarray(Image.fromarray(grid).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST))
 
-    command = "python benchmarks/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python experiments/paper_table.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cores = usable_cores()
     parallel = max(1, min(args.parallel or len(cores), len(cores)))
     wall_lines = "\n".join(f"| {known[k].label} | {walls[k] / 60:.1f} |" for k in walls)
