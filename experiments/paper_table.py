@@ -346,6 +346,7 @@ def main(argv=None) -> None:
     from codi_jax.evaluation import scoring
     from codi_jax.runs.pretrained import load_conditional
     from codi_jax.sampling import samplers
+    from codi_jax.sampling.options import SamplingOptions
 
     eval_start = time.perf_counter()
     baseline = load_conditional(args.baseline)
@@ -353,7 +354,7 @@ def main(argv=None) -> None:
     rows, seeds = [], {"num_seeds": args.num_seeds}
     for solver, counts in (("ddim", (4, 8, 20, 50)), ("dpm++", (4, 8, 20, 50))):
         name = f"{BASELINE}, {'DDIM' if solver == 'ddim' else 'DPM-Solver++'}"
-        rows += scoring.evaluate_checkpoint(baseline, examples, counts, name, solver=solver, **seeds)
+        rows += scoring.evaluate_checkpoint(baseline, examples, counts, name, SamplingOptions(solver=solver), **seeds)
     labels = {}
     for run in runs:
         pre = load_conditional(os.path.join(args.workdir, run.key))
@@ -363,7 +364,7 @@ def main(argv=None) -> None:
         rows += scoring.evaluate_checkpoint(pre, examples, (1, 2, 4), run.label, **seeds)
         if run.key in ("codi", "full"):  # the measured default re-noises; show the DDIM moves too
             moves = f"{run.label}, DDIM moves"
-            rows += scoring.evaluate_checkpoint(pre, examples, (4,), moves, renoise=False, **seeds)
+            rows += scoring.evaluate_checkpoint(pre, examples, (4,), moves, SamplingOptions(renoise=False), **seeds)
     eval_minutes = (time.perf_counter() - eval_start) / 60
 
     # Grid: condition | full CoDi 1 | PE-CoDi 4 | full CoDi 4 | CM-II 4 | fine-tune DDIM 4 / 50 | target.

@@ -7,8 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from codi_jax.cli import sample_teacher
+from codi_jax.cli import common
 from codi_jax.configs.cpu import tiny_teacher
+from codi_jax.sampling import many_step
 from codi_jax.training import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,9 +27,9 @@ def trained_workdir(tmp_path_factory):
 
 
 def test_sample_images_restores_and_is_seeded(trained_workdir):
-    a = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=0)
-    b = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=0)
-    c = sample_teacher.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=1)
+    a = many_step.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=0)
+    b = many_step.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=0)
+    c = many_step.sample_images(trained_workdir, steps=3, num_images=3, batch_size=2, seed=1)
     assert a.shape == (3, 16, 16, 3) and a.dtype == np.float32
     assert np.all(np.isfinite(a)) and a.min() >= -1 and a.max() <= 1
     np.testing.assert_array_equal(a, b)
@@ -37,17 +38,17 @@ def test_sample_images_restores_and_is_seeded(trained_workdir):
 
 def test_write_images_never_overwrites(tmp_path):
     images = np.zeros((2, 8, 8, 3), np.float32)
-    paths = sample_teacher.write_images(images, str(tmp_path))
+    paths = many_step.write_images(images, str(tmp_path))
     assert len(paths) == 3 and all(os.path.exists(p) for p in paths)
     before = {p: os.path.getmtime(p) for p in paths}
     with pytest.raises(FileExistsError, match="sample_00000.png"):
-        sample_teacher.write_images(np.ones((2, 8, 8, 3), np.float32), str(tmp_path))
+        many_step.write_images(np.ones((2, 8, 8, 3), np.float32), str(tmp_path))
     assert {p: os.path.getmtime(p) for p in paths} == before
 
 
 def test_sampling_missing_workdir_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoints"):
-        sample_teacher.sample_images(str(tmp_path / "nope"), steps=2, num_images=1, batch_size=1, seed=0)
+        many_step.sample_images(str(tmp_path / "nope"), steps=2, num_images=1, batch_size=1, seed=0)
 
 
 def test_train_cli_rejects_unknown_config_field(tmp_path):
@@ -68,3 +69,46 @@ def test_train_cli_rejects_unknown_config_field(tmp_path):
     assert proc.returncode != 0
     assert "no_such_field" in proc.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_renamed_flags_are_spelt_the_new_way(capsys):
+    renamed = {"use_ema": "ema", "step": "checkpoint_step", "workdir": "run"}
+    args = [
+        "prog",
+        "--use_ema=false",
+        "--nouse_ema",
+        "--step=3",
+        "--steps=1,2",
+        "-workdir",
+        "x",
+        "--normalize",
+        "--run=y",
+    ]
+    assert common.renamed_flags(args, renamed) == [
+        "prog",
+        "--ema=false",
+        "--noema",
+        "--checkpoint_step=3",
+        "--steps=1,2",
+        "-run",
+        "x",
+        "--normalize",
+        "--run=y",
+    ]
+    warnings = capsys.readouterr().err.splitlines()
+    assert warnings[0] == "warning: --use_ema is deprecated; use --ema (removed next release)"
+    assert len(warnings) == 4  # one per old name used, the new names and the look-alikes pass silently
+
+
+@pytest.mark.parametrize("command", ["train", "sample", "sample_teacher", "evaluate", "export", "convert", "demo"])
+def test_help_exits_0_with_the_commands_flags(command, tmp_path):
+    """From any folder: the command's docstring and its own flags on stdout, exit 0, no model loaded."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"codi_jax.{command}", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"codi_jax.cli.{command}:" in proc.stdout and "--verbose" in proc.stdout

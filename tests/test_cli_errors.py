@@ -69,34 +69,35 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], str]]:
     sample = ["-m", "codi_jax.sample", f"--out={p['taken']}/../out"]
     return {
         "missing_cond": (
-            ["-m", "codi_jax.sample", f"--workdir={FINETUNE}", "--out=x"],
-            "error: missing required flag: --cond (An image file or a directory of images (see --input))",
+            ["-m", "codi_jax.sample", f"--run={FINETUNE}", "--out=x"],
+            "error: missing required flag: --images (An image file or a directory of images (see --input))",
         ),
         "unknown_flag": (
             ["-m", "codi_jax.sample", "--no_such_flag=1"],
             "error: Unknown command line flag 'no_such_flag' (see --helpshort)",
         ),
         "steps_zero": (
-            sample + [f"--workdir={FINETUNE}", f"--cond={p['images']}", "--steps=0"],
-            "error: --steps=0: must be at least 1.",
+            sample + [f"--run={FINETUNE}", f"--images={p['images']}", "--steps=0"],
+            "error: --steps=0: every step count must be at least 1.",
         ),
         "missing_input": (
-            sample + [f"--workdir={FINETUNE}", f"--cond={p['missing']}"],
-            f"error: --cond {p['missing']}: no such file or directory.",
+            sample + [f"--run={FINETUNE}", f"--images={p['missing']}"],
+            f"error: --images {p['missing']}: no such file or directory.",
         ),
         "empty_folder": (
-            sample + [f"--workdir={FINETUNE}", f"--cond={p['empty']}"],
-            f"error: --cond {p['empty']}: the folder holds no images (.png, .jpg, .jpeg, .bmp, .webp).",
+            sample + [f"--run={FINETUNE}", f"--images={p['empty']}"],
+            f"error: --images {p['empty']}: the folder holds no images (.png, .jpg, .jpeg, .bmp, .webp).",
         ),
         "corrupt_image": (
-            sample + [f"--workdir={p['fake']}", f"--cond={p['corrupt']}"],
+            sample + [f"--run={p['fake']}", f"--images={p['corrupt']}"],
             "error: corrupt or unreadable image file '{bad}': cannot identify image file '{bad}'".format(
                 bad=os.path.join(p["corrupt"], "bad.png")
             ),
         ),
         "existing_out": (
-            ["-m", "codi_jax.sample", f"--workdir={p['fake']}", f"--cond={p['images']}", f"--out={p['taken']}"],
-            f"error: {p['taken']} already holds ['im0.png']; choose another --out (nothing was overwritten).",
+            ["-m", "codi_jax.sample", f"--run={p['fake']}", f"--images={p['images']}", f"--out={p['taken']}"],
+            f"error: {p['taken']} already holds ['im0.png']; choose another --out or pass --overwrite "
+            "(nothing was overwritten).",
         ),
         "train_unknown_config_field": (
             [
@@ -113,8 +114,8 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], str]]:
             "error: config.method='codi' needs config.teacher_workdir (a teacher training workdir).",
         ),
         "unknown_workdir": (
-            sample + [f"--workdir={p['missing']}", f"--cond={p['images']}"],
-            f"error: --workdir={p['missing']}: no checkpoints directory at {p['missing']}/checkpoints "
+            sample + [f"--run={p['missing']}", f"--images={p['images']}"],
+            f"error: --run={p['missing']}: no checkpoints directory at {p['missing']}/checkpoints "
             "(not a training workdir).",
         ),
     }
@@ -161,6 +162,19 @@ def test_every_case_is_listed(inputs) -> None:
     assert sorted(_cases(inputs)) == sorted(CASES)
 
 
+def test_old_flag_names_warn_and_still_work(inputs) -> None:
+    """Renamed flags (``--workdir`` -> ``--run``, ``--cond`` -> ``--images``) keep working for one
+    release: one warning line each on stderr, then the command behaves as with the new names."""
+    missing = inputs["missing"]
+    proc, _ = _run(["-m", "codi_jax.sample", f"--workdir={FINETUNE}", f"--cond={missing}", "--out=x"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "warning: --workdir is deprecated; use --run (removed next release)",
+        "warning: --cond is deprecated; use --images (removed next release)",
+        f"error: --images {missing}: no such file or directory.",
+    ]
+
+
 def test_flag_errors_are_immediate(results) -> None:
     """The thin CLIs import JAX / TF only once the flags pass, so a typo costs no import."""
     for case in ("missing_cond", "unknown_flag", "steps_zero"):
@@ -177,32 +191,31 @@ def test_existing_out_is_refused_before_loading(inputs, monkeypatch) -> None:
     monkeypatch.setattr(few_step, "load_conditional", no_load)
     start = time.perf_counter()
     with pytest.raises(FileExistsError, match="already holds"):
-        few_step.run(FINETUNE, inputs["images"], inputs["taken"], steps=1)
+        few_step.run(FINETUNE, inputs["images"], inputs["taken"], (1,))
     with pytest.raises(ValueError, match="must be at least 1"):
-        few_step.run(FINETUNE, inputs["images"], inputs["taken"] + "_new", steps=0)
+        few_step.run(FINETUNE, inputs["images"], inputs["taken"] + "_new", (0,))
     assert time.perf_counter() - start < 30
     # The control: with nothing wrong, the (replaced) loader is reached.
     with pytest.raises(AssertionError, match="was loaded"):
-        few_step.run(FINETUNE, inputs["images"], inputs["taken"] + "_new", steps=1)
+        few_step.run(FINETUNE, inputs["images"], inputs["taken"] + "_new", (1,))
     assert not os.path.exists(inputs["taken"] + "_new")
 
 
 def test_checks_from_the_saved_config_alone(inputs) -> None:
     """The grid, strict-size, run-spec and teacher checks, on a workdir with no weights at all."""
-    from codi_jax.cli import sample_teacher
     from codi_jax.evaluation import scoring
-    from codi_jax.sampling import few_step
+    from codi_jax.sampling import few_step, many_step
 
     fresh = inputs["taken"] + "_unused"
     with pytest.raises(ValueError) as error:
-        few_step.prepare(inputs["fake"], inputs["images"], fresh, steps=9)
+        few_step.prepare(inputs["fake"], inputs["images"], fresh, (9,))
     assert (
         common.one_line(error.value)
         == "--steps=9: 9 sampling steps exceed the 8-point training grid; use at most 8 steps."
     )
     with pytest.raises(ValueError, match=r"im0.png: 48x40, the model takes 32x32 images \(--strict_size\)"):
-        few_step.prepare(inputs["fake"], inputs["images"], fresh, steps=8, strict_size=True)
-    plan = few_step.prepare(inputs["fake"], inputs["images"], fresh, steps=8)
+        few_step.prepare(inputs["fake"], inputs["images"], fresh, (8,), strict_size=True)
+    plan = few_step.prepare(inputs["fake"], inputs["images"], fresh, (8,))
     assert plan.files == ["im0.png", "grid.png"] and plan.cond.shape == plan.target.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="'justadir' is not NAME=WORKDIR or NAME=WORKDIR:1,2,4"):
         scoring.parse_runs(["justadir"])
@@ -214,9 +227,9 @@ def test_checks_from_the_saved_config_alone(inputs) -> None:
     checked = scoring.check_runs([("a", inputs["fake"], (1, 8)), ("b", FINETUNE)], (2, 50))
     assert [run.steps for run, _ in checked] == [(1, 8), (2, 50)]
     with pytest.raises(ValueError, match="holds a conditional 'codi' run; sample it with python -m codi_jax.sample"):
-        sample_teacher.check_request(inputs["fake"], fresh, steps=2, num_images=1, batch_size=1)
+        many_step.check_request(inputs["fake"], fresh, steps=2, num_images=1, batch_size=1)
     with pytest.raises(ValueError, match="--num_images=0: must be at least 1"):
-        sample_teacher.check_request(inputs["fake"], fresh, steps=2, num_images=0, batch_size=1)
+        many_step.check_request(inputs["fake"], fresh, steps=2, num_images=0, batch_size=1)
     assert not os.path.exists(fresh)
 
 

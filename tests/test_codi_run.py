@@ -19,6 +19,7 @@ from codi_jax.evaluation import scoring
 from codi_jax.models import networks
 from codi_jax.runs import checkpoint, pretrained
 from codi_jax.sampling import few_step
+from codi_jax.sampling.options import SamplingOptions
 from codi_jax.training import loop
 
 REPLICATED = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -70,26 +71,28 @@ def test_codi_run_resumes_exactly_and_samples(teacher_dir, tmp_path) -> None:
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"im{i}.png")
     out = str(tmp_path / "out")
-    paths = few_step.run(straight, str(images), out, steps=2, seed=1)
+    paths = few_step.run(straight, str(images), out, (2,), SamplingOptions(seed=1))
     assert sorted(os.path.basename(p) for p in paths) == ["grid.png", "im0.png", "im1.png", "im2.png"]
     first = np.asarray(Image.open(os.path.join(out, "im0.png")))
     assert first.shape == (16, 16, 3)
     # Deterministic given the seed; never overwrites.
-    again = few_step.run(straight, str(images), str(tmp_path / "out2"), steps=2, seed=1)
+    again = few_step.run(straight, str(images), str(tmp_path / "out2"), (2,), SamplingOptions(seed=1))
     np.testing.assert_array_equal(first, np.asarray(Image.open(again[0])))
     with pytest.raises(FileExistsError, match="nothing was overwritten"):
-        few_step.run(straight, str(images), out, steps=2, seed=1)
+        few_step.run(straight, str(images), out, (2,), SamplingOptions(seed=1))
     assert np.array_equal(first, np.asarray(Image.open(os.path.join(out, "im0.png"))))
     # CoDi's default re-noises between steps (codi.renoise); DDIM moves differ; too many steps is a
     # clear error.
-    stochastic = few_step.run(straight, str(images), str(tmp_path / "out3"), steps=2, seed=1, stochastic=True)
+    stochastic = few_step.run(
+        straight, str(images), str(tmp_path / "out3"), (2,), SamplingOptions(seed=1, renoise=True)
+    )
     np.testing.assert_array_equal(first, np.asarray(Image.open(stochastic[0])))
-    ddim = few_step.run(straight, str(images), str(tmp_path / "out3b"), steps=2, seed=1, stochastic=False)
+    ddim = few_step.run(straight, str(images), str(tmp_path / "out3b"), (2,), SamplingOptions(seed=1, renoise=False))
     assert not np.array_equal(first, np.asarray(Image.open(ddim[0])))
     with pytest.raises(ValueError, match="exceed the 50-point training grid"):
-        few_step.run(straight, str(images), str(tmp_path / "out4"), steps=51)
+        few_step.run(straight, str(images), str(tmp_path / "out4"), (51,))
     # Conditions given directly (a low-resolution image for SR).
-    direct = few_step.run(straight, str(images / "im0.png"), str(tmp_path / "out5"), steps=1, input_kind="condition")
+    direct = few_step.run(straight, str(images / "im0.png"), str(tmp_path / "out5"), (1,), input_kind="condition")
     assert len(direct) == 2
 
 
@@ -159,7 +162,7 @@ def test_two_stage_run_starts_from_a_conditional_checkpoint(teacher_dir, codi_di
 
 
 def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
-    rows = scoring.evaluate_runs([("a", codi_dir), ("b", codi_dir)], (1, 2), num_eval=5, batch_size=4)
+    rows = scoring.evaluate_runs([("a", codi_dir), ("b", codi_dir)], (1, 2), SamplingOptions(batch_size=4), num_eval=5)
     assert [(r.method, r.steps) for r in rows] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     config = pretrained.load_conditional(codi_dir).config
     targets = scoring.held_out_examples(config, 5)["image"]
@@ -177,29 +180,31 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
     # float rounding, which another batch shape can change).
     held = scoring.held_out_examples(config, 5)
     model = pretrained.load_conditional(codi_dir)
-    sampled = few_step.sample_conditional(model, held["cond"], None, steps=2, seed=0, batch_size=2)
+    sampled = few_step.sample_conditional(model, held["cond"], None, 2, SamplingOptions(seed=0, batch_size=2))
     np.testing.assert_allclose(sampled, rows[1].samples, rtol=0, atol=1e-5 * 2.0)  # data range 2
     # Re-noising (the CoDi default) only acts between steps: 1 step is unchanged, 2 steps differ.
-    ddim = scoring.evaluate_runs([("a", codi_dir)], (1, 2), num_eval=5, batch_size=4, renoise=False)
+    ddim = scoring.evaluate_runs([("a", codi_dir)], (1, 2), SamplingOptions(batch_size=4, renoise=False), num_eval=5)
     np.testing.assert_array_equal(ddim[0].samples, rows[0].samples)
     assert not np.allclose(ddim[1].samples, rows[1].samples)
     # Low-frequency consistency: the sample's downscale moves to the LR input (up to the final clip to
     # [-1, 1], which this barely trained model's far-off predictions make large: ~13 dB -> ~33 dB).
-    consistent = scoring.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, lowpass_consistency=True)
+    consistent = scoring.evaluate_runs(
+        [("a", codi_dir)], (2,), SamplingOptions(batch_size=4, lowpass_consistency=True), num_eval=5
+    )
     assert consistent[0].lowpass_consistency and "+ low-frequency consistency" in scoring.markdown_table(consistent)
     assert consistent[0].extra["lr_psnr"] > rows[1].extra["lr_psnr"] + 10.0
     # Raw (not EMA) weights: the rows of the raw params, which this short run's EMA lags behind.
-    raw = scoring.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, use_ema=False)[0]
+    raw = scoring.evaluate_runs([("a", codi_dir)], (1,), SamplingOptions(batch_size=4, ema=False), num_eval=5)[0]
     raw_model = pretrained.load_conditional(codi_dir, use_ema=False)
-    direct = scoring.evaluate_checkpoint(raw_model, held, (1,), "a", batch_size=4)[0]
+    direct = scoring.evaluate_checkpoint(raw_model, held, (1,), "a", SamplingOptions(batch_size=4))[0]
     np.testing.assert_array_equal(raw.samples, direct.samples)
     assert not np.allclose(raw.samples, rows[0].samples)
     # Seeds: the row is the mean of the single-seed rows (seed 0 is rows[0]), with their spread.
-    seeded = scoring.evaluate_runs([("a", codi_dir)], (1,), num_eval=5, batch_size=4, num_seeds=2)[0]
+    seeded = scoring.evaluate_runs([("a", codi_dir)], (1,), SamplingOptions(batch_size=4), num_eval=5, num_seeds=2)[0]
     held_out = scoring.held_out_examples(config, 5)  # the same conditions; sampling seed 1
     # The same batch size as ``seeded``: another batch shape compiles other kernels, whose rounding
     # differs by CPU (on an AMD EPYC host SWD moved by 1.5e-6 relative at batch 64 against 4).
-    seed1 = scoring.evaluate_checkpoint(model, held_out, (1,), "a", seed=1, batch_size=4)[0]
+    seed1 = scoring.evaluate_checkpoint(model, held_out, (1,), "a", SamplingOptions(seed=1, batch_size=4))[0]
     for name in ("psnr", "ssim", "swd"):
         values = [getattr(rows[0], name), getattr(seed1, name)]
         assert getattr(seeded, name) == pytest.approx(np.mean(values), rel=1e-6)
@@ -208,14 +213,16 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
     np.testing.assert_array_equal(seeded.samples, rows[0].samples)
     assert f"{seeded.psnr:.2f} ± {seeded.spread['psnr']:.2f}" in scoring.markdown_table([seeded])
     # Another solver does not inherit CoDi's re-noising default; asking for both is an error.
-    dpm = scoring.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++")
+    dpm = scoring.evaluate_runs([("a", codi_dir)], (2,), SamplingOptions(batch_size=4, solver="dpm++"), num_eval=5)
     assert dpm[0].samples.shape == targets.shape
     with pytest.raises(ValueError, match="needs solver='ddim'"):
-        scoring.evaluate_runs([("a", codi_dir)], (2,), num_eval=5, batch_size=4, solver="dpm++", renoise=True)
+        scoring.evaluate_runs([("a", codi_dir)], (2,), SamplingOptions(batch_size=4, solver="dpm++", renoise=True))
     # The demo's table in one call: per-run step counts, the bicubic row, a progress line per row.
     lines: list[str] = []
     runs = [scoring.RunSpec("a", codi_dir, (1,)), ("b", codi_dir)]
-    mixed = scoring.evaluate_runs(runs, (2,), num_eval=5, batch_size=4, bicubic=True, progress=lines.append)
+    mixed = scoring.evaluate_runs(
+        runs, (2,), SamplingOptions(batch_size=4), num_eval=5, bicubic=True, progress=lines.append
+    )
     assert [(r.method, r.steps) for r in mixed] == [("a", 1), ("b", 2), (scoring.BICUBIC, 0)]
     assert mixed[0].psnr == rows[0].psnr and mixed[1].psnr == rows[3].psnr
     cond = scoring.held_out_examples(config, 5)["cond"]

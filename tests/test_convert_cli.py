@@ -181,23 +181,23 @@ def test_controlnet_restores_into_shardings(converted: dict[str, Any]) -> None:
 def test_cli_converts_and_refuses(converted: dict[str, Any], tmp_path) -> None:
     root, out = converted["root"], str(tmp_path / "cli_teacher")
     start = time.perf_counter()
-    proc = _cli(f"--diffusers={root / 'pipe'}", f"--workdir={out}", f"--controlnet={root / 'controlnet'}")
+    proc = _cli(f"--diffusers={root / 'pipe'}", f"--out={out}", f"--controlnet={root / 'controlnet'}")
     print(f"CLI convert (with --controlnet): {time.perf_counter() - start:.1f} s wall\n{proc.stdout}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "parameters -> checkpoints/0" in proc.stdout and "controlnet:" in proc.stdout
     assert pretrained.read_config(out)[0].source.controlnet == str(root / "controlnet")
 
-    proc = _cli(f"--diffusers={root / 'pipe'}", f"--workdir={out}")
+    proc = _cli(f"--diffusers={root / 'pipe'}", f"--out={out}")
     _assert_one_line_refusal(proc, "--overwrite", out)
-    _assert_one_line_refusal(_cli(f"--diffusers={tmp_path / 'nowhere'}", f"--workdir={tmp_path / 'o'}"), "nowhere")
-    _assert_one_line_refusal(_cli(f"--workdir={tmp_path / 'o'}"), "--diffusers")
+    _assert_one_line_refusal(_cli(f"--diffusers={tmp_path / 'nowhere'}", f"--out={tmp_path / 'o'}"), "nowhere")
+    _assert_one_line_refusal(_cli(f"--out={tmp_path / 'o'}"), "--diffusers")
 
     sdxl = tmp_path / "sdxl_unet"  # a UNet folder whose config asks for SDXL's added embeddings
     shutil.copytree(root / "pipe" / "unet", sdxl)
     shutil.copytree(root / "pipe" / "scheduler", sdxl / "scheduler")
     config = json.load(open(sdxl / "config.json"))
     json.dump(dict(config, addition_embed_type="text_time"), open(sdxl / "config.json", "w"))
-    _assert_one_line_refusal(_cli(f"--diffusers={sdxl}", f"--workdir={tmp_path / 'o'}"), "addition_embed_type")
+    _assert_one_line_refusal(_cli(f"--diffusers={sdxl}", f"--out={tmp_path / 'o'}"), "addition_embed_type")
     assert not os.path.exists(tmp_path / "o")
 
     # --overwrite replaces the workdir atomically (here: without the ControlNet).

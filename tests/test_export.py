@@ -383,12 +383,12 @@ def test_cli_refuses_existing_out_and_missing_workdir(tmp_path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    proc = _cli(f"--workdir={tmp_path / 'no_run'}", f"--out={out}")
+    proc = _cli(f"--run={tmp_path / 'no_run'}", f"--out={out}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     assert "--overwrite" in proc.stderr and (out / "keep.txt").exists()
 
-    proc = _cli(f"--workdir={tmp_path / 'no_run'}", f"--out={tmp_path / 'fresh'}")
+    proc = _cli(f"--run={tmp_path / 'no_run'}", f"--out={tmp_path / 'fresh'}")
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "no checkpoints directory" in proc.stderr
     assert not (tmp_path / "fresh").exists()

@@ -24,6 +24,7 @@ from codi_jax.evaluation import scoring
 from codi_jax.metrics import compute_metrics
 from codi_jax.runs import pretrained
 from codi_jax.sampling import conditional, few_step, samplers
+from codi_jax.sampling.options import SamplingOptions
 
 SIZE, SCALE = 16, 4
 FINETUNE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "checkpoints", "finetune_sr4")  # 32 px, x4 SR
@@ -238,13 +239,13 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
     images.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "im0.png")
     out = str(tmp_path / "out")
-    plan = few_step.prepare(FINETUNE, str(images), out, steps=1, lowpass_consistency=True)
+    plan = few_step.prepare(FINETUNE, str(images), out, (1,), SamplingOptions(lowpass_consistency=True))
     assert plan.cond.shape == (1, 32, 32, 3)
     assert scoring.check_runs([("sr", FINETUNE)], (1,), lowpass_consistency=True)
 
     latent = _edited_run(str(tmp_path / "latent"), lambda c: c.update(latent={"vae": "/models/vae"}))
     with pytest.raises(ValueError) as error:
-        few_step.prepare(latent, str(images), out, steps=1, lowpass_consistency=True)
+        few_step.prepare(latent, str(images), out, (1,), SamplingOptions(lowpass_consistency=True))
     assert common.one_line(error.value) == (
         "--lowpass_consistency: low-frequency consistency needs a pixel-space run; this run samples VAE latents "
         "(latent.vae=/models/vae)."

@@ -187,23 +187,24 @@ PIXEL_TEACHER = os.path.join(REPO, "checkpoints", "teacher_patches32")  # commit
 
 def test_text_flags_on_a_pixel_teacher_are_one_line_user_errors(tmp_path, capsys) -> None:
     from codi_jax.cli import sample_teacher
+    from codi_jax.sampling import many_step
 
     pixel = ml_collections.ConfigDict({"latent": {"vae": ""}, "text": {"encoder": ""}})
-    sample_teacher.check_text_flags(pixel, "w", None, None, 1.0)  # the defaults are fine
-    with pytest.raises(ValueError, match="--prompt: the teacher in --workdir w has no text encoder"):
-        sample_teacher.check_text_flags(pixel, "w", "a cat", None, 1.0)
+    many_step.check_text_flags(pixel, "w", None, None, 1.0)  # the defaults are fine
+    with pytest.raises(ValueError, match="--prompt: the teacher in --run w has no text encoder"):
+        many_step.check_text_flags(pixel, "w", "a cat", None, 1.0)
     with pytest.raises(ValueError, match="--negative_prompt: the teacher"):
-        sample_teacher.check_text_flags(ml_collections.ConfigDict(), "w", None, "", 1.0)
-    with pytest.raises(ValueError, match="--guidance_scale=7.5: the teacher in --workdir w has no text encoder"):
-        sample_teacher.check_text_flags(pixel, "w", None, None, 7.5)
+        many_step.check_text_flags(ml_collections.ConfigDict(), "w", None, "", 1.0)
+    with pytest.raises(ValueError, match="--guidance_scale=7.5: the teacher in --run w has no text encoder"):
+        many_step.check_text_flags(pixel, "w", None, None, 7.5)
     text = ml_collections.ConfigDict({"text": {"encoder": "/x", "tokenizer": "/y"}})
-    sample_teacher.check_text_flags(text, "w", "a cat", "", 7.5)
+    many_step.check_text_flags(text, "w", "a cat", "", 7.5)
     with pytest.raises(ValueError, match="--guidance_scale=-1.0: must be a finite number >= 0"):
-        sample_teacher.check_text_flags(text, "w", "a cat", "", -1.0)
+        many_step.check_text_flags(text, "w", "a cat", "", -1.0)
     out = str(tmp_path / "samples")
     from codi_jax.cli import common
 
-    argv = ["sample_teacher", f"--workdir={PIXEL_TEACHER}", f"--out={out}", "--prompt=a cat"]
+    argv = ["sample_teacher", f"--run={PIXEL_TEACHER}", f"--out={out}", "--prompt=a cat"]
     try:
         with pytest.raises(SystemExit) as exit_info:
             common.run_main(sample_teacher.main, argv=argv)
@@ -212,6 +213,6 @@ def test_text_flags_on_a_pixel_teacher_are_one_line_user_errors(tmp_path, capsys
             common.FLAGS[name].value = common.FLAGS[name].default
     assert exit_info.value.code == common.EXIT_USER_ERROR
     assert capsys.readouterr().err == (
-        f"error: --prompt: the teacher in --workdir {PIXEL_TEACHER} has no text encoder (config.text.encoder).\n"
+        f"error: --prompt: the teacher in --run {PIXEL_TEACHER} has no text encoder (config.text.encoder).\n"
     )
     assert not os.path.exists(out)

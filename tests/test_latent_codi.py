@@ -21,6 +21,7 @@ from codi_jax.configs.cpu import tiny_codi  # noqa: E402
 from codi_jax.interop import convert, export  # noqa: E402
 from codi_jax.runs import pretrained  # noqa: E402
 from codi_jax.sampling import few_step  # noqa: E402
+from codi_jax.sampling.options import SamplingOptions  # noqa: E402
 from codi_jax.training import loop  # noqa: E402
 from tests import tiny_sd  # noqa: E402
 
@@ -88,14 +89,14 @@ def test_latent_run_resumes_exactly_samples_and_exports(teacher, tmp_path) -> No
 
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(os.path.join(images, f"{i}.png"))
-    written = few_step.run(straight, images, str(tmp_path / "samples"), steps=1)
+    written = few_step.run(straight, images, str(tmp_path / "samples"), (1,))
     assert len(written) == 3 and all(os.path.getsize(p) > 0 for p in written)
 
     out = str(tmp_path / "export")
     export.export_workdir(straight, out, steps=1)
     pre = pretrained.load_conditional(straight)
     cond = rng.uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
-    ours = few_step.sample_conditional(pre, cond, None, steps=1, seed=3, stochastic=False)
+    ours = few_step.sample_conditional(pre, cond, None, 1, SamplingOptions(seed=3, renoise=False))
     pipe = diffusers.StableDiffusionControlNetPipeline.from_pretrained(out, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     latents = np.stack(

@@ -215,8 +215,8 @@ def test_controlnet_matches_diffusers(sd_eps) -> None:
 def test_sample_teacher_on_a_converted_pipeline_matches_diffusers(sd_eps, tmp_path) -> None:
     """``sample_teacher`` on the converted folder: its ``uniform_times`` grid (t = 1, 3/4, ..., 0) is
     diffusers' ``trailing`` spacing ending at ``alpha_bar = 1`` (``set_alpha_to_one``)."""
-    from codi_jax.cli import sample_teacher
     from codi_jax.interop import convert
+    from codi_jax.sampling import many_step
 
     directory, pipe, _ = sd_eps
     out = str(tmp_path / "teacher")
@@ -224,8 +224,8 @@ def test_sample_teacher_on_a_converted_pipeline_matches_diffusers(sd_eps, tmp_pa
     prompt, negative, num_images, batch_size = PROMPTS[0], NEGATIVE[1], 2, 1  # two batches, one compile
     request = dict(steps=STEPS, num_images=num_images, batch_size=batch_size)
     text = dict(prompt=prompt, negative_prompt=negative, guidance_scale=SCALE)
-    sample_teacher.check_request(out, str(tmp_path / "samples"), **request, **text)
-    ours = sample_teacher.sample_images(out, seed=0, **request, **text)
+    many_step.check_request(out, str(tmp_path / "samples"), **request, **text)
+    ours = many_step.sample_images(out, seed=0, **request, **text)
     noise = [  # sample_teacher's initial latents
         jax.random.normal(
             jax.random.fold_in(jax.random.PRNGKey(0), start), (min(batch_size, num_images - start), 8, 8, 4)

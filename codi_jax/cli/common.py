@@ -18,6 +18,7 @@ import difflib
 import importlib.util
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -117,6 +118,17 @@ def require_positive(**values: int) -> None:
             raise UserError(f"--{name}={value}: must be at least 1.")
 
 
+def step_counts(values: Sequence[str], flag: str = "--steps") -> tuple[int, ...]:
+    """A list flag of step counts (``1,2,4``) as positive ints, or one readable error."""
+    try:
+        counts = tuple(int(v) for v in values)
+    except ValueError:
+        raise UserError(f"{flag}={','.join(values)}: give whole step counts, e.g. {flag}=1,2,4.") from None
+    if not counts or min(counts) < 1:
+        raise UserError(f"{flag}={','.join(values)}: every step count must be at least 1.")
+    return counts
+
+
 def no_arguments(argv: Sequence[str]) -> None:
     """Raises ``UserError`` on positional arguments (everything is passed as --flags)."""
     if len(argv) > 1:
@@ -182,10 +194,29 @@ def print_help(module_name: str, full: bool = False) -> NoReturn:
     sys.exit(0)
 
 
+def renamed_flags(args: Sequence[str], renamed: dict[str, str]) -> list[str]:
+    """``args`` with each deprecated flag name (``renamed``: old -> new; ``--old``, ``--noold``,
+    ``--old=v``) spelt the new way, and one warning line on stderr per old name used."""
+    out = []
+    for arg in args:
+        match = re.fullmatch(r"(--?)([A-Za-z_][A-Za-z0-9_]*)(=.*)?", arg)
+        if match:
+            dashes, name, value = match.group(1), match.group(2), match.group(3) or ""
+            negated = name not in renamed and name.startswith("no") and name[2:] in renamed
+            old = name[2:] if negated else name
+            if old in renamed:
+                sys.stderr.write(f"warning: --{old} is deprecated; use --{renamed[old]} (removed next release)\n")
+                arg = f"{dashes}{'no' if negated else ''}{renamed[old]}{value}"
+        out.append(arg)
+    return out
+
+
 def run_main(main_fn: Callable[[list[str]], Any], argv: list[str] | None = None) -> NoReturn:
     """Runs ``main_fn(argv)`` with ``app.run``; user errors end in one line and exit code 2;
-    ``--help`` prints the command's docstring and flags and exits 0."""
-    args = sys.argv if argv is None else argv
+    ``--help`` prints the command's docstring and flags and exits 0. A command module's
+    ``RENAMED_FLAGS`` (old name -> new) keeps its old flag names working, with a warning."""
+    renamed = getattr(sys.modules[main_fn.__module__], "RENAMED_FLAGS", {})
+    args = renamed_flags(sys.argv if argv is None else argv, renamed)
     if any(a in HELP_SPELLINGS + FULL_HELP_SPELLINGS for a in args[1:]):
         print_help(main_fn.__module__, full=any(a in FULL_HELP_SPELLINGS for a in args[1:]))
 
@@ -201,4 +232,4 @@ def run_main(main_fn: Callable[[list[str]], Any], argv: list[str] | None = None)
             sys.stderr.flush()
             sys.exit(EXIT_USER_ERROR)
 
-    app.run(main, argv=argv, flags_parser=_parse_flags)
+    app.run(main, argv=args, flags_parser=_parse_flags)

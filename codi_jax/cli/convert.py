@@ -1,4 +1,4 @@
-"""``python -m codi_jax.convert --diffusers=DIR --workdir=OUT [--controlnet=DIR] [--overwrite]``: a local
+"""``python -m codi_jax.convert --diffusers=DIR --out=OUT [--controlnet=DIR] [--overwrite]``: a local
 diffusers pipeline (or UNet folder) as a teacher workdir that ``config.teacher_workdir=OUT`` and
 ``pretrained.load_teacher(OUT)`` read; see ``codi_jax.interop.convert``."""
 
@@ -14,20 +14,21 @@ flags.DEFINE_string(
     None,
     "A local diffusers pipeline folder (model_index.json) or a UNet2DModel / UNet2DConditionModel folder.",
 )
-flags.DEFINE_string("workdir", None, "Output teacher workdir (must not exist or be empty, unless --overwrite).")
+flags.DEFINE_string("out", None, "Output teacher workdir (must not exist or be empty, unless --overwrite).")
 flags.DEFINE_string(
     "controlnet", None, "A local diffusers ControlNetModel folder to convert too (into OUT/controlnet/)."
 )
-flags.DEFINE_bool("overwrite", False, "Replace an existing --workdir.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+RENAMED_FLAGS = {"workdir": "out"}
 
 
 def main(argv: list[str]) -> None:
     common.no_arguments(argv)
-    common.require_flags("diffusers", "workdir")
+    common.require_flags("diffusers", "out")
     from codi_jax.interop import convert  # after the flag checks; it checks every path before loading a model
 
     summary = convert.convert(
-        FLAGS.diffusers, FLAGS.workdir, controlnet=FLAGS.controlnet or None, overwrite=FLAGS.overwrite
+        FLAGS.diffusers, FLAGS.out, controlnet=FLAGS.controlnet or None, overwrite=FLAGS.overwrite
     )
     print("\n".join(convert.summary_lines(summary)))
 

@@ -1,6 +1,6 @@
 """The demo: CoDi x4 super-resolution on the bundled photographs, CPU only.
 
-``python -m codi_jax.demo --workdir=DIR``
+``python -m codi_jax.demo --out=DIR``
 
 1. Starts from the committed unconditional teacher (``checkpoints/teacher_patches32_color``) and
    runs CoDi for ``--codi_steps`` steps in ``DIR/codi`` (resumable: rerunning continues, it never
@@ -40,10 +40,13 @@ from codi_jax.models import networks
 from codi_jax.runs import config_diff
 from codi_jax.runs.pretrained import load_conditional, read_config
 from codi_jax.sampling import few_step, samplers
+from codi_jax.sampling.options import SamplingOptions
 from codi_jax.training import loop
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Where the demo writes its CoDi run, results and grid.")
+flags.DEFINE_string(
+    "out", None, "Where the demo writes its CoDi run (resumed if there), results.md / .json and demo_grid.png."
+)
 # Full CoDi, 2,400 at batch 8 (codi_jax/configs/cpu/codi_full_sr4.py): CoDi improves with training length on every
 # metric (docs/smoothness.md), and at batch 8 a step costs about half a batch-16 one; 2,400 steps take
 # about the time of 1,300 at batch 16, to keep the demo near 20 minutes on a 2-core host. PE-CoDi
@@ -55,8 +58,9 @@ flags.DEFINE_integer(
     f"CoDi training steps; default by --variant: {DEFAULT_CODI_STEPS} (full: ~2 steps/s on 2 cores).",
 )
 flags.DEFINE_enum("variant", "full", ["full", "pe"], "full: adapter + backbone trained; pe: adapter only.")
-flags.DEFINE_string("teacher_workdir", "checkpoints/teacher_patches32_color", "The unconditional teacher.")
-flags.DEFINE_string("baseline_workdir", "checkpoints/finetune_sr4_color", "The non-distilled conditional baseline.")
+flags.DEFINE_string("teacher", "checkpoints/teacher_patches32_color", "The unconditional teacher (a run).")
+flags.DEFINE_string("baseline", "checkpoints/finetune_sr4_color", "The non-distilled conditional baseline (a run).")
+RENAMED_FLAGS = {"workdir": "out", "teacher_workdir": "teacher", "baseline_workdir": "baseline"}
 flags.DEFINE_integer("baseline_steps", 1000, "Fine-tune steps if the baseline checkpoint is missing.")
 flags.DEFINE_integer("num_eval", 64, "Held-out patches to evaluate.")
 flags.DEFINE_integer("grid_rows", 8, "Examples shown in the grid.")
@@ -125,16 +129,16 @@ def check_demo(
         if value < 1:
             raise ValueError(f"--{flag}={value}: must be at least 1.")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise FileExistsError(f"--workdir {workdir} is a file, not a directory.")
+        raise FileExistsError(f"--out {workdir} is a file, not a directory.")
     teacher = codi_config.teacher_workdir
     if not os.path.isdir(os.path.join(teacher, "checkpoints")):
-        raise FileNotFoundError(f"--teacher_workdir {teacher}: no teacher checkpoint (no checkpoints/ directory).")
-    saved, _ = read_config(teacher, what="--teacher_workdir")
+        raise FileNotFoundError(f"--teacher {teacher}: no teacher checkpoint (no checkpoints/ directory).")
+    saved, _ = read_config(teacher, what="--teacher")
     if networks.is_conditional(saved):
-        raise ValueError(f"--teacher_workdir {teacher} holds a conditional {saved.method!r} run, not a teacher.")
-    hint = "use a fresh --workdir (or the --variant that wrote it)."
-    _check_saved(os.path.join(workdir, "codi"), codi_config, CODI_FIELDS, "--workdir", hint)
-    baseline = _check_saved(baseline_dir, finetune_config, SHARED_FIELDS, "--baseline_workdir", "give an x4 SR one.")
+        raise ValueError(f"--teacher {teacher} holds a conditional {saved.method!r} run, not a teacher.")
+    hint = "use a fresh --out (or the --variant that wrote it)."
+    _check_saved(os.path.join(workdir, "codi"), codi_config, CODI_FIELDS, "--out", hint)
+    baseline = _check_saved(baseline_dir, finetune_config, SHARED_FIELDS, "--baseline", "give an x4 SR one.")
     baseline_teacher = baseline.get("teacher_workdir") if baseline is not None else None
     if baseline_teacher and os.path.basename(os.path.normpath(baseline_teacher)) != os.path.basename(
         os.path.normpath(teacher)
@@ -165,8 +169,10 @@ def evaluate_demo(
     print(f"Evaluating {len(jobs)} (model, step count) pairs on {len(examples['image'])} held-out patches.")
     shared = {"progress": progress, "num_seeds": num_seeds}
     rows = scoring.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name, **shared)
-    rows += scoring.evaluate_checkpoint(codi_model, examples, (4,), ddim_name, renoise=False, **shared)
-    rows += scoring.evaluate_checkpoint(codi_model, examples, (4,), codi_name, lowpass_consistency=True, **shared)
+    rows += scoring.evaluate_checkpoint(codi_model, examples, (4,), ddim_name, SamplingOptions(renoise=False), **shared)
+    rows += scoring.evaluate_checkpoint(
+        codi_model, examples, (4,), codi_name, SamplingOptions(lowpass_consistency=True), **shared
+    )
     del codi_model
     baseline = load_conditional(baseline_dir)
     rows += scoring.evaluate_checkpoint(baseline, examples, (4, 50), baseline_name, **shared)
@@ -251,12 +257,12 @@ def run_demo(
 
 def main(argv: list[str]) -> None:
     common.no_arguments(argv)
-    common.require_flags("workdir")
+    common.require_flags("out")
     run_demo(
-        FLAGS.workdir,
+        FLAGS.out,
         codi_steps=DEFAULT_CODI_STEPS[FLAGS.variant] if FLAGS.codi_steps is None else FLAGS.codi_steps,
-        teacher_workdir=FLAGS.teacher_workdir,
-        baseline_workdir=FLAGS.baseline_workdir,
+        teacher_workdir=FLAGS.teacher,
+        baseline_workdir=FLAGS.baseline,
         baseline_steps=FLAGS.baseline_steps,
         num_eval=FLAGS.num_eval,
         grid_rows=FLAGS.grid_rows,

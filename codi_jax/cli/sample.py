@@ -1,8 +1,8 @@
 """Few-step conditional sampling from a CoDi (or fine-tuned) checkpoint.
 
-``python -m codi_jax.sample --workdir=DIR --steps=4 --cond=PATH_OR_DIR --out=DIR``
+``python -m codi_jax.sample --run=DIR --images=PATH_OR_DIR --out=DIR [--steps=1,2,4]``
 
-Restores the latest (EMA) checkpoint of ``--workdir`` (its saved config rebuilds the model and
+Restores the latest (EMA) checkpoint of ``--run`` (its saved config rebuilds the model and
 names the task) and writes one PNG per input plus ``grid.png`` (condition | sample [| target]).
 
 ``--input=clean`` (default): the inputs are clean photographs; each is resized (shorter side)
@@ -13,15 +13,16 @@ and centre-cropped to the model's size and the task's degradation is applied wit
 (edges, depth; white = edge / near) for ``edge`` / ``depth``.
 
 Steps: CoDi samples on its training grid, so ``--steps`` above the grid size is an error;
-between steps the sample re-noises with fresh noise (``--stochastic``; CoDi's default, see
-``codi.renoise``) or moves deterministically (DDIM, ``--nostochastic``). Existing files in
-``--out`` are never overwritten; all outputs are written together or not at all.
+between steps the sample re-noises with fresh noise (``--renoise``; CoDi's default, see
+``codi.renoise``) or moves deterministically (DDIM, ``--norenoise``). Existing files in
+``--out`` are replaced only with ``--overwrite``; all outputs are written together or not at all.
+With several ``--steps`` each input gets ``<name>_<k>steps.png`` and the grid a column per count.
 ``--lowpass_consistency`` (off by default; beyond the paper, ILVR-style): after every step the
 prediction's low frequencies (what the task's downscale sees) are replaced by the condition's, so the
 sample's downscale equals the low-resolution input (``codi_jax.lowpass``); pixel-space
 super-resolution runs only.
 
-Every check (flags, ``--cond`` and each image in it, ``--out``, ``--steps`` against the run's
+Every check (flags, ``--images`` and each image in it, ``--out``, ``--steps`` against the run's
 saved config) runs before any weight is read or anything is compiled; a bad input ends with one
 line ``error: ...`` and exit code 2 (``--verbose``: the traceback). Images not at the model's size
 are resized with a note, or refused with ``--strict_size``. The library (JAX, TensorFlow) is
@@ -35,13 +36,14 @@ from absl import flags
 from codi_jax.cli import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "CoDi / fine-tune training workdir (holds checkpoints/).")
-flags.DEFINE_string("cond", None, "An image file or a directory of images (see --input).")
-flags.DEFINE_string("out", None, "Output directory (must not contain earlier outputs).")
-flags.DEFINE_integer("steps", 4, "Sampling steps (1, 2, 4, 8, ...; at most the training grid size for CoDi).")
-flags.DEFINE_enum("input", "clean", ["clean", "condition"], "What --cond holds (see the module docstring).")
+flags.DEFINE_string("run", None, "A CoDi / fine-tune training workdir (holds checkpoints/).")
+flags.DEFINE_string("images", None, "An image file or a directory of images (see --input).")
+flags.DEFINE_string("out", None, "Output directory.")
+flags.DEFINE_bool("overwrite", False, "Replace files an earlier run wrote in --out (else refused).")
+flags.DEFINE_list("steps", ["4"], "Step counts, e.g. 1,2,4 (each at most the training grid size for CoDi).")
+flags.DEFINE_enum("input", "clean", ["clean", "condition"], "What --images holds (see the module docstring).")
 flags.DEFINE_bool(
-    "stochastic",
+    "renoise",
     None,
     "Re-noise with fresh noise between steps (true) or move by DDIM (false); default: the run's "
     "config (CoDi runs: codi.renoise, true unless changed; fine-tuned models: DDIM).",
@@ -54,8 +56,8 @@ flags.DEFINE_bool(
 flags.DEFINE_integer("seed", 0, "Seed of the initial noise, re-noising and (--input=clean) the degradation.")
 flags.DEFINE_integer("batch_size", 32, "Images per jitted call.")
 flags.DEFINE_integer("instruction", 0, "Instruction id for the edit task.")
-flags.DEFINE_integer("step", None, "Checkpoint step (default: latest).")
-flags.DEFINE_bool("use_ema", True, "Sample with the EMA parameters.")
+flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
+flags.DEFINE_bool("ema", True, "Sample with the EMA parameters (false: the raw trained ones).")
 flags.DEFINE_bool("strict_size", False, "Refuse images not at the model's size instead of resizing them.")
 flags.DEFINE_string("prompt", None, "Text prompt for a text-conditioned (Stable Diffusion) run; default: the run's.")
 flags.DEFINE_float(
@@ -64,30 +66,42 @@ flags.DEFINE_float(
     "Classifier-free guidance scale w (text runs; 1 = none; default: the run's sample_guidance_scale). A "
     "CFG-distilled student (codi.cfg_range) reads w itself; other models are guided with two calls per step.",
 )
+RENAMED_FLAGS = {
+    "workdir": "run",
+    "cond": "images",
+    "stochastic": "renoise",
+    "use_ema": "ema",
+    "step": "checkpoint_step",
+}
 
 
 def main(argv: list[str]) -> None:
     common.no_arguments(argv)
-    common.require_flags("workdir", "cond", "out")
-    common.require_positive(steps=FLAGS.steps, batch_size=FLAGS.batch_size)
+    common.require_flags("run", "images", "out")
+    step_counts = common.step_counts(FLAGS.steps)
     from codi_jax.sampling import few_step  # heavy (JAX, TF): imported once the flags are known good
+    from codi_jax.sampling.options import SamplingOptions
 
-    paths = few_step.run(
-        FLAGS.workdir,
-        FLAGS.cond,
-        FLAGS.out,
-        steps=FLAGS.steps,
-        input_kind=FLAGS.input,
-        stochastic=FLAGS.stochastic,
+    options = SamplingOptions(
         seed=FLAGS.seed,
         batch_size=FLAGS.batch_size,
-        instruction=FLAGS.instruction,
-        step=FLAGS.step,
-        use_ema=FLAGS.use_ema,
-        strict_size=FLAGS.strict_size,
+        renoise=FLAGS.renoise,
+        lowpass_consistency=FLAGS.lowpass_consistency,
+        ema=FLAGS.ema,
         guidance_scale=FLAGS.guidance_scale,
         prompt=FLAGS.prompt,
-        lowpass_consistency=FLAGS.lowpass_consistency,
+    )
+    paths = few_step.run(
+        FLAGS.run,
+        FLAGS.images,
+        FLAGS.out,
+        step_counts,
+        options,
+        input_kind=FLAGS.input,
+        instruction=FLAGS.instruction,
+        checkpoint_step=FLAGS.checkpoint_step,
+        strict_size=FLAGS.strict_size,
+        overwrite=FLAGS.overwrite,
     )
     print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 

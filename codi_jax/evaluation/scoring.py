@@ -31,6 +31,7 @@ from codi_jax.data import pipeline, tasks
 from codi_jax.models import networks, student
 from codi_jax.runs.pretrained import Pretrained, load_conditional, read_config
 from codi_jax.sampling import conditional, few_step, samplers
+from codi_jax.sampling.options import SamplingOptions
 
 
 @dataclasses.dataclass
@@ -187,41 +188,37 @@ def swd(x: np.ndarray, y: np.ndarray) -> float:
     return float(metrics.sliced_wasserstein_distance(np.clip(x, -1.0, 1.0), y, min_resolution=16).average)
 
 
-def make_sampler(pre: Pretrained, solver: str = "ddim", lowpass_consistency: bool = False) -> Callable:
+def make_sampler(pre: Pretrained, options: SamplingOptions = SamplingOptions()) -> Callable:
     """The jitted sampler of ``sample_all`` (built once, it compiles once per step count)."""
-    ops = conditional.lowpass_operators(pre.config) if lowpass_consistency else None
-    return conditional.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, solver, lowpass_ops=ops)
+    ops = conditional.lowpass_operators(pre.config) if options.lowpass_consistency else None
+    return conditional.make_conditional_sampler(
+        pre.model, pre.schedule, pre.parametrization, options.solver, lowpass_ops=ops
+    )
 
 
 def sample_all(
     pre: Pretrained,
     examples: dict[str, np.ndarray],
     num_steps: int,
+    options: SamplingOptions = SamplingOptions(),
     *,
-    seed: int = 0,
-    batch_size: int = 64,
     times: np.ndarray | None = None,
-    solver: str = "ddim",
-    renoise: bool | None = None,
-    lowpass_consistency: bool = False,
     sampler: Callable | None = None,
     warm_up: bool = True,
 ) -> tuple[np.ndarray, float]:
     """Samples for every example and the mean wall time per image (ms, after warm-up).
 
-    ``renoise``: re-noise between DDIM steps; None takes the run's own default (CoDi: ``codi.renoise``)
-    for the DDIM solver and no re-noising for the others. ``lowpass_consistency``: replace the low
-    frequencies of every step's prediction by the condition's (``codi_jax.lowpass``). ``sampler``:
-    ``make_sampler``'s, to reuse its compilations (None: a new one). ``warm_up``: run the first batch
-    once untimed before timing it (compilation); False when ``sampler`` has already run these shapes.
+    ``options.renoise`` None takes the run's own default (CoDi: ``codi.renoise``) for the DDIM solver
+    and no re-noising for the others. ``sampler``: ``make_sampler``'s, to reuse its compilations
+    (None: a new one). ``warm_up``: run the first batch once untimed before timing it (compilation);
+    False when ``sampler`` has already run these shapes.
     """
+    renoise = options.renoise
     if renoise is None:
-        renoise = solver == "ddim" and conditional.renoise_between_steps(pre.config)
-    if renoise and solver != "ddim":
-        raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
+        renoise = options.solver == "ddim" and conditional.renoise_between_steps(pre.config)
     times = jnp.asarray(conditional.sample_times(pre.config, num_steps) if times is None else times)
     if sampler is None:
-        sampler = make_sampler(pre, solver, lowpass_consistency)
+        sampler = make_sampler(pre, options)
     cond, instruction = examples["cond"], examples.get("instruction")
 
     def sample_batch(batch: slice, z_init: jax.Array, renoise_keys: jax.Array | None) -> jax.Array:
@@ -230,7 +227,13 @@ def sample_all(
 
     shape = examples["image"].shape[1:]
     return samplers.sample_in_batches(
-        sample_batch, len(cond), shape, seed=seed, renoise=renoise, batch_size=batch_size, warm_up=warm_up
+        sample_batch,
+        len(cond),
+        shape,
+        seed=options.seed,
+        renoise=renoise,
+        batch_size=options.batch_size,
+        warm_up=warm_up,
     )
 
 
@@ -326,38 +329,30 @@ def evaluate_checkpoint(
     examples: dict[str, np.ndarray],
     step_counts: tuple[int, ...],
     method: str,
+    options: SamplingOptions = SamplingOptions(),
     *,
-    seed: int = 0,
-    batch_size: int = 64,
-    solver: str = "ddim",
-    renoise: bool | None = None,
     weights: MetricWeights = MetricWeights(),
     progress: Progress | None = None,
-    lowpass_consistency: bool = False,
     num_seeds: int = 1,
 ) -> list[Row]:
-    """One row per step count (``progress``: a line printed as each finishes); ``lowpass_consistency``:
-    sampled with low-frequency consistency (pixel-space super-resolution runs only); ``num_seeds``:
-    the row is the mean over sampling seeds ``seed .. seed + num_seeds - 1``, with their spread."""
+    """One row per step count (``progress``: a line printed as each finishes); ``num_seeds``: the row
+    is the mean over sampling seeds ``options.seed .. options.seed + num_seeds - 1``, with their
+    spread. ``options.lowpass_consistency``: pixel-space super-resolution runs only."""
     if num_seeds < 1:
         raise ValueError(f"num_seeds={num_seeds}: must be at least 1.")
     trained = student.trainable_param_count(pre.model, pre.params)
-    sampler = make_sampler(pre, solver, lowpass_consistency)  # compiled once per step count, not per seed
+    sampler = make_sampler(pre, options)  # compiled once per step count, not per seed
     rows = []
     for num_steps in step_counts:
         per_seed = []
-        for row_seed in range(seed, seed + num_seeds):
+        for row_seed in range(options.seed, options.seed + num_seeds):
             samples, ms = sample_all(
                 pre,
                 examples,
                 num_steps,
-                seed=row_seed,
-                batch_size=batch_size,
-                solver=solver,
-                renoise=renoise,
-                lowpass_consistency=lowpass_consistency,
+                options.with_seed(row_seed),
                 sampler=sampler,
-                warm_up=row_seed == seed,  # later seeds reuse the first one's compilation
+                warm_up=row_seed == options.seed,  # later seeds reuse the first one's compilation
             )
             per_seed.append(
                 score_row(
@@ -370,7 +365,7 @@ def evaluate_checkpoint(
                     weights=weights,
                     seed=row_seed,
                     task=pre.config.task,
-                    lowpass_consistency=lowpass_consistency,
+                    lowpass_consistency=options.lowpass_consistency,
                 )
             )
         row = mean_row(per_seed)
@@ -464,17 +459,12 @@ def _task_fields(config: ml_collections.ConfigDict) -> dict:
 def check_runs(
     runs: Sequence[RunSpec],
     step_counts: tuple[int, ...],
-    *,
-    solver: str = "ddim",
-    renoise: bool | None = None,
-    lowpass_consistency: bool = False,
+    options: SamplingOptions = SamplingOptions(),
 ) -> list[tuple[RunSpec, ml_collections.ConfigDict]]:
     """Every check of an evaluation from the runs' saved configs alone (no weights read): each run
     is a codi / finetune run of the first run's task and image size, and samples at its step counts
-    (and, with ``lowpass_consistency``, is a pixel-space super-resolution run). Returns each run (its
-    step counts filled in) with its config."""
-    if renoise and solver != "ddim":
-        raise ValueError(f"Re-noising between steps needs solver='ddim', not {solver!r}.")
+    (and, with ``options.lowpass_consistency``, is a pixel-space super-resolution run). Returns each
+    run (its step counts filled in) with its config."""
     checked = []
     for spec in runs:
         run = RunSpec(*spec)
@@ -485,7 +475,7 @@ def check_runs(
                 "not a conditional (codi / finetune) one."
             )
         run = run._replace(steps=tuple(run.steps or step_counts))
-        if lowpass_consistency:
+        if options.lowpass_consistency:
             try:
                 conditional.check_lowpass_consistency(config)
             except ValueError as error:
@@ -519,30 +509,25 @@ def evaluation_examples(
 def evaluate_runs(
     runs: Sequence[RunSpec | tuple],
     step_counts: tuple[int, ...],
+    options: SamplingOptions = SamplingOptions(),
     *,
     images: str | None = None,
     num_eval: int = 256,
-    seed: int = 0,
-    batch_size: int = 64,
-    solver: str = "ddim",
-    renoise: bool | None = None,
     weights: MetricWeights = MetricWeights(),
     bicubic: bool = False,
     progress: Callable[[str], None] | None = print,
-    lowpass_consistency: bool = False,
     num_seeds: int = 1,
-    use_ema: bool = True,
 ) -> list[Row]:
     """Rows of every run at its step counts on one held-out set, then (``bicubic``; super-resolution
     only, other tasks skip it with a note) the condition's own row. Everything is checked
     (``check_runs``, the metric weights, the held-out images) before the first run is loaded; runs
     are loaded one at a time. ``progress``: where the line per (run, step count) goes (None: nowhere).
-    ``lowpass_consistency``: every run sampled with low-frequency consistency (the bicubic row is the
-    condition itself, unchanged). ``num_seeds``: each row the mean over that many sampling seeds.
-    ``use_ema``: sample with the EMA weights (False: the raw trained weights)."""
-    checked = check_runs(runs, step_counts, solver=solver, renoise=renoise, lowpass_consistency=lowpass_consistency)
+    ``options.seed`` also seeds the held-out degradations; ``options.lowpass_consistency`` leaves the
+    bicubic row (the condition itself) unchanged. ``num_seeds``: each row the mean over that many
+    sampling seeds."""
+    checked = check_runs(runs, step_counts, options)
     weights.check()
-    examples = evaluation_examples(checked[0][1], images=images, num_eval=num_eval, seed=seed)
+    examples = evaluation_examples(checked[0][1], images=images, num_eval=num_eval, seed=options.seed)
     if bicubic and checked[0][1].task.name != "sr":
         bicubic = False
         if progress is not None:
@@ -553,33 +538,22 @@ def evaluate_runs(
         progress(f"Evaluating {len(jobs)} (run, step count) pairs on {len(examples['image'])} held-out images.")
     rows = []
     for run, _ in checked:
-        pre = load_conditional(run.workdir, use_ema=use_ema)
+        pre = load_conditional(run.workdir, use_ema=options.ema)
         rows += evaluate_checkpoint(
-            pre,
-            examples,
-            run.steps,
-            run.name,
-            seed=seed,
-            batch_size=batch_size,
-            solver=solver,
-            renoise=renoise,
-            weights=weights,
-            progress=tracker,
-            lowpass_consistency=lowpass_consistency,
-            num_seeds=num_seeds,
+            pre, examples, run.steps, run.name, options, weights=weights, progress=tracker, num_seeds=num_seeds
         )
         del pre
     if bicubic:
-        rows.append(condition_row(examples, weights=weights, seed=seed, task=checked[0][1].task))
+        rows.append(condition_row(examples, weights=weights, seed=options.seed, task=checked[0][1].task))
     return rows
 
 
 RESULT_FILES = ("results.json", "results.md")
 
 
-def check_results_dir(out_dir: str, flag: str = "--out") -> None:
-    """Refuses an output directory that already holds results (nothing is ever overwritten)."""
-    few_step.check_out_dir(out_dir, RESULT_FILES, flag)
+def check_results_dir(out_dir: str, flag: str = "--out", overwrite: bool = False) -> None:
+    """Refuses an output directory that already holds results, unless ``overwrite``."""
+    few_step.check_out_dir(out_dir, RESULT_FILES, flag, overwrite=overwrite)
 
 
 def results_files(
@@ -597,9 +571,14 @@ def results_files(
 
 
 def write_results(
-    rows: Sequence[Row], out_dir: str, header: str = "", meta: Mapping[str, Any] | None = None
+    rows: Sequence[Row],
+    out_dir: str,
+    header: str = "",
+    meta: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> tuple[str, str]:
-    """Writes ``results.json`` and ``results.md`` together (all or nothing), never overwriting."""
-    check_results_dir(out_dir)
+    """Writes ``results.json`` and ``results.md`` together (all or nothing); earlier results are
+    replaced only with ``overwrite``."""
+    check_results_dir(out_dir, overwrite=overwrite)
     json_path, md_path = atomic.write_files(results_files(rows, out_dir, header, meta))
     return json_path, md_path

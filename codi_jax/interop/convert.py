@@ -1,6 +1,6 @@
 """A local diffusers model as a teacher workdir (the library behind ``python -m codi_jax.convert``).
 
-``python -m codi_jax.convert --diffusers=DIR --workdir=OUT [--controlnet=DIR] [--overwrite]``
+``python -m codi_jax.convert --diffusers=DIR --out=OUT [--controlnet=DIR] [--overwrite]``
 
 Input (``--diffusers``), read from local files only:
 
@@ -323,13 +323,13 @@ def check_controlnet_backbone(adapter: Mapping[str, Any], unet_fields: Mapping[s
 
 def _check_out(out: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
-        raise FileExistsError(f"--workdir={out} exists and is not a directory.")
+        raise FileExistsError(f"--out={out} exists and is not a directory.")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
-        raise FileExistsError(f"--workdir={out} exists and is not empty; pass --overwrite to replace it.")
+        raise FileExistsError(f"--out={out} exists and is not empty; pass --overwrite to replace it.")
     for path in inputs:
         real_in, real_out = os.path.realpath(path), os.path.realpath(out)
         if real_in == real_out or real_in.startswith(real_out + os.sep):
-            raise ValueError(f"--workdir={out} holds the input {path}: write the teacher elsewhere.")
+            raise ValueError(f"--out={out} holds the input {path}: write the teacher elsewhere.")
 
 
 def plan_conversion(diffusers: str, workdir: str, *, controlnet: str | None = None, overwrite: bool = False) -> Plan:

@@ -2,7 +2,7 @@
 
 Export a trained run as a diffusers folder that PyTorch loads.
 
-``python -m codi_jax.export --workdir=RUN --out=DIR [--overwrite] [--steps=4]``
+``python -m codi_jax.export --run=RUN --out=DIR [--overwrite] [--steps=4]``
 
 A conditional (CoDi / fine-tune) run with a ControlNet adapter becomes ``DIR/unet/`` (the
 backbone it samples with, LoRA merged; for PE-CoDi the frozen teacher's), ``DIR/controlnet/``
@@ -367,7 +367,7 @@ def export_workdir(
     ``out``, the architectures and ``steps`` are checked before any weights are read."""
     check_out(out, overwrite)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise FileNotFoundError(f"--workdir={workdir}: no checkpoints directory there (not a training workdir).")
+        raise FileNotFoundError(f"--run={workdir}: no checkpoints directory there (not a training workdir).")
     from codi_jax import diffusion
     from codi_jax.interop import flax_to_torch
     from codi_jax.models import networks

@@ -15,8 +15,7 @@ from codi_jax.frozen import encoders
 from codi_jax.models import student
 from codi_jax.objectives import codi
 from codi_jax.sampling import guidance, samplers
-
-SOLVERS = ("ddim", "dpm++")
+from codi_jax.sampling.options import SOLVERS
 
 
 def sample_times(config: ml_collections.ConfigDict, num_steps: int) -> np.ndarray:

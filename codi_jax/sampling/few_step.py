@@ -26,13 +26,14 @@ from codi_jax.frozen import batch_inputs, encoders
 from codi_jax.models import networks
 from codi_jax.runs.pretrained import Pretrained, load_conditional, read_config
 from codi_jax.sampling import conditional, samplers
+from codi_jax.sampling.options import SamplingOptions
 
 CONDITION_TASKS = ("sr", "edge", "depth")  # tasks whose condition is one image (--input=condition)
 GRID_MIN_TILE = 128  # grid tiles are enlarged (nearest neighbour) to at least this many pixels
 MAX_NOTES = 5  # resize notes printed before the rest are summed up
 
 
-def list_inputs(path: str, flag: str = "--cond") -> list[str]:
+def list_inputs(path: str, flag: str = "--images") -> list[str]:
     """The image files at ``path`` (one file, or a folder searched recursively); errors name the flag."""
     if os.path.isfile(path):
         return [path]
@@ -65,7 +66,7 @@ def load_images(
     accepted_sizes: Sequence[int] | None = None,
     strict: bool = False,
     note: Callable[[str], None] | None = print,
-    flag: str = "--cond",
+    flag: str = "--images",
 ) -> tuple[list[str], np.ndarray]:
     """``(names, images)``: every image at ``path`` (file, folder, or a list of files) as float32
     [-1, 1], resized (shorter side, bicubic) and centre-cropped to ``size``.
@@ -118,24 +119,31 @@ def conditions_from_images(task_config: ml_collections.ConfigDict, images: np.nd
     return gray[..., None]
 
 
-def output_files(names: Sequence[str]) -> list[str]:
-    """``<name>.png`` per input and ``grid.png``; names that collide are an error."""
-    files = [f"{name}.png" for name in names] + ["grid.png"]
+def sample_file_names(names: Sequence[str], step_counts: Sequence[int]) -> list[list[str]]:
+    """Per step count, one file per input: ``<name>.png`` for a single count, else ``<name>_<k>steps.png``."""
+    if len(step_counts) == 1:
+        return [[f"{name}.png" for name in names]]
+    return [[f"{name}_{k}steps.png" for name in names] for k in step_counts]
+
+
+def output_files(names: Sequence[str], step_counts: Sequence[int] = (1,)) -> list[str]:
+    """The samples (``sample_file_names``) and ``grid.png``; names that collide are an error."""
+    files = [f for per_count in sample_file_names(names, step_counts) for f in per_count] + ["grid.png"]
     if len(set(files)) != len(files):
         seen = [f for i, f in enumerate(files) if f in files[:i]]
         raise ValueError(f"input file names collide after removing extensions ({seen[:3]}); rename them.")
     return files
 
 
-def check_out_dir(out_dir: str, files: Sequence[str], flag: str = "--out") -> None:
-    """Refuses an output directory that is a file or already holds one of ``files``."""
+def check_out_dir(out_dir: str, files: Sequence[str], flag: str = "--out", overwrite: bool = False) -> None:
+    """Refuses an output directory that is a file or (unless ``overwrite``) already holds one of ``files``."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise FileExistsError(f"{flag} {out_dir} is a file, not a directory.")
     clashes = [f for f in files if os.path.lexists(os.path.join(out_dir, f))]
-    if clashes:
+    if clashes and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds {clashes[:3]}{'...' if len(clashes) > 3 else ''}; "
-            f"choose another {flag} (nothing was overwritten)."
+            f"choose another {flag} or pass --overwrite (nothing was overwritten)."
         )
 
 
@@ -164,10 +172,10 @@ class SamplePlan:
 
 def read_conditional_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
     """The saved config of a codi / finetune run (JSON only, no weights) and its checkpoint step."""
-    config, step = read_config(workdir, step, what="--workdir")
+    config, step = read_config(workdir, step, what="--run")
     if not networks.is_conditional(config):
         raise ValueError(
-            f"--workdir {workdir} holds a {config.get('method', 'teacher')!r} run, not a conditional "
+            f"--run {workdir} holds a {config.get('method', 'teacher')!r} run, not a conditional "
             "(codi / finetune) one; sample an unconditional teacher with python -m codi_jax.sample_teacher."
         )
     return config, step
@@ -175,29 +183,31 @@ def read_conditional_config(workdir: str, step: int | None = None) -> tuple[ml_c
 
 def prepare(
     workdir: str,
-    cond_path: str,
+    images_path: str,
     out_dir: str,
+    step_counts: Sequence[int],
+    options: SamplingOptions = SamplingOptions(),
     *,
-    steps: int,
     input_kind: str = "clean",
-    seed: int = 0,
     instruction: int = 0,
-    step: int | None = None,
+    checkpoint_step: int | None = None,
     strict_size: bool = False,
-    lowpass_consistency: bool = False,
+    overwrite: bool = False,
 ) -> SamplePlan:
     """Every check of a sampling request, before any weight is read (see the module docstring)."""
-    if steps < 1:
-        raise ValueError(f"--steps={steps}: must be at least 1.")
+    if not step_counts or min(step_counts) < 1:
+        raise ValueError(f"--steps={','.join(map(str, step_counts))}: every step count must be at least 1.")
     if input_kind not in ("clean", "condition"):
         raise ValueError(f"--input={input_kind!r}; valid: 'clean', 'condition'.")
-    paths = list_inputs(cond_path)
+    paths = list_inputs(images_path)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    files = output_files(names)
-    check_out_dir(out_dir, files)
-    config, step = read_conditional_config(workdir, step)
-    check_steps(config, steps)
-    if lowpass_consistency:
+    files = output_files(names, step_counts)
+    check_out_dir(out_dir, files, overwrite=overwrite)
+    config, step = read_conditional_config(workdir, checkpoint_step)
+    for steps in step_counts:
+        check_steps(config, steps)
+    seed = options.seed
+    if options.lowpass_consistency:
         try:
             conditional.check_lowpass_consistency(config)
         except ValueError as error:
@@ -225,6 +235,7 @@ def prepare(
         cond, target, instructions = conditions_from_images(task, images), None, None
     if num_instructions and instructions is None:
         instructions = np.full((len(cond),), instruction, np.int32)
+    check_text_request(config, options.prompt, options.guidance_scale)
     return SamplePlan(config, step, names, files, cond, target, instructions)
 
 
@@ -232,8 +243,6 @@ def check_text_request(config: ml_collections.ConfigDict, prompt: str | None, gu
     """``--prompt`` / ``--guidance_scale`` need a text-conditioned run (checked before any weight)."""
     if batch_inputs.has_text(config):
         encoders.check_encoder_paths(config)
-        if guidance_scale is not None and guidance_scale < 0:
-            raise ValueError(f"--guidance_scale={guidance_scale}: must be >= 0.")
         return
     if prompt is not None or guidance_scale not in (None, 1.0):
         raise ValueError("--prompt / --guidance_scale need a text-conditioned run; this run's backbone has no text.")
@@ -243,25 +252,23 @@ def sample_conditional(
     pre: Pretrained,
     cond: np.ndarray,
     instruction: np.ndarray | None,
-    *,
     steps: int,
-    seed: int,
-    stochastic: bool | None = None,
-    batch_size: int = 32,
-    guidance_scale: float | None = None,
-    lowpass_consistency: bool = False,
+    options: SamplingOptions = SamplingOptions(),
 ) -> np.ndarray:
-    """Samples in [-1, 1] for each condition; the noise of example i depends only on (seed, i).
+    """Samples in [-1, 1] for each condition; the noise of example i depends only on (options.seed, i).
 
-    ``stochastic``: re-noise between steps; None takes the run's default (CoDi: ``codi.renoise``).
-    Latent runs sample latents and decode them with the VAE; text runs use the config's prompt
-    (``text.prompt``, or the instruction's) with CFG scale ``guidance_scale`` (None: the run's
-    ``sample_guidance_scale``, default 1 = no guidance). ``lowpass_consistency``: replace the low
-    frequencies of every step's prediction by the condition's (pixel-space super-resolution only)."""
+    ``options.renoise`` None takes the run's default (CoDi: ``codi.renoise``). Latent runs sample
+    latents and decode them with the VAE; text runs use the config's prompt (``text.prompt``, or the
+    instruction's; ``options.prompt`` replaces it) with CFG scale ``options.guidance_scale`` (None:
+    the run's ``sample_guidance_scale``, default 1 = no guidance)."""
     times = jnp.asarray(conditional.sample_times(pre.config, steps))  # raises if steps > grid
+    guidance_scale = options.guidance_scale
+    if options.prompt is not None:
+        with pre.config.unlocked():
+            pre.config.text.prompt = options.prompt
     enc, frozen = batch_inputs.load(pre.config)
     latent = enc.vae is not None
-    ops = conditional.lowpass_operators(pre.config) if lowpass_consistency else None
+    ops = conditional.lowpass_operators(pre.config) if options.lowpass_consistency else None
     sampler = conditional.make_conditional_sampler(
         pre.model, pre.schedule, pre.parametrization, clip=not latent, lowpass_ops=ops
     )
@@ -276,10 +283,10 @@ def sample_conditional(
         x = sampler(pre.params, inputs["cond"], inputs.get("instruction"), z_init, times, renoise_keys, text)
         return np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0)
 
-    renoise = conditional.renoise_between_steps(pre.config) if stochastic is None else bool(stochastic)
+    renoise = conditional.renoise_between_steps(pre.config) if options.renoise is None else options.renoise
     shape = (size, size, pre.model.backbone.out_channels)
     samples, _ = samplers.sample_in_batches(
-        sample_batch, len(cond), shape, seed=seed, renoise=renoise, batch_size=batch_size
+        sample_batch, len(cond), shape, seed=options.seed, renoise=renoise, batch_size=options.batch_size
     )
     return samples
 
@@ -292,14 +299,23 @@ def viewable_grid(tiles: np.ndarray, columns: int, min_tile: int = GRID_MIN_TILE
     return np.repeat(np.repeat(grid, factor, axis=0), factor, axis=1)
 
 
-def write_outputs(out_dir: str, names: list[str], columns: list[np.ndarray]) -> list[str]:
-    """``<name>.png`` (the sample, ``columns[1]``) per input and ``grid.png`` with one row per input
-    (tiles enlarged, ``viewable_grid``), written as one all-or-nothing group; never overwrites."""
-    files = output_files(names)
-    check_out_dir(out_dir, files)
+def write_outputs(
+    out_dir: str,
+    names: list[str],
+    columns: list[np.ndarray],
+    step_counts: Sequence[int] = (1,),
+    overwrite: bool = False,
+) -> list[str]:
+    """The samples (``columns[1 : 1 + len(step_counts)]``, one per step count) as ``sample_file_names``
+    per input and ``grid.png`` with one row per input and one column per entry of ``columns``
+    (condition | samples | [target]; tiles enlarged, ``viewable_grid``), written as one
+    all-or-nothing group; an existing file is replaced only with ``overwrite``."""
+    files = output_files(names, step_counts)
+    check_out_dir(out_dir, files, overwrite=overwrite)
     pixels = [samplers.to_uint8(c) for c in columns]
     tiles = np.stack(pixels, axis=1).reshape((-1,) + pixels[0].shape[1:])
-    images = list(pixels[1]) + [viewable_grid(tiles, len(columns))]
+    images = [image for samples in pixels[1 : 1 + len(step_counts)] for image in samples]
+    images.append(viewable_grid(tiles, len(columns)))
     return atomic.write_files(
         {os.path.join(out_dir, name): atomic.png_bytes(image) for name, image in zip(files, images, strict=True)}
     )
@@ -307,53 +323,34 @@ def write_outputs(out_dir: str, names: list[str], columns: list[np.ndarray]) -> 
 
 def run(
     workdir: str,
-    cond_path: str,
+    images_path: str,
     out_dir: str,
+    step_counts: Sequence[int] = (4,),
+    options: SamplingOptions = SamplingOptions(),
     *,
-    steps: int = 4,
     input_kind: str = "clean",
-    stochastic: bool | None = None,
-    seed: int = 0,
-    batch_size: int = 32,
     instruction: int = 0,
-    step: int | None = None,
-    use_ema: bool = True,
+    checkpoint_step: int | None = None,
     strict_size: bool = False,
-    guidance_scale: float | None = None,
-    prompt: str | None = None,
-    lowpass_consistency: bool = False,
+    overwrite: bool = False,
 ) -> list[str]:
-    """Checks the request (``prepare``), restores the run, samples and writes; returns the paths
-    written (the samples, then ``grid.png``)."""
-    if batch_size < 1:
-        raise ValueError(f"--batch_size={batch_size}: must be at least 1.")
+    """Checks the request (``prepare``), restores the run, samples at each step count and writes;
+    returns the paths written (the samples, then ``grid.png``)."""
     plan = prepare(
         workdir,
-        cond_path,
+        images_path,
         out_dir,
-        steps=steps,
+        step_counts,
+        options,
         input_kind=input_kind,
-        seed=seed,
         instruction=instruction,
-        step=step,
+        checkpoint_step=checkpoint_step,
         strict_size=strict_size,
-        lowpass_consistency=lowpass_consistency,
+        overwrite=overwrite,
     )
-    check_text_request(plan.config, prompt, guidance_scale)
-    pre = load_conditional(workdir, step=plan.step, use_ema=use_ema)
-    if prompt is not None:
-        with pre.config.unlocked():
-            pre.config.text.prompt = prompt
-    samples = sample_conditional(
-        pre,
-        plan.cond,
-        plan.instructions,
-        steps=steps,
-        seed=seed,
-        stochastic=stochastic,
-        batch_size=batch_size,
-        guidance_scale=guidance_scale,
-        lowpass_consistency=lowpass_consistency,
+    pre = load_conditional(workdir, step=plan.step, use_ema=options.ema)
+    samples = [sample_conditional(pre, plan.cond, plan.instructions, k, options) for k in step_counts]
+    target = [plan.target] if plan.target is not None else []
+    return write_outputs(
+        out_dir, plan.names, [samplers.cond_to_rgb(plan.cond), *samples, *target], step_counts, overwrite
     )
-    columns = [samplers.cond_to_rgb(plan.cond), samples] + ([plan.target] if plan.target is not None else [])
-    return write_outputs(out_dir, plan.names, columns)

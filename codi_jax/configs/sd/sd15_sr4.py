@@ -3,7 +3,7 @@
 Fill in the local paths (each is checked, with an error naming the field, before anything is
 compiled):
 
-  python -m codi_jax.convert --diffusers=/models/stable-diffusion-v1-5 --workdir=$SD15
+  python -m codi_jax.convert --diffusers=/models/stable-diffusion-v1-5 --out=$SD15
   python -m codi_jax.train --config=codi_jax/configs/sd/sd15_sr4.py --workdir=$RUN \\
       --config.teacher_workdir=$SD15 --config.data.folder=/data/DF2K_HR
 

@@ -1,6 +1,6 @@
 """Stable Diffusion 2.1 (768 px, v-prediction): PE-CoDi x4 real-world super-resolution.
 
-  python -m codi_jax.convert --diffusers=/models/stable-diffusion-2-1 --workdir=$SD21
+  python -m codi_jax.convert --diffusers=/models/stable-diffusion-2-1 --out=$SD21
   python -m codi_jax.train --config=codi_jax/configs/sd/sd21_sr4.py --workdir=$RUN \\
       --config.teacher_workdir=$SD21 --config.data.folder=/data/DF2K_HR
 

@@ -1,0 +1,194 @@
+"""Many-step DDIM sampling of an unconditional teacher (or a converted text-to-image teacher): the
+library behind ``python -m codi_jax.sample_teacher`` (``codi_jax.cli.sample_teacher``).
+
+``check_request`` checks a request from the run's saved config alone; ``sample_images`` restores the
+EMA parameters and samples; ``write_images`` writes one PNG per sample plus ``grid.png``, all or
+nothing. Latent / text teachers sample latents without clipping and decode them with the VAE; a
+prompt conditions them and a guidance scale > 1 applies classifier-free guidance against the
+negative prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from codi_jax import atomic
+from codi_jax.frozen import encoders
+from codi_jax.models import networks
+from codi_jax.runs.pretrained import Pretrained, load_teacher, read_config
+from codi_jax.sampling import few_step, guidance, samplers
+
+
+def _context_apply(model: Any, params: Any, z_t: jax.Array, model_t: jax.Array, context: Any) -> jax.Array:
+    return model.apply({"params": params}, z_t, model_t, context)
+
+
+def _text_contexts(
+    enc: encoders.Encoders, config: Any, batch: int, prompt: str | None, negative_prompt: str | None, scale: float
+) -> tuple[jax.Array, jax.Array | None]:
+    """``(context, uncond_context or None)`` for ``batch`` samples of one prompt (None: no CFG)."""
+    prompt = config.text.get("prompt", "") if prompt is None else prompt
+    negative = config.text.get("negative_prompt", "") if negative_prompt is None else negative_prompt
+    context = encoders.encode_prompts(enc, [prompt] * batch)
+    return context, (None if scale == 1.0 else encoders.encode_prompts(enc, [negative] * batch))
+
+
+def _first(tree: Any, n: int) -> Any:
+    """The first ``n`` examples of every leaf (None stays None)."""
+    return None if tree is None else jax.tree_util.tree_map(lambda leaf: leaf[:n], tree)
+
+
+def _latent_text_sampler(pre: Pretrained, steps: int, batch: int, text: dict[str, Any]) -> Callable:
+    """``noise -> images`` for a latent and / or text teacher: guided DDIM (unclipped latents), VAE decode."""
+    enc = encoders.load_encoders(pre.config)
+    context, uncond = (None, None)
+    if enc.has_text:
+        context, uncond = _text_contexts(enc, pre.config, batch, **text)
+    ddim = jax.jit(
+        functools.partial(
+            samplers.ddim_sample,
+            guidance.guided_apply(functools.partial(_context_apply, pre.model)),
+            times=samplers.uniform_times(steps),
+            schedule=pre.schedule,
+            parametrization=pre.parametrization,
+            clip_denoised=not enc.is_latent,
+        )
+    )
+    decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if enc.is_latent else None
+
+    def sample(noise: jax.Array) -> np.ndarray:
+        n = noise.shape[0]
+        guided = guidance.Guided(pre.params, _first(context, n), _first(uncond, n), jnp.float32(text["scale"]))
+        out = ddim(guided, noise)
+        if decode is not None:
+            out = jnp.clip(decode(enc.vae_params, out), -1.0, 1.0)
+        return np.asarray(out)
+
+    return sample
+
+
+def _pixel_sampler(pre: Pretrained, steps: int) -> Callable:
+    """``noise -> images`` for a pixel teacher without text: DDIM with x_hat clipped to [-1, 1]."""
+
+    def apply_fn(params, z_t, model_t):
+        return pre.model.apply({"params": params}, z_t, model_t)
+
+    sampler = jax.jit(
+        functools.partial(
+            samplers.ddim_sample,
+            apply_fn,
+            times=samplers.uniform_times(steps),
+            schedule=pre.schedule,
+            parametrization=pre.parametrization,
+        )
+    )
+    return lambda noise: np.asarray(sampler(pre.params, noise))
+
+
+def sample_images(
+    workdir: str,
+    *,
+    steps: int,
+    num_images: int,
+    batch_size: int,
+    seed: int,
+    step: int | None = None,
+    use_ema: bool = True,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float = 1.0,
+) -> np.ndarray:
+    """``num_images`` samples in [-1, 1] (NHWC float32, pixels) from ``workdir``'s checkpoint.
+
+    A latent teacher (``config.latent.vae``) samples latents at ``data.image_size`` over the VAE's
+    downsampling and decodes them; a text teacher (``config.text.encoder``) is conditioned on
+    ``prompt`` (default ``config.text.prompt``), with classifier-free guidance against
+    ``negative_prompt`` when ``guidance_scale != 1`` (one network call on the doubled batch).
+    """
+    pre = load_teacher(workdir, step=step, use_ema=use_ema)
+    check_text_flags(pre.config, workdir, prompt, negative_prompt, guidance_scale)
+    size = networks.model_input_size(pre.config)
+    channels = pre.config.model.out_channels
+    if encoders.is_latent(pre.config) or encoders.has_text(pre.config):
+        text = dict(prompt=prompt, negative_prompt=negative_prompt, scale=guidance_scale)
+        sample = _latent_text_sampler(pre, steps, min(batch_size, num_images), text)
+    else:
+        sample = _pixel_sampler(pre, steps)
+    samples, _ = samplers.sample_in_batches(
+        lambda _, z_init, __: sample(z_init),
+        num_images,
+        (size, size, channels),
+        seed=seed,
+        renoise=False,
+        batch_size=batch_size,
+    )
+    return samples
+
+
+def check_text_flags(
+    config: Any, workdir: str, prompt: str | None, negative_prompt: str | None, guidance_scale: float
+) -> None:
+    """``--prompt`` / ``--negative_prompt`` / ``--guidance_scale`` need a text teacher."""
+    if not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"--guidance_scale={guidance_scale}: must be a finite number >= 0 (1 = no guidance).")
+    if encoders.has_text(config):
+        return
+    for flag, given in (("prompt", prompt is not None), ("negative_prompt", negative_prompt is not None)):
+        if given:
+            raise ValueError(f"--{flag}: the teacher in --run {workdir} has no text encoder (config.text.encoder).")
+    if guidance_scale != 1.0:
+        raise ValueError(
+            f"--guidance_scale={guidance_scale}: the teacher in --run {workdir} has no text encoder "
+            "(classifier-free guidance needs a text teacher; leave it at 1)."
+        )
+
+
+def sample_files(num_images: int, prefix: str = "sample") -> list[str]:
+    """``prefix_00000.png``... and ``grid.png``."""
+    return [f"{prefix}_{i:05d}.png" for i in range(num_images)] + ["grid.png"]
+
+
+def check_request(
+    workdir: str,
+    out_dir: str,
+    *,
+    steps: int,
+    num_images: int,
+    batch_size: int,
+    step: int | None = None,
+    prompt: str | None = None,
+    negative_prompt: str | None = None,
+    guidance_scale: float = 1.0,
+    overwrite: bool = False,
+) -> None:
+    """Every check of a sampling request before any weight is read (the run's saved config only)."""
+    for flag, value in (("steps", steps), ("num_images", num_images), ("batch_size", batch_size)):
+        if value < 1:
+            raise ValueError(f"--{flag}={value}: must be at least 1.")
+    few_step.check_out_dir(out_dir, sample_files(num_images), overwrite=overwrite)
+    config, _ = read_config(workdir, step, what="--run")
+    if networks.is_conditional(config):
+        raise ValueError(
+            f"--run {workdir} holds a conditional {config.method!r} run; sample it with python -m codi_jax.sample."
+        )
+    check_text_flags(config, workdir, prompt, negative_prompt, guidance_scale)
+    encoders.check_encoder_paths(config)
+
+
+def write_images(images: np.ndarray, out_dir: str, prefix: str = "sample", overwrite: bool = False) -> list[str]:
+    """Writes ``prefix_00000.png``... and ``grid.png`` as one all-or-nothing group; existing files
+    are replaced only with ``overwrite``."""
+    names = sample_files(len(images), prefix)
+    few_step.check_out_dir(out_dir, names, overwrite=overwrite)
+    pixels = samplers.to_uint8(images)
+    grid = few_step.viewable_grid(pixels, int(np.ceil(np.sqrt(len(pixels)))))
+    encoded = [atomic.png_bytes(image) for image in pixels] + [atomic.png_bytes(grid)]
+    return atomic.write_files({os.path.join(out_dir, n): data for n, data in zip(names, encoded, strict=True)})

@@ -1,0 +1,45 @@
+"""How a trained run is sampled, as one record: every sampling command and evaluation takes it.
+
+The flags of ``sample`` / ``evaluate`` / ``demo`` (``--seed``, ``--batch_size``, ``--solver``,
+``--renoise``, ``--lowpass_consistency``, ``--ema``, ``--guidance_scale``, ``--prompt``) become one
+``SamplingOptions`` that travels unchanged from the command line to the sampler; the step counts
+travel beside it (a command samples several).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+SOLVERS = ("ddim", "dpm++")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingOptions:
+    """``seed``: example i's noise is drawn from (seed, i) and its re-noising from (seed + 1, i).
+    ``renoise``: re-noise between steps (None: the run's default, CoDi's ``codi.renoise``; DDIM only).
+    ``lowpass_consistency``: replace each step's low frequencies by the condition's (pixel-space SR).
+    ``ema``: the EMA weights (False: the raw trained ones). ``guidance_scale`` / ``prompt``: text runs
+    (None: the run's own ``sample_guidance_scale`` / ``text.prompt``)."""
+
+    seed: int = 0
+    batch_size: int = 64
+    solver: str = "ddim"
+    renoise: bool | None = None
+    lowpass_consistency: bool = False
+    ema: bool = True
+    guidance_scale: float | None = None
+    prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size={self.batch_size}: must be at least 1.")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"--solver={self.solver!r}; valid: {', '.join(SOLVERS)}.")
+        if self.renoise and self.solver != "ddim":
+            raise ValueError(f"Re-noising between steps needs solver='ddim', not {self.solver!r}.")
+        if self.guidance_scale is not None and self.guidance_scale < 0:
+            raise ValueError(f"--guidance_scale={self.guidance_scale}: must be >= 0.")
+
+    def with_seed(self, seed: int) -> SamplingOptions:
+        """The same options with another seed (one row per sampling seed)."""
+        return dataclasses.replace(self, seed=seed)
