@@ -3,7 +3,7 @@
 The subprocess cases all fail before any model is loaded, so they only pay for imports (JAX and
 TensorFlow: ~10 s of CPU each; flag errors come before those imports); they run concurrently (two
 at a time) from one fixture. The other checks are tested in-process on the same functions.
-Cases that need a conditional run use the committed ``checkpoints/finetune_sr4`` or a copy of
+Cases that need a conditional run use the committed ``checkpoints/finetune_sr4_color`` or a copy of
 its config alone, edited into a CoDi run (``_fake_codi_workdir``: no weights at all, so reaching
 the load would fail differently).
 Writes go through ``codi_jax.atomic``; a full disk midway leaves nothing behind.
@@ -27,7 +27,7 @@ from codi_jax import atomic
 from codi_jax.cli import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FINETUNE = os.path.join(REPO, "checkpoints", "finetune_sr4")  # committed conditional run (32x32, x4 SR)
+FINETUNE = os.path.join(REPO, "checkpoints", "finetune_sr4_color")  # committed conditional run (32x32, x4 SR)
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from codi_jax.sampling import conditional, few_step, samplers
 from codi_jax.sampling.options import SamplingOptions
 
 SIZE, SCALE = 16, 4
-FINETUNE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "checkpoints", "finetune_sr4")  # 32 px, x4 SR
+FINETUNE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "checkpoints", "finetune_sr4_color")  # 32 px, x4 SR
 LOW = SIZE // SCALE
 
 
@@ -241,7 +241,7 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
     out = str(tmp_path / "out")
     plan = few_step.prepare(FINETUNE, str(images), out, (1,), SamplingOptions(lowpass_consistency=True))
     assert plan.cond.shape == (1, 32, 32, 3)
-    assert scoring.check_runs([("sr", FINETUNE)], (1,), lowpass_consistency=True)
+    assert scoring.check_runs([("sr", FINETUNE)], (1,), SamplingOptions(lowpass_consistency=True))
 
     latent = _edited_run(str(tmp_path / "latent"), lambda c: c.update(latent={"vae": "/models/vae"}))
     with pytest.raises(ValueError) as error:
@@ -256,17 +256,19 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
 
     inpaint = _edited_run(str(tmp_path / "inpaint"), to_inpaint)
     with pytest.raises(ValueError, match=r"^--run a: low-frequency consistency needs a super-resolution run"):
-        scoring.check_runs([("a", inpaint)], (1,), lowpass_consistency=True)
+        scoring.check_runs([("a", inpaint)], (1,), SamplingOptions(lowpass_consistency=True))
     assert scoring.check_runs([("a", inpaint)], (1,))  # off: no check
     assert not os.path.exists(out)
 
 
 def test_check_runs_fills_task_fields_added_since_a_run_was_saved(tmp_path) -> None:
-    """The committed baseline predates ``task.instructions``: a new run (which has it, at its default)
-    is evaluated beside it; a real task difference is still refused."""
+    """A run saved before ``task.instructions`` existed (the field removed from a copy of the committed
+    baseline) is evaluated beside a new run, which has it at its default; a real task difference is
+    still refused."""
+    old = _edited_run(str(tmp_path / "old"), lambda c: c["task"].pop("instructions"))
     new = _edited_run(str(tmp_path / "new"), lambda c: c["task"].update(instructions="ids"))
-    assert "instructions" not in pretrained.read_config(FINETUNE)[0].task
-    assert len(scoring.check_runs([("old", FINETUNE), ("new", new)], (1,))) == 2
+    assert "instructions" not in pretrained.read_config(old)[0].task
+    assert len(scoring.check_runs([("old", old), ("new", new)], (1,))) == 2
     other = _edited_run(str(tmp_path / "other"), lambda c: c["task"].update(instructions="ids", scale=2))
     with pytest.raises(ValueError, match="another task or image size"):
-        scoring.check_runs([("old", FINETUNE), ("other", other)], (1,))
+        scoring.check_runs([("old", old), ("other", other)], (1,))

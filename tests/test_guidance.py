@@ -182,7 +182,7 @@ def test_encoder_config_checks(tmp_path) -> None:
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PIXEL_TEACHER = os.path.join(REPO, "checkpoints", "teacher_patches32")  # committed pixel teacher, no text
+PIXEL_TEACHER = os.path.join(REPO, "checkpoints", "teacher_patches32_color")  # committed pixel teacher, no text
 
 
 def test_text_flags_on_a_pixel_teacher_are_one_line_user_errors(tmp_path, capsys) -> None:
@@ -209,7 +209,7 @@ def test_text_flags_on_a_pixel_teacher_are_one_line_user_errors(tmp_path, capsys
         with pytest.raises(SystemExit) as exit_info:
             common.run_main(sample_teacher.main, argv=argv)
     finally:
-        for name in ("workdir", "out", "prompt"):
+        for name in ("run", "out", "prompt"):
             common.FLAGS[name].value = common.FLAGS[name].default
     assert exit_info.value.code == common.EXIT_USER_ERROR
     assert capsys.readouterr().err == (
