@@ -112,3 +112,21 @@ def test_help_exits_0_with_the_commands_flags(command, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"codi_jax.cli.{command}:" in proc.stdout and "--verbose" in proc.stdout
+
+
+def test_configs_load_from_any_folder(tmp_path):
+    """A shipped config by absolute path, and a user's config outside the repository that imports a
+    shipped one, both load from another working directory (the error names a field that only a
+    loaded config could be checked against)."""
+    user_config = tmp_path / "my_config.py"
+    user_config.write_text(
+        "from codi_jax.configs.cpu import tiny_teacher\n\n\n"
+        "def get_config():\n    config = tiny_teacher.get_config()\n    config.batch_size = 4\n    return config\n"
+    )
+    shipped = os.path.join(REPO, "codi_jax", "configs", "cpu", "tiny_teacher.py")
+    for config_file in (shipped, str(user_config)):
+        args = ["-m", "codi_jax.train", f"--config={config_file}", f"--workdir={tmp_path / 'run'}", "--config.bach=1"]
+        proc = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        expected = "error: --config.bach: no such config field; nearest valid: batch_size (see --helpshort)"
+        assert proc.stderr.strip() == expected
