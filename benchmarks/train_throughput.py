@@ -29,7 +29,6 @@ peak), MFU.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import resource
 import statistics
@@ -50,7 +49,6 @@ from codi_jax.configs.sd import sd15_sr4  # noqa: E402
 from codi_jax.data import tasks  # noqa: E402
 from codi_jax.interop.torch_to_flax import unet_config_from_diffusers  # noqa: E402
 from codi_jax.models import networks
-from codi_jax.objectives import codi
 from codi_jax.training import (
     loop,  # noqa: E402
     recipes,
@@ -87,18 +85,7 @@ def step_and_inputs(config: ml_collections.ConfigDict, latent: int, context: tup
     """``(step, init, abstract batch, abstract rng)``: the run's pure step and a fresh-state init."""
     model, schedule = networks.build_conditional(config)
     optimizer = make_optimizer(config.optimizer)
-    step = functools.partial(
-        codi.train_step,
-        model=model,
-        schedule=schedule,
-        optimizer=optimizer,
-        ema_decay=config.ema_decay,
-        ema_warmup=config.get("ema_warmup", False),
-        parametrization=config.model.parametrization,
-        config=config.codi,
-        objective=config.method,
-        max_param_norm_ratio=recipes.update_policy(config).max_param_norm_ratio,
-    )
+    step = recipes.bind_train_step(config, model, schedule, optimizer)
     size, channels = int(config.data.image_size), int(config.model.in_channels)
     cond_channels = tasks.cond_channels(config.task)
     width = None if context is None else context[1]

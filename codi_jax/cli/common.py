@@ -129,6 +129,17 @@ def step_counts(values: Sequence[str], flag: str = "--steps") -> tuple[int, ...]
     return counts
 
 
+def sampling_options() -> Any:
+    """The command's sampling flags (those of ``SamplingOptions``' fields it defines) as one
+    ``SamplingOptions``; the others keep their defaults."""
+    import dataclasses
+
+    from codi_jax.sampling.options import SamplingOptions
+
+    names = [field.name for field in dataclasses.fields(SamplingOptions)]
+    return SamplingOptions(**{name: FLAGS[name].value for name in names if name in FLAGS})
+
+
 def no_arguments(argv: Sequence[str]) -> None:
     """Raises ``UserError`` on positional arguments (everything is passed as --flags)."""
     if len(argv) > 1:

@@ -68,24 +68,15 @@ def main(argv: list[str]) -> None:
     common.require_flags("run", "out")
     common.require_positive(batch_size=FLAGS.batch_size, num_seeds=FLAGS.num_seeds)
     from codi_jax.evaluation import scoring  # heavy (JAX, TF): imported once the flags are known good
-    from codi_jax.sampling.options import SamplingOptions
 
     step_counts = scoring.parse_step_counts(",".join(FLAGS.steps))
     runs = scoring.parse_runs(FLAGS.run)
     scoring.check_results_dir(FLAGS.out, overwrite=FLAGS.overwrite)
     weights = scoring.MetricWeights(FLAGS.inception_weights, FLAGS.lpips_linear_weights, FLAGS.lpips_backbone_weights)
-    options = SamplingOptions(
-        seed=FLAGS.seed,
-        batch_size=FLAGS.batch_size,
-        solver=FLAGS.solver,
-        renoise=FLAGS.renoise,
-        lowpass_consistency=FLAGS.lowpass_consistency,
-        ema=FLAGS.ema,
-    )
     rows = scoring.evaluate_runs(
         runs,
         step_counts,
-        options,
+        common.sampling_options(),
         images=FLAGS.images,
         num_eval=FLAGS.num_eval,
         weights=weights,

@@ -80,23 +80,13 @@ def main(argv: list[str]) -> None:
     common.require_flags("run", "images", "out")
     step_counts = common.step_counts(FLAGS.steps)
     from codi_jax.sampling import few_step  # heavy (JAX, TF): imported once the flags are known good
-    from codi_jax.sampling.options import SamplingOptions
 
-    options = SamplingOptions(
-        seed=FLAGS.seed,
-        batch_size=FLAGS.batch_size,
-        renoise=FLAGS.renoise,
-        lowpass_consistency=FLAGS.lowpass_consistency,
-        ema=FLAGS.ema,
-        guidance_scale=FLAGS.guidance_scale,
-        prompt=FLAGS.prompt,
-    )
     paths = few_step.run(
         FLAGS.run,
         FLAGS.images,
         FLAGS.out,
         step_counts,
-        options,
+        common.sampling_options(),
         input_kind=FLAGS.input,
         instruction=FLAGS.instruction,
         checkpoint_step=FLAGS.checkpoint_step,

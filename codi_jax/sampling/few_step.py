@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -168,6 +169,7 @@ class SamplePlan:
     cond: np.ndarray
     target: np.ndarray | None
     instructions: np.ndarray | None
+    overwrite: bool = False
 
 
 def read_conditional_config(workdir: str, step: int | None = None) -> tuple[ml_collections.ConfigDict, int]:
@@ -236,7 +238,7 @@ def prepare(
     if num_instructions and instructions is None:
         instructions = np.full((len(cond),), instruction, np.int32)
     check_text_request(config, options.prompt, options.guidance_scale)
-    return SamplePlan(config, step, names, files, cond, target, instructions)
+    return SamplePlan(config, step, names, files, cond, target, instructions, overwrite)
 
 
 def check_text_request(config: ml_collections.ConfigDict, prompt: str | None, guidance_scale: float | None) -> None:
@@ -327,30 +329,14 @@ def run(
     out_dir: str,
     step_counts: Sequence[int] = (4,),
     options: SamplingOptions = SamplingOptions(),
-    *,
-    input_kind: str = "clean",
-    instruction: int = 0,
-    checkpoint_step: int | None = None,
-    strict_size: bool = False,
-    overwrite: bool = False,
+    **request: Any,
 ) -> list[str]:
-    """Checks the request (``prepare``), restores the run, samples at each step count and writes;
-    returns the paths written (the samples, then ``grid.png``)."""
-    plan = prepare(
-        workdir,
-        images_path,
-        out_dir,
-        step_counts,
-        options,
-        input_kind=input_kind,
-        instruction=instruction,
-        checkpoint_step=checkpoint_step,
-        strict_size=strict_size,
-        overwrite=overwrite,
-    )
+    """Checks the request (``prepare``; ``request``: its keywords), restores the run, samples at each
+    step count and writes; returns the paths written (the samples, then ``grid.png``)."""
+    plan = prepare(workdir, images_path, out_dir, step_counts, options, **request)
     pre = load_conditional(workdir, step=plan.step, use_ema=options.ema)
     samples = [sample_conditional(pre, plan.cond, plan.instructions, k, options) for k in step_counts]
     target = [plan.target] if plan.target is not None else []
     return write_outputs(
-        out_dir, plan.names, [samplers.cond_to_rgb(plan.cond), *samples, *target], step_counts, overwrite
+        out_dir, plan.names, [samplers.cond_to_rgb(plan.cond), *samples, *target], step_counts, plan.overwrite
     )

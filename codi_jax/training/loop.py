@@ -343,23 +343,24 @@ def _diverged_message(step: int, rejected: int, policy, ckpt: checkpoint.Checkpo
     )
 
 
+def _write_failed(ckpt: checkpoint.Checkpointer, error: Exception) -> CheckpointWriteFailed:
+    return CheckpointWriteFailed(
+        f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {error}); "
+        f"last complete checkpoint: {_last_complete(ckpt)}"
+    )
+
+
 def _check_checkpoint_writes(ckpt: checkpoint.Checkpointer) -> None:
     """A failed background checkpoint write stops the run at this step boundary."""
     try:
         ckpt.check_for_errors()
     except Exception as error:
-        raise CheckpointWriteFailed(
-            f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {error}); "
-            f"last complete checkpoint: {_last_complete(ckpt)}"
-        ) from error
+        raise _write_failed(ckpt, error) from error
 
 
 def _wait_for_checkpoint(ckpt: checkpoint.Checkpointer) -> None:
     try:
         ckpt.wait()
     except Exception as error:
-        raise CheckpointWriteFailed(
-            f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {error}); "
-            f"last complete checkpoint: {_last_complete(ckpt)}"
-        ) from error
+        raise _write_failed(ckpt, error) from error
     _check_checkpoint_writes(ckpt)

@@ -84,6 +84,24 @@ def update_policy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     return policy
 
 
+def bind_train_step(config: ml_collections.ConfigDict, model: Any, schedule: Any, optimizer: Any) -> Callable:
+    """The run's pure train step ``(state, batch, rng) -> (state, metrics)`` with its static parts
+    (model, schedule, optimizer, EMA and update policy; CoDi's options) bound, as every run, test
+    and benchmark binds it."""
+    static = dict(
+        model=model,
+        schedule=schedule,
+        optimizer=optimizer,
+        ema_decay=config.ema_decay,
+        ema_warmup=config.ema_warmup,
+        parametrization=config.model.parametrization,
+        max_param_norm_ratio=update_policy(config).max_param_norm_ratio,
+    )
+    if config.method == "teacher":
+        return functools.partial(teacher.train_step, **static)
+    return functools.partial(codi.train_step, **static, config=config.codi, objective=config.method)
+
+
 # --------------------------------------------------------------------------- teacher
 
 
@@ -102,16 +120,7 @@ def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     def init_state(_):
         return create_train_state(networks.init_teacher_params(model, size, init_rng), optimizer, run_rng)
 
-    step = functools.partial(
-        teacher.train_step,
-        model=model,
-        schedule=schedule,
-        optimizer=optimizer,
-        ema_decay=config.ema_decay,
-        ema_warmup=config.get("ema_warmup", False),
-        parametrization=parametrization,
-        max_param_norm_ratio=update_policy(config).max_param_norm_ratio,
-    )
+    step = bind_train_step(config, model, schedule, optimizer)
     sampler = jax.jit(
         functools.partial(
             samplers.ddim_sample,
@@ -203,21 +212,9 @@ def load_init_inputs_from(source: str, shapes: Any, shardings: Any, what: str) -
 
 def _conditional_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Recipe:
     model, schedule = networks.build_conditional(config)
-    parametrization = config.model.parametrization
     optimizer = make_optimizer(config.optimizer, config.num_train_steps)
     init_state, init_shapes, load_init_inputs = _conditional_init(config, model, optimizer)
-    step = functools.partial(
-        codi.train_step,
-        model=model,
-        schedule=schedule,
-        optimizer=optimizer,
-        ema_decay=config.ema_decay,
-        ema_warmup=config.get("ema_warmup", False),
-        parametrization=parametrization,
-        config=config.codi,
-        objective=config.method,
-        max_param_norm_ratio=update_policy(config).max_param_norm_ratio,
-    )
+    step = bind_train_step(config, model, schedule, optimizer)
     enc, frozen_data = batch_inputs.load(config)
     frozen_data = sharding_lib.put_replicated(frozen_data, mesh)
     write_samples = _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data)

@@ -69,17 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
             grad_clip_norm=1.0,
         )
     )
-    config.ema_decay = 0.999
-    config.ema_warmup = True  # decay min(0.999, (1+step)/(10+step)): early samples not tied to the init
-    config.batch_size = 32
-    config.num_train_steps = 100_000
+    # ema_warmup: decay min(0.999, (1+step)/(10+step)): early samples not tied to the init
+    config.update(ema_decay=0.999, ema_warmup=True, batch_size=32, num_train_steps=100_000)
 
-    config.log_every_steps = 50
-    config.checkpoint_every_steps = 250
-    config.keep_checkpoints = 2
-    config.sample_every_steps = 1000
-    config.sample_steps = 50
-    config.num_sample_images = 64
+    config.update(log_every_steps=50, checkpoint_every_steps=250, keep_checkpoints=2)
+    config.update(sample_every_steps=1000, sample_steps=50, num_sample_images=64)
     # Mesh (data x fsdp) and sharding rules: ((regex over the param path, spec), ...), spec a
     # PartitionSpec tuple or "fsdp" (split big leaves along fsdp); see codi_jax.sharding.
     config.sharding = sharding.default_sharding_config()

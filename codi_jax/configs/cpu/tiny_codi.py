@@ -13,11 +13,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.teacher_workdir = ""
     config.task.scale = 2
     config.adapter.hint_channels = (8, 16)
-    config.batch_size = 8
-    config.num_train_steps = 4
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.sample_every_steps = 4
-    config.num_sample_images = 4
-    config.sample_step_counts = (1, 2)
+    config.update(batch_size=8, num_train_steps=4)
+    config.update(log_every_steps=2, checkpoint_every_steps=2)
+    config.update(sample_every_steps=4, num_sample_images=4, sample_step_counts=(1, 2))
     return config

@@ -14,9 +14,6 @@ def get_config():
     config.batch_size = 8
     config.num_train_steps = 6
     config.optimizer.warmup_steps = 0
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 3
-    config.sample_every_steps = 6
-    config.sample_steps = 4
-    config.num_sample_images = 4
+    config.update(log_every_steps=2, checkpoint_every_steps=3)
+    config.update(sample_every_steps=6, sample_steps=4, num_sample_images=4)
     return config

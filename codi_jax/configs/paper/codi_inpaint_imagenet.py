@@ -24,11 +24,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.random_crop = False  # resize the short side, centre crop
     config.adapter.hint_channels = (32, 64)
     config.optimizer.learning_rate = 5e-5
-    config.ema_decay = 0.9999
-    config.ema_warmup = False
-    config.batch_size = 256
-    config.num_train_steps = 200_000
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 2500
-    config.sample_every_steps = 5000
+    config.update(ema_decay=0.9999, ema_warmup=False, batch_size=256, num_train_steps=200_000)
+    config.update(log_every_steps=100, checkpoint_every_steps=2500)
+    config.update(sample_every_steps=5000)
     return config

@@ -21,12 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.task.degradation = "realesrgan"
     config.adapter.hint_channels = (32, 64, 128)
     config.optimizer.learning_rate = 5e-5
-    config.ema_decay = 0.9999
-    config.ema_warmup = False
-    config.batch_size = 128
-    config.num_train_steps = 100_000
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 2500
-    config.sample_every_steps = 5000
-    config.sample_step_counts = (1, 2, 4)
+    config.update(ema_decay=0.9999, ema_warmup=False, batch_size=128, num_train_steps=100_000)
+    config.update(log_every_steps=100, checkpoint_every_steps=2500)
+    config.update(sample_every_steps=5000, sample_step_counts=(1, 2, 4))
     return config

@@ -29,11 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.eval_split = "test"
     config.optimizer.learning_rate = 1e-4
     config.optimizer.warmup_steps = 5000
-    config.ema_decay = 0.9999
-    config.batch_size = 256  # global; sharded over the mesh's data axis
-    config.num_train_steps = 500_000
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 5000
-    config.sample_every_steps = 10_000
-    config.num_sample_images = 16
+    # batch_size: global; sharded over the mesh's data axis
+    config.update(ema_decay=0.9999, batch_size=256, num_train_steps=500_000)
+    config.update(log_every_steps=100, checkpoint_every_steps=5000)
+    config.update(sample_every_steps=10_000, num_sample_images=16)
     return config

@@ -42,13 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "bfloat16"
     config.model.remat = True
     config.optimizer.learning_rate = 1e-5
-    config.ema_decay = 0.9999
-    config.ema_warmup = False
-    config.batch_size = 64
-    config.num_train_steps = 50_000
-    config.log_every_steps = 100
-    config.checkpoint_every_steps = 1000
-    config.sample_every_steps = 2500
-    config.num_sample_images = 8
-    config.sample_step_counts = (1, 2, 4)
+    config.update(ema_decay=0.9999, ema_warmup=False, batch_size=64, num_train_steps=50_000)
+    config.update(log_every_steps=100, checkpoint_every_steps=1000)
+    config.update(sample_every_steps=2500, num_sample_images=8, sample_step_counts=(1, 2, 4))
     return config
