@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax.interop import torch_state
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -73,7 +75,9 @@ _REQUIRED_VALUES: tuple[tuple[str, tuple[Any, ...]], ...] = (
 )
 _SUPPORTED_ARCHITECTURES = ("CLIPTextModel",)
 
-_LAYER_MODULE = re.compile(r"^layers_(\d+)$")
+_LAYER_MODULE = re.compile(r"^(layers)_(\d+)$")  # our layers_3 <-> transformers' layers.3
+# flax leaf -> transformers parameter name.
+_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 class UnsupportedCLIPConfig(ValueError):
@@ -272,20 +276,7 @@ def clip_text_param_shapes(model: CLIPTextModel) -> Any:
 
 def _torch_name(path: tuple[str, ...]) -> str:
     """Our parameter path -> the transformers (5.x layout) state-dict name."""
-    parts = []
-    for component in path[:-1]:
-        match = _LAYER_MODULE.match(component)
-        parts.extend(("layers", match.group(1)) if match else (component,))
-    leaves = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-    if path[-1] not in leaves:
-        raise ValueError(f"No transformers counterpart for parameter {'/'.join(path)} (leaf {path[-1]!r}).")
-    return ".".join(parts + [leaves[path[-1]]])
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor from model.state_dict()
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value)
+    return torch_state.torch_name(path, _LAYER_MODULE, _LEAVES, "transformers")
 
 
 def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
@@ -303,12 +294,7 @@ def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def _convert_tensor(torch_name: str, our_path: str, tensor: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
     converted = tensor.T if our_path.endswith("kernel") and tensor.ndim == 2 else tensor
-    if tuple(converted.shape) != tuple(expected):
-        raise ValueError(
-            f"Shape mismatch for {torch_name} (transformers {tuple(tensor.shape)}) -> {our_path}: expected "
-            f"{tuple(expected)} after conversion, got {tuple(converted.shape)}."
-        )
-    return np.ascontiguousarray(converted, dtype=np.float32)
+    return torch_state.checked_float32(converted, expected, torch_name, our_path, f"transformers {tuple(tensor.shape)}")
 
 
 def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPTextModel) -> dict[str, Any]:
@@ -318,29 +304,16 @@ def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPT
     aside), with matching shapes; a mismatch raises ``ValueError`` naming the tensors. Returns
     float32 numpy arrays, for ``model.apply({"params": params}, input_ids)``.
     """
-    state_dict = _normalise_names(state_dict)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(clip_text_param_shapes(model))
-    converted, missing, used = [], [], set()
-    for key_path, shape in flat:
-        path = tuple(k.key for k in key_path)
-        torch_name, our_path = _torch_name(path), "/".join(path)
-        if torch_name not in state_dict:
-            missing.append(f"{torch_name} (for {our_path})")
-            continue
-        used.add(torch_name)
-        converted.append(_convert_tensor(torch_name, our_path, _as_numpy(state_dict[torch_name]), shape.shape))
-    if missing:
-        raise ValueError(
-            f"{len(missing)} parameters missing from the CLIP text state dict: {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}"
-        )
-    unused = sorted(set(state_dict) - used)
-    if unused:
-        raise ValueError(
-            f"{len(unused)} CLIP text tensors have no counterpart in our CLIPTextModel (config mismatch or "
-            f"a projection head?): {unused[:10]}{' ...' if len(unused) > 10 else ''}"
-        )
-    return jax.tree_util.tree_unflatten(treedef, converted)
+    return torch_state.params_from_state_dict(
+        _normalise_names(state_dict),
+        clip_text_param_shapes(model),
+        _torch_name,
+        _convert_tensor,
+        missing_what="parameters missing from the CLIP text state dict",
+        unused_what=(
+            "CLIP text tensors have no counterpart in our CLIPTextModel (config mismatch or a projection head?)"
+        ),
+    )
 
 
 def _resolve_files(path: str) -> tuple[str, list[str]]:
@@ -380,11 +353,4 @@ def load_clip_text(path: str, **model_overrides: Any) -> tuple[CLIPTextModel, di
         raise FileNotFoundError(f"Missing CLIP text config {config_path} (needed beside {weight_files[0]}).")
     with open(config_path) as f:
         model = clip_text_from_config(json.load(f), **model_overrides)
-    try:
-        from safetensors.numpy import load_file
-    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
-        raise ImportError("Reading CLIP weights needs the `safetensors` package (pip install safetensors).") from error
-    state_dict: dict[str, np.ndarray] = {}
-    for file in weight_files:
-        state_dict.update(load_file(file))
-    return model, clip_text_params_from_state_dict(state_dict, model)
+    return model, clip_text_params_from_state_dict(torch_state.read_safetensors(weight_files, "CLIP"), model)
