@@ -1,6 +1,6 @@
 """Reading PyTorch state dicts from local files and mapping them onto flax variables.
 
-The shared name mapping and loop of the diffusers / transformers converters (``torch_name``,
+The shared name mapping and loop of the diffusers / transformers converters (``torch_names``,
 ``params_from_state_dict``, ``read_safetensors``) live here too; this module imports nothing
 from ``codi_jax.models``.
 
@@ -18,6 +18,7 @@ Layouts: conv ``weight`` (out, in, kh, kw) -> flax ``kernel`` (kh, kw, in, out);
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -124,20 +125,24 @@ def state_dict_to_variables(
 # ---------------------------------------------------------------------------------------------
 
 
-def torch_name(path: tuple[str, ...], indexed: re.Pattern[str], leaves: Mapping[str, str], source: str) -> str:
-    """Our parameter path -> the PyTorch state-dict name.
+def torch_names(indexed: re.Pattern[str], leaves: Mapping[str, str], source: str) -> Callable[[tuple[str, ...]], str]:
+    """A function mapping our parameter path to its PyTorch state-dict name.
 
     A module name matching ``indexed`` becomes its (non-empty) groups, e.g. ``down_blocks_0`` ->
     ``down_blocks.0``; the leaf is renamed by ``leaves``. ``source`` (``"diffusers"``) names the
     library in the error for a leaf without counterpart.
     """
-    parts = []
-    for component in path[:-1]:
-        match = indexed.match(component)
-        parts.extend([p for p in match.groups() if p is not None] if match else [component])
-    if path[-1] not in leaves:
-        raise ValueError(f"No {source} counterpart for parameter {'/'.join(path)} (leaf {path[-1]!r}).")
-    return ".".join(parts + [leaves[path[-1]]])
+
+    def torch_name(path: tuple[str, ...]) -> str:
+        parts = []
+        for component in path[:-1]:
+            match = indexed.match(component)
+            parts.extend([p for p in match.groups() if p is not None] if match else [component])
+        if path[-1] not in leaves:
+            raise ValueError(f"No {source} counterpart for parameter {'/'.join(path)} (leaf {path[-1]!r}).")
+        return ".".join(parts + [leaves[path[-1]]])
+
+    return torch_name
 
 
 def as_numpy(value: Any) -> np.ndarray:
@@ -201,6 +206,29 @@ def params_from_state_dict(
     if unused:
         raise ValueError(f"{len(unused)} {unused_what}: {_first_ten(unused)}")
     return jax.tree_util.tree_unflatten(treedef, converted)
+
+
+def safetensors_files(
+    directory: str, weights_name: str, index_name: str, what: str, bin_hint: tuple[str, str]
+) -> list[str]:
+    """The weights files of a ``save_pretrained`` directory: the shards its ``index_name`` lists, else ``weights_name``.
+
+    A missing file is a ``FileNotFoundError`` naming it (``what`` names the weights); where the
+    PyTorch file ``bin_hint[0]`` is there instead, the message says so, calling it ``bin_hint[1]``.
+    """
+    index = os.path.join(directory, index_name)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weights = [os.path.join(directory, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        weights = [os.path.join(directory, weights_name)]
+    for file in weights:
+        if not os.path.isfile(file):
+            hint = ""
+            if os.path.isfile(os.path.join(directory, bin_hint[0])):
+                hint = f" (only a PyTorch {bin_hint[1]} is there: save it as safetensors first)"
+            raise FileNotFoundError(f"Missing {what} weights file {file}{hint}.")
+    return weights
 
 
 def read_safetensors(files: Sequence[str], what: str) -> dict[str, np.ndarray]:

@@ -88,12 +88,15 @@ _CONDITIONAL_REQUIREMENTS = _COMMON_REQUIREMENTS + (
 # renames them on load (``ModelMixin._convert_deprecated_attention_blocks``), and so do we.
 _DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
-# flax leaf -> diffusers parameter name.
-_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-# Our module names with a numeric suffix that diffusers writes as a ModuleList index.
-_INDEXED_MODULE = re.compile(
-    r"^(controlnet_down_blocks|down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks"
-    r"|to_out|net|blocks)_(\d+)(?:_(\w+))?$"
+# Our parameter path -> the diffusers state-dict name: module names with a numeric suffix are
+# diffusers' ModuleList indices; leaves are renamed.
+_torch_name = torch_state.torch_names(
+    re.compile(
+        r"^(controlnet_down_blocks|down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks"
+        r"|to_out|net|blocks)_(\d+)(?:_(\w+))?$"
+    ),
+    {"kernel": "weight", "scale": "weight", "bias": "bias"},
+    "diffusers",
 )
 
 
@@ -297,11 +300,6 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     return _unet_fields(config, class_name)
 
 
-def _torch_name(path: tuple[str, ...]) -> str:
-    """Our parameter path -> the diffusers state-dict name."""
-    return torch_state.torch_name(path, _INDEXED_MODULE, _LEAVES, "diffusers")
-
-
 def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     renamed = {}
     for name, value in state_dict.items():
@@ -376,25 +374,23 @@ def _resolve_files(path: str) -> tuple[str, list[str]]:
             os.path.join(directory, "unet", CONFIG_NAME)
         ):
             directory = os.path.join(directory, "unet")  # a pipeline directory: its UNet lives in unet/
-        index = os.path.join(directory, WEIGHTS_INDEX_NAME)
-        if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            weights = [os.path.join(directory, shard) for shard in shards]
-        else:
-            weights = [os.path.join(directory, WEIGHTS_NAME)]
+        bin_hint = ("diffusion_pytorch_model.bin", ".bin file")
+        weights = torch_state.safetensors_files(directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "diffusers", bin_hint)
     else:
         raise FileNotFoundError(f"No diffusers UNet at {path}: neither a directory nor a file.")
-    for file in weights:
-        if not os.path.isfile(file):
-            hint = ""
-            if os.path.isfile(os.path.join(directory, "diffusion_pytorch_model.bin")):
-                hint = " (only a PyTorch .bin file is there: save it as safetensors first)"
-            raise FileNotFoundError(f"Missing diffusers weights file {file}{hint}.")
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"Missing diffusers config {config_path} (needed beside {weights[0]}).")
     return config_path, weights
+
+
+def _component_dir(path: str, subfolder: str, what: str) -> str:
+    """``path``, or its ``subfolder`` where ``path`` is a pipeline directory without a ``config.json``."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        if not os.path.isfile(os.path.join(path, subfolder, CONFIG_NAME)):
+            raise FileNotFoundError(f"No diffusers {what} at {path}: no {CONFIG_NAME} there nor in {subfolder}/.")
+        return os.path.join(path, subfolder)
+    return path
 
 
 def load_diffusers_unet(path: str, **model_overrides: Any) -> tuple[UNet, dict[str, Any]]:
@@ -443,12 +439,7 @@ def load_diffusers_vae(path: str, **model_overrides: Any) -> tuple[AutoencoderKL
     its ``config.json`` beside it. ``model_overrides`` set ``dtype`` / ``conv_impl``. Returns
     ``(model, params)`` with float32 params.
     """
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        if os.path.isfile(os.path.join(path, "vae", CONFIG_NAME)):
-            path = os.path.join(path, "vae")  # a pipeline directory: its VAE lives in vae/
-        else:
-            raise FileNotFoundError(f"No diffusers VAE at {path}: no {CONFIG_NAME} there nor in vae/.")
-    config_path, weight_files = _resolve_files(path)
+    config_path, weight_files = _resolve_files(_component_dir(path, "vae", "VAE"))
     with open(config_path) as f:
         model = vae_from_diffusers_config(json.load(f), **model_overrides)
     return model, vae_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), model)
@@ -538,12 +529,7 @@ def load_diffusers_controlnet(path: str, **model_overrides: Any) -> tuple[Contro
     ``{"backbone": unet_params, "adapter": params}``; the condition goes in at 2**hint_downsamples
     times the latent size, in the range the ControlNet was trained on (diffusers: [0, 1]).
     """
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        if os.path.isfile(os.path.join(path, "controlnet", CONFIG_NAME)):
-            path = os.path.join(path, "controlnet")  # a pipeline directory: its ControlNet lives in controlnet/
-        else:
-            raise FileNotFoundError(f"No diffusers ControlNet at {path}: no {CONFIG_NAME} there nor in controlnet/.")
-    config_path, weight_files = _resolve_files(path)
+    config_path, weight_files = _resolve_files(_component_dir(path, "controlnet", "ControlNet"))
     with open(config_path) as f:
         fields = controlnet_config_from_diffusers(json.load(f))
     adapter = ControlNet(**fields, **model_overrides)

@@ -75,9 +75,12 @@ _REQUIRED_VALUES: tuple[tuple[str, tuple[Any, ...]], ...] = (
 )
 _SUPPORTED_ARCHITECTURES = ("CLIPTextModel",)
 
-_LAYER_MODULE = re.compile(r"^(layers)_(\d+)$")  # our layers_3 <-> transformers' layers.3
-# flax leaf -> transformers parameter name.
-_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# Our parameter path -> the transformers (5.x layout) state-dict name (layers_3 -> layers.3).
+_torch_name = torch_state.torch_names(
+    re.compile(r"^(layers)_(\d+)$"),
+    {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"},
+    "transformers",
+)
 
 
 class UnsupportedCLIPConfig(ValueError):
@@ -274,11 +277,6 @@ def clip_text_param_shapes(model: CLIPTextModel) -> Any:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), input_ids)["params"]
 
 
-def _torch_name(path: tuple[str, ...]) -> str:
-    """Our parameter path -> the transformers (5.x layout) state-dict name."""
-    return torch_state.torch_name(path, _LAYER_MODULE, _LEAVES, "transformers")
-
-
 def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Drops ``position_ids`` buffers and the ``text_model.`` prefix of transformers 4.x checkpoints."""
     renamed = {}
@@ -325,18 +323,8 @@ def _resolve_files(path: str) -> tuple[str, list[str]]:
     directory = path
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isdir(os.path.join(path, "text_encoder")):
         directory = os.path.join(path, "text_encoder")  # a pipeline directory
-    index = os.path.join(directory, WEIGHTS_INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index) as f:
-            weights = [os.path.join(directory, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
-        weights = [os.path.join(directory, WEIGHTS_NAME)]
-    for file in weights:
-        if not os.path.isfile(file):
-            hint = ""
-            if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
-                hint = " (only a PyTorch pytorch_model.bin is there: save it as safetensors first)"
-            raise FileNotFoundError(f"Missing CLIP text weights file {file}{hint}.")
+    bin_hint = ("pytorch_model.bin", "pytorch_model.bin")
+    weights = torch_state.safetensors_files(directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "CLIP text", bin_hint)
     return os.path.join(directory, CONFIG_NAME), weights
 
 
