@@ -128,8 +128,8 @@ class CLIPMLP(nn.Module):
         return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
 
 
-class CLIPEncoderLayer(nn.Module):
-    """Pre-LN residual block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+class _LayerFields(nn.Module):
+    """The fields of one encoder layer; ``CLIPEncoder`` has them too and passes them on."""
 
     hidden_size: int
     intermediate_size: int
@@ -137,6 +137,10 @@ class CLIPEncoderLayer(nn.Module):
     hidden_act: str
     layer_norm_eps: float
     dtype: Any = jnp.float32
+
+
+class CLIPEncoderLayer(_LayerFields):
+    """Pre-LN residual block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -158,14 +162,8 @@ class CLIPTextEmbeddings(nn.Module):
         return tokens + positions(jnp.arange(input_ids.shape[-1]))[None]
 
 
-class CLIPEncoder(nn.Module):
-    num_hidden_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    hidden_act: str
-    layer_norm_eps: float
-    dtype: Any = jnp.float32
+class CLIPEncoder(_LayerFields):
+    num_hidden_layers: int = 12
 
     def setup(self) -> None:
         fields = (self.hidden_size, self.intermediate_size, self.num_heads, self.hidden_act, self.layer_norm_eps)
@@ -215,13 +213,13 @@ class CLIPTextModel(nn.Module):
         if attention_mask is not None:
             mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]
         encoder = CLIPEncoder(
-            self.num_hidden_layers,
             self.hidden_size,
             self.intermediate_size,
             self.num_attention_heads,
             self.hidden_act,
             self.layer_norm_eps,
             self.dtype,
+            num_hidden_layers=self.num_hidden_layers,
             name="encoder",
         )
         hidden_states = encoder(x, mask)
