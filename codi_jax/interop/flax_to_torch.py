@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from codi_jax.interop import torch_state
 from codi_jax.interop.torch_to_flax import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -237,10 +238,8 @@ def _state_dict(
     params: Any, shapes: Any, name_fn: Callable[[tuple[str, ...]], str], what: str
 ) -> dict[str, np.ndarray]:
     """``params`` (checked against ``shapes``, the model's parameter tree) as a diffusers state dict."""
-    expected = {
-        tuple(k.key for k in path): leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
-    }
-    given = {tuple(k.key for k in path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    expected = {path: leaf.shape for path, leaf in torch_state.named_leaves(shapes)[0].items()}
+    given = torch_state.named_leaves(params)[0]
     missing = sorted("/".join(p) for p in set(expected) - set(given))
     extra = sorted("/".join(p) for p in set(given) - set(expected))
     if missing or extra:

@@ -1,5 +1,9 @@
 """Reading PyTorch state dicts from local files and mapping them onto flax variables.
 
+The shared name mapping and loop of the diffusers / transformers converters (``torch_names``,
+``params_from_state_dict``, ``read_safetensors``) live here too; this module imports nothing
+from ``codi_jax.models``.
+
 The perceptual metrics (FID / KID Inception, LPIPS) run networks whose published weights are
 PyTorch state dicts. Nothing here downloads: the user passes local paths. Accepted files:
 
@@ -14,8 +18,10 @@ Layouts: conv ``weight`` (out, in, kh, kw) -> flax ``kernel`` (kh, kw, in, out);
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -111,3 +117,128 @@ def state_dict_to_variables(
     if unexpected:
         raise KeyError(f"{what} weights: unexpected keys (wrong file?): {_preview(unexpected)}")
     return flax.traverse_util.unflatten_dict(converted)
+
+
+# ---------------------------------------------------------------------------------------------
+# The diffusers / transformers converters: our parameter paths <-> PyTorch names, and the loop
+# that fills a parameter tree from a state dict.
+# ---------------------------------------------------------------------------------------------
+
+
+def torch_names(indexed: re.Pattern[str], leaves: Mapping[str, str], source: str) -> Callable[[tuple[str, ...]], str]:
+    """A function mapping our parameter path to its PyTorch state-dict name.
+
+    A module name matching ``indexed`` becomes its (non-empty) groups, e.g. ``down_blocks_0`` ->
+    ``down_blocks.0``; the leaf is renamed by ``leaves``. ``source`` (``"diffusers"``) names the
+    library in the error for a leaf without counterpart.
+    """
+
+    def torch_name(path: tuple[str, ...]) -> str:
+        parts = []
+        for component in path[:-1]:
+            match = indexed.match(component)
+            parts.extend([p for p in match.groups() if p is not None] if match else [component])
+        if path[-1] not in leaves:
+            raise ValueError(f"No {source} counterpart for parameter {'/'.join(path)} (leaf {path[-1]!r}).")
+        return ".".join(parts + [leaves[path[-1]]])
+
+    return torch_name
+
+
+def as_numpy(value: Any) -> np.ndarray:
+    """A numpy array of ``value``; a torch tensor (from ``model.state_dict()``) as float32."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value)
+
+
+def checked_float32(
+    converted: np.ndarray, expected: Sequence[int], torch_name: str, our_path: str, source_shape: str
+) -> np.ndarray:
+    """``converted`` as contiguous float32 if its shape is ``expected``; else a ``ValueError`` naming both
+    sides (``source_shape``, e.g. ``"diffusers (4, 3)"``, says what the state dict held)."""
+    if tuple(converted.shape) != tuple(expected):
+        raise ValueError(
+            f"Shape mismatch for {torch_name} ({source_shape}) -> {our_path}: expected "
+            f"{tuple(expected)} after conversion, got {tuple(converted.shape)}."
+        )
+    return np.ascontiguousarray(converted, dtype=np.float32)
+
+
+def named_leaves(tree: Any) -> tuple[dict[tuple[str, ...], Any], Any]:
+    """``({key path: leaf}, treedef)`` of a nested-dict tree, in flattening order."""
+    flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    return {tuple(k.key for k in key_path): leaf for key_path, leaf in flat}, treedef
+
+
+def _first_ten(names: Sequence[str]) -> str:
+    return f"{list(names[:10])}{' ...' if len(names) > 10 else ''}"
+
+
+def params_from_state_dict(
+    state_dict: Mapping[str, Any],
+    shapes: Any,
+    name_of: Callable[[tuple[str, ...]], str],
+    convert: Callable[[str, str, np.ndarray, tuple[int, ...]], np.ndarray],
+    *,
+    missing_what: str,
+    unused_what: str,
+) -> Any:
+    """Fills the parameter tree ``shapes`` from ``state_dict`` (name -> numpy array or torch tensor).
+
+    ``name_of`` maps a parameter path to its state-dict name; ``convert(torch_name, our_path,
+    tensor, expected_shape)`` changes the layout and checks the shape. Every parameter must be
+    present and every tensor used, else a ``ValueError``: ``"<n> <missing_what>: [...]"`` or
+    ``"<n> <unused_what>: [...]"``. Returns float32 numpy arrays in ``shapes``' structure.
+    """
+    leaves, treedef = named_leaves(shapes)
+    converted, missing, used = [], [], set()
+    for path, shape in leaves.items():
+        name, our_path = name_of(path), "/".join(path)
+        if name not in state_dict:
+            missing.append(f"{name} (for {our_path})")
+            continue
+        used.add(name)
+        converted.append(convert(name, our_path, as_numpy(state_dict[name]), shape.shape))
+    if missing:
+        raise ValueError(f"{len(missing)} {missing_what}: {_first_ten(missing)}")
+    unused = sorted(set(state_dict) - used)
+    if unused:
+        raise ValueError(f"{len(unused)} {unused_what}: {_first_ten(unused)}")
+    return jax.tree_util.tree_unflatten(treedef, converted)
+
+
+def safetensors_files(
+    directory: str, weights_name: str, index_name: str, what: str, bin_hint: tuple[str, str]
+) -> list[str]:
+    """The weights files of a ``save_pretrained`` directory: the shards its ``index_name`` lists, else ``weights_name``.
+
+    A missing file is a ``FileNotFoundError`` naming it (``what`` names the weights); where the
+    PyTorch file ``bin_hint[0]`` is there instead, the message says so, calling it ``bin_hint[1]``.
+    """
+    index = os.path.join(directory, index_name)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weights = [os.path.join(directory, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        weights = [os.path.join(directory, weights_name)]
+    for file in weights:
+        if not os.path.isfile(file):
+            hint = ""
+            if os.path.isfile(os.path.join(directory, bin_hint[0])):
+                hint = f" (only a PyTorch {bin_hint[1]} is there: save it as safetensors first)"
+            raise FileNotFoundError(f"Missing {what} weights file {file}{hint}.")
+    return weights
+
+
+def read_safetensors(files: Sequence[str], what: str) -> dict[str, np.ndarray]:
+    """The tensors of the ``.safetensors`` ``files`` in one dict; ``what`` names the weights in the import error."""
+    try:
+        from safetensors.numpy import load_file
+    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
+        message = f"Reading {what} weights needs the `safetensors` package (pip install safetensors)."
+        raise ImportError(message) from error
+    state_dict: dict[str, np.ndarray] = {}
+    for file in files:
+        state_dict.update(load_file(file))
+    return state_dict

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax.interop import torch_state
 from codi_jax.models.adapters import ControlNet
 from codi_jax.models.unet import UNet
 from codi_jax.models.vae import AutoencoderKL, vae_from_diffusers_config, vae_param_shapes
@@ -87,10 +88,15 @@ _CONDITIONAL_REQUIREMENTS = _COMMON_REQUIREMENTS + (
 # renames them on load (``ModelMixin._convert_deprecated_attention_blocks``), and so do we.
 _DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
-# Our module names with a numeric suffix that diffusers writes as a ModuleList index.
-_INDEXED_MODULE = re.compile(
-    r"^(controlnet_down_blocks|down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks"
-    r"|to_out|net|blocks)_(\d+)(?:_(\w+))?$"
+# Our parameter path -> the diffusers state-dict name: module names with a numeric suffix are
+# diffusers' ModuleList indices; leaves are renamed.
+_torch_name = torch_state.torch_names(
+    re.compile(
+        r"^(controlnet_down_blocks|down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks"
+        r"|to_out|net|blocks)_(\d+)(?:_(\w+))?$"
+    ),
+    {"kernel": "weight", "scale": "weight", "bias": "bias"},
+    "diffusers",
 )
 
 
@@ -294,28 +300,6 @@ def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     return _unet_fields(config, class_name)
 
 
-def _torch_name(path: tuple[str, ...]) -> str:
-    """Our parameter path -> the diffusers state-dict name."""
-    parts = []
-    for component in path[:-1]:
-        match = _INDEXED_MODULE.match(component)
-        if match:
-            parts.extend(p for p in match.groups() if p is not None)
-        else:
-            parts.append(component)
-    leaves = {"kernel": "weight", "scale": "weight", "bias": "bias"}
-    if path[-1] not in leaves:
-        raise ValueError(f"No diffusers counterpart for parameter {'/'.join(path)} (leaf {path[-1]!r}).")
-    parts.append(leaves[path[-1]])
-    return ".".join(parts)
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor from model.state_dict()
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value)
-
-
 def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     renamed = {}
     for name, value in state_dict.items():
@@ -335,12 +319,7 @@ def _convert_tensor(torch_name: str, our_path: str, tensor: np.ndarray, expected
         converted = tensor.T if tensor.ndim == 2 else tensor
     else:
         converted = tensor
-    if tuple(converted.shape) != tuple(expected):
-        raise ValueError(
-            f"Shape mismatch for {torch_name} (diffusers {tuple(tensor.shape)}) -> {our_path}: expected "
-            f"{tuple(expected)} after conversion, got {tuple(converted.shape)}."
-        )
-    return np.ascontiguousarray(converted, dtype=np.float32)
+    return torch_state.checked_float32(converted, expected, torch_name, our_path, f"diffusers {tuple(tensor.shape)}")
 
 
 def unet_param_shapes(model: UNet) -> Any:
@@ -354,33 +333,26 @@ def unet_param_shapes(model: UNet) -> Any:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, timesteps, context)["params"]
 
 
-def _params_from_state_dict(state_dict: Mapping[str, Any], shapes: Any, what: str) -> dict[str, Any]:
-    """Fills the parameter tree ``shapes`` from a diffusers state dict (``what`` names our model in errors)."""
-    state_dict = _normalise_names(state_dict)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    converted, missing, used = [], [], set()
-    for key_path, shape in flat:
-        path = tuple(k.key for k in key_path)
-        torch_name = _torch_name(path)
-        our_path = "/".join(path)
-        if torch_name not in state_dict:
-            missing.append(f"{torch_name} (for {our_path})")
-            converted.append(None)
-            continue
-        used.add(torch_name)
-        converted.append(_convert_tensor(torch_name, our_path, _as_numpy(state_dict[torch_name]), shape.shape))
-    if missing:
-        raise ValueError(
-            f"{len(missing)} parameters missing from the diffusers state dict: {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}"
-        )
-    unused = sorted(set(state_dict) - used)
-    if unused:
-        raise ValueError(
-            f"{len(unused)} diffusers tensors have no counterpart in our {what} (unsupported blocks?): "
-            f"{unused[:10]}{' ...' if len(unused) > 10 else ''}"
-        )
-    return jax.tree_util.tree_unflatten(treedef, converted)
+def _params_from_state_dict(
+    state_dict: Mapping[str, Any],
+    shapes: Any,
+    what: str,
+    *,
+    missing_what: str = "parameters missing from the diffusers state dict",
+    unused_what: str | None = None,
+) -> dict[str, Any]:
+    """Fills the parameter tree ``shapes`` from a diffusers state dict (``what`` names our model in the
+    default error for unused tensors)."""
+    if unused_what is None:
+        unused_what = f"diffusers tensors have no counterpart in our {what} (unsupported blocks?)"
+    return torch_state.params_from_state_dict(
+        _normalise_names(state_dict),
+        shapes,
+        _torch_name,
+        _convert_tensor,
+        missing_what=missing_what,
+        unused_what=unused_what,
+    )
 
 
 def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> dict[str, Any]:
@@ -390,19 +362,6 @@ def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> di
     and every shape must match; errors name the parameter. Returns a float32 numpy pytree.
     """
     return _params_from_state_dict(state_dict, unet_param_shapes(model), "UNet")
-
-
-def _read_safetensors(files: Sequence[str]) -> dict[str, np.ndarray]:
-    try:
-        from safetensors.numpy import load_file
-    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
-        raise ImportError(
-            "Reading diffusers weights needs the `safetensors` package (pip install safetensors)."
-        ) from error
-    state_dict: dict[str, np.ndarray] = {}
-    for file in files:
-        state_dict.update(load_file(file))
-    return state_dict
 
 
 def _resolve_files(path: str) -> tuple[str, list[str]]:
@@ -415,25 +374,23 @@ def _resolve_files(path: str) -> tuple[str, list[str]]:
             os.path.join(directory, "unet", CONFIG_NAME)
         ):
             directory = os.path.join(directory, "unet")  # a pipeline directory: its UNet lives in unet/
-        index = os.path.join(directory, WEIGHTS_INDEX_NAME)
-        if os.path.isfile(index):
-            with open(index) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            weights = [os.path.join(directory, shard) for shard in shards]
-        else:
-            weights = [os.path.join(directory, WEIGHTS_NAME)]
+        bin_hint = ("diffusion_pytorch_model.bin", ".bin file")
+        weights = torch_state.safetensors_files(directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "diffusers", bin_hint)
     else:
         raise FileNotFoundError(f"No diffusers UNet at {path}: neither a directory nor a file.")
-    for file in weights:
-        if not os.path.isfile(file):
-            hint = ""
-            if os.path.isfile(os.path.join(directory, "diffusion_pytorch_model.bin")):
-                hint = " (only a PyTorch .bin file is there: save it as safetensors first)"
-            raise FileNotFoundError(f"Missing diffusers weights file {file}{hint}.")
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"Missing diffusers config {config_path} (needed beside {weights[0]}).")
     return config_path, weights
+
+
+def _component_dir(path: str, subfolder: str, what: str) -> str:
+    """``path``, or its ``subfolder`` where ``path`` is a pipeline directory without a ``config.json``."""
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        if not os.path.isfile(os.path.join(path, subfolder, CONFIG_NAME)):
+            raise FileNotFoundError(f"No diffusers {what} at {path}: no {CONFIG_NAME} there nor in {subfolder}/.")
+        return os.path.join(path, subfolder)
+    return path
 
 
 def load_diffusers_unet(path: str, **model_overrides: Any) -> tuple[UNet, dict[str, Any]]:
@@ -448,7 +405,7 @@ def load_diffusers_unet(path: str, **model_overrides: Any) -> tuple[UNet, dict[s
     with open(config_path) as f:
         fields = unet_config_from_diffusers(json.load(f))
     model = UNet(**fields, **model_overrides)
-    return model, unet_params_from_diffusers(_read_safetensors(weight_files), model)
+    return model, unet_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,29 +422,13 @@ def vae_params_from_diffusers(state_dict: Mapping[str, Any], model: AutoencoderK
     Every parameter of ``model`` must be filled and every tensor of the state dict used, with
     matching shapes; a mismatch raises ``ValueError`` naming the tensors. Returns float32 numpy.
     """
-    state_dict = _normalise_names(state_dict)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(vae_param_shapes(model))
-    converted, missing, used = [], [], set()
-    for key_path, shape in flat:
-        path = tuple(k.key for k in key_path)
-        torch_name, our_path = _torch_name(path), "/".join(path)
-        if torch_name not in state_dict:
-            missing.append(f"{torch_name} (for {our_path})")
-            continue
-        used.add(torch_name)
-        converted.append(_convert_tensor(torch_name, our_path, _as_numpy(state_dict[torch_name]), shape.shape))
-    if missing:
-        raise ValueError(
-            f"{len(missing)} VAE parameters missing from the diffusers state dict: {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}"
-        )
-    unused = sorted(set(state_dict) - used)
-    if unused:
-        raise ValueError(
-            f"{len(unused)} diffusers VAE tensors have no counterpart in our AutoencoderKL (config mismatch?): "
-            f"{unused[:10]}{' ...' if len(unused) > 10 else ''}"
-        )
-    return jax.tree_util.tree_unflatten(treedef, converted)
+    return _params_from_state_dict(
+        state_dict,
+        vae_param_shapes(model),
+        "AutoencoderKL",
+        missing_what="VAE parameters missing from the diffusers state dict",
+        unused_what="diffusers VAE tensors have no counterpart in our AutoencoderKL (config mismatch?)",
+    )
 
 
 def load_diffusers_vae(path: str, **model_overrides: Any) -> tuple[AutoencoderKL, dict[str, Any]]:
@@ -498,24 +439,10 @@ def load_diffusers_vae(path: str, **model_overrides: Any) -> tuple[AutoencoderKL
     its ``config.json`` beside it. ``model_overrides`` set ``dtype`` / ``conv_impl``. Returns
     ``(model, params)`` with float32 params.
     """
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        if os.path.isfile(os.path.join(path, "vae", CONFIG_NAME)):
-            path = os.path.join(path, "vae")  # a pipeline directory: its VAE lives in vae/
-        else:
-            raise FileNotFoundError(f"No diffusers VAE at {path}: no {CONFIG_NAME} there nor in vae/.")
-    config_path, weight_files = _resolve_files(path)
+    config_path, weight_files = _resolve_files(_component_dir(path, "vae", "VAE"))
     with open(config_path) as f:
         model = vae_from_diffusers_config(json.load(f), **model_overrides)
-    try:
-        from safetensors.numpy import load_file
-    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
-        raise ImportError(
-            "Reading diffusers weights needs the `safetensors` package (pip install safetensors)."
-        ) from error
-    state_dict: dict[str, np.ndarray] = {}
-    for file in weight_files:
-        state_dict.update(load_file(file))
-    return model, vae_params_from_diffusers(state_dict, model)
+    return model, vae_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,13 +529,8 @@ def load_diffusers_controlnet(path: str, **model_overrides: Any) -> tuple[Contro
     ``{"backbone": unet_params, "adapter": params}``; the condition goes in at 2**hint_downsamples
     times the latent size, in the range the ControlNet was trained on (diffusers: [0, 1]).
     """
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, CONFIG_NAME)):
-        if os.path.isfile(os.path.join(path, "controlnet", CONFIG_NAME)):
-            path = os.path.join(path, "controlnet")  # a pipeline directory: its ControlNet lives in controlnet/
-        else:
-            raise FileNotFoundError(f"No diffusers ControlNet at {path}: no {CONFIG_NAME} there nor in controlnet/.")
-    config_path, weight_files = _resolve_files(path)
+    config_path, weight_files = _resolve_files(_component_dir(path, "controlnet", "ControlNet"))
     with open(config_path) as f:
         fields = controlnet_config_from_diffusers(json.load(f))
     adapter = ControlNet(**fields, **model_overrides)
-    return adapter, controlnet_params_from_diffusers(_read_safetensors(weight_files), adapter)
+    return adapter, controlnet_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), adapter)

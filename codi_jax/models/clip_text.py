@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax.interop import torch_state
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -73,7 +75,12 @@ _REQUIRED_VALUES: tuple[tuple[str, tuple[Any, ...]], ...] = (
 )
 _SUPPORTED_ARCHITECTURES = ("CLIPTextModel",)
 
-_LAYER_MODULE = re.compile(r"^layers_(\d+)$")
+# Our parameter path -> the transformers (5.x layout) state-dict name (layers_3 -> layers.3).
+_torch_name = torch_state.torch_names(
+    re.compile(r"^(layers)_(\d+)$"),
+    {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"},
+    "transformers",
+)
 
 
 class UnsupportedCLIPConfig(ValueError):
@@ -121,8 +128,8 @@ class CLIPMLP(nn.Module):
         return nn.Dense(self.hidden_size, dtype=self.dtype, name="fc2")(x)
 
 
-class CLIPEncoderLayer(nn.Module):
-    """Pre-LN residual block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
+class _LayerFields(nn.Module):
+    """The fields of one encoder layer; ``CLIPEncoder`` has them too and passes them on."""
 
     hidden_size: int
     intermediate_size: int
@@ -130,6 +137,10 @@ class CLIPEncoderLayer(nn.Module):
     hidden_act: str
     layer_norm_eps: float
     dtype: Any = jnp.float32
+
+
+class CLIPEncoderLayer(_LayerFields):
+    """Pre-LN residual block: ``x + attn(ln1(x))``, then ``x + mlp(ln2(x))``."""
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
@@ -151,14 +162,8 @@ class CLIPTextEmbeddings(nn.Module):
         return tokens + positions(jnp.arange(input_ids.shape[-1]))[None]
 
 
-class CLIPEncoder(nn.Module):
-    num_hidden_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    hidden_act: str
-    layer_norm_eps: float
-    dtype: Any = jnp.float32
+class CLIPEncoder(_LayerFields):
+    num_hidden_layers: int = 12
 
     def setup(self) -> None:
         fields = (self.hidden_size, self.intermediate_size, self.num_heads, self.hidden_act, self.layer_norm_eps)
@@ -208,13 +213,13 @@ class CLIPTextModel(nn.Module):
         if attention_mask is not None:
             mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]
         encoder = CLIPEncoder(
-            self.num_hidden_layers,
             self.hidden_size,
             self.intermediate_size,
             self.num_attention_heads,
             self.hidden_act,
             self.layer_norm_eps,
             self.dtype,
+            num_hidden_layers=self.num_hidden_layers,
             name="encoder",
         )
         hidden_states = encoder(x, mask)
@@ -270,24 +275,6 @@ def clip_text_param_shapes(model: CLIPTextModel) -> Any:
     return jax.eval_shape(model.init, jax.random.PRNGKey(0), input_ids)["params"]
 
 
-def _torch_name(path: tuple[str, ...]) -> str:
-    """Our parameter path -> the transformers (5.x layout) state-dict name."""
-    parts = []
-    for component in path[:-1]:
-        match = _LAYER_MODULE.match(component)
-        parts.extend(("layers", match.group(1)) if match else (component,))
-    leaves = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-    if path[-1] not in leaves:
-        raise ValueError(f"No transformers counterpart for parameter {'/'.join(path)} (leaf {path[-1]!r}).")
-    return ".".join(parts + [leaves[path[-1]]])
-
-
-def _as_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor from model.state_dict()
-        value = value.detach().cpu().float().numpy()
-    return np.asarray(value)
-
-
 def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     """Drops ``position_ids`` buffers and the ``text_model.`` prefix of transformers 4.x checkpoints."""
     renamed = {}
@@ -303,12 +290,7 @@ def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 
 def _convert_tensor(torch_name: str, our_path: str, tensor: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
     converted = tensor.T if our_path.endswith("kernel") and tensor.ndim == 2 else tensor
-    if tuple(converted.shape) != tuple(expected):
-        raise ValueError(
-            f"Shape mismatch for {torch_name} (transformers {tuple(tensor.shape)}) -> {our_path}: expected "
-            f"{tuple(expected)} after conversion, got {tuple(converted.shape)}."
-        )
-    return np.ascontiguousarray(converted, dtype=np.float32)
+    return torch_state.checked_float32(converted, expected, torch_name, our_path, f"transformers {tuple(tensor.shape)}")
 
 
 def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPTextModel) -> dict[str, Any]:
@@ -318,29 +300,16 @@ def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPT
     aside), with matching shapes; a mismatch raises ``ValueError`` naming the tensors. Returns
     float32 numpy arrays, for ``model.apply({"params": params}, input_ids)``.
     """
-    state_dict = _normalise_names(state_dict)
-    flat, treedef = jax.tree_util.tree_flatten_with_path(clip_text_param_shapes(model))
-    converted, missing, used = [], [], set()
-    for key_path, shape in flat:
-        path = tuple(k.key for k in key_path)
-        torch_name, our_path = _torch_name(path), "/".join(path)
-        if torch_name not in state_dict:
-            missing.append(f"{torch_name} (for {our_path})")
-            continue
-        used.add(torch_name)
-        converted.append(_convert_tensor(torch_name, our_path, _as_numpy(state_dict[torch_name]), shape.shape))
-    if missing:
-        raise ValueError(
-            f"{len(missing)} parameters missing from the CLIP text state dict: {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}"
-        )
-    unused = sorted(set(state_dict) - used)
-    if unused:
-        raise ValueError(
-            f"{len(unused)} CLIP text tensors have no counterpart in our CLIPTextModel (config mismatch or "
-            f"a projection head?): {unused[:10]}{' ...' if len(unused) > 10 else ''}"
-        )
-    return jax.tree_util.tree_unflatten(treedef, converted)
+    return torch_state.params_from_state_dict(
+        _normalise_names(state_dict),
+        clip_text_param_shapes(model),
+        _torch_name,
+        _convert_tensor,
+        missing_what="parameters missing from the CLIP text state dict",
+        unused_what=(
+            "CLIP text tensors have no counterpart in our CLIPTextModel (config mismatch or a projection head?)"
+        ),
+    )
 
 
 def _resolve_files(path: str) -> tuple[str, list[str]]:
@@ -352,18 +321,8 @@ def _resolve_files(path: str) -> tuple[str, list[str]]:
     directory = path
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isdir(os.path.join(path, "text_encoder")):
         directory = os.path.join(path, "text_encoder")  # a pipeline directory
-    index = os.path.join(directory, WEIGHTS_INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index) as f:
-            weights = [os.path.join(directory, shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
-        weights = [os.path.join(directory, WEIGHTS_NAME)]
-    for file in weights:
-        if not os.path.isfile(file):
-            hint = ""
-            if os.path.isfile(os.path.join(directory, "pytorch_model.bin")):
-                hint = " (only a PyTorch pytorch_model.bin is there: save it as safetensors first)"
-            raise FileNotFoundError(f"Missing CLIP text weights file {file}{hint}.")
+    bin_hint = ("pytorch_model.bin", "pytorch_model.bin")
+    weights = torch_state.safetensors_files(directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "CLIP text", bin_hint)
     return os.path.join(directory, CONFIG_NAME), weights
 
 
@@ -380,11 +339,4 @@ def load_clip_text(path: str, **model_overrides: Any) -> tuple[CLIPTextModel, di
         raise FileNotFoundError(f"Missing CLIP text config {config_path} (needed beside {weight_files[0]}).")
     with open(config_path) as f:
         model = clip_text_from_config(json.load(f), **model_overrides)
-    try:
-        from safetensors.numpy import load_file
-    except ImportError as error:  # pragma: no cover - safetensors is installed with the test extras
-        raise ImportError("Reading CLIP weights needs the `safetensors` package (pip install safetensors).") from error
-    state_dict: dict[str, np.ndarray] = {}
-    for file in weight_files:
-        state_dict.update(load_file(file))
-    return model, clip_text_params_from_state_dict(state_dict, model)
+    return model, clip_text_params_from_state_dict(torch_state.read_safetensors(weight_files, "CLIP"), model)

@@ -121,57 +121,59 @@ class _VaeBlock(nn.Module):
         return x
 
 
-class Encoder(nn.Module):
-    """diffusers ``Encoder`` with ``double_z=True``: image -> ``2 * latent_channels`` moments."""
+class _VaeCoder(nn.Module):
+    """What ``Encoder`` and ``Decoder`` share: their architecture fields, the middle block and the
+    output layers (group norm, SiLU, ``conv_out``)."""
 
-    latent_channels: int
     block_out_channels: Sequence[int]
     layers_per_block: int
     groups: int
     mid_block_add_attention: bool = True
     dtype: Dtype = jnp.float32
     conv_impl: str = "auto"
+
+    def conv(self, features: int, name: str) -> Conv2D:
+        return Conv2D(features, dtype=self.dtype, conv_impl=self.conv_impl, name=name)
+
+    def block(self, features: int, num_layers: int, sampler: str | None, name: str) -> _VaeBlock:
+        return _VaeBlock(features, num_layers, self.groups, sampler, self.dtype, self.conv_impl, name=name)
+
+    def mid_block(self, h: jax.Array) -> jax.Array:
+        features, attention = self.block_out_channels[-1], self.mid_block_add_attention
+        return VaeMidBlock(features, self.groups, attention, self.dtype, self.conv_impl, name="mid_block")(h)
+
+    def conv_out(self, h: jax.Array, features: int) -> jax.Array:
+        h = nn.silu(_group_norm(self.groups, _EPS, "conv_norm_out")(h))
+        return self.conv(features, "conv_out")(h)
+
+
+class Encoder(_VaeCoder):
+    """diffusers ``Encoder`` with ``double_z=True``: image -> ``2 * latent_channels`` moments."""
+
+    latent_channels: int = 4
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        conv = dict(dtype=self.dtype, conv_impl=self.conv_impl)
-        h = Conv2D(self.block_out_channels[0], name="conv_in", **conv)(x)
+        h = self.conv(self.block_out_channels[0], "conv_in")(x)
         last = len(self.block_out_channels) - 1
         for i, features in enumerate(self.block_out_channels):
-            sampler = "down" if i < last else None
-            h = _VaeBlock(features, self.layers_per_block, self.groups, sampler, name=f"down_blocks_{i}", **conv)(h)
-        h = VaeMidBlock(
-            self.block_out_channels[-1], self.groups, self.mid_block_add_attention, name="mid_block", **conv
-        )(h)
-        h = nn.silu(_group_norm(self.groups, _EPS, "conv_norm_out")(h))
-        return Conv2D(2 * self.latent_channels, name="conv_out", **conv)(h)
+            h = self.block(features, self.layers_per_block, "down" if i < last else None, f"down_blocks_{i}")(h)
+        return self.conv_out(self.mid_block(h), 2 * self.latent_channels)
 
 
-class Decoder(nn.Module):
+class Decoder(_VaeCoder):
     """diffusers ``Decoder`` (group norm): latent -> image, ``layers_per_block + 1`` resnets per level."""
 
-    out_channels: int
-    block_out_channels: Sequence[int]
-    layers_per_block: int
-    groups: int
-    mid_block_add_attention: bool = True
-    dtype: Dtype = jnp.float32
-    conv_impl: str = "auto"
+    out_channels: int = 3
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
-        conv = dict(dtype=self.dtype, conv_impl=self.conv_impl)
-        h = Conv2D(self.block_out_channels[-1], name="conv_in", **conv)(z)
-        h = VaeMidBlock(
-            self.block_out_channels[-1], self.groups, self.mid_block_add_attention, name="mid_block", **conv
-        )(h)
+        h = self.mid_block(self.conv(self.block_out_channels[-1], "conv_in")(z))
         reversed_channels = list(reversed(self.block_out_channels))
         last = len(reversed_channels) - 1
         for i, features in enumerate(reversed_channels):
-            sampler = "up" if i < last else None
-            h = _VaeBlock(features, self.layers_per_block + 1, self.groups, sampler, name=f"up_blocks_{i}", **conv)(h)
-        h = nn.silu(_group_norm(self.groups, _EPS, "conv_norm_out")(h))
-        return Conv2D(self.out_channels, name="conv_out", **conv)(h).astype(jnp.float32)
+            h = self.block(features, self.layers_per_block + 1, "up" if i < last else None, f"up_blocks_{i}")(h)
+        return self.conv_out(h, self.out_channels).astype(jnp.float32)
 
 
 class AutoencoderKL(nn.Module):
@@ -205,8 +207,8 @@ class AutoencoderKL(nn.Module):
             dtype=self.dtype,
             conv_impl=self.conv_impl,
         )
-        self.encoder = Encoder(self.latent_channels, **common)
-        self.decoder = Decoder(self.out_channels, **common)
+        self.encoder = Encoder(**common, latent_channels=self.latent_channels)
+        self.decoder = Decoder(**common, out_channels=self.out_channels)
         conv = dict(kernel_size=1, dtype=self.dtype, conv_impl=self.conv_impl)
         self.quant_conv = Conv2D(2 * self.latent_channels, **conv) if self.use_quant_conv else None
         self.post_quant_conv = Conv2D(self.latent_channels, **conv) if self.use_post_quant_conv else None

@@ -27,6 +27,7 @@ import optax
 from codi_jax import diffusion
 from codi_jax.metrics import lpips
 from codi_jax.models.student import AdaptedModel
+from codi_jax.objectives.teacher import noised_example
 from codi_jax.sampling import guidance
 from codi_jax.training.train_state import TrainState, apply_gradients, model_params
 
@@ -222,12 +223,7 @@ def finetune_loss(
     """The ordinary diffusion loss of the adapted model (the non-distilled conditional model)."""
     del target_params, config
     x, (cond, instruction, context) = batch["image"], _conditioning(batch)
-    rng_t, rng_eps, rng_dropout = jax.random.split(rng, 3)
-    t = schedule.sample_train_time(rng_t, (x.shape[0],))
-    eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
-    alpha_t, sigma_t = schedule.alpha_sigma(t)
-    z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
-    target = diffusion.prediction_from_x_eps(x, eps, alpha_t, sigma_t, parametrization)
+    t, z_t, target, rng_dropout = noised_example(schedule, x, rng, parametrization)
     prediction = model.apply(
         params, z_t, schedule.model_time(t), cond, instruction, context, train=True, rngs={"dropout": rng_dropout}
     )

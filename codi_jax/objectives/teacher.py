@@ -13,6 +13,19 @@ from codi_jax import diffusion
 from codi_jax.training.train_state import TrainState, apply_gradients
 
 
+def noised_example(
+    schedule: diffusion.Schedule, x: jax.Array, rng: jax.Array, parametrization: diffusion.Parametrization
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """A random training time per example and the noised data there: ``(t, z_t, target,
+    rng_dropout)``, ``target`` being the network output the diffusion loss regresses to."""
+    rng_t, rng_eps, rng_dropout = jax.random.split(rng, 3)
+    t = schedule.sample_train_time(rng_t, (x.shape[0],))
+    eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
+    alpha_t, sigma_t = schedule.alpha_sigma(t)
+    z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
+    return t, z_t, diffusion.prediction_from_x_eps(x, eps, alpha_t, sigma_t, parametrization), rng_dropout
+
+
 def diffusion_loss(
     params: Any,
     model: nn.Module,
@@ -22,12 +35,7 @@ def diffusion_loss(
     parametrization: diffusion.Parametrization = "v",
 ) -> jax.Array:
     """Mean squared error of the network output against its target at a random time per example."""
-    rng_t, rng_eps, rng_dropout = jax.random.split(rng, 3)
-    t = schedule.sample_train_time(rng_t, (x.shape[0],))
-    eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
-    alpha_t, sigma_t = schedule.alpha_sigma(t)
-    z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
-    target = diffusion.prediction_from_x_eps(x, eps, alpha_t, sigma_t, parametrization)
+    t, z_t, target, rng_dropout = noised_example(schedule, x, rng, parametrization)
     prediction = model.apply({"params": params}, z_t, schedule.model_time(t), train=True, rngs={"dropout": rng_dropout})
     return jnp.mean(jnp.square(prediction - target))
 
