@@ -129,6 +129,11 @@ def step_counts(values: Sequence[str], flag: str = "--steps") -> tuple[int, ...]
     return counts
 
 
+def flag_values(*names: str) -> dict[str, Any]:
+    """``{name: value}`` of these flags, to pass to a library function whose keywords are named so."""
+    return {name: FLAGS[name].value for name in names}
+
+
 def sampling_options() -> Any:
     """The command's sampling flags (those of ``SamplingOptions``' fields it defines) as one
     ``SamplingOptions``; the others keep their defaults."""
@@ -189,6 +194,27 @@ def _parse_flags(argv: list[str]) -> list[str]:
             raise
         sys.stderr.write(f"error: {message or one_line(error)} (see --helpshort)\n")
         sys.exit(EXIT_USER_ERROR)
+
+
+def _caller() -> str:
+    """The module that called the ``define_*`` function (its ``--help`` lists the flags)."""
+    return sys._getframe(2).f_globals["__name__"]
+
+
+def define_run_flags(what: str) -> None:
+    """The vocabulary's input flags: ``--run`` (a trained run: ``what``), ``--checkpoint_step``, ``--ema``."""
+    module = _caller()
+    flags.DEFINE_string("run", None, f"{what} (a training workdir: holds checkpoints/).", module_name=module)
+    flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).", module_name=module)
+    flags.DEFINE_bool("ema", True, "The EMA parameters (false: the raw trained ones).", module_name=module)
+
+
+def define_out_flags(what: str) -> None:
+    """The vocabulary's output flags: ``--out`` (``what`` goes there) and ``--overwrite``."""
+    module = _caller()
+    flags.DEFINE_string("out", None, f"Output folder: {what}.", module_name=module)
+    overwrite = "Replace what an earlier run wrote in --out (else refused)."
+    flags.DEFINE_bool("overwrite", False, overwrite, module_name=module)
 
 
 HELP_SPELLINGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")

@@ -14,11 +14,10 @@ flags.DEFINE_string(
     None,
     "A local diffusers pipeline folder (model_index.json) or a UNet2DModel / UNet2DConditionModel folder.",
 )
-flags.DEFINE_string("out", None, "Output teacher workdir (must not exist or be empty, unless --overwrite).")
+common.define_out_flags("the teacher workdir (must not exist or be empty, unless --overwrite)")
 flags.DEFINE_string(
     "controlnet", None, "A local diffusers ControlNetModel folder to convert too (into OUT/controlnet/)."
 )
-flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 RENAMED_FLAGS = {"workdir": "out"}
 
 

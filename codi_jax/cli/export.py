@@ -8,12 +8,9 @@ from absl import flags
 from codi_jax.cli import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run", None, "A training workdir (holds checkpoints/): a CoDi / fine-tune or teacher run.")
-flags.DEFINE_string("out", None, "Output folder (must not exist or be empty, unless --overwrite).")
-flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+common.define_run_flags("A CoDi / fine-tune or teacher run")
+common.define_out_flags("the diffusers folder (must not exist or be empty, unless --overwrite)")
 flags.DEFINE_integer("steps", 4, "The step count whose timesteps the exported README and sampler use (one count).")
-flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
-flags.DEFINE_bool("ema", True, "Export the EMA parameters (false: the raw trained ones).")
 RENAMED_FLAGS = {"workdir": "run", "use_ema": "ema", "step": "checkpoint_step"}
 
 
@@ -22,14 +19,7 @@ def main(argv: list[str]) -> None:
     common.require_flags("run", "out")
     from codi_jax.interop.export import export_workdir  # after the flag checks: heavy imports
 
-    paths = export_workdir(
-        FLAGS.run,
-        FLAGS.out,
-        steps=FLAGS.steps,
-        overwrite=FLAGS.overwrite,
-        step=FLAGS.checkpoint_step,
-        use_ema=FLAGS.ema,
-    )
+    paths = export_workdir(FLAGS.run, FLAGS.out, **common.flag_values("steps", "overwrite", "checkpoint_step", "ema"))
     print(f"Wrote {len(paths)} files to {FLAGS.out}")
 
 

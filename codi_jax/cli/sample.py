@@ -36,10 +36,9 @@ from absl import flags
 from codi_jax.cli import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run", None, "A CoDi / fine-tune training workdir (holds checkpoints/).")
+common.define_run_flags("A CoDi / fine-tune run")
 flags.DEFINE_string("images", None, "An image file or a directory of images (see --input).")
-flags.DEFINE_string("out", None, "Output directory.")
-flags.DEFINE_bool("overwrite", False, "Replace files an earlier run wrote in --out (else refused).")
+common.define_out_flags("a PNG per input and grid.png")
 flags.DEFINE_list("steps", ["4"], "Step counts, e.g. 1,2,4 (each at most the training grid size for CoDi).")
 flags.DEFINE_enum("input", "clean", ["clean", "condition"], "What --images holds (see the module docstring).")
 flags.DEFINE_bool(
@@ -56,8 +55,6 @@ flags.DEFINE_bool(
 flags.DEFINE_integer("seed", 0, "Seed of the initial noise, re-noising and (--input=clean) the degradation.")
 flags.DEFINE_integer("batch_size", 32, "Images per jitted call.")
 flags.DEFINE_integer("instruction", 0, "Instruction id for the edit task.")
-flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
-flags.DEFINE_bool("ema", True, "Sample with the EMA parameters (false: the raw trained ones).")
 flags.DEFINE_bool("strict_size", False, "Refuse images not at the model's size instead of resizing them.")
 flags.DEFINE_string("prompt", None, "Text prompt for a text-conditioned (Stable Diffusion) run; default: the run's.")
 flags.DEFINE_float(

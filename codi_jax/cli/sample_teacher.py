@@ -21,15 +21,12 @@ from absl import flags
 from codi_jax.cli import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("run", None, "A teacher training (or converted) workdir (holds checkpoints/).")
-flags.DEFINE_string("out", None, "Output directory for PNGs.")
-flags.DEFINE_bool("overwrite", False, "Replace samples an earlier run wrote in --out (else refused).")
+common.define_run_flags("A teacher run (trained, or written by convert)")
+common.define_out_flags("a PNG per sample and grid.png")
 flags.DEFINE_integer("steps", 50, "DDIM steps (one count).")
 flags.DEFINE_integer("num_images", 64, "Number of samples.")
 flags.DEFINE_integer("batch_size", 64, "Samples per jitted call.")
 flags.DEFINE_integer("seed", 0, "Noise seed.")
-flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step (default: latest).")
-flags.DEFINE_bool("ema", True, "Sample with the EMA parameters (false: the raw trained ones).")
 flags.DEFINE_string("prompt", None, "Text teachers: the prompt (default: the run's config.text.prompt).")
 flags.DEFINE_string(
     "negative_prompt", None, "Text teachers: the unconditional prompt of CFG (default: config.text.negative_prompt)."

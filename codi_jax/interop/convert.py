@@ -360,39 +360,13 @@ def plan_conversion(diffusers: str, workdir: str, *, controlnet: str | None = No
 
 
 def _training_sections() -> dict[str, Any]:
-    """The non-model sections of a teacher config, with ``codi_jax/configs/cpu/teacher_patches32``'s values (the
-    ``configs`` package is not installed with ``codi_jax``, so they are written out here)."""
-    from codi_jax import sharding
-    from codi_jax.training import train_state
+    """The non-model sections of a teacher config: ``codi_jax/configs/cpu/teacher_patches32``'s, for
+    completeness (without its colour augmentation: a converted teacher was trained on its own data)."""
+    from codi_jax.configs.cpu import teacher_patches32
 
-    data = dict(source="skimage_patches", tfds_name="", image_key="image", folder="", data_dir="", image_size=32)
-    data.update(
-        train_split="train",
-        eval_split="test",
-        random_flip=True,
-        random_crop=False,
-        color_augment=0.0,
-        shuffle_buffer=10000,
-    )
-    optimizer = dict(learning_rate=3e-4, warmup_steps=200, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.0)
-    return dict(
-        seed=0,
-        num_devices=0,
-        data=ml_collections.ConfigDict(data),
-        optimizer=ml_collections.ConfigDict(dict(optimizer, grad_clip_norm=1.0)),
-        ema_decay=0.999,
-        ema_warmup=True,
-        batch_size=32,
-        num_train_steps=100_000,
-        log_every_steps=50,
-        checkpoint_every_steps=250,
-        keep_checkpoints=2,
-        sample_every_steps=1000,
-        sample_steps=50,
-        num_sample_images=64,
-        sharding=sharding.default_sharding_config(),
-        nonfinite=train_state.default_update_policy(),
-    )
+    config = teacher_patches32.get_config()
+    config.data.color_augment = 0.0
+    return {key: config[key] for key in config if key not in ("model", "schedule")}
 
 
 def _model_section(unet_fields: Mapping[str, Any], parametrization: str) -> ml_collections.ConfigDict:

@@ -361,7 +361,13 @@ def _write_pipeline_files(config: Any, staging: str, parts: Mapping[str, Any]) -
 
 
 def export_workdir(
-    workdir: str, out: str, *, steps: int = 4, overwrite: bool = False, step: int | None = None, use_ema: bool = True
+    workdir: str,
+    out: str,
+    *,
+    steps: int = 4,
+    overwrite: bool = False,
+    checkpoint_step: int | None = None,
+    ema: bool = True,
 ) -> list[str]:
     """Restores ``workdir``'s latest (or given) checkpoint and exports it (``export_pretrained``).
     ``out``, the architectures and ``steps`` are checked before any weights are read."""
@@ -373,12 +379,12 @@ def export_workdir(
     from codi_jax.models import networks
     from codi_jax.runs import pretrained
 
-    config, _ = pretrained.read_config(workdir, step)
+    config, _ = pretrained.read_config(workdir, checkpoint_step)
     check_exportable(config)
     step_table(config, diffusion.schedule_from_config(config.schedule), steps)  # --steps fits the run's grid
     if networks.is_conditional(config):  # the architectures diffusers must represent, still before any weights
         model, _ = networks.build_conditional(config)
         flax_to_torch.unet_diffusers_config(model.backbone)
         flax_to_torch.controlnet_diffusers_config(model.module.adapter)
-    pre = pretrained.load(workdir, step=step, use_ema=use_ema)
+    pre = pretrained.load(workdir, step=checkpoint_step, use_ema=ema)
     return export_pretrained(pre, out, steps=steps, overwrite=overwrite)

@@ -97,7 +97,7 @@ def bind_train_step(config: ml_collections.ConfigDict, model: Any, schedule: Any
         parametrization=config.model.parametrization,
         max_param_norm_ratio=update_policy(config).max_param_norm_ratio,
     )
-    if config.method == "teacher":
+    if not networks.is_conditional(config):
         return functools.partial(teacher.train_step, **static)
     return functools.partial(codi.train_step, **static, config=config.codi, objective=config.method)
 
