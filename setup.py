@@ -60,6 +60,12 @@ setup(
     packages=find_packages(include=["codi_jax", "codi_jax.*"]),
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
+    entry_points={
+        "console_scripts": [
+            f"codi-{name.replace('_', '-')}=codi_jax.cli.{name}:console"
+            for name in ("train", "sample", "sample_teacher", "evaluate", "export", "convert", "demo")
+        ]
+    },
     extras_require={
         "test": TEST_REQUIRES + REFERENCE_REQUIRES,
         "reference": REFERENCE_REQUIRES,

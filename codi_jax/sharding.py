@@ -56,14 +56,12 @@ def make_mesh(num_devices: int | None = None, fsdp: int = 1, devices: Sequence[A
 
 
 def mesh_from_config(config: ml_collections.ConfigDict) -> Mesh:
-    section = config.get("sharding") or default_sharding_config()
-    return make_mesh(config.get("num_devices") or None, int(section.get("fsdp", 1)))
+    return make_mesh(config.num_devices or None, int(config.sharding.fsdp))
 
 
 def rules_from_config(config: ml_collections.ConfigDict) -> tuple[tuple, int]:
-    """``(rules, min_size)`` of a config's ``sharding`` section (defaults where absent)."""
-    section = config.get("sharding") or default_sharding_config()
-    return tuple(section.get("rules", DEFAULT_RULES)), int(section.get("min_size", DEFAULT_MIN_SIZE))
+    """``(rules, min_size)`` of a config's ``sharding`` section."""
+    return tuple(config.sharding.rules), int(config.sharding.min_size)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

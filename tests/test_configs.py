@@ -16,7 +16,7 @@ from codi_jax.configs.cpu import tiny_teacher
 from codi_jax.data import tasks
 from codi_jax.models import networks
 from codi_jax.objectives import codi
-from codi_jax.runs import config_resolution
+from codi_jax.runs import config_resolution, config_upgrade
 from codi_jax.sampling import conditional
 from codi_jax.training import loop
 
@@ -74,14 +74,16 @@ def test_config_is_valid(name: str) -> None:
 
 def test_renoise_default_comes_from_the_codi_section() -> None:
     """CoDi configs re-noise between steps unless ``codi.renoise`` says no; configs saved before the
-    field existed get its default; non-distilled models always move by DDIM."""
+    field existed get its default (filled in once, by ``config_upgrade``); non-distilled models always
+    move by DDIM."""
     config = importlib.import_module("codi_jax.configs.cpu.codi_sr4").get_config()
     assert conditional.renoise_between_steps(config) is True
     config.codi.renoise = False
     assert conditional.renoise_between_steps(config) is False
     old = config.to_dict()
     del old["codi"]["renoise"]
-    assert conditional.renoise_between_steps(ml_collections.ConfigDict(old)) is codi.default_codi_config().renoise
+    upgraded = ml_collections.ConfigDict(config_upgrade.upgrade(old))
+    assert conditional.renoise_between_steps(upgraded) is codi.default_codi_config().renoise
     finetune = importlib.import_module("codi_jax.configs.cpu.finetune_sr4").get_config()
     assert conditional.renoise_between_steps(finetune) is False
 
@@ -118,3 +120,20 @@ def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name
     shapes = networks.param_shapes(resolved)  # abstract init: latent-size input, pixel-size condition, context
     assert set(shapes) >= {"backbone", "adapter"}
     assert ("guidance_embedding_linear_1" in shapes["adapter"]) == bool(resolved.codi.cfg_range)
+
+
+def test_upgrade_fills_what_an_older_config_lacks_and_keeps_what_it_has() -> None:
+    """A saved config from before ``optimizer.decay``, ``data.color_augment``, ``nonfinite`` and
+    ``codi.target`` existed: each comes back with the value its absence meant; set fields are kept,
+    and sections the run does not have stay absent."""
+    old = importlib.import_module("codi_jax.configs.cpu.codi_sr4").get_config().to_dict()
+    for section, field in (("optimizer", "decay"), ("data", "color_augment"), ("codi", "target")):
+        del old[section][field]
+    del old["nonfinite"], old["ema_warmup"]
+    old["codi"]["grid_size"] = 20
+    new = config_upgrade.upgrade(old)
+    assert new["optimizer"]["decay"] == "constant" and new["data"]["color_augment"] == 0.0
+    assert new["codi"]["target"] == "ema" and new["codi"]["grid_size"] == 20 and new["ema_warmup"] is False
+    assert new["nonfinite"] == config_upgrade.train_state.default_update_policy().to_dict()
+    assert "codi" not in config_upgrade.upgrade({"method": "teacher"})  # a teacher has no codi section
+    assert "target" not in old["codi"]  # the input is left unchanged

@@ -32,5 +32,10 @@ def main(argv: list[str]) -> None:
     print("\n".join(convert.summary_lines(summary)))
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``codi-...`` console script."""
     common.run_main(main)
+
+
+if __name__ == "__main__":
+    console()

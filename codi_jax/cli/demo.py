@@ -271,5 +271,10 @@ def main(argv: list[str]) -> None:
     )
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``codi-...`` console script."""
     common.run_main(main)
+
+
+if __name__ == "__main__":
+    console()

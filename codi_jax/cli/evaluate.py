@@ -103,5 +103,10 @@ def main(argv: list[str]) -> None:
         logging.warning("Skipped: %s.", skipped)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``codi-...`` console script."""
     common.run_main(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -23,5 +23,10 @@ def main(argv: list[str]) -> None:
     print(f"Wrote {len(paths)} files to {FLAGS.out}")
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``codi-...`` console script."""
     common.run_main(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -93,5 +93,10 @@ def main(argv: list[str]) -> None:
     print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``codi-...`` console script."""
     common.run_main(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -64,5 +64,10 @@ def main(argv):
         sys.exit(stopped.exit_code)
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """The ``codi-...`` console script."""
     common.run_main(main)
+
+
+if __name__ == "__main__":
+    console()

@@ -212,7 +212,7 @@ def num_instructions(task_config: ml_collections.ConfigDict) -> int:
 
 def text_instructions(task_config: ml_collections.ConfigDict) -> bool:
     """True for the edit task on the data's own (source, edited, instruction) triples."""
-    return task_config.name == "edit" and task_config.get("instructions", "ids") == "text"
+    return task_config.name == "edit" and task_config.instructions == "text"
 
 
 def instruction_names(task_config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -450,12 +450,6 @@ def parse_runs(specs: Sequence[str]) -> list[RunSpec]:
     return runs
 
 
-def _task_fields(config: ml_collections.ConfigDict) -> dict:
-    """A run's task with the fields added since it was saved at their defaults (old runs, such as
-    the committed baseline, lack e.g. ``instructions``)."""
-    return {**tasks.default_task_config().to_dict(), **config.task.to_dict()}
-
-
 def check_runs(
     runs: Sequence[RunSpec],
     step_counts: tuple[int, ...],
@@ -487,7 +481,7 @@ def check_runs(
                 raise ValueError(f"--run {run.name}: {error}") from None
         if checked:
             first, reference = checked[0]
-            if _task_fields(config) != _task_fields(reference) or config.data.image_size != reference.data.image_size:
+            if config.task.to_dict() != reference.task.to_dict() or config.data.image_size != reference.data.image_size:
                 raise ValueError(f"Run {run.name!r} was trained on another task or image size than {first.name!r}.")
         checked.append((run, config))
     return checked

@@ -241,6 +241,8 @@ def default_adapter_config() -> ml_collections.ConfigDict:
     config.hint_channels = (16, 32)  # ControlNet hint network widths
     config.hint_downsamples = 0  # stride-2 stages in the hint network (8x for SD latents: 3)
     config.hint_zero_init = True  # diffusers' zero-init hint conv_out; False escapes the init saddle
+    config.hint_unit_range = False  # True: the condition enters the hint network in [0, 1] (diffusers)
+    config.init_from = ""  # a converted ControlNetModel (a convert --controlnet workdir/controlnet) to start from
     config.t2i_channels = ()  # T2I encoder widths per level; () = the backbone's block_out_channels
     config.lora_rank = 0  # > 0: LoRA of this rank on the backbone kernels matched by lora_targets
     config.lora_alpha = 0.0  # LoRA scale alpha / rank; 0 = rank (scale 1)
@@ -265,12 +267,12 @@ def build_conditional_model(
             **fields,
             cond_channels=cond_channels,
             hint_channels=tuple(adapter_config.hint_channels),
-            hint_downsamples=adapter_config.get("hint_downsamples", 0),
-            hint_zero_init=adapter_config.get("hint_zero_init", True),
+            hint_downsamples=adapter_config.hint_downsamples,
+            hint_zero_init=adapter_config.hint_zero_init,
             num_instructions=num_instructions,
             output="residuals" if kind == "controlnet" else "blend",
             guidance_embedding=guidance_embedding,
-            hint_unit_range=bool(adapter_config.get("hint_unit_range", False)),
+            hint_unit_range=bool(adapter_config.hint_unit_range),
         )
     elif kind == "t2i":
         adapter = T2IAdapter(

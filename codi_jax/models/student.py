@@ -139,7 +139,7 @@ def build_adapted_model(
     keep_initial: bool = False,
     guidance_embedding: bool = False,
 ) -> AdaptedModel:
-    rank = int(adapter_config.get("lora_rank", 0))
+    rank = int(adapter_config.lora_rank)
     if rank and adapter_config.train_backbone:
         raise ValueError("adapter.lora_rank > 0 with adapter.train_backbone=True: LoRA is for a frozen backbone.")
     return AdaptedModel(
@@ -148,8 +148,8 @@ def build_adapted_model(
         ),
         train_backbone=bool(adapter_config.train_backbone),
         lora_rank=rank,
-        lora_scale=lora.lora_scale(rank, adapter_config.get("lora_alpha", 0.0)) if rank else 1.0,
-        lora_targets=adapter_config.get("lora_targets", ""),
+        lora_scale=lora.lora_scale(rank, adapter_config.lora_alpha) if rank else 1.0,
+        lora_targets=adapter_config.lora_targets,
         keep_initial=keep_initial,
     )
 

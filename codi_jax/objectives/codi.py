@@ -68,7 +68,7 @@ def default_codi_config() -> ml_collections.ConfigDict:
 
 def cfg_range(config: ml_collections.ConfigDict) -> tuple[float, float] | None:
     """``codi.cfg_range`` as ``(w_min, w_max)``, or None when CFG-aware distillation is off."""
-    values = tuple(config.get("cfg_range", ()) or ())
+    values = tuple(config.cfg_range)
     return (float(values[0]), float(values[1])) if values else None
 
 
@@ -76,14 +76,14 @@ def check_codi_config(config: ml_collections.ConfigDict) -> None:
     for field, value, valid in (
         ("predictor", config.predictor, PREDICTORS),
         ("consistency_space", config.consistency_space, CONSISTENCY_SPACES),
-        ("guidance_schedule", config.get("guidance_schedule", "constant"), GUIDANCE_SCHEDULES),
-        ("target", config.get("target", "ema"), TARGETS),
+        ("guidance_schedule", config.guidance_schedule, GUIDANCE_SCHEDULES),
+        ("target", config.target, TARGETS),
     ):
         if value not in valid:
             raise ValueError(f"codi.{field}={value!r}; valid values: {valid}.")
     if int(config.grid_size) < 1:
         raise ValueError(f"codi.grid_size must be >= 1, got {config.grid_size}.")
-    values = tuple(config.get("cfg_range", ()) or ())
+    values = tuple(config.cfg_range)
     if values and (len(values) != 2 or not 0.0 <= float(values[0]) <= float(values[1])):
         raise ValueError(f"codi.cfg_range={values}: expected () (off) or (w_min, w_max) with 0 <= w_min <= w_max.")
 
@@ -202,7 +202,7 @@ def codi_loss(
 
     consistency = consistency_distance(config.consistency_space, x_hat, x_target, eps_hat, eps_target)
     squared_error = jnp.square(x_hat - x)
-    if config.get("guidance_schedule", "constant") == "noise":
+    if config.guidance_schedule == "noise":
         squared_error = _bcast(jnp.square(sigma_t), x) * squared_error
     guidance_term = jnp.mean(squared_error)
     loss = consistency + config.guidance_weight * guidance_term
@@ -256,7 +256,7 @@ def train_step(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}; valid: {OBJECTIVES}.")
     loss_fn = codi_loss if objective == "codi" else finetune_loss
-    target_params = jax.lax.stop_gradient(model_params(state, ema=config.get("target", "ema") == "ema"))
+    target_params = jax.lax.stop_gradient(model_params(state, ema=config.target == "ema"))
 
     def loss_of_trained(trained_params):
         return loss_fn(

@@ -20,7 +20,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from codi_jax.runs import config_diff
+from codi_jax.runs import config_diff, config_upgrade
 
 # Config sections that fix the parameter tree (and so must match to restore a state).
 ARCHITECTURE_SECTIONS = ("model", "adapter", "task.name")
@@ -75,7 +75,7 @@ class Checkpointer:
         if step is None:
             raise FileNotFoundError(f"No checkpoint in {self.directory}.")
         restored = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-        return dict(restored["config"])
+        return config_upgrade.upgrade(restored["config"])  # fields added since it was saved, filled in
 
     def saved_tree(self, step: int) -> Mapping[str, Any]:
         """The saved state's tree of array metadata (shapes, dtypes) at ``step``, read from disk."""

@@ -16,7 +16,7 @@ from codi_jax.data import tasks
 from codi_jax.interop import convert
 from codi_jax.models import adapters, networks
 from codi_jax.objectives import codi
-from codi_jax.runs import config_diff, pretrained
+from codi_jax.runs import config_diff, config_upgrade, pretrained
 from codi_jax.training.train_state import check_optimizer_config
 
 METHODS = ("teacher",) + networks.CONDITIONAL_METHODS
@@ -42,10 +42,12 @@ def method_of(config: ml_collections.ConfigDict) -> str:
 
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The complete config of the run ``config`` asks for; ``config`` itself is left unchanged."""
-    check_optimizer_config(config.optimizer, config.get("num_train_steps", 0))
+    """The complete config of the run ``config`` asks for (fields it lacks filled in:
+    ``config_upgrade``); ``config`` itself is left unchanged."""
+    config = config_upgrade.upgraded(config)
+    check_optimizer_config(config.optimizer, config.num_train_steps)
     if method_of(config) == "teacher":
-        return copy.deepcopy(config)
+        return config
     codi.check_codi_config(config.codi)
     if not config.get("teacher_workdir"):
         raise ValueError(f"config.method={config.method!r} needs config.teacher_workdir (a teacher training workdir).")
@@ -75,7 +77,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def _check_init_from(config: ml_collections.ConfigDict) -> None:
     """``adapter.init_from`` (if set) is a converted ControlNet that fits the configured adapter."""
-    path = config.adapter.get("init_from", "")
+    path = config.adapter.init_from
     if not path:
         return
     if config.adapter.kind != "controlnet":
@@ -86,7 +88,7 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(f"adapter.init_from={path}: {error}") from None
     wanted = {
         "hint_channels": tuple(config.adapter.hint_channels),
-        "hint_downsamples": int(config.adapter.get("hint_downsamples", 0)),
+        "hint_downsamples": int(config.adapter.hint_downsamples),
         "cond_channels": tasks.cond_channels(config.task),
     }
     clashes = [f"{key}: {saved.get(key)} (ControlNet) vs {value} (config)" for key, value in wanted.items()]

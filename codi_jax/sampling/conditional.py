@@ -13,7 +13,6 @@ import numpy as np
 from codi_jax import diffusion, lowpass
 from codi_jax.frozen import encoders
 from codi_jax.models import student
-from codi_jax.objectives import codi
 from codi_jax.sampling import guidance, samplers
 from codi_jax.sampling.options import SOLVERS
 
@@ -28,9 +27,9 @@ def sample_times(config: ml_collections.ConfigDict, num_steps: int) -> np.ndarra
 def renoise_between_steps(config: ml_collections.ConfigDict) -> bool:
     """Whether multistep sampling re-noises between steps: CoDi runs per ``codi.renoise`` (runs
     saved before the field existed get its default), every other model moves by DDIM."""
-    if config.get("method") != "codi":
+    if config.method != "codi":
         return False
-    return bool(config.codi.get("renoise", codi.default_codi_config().renoise))
+    return bool(config.codi.renoise)
 
 
 def check_lowpass_consistency(config: ml_collections.ConfigDict) -> None:
@@ -59,7 +58,7 @@ def text_inputs(batch: dict, config: ml_collections.ConfigDict, guidance_scale: 
     ``sample_guidance_scale`` (default 1: no guidance). None for runs without text."""
     if batch.get("context") is None:
         return None
-    scale = float(config.get("sample_guidance_scale", 1.0) if guidance_scale is None else guidance_scale)
+    scale = float(config.sample_guidance_scale if guidance_scale is None else guidance_scale)
     n = batch["context"].shape[0]
     return {
         "context": batch["context"],

@@ -97,10 +97,10 @@ def check_input_paths(config: ml_collections.ConfigDict) -> None:
     """The local paths a run reads (image folder, VAE / text encoder folders), checked before any
     weight is loaded or anything is compiled; errors name the config field."""
     encoders.check_encoder_paths(config)
-    if config.data.get("source") == "folder":
-        pipeline.list_image_files(config.data.get("folder", ""))
-    if config.data.get("source") == "edit_triples":
-        pipeline.list_edit_triples(config.data.get("folder", ""))
+    if config.data.source == "folder":
+        pipeline.list_image_files(config.data.folder)
+    if config.data.source == "edit_triples":
+        pipeline.list_edit_triples(config.data.folder)
 
 
 def restore_or_init(
@@ -219,7 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     logging.info("Config (resolved):\n%s", config)
     logging.info(
         "Data: %s (config.data.data_dir); XLA compilation cache: %s (--compilation_cache).",
-        config.data.get("data_dir") or os.path.expanduser("~/tensorflow_datasets"),
+        config.data.data_dir or os.path.expanduser("~/tensorflow_datasets"),
         jax.config.jax_compilation_cache_dir or "off",
     )
     os.makedirs(workdir, exist_ok=True)

@@ -38,7 +38,6 @@ from codi_jax.sampling import conditional, samplers
 from codi_jax.training.train_state import (
     TrainState,
     create_train_state,
-    default_update_policy,
     make_optimizer,
     model_params,
 )
@@ -78,10 +77,8 @@ def _write_grid(writer, workdir: str, step: int, grid: np.ndarray, tag: str = "s
 
 
 def update_policy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The run's ``nonfinite`` section with defaults for fields it lacks (older configs)."""
-    policy = default_update_policy()
-    policy.update(dict(config.get("nonfinite") or {}))
-    return policy
+    """The run's ``nonfinite`` section (complete: shipped configs have it, older ones are upgraded)."""
+    return config.nonfinite
 
 
 def bind_train_step(config: ml_collections.ConfigDict, model: Any, schedule: Any, optimizer: Any) -> Callable:
@@ -172,7 +169,7 @@ def _conditional_init(config: ml_collections.ConfigDict, model, optimizer) -> tu
     init_rng, run_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     cond, instruction = networks.condition_placeholders(config)
     placeholders = networks.init_placeholders(config)
-    start_from, controlnet = config.get("init_workdir"), config.adapter.get("init_from", "")
+    start_from, controlnet = config.get("init_workdir"), config.adapter.init_from
 
     def init_state(inputs):
         if start_from:

@@ -1,0 +1,70 @@
+"""Older configs, upgraded once at load: the fields added since a run was saved, filled in.
+
+A saved config is read back by ``checkpoint.Checkpointer.restore_config`` (every restore, resume
+and saved-config check goes through it) and a user's config by ``config_resolution.resolve``; both
+pass through ``upgrade``, so the code reads every field directly and never supplies a fallback.
+
+The values filled in are what the field's absence meant before it existed (a run saved before
+``optimizer.decay`` decayed nothing, one saved before ``data.color_augment`` recoloured nothing);
+for the sections with a ``default_*_config`` function, its defaults, which were those values when
+the fields were added.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ml_collections
+
+from codi_jax import sharding
+from codi_jax.data import tasks
+from codi_jax.models import adapters
+from codi_jax.objectives import codi
+from codi_jax.training import train_state
+
+TOP_LEVEL = {
+    "method": "teacher",
+    "num_devices": 0,
+    "ema_warmup": False,
+    "init_workdir": "",
+    "sample_guidance_scale": 1.0,
+}
+# Sections every run has: the fields added to them since the first runs were saved.
+ADDED_FIELDS = {
+    "optimizer": {"decay": "constant", "decay_steps": 0, "warmup_steps": 0},
+    "data": {"color_augment": 0.0, "data_dir": "", "folder": ""},
+}
+# Sections with a defaults function: filled where the run has the section (a teacher has no codi) ...
+SECTION_DEFAULTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
+    "codi": codi.default_codi_config,
+    "adapter": adapters.default_adapter_config,
+    "task": tasks.default_task_config,
+}
+# ... or always (runs saved before the section existed ran with its defaults).
+ALWAYS = {"nonfinite": train_state.default_update_policy, "sharding": sharding.default_sharding_config}
+TEXT_FIELDS = {"prompt": "", "negative_prompt": ""}
+
+
+def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (a saved or a user's config, as a mapping) with every field it lacks filled in."""
+    out = copy.deepcopy(dict(config))
+    for key, value in TOP_LEVEL.items():
+        out.setdefault(key, value)
+    for section, fields in ADDED_FIELDS.items():
+        if section in out:
+            out[section] = {**fields, **out[section]}
+    for section, defaults in SECTION_DEFAULTS.items():
+        if out.get(section) is not None:
+            out[section] = {**defaults().to_dict(), **out[section]}
+    for section, defaults in ALWAYS.items():
+        out[section] = {**defaults().to_dict(), **(out.get(section) or {})}
+    if out.get("text") is not None:
+        out["text"] = {**TEXT_FIELDS, **out["text"]}
+    return out
+
+
+def upgraded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``upgrade`` of a ConfigDict, as a new ConfigDict (``config`` is left unchanged)."""
+    return ml_collections.ConfigDict(upgrade(config.to_dict()))
