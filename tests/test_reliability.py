@@ -41,7 +41,7 @@ def _config(data_dir: str, **overrides):
 
 
 def _flags(data_dir: str, workdir: str, **overrides) -> list[str]:
-    config = os.path.join(REPO, "configs", "tiny_teacher.py")
+    config = os.path.join(REPO, "codi_jax", "configs", "cpu", "tiny_teacher.py")
     fields = {"data.data_dir": data_dir, **overrides}
     return [
         sys.executable,
