@@ -343,28 +343,28 @@ def main(argv=None) -> None:
     import numpy as np
     from PIL import Image
 
-    from codi_jax.evaluation import scoring
+    from codi_jax.evaluation import evaluate, held_out, report
     from codi_jax.runs.pretrained import load_conditional
     from codi_jax.sampling import samplers
     from codi_jax.sampling.options import SamplingOptions
 
     eval_start = time.perf_counter()
     baseline = load_conditional(args.baseline)
-    examples = scoring.held_out_examples(baseline.config, args.num_eval)
+    examples = held_out.held_out_examples(baseline.config, args.num_eval)
     rows, seeds = [], {"num_seeds": args.num_seeds}
     for solver, counts in (("ddim", (4, 8, 20, 50)), ("dpm++", (4, 8, 20, 50))):
         name = f"{BASELINE}, {'DDIM' if solver == 'ddim' else 'DPM-Solver++'}"
-        rows += scoring.evaluate_checkpoint(baseline, examples, counts, name, SamplingOptions(solver=solver), **seeds)
+        rows += evaluate.evaluate_checkpoint(baseline, examples, counts, name, SamplingOptions(solver=solver), **seeds)
     labels = {}
     for run in runs:
         pre = load_conditional(os.path.join(args.workdir, run.key))
         if dict(pre.config.task) != dict(baseline.config.task):
             raise SystemExit(f"Run {run.key} has another task than the baseline.")
         labels[run.key] = run.label
-        rows += scoring.evaluate_checkpoint(pre, examples, (1, 2, 4), run.label, **seeds)
+        rows += evaluate.evaluate_checkpoint(pre, examples, (1, 2, 4), run.label, **seeds)
         if run.key in ("codi", "full"):  # the measured default re-noises; show the DDIM moves too
             moves = f"{run.label}, DDIM moves"
-            rows += scoring.evaluate_checkpoint(pre, examples, (4,), moves, SamplingOptions(renoise=False), **seeds)
+            rows += evaluate.evaluate_checkpoint(pre, examples, (4,), moves, SamplingOptions(renoise=False), **seeds)
     eval_minutes = (time.perf_counter() - eval_start) / 60
 
     # Grid: condition | full CoDi 1 | PE-CoDi 4 | full CoDi 4 | CM-II 4 | fine-tune DDIM 4 / 50 | target.
@@ -427,7 +427,7 @@ x4 downscale, the task's own, against the low-resolution input; higher is better
 (`python -m codi_jax.evaluate --inception_weights=...` adds them).
 
 {PROTOCOLS}
-{scoring.markdown_table(rows)}
+{report.markdown_table(rows)}
 
 ## The paper's orderings, checked on this table
 

@@ -203,7 +203,7 @@ def test_existing_out_is_refused_before_loading(inputs, monkeypatch) -> None:
 
 def test_checks_from_the_saved_config_alone(inputs) -> None:
     """The grid, strict-size, run-spec and teacher checks, on a workdir with no weights at all."""
-    from codi_jax.evaluation import scoring
+    from codi_jax.evaluation import evaluate
     from codi_jax.sampling import few_step, many_step
 
     fresh = inputs["taken"] + "_unused"
@@ -218,13 +218,13 @@ def test_checks_from_the_saved_config_alone(inputs) -> None:
     plan = few_step.prepare(inputs["fake"], inputs["images"], fresh, (8,))
     assert plan.files == ["im0.png", "grid.png"] and plan.cond.shape == plan.target.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="'justadir' is not NAME=WORKDIR or NAME=WORKDIR:1,2,4"):
-        scoring.parse_runs(["justadir"])
-    assert scoring.parse_runs(["a=/x/y:1,2", "b=/z"]) == [("a", "/x/y", (1, 2)), ("b", "/z", None)]
+        evaluate.parse_runs(["justadir"])
+    assert evaluate.parse_runs(["a=/x/y:1,2", "b=/z"]) == [("a", "/x/y", (1, 2)), ("b", "/z", None)]
     with pytest.raises(ValueError, match="names must differ"):
-        scoring.parse_runs(["a=/x", "a=/y"])
+        evaluate.parse_runs(["a=/x", "a=/y"])
     with pytest.raises(ValueError, match="--run a: --steps=9: 9 sampling steps exceed the 8-point"):
-        scoring.check_runs([scoring.RunSpec("a", inputs["fake"], (1, 9))], (1,))
-    checked = scoring.check_runs([("a", inputs["fake"], (1, 8)), ("b", FINETUNE)], (2, 50))
+        evaluate.check_runs([evaluate.RunSpec("a", inputs["fake"], (1, 9))], (1,))
+    checked = evaluate.check_runs([("a", inputs["fake"], (1, 8)), ("b", FINETUNE)], (2, 50))
     assert [run.steps for run, _ in checked] == [(1, 8), (2, 50)]
     with pytest.raises(ValueError, match="holds a conditional 'codi' run; sample it with python -m codi_jax.sample"):
         many_step.check_request(inputs["fake"], fresh, steps=2, num_images=1, batch_size=1)
@@ -283,7 +283,7 @@ def _failing_write(monkeypatch, fail_at: int) -> list[str]:
 
 
 def test_disk_full_midway_leaves_nothing_and_a_rerun_works(tmp_path, monkeypatch) -> None:
-    from codi_jax.evaluation import scoring
+    from codi_jax.evaluation import report, scoring
     from codi_jax.sampling import few_step
 
     out = str(tmp_path / "out")
@@ -306,10 +306,10 @@ def test_disk_full_midway_leaves_nothing_and_a_rerun_works(tmp_path, monkeypatch
     _failing_write(monkeypatch, fail_at=2)
     results = str(tmp_path / "results")
     with pytest.raises(OSError, match="results.md failed: .*No space left on device; nothing was written"):
-        scoring.write_results(rows, results)
+        report.write_results(rows, results)
     assert os.listdir(results) == []
     monkeypatch.undo()
-    json_path, _ = scoring.write_results(rows, results)
+    json_path, _ = report.write_results(rows, results)
     with open(json_path) as f:
         assert json.load(f)["rows"][0]["method"] == scoring.BICUBIC
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 from codi_jax import metrics
 from codi_jax.configs.cpu import tiny_codi, tiny_teacher
-from codi_jax.evaluation import scoring
+from codi_jax.evaluation import evaluate, held_out, report, scoring
 from codi_jax.models import networks
 from codi_jax.runs import checkpoint, pretrained
 from codi_jax.sampling import few_step
@@ -162,10 +162,10 @@ def test_two_stage_run_starts_from_a_conditional_checkpoint(teacher_dir, codi_di
 
 
 def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
-    rows = scoring.evaluate_runs([("a", codi_dir), ("b", codi_dir)], (1, 2), SamplingOptions(batch_size=4), num_eval=5)
+    rows = evaluate.evaluate_runs([("a", codi_dir), ("b", codi_dir)], (1, 2), SamplingOptions(batch_size=4), num_eval=5)
     assert [(r.method, r.steps) for r in rows] == [("a", 1), ("a", 2), ("b", 1), ("b", 2)]
     config = pretrained.load_conditional(codi_dir).config
-    targets = scoring.held_out_examples(config, 5)["image"]
+    targets = held_out.held_out_examples(config, 5)["image"]
     for r in rows:
         assert r.samples.shape == targets.shape
         expected = metrics.compute_metrics(r.samples, targets, ["psnr", "ssim"])
@@ -178,64 +178,64 @@ def test_evaluate_runs_scores_what_it_samples(codi_dir, tmp_path) -> None:
     # The sampling command and evaluate run one loop: example i gets the same noise (initial and
     # re-noising) at any batch size, so the `sample` binary draws the samples evaluate scored (up to
     # float rounding, which another batch shape can change).
-    held = scoring.held_out_examples(config, 5)
+    held = held_out.held_out_examples(config, 5)
     model = pretrained.load_conditional(codi_dir)
     sampled = few_step.sample_conditional(model, held["cond"], None, 2, SamplingOptions(seed=0, batch_size=2))
     np.testing.assert_allclose(sampled, rows[1].samples, rtol=0, atol=1e-5 * 2.0)  # data range 2
     # Re-noising (the CoDi default) only acts between steps: 1 step is unchanged, 2 steps differ.
-    ddim = scoring.evaluate_runs([("a", codi_dir)], (1, 2), SamplingOptions(batch_size=4, renoise=False), num_eval=5)
+    ddim = evaluate.evaluate_runs([("a", codi_dir)], (1, 2), SamplingOptions(batch_size=4, renoise=False), num_eval=5)
     np.testing.assert_array_equal(ddim[0].samples, rows[0].samples)
     assert not np.allclose(ddim[1].samples, rows[1].samples)
     # Low-frequency consistency: the sample's downscale moves to the LR input (up to the final clip to
     # [-1, 1], which this barely trained model's far-off predictions make large: ~13 dB -> ~33 dB).
-    consistent = scoring.evaluate_runs(
+    consistent = evaluate.evaluate_runs(
         [("a", codi_dir)], (2,), SamplingOptions(batch_size=4, lowpass_consistency=True), num_eval=5
     )
-    assert consistent[0].lowpass_consistency and "+ low-frequency consistency" in scoring.markdown_table(consistent)
+    assert consistent[0].lowpass_consistency and "+ low-frequency consistency" in report.markdown_table(consistent)
     assert consistent[0].extra["lr_psnr"] > rows[1].extra["lr_psnr"] + 10.0
     # Raw (not EMA) weights: the rows of the raw params, which this short run's EMA lags behind.
-    raw = scoring.evaluate_runs([("a", codi_dir)], (1,), SamplingOptions(batch_size=4, ema=False), num_eval=5)[0]
+    raw = evaluate.evaluate_runs([("a", codi_dir)], (1,), SamplingOptions(batch_size=4, ema=False), num_eval=5)[0]
     raw_model = pretrained.load_conditional(codi_dir, use_ema=False)
-    direct = scoring.evaluate_checkpoint(raw_model, held, (1,), "a", SamplingOptions(batch_size=4))[0]
+    direct = evaluate.evaluate_checkpoint(raw_model, held, (1,), "a", SamplingOptions(batch_size=4))[0]
     np.testing.assert_array_equal(raw.samples, direct.samples)
     assert not np.allclose(raw.samples, rows[0].samples)
     # Seeds: the row is the mean of the single-seed rows (seed 0 is rows[0]), with their spread.
-    seeded = scoring.evaluate_runs([("a", codi_dir)], (1,), SamplingOptions(batch_size=4), num_eval=5, num_seeds=2)[0]
-    held_out = scoring.held_out_examples(config, 5)  # the same conditions; sampling seed 1
+    seeded = evaluate.evaluate_runs([("a", codi_dir)], (1,), SamplingOptions(batch_size=4), num_eval=5, num_seeds=2)[0]
+    same_conditions = held_out.held_out_examples(config, 5)  # the same conditions; sampling seed 1
     # The same batch size as ``seeded``: another batch shape compiles other kernels, whose rounding
     # differs by CPU (on an AMD EPYC host SWD moved by 1.5e-6 relative at batch 64 against 4).
-    seed1 = scoring.evaluate_checkpoint(model, held_out, (1,), "a", SamplingOptions(seed=1, batch_size=4))[0]
+    seed1 = evaluate.evaluate_checkpoint(model, same_conditions, (1,), "a", SamplingOptions(seed=1, batch_size=4))[0]
     for name in ("psnr", "ssim", "swd"):
         values = [getattr(rows[0], name), getattr(seed1, name)]
         assert getattr(seeded, name) == pytest.approx(np.mean(values), rel=1e-6)
         assert seeded.spread[name] == pytest.approx(np.std(values, ddof=1), rel=1e-6, abs=1e-9 * abs(values[0]))
     assert seeded.seeds == 2 and seeded.spread["psnr"] > 0
     np.testing.assert_array_equal(seeded.samples, rows[0].samples)
-    assert f"{seeded.psnr:.2f} ± {seeded.spread['psnr']:.2f}" in scoring.markdown_table([seeded])
+    assert f"{seeded.psnr:.2f} ± {seeded.spread['psnr']:.2f}" in report.markdown_table([seeded])
     # Another solver does not inherit CoDi's re-noising default; asking for both is an error.
-    dpm = scoring.evaluate_runs([("a", codi_dir)], (2,), SamplingOptions(batch_size=4, solver="dpm++"), num_eval=5)
+    dpm = evaluate.evaluate_runs([("a", codi_dir)], (2,), SamplingOptions(batch_size=4, solver="dpm++"), num_eval=5)
     assert dpm[0].samples.shape == targets.shape
     with pytest.raises(ValueError, match="needs solver='ddim'"):
-        scoring.evaluate_runs([("a", codi_dir)], (2,), SamplingOptions(batch_size=4, solver="dpm++", renoise=True))
+        evaluate.evaluate_runs([("a", codi_dir)], (2,), SamplingOptions(batch_size=4, solver="dpm++", renoise=True))
     # The demo's table in one call: per-run step counts, the bicubic row, a progress line per row.
     lines: list[str] = []
-    runs = [scoring.RunSpec("a", codi_dir, (1,)), ("b", codi_dir)]
-    mixed = scoring.evaluate_runs(
+    runs = [evaluate.RunSpec("a", codi_dir, (1,)), ("b", codi_dir)]
+    mixed = evaluate.evaluate_runs(
         runs, (2,), SamplingOptions(batch_size=4), num_eval=5, bicubic=True, progress=lines.append
     )
     assert [(r.method, r.steps) for r in mixed] == [("a", 1), ("b", 2), (scoring.BICUBIC, 0)]
     assert mixed[0].psnr == rows[0].psnr and mixed[1].psnr == rows[3].psnr
-    cond = scoring.held_out_examples(config, 5)["cond"]
+    cond = held_out.held_out_examples(config, 5)["cond"]
     assert mixed[2].psnr == pytest.approx(metrics.compute_metrics(cond, targets, ["psnr"])["psnr"], abs=1e-4)
     assert lines[0] == "Evaluating 2 (run, step count) pairs on 5 held-out images."
     assert lines[1].startswith("[1/2] a, 1 step: PSNR") and "ETA" in lines[1] and lines[2].endswith("done")
-    table = scoring.markdown_table(rows)
+    table = report.markdown_table(rows)
     assert "FID" not in table and table.count("\n") == 5
     rows[0].extra = {"fid": 12.3456}
-    assert "| FID |" in scoring.markdown_table(rows) and "12.35" in scoring.markdown_table(rows)
-    paths = scoring.write_results(rows, str(tmp_path / "out"))
+    assert "| FID |" in report.markdown_table(rows) and "12.35" in report.markdown_table(rows)
+    paths = report.write_results(rows, str(tmp_path / "out"))
     with pytest.raises(FileExistsError, match="nothing was overwritten"):
-        scoring.write_results(rows, str(tmp_path / "out"))
+        report.write_results(rows, str(tmp_path / "out"))
     assert all(os.path.exists(p) for p in paths)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         scoring.weighted_metrics(rows[0].samples, targets, scoring.MetricWeights(inception="/no/such/file"))

@@ -20,7 +20,7 @@ import tensorflow as tf
 from codi_jax import diffusion, lowpass
 from codi_jax.cli import common
 from codi_jax.data import tasks
-from codi_jax.evaluation import scoring
+from codi_jax.evaluation import evaluate, report, scoring
 from codi_jax.metrics import compute_metrics
 from codi_jax.runs import pretrained
 from codi_jax.sampling import conditional, few_step, samplers
@@ -210,7 +210,7 @@ def test_markdown_table_columns() -> None:
         scoring.Row("CoDi", 4, 25.0, 0.8, 60.0, 1.0, 10, samples, extra=extra, lowpass_consistency=True),
         scoring.Row("CoDi", 4, 25.0, 0.8, 60.0, 1.0, 10, samples, extra={**extra, "lr_psnr": None}),
     ]
-    table = scoring.markdown_table(rows).splitlines()
+    table = report.markdown_table(rows).splitlines()
     assert "| LR-consistency (dB) | mean-colour error |" in table[0]
     assert "| CoDi + low-frequency consistency | 4 |" in table[2] and "| 31.23 | 2.50 |" in table[2]
     assert "| CoDi | 4 |" in table[3] and "| – | 2.50 |" in table[3]
@@ -241,7 +241,7 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
     out = str(tmp_path / "out")
     plan = few_step.prepare(FINETUNE, str(images), out, (1,), SamplingOptions(lowpass_consistency=True))
     assert plan.cond.shape == (1, 32, 32, 3)
-    assert scoring.check_runs([("sr", FINETUNE)], (1,), SamplingOptions(lowpass_consistency=True))
+    assert evaluate.check_runs([("sr", FINETUNE)], (1,), SamplingOptions(lowpass_consistency=True))
 
     latent = _edited_run(str(tmp_path / "latent"), lambda c: c.update(latent={"vae": "/models/vae"}))
     with pytest.raises(ValueError) as error:
@@ -256,8 +256,8 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
 
     inpaint = _edited_run(str(tmp_path / "inpaint"), to_inpaint)
     with pytest.raises(ValueError, match=r"^--run a: low-frequency consistency needs a super-resolution run"):
-        scoring.check_runs([("a", inpaint)], (1,), SamplingOptions(lowpass_consistency=True))
-    assert scoring.check_runs([("a", inpaint)], (1,))  # off: no check
+        evaluate.check_runs([("a", inpaint)], (1,), SamplingOptions(lowpass_consistency=True))
+    assert evaluate.check_runs([("a", inpaint)], (1,))  # off: no check
     assert not os.path.exists(out)
 
 
@@ -268,7 +268,7 @@ def test_check_runs_fills_task_fields_added_since_a_run_was_saved(tmp_path) -> N
     old = _edited_run(str(tmp_path / "old"), lambda c: c["task"].pop("instructions"))
     new = _edited_run(str(tmp_path / "new"), lambda c: c["task"].update(instructions="ids"))
     assert "instructions" not in pretrained.read_config(old)[0].task
-    assert len(scoring.check_runs([("old", old), ("new", new)], (1,))) == 2
+    assert len(evaluate.check_runs([("old", old), ("new", new)], (1,))) == 2
     other = _edited_run(str(tmp_path / "other"), lambda c: c["task"].update(instructions="ids", scale=2))
     with pytest.raises(ValueError, match="another task or image size"):
-        scoring.check_runs([("old", old), ("other", other)], (1,))
+        evaluate.check_runs([("old", old), ("other", other)], (1,))

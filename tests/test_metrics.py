@@ -810,7 +810,7 @@ def test_compute_metrics_with_weights(torch_inception, lpips_state_dicts, tmp_pa
 def test_evaluation_scores_lpips_by_default(tmp_path) -> None:
     """``scoring.MetricWeights``: LPIPS is always a column (packaged weights), FID / KID only
     with Inception weights; LPIPS files come in pairs; checks happen before anything is scored."""
-    from codi_jax.evaluation import scoring
+    from codi_jax.evaluation import report, scoring
 
     default = scoring.MetricWeights()
     assert default.names() == ["lpips"] and default.skipped() == ["FID/KID (no Inception weights given)"]
@@ -830,5 +830,5 @@ def test_evaluation_scores_lpips_by_default(tmp_path) -> None:
     with pytest.raises(ValueError, match="give both the linear-head and the backbone file"):
         scoring.MetricWeights(lpips_linear=str(tmp_path / "lin.npz")).check()
     row = scoring.Row("bicubic", 0, 30.0, 0.9, 50.0, 0.0, 0, pred, extra=extra)
-    table = scoring.markdown_table([row])
+    table = report.markdown_table([row])
     assert "| LPIPS |" in table and f"| {extra['lpips']:.4f} |" in table

@@ -35,7 +35,7 @@ from absl import flags, logging
 
 from codi_jax import atomic, configs
 from codi_jax.cli import common
-from codi_jax.evaluation import scoring
+from codi_jax.evaluation import evaluate, held_out, report, scoring
 from codi_jax.models import networks
 from codi_jax.runs import config_diff
 from codi_jax.runs.pretrained import load_conditional, read_config
@@ -161,21 +161,23 @@ def evaluate_demo(
     baseline at 4 / 50, bicubic), each the mean over ``num_seeds`` sampling seeds, the held-out
     examples and the baseline's teacher step; a line per row as it finishes."""
     codi_model = load_conditional(codi_dir)
-    examples = scoring.held_out_examples(codi_model.config, num_eval)
+    examples = held_out.held_out_examples(codi_model.config, num_eval)
     ddim_name, baseline_name = f"{codi_name}, DDIM moves", "conditional, not distilled (DDIM)"
     jobs = [(codi_name, 1), (codi_name, 2), (codi_name, 4), (ddim_name, 4), (codi_name, 4)]
     jobs += [(baseline_name, 4), (baseline_name, 50)]
-    progress = scoring.Progress(jobs)
+    progress = evaluate.Progress(jobs)
     print(f"Evaluating {len(jobs)} (model, step count) pairs on {len(examples['image'])} held-out patches.")
     shared = {"progress": progress, "num_seeds": num_seeds}
-    rows = scoring.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name, **shared)
-    rows += scoring.evaluate_checkpoint(codi_model, examples, (4,), ddim_name, SamplingOptions(renoise=False), **shared)
-    rows += scoring.evaluate_checkpoint(
+    rows = evaluate.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name, **shared)
+    rows += evaluate.evaluate_checkpoint(
+        codi_model, examples, (4,), ddim_name, SamplingOptions(renoise=False), **shared
+    )
+    rows += evaluate.evaluate_checkpoint(
         codi_model, examples, (4,), codi_name, SamplingOptions(lowpass_consistency=True), **shared
     )
     del codi_model
     baseline = load_conditional(baseline_dir)
-    rows += scoring.evaluate_checkpoint(baseline, examples, (4, 50), baseline_name, **shared)
+    rows += evaluate.evaluate_checkpoint(baseline, examples, (4, 50), baseline_name, **shared)
     rows.append(scoring.condition_row(examples, task=baseline.config.task))
     return rows, examples, baseline.config.get("teacher_step", "?")
 
@@ -245,12 +247,12 @@ def run_demo(
         "total_minutes": total_minutes,
         "devices": [str(d) for d in jax.devices()],
     }
-    files = scoring.results_files(rows, workdir, header, meta)  # reruns replace them (atomically)
+    files = report.results_files(rows, workdir, header, meta)  # reruns replace them (atomically)
     grid_path = os.path.join(workdir, "demo_grid.png")
     files[grid_path] = atomic.png_bytes(demo_grid(rows, examples, codi_name, grid_rows))
     atomic.write_files(files)
     print(header)
-    print(scoring.markdown_table(rows))
+    print(report.markdown_table(rows))
     print(f"Grid ({GRID_COLUMNS}): {grid_path}")
     return rows
 

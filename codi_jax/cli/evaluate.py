@@ -66,13 +66,13 @@ def main(argv: list[str]) -> None:
     common.no_arguments(argv)
     common.require_flags("run", "out")
     common.require_positive(batch_size=FLAGS.batch_size, num_seeds=FLAGS.num_seeds)
-    from codi_jax.evaluation import scoring  # heavy (JAX, TF): imported once the flags are known good
+    from codi_jax.evaluation import evaluate, report, scoring  # heavy (JAX, TF): imported once the flags are known good
 
-    step_counts = scoring.parse_step_counts(",".join(FLAGS.steps))
-    runs = scoring.parse_runs(FLAGS.run)
-    scoring.check_results_dir(FLAGS.out, overwrite=FLAGS.overwrite)
+    step_counts = evaluate.parse_step_counts(",".join(FLAGS.steps))
+    runs = evaluate.parse_runs(FLAGS.run)
+    report.check_results_dir(FLAGS.out, overwrite=FLAGS.overwrite)
     weights = scoring.MetricWeights(FLAGS.inception_weights, FLAGS.lpips_linear_weights, FLAGS.lpips_backbone_weights)
-    rows = scoring.evaluate_runs(
+    rows = evaluate.evaluate_runs(
         runs,
         step_counts,
         common.sampling_options(),
@@ -96,8 +96,8 @@ def main(argv: list[str]) -> None:
     meta["num_seeds"] = FLAGS.num_seeds
     meta["ema"] = FLAGS.ema
     meta["lpips"] = weights.lpips_protocol()
-    scoring.write_results(rows, FLAGS.out, header, meta, overwrite=FLAGS.overwrite)
-    print(scoring.markdown_table(rows))
+    report.write_results(rows, FLAGS.out, header, meta, overwrite=FLAGS.overwrite)
+    print(report.markdown_table(rows))
     print(f"{header} Wrote {FLAGS.out}.")
     for skipped in weights.skipped():
         logging.warning("Skipped: %s.", skipped)
