@@ -5,6 +5,7 @@ pseudo-inverse), and the low-frequency consistency option of the sampler (off: b
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import shutil
@@ -267,7 +268,9 @@ def test_check_runs_fills_task_fields_added_since_a_run_was_saved(tmp_path) -> N
     still refused."""
     old = _edited_run(str(tmp_path / "old"), lambda c: c["task"].pop("instructions"))
     new = _edited_run(str(tmp_path / "new"), lambda c: c["task"].update(instructions="ids"))
-    assert "instructions" not in pretrained.read_config(old)[0].task
+    saved = glob.glob(os.path.join(old, "checkpoints", "*", "config", "metadata"))
+    assert len(saved) == 1 and "instructions" not in json.load(open(saved[0]))["task"]
+    assert pretrained.read_config(old)[0].task.instructions == "ids"  # filled in once, at load
     assert len(evaluate.check_runs([("old", old), ("new", new)], (1,))) == 2
     other = _edited_run(str(tmp_path / "other"), lambda c: c["task"].update(instructions="ids", scale=2))
     with pytest.raises(ValueError, match="another task or image size"):
