@@ -118,17 +118,6 @@ def require_positive(**values: int) -> None:
             raise UserError(f"--{name}={value}: must be at least 1.")
 
 
-def step_counts(values: Sequence[str], flag: str = "--steps") -> tuple[int, ...]:
-    """A list flag of step counts (``1,2,4``) as positive ints, or one readable error."""
-    try:
-        counts = tuple(int(v) for v in values)
-    except ValueError:
-        raise UserError(f"{flag}={','.join(values)}: give whole step counts, e.g. {flag}=1,2,4.") from None
-    if not counts or min(counts) < 1:
-        raise UserError(f"{flag}={','.join(values)}: every step count must be at least 1.")
-    return counts
-
-
 def flag_values(*names: str) -> dict[str, Any]:
     """``{name: value}`` of these flags, to pass to a library function whose keywords are named so."""
     return {name: FLAGS[name].value for name in names}

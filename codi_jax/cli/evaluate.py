@@ -66,9 +66,11 @@ def main(argv: list[str]) -> None:
     common.no_arguments(argv)
     common.require_flags("run", "out")
     common.require_positive(batch_size=FLAGS.batch_size, num_seeds=FLAGS.num_seeds)
+    from codi_jax.sampling.options import parse_step_counts  # light: no JAX
+
+    step_counts = parse_step_counts(",".join(FLAGS.steps))
     from codi_jax.evaluation import evaluate, report, scoring  # heavy (JAX, TF): imported once the flags are known good
 
-    step_counts = evaluate.parse_step_counts(",".join(FLAGS.steps))
     runs = evaluate.parse_runs(FLAGS.run)
     report.check_results_dir(FLAGS.out, overwrite=FLAGS.overwrite)
     weights = scoring.MetricWeights(FLAGS.inception_weights, FLAGS.lpips_linear_weights, FLAGS.lpips_backbone_weights)

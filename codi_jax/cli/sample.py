@@ -75,7 +75,9 @@ RENAMED_FLAGS = {
 def main(argv: list[str]) -> None:
     common.no_arguments(argv)
     common.require_flags("run", "images", "out")
-    step_counts = common.step_counts(FLAGS.steps)
+    from codi_jax.sampling.options import parse_step_counts  # light: no JAX
+
+    step_counts = parse_step_counts(",".join(FLAGS.steps))
     from codi_jax.sampling import few_step  # heavy (JAX, TF): imported once the flags are known good
 
     paths = few_step.run(

@@ -21,7 +21,7 @@ from codi_jax.evaluation.scoring import MetricWeights, Row, condition_row, mean_
 from codi_jax.models import networks, student
 from codi_jax.runs.pretrained import Pretrained, load_conditional, read_config
 from codi_jax.sampling import conditional, few_step, samplers
-from codi_jax.sampling.options import SamplingOptions
+from codi_jax.sampling.options import SamplingOptions, parse_step_counts
 
 
 def make_sampler(pre: Pretrained, options: SamplingOptions = SamplingOptions()) -> Callable:
@@ -167,17 +167,6 @@ class RunSpec(NamedTuple):
     name: str
     workdir: str
     steps: tuple[int, ...] | None = None
-
-
-def parse_step_counts(text: str, flag: str = "--steps") -> tuple[int, ...]:
-    """``"1,2,4"`` -> ``(1, 2, 4)``; every count a positive integer."""
-    try:
-        counts = tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: step counts are comma-separated integers, e.g. 1,2,4.") from None
-    if not counts or min(counts) < 1:
-        raise ValueError(f"{flag} {text!r}: give at least one step count, each at least 1.")
-    return counts
 
 
 def parse_runs(specs: Sequence[str]) -> list[RunSpec]:

@@ -22,24 +22,20 @@ def differences(
     sections: Sequence[str],
     *,
     names: tuple[str, str] = ("checkpoint", "config"),
-    defaults: Mapping[str, Mapping] | None = None,
     only_first_keys: bool = False,
 ) -> list[str]:
     """``section.field: a (first) vs b (second)`` for every field of ``sections`` that differs.
 
     ``sections`` names whole sections (``"model"``) or single fields (``"task.name"``). Lists and
-    tuples compare equal. ``defaults[section]`` fills fields missing on either side (a field
-    added since a run was saved holds its default there). ``only_first_keys`` compares just the
-    fields the first config sets (a user's partial section against a complete saved one).
+    tuples compare equal (saved configs are complete: ``config_upgrade`` fills fields added since
+    they were written). ``only_first_keys`` compares just the fields the first config sets (a user's
+    partial section against a complete saved one).
     """
     first, second = as_dict(first), as_dict(second)
-    defaults = {key: as_dict(value) for key, value in (defaults or {}).items()}
     diffs = []
     for entry in sections:
         section, _, field = entry.partition(".")
-        base = defaults.get(section, {})
-        a = {**base, **(first.get(section) or {})}
-        b = {**base, **(second.get(section) or {})}
+        a, b = first.get(section) or {}, second.get(section) or {}
         if field:
             keys = [field]
         elif only_first_keys:

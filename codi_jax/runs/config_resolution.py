@@ -14,7 +14,7 @@ import ml_collections
 
 from codi_jax.data import tasks
 from codi_jax.interop import convert
-from codi_jax.models import adapters, networks
+from codi_jax.models import networks
 from codi_jax.objectives import codi
 from codi_jax.runs import config_diff, config_upgrade, pretrained
 from codi_jax.training.train_state import check_optimizer_config
@@ -103,14 +103,12 @@ def _normal(value):
 
 def _check_init_workdir(config: ml_collections.ConfigDict) -> None:
     """``config.init_workdir`` (if set) holds a conditional run trained with this setup."""
-    workdir = config.get("init_workdir")
+    workdir = config.init_workdir
     if not workdir:
         return
-    saved, _ = pretrained.read_config(workdir, what="config.init_workdir")
+    saved, _ = pretrained.read_config(workdir, what="config.init_workdir")  # upgraded, as ``config`` is
     if not networks.is_conditional(saved):
-        method = saved.get("method", "teacher")
-        raise ValueError(f"config.init_workdir={workdir} holds a {method!r} run, not a conditional one.")
-    defaults = {"adapter": adapters.default_adapter_config(), "task": tasks.default_task_config()}
-    clashes = config_diff.differences(config, saved, INIT_SECTIONS, names=("config", "init_workdir"), defaults=defaults)
+        raise ValueError(f"config.init_workdir={workdir} holds a {saved.method!r} run, not a conditional one.")
+    clashes = config_diff.differences(config, saved, INIT_SECTIONS, names=("config", "init_workdir"))
     if clashes:
         raise ValueError(f"config.init_workdir={workdir} was trained with a different setup: " + "; ".join(clashes))

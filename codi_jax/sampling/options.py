@@ -13,6 +13,21 @@ import dataclasses
 SOLVERS = ("ddim", "dpm++")
 
 
+def parse_step_counts(text: str, where: str | None = None) -> tuple[int, ...]:
+    """``"1,2,4"`` -> ``(1, 2, 4)``, every count a positive integer; errors start with ``where``
+    (default ``--steps=TEXT``)."""
+    where = f"--steps={text}" if where is None else where
+    try:
+        counts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{where}: step counts are comma-separated integers, e.g. 1,2,4.") from None
+    if not counts:
+        raise ValueError(f"{where}: give at least one step count.")
+    if min(counts) < 1:
+        raise ValueError(f"{where}: every step count must be at least 1.")
+    return counts
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingOptions:
     """``seed``: example i's noise is drawn from (seed, i) and its re-noising from (seed + 1, i).

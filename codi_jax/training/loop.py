@@ -261,7 +261,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.process_count(),
     )
     t_last, step_last = time.time(), start_step
-    policy, rejected = recipes.update_policy(config), 0
+    policy, rejected = config.nonfinite, 0
     with StopSignals() as stop:
         for step in range(start_step + 1, config.num_train_steps + 1):
             batch = next(global_batches)

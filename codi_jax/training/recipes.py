@@ -76,11 +76,6 @@ def _write_grid(writer, workdir: str, step: int, grid: np.ndarray, tag: str = "s
     return path
 
 
-def update_policy(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The run's ``nonfinite`` section (complete: shipped configs have it, older ones are upgraded)."""
-    return config.nonfinite
-
-
 def bind_train_step(config: ml_collections.ConfigDict, model: Any, schedule: Any, optimizer: Any) -> Callable:
     """The run's pure train step ``(state, batch, rng) -> (state, metrics)`` with its static parts
     (model, schedule, optimizer, EMA and update policy; CoDi's options) bound, as every run, test
@@ -92,7 +87,7 @@ def bind_train_step(config: ml_collections.ConfigDict, model: Any, schedule: Any
         ema_decay=config.ema_decay,
         ema_warmup=config.ema_warmup,
         parametrization=config.model.parametrization,
-        max_param_norm_ratio=update_policy(config).max_param_norm_ratio,
+        max_param_norm_ratio=config.nonfinite.max_param_norm_ratio,
     )
     if not networks.is_conditional(config):
         return functools.partial(teacher.train_step, **static)
