@@ -20,7 +20,13 @@ the median step time over ``--steps`` timed steps after ``--warmup`` untimed one
 TFLOP/s (model FLOPs / step time) and, given ``--peak_tflops`` (the device's dense bf16 or fp32
 peak), MFU.
 
+On CPU, ``--devices=N`` splits the batch over N host devices (data parallel, state replicated),
+as a run with ``num_devices=N`` does; the script sets ``--xla_force_host_platform_device_count``
+itself. ``cpu`` in the step line is the process CPU time per step: cpu / wall is how many cores
+the step kept busy.
+
   python benchmarks/train_throughput.py --config=tiny|demo|sd15 [--method=pe|full] [--batch=N] \\
+      [--devices=N] \\
       [--no_run] [--peak_tflops=989] [--attention_impl=dot_product|cudnn|einsum] \\
       [--remat=true|false] [--remat_policy=full|dots_saveable|...] [--dtype=bfloat16] \\
       [--conv_impl=auto|xla|im2col]
@@ -36,23 +42,32 @@ import sys
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
-from bench_host import cpu_model, usable_cores
-from sd15_shapes import SD15_UNET
+
+def _host_devices_from_argv(argv: list[str]) -> None:
+    """``--devices=N`` (N > 1) as ``--xla_force_host_platform_device_count=N``, before JAX starts."""
+    for arg in argv:
+        if arg.startswith("--devices=") and int(arg.split("=", 1)[1]) > 1:
+            flag = f"--xla_force_host_platform_device_count={int(arg.split('=', 1)[1])}"
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+
+
+_host_devices_from_argv(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+from bench_host import cpu_model, usable_cores  # noqa: E402
+from sd15_shapes import SD15_UNET  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from codi_jax.configs.cpu import codi_full_sr4, codi_sr4, teacher_patches32, tiny_codi, tiny_teacher
+from codi_jax import sharding  # noqa: E402
+from codi_jax.configs.cpu import codi_full_sr4, codi_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
 from codi_jax.configs.sd import sd15_sr4  # noqa: E402
 from codi_jax.data import tasks  # noqa: E402
 from codi_jax.interop.torch_to_flax import unet_config_from_diffusers  # noqa: E402
-from codi_jax.models import networks
-from codi_jax.training import (
-    loop,  # noqa: E402
-    recipes,
-)
+from codi_jax.models import networks  # noqa: E402
+from codi_jax.training import loop, recipes  # noqa: E402
 from codi_jax.training.train_state import create_train_state, make_optimizer  # noqa: E402
 
 SD15_TEXT = (77, 768)
@@ -140,18 +155,23 @@ def peak_memory() -> tuple[str, float | None]:
     ).ru_maxrss * 1024.0
 
 
-def time_steps(compiled, init, batch_tree, steps: int, warmup: int) -> list[float]:
-    """Wall seconds of ``steps`` steps after ``warmup`` untimed ones (state donated step to step)."""
-    init_fn = jax.jit(init).lower().compile(compiler_options={"xla_backend_optimization_level": 0})
+def time_steps(compiled, init, batch_tree, steps: int, warmup: int, shardings=None) -> tuple[list[float], list[float]]:
+    """``(wall seconds, process CPU seconds)`` of ``steps`` steps after ``warmup`` untimed ones
+    (state donated step to step); ``shardings`` = (state, batch) placements, or None (one device)."""
+    init_fn = jax.jit(init, out_shardings=None if shardings is None else shardings[0])
+    init_fn = init_fn.lower().compile(compiler_options={"xla_backend_optimization_level": 0})
     state, batch, rng = init_fn(), random_like(batch_tree), jax.random.PRNGKey(3)
-    times = []
+    if shardings is not None:
+        batch = jax.device_put(batch, shardings[1])
+    times, cpu = [], []
     for i in range(warmup + steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         state, metrics = compiled(state, batch, jax.random.fold_in(rng, i))
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    return times
+            cpu.append(time.process_time() - start_cpu)
+    return times, cpu
 
 
 def apply_overrides(config: ml_collections.ConfigDict, args: argparse.Namespace) -> None:
@@ -176,6 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat_policy", default=None, help="override model.remat_policy")
     p.add_argument("--dtype", default=None, help="override model.dtype")
     p.add_argument("--conv_impl", default=None, help="override model.conv_impl (auto, xla, im2col)")
+    p.add_argument("--devices", type=int, default=1, help="data-parallel devices (CPU: simulated host devices)")
     return p.parse_args(argv)
 
 
@@ -193,13 +214,19 @@ def main(argv=None) -> None:
         f"attention_impl={model.get('attention_impl', 'dot_product')}"
     )
     step, init, batch_tree, rng = step_and_inputs(config, latent, context, batch)
+    shardings, jit_options = None, {}
+    if args.devices > 1:  # data parallel: the batch split over the devices, the state replicated
+        mesh = sharding.make_mesh(args.devices)
+        shardings = (sharding.replicated(mesh), sharding.batch_sharding(mesh))
+        jit_options = dict(in_shardings=(*shardings, shardings[0]), out_shardings=(shardings[0], shardings[0]))
+        print(f"data parallel over {args.devices} devices (batch {batch // args.devices} each)")
     start = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0,)).lower(jax.eval_shape(init), batch_tree, rng).compile()
+    compiled = jax.jit(step, donate_argnums=(0,), **jit_options).lower(jax.eval_shape(init), batch_tree, rng).compile()
     print(f"compile: {time.perf_counter() - start:.1f} s")
-    report(compiled, config, latent, context, batch, args, init, batch_tree)
+    report(compiled, config, latent, context, batch, args, init, batch_tree, shardings)
 
 
-def report(compiled, config, latent, context, batch, args, init, batch_tree) -> None:
+def report(compiled, config, latent, context, batch, args, init, batch_tree, shardings=None) -> None:
     sizes = loop.step_memory(compiled)
     if sizes is not None:
         print(loop.memory_line(sizes, loop.device_bytes_limit(jax.local_devices()[0])))
@@ -207,7 +234,7 @@ def report(compiled, config, latent, context, batch, args, init, batch_tree) -> 
     print(f"model FLOPs / step: {flops / 1e12:.4f} TFLOP (executed, remat included: {executed / 1e12:.4f} TFLOP)")
     if args.no_run:
         return
-    times = time_steps(compiled, init, batch_tree, args.steps, args.warmup)
+    times, cpu = time_steps(compiled, init, batch_tree, args.steps, args.warmup, shardings)
     median = statistics.median(times)
     what, peak = peak_memory()
     tflops = flops / median / 1e12
@@ -215,7 +242,8 @@ def report(compiled, config, latent, context, batch, args, init, batch_tree) -> 
     print(f"peak memory ({what}): {peak / 2**30:.3f} GiB")
     print(
         f"step: median {1e3 * median:.1f} ms over {len(times)} (min {1e3 * min(times):.1f}, max "
-        f"{1e3 * max(times):.1f}); {batch / median:.1f} images/s; {tflops:.3f} TFLOP/s; MFU {mfu}"
+        f"{1e3 * max(times):.1f}); cpu {1e3 * statistics.median(cpu):.1f} ms; {batch / median:.1f} images/s; "
+        f"{tflops:.3f} TFLOP/s; MFU {mfu}"
     )
 
 

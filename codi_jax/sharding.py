@@ -10,6 +10,7 @@ divides, when the leaf has at least ``min_size`` entries (small leaves stay repl
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -37,6 +38,29 @@ def default_sharding_config() -> ml_collections.ConfigDict:
     config.rules = DEFAULT_RULES
     config.min_size = DEFAULT_MIN_SIZE  # the "fsdp" rule leaves smaller leaves replicated
     return config
+
+
+HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_devices_for(batch_size: int) -> int:
+    """The CPU devices a batch is best split over: one per usable core, at most, and a divisor of
+    ``batch_size`` (XLA:CPU keeps two cores busier running two half-batch programs than one)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(d for d in range(1, min(cores, batch_size) + 1) if batch_size % d == 0)
+
+
+def use_cpu_devices(count: int) -> bool:
+    """Gives the CPU backend ``count`` devices (``XLA_FLAGS`` ``--xla_force_host_platform_device_count``)
+    if JAX has started no backend yet and the flag is not already set; True if it did. GPUs and TPUs
+    are unaffected (they stay the default devices)."""
+    from jax._src import xla_bridge
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if count < 2 or HOST_DEVICES_FLAG in flags or xla_bridge.backends_are_initialized():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={count}".strip()
+    return True
 
 
 def make_mesh(num_devices: int | None = None, fsdp: int = 1, devices: Sequence[Any] | None = None) -> Mesh:

@@ -130,3 +130,38 @@ def test_configs_load_from_any_folder(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         expected = "error: --config.bach: no such config field; nearest valid: batch_size (see --helpshort)"
         assert proc.stderr.strip() == expected
+
+
+def test_demo_splits_the_batch_over_one_cpu_device_per_core(monkeypatch, tmp_path):
+    """One CPU device per usable core that divides the batch; the XLA flag only before JAX starts
+    a backend and only where the user has not set the count; a bad ``--cpu_devices`` ends in one
+    line and exit 2 before anything loads."""
+    from jax._src import xla_bridge
+
+    from codi_jax import sharding
+
+    for cores, batch, expected in ((2, 8, 2), (3, 8, 2), (6, 16, 4), (16, 8, 8), (1, 8, 1), (4, 6, 3)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
+        assert sharding.cpu_devices_for(batch) == expected, (cores, batch)
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+    assert sharding.use_cpu_devices(2) and os.environ["XLA_FLAGS"] == (
+        "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"
+    )
+    assert not sharding.use_cpu_devices(4)  # already set: the user's (or the first) count stays
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert not sharding.use_cpu_devices(1) and os.environ["XLA_FLAGS"] == ""
+    monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: True)
+    assert not sharding.use_cpu_devices(2) and os.environ["XLA_FLAGS"] == ""  # too late: left alone
+    monkeypatch.undo()
+    for value, message in (("3", "--cpu_devices=3 must divide the batch size 8."), ("0", "must be at least 1")):
+        proc = subprocess.run(
+            [sys.executable, "-m", "codi_jax.demo", "--out=demo_out", f"--cpu_devices={value}"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not os.path.exists(tmp_path / "demo_out")

@@ -320,7 +320,7 @@ def test_sample_in_batches_gives_each_example_its_own_noise_at_any_batch_size() 
     np.testing.assert_array_equal(outputs[3][6], np.asarray(expected))
     assert [b for b, _ in seen[1:4]] == [slice(1, 2), slice(2, 3), slice(3, 4)]
     seen.clear()
-    plain, _ = samplers.sample_in_batches(sample_fn, 2, shape, seed=4, renoise=False, batch_size=2, warm_up=True)
+    plain, _ = samplers.sample_in_batches(sample_fn, 2, shape, seed=4, renoise=False, batch_size=2, warm_up=sample_fn)
     assert seen == [(slice(0, 2), True)] * 2  # warm-up: the first batch once more, untimed
     np.testing.assert_array_equal(plain, np.asarray(samplers.example_noise(4, [0, 1], shape)))
 

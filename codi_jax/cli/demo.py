@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 from absl import flags, logging
 
-from codi_jax import atomic, configs
+from codi_jax import atomic, configs, sharding
 from codi_jax.cli import common
 from codi_jax.evaluation import evaluate, held_out, report, scoring
 from codi_jax.models import networks
@@ -65,6 +65,12 @@ flags.DEFINE_integer("baseline_steps", 1000, "Fine-tune steps if the baseline ch
 flags.DEFINE_integer("num_eval", 64, "Held-out patches to evaluate.")
 flags.DEFINE_integer("grid_rows", 8, "Examples shown in the grid.")
 flags.DEFINE_integer("num_seeds", 3, "Sampling seeds per row: each row is their mean, with its spread (± sd).")
+flags.DEFINE_integer(
+    "cpu_devices",
+    None,
+    "On CPU: devices the training batch and the evaluation batches are split over (default: one per usable "
+    "core that divides the batch; 1: one device). Ignored on GPU / TPU and when XLA_FLAGS sets the count.",
+)
 
 
 def resolve(path: str) -> str:
@@ -260,6 +266,13 @@ def run_demo(
 def main(argv: list[str]) -> None:
     common.no_arguments(argv)
     common.require_flags("out")
+    if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
+        raise common.UserError(f"--cpu_devices={FLAGS.cpu_devices}: must be at least 1.")
+    batch_size = demo_configs(FLAGS.teacher, 1, FLAGS.variant)[0].batch_size
+    cpu_devices = sharding.cpu_devices_for(batch_size) if FLAGS.cpu_devices is None else FLAGS.cpu_devices
+    if batch_size % cpu_devices:
+        raise common.UserError(f"--cpu_devices={cpu_devices} must divide the batch size {batch_size}.")
+    sharding.use_cpu_devices(cpu_devices)  # before JAX starts its backends
     run_demo(
         FLAGS.out,
         codi_steps=DEFAULT_CODI_STEPS[FLAGS.variant] if FLAGS.codi_steps is None else FLAGS.codi_steps,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from codi_jax import sharding
 from codi_jax.evaluation.held_out import evaluation_examples
 from codi_jax.evaluation.scoring import MetricWeights, Row, condition_row, mean_row, score_row
 from codi_jax.models import networks, student
@@ -42,12 +43,13 @@ def sample_all(
     sampler: Callable | None = None,
     warm_up: bool = True,
 ) -> tuple[np.ndarray, float]:
-    """Samples for every example and the mean wall time per image (ms, after warm-up).
+    """Samples for every example and the mean wall time per image (ms, after warm-up); each batch
+    is split over this process's devices.
 
     ``options.renoise`` None takes the run's own default (CoDi: ``codi.renoise``) for the DDIM solver
     and no re-noising for the others. ``sampler``: ``make_sampler``'s, to reuse its compilations
-    (None: a new one). ``warm_up``: run the first batch once untimed before timing it (compilation);
-    False when ``sampler`` has already run these shapes.
+    (None: a new one). ``warm_up``: compile the first batch's shapes before timing it (nothing is
+    run twice); False when ``sampler`` has already run these shapes.
     """
     renoise = options.renoise
     if renoise is None:
@@ -56,10 +58,18 @@ def sample_all(
     if sampler is None:
         sampler = make_sampler(pre, options)
     cond, instruction = examples["cond"], examples.get("instruction")
+    mesh = sharding.make_mesh(devices=jax.local_devices())  # the batch split over this process's devices
+    params = jax.device_put(pre.params, sharding.replicated(mesh))  # no copy where already there
 
-    def sample_batch(batch: slice, z_init: jax.Array, renoise_keys: jax.Array | None) -> jax.Array:
+    def inputs(batch: np.ndarray, z_init: jax.Array, renoise_keys: jax.Array | None) -> tuple:
         batch_instruction = None if instruction is None else instruction[batch]
-        return sampler(pre.params, cond[batch], batch_instruction, z_init, times, renoise_keys)
+        return params, cond[batch], batch_instruction, z_init, times, renoise_keys
+
+    def sample_batch(*args) -> jax.Array:
+        return sampler(*inputs(*args))
+
+    def compile_batch(*args) -> None:
+        sampler.lower(*inputs(*args)).compile()
 
     shape = examples["image"].shape[1:]
     return samplers.sample_in_batches(
@@ -69,7 +79,8 @@ def sample_all(
         seed=options.seed,
         renoise=renoise,
         batch_size=options.batch_size,
-        warm_up=warm_up,
+        warm_up=compile_batch if warm_up else None,
+        mesh=mesh,
     )
 
 

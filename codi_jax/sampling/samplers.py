@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codi_jax import diffusion
+from codi_jax import diffusion, sharding
 
 # apply_fn(params, z_t, model_time) -> network output
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -128,25 +128,40 @@ def sample_in_batches(
     seed: int,
     renoise: bool,
     batch_size: int,
-    warm_up: bool = False,
+    warm_up: BatchSampleFn | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[np.ndarray, float]:
     """The one sampling loop: ``sample_fn`` on each batch of ``num`` examples; returns the samples
     (numpy, concatenated) and the mean wall time per image in ms.
 
     Example i gets ``example_inputs(seed, [i], noise_shape, renoise)``, so its sample is the same
     at any batch size and beside any other examples (up to float rounding, which can depend on the
-    batch shape). ``warm_up``: run the first batch once, untimed, before timing it (compilation)."""
+    batch shape). ``warm_up`` (same arguments as ``sample_fn``) is called once on the first batch,
+    untimed, before it is timed: a function that only compiles (a jitted sampler's
+    ``lower(...).compile()``, which the jitted call then reuses), or ``sample_fn`` itself.
+
+    ``mesh`` (None: one device): each batch is split over the mesh's devices (``sharding.batch_sharding``),
+    padded to a multiple of their number with copies of its last example (dropped from the output);
+    ``sample_fn`` then gets the padded indices (an array), and its parameters must be on the mesh
+    (``sharding.replicated``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    devices = 1 if mesh is None else mesh.size
     outputs, elapsed = [], 0.0
     for start in range(0, num, batch_size):
-        batch = slice(start, min(start + batch_size, num))
-        z_init, keys = example_inputs(seed, np.arange(batch.start, batch.stop), noise_shape, renoise)
-        if start == 0 and warm_up:
-            jax.block_until_ready(sample_fn(batch, z_init, keys))
+        stop = min(start + batch_size, num)
+        batch = slice(start, stop)
+        if mesh is not None:
+            batch = np.concatenate([np.arange(start, stop), np.full((start - stop) % devices, stop - 1)])
+        z_init, keys = example_inputs(seed, np.arange(num)[batch], noise_shape, renoise)
+        if mesh is not None:
+            z_init, keys = jax.device_put((z_init, keys), sharding.batch_sharding(mesh))
+        if start == 0 and warm_up is not None:
+            jax.block_until_ready(warm_up(batch, z_init, keys))
         t0 = time.perf_counter()
-        outputs.append(np.asarray(jax.block_until_ready(sample_fn(batch, z_init, keys))))
+        samples = np.asarray(jax.block_until_ready(sample_fn(batch, z_init, keys)))
         elapsed += time.perf_counter() - t0
+        outputs.append(samples[: stop - start])
     return np.concatenate(outputs), 1000.0 * elapsed / max(num, 1)
 
 
