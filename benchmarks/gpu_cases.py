@@ -24,7 +24,6 @@ import ml_collections
 from latent_encoding import TINY_UNET, TINY_VAE
 from sd15_shapes import SD15_UNET, SD15_VAE
 from train_throughput import SD15_TEXT, flops_of, model_flops, peak_memory, run_config, step_and_inputs
-from train_throughput import time_steps as time_train_steps
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -33,11 +32,7 @@ from codi_jax.interop.torch_to_flax import unet_config_from_diffusers  # noqa: E
 from codi_jax.models import networks  # noqa: E402
 from codi_jax.models.vae import vae_from_diffusers_config, vae_param_shapes  # noqa: E402
 from codi_jax.sampling import conditional, samplers  # noqa: E402
-
-try:  # TEMP until the TF-free core lands
-    from codi_jax.training.compiled import device_bytes_limit, step_memory  # noqa: E402
-except ImportError:
-    from codi_jax.training.loop import device_bytes_limit, step_memory  # noqa: E402
+from codi_jax.training.aot import device_bytes_limit, step_memory  # noqa: E402
 from codi_jax.training.train_state import model_params  # noqa: E402
 
 GIB = float(2**30)
@@ -45,12 +40,15 @@ BATCH_STEPS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 
 MEMORY_SAFETY = 0.92  # the share of the device's bytes_limit a predicted batch may fill (AOT)
 TINY_TEXT = (77, 32)
 TINY_HINT = (4, 4, 8, 8)
+# The dry run's UNet: one level of latent_encoding's tiny UNet (cross-attention kept), so the CPU compiles little.
+DRY_UNET = dict(TINY_UNET, block_out_channels=[16], down_block_types=["CrossAttnDownBlock2D"])
+DRY_UNET.update(up_block_types=["CrossAttnUpBlock2D"])
 
 
 def shapes(dry_run: bool) -> dict[str, Any]:
     """The networks' diffusers configs and the input sizes: SD-1.5 at 512 px, or tiny ones."""
     if dry_run:
-        return dict(unet=TINY_UNET, vae=TINY_VAE, image=64, latent=8, context=TINY_TEXT, hint=TINY_HINT)
+        return dict(unet=DRY_UNET, vae=TINY_VAE, image=64, latent=8, context=TINY_TEXT, hint=TINY_HINT)
     return dict(unet=SD15_UNET, vae=SD15_VAE, image=512, latent=64, context=SD15_TEXT, hint=None)
 
 
@@ -73,25 +71,24 @@ def check_config(method: str, attention_impl: str, remat_policy: str, dry_run: b
     return config, latent, context
 
 
-def filler(abstract: Any, seed: int = 0) -> Callable[[], Any]:
-    """A function (jit it) returning a tree of ``abstract``'s shapes: floats ~ N(0, 0.02^2) sliced
-    from one random buffer (one RNG call: cheap to compile for a thousand leaves), integers 0."""
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _piece(buffer: jax.Array, shape: tuple[int, ...], dtype: Any, start: jax.Array) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(buffer, start, math.prod(shape)).reshape(shape).astype(dtype)
+
+
+def filled(abstract: Any, seed: int = 0) -> Any:
+    """Arrays of ``abstract``'s shapes on the device: floats ~ N(0, 0.02^2), each a slice of one random
+    buffer (one program per distinct shape: cheap to compile for a thousand leaves), integers 0."""
     leaves, tree = jax.tree.flatten(abstract)
     largest = max([math.prod(a.shape) for a in leaves] + [1])
-
-    def fill():
-        buffer = 0.02 * jax.random.normal(jax.random.PRNGKey(seed), (largest + 1031,), jnp.float32)
-        made = []
-        for i, a in enumerate(leaves):
-            n = math.prod(a.shape)
-            if not jnp.issubdtype(a.dtype, jnp.floating):
-                made.append(jnp.zeros(a.shape, a.dtype))
-                continue
-            start = (i * 7919) % (largest + 1032 - n)
-            made.append(buffer[start : start + n].reshape(a.shape).astype(a.dtype))
-        return jax.tree.unflatten(tree, made)
-
-    return fill
+    buffer = 0.02 * jax.random.normal(jax.random.PRNGKey(seed), (2 * largest,), jnp.float32)
+    made = [
+        _piece(buffer, tuple(a.shape), a.dtype, jnp.int32((i * 7919) % (largest + 1)))
+        if jnp.issubdtype(a.dtype, jnp.floating)
+        else jnp.zeros(a.shape, a.dtype)
+        for i, a in enumerate(leaves)
+    ]
+    return jax.tree.unflatten(tree, made)
 
 
 def compile_step(config, latent: int, context, batch: int) -> dict[str, Any]:
@@ -138,6 +135,17 @@ def search_batch(config, latent: int, context, args) -> tuple[list[dict[str, Any
     return tries, limit
 
 
+def train_times(compiled: Any, state: Any, batch: Any, steps: int, warmup: int) -> list[float]:
+    """Wall seconds of ``steps`` device-synchronised steps after ``warmup`` (the state donated step to step)."""
+    rng, times = jax.random.PRNGKey(3), []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch, jax.random.fold_in(rng, i))
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return times[warmup:]
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
@@ -148,8 +156,8 @@ def run_candidates(tries: list[dict[str, Any]], args) -> tuple[dict[str, Any], l
     notes = []
     for i, candidate in enumerate(tries):
         try:
-            fill = filler(candidate["abstract"])
-            times, _ = time_train_steps(candidate["compiled"], fill, candidate["batch_tree"], args.steps, args.warmup)
+            state, batch = filled(candidate["abstract"]), filled(candidate["batch_tree"], seed=1)
+            times = train_times(candidate["compiled"], state, batch, args.steps, args.warmup)
             return candidate, times, notes
         except Exception as error:  # noqa: BLE001  (an OOM at the first step: the next candidate)
             if i + 1 == len(tries) or not is_out_of_memory(error):
@@ -219,9 +227,9 @@ def sampling_parts(args) -> dict[str, Any]:
         config.model.remat = False
     model, schedule = networks.build_conditional(config)
     _, init, _, _ = step_and_inputs(config, latent, context, 1)
-    params = jax.jit(filler(model_params(jax.eval_shape(init), ema=True)))()
+    params = filled(model_params(jax.eval_shape(init), ema=True))
     vae = vae_from_diffusers_config(shapes(args.dry_run)["vae"])
-    vae_params = jax.jit(filler(vae_param_shapes(vae), seed=1))()
+    vae_params = filled(vae_param_shapes(vae), seed=1)
     return dict(
         config=config, model=model, schedule=schedule, params=params, vae=vae, vae_params=vae_params,
         latent=latent, context=context,

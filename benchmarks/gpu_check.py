@@ -78,39 +78,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_batch", type=int, default=None, help="throughput batch (default 16; dry run 2)")
     p.add_argument("--sample_repeats", type=int, default=3, help="timed sampling / encoding calls (median)")
     p.add_argument("--sample_attention_impl", default="dot_product", help="attention of the sampling cases")
+    p.add_argument("--no_sampling", action="store_true", help="train cases only")
     p.add_argument("--teacher_steps", type=int, default=50)
     p.add_argument("--teacher_guidance", type=float, default=None, help="default: sd15_edit.sample_guidance_scale")
-    p.add_argument("--train", default="all", help="'all', 'none' or a count: the first N of the train cases")
+    p.add_argument("--methods", default=None, help="train cases: CoDi methods (default pe,full; dry run: pe)")
+    p.add_argument("--attention_impls", default="cudnn,dot_product", help="train cases: model.attention_impl values")
+    p.add_argument("--remat_policies", default=None, help="train cases (default full,dots_saveable; dry run: full)")
     p.add_argument("--group", default=None, help=argparse.SUPPRESS)  # internal: a child process's cases (JSON)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)  # internal: where a child writes its rows
     args = p.parse_args(argv)
     args.probe_batch = args.probe_batch or (2 if args.dry_run else 8)
-    args.sample_batch = args.sample_batch or (2 if args.dry_run else 16)
+    args.sample_batch = args.sample_batch or (1 if args.dry_run else 16)
+    args.methods = args.methods or ("pe" if args.dry_run else "pe,full")
+    args.remat_policies = args.remat_policies or ("full" if args.dry_run else "full,dots_saveable")
     return args
 
 
 def case_groups(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The case groups in running order: the first train case, the sampling group, the other train cases."""
-    count = {"all": len(TRAIN_CASES), "none": 0}.get(args.train)
+    chosen = [set(text.split(",")) - {""} for text in (args.methods, args.attention_impls, args.remat_policies)]
     train = [
         dict(kind="train", case=f"train {m} {a} remat={r}", method=m, attention_impl=a, remat_policy=r)
-        for m, a, r in TRAIN_CASES[: int(args.train) if count is None else count]
+        for m, a, r in TRAIN_CASES
+        if m in chosen[0] and a in chosen[1] and r in chosen[2]
     ]
     sampling = []
-    for batch in (1, args.sample_batch):
+    for batch in sorted({1, args.sample_batch}):
         for steps in (1, 4):
             sampling.append(dict(kind="codi", case=f"sample codi {steps}-step b{batch}", steps=steps, batch=batch))
         steps = args.teacher_steps
         sampling.append(dict(kind="teacher", case=f"sample teacher {steps}-step b{batch}", steps=steps, batch=batch))
     sampling.append(dict(kind="vae_encode", case=f"vae encode b{args.sample_batch}", batch=args.sample_batch))
     groups = [dict(kind="train", cases=[case]) for case in train]
-    return groups[:1] + [dict(kind="sampling", cases=sampling)] + groups[1:]
+    return groups[:1] + ([] if args.no_sampling else [dict(kind="sampling", cases=sampling)]) + groups[1:]
 
 
-def child_env() -> dict[str, str]:
-    """The children's environment: XLA may use 90% of the accelerator's memory (default 75%)."""
+def child_env(dry_run: bool) -> dict[str, str]:
+    """The children's environment: XLA may use 90% of the accelerator's memory (default 75%); the dry
+    run compiles without LLVM optimisation (its CPU timings mean nothing; compiling is its cost)."""
     env = dict(os.environ)
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.90")
+    if dry_run and "xla_backend_optimization_level" not in env.get("XLA_FLAGS", ""):
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
     return env
 
 
@@ -134,7 +143,9 @@ def run_group(group: dict[str, Any], args: argparse.Namespace, argv: list[str], 
         ]
         start, failure = time.perf_counter(), None
         try:
-            proc = subprocess.run(command, stderr=subprocess.PIPE, text=True, timeout=timeout, env=child_env())
+            proc = subprocess.run(
+                command, stderr=subprocess.PIPE, text=True, timeout=timeout, env=child_env(args.dry_run)
+            )
             if proc.returncode:
                 failure = f"process exited {proc.returncode}: {proc.stderr.strip()[-1500:]}"
         except subprocess.TimeoutExpired:
@@ -208,9 +219,11 @@ def write_json(args: argparse.Namespace, rows: list[dict[str, Any]], elapsed: fl
 
 
 def _number(value: Any, digits: int = 1, scale: float = 1.0) -> str:
+    """``value * scale`` with ``digits`` decimals (small values: 2 significant digits); n/a for None / NaN."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
-    return f"{value * scale:.{digits}f}"
+    shown = f"{value * scale:.{digits}f}"
+    return f"{value * scale:.2g}" if value and float(shown) == 0 else shown
 
 
 def table_line(row: dict[str, Any]) -> list[str]:
@@ -225,8 +238,8 @@ def table_line(row: dict[str, Any]) -> list[str]:
         _number(row.get("images_per_s"), 2),
         _number(row.get("tflops")),
         _number(row.get("mfu"), 1, 100.0) + ("%" if row.get("mfu") is not None else ""),
-        _number(row.get("aot_gib"), 2),
-        _number(row.get("peak_gib"), 2),
+        _number(row.get("aot_gib"), 3),
+        _number(row.get("peak_gib"), 3),
         _number(row.get("compile_s")),
         status[:90],
     ]
