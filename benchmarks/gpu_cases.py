@@ -118,21 +118,34 @@ def predicted_batch(probe: dict[str, Any], limit: int) -> int:
     return max(fits) if fits else 1
 
 
-def search_batch(config, latent: int, context, args) -> tuple[list[dict[str, Any]], int | None]:
-    """Compiled candidates, largest batch first: the probe (``--batch`` / ``--probe_batch``) and,
-    where the device reports a memory limit, the batch its AOT memory predicts (compiled, kept if
-    its AOT total fits). ``limit`` None (CPU) or ``--batch`` given: the probe only."""
+def fits(candidate: dict[str, Any], limit: int) -> bool:
+    return candidate["aot"] is None or candidate["aot"]["total"] <= limit
+
+
+def search_batch(config, latent: int, context, args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]:
+    """``(candidates, every compile, bytes limit)``. Candidates, largest batch first: the probe
+    (``--batch`` / ``--probe_batch``, halved until its AOT total fits) and, where the device reports
+    a memory limit, the batch its AOT memory predicts if that fits too (a prediction that does not
+    fit is refined once from its own compile). ``limit`` None (CPU) or ``--batch``: the probe only."""
     limit = device_bytes_limit(jax.local_devices()[0])
     probe = compile_step(config, latent, context, args.batch or args.probe_batch)
     tries = [probe]
     if args.batch or limit is None or probe["aot"] is None:
-        return tries, limit
-    target = predicted_batch(probe, limit)
-    if target > probe["batch"]:
+        return [probe], tries, limit
+    while not fits(probe, limit) and probe["batch"] > 1:
+        probe = compile_step(config, latent, context, probe["batch"] // 2)
+        tries.append(probe)
+    base = probe
+    for _ in range(2):
+        target = predicted_batch(base, limit)
+        if target <= probe["batch"] or target == base["batch"]:
+            break
         bigger = compile_step(config, latent, context, target)
-        if bigger["aot"] is None or bigger["aot"]["total"] <= limit:
-            tries.insert(0, bigger)
-    return tries, limit
+        tries.append(bigger)
+        if fits(bigger, limit):
+            return [bigger, probe], tries, limit
+        base = bigger
+    return [probe], tries, limit
 
 
 def train_times(compiled: Any, state: Any, batch: Any, steps: int, warmup: int) -> list[float]:
@@ -178,15 +191,19 @@ def device_peak_gib() -> float | None:
     return peak / GIB if what.startswith("memory_stats") else None
 
 
-def train_row(method: str, attention_impl: str, remat_policy: str, args) -> dict[str, Any]:
-    """One train case: batch search, median step time, images/s, model TFLOP/s, MFU, AOT vs peak."""
-    config, latent, context = check_config(method, attention_impl, remat_policy, args.dry_run)
-    tries, limit = search_batch(config, latent, context, args)
-    chosen, times, notes = run_candidates(tries, args)
+def train_row(case: dict[str, Any], known_flops: dict[str, float], args) -> dict[str, Any]:
+    """One train case: batch search, median step time, images/s, model TFLOP/s, MFU, AOT vs peak.
+    ``known_flops``: model FLOPs per step by ``method@batch`` from earlier cases (not lowered again)."""
+    method = case["method"]
+    config, latent, context = check_config(method, case["attention_impl"], case["remat_policy"], args.dry_run)
+    candidates, tries, limit = search_batch(config, latent, context, args)
+    chosen, times, notes = run_candidates(candidates, args)
     batch, median = chosen["batch"], statistics.median(times)
-    plain = ml_collections.ConfigDict(config.to_dict())
-    plain.model.attention_impl = "dot_product"  # the same math; XLA's cost analysis cannot see cuDNN's kernel
-    flops = model_flops(plain, latent, context, batch)
+    flops = known_flops.get(f"{method}@{batch}")
+    if flops is None:
+        plain = ml_collections.ConfigDict(config.to_dict())
+        plain.model.attention_impl = "dot_product"  # the same math; XLA's cost analysis cannot see cuDNN's kernel
+        flops = model_flops(plain, latent, context, batch)
     tflops = flops / median / 1e12
     return dict(
         batch=batch,
@@ -194,6 +211,7 @@ def train_row(method: str, attention_impl: str, remat_policy: str, args) -> dict
         step_ms_all=[1e3 * t for t in times],
         images_per_s=batch / median,
         ms_per_image=1e3 * median / batch,
+        model_flops_per_step=flops,
         model_tflop_per_step=flops / 1e12,
         executed_tflop_per_step=flops_of(chosen["compiled"].cost_analysis()) / 1e12,
         tflops=tflops,

@@ -163,7 +163,7 @@ def run_group(group: dict[str, Any], args: argparse.Namespace, argv: list[str], 
 
 def collect(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict[str, Any]], float]:
     """Every group in turn within the budget; ``gpu.json`` rewritten after each."""
-    start, rows = time.perf_counter(), []
+    start, rows, flops = time.perf_counter(), [], {}
     for group in case_groups(args):
         left = args.budget_s - (time.perf_counter() - start)
         if left < 5:
@@ -171,7 +171,9 @@ def collect(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict[str, A
                 rows.append(dict(case, status="skipped", error=f"time budget ({args.budget_s:.0f} s) spent"))
                 print(f"[gpu_check] {case['case']}: skipped (budget)", flush=True)
             continue
-        rows += run_group(group, args, argv, left)
+        rows += run_group(dict(group, known_flops=flops), args, argv, left)
+        ok = [row for row in rows if row["kind"] == "train" and row["status"] == "ok"]
+        flops.update({f"{row['method']}@{row['batch']}": row["model_flops_per_step"] for row in ok})
         write_json(args, rows, time.perf_counter() - start)
     return rows, time.perf_counter() - start
 
