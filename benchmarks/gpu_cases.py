@@ -8,6 +8,7 @@ random (77, 768) array in place of CLIP's output.
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import math
@@ -271,84 +272,90 @@ def sampler_inputs(parts: dict[str, Any], batch: int, guidance_scale: float | No
     )
 
 
-def sampling_row(parts: dict[str, Any], steps: int, batch: int, teacher: bool, args) -> dict[str, Any]:
-    """Latency of one batch: the sampler (CoDi's grid and re-noising, or the 50-step DDIM teacher with
-    CFG) then the VAE decode, each compiled ahead of time, synchronised at the end."""
-    config = parts["config"]
+def sampling_program(parts: dict[str, Any], case: dict[str, Any], args) -> tuple[list, Callable, dict[str, Any]]:
+    """``(lowered programs, run(compiled programs), row fields)`` of one case. Sampling: the sampler
+    (CoDi's grid and re-noising, or the many-step DDIM teacher with CFG) then the VAE decode, as
+    ``few_step.sample_conditional`` runs them; ``vae_encode``: the encoder (a posterior sample, as
+    ``latent.encode='sample'`` trains)."""
+    batch, vae_params = case["batch"], parts["vae_params"]
+    if case["kind"] == "vae_encode":
+        size = int(parts["config"].data.image_size)
+        encode = jax.jit(functools.partial(encoders.encode_images, parts["vae"], mode="sample"))
+        images = jax.random.uniform(jax.random.PRNGKey(5), (batch, size, size, 3), jnp.float32, -1.0, 1.0)
+        rng = jax.random.PRNGKey(6)
+        run = lambda compiled: compiled[0](vae_params, images, rng)
+        return [encode.lower(vae_params, images, rng)], run, dict(vae_dtype=jnp.dtype(parts["vae"].dtype).name)
+    teacher, config = case["kind"] == "teacher", parts["config"]
     guidance = args.teacher_guidance if teacher else None
-    times_grid = samplers.uniform_times(steps) if teacher else conditional.sample_times(config, steps)
+    grid = samplers.uniform_times(case["steps"]) if teacher else conditional.sample_times(config, case["steps"])
     renoise = not teacher and conditional.renoise_between_steps(config)
-    data = sampler_inputs(parts, batch, guidance)
+    data, grid = sampler_inputs(parts, batch, guidance), jnp.asarray(grid)
     keys = samplers.example_keys(0, range(batch)) if renoise else None
+    inputs = (parts["params"], data["cond"], None, data["z"], grid, keys, data["text"])
     sample = conditional.make_conditional_sampler(parts["model"], parts["schedule"], "eps", clip=False)
     decode = jax.jit(functools.partial(encoders.decode_latents, parts["vae"]))
-    times_grid = jnp.asarray(times_grid)
-    start = time.perf_counter()
-    sampler = sample.lower(parts["params"], data["cond"], None, data["z"], times_grid, keys, data["text"]).compile()
     latents = jax.ShapeDtypeStruct(data["z"].shape, jnp.float32)
-    decoder = decode.lower(parts["vae_params"], latents).compile()
-    compile_s = time.perf_counter() - start
-    run = lambda: decoder(
-        parts["vae_params"], sampler(parts["params"], data["cond"], None, data["z"], times_grid, keys, data["text"])
-    )
-    times = timed(run, args.sample_repeats)
-    median = statistics.median(times)
-    sizes = [step_memory(sampler), step_memory(decoder)]
-    aot = None if None in sizes else max(s["total"] for s in sizes)
-    return dict(
-        batch=batch,
-        steps=steps,
-        guidance_scale=guidance,
-        renoise=renoise,
-        sample_ms=1e3 * median,
-        sample_ms_all=[1e3 * t for t in times],
-        images_per_s=batch / median,
-        ms_per_image=1e3 * median / batch,
-        compile_s=compile_s,
-        aot_gib=None if aot is None else aot / GIB,
-        aot_bytes=dict(sampler=sizes[0], decode=sizes[1]),
-        peak_gib=device_peak_gib(),
-    )
+    run = lambda compiled: compiled[1](vae_params, compiled[0](*inputs))
+    lowered = [sample.lower(*inputs), decode.lower(vae_params, latents)]
+    return lowered, run, dict(steps=case["steps"], guidance_scale=guidance, renoise=renoise)
 
 
-def vae_encode_row(parts: dict[str, Any], batch: int, args) -> dict[str, Any]:
-    """The VAE encoder (posterior sample, as ``latent.encode='sample'`` trains) on ``batch`` images."""
-    size = int(parts["config"].data.image_size)
-    encode = jax.jit(functools.partial(encoders.encode_images, parts["vae"], mode="sample"))
-    images = jax.random.uniform(jax.random.PRNGKey(5), (batch, size, size, 3), jnp.float32, -1.0, 1.0)
-    rng = jax.random.PRNGKey(6)
+def _compile_timed(lowered: list) -> tuple[list, float]:
     start = time.perf_counter()
-    compiled = encode.lower(parts["vae_params"], images, rng).compile()
-    compile_s = time.perf_counter() - start
-    times = timed(lambda: compiled(parts["vae_params"], images, rng), args.sample_repeats)
-    median = statistics.median(times)
-    sizes = step_memory(compiled)
-    return dict(
-        batch=batch,
-        step_ms=1e3 * median,
-        step_ms_all=[1e3 * t for t in times],
-        images_per_s=batch / median,
-        ms_per_image=1e3 * median / batch,
-        compile_s=compile_s,
-        vae_dtype=str(parts["vae"].dtype.__name__ if hasattr(parts["vae"].dtype, "__name__") else parts["vae"].dtype),
-        peak_gib=device_peak_gib(),
-        **aot_fields(sizes),
-    )
+    return [program.compile() for program in lowered], time.perf_counter() - start
+
+
+def measured_row(case: dict[str, Any], compiled: list, run: Callable, compile_s: float, args) -> dict[str, Any]:
+    """Median latency of ``run`` over ``--sample_repeats`` synchronised calls, and the AOT memory."""
+    times = timed(lambda: run(compiled), args.sample_repeats)
+    median, batch = statistics.median(times), case["batch"]
+    sizes = [step_memory(program) for program in compiled]
+    aot = None if None in sizes else max(size["total"] for size in sizes)
+    key = "step_ms" if case["kind"] == "vae_encode" else "sample_ms"
+    return {
+        "batch": batch,
+        key: 1e3 * median,
+        f"{key}_all": [1e3 * t for t in times],
+        "images_per_s": batch / median,
+        "ms_per_image": 1e3 * median / batch,
+        "compile_s": compile_s,
+        "aot_gib": None if aot is None else aot / GIB,
+        "aot_bytes": sizes,
+        "peak_gib": device_peak_gib(),
+    }
+
+
+def _error(case: dict[str, Any], error: BaseException) -> dict[str, Any]:
+    return dict(case, status="error", error=f"{type(error).__name__}: {error}"[:2000])
 
 
 def sampling_rows(cases: list[dict[str, Any]], args) -> Iterator[dict[str, Any]]:
-    """The sampling / VAE cases (one process: the networks are built once), each row as it is done;
-    a case that fails gives its error and the next one runs."""
-    parts = sampling_parts(args)
+    """The sampling / VAE cases in one process (the networks built once): every program lowered, then
+    compiled on ``--compile_threads`` threads (each row's ``compile_s`` is its own, overlapping the
+    others'), then each case timed alone; a failing case gives its error row and the others run."""
+    parts, programs = sampling_parts(args), {}
     for case in cases:
         try:
-            if case["kind"] == "vae_encode":
-                row = vae_encode_row(parts, case["batch"], args)
-            else:
-                row = sampling_row(parts, case["steps"], case["batch"], case["kind"] == "teacher", args)
-            yield dict(case, status="ok", **row)
+            programs[case["case"]] = sampling_program(parts, case, args)
         except Exception as error:  # noqa: BLE001  (recorded; the next case runs)
-            yield dict(case, status="error", error=f"{type(error).__name__}: {error}"[:2000])
+            programs[case["case"]] = error
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.compile_threads)) as pool:
+        futures = {
+            name: pool.submit(_compile_timed, program[0])
+            for name, program in programs.items()
+            if not isinstance(program, BaseException)
+        }
+        concurrent.futures.wait(futures.values())  # nothing compiles while a case is timed
+        for case in cases:
+            program = programs[case["case"]]
+            try:
+                if isinstance(program, BaseException):
+                    raise program
+                compiled, compile_s = futures[case["case"]].result()
+                row = measured_row(case, compiled, program[1], compile_s, args)
+                yield dict(case, status="ok", **program[2], **row)
+            except Exception as error:  # noqa: BLE001  (recorded; the next case runs)
+                yield _error(case, error)
 
 
 def process_fields() -> dict[str, Any]:
@@ -369,11 +376,9 @@ def group_rows(group: dict[str, Any], args) -> Iterator[dict[str, Any]]:
         return
     for case in group["cases"]:
         try:
-            yield dict(
-                case, status="ok", **train_row(case["method"], case["attention_impl"], case["remat_policy"], args)
-            )
+            yield dict(case, status="ok", **train_row(case, group.get("known_flops", {}), args))
         except Exception as error:  # noqa: BLE001  (recorded: cudnn unsupported, out of memory, ...)
-            yield dict(case, status="error", error=f"{type(error).__name__}: {error}"[:2000])
+            yield _error(case, error)
 
 
 def run_child(group: dict[str, Any], args) -> None:

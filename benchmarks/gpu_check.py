@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample_batch", type=int, default=None, help="throughput batch (default 16; dry run 2)")
     p.add_argument("--sample_repeats", type=int, default=3, help="timed sampling / encoding calls (median)")
     p.add_argument("--sample_attention_impl", default="dot_product", help="attention of the sampling cases")
+    p.add_argument("--compile_threads", type=int, default=4, help="sampling programs compiled at once")
     p.add_argument("--no_sampling", action="store_true", help="train cases only")
     p.add_argument("--teacher_steps", type=int, default=50)
     p.add_argument("--teacher_guidance", type=float, default=None, help="default: sd15_edit.sample_guidance_scale")
