@@ -115,11 +115,12 @@ def predicted_batch(probe: dict[str, Any], limit: int) -> int:
     sizes = probe["aot"]
     per_example = sizes["temp"] / probe["batch"]
     room = MEMORY_SAFETY * limit - (sizes["total"] - sizes["temp"])
-    fits = [b for b in BATCH_STEPS if b * per_example <= room]
-    return max(fits) if fits else 1
+    under = [b for b in BATCH_STEPS if b * per_example <= room]
+    return max(under) if under else 1
 
 
 def fits(candidate: dict[str, Any], limit: int) -> bool:
+    """Whether a compiled candidate's AOT total is within the device's limit (unknown: assumed so)."""
     return candidate["aot"] is None or candidate["aot"]["total"] <= limit
 
 

@@ -62,6 +62,7 @@ NOTES = [
     "text context: a random (77, 768) array in place of CLIP's output (CLIP is not run)",
     "model TFLOP/s: XLA cost analysis of the step lowered without remat (dot_product attention)",
     "peak GiB: memory_stats()['peak_bytes_in_use'] of the case's own process (n/a on CPU)",
+    "compile s: lowering + XLA compile of the timed program(s) (train: of the chosen batch; every try in batch_search)",
 ]
 
 
