@@ -78,3 +78,10 @@ def test_budget_skips_cases(tmp_path):
     rows, _ = gpu_check.collect(args, ["--dry_run", "--budget_s=0"])
     assert rows and all(row["status"] == "skipped" for row in rows)
     assert "skipped" in gpu_check.table(rows).splitlines()[-1]
+
+
+def test_group_stopped_at_its_budget(tmp_path):
+    """A case group still running after --group_budget_s is stopped and recorded as an error."""
+    argv = ["--dry_run", f"--out={tmp_path}", "--group_budget_s=1", "--no_sampling", "--attention_impls=dot_product"]
+    rows, _ = gpu_check.collect(gpu_check.parse_args(argv), argv)
+    assert len(rows) == 1 and rows[0]["status"] == "error" and "stopped after 1 s" in rows[0]["error"]
