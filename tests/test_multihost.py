@@ -17,6 +17,7 @@ from codi_jax.runs import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
+_TEXT = dict(capture_output=True, text=True, timeout=600)
 FINETUNE = os.path.join(REPO, "checkpoints", "finetune_sr4_color")  # committed conditional run (32 px, x4 SR)
 
 
@@ -109,6 +110,40 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
+
+
+def test_two_processes_sample_what_one_process_samples(tmp_path) -> None:
+    """``sample --skip_existing`` on two real processes (``jax.distributed``): each samples its
+    block of the 7 inputs, the blocks are gathered and process 0 alone writes; the files equal one
+    process's."""
+    from PIL import Image
+
+    images = tmp_path / "lr"
+    images.mkdir()
+    rng = np.random.RandomState(1)
+    for i in range(7):
+        Image.fromarray(rng.randint(0, 256, (8, 8, 3), np.uint8)).save(images / f"lr_{i}.png")
+    args = ["-m", "codi_jax.sample", f"--run={FINETUNE}", f"--images={images}", "--input=condition"]
+    args += ["--steps=2", "--renoise", "--batch_size=2", "--seed=5", "--skip_existing", "--chunk_size=4"]
+    one = subprocess.run([sys.executable, *args, f"--out={tmp_path / 'one'}"], cwd=REPO, env=_env(), **_TEXT)
+    assert one.returncode == 0, one.stderr[-4000:]
+    distributed = [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+    workers = [
+        subprocess.Popen([sys.executable, *args, f"--out={tmp_path / 'two'}", *distributed, f"--process_id={i}"],
+                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [worker.communicate(timeout=900) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert "Wrote 7 samples" in outputs[0][0] and "Wrote" not in outputs[1][0]  # process 0 writes
+    names = sorted(os.listdir(tmp_path / "one"))
+    assert len(names) == 7 and sorted(os.listdir(tmp_path / "two")) == names
+    pixels = {
+        run: np.stack([np.asarray(Image.open(tmp_path / run / n)) for n in names]).astype(int) for run in ("one", "two")
+    }
+    diff = np.abs(pixels["one"] - pixels["two"])
+    assert diff.max() <= 1 and (diff == 0).mean() > 0.99, diff.max()
+    assert np.abs(pixels["one"][0] - pixels["one"][6]).mean() > 5  # the inputs differ: a mix-up would show
 
 
 def test_two_processes_equal_one_on_the_same_global_batches(tmp_path) -> None:

@@ -206,6 +206,44 @@ def define_out_flags(what: str) -> None:
     flags.DEFINE_bool("overwrite", False, overwrite, module_name=module)
 
 
+def define_distributed_flags() -> None:
+    """Multi-process flags (several hosts, or several processes on one): ``--jax_distributed`` and
+    the explicit ``--coordinator_address`` / ``--num_processes`` / ``--process_id``."""
+    module = _caller()
+    flags.DEFINE_bool(
+        "jax_distributed",
+        False,
+        "Multi-host (TPU pods, multi-node GPU): call jax.distributed.initialize() first. Alone it relies on "
+        "JAX's cluster auto-detection (TPU, SLURM, ...); give the three flags below to set it explicitly.",
+        module_name=module,
+    )
+    address = "host:port of process 0 (implies --jax_distributed)."
+    flags.DEFINE_string("coordinator_address", None, address, module_name=module)
+    count = "Number of processes, one per host (implies --jax_distributed)."
+    flags.DEFINE_integer("num_processes", None, count, module_name=module)
+    index = "This process's index in [0, num_processes) (implies --jax_distributed)."
+    flags.DEFINE_integer("process_id", None, index, module_name=module)
+
+
+def initialize_distributed() -> None:
+    """``jax.distributed.initialize`` with the explicit flags given (None: auto-detected); nothing
+    without the flags. Processes other than 0 then log warnings only."""
+    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    if not FLAGS.jax_distributed and all(v is None for v in explicit):
+        return
+    if any(v is None for v in explicit) and any(v is not None for v in explicit):
+        raise UserError("Give all of --coordinator_address, --num_processes and --process_id, or none.")
+    import jax
+
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
+    if jax.process_index() > 0:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # process 0 logs for the run
+
+
 HELP_SPELLINGS = ("--help", "-help", "-h", "-?", "--helpshort", "-helpshort")
 FULL_HELP_SPELLINGS = ("--helpfull", "-helpfull")
 

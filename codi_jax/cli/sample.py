@@ -75,6 +75,7 @@ flags.DEFINE_float(
     "Classifier-free guidance scale w (text runs; 1 = none; default: the run's sample_guidance_scale). A "
     "CFG-distilled student (codi.cfg_range) reads w itself; other models are guided with two calls per step.",
 )
+common.define_distributed_flags()
 RENAMED_FLAGS = {
     "workdir": "run",
     "cond": "images",
@@ -92,6 +93,7 @@ def main(argv: list[str]) -> None:
     step_counts = parse_step_counts(",".join(FLAGS.steps))
     if FLAGS.chunk_size < 1:
         raise ValueError(f"--chunk_size={FLAGS.chunk_size}: must be at least 1.")
+    common.initialize_distributed()
     from codi_jax.sampling import few_step  # heavy (JAX): imported once the flags are known good
 
     if FLAGS.skip_existing:
@@ -107,7 +109,8 @@ def main(argv: list[str]) -> None:
             checkpoint_step=FLAGS.checkpoint_step,
             strict_size=FLAGS.strict_size,
         )
-        print(f"Wrote {len(paths)} samples to {FLAGS.out}")
+        if paths or _first_process():
+            print(f"Wrote {len(paths)} samples to {FLAGS.out}")
         return
     paths = few_step.run(
         FLAGS.run,
@@ -121,7 +124,14 @@ def main(argv: list[str]) -> None:
         strict_size=FLAGS.strict_size,
         overwrite=FLAGS.overwrite,
     )
-    print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
+    if paths:  # process 0 writes
+        print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
+
+
+def _first_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def console() -> None:

@@ -32,12 +32,14 @@ flags.DEFINE_string(
     "negative_prompt", None, "Text teachers: the unconditional prompt of CFG (default: config.text.negative_prompt)."
 )
 flags.DEFINE_float("guidance_scale", 1.0, "Text teachers: classifier-free guidance scale (1 = no guidance).")
+common.define_distributed_flags()
 RENAMED_FLAGS = {"workdir": "run", "use_ema": "ema", "step": "checkpoint_step"}
 
 
 def main(argv: list[str]) -> None:
     common.no_arguments(argv)
     common.require_flags("run", "out")
+    common.initialize_distributed()
     from codi_jax.sampling import many_step  # heavy (JAX, TF): imported once the flags are known good
 
     request = dict(
@@ -46,8 +48,11 @@ def main(argv: list[str]) -> None:
     text = dict(prompt=FLAGS.prompt, negative_prompt=FLAGS.negative_prompt, guidance_scale=FLAGS.guidance_scale)
     many_step.check_request(FLAGS.run, FLAGS.out, **request, **text, overwrite=FLAGS.overwrite)
     images = many_step.sample_images(FLAGS.run, seed=FLAGS.seed, use_ema=FLAGS.ema, **request, **text)
-    paths = many_step.write_images(images, FLAGS.out, overwrite=FLAGS.overwrite)
-    print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
+    import jax
+
+    if jax.process_index() == 0:  # every process holds every sample; one writes them
+        paths = many_step.write_images(images, FLAGS.out, overwrite=FLAGS.overwrite)
+        print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 
 
 def console() -> None:

@@ -23,37 +23,13 @@ flags.DEFINE_string(
     os.path.expanduser("~/.cache/codi_jax/xla"),
     "Persistent XLA compilation cache ('' disables): resumed runs skip compiling.",
 )
-flags.DEFINE_bool(
-    "jax_distributed",
-    False,
-    "Multi-host (TPU pods, multi-node GPU): call jax.distributed.initialize() first. Alone it relies on "
-    "JAX's cluster auto-detection (TPU, SLURM, ...); give the three flags below to set it explicitly.",
-)
-flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (implies --jax_distributed).")
-flags.DEFINE_integer("num_processes", None, "Number of processes, one per host (implies --jax_distributed).")
-flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (implies --jax_distributed).")
-
-
-def initialize_distributed() -> None:
-    """``jax.distributed.initialize`` with the explicit flags given (None: auto-detected)."""
-    explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
-    if not FLAGS.jax_distributed and all(v is None for v in explicit):
-        return
-    if any(v is None for v in explicit) and any(v is not None for v in explicit):
-        raise common.UserError("Give all of --coordinator_address, --num_processes and --process_id, or none.")
-    jax.distributed.initialize(
-        coordinator_address=FLAGS.coordinator_address,
-        num_processes=FLAGS.num_processes,
-        process_id=FLAGS.process_id,
-    )
-    if jax.process_index() > 0:
-        logging.set_verbosity(logging.WARNING)  # process 0 logs for the run
+common.define_distributed_flags()
 
 
 def main(argv):
     common.no_arguments(argv)
     common.require_flags("config", "workdir")
-    initialize_distributed()
+    common.initialize_distributed()
     if FLAGS.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -395,11 +395,13 @@ def run(
     **request: Any,
 ) -> list[str]:
     """Checks the request (``prepare``; ``request``: its keywords), restores the run, samples at each
-    step count and writes; returns the paths written (the samples, then ``grid.png``)."""
+    step count and writes (process 0); returns the paths written (the samples, then ``grid.png``)."""
     plan = prepare(workdir, images_path, out_dir, step_counts, options, **request)
     pre = load_conditional(workdir, step=plan.step, use_ema=options.ema)
     samples = [sample_conditional(pre, plan.cond, plan.instructions, k, options) for k in step_counts]
     target = [plan.target] if plan.target is not None else []
+    if jax.process_index() > 0:  # every process holds every sample; one writes them
+        return []
     return write_outputs(
         out_dir, plan.names, [samplers.cond_to_rgb(plan.cond), *samples, *target], step_counts, plan.overwrite
     )
@@ -442,7 +444,8 @@ def run_resumable(
     )
     missing = missing_outputs(out_dir, names, step_counts)
     todo = np.array([i for i, files in enumerate(missing) if files], np.int64)
-    print(f"{len(names) - len(todo)} of {len(names)} inputs already sampled in {out_dir}; sampling {len(todo)}.")
+    say = print if jax.process_index() == 0 else lambda *_, **__: None  # process 0 reports
+    say(f"{len(names) - len(todo)} of {len(names)} inputs already sampled in {out_dir}; sampling {len(todo)}.")
     if not len(todo):
         return []
     pre = load_conditional(workdir, step=step, use_ema=options.ema)
@@ -462,5 +465,5 @@ def run_resumable(
         }
         if jax.process_index() == 0:
             written += atomic.write_files({p: atomic.png_bytes(x) for p, x in images.items() if p in todo_files})
-        print(f"Sampled {min(start + chunk_size, len(todo))} of {len(todo)} inputs.", flush=True)
+        say(f"Sampled {min(start + chunk_size, len(todo))} of {len(todo)} inputs.", flush=True)
     return written

@@ -190,7 +190,8 @@ def sample_in_batches(
     batches = _batches(share, batch_size, 1 if mesh is None else mesh.size, plain)
     outputs, elapsed, done = [], 0.0, 0
     for i, (batch, real) in enumerate(batches):
-        own = share[batch] if indices is None else np.asarray(indices)[share[batch]]
+        examples = np.arange(num)[batch]  # ``batch``: a slice of, or the (padded) indices of, the examples
+        own = examples if indices is None else np.asarray(indices)[examples]
         z_init, keys = example_inputs(seed, own, noise_shape, renoise)
         if mesh is not None:
             z_init, keys = jax.device_put((z_init, keys), sharding.batch_sharding(mesh))
