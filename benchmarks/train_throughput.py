@@ -1,7 +1,7 @@
 """Train-step throughput of a CoDi run: step time, images/s, per-device memory, FLOPs and MFU.
 
 The step is ``codi.train_step`` bound exactly as ``recipes`` binds it for a run, jitted with the
-state donated and compiled ahead of time (as ``train_loop`` does), on one device:
+state donated and compiled ahead of time (as ``training.aot`` does), on one device:
 
   tiny   codi_jax/configs/cpu/tiny_codi.py on codi_jax/configs/cpu/tiny_teacher.py's UNet (16x16, x2 SR)
   demo   codi_jax/configs/cpu/codi_sr4.py (--method=full: codi_jax/configs/cpu/codi_full_sr4.py, batch 8) on
@@ -12,7 +12,7 @@ state donated and compiled ahead of time (as ``train_loop`` does), on one device
          text encoder; encoding them is benchmarks/latent_encoding.py's subject)
 
 Printed: compile time; memory per device from ``Compiled.memory_analysis()`` (what
-``train_loop`` logs before step 1) and, where the backend has them, ``memory_stats()`` peak
+``training.aot`` logs before step 1) and, where the backend has them, ``memory_stats()`` peak
 bytes (on CPU: the process's max RSS, which also holds the compiler and Python); model FLOPs
 per step (XLA's cost analysis of the step lowered without remat: what the model needs) and
 executed FLOPs (of the compiled step, recomputation included); then, unless ``--no_run``,
@@ -64,10 +64,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from codi_jax import sharding  # noqa: E402
 from codi_jax.configs.cpu import codi_full_sr4, codi_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
 from codi_jax.configs.sd import sd15_sr4  # noqa: E402
-from codi_jax.data import tasks  # noqa: E402
+from codi_jax.data import task_spec  # noqa: E402
 from codi_jax.interop.torch_to_flax import unet_config_from_diffusers  # noqa: E402
 from codi_jax.models import networks  # noqa: E402
-from codi_jax.training import loop, recipes  # noqa: E402
+from codi_jax.training import aot, recipes  # noqa: E402
 from codi_jax.training.train_state import create_train_state, make_optimizer  # noqa: E402
 
 SD15_TEXT = (77, 768)
@@ -102,7 +102,7 @@ def step_and_inputs(config: ml_collections.ConfigDict, latent: int, context: tup
     optimizer = make_optimizer(config.optimizer)
     step = recipes.bind_train_step(config, model, schedule, optimizer)
     size, channels = int(config.data.image_size), int(config.model.in_channels)
-    cond_channels = tasks.cond_channels(config.task)
+    cond_channels = task_spec.cond_channels(config.task)
     width = None if context is None else context[1]
 
     def init():
@@ -227,9 +227,9 @@ def main(argv=None) -> None:
 
 
 def report(compiled, config, latent, context, batch, args, init, batch_tree, shardings=None) -> None:
-    sizes = loop.step_memory(compiled)
+    sizes = aot.step_memory(compiled)
     if sizes is not None:
-        print(loop.memory_line(sizes, loop.device_bytes_limit(jax.local_devices()[0])))
+        print(aot.memory_line(sizes, aot.device_bytes_limit(jax.local_devices()[0])))
     flops, executed = model_flops(config, latent, context, batch), flops_of(compiled.cost_analysis())
     print(f"model FLOPs / step: {flops / 1e12:.4f} TFLOP (executed, remat included: {executed / 1e12:.4f} TFLOP)")
     if args.no_run:

@@ -13,7 +13,7 @@ import pytest
 
 from codi_jax import configs
 from codi_jax.configs.cpu import tiny_teacher
-from codi_jax.data import tasks
+from codi_jax.data import task_spec
 from codi_jax.models import networks
 from codi_jax.objectives import codi
 from codi_jax.runs import config_resolution, config_upgrade
@@ -52,7 +52,7 @@ def test_config_is_valid(name: str) -> None:
     if method == "teacher":
         assert config.model.parametrization in ("v", "eps", "x")
         return
-    tasks.check_task_config(config.task)
+    task_spec.check_task_config(config.task)
     codi.check_codi_config(config.codi)
     assert config.teacher_workdir is not None
     # Resolve the backbone as a teacher would (tiny one), then build and abstractly initialise.
@@ -61,8 +61,8 @@ def test_config_is_valid(name: str) -> None:
         config.schedule = tiny_teacher.get_config().schedule
     model, _ = networks.build_conditional(config)
     size = 16
-    cond = jnp.zeros((1, size, size, tasks.cond_channels(config.task)))
-    instruction = jnp.zeros((1,), jnp.int32) if tasks.num_instructions(config.task) else None
+    cond = jnp.zeros((1, size, size, task_spec.cond_channels(config.task)))
+    instruction = jnp.zeros((1,), jnp.int32) if task_spec.num_instructions(config.task) else None
     backbone = jax.eval_shape(
         model.backbone.init, jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)), jnp.zeros((1,))
     )

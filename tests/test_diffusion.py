@@ -325,6 +325,19 @@ def test_sample_in_batches_gives_each_example_its_own_noise_at_any_batch_size() 
     np.testing.assert_array_equal(plain, np.asarray(samplers.example_noise(4, [0, 1], shape)))
 
 
+def test_process_shares_cover_every_example_once_in_order() -> None:
+    """With P processes each samples a contiguous block of ceil(N / P), padded with example N - 1:
+    the blocks, concatenated in process order and cut at N, are examples 0..N-1 (no gap, no
+    repeat), and every process runs the same number of examples (so the same number of batches)."""
+    from codi_jax.sampling import samplers
+
+    for num, count in ((11, 2), (7, 3), (2, 4), (8, 8), (5, 1)):
+        shares = [samplers.process_share(num, p, count) for p in range(count)]
+        assert len({len(share) for share in shares}) == 1, (num, count)
+        np.testing.assert_array_equal(np.concatenate(shares)[:num], np.arange(num))
+        assert np.concatenate(shares).max() == num - 1
+
+
 def test_ddim_renoising_draws_each_examples_noise_from_its_own_key() -> None:
     """A model that predicts x = 0 makes every re-noised DDIM move ``z_s = sigma_s eps``: the last
     move (``output="z"``) is ``sigma_end normal(fold_in(key_b, last step))``, per example."""

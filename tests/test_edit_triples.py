@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax.data import pipeline, tasks
+from codi_jax.data import image_files, pipeline, task_spec
 from codi_jax.frozen import batch_inputs, encoders
 
 INSTRUCTIONS = ["make it a painting of the sea", "turn the cat into a dog"]
@@ -35,7 +35,7 @@ def _write_triples(root: str) -> None:
 def _config(root: str) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
     data = pipeline.default_data_config()
     data.update(source="edit_triples", folder=root, image_size=32, random_crop=True)
-    task = tasks.default_task_config()
+    task = task_spec.default_task_config()
     task.update(name="edit", instructions="text")
     return data, task
 
@@ -43,18 +43,18 @@ def _config(root: str) -> tuple[ml_collections.ConfigDict, ml_collections.Config
 def test_listing_and_errors(tmp_path) -> None:
     root = str(tmp_path / "triples")
     _write_triples(root)
-    triples = pipeline.list_edit_triples(root)
+    triples = image_files.list_edit_triples(root)
     assert len(triples) == 4 and {t[2] for t in triples} == set(INSTRUCTIONS)
     assert all(s.endswith("_0.png") and e.endswith("_1.png") for s, e, _ in triples)
     os.remove(triples[0][1])
     with pytest.raises(FileNotFoundError, match="no edited image"):
-        pipeline.list_edit_triples(root)
+        image_files.list_edit_triples(root)
     with pytest.raises(FileNotFoundError, match="data_config.folder"):
-        pipeline.list_edit_triples(str(tmp_path / "missing"))
+        image_files.list_edit_triples(str(tmp_path / "missing"))
     data, task = _config(root)
     with pytest.raises(ValueError, match="needs a tokenizer"):
         pipeline.build_dataset(data, "train", 2, seed=0, train=True, task_config=task)
-    assert tasks.num_instructions(task) == 0 and tasks.cond_channels(task) == 3
+    assert task_spec.num_instructions(task) == 0 and task_spec.cond_channels(task) == 3
 
 
 def test_pairs_stay_aligned_and_prompts_are_tokenized(tmp_path) -> None:
@@ -82,7 +82,7 @@ def test_batch_encoder_encodes_each_examples_prompt(tmp_path) -> None:
     from codi_jax.runs import pretrained
 
     config, _ = pretrained.read_config(str(tmp_path / "teacher"))
-    config.task = tasks.default_task_config()
+    config.task = task_spec.default_task_config()
     config.task.update(name="edit", instructions="text")
     enc, frozen = batch_inputs.load(config)
     tokenize = batch_inputs.tokenizer_of(config, enc)

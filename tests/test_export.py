@@ -22,7 +22,7 @@ import pytest
 from flax import traverse_util
 
 from codi_jax import diffusion
-from codi_jax.data import tasks
+from codi_jax.data import task_spec
 from codi_jax.interop import export, flax_to_torch
 from codi_jax.interop.torch_to_flax import load_diffusers_unet, unet_param_shapes
 from codi_jax.models import adapters, lora, student
@@ -245,7 +245,7 @@ def _run_config(method: str, schedule: dict, **adapter: Any) -> ml_collections.C
     config.model = ml_collections.ConfigDict(dict(parametrization="v"))
     config.schedule = ml_collections.ConfigDict(schedule)
     if method != "teacher":
-        config.task = tasks.default_task_config()
+        config.task = task_spec.default_task_config()
         config.adapter = _adapter_config(**adapter)
         config.codi = codi.default_codi_config()
     return config

@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from codi_jax import diffusion, lowpass
 from codi_jax.cli import common
-from codi_jax.data import tasks
+from codi_jax.data import task_spec, tasks
 from codi_jax.evaluation import evaluate, report, scoring
 from codi_jax.metrics import compute_metrics
 from codi_jax.runs import pretrained
@@ -33,7 +33,7 @@ LOW = SIZE // SCALE
 
 
 def _sr_task(downsample: str = "bicubic") -> ml_collections.ConfigDict:
-    task = tasks.default_task_config()
+    task = task_spec.default_task_config()
     task.name, task.scale, task.downsample = "sr", SCALE, downsample
     return task
 
@@ -106,7 +106,7 @@ def test_target_is_consistent_with_its_own_condition(method: str) -> None:
     assert row["lr_psnr"] == np.inf and row["color_error"] == 0.0
     bicubic = scoring.faithfulness_metrics(cond, target, task)  # the bicubic row: finite, below
     assert 20.0 < bicubic["lr_psnr"] < 90.0
-    inpaint = tasks.default_task_config()
+    inpaint = task_spec.default_task_config()
     inpaint.name = "inpaint"
     assert scoring.faithfulness_metrics(cond, target, inpaint)["lr_psnr"] is None  # not applicable
 

@@ -17,6 +17,7 @@ from codi_jax.runs import pretrained
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
+FINETUNE = os.path.join(REPO, "checkpoints", "finetune_sr4_color")  # committed conditional run (32 px, x4 SR)
 
 
 def _env(**extra: str) -> dict:
@@ -72,6 +73,36 @@ def test_evaluation_sampling_on_8_devices_equals_one_device() -> None:
         assert row["shape"] == [11, 16, 16, 3], row
         assert row["cond_effect"] > 0.1, row  # the examples differ: a mix-up would show
         assert row["max_diff"] < 1e-5, row
+
+
+def _sample_cli(images: str, out: str, devices: int) -> np.ndarray:
+    """``sample`` on the committed fine-tuned x4 SR run with ``devices`` simulated CPU devices: the
+    11 samples (uint8) as one array."""
+    from PIL import Image
+
+    args = ["-m", "codi_jax.sample", f"--run={FINETUNE}", f"--images={images}", "--input=condition"]
+    args += [f"--out={out}", "--steps=2", "--renoise", "--batch_size=6", "--seed=5"]
+    env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return np.stack([np.asarray(Image.open(os.path.join(out, f"lr_{i:02d}.png"))) for i in range(11)])
+
+
+def test_sample_cli_on_8_devices_equals_one_device(tmp_path) -> None:
+    """``sample`` splits each batch over every local device (6 and 5 inputs padded to 8): its PNGs
+    equal one device's, up to one 8-bit level where a float lands on a rounding boundary."""
+    from PIL import Image
+
+    images = tmp_path / "lr"
+    images.mkdir()
+    rng = np.random.RandomState(0)
+    for i in range(11):
+        Image.fromarray(rng.randint(0, 256, (8, 8, 3), np.uint8)).save(images / f"lr_{i:02d}.png")
+    one = _sample_cli(str(images), str(tmp_path / "one"), 1)
+    eight = _sample_cli(str(images), str(tmp_path / "eight"), 8)
+    diff = np.abs(one.astype(int) - eight.astype(int))
+    assert one.shape == (11, 32, 32, 3) and diff.max() <= 1 and (diff == 0).mean() > 0.99, diff.max()
+    assert np.abs(one[0].astype(int) - one[1].astype(int)).mean() > 5  # the inputs differ: a mix-up would show
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""The ahead-of-time train step of ``train_loop``: memory totals, the device-limit check (fake
+"""The ahead-of-time train step (``training.aot``): memory totals, the device-limit check (fake
 numbers), and ``compile_train_step`` on a small fake recipe whose batch encoder changes the
 batch's shapes (the step must be compiled for the encoded batch)."""
 
@@ -16,13 +16,13 @@ import pytest
 
 from codi_jax import sharding
 from codi_jax.cli import common
-from codi_jax.training import loop, recipes
+from codi_jax.training import aot, recipes
 
 GIB = 2**30
 
 
 def _sizes(**gib: float) -> dict[str, int]:
-    sizes = {name: int(gib.get(name, 0.0) * GIB) for name in loop.MEMORY_PARTS}
+    sizes = {name: int(gib.get(name, 0.0) * GIB) for name in aot.MEMORY_PARTS}
     sizes["total"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["generated_code"]
     return sizes
 
@@ -42,37 +42,37 @@ def test_step_memory_totals_from_memory_analysis() -> None:
         generated_code_size_in_bytes=70,
     )
     compiled = types.SimpleNamespace(memory_analysis=lambda: stats)
-    sizes = loop.step_memory(compiled)
+    sizes = aot.step_memory(compiled)
     assert sizes == dict(argument=1000, output=900, alias=800, temp=5000, generated_code=70, total=6170)
 
     def unsupported():
         raise NotImplementedError("no memory analysis here")
 
-    assert loop.step_memory(types.SimpleNamespace(memory_analysis=unsupported)) is None
-    assert loop.step_memory(types.SimpleNamespace(memory_analysis=lambda: None)) is None
+    assert aot.step_memory(types.SimpleNamespace(memory_analysis=unsupported)) is None
+    assert aot.step_memory(types.SimpleNamespace(memory_analysis=lambda: None)) is None
 
 
 def test_device_bytes_limit() -> None:
     def device(stats):
         return types.SimpleNamespace(memory_stats=stats)
 
-    assert loop.device_bytes_limit(device(lambda: {"bytes_limit": 80 * GIB, "bytes_in_use": 3})) == 80 * GIB
-    assert loop.device_bytes_limit(device(lambda: None)) is None  # CPU
-    assert loop.device_bytes_limit(device(lambda: {"bytes_in_use": 3})) is None
+    assert aot.device_bytes_limit(device(lambda: {"bytes_limit": 80 * GIB, "bytes_in_use": 3})) == 80 * GIB
+    assert aot.device_bytes_limit(device(lambda: None)) is None  # CPU
+    assert aot.device_bytes_limit(device(lambda: {"bytes_in_use": 3})) is None
 
     def unimplemented():
         raise NotImplementedError
 
-    assert loop.device_bytes_limit(device(unimplemented)) is None
-    assert loop.device_bytes_limit(jax.local_devices()[0]) is None  # this CPU reports no limit
+    assert aot.device_bytes_limit(device(unimplemented)) is None
+    assert aot.device_bytes_limit(jax.local_devices()[0]) is None  # this CPU reports no limit
 
 
 def test_memory_check_names_the_fields_to_change() -> None:
     fits = _sizes(argument=10, output=10, alias=9, temp=50, generated_code=0.1)  # 61.1 GiB
-    loop.check_step_memory(fits, 80 * GIB, _config())
-    loop.check_step_memory(_sizes(temp=1000), None, _config())  # no limit known: not checked
-    with pytest.raises(loop.StepMemoryError) as raised:
-        loop.check_step_memory(_sizes(argument=10, temp=90), 80 * GIB, _config(dtype="bfloat16"))
+    aot.check_step_memory(fits, 80 * GIB, _config())
+    aot.check_step_memory(_sizes(temp=1000), None, _config())  # no limit known: not checked
+    with pytest.raises(aot.StepMemoryError) as raised:
+        aot.check_step_memory(_sizes(argument=10, temp=90), 80 * GIB, _config(dtype="bfloat16"))
     message = str(raised.value)
     for expected in (
         "100.00 GiB per device",
@@ -84,9 +84,9 @@ def test_memory_check_names_the_fields_to_change() -> None:
     ):
         assert expected in message, (expected, message)
     assert isinstance(raised.value, common.USER_ERRORS)  # the CLI reports it in one line, exit code 2
-    line = loop.memory_line(fits, 80 * GIB)
+    line = aot.memory_line(fits, 80 * GIB)
     assert "temporaries 50.000 GiB" in line and "= 61.100 GiB of 80.00 GiB" in line
-    assert "not checked" in loop.memory_line(fits, None)
+    assert "not checked" in aot.memory_line(fits, None)
 
 
 @flax.struct.dataclass
@@ -121,7 +121,7 @@ def test_compile_train_step_on_the_encoded_batch(caplog, monkeypatch) -> None:
     batch = jax.device_put({"image": images}, batch_sharding)
     recipe = _recipe()
     with caplog.at_level(logging.INFO):
-        compiled = loop.compile_train_step(recipe, _config(), (shardings, batch_sharding, repl), state, batch)
+        compiled = aot.compile_train_step(recipe, _config(), (shardings, batch_sharding, repl), state, batch)
     assert "Train step memory per device (AOT)" in caplog.text and "not checked" in caplog.text
     rng = jax.random.fold_in(state.rng, 0)
     encoded = jax.jit(recipe.encode_batch, out_shardings=batch_sharding)(recipe.frozen_data, batch, rng)
@@ -132,7 +132,7 @@ def test_compile_train_step_on_the_encoded_batch(caplog, monkeypatch) -> None:
     assert state.w.is_deleted()  # the state was donated
 
     # A device too small for the step: an error naming the fields, before any step runs.
-    monkeypatch.setattr(loop, "device_bytes_limit", lambda device: 16)
+    monkeypatch.setattr(aot, "device_bytes_limit", lambda device: 16)
     fresh = jax.device_put(_State(jnp.zeros((), jnp.int32), jnp.ones((2,)), jax.random.PRNGKey(0)), repl)
-    with pytest.raises(loop.StepMemoryError, match="config.batch_size"):
-        loop.compile_train_step(recipe, _config(), (shardings, batch_sharding, repl), fresh, batch)
+    with pytest.raises(aot.StepMemoryError, match="config.batch_size"):
+        aot.compile_train_step(recipe, _config(), (shardings, batch_sharding, repl), fresh, batch)

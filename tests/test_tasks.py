@@ -15,7 +15,7 @@ from ml_collections import ConfigDict
 from PIL import Image
 from test_data import NetworkBlocked, _block_network
 
-from codi_jax.data import degradations, procedural, tasks
+from codi_jax.data import degradations, procedural, task_spec, tasks
 from codi_jax.data.pipeline import build_dataset, default_data_config, numpy_iterator
 
 
@@ -31,7 +31,7 @@ def _photos(size: int = 32) -> np.ndarray:
 
 
 def _task(name: str, **fields: object) -> ConfigDict:
-    config = tasks.default_task_config()
+    config = task_spec.default_task_config()
     config.name = name
     for key, value in fields.items():
         if isinstance(value, dict):
@@ -61,7 +61,7 @@ def test_task_contract_and_determinism(case: str) -> None:
     config, channels, random = TASK_CASES[case]
     images = np.repeat(_photos(), 2, axis=0)  # Each photo twice: examples 2i and 2i + 1 differ in seed only.
     out = tasks.degrade_images(config, images, seed=0)
-    assert tasks.cond_channels(config) == channels
+    assert task_spec.cond_channels(config) == channels
     assert out["image"].shape == images.shape and out["image"].dtype == np.float32
     assert out["cond"].shape == images.shape[:3] + (channels,) and out["cond"].dtype == np.float32
     for key in ("image", "cond"):
@@ -78,13 +78,14 @@ def test_task_contract_and_determinism(case: str) -> None:
 
 
 def test_none_task_and_counts() -> None:
-    config = tasks.default_task_config()
-    assert config.name == "none" and tasks.cond_channels(config) == 0 and tasks.num_instructions(config) == 0
+    config = task_spec.default_task_config()
+    assert config.name == "none" and task_spec.cond_channels(config) == 0 and task_spec.num_instructions(config) == 0
     example = {"image": tf.zeros([8, 8, 3])}
     assert tasks.apply_task(config, example, tf.constant([0, 0])) is example
     edit = _task("edit", num_instructions=3)
-    assert tasks.num_instructions(edit) == 3 and tasks.instruction_names(edit) == tasks.EDIT_NAMES[:3]
-    assert len(tasks.EDIT_NAMES) >= 8 and tasks.default_task_config().num_instructions == len(tasks.EDIT_NAMES)
+    assert task_spec.num_instructions(edit) == 3 and task_spec.instruction_names(edit) == task_spec.EDIT_NAMES[:3]
+    names = task_spec.EDIT_NAMES
+    assert len(names) >= 8 and task_spec.default_task_config().num_instructions == len(names)
 
 
 @pytest.mark.parametrize(
@@ -116,19 +117,19 @@ def test_none_task_and_counts() -> None:
 def test_bad_options_name_the_field(fields: dict, message: str) -> None:
     config = _task(**fields)
     with pytest.raises(ValueError, match=message):
-        tasks.cond_channels(config)
+        task_spec.cond_channels(config)
     with pytest.raises(ValueError, match=message):
         tasks.degrade_images(config, _photos(16), seed=0)
 
 
 def test_configs_restored_from_json_still_work() -> None:
     """Checkpoints store the config as JSON, which turns tuples into lists."""
-    for name in tasks.TASKS:
+    for name in task_spec.TASKS:
         config = _task(name, degradation="realesrgan", depth_source="procedural")
         restored = ConfigDict(json.loads(config.to_json()))
         assert isinstance(restored.mask_area_range, list)
-        tasks.check_task_config(restored)
-        assert tasks.cond_channels(restored) == tasks.cond_channels(config)
+        task_spec.check_task_config(restored)
+        assert task_spec.cond_channels(restored) == task_spec.cond_channels(config)
     restored = ConfigDict(json.loads(_task("inpaint").to_json()))
     out = tasks.degrade_images(restored, _photos(16), seed=0)
     np.testing.assert_array_equal(out["cond"], tasks.degrade_images(_task("inpaint"), _photos(16), seed=0)["cond"])
@@ -162,7 +163,7 @@ def test_sr_bicubic_equals_pil_down_and_up(scale: int) -> None:
 
 
 def _all_stages_off() -> ConfigDict:
-    config = degradations.default_realesrgan_config()
+    config = task_spec.default_realesrgan_config()
     for field in ("blur_prob", "noise_prob", "jpeg_prob", "second_blur_prob", "noise_prob2", "jpeg_prob2"):
         config[field] = 0.0
     config.final_sinc_prob = 0.0
@@ -217,7 +218,7 @@ def test_realesrgan_contract_determinism_and_difference_from_bicubic() -> None:
     again = tasks.degrade_images(config, images, seed=0)
     np.testing.assert_array_equal(again["cond"], cond)
     # Kernels are capped for tiny images (the pipeline test runs Real-ESRGAN on 16 px patches).
-    assert degradations.kernel_size_choices(degradations.default_realesrgan_config(), 16) == (7, 9, 11)
+    assert degradations.kernel_size_choices(task_spec.default_realesrgan_config(), 16) == (7, 9, 11)
 
 
 def test_jpeg_changes_the_image_more_at_low_quality() -> None:
@@ -231,8 +232,8 @@ def test_jpeg_changes_the_image_more_at_low_quality() -> None:
 
 
 def test_random_kernels_are_normalised_and_shaped() -> None:
-    for index, kind in enumerate(degradations.KERNEL_TYPES):
-        weights = [0.0] * len(degradations.KERNEL_TYPES)
+    for index, kind in enumerate(task_spec.KERNEL_TYPES):
+        weights = [0.0] * len(task_spec.KERNEL_TYPES)
         weights[index] = 1.0
         kernel = degradations.random_mixed_kernel(
             tf.constant([index, 1]),
@@ -255,7 +256,7 @@ def test_random_kernels_are_normalised_and_shaped() -> None:
 # --------------------------------------------------------------------------- inpaint
 
 
-@pytest.mark.parametrize("kind", tasks.MASK_KINDS)
+@pytest.mark.parametrize("kind", task_spec.MASK_KINDS)
 def test_inpaint_cond_masks_exactly_and_area_is_in_range(kind: str) -> None:
     config = _task("inpaint", mask_kind=kind, mask_area_range=(0.1, 0.4))
     images = np.repeat(_photos(32), 16, axis=0)
@@ -414,7 +415,7 @@ def test_procedural_task_renders_textured_scenes_with_exact_depth() -> None:
     assert not np.array_equal(rendered, images)
     # Photographic colours: rendered colours come from the input (shaded), not flat fills.
     assert rendered.std(axis=(1, 2)).mean() > 0.1
-    scenes = procedural.sample_scene(tf.constant([0, 1]), procedural.default_procedural_config(), 32)
+    scenes = procedural.sample_scene(tf.constant([0, 1]), task_spec.default_procedural_config(), 32)
     assert scenes["kind"].numpy()[0] == procedural.PLANE and scenes["active"].numpy()[0]
     assert (scenes["depth"].numpy()[0] > scenes["depth"].numpy()[1:]).all()  # Background is farthest.
 
@@ -450,7 +451,7 @@ def _numpy_edit(image: np.ndarray, name: str) -> np.ndarray:
 
 def test_each_edit_equals_numpy() -> None:
     image = _photo(16)
-    for instruction, name in enumerate(tasks.EDIT_NAMES):
+    for instruction, name in enumerate(task_spec.EDIT_NAMES):
         got = tasks.apply_edit(tf.constant(image), tf.constant(instruction)).numpy()
         np.testing.assert_allclose(got, _numpy_edit(image, name), atol=1e-5, err_msg=name)
         assert not np.allclose(got, image), name  # Every edit changes the image.
@@ -462,7 +463,7 @@ def test_edit_task_pairs_source_and_edited_image() -> None:
     np.testing.assert_array_equal(out["cond"], images)
     assert out["instruction"].dtype == np.int32 and set(out["instruction"]) == {0, 1, 2, 3}
     for source, edited, instruction in zip(out["cond"], out["image"], out["instruction"], strict=True):
-        np.testing.assert_allclose(edited, _numpy_edit(source, tasks.EDIT_NAMES[instruction]), atol=1e-5)
+        np.testing.assert_allclose(edited, _numpy_edit(source, task_spec.EDIT_NAMES[instruction]), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- pipeline
@@ -566,7 +567,7 @@ def test_eval_padding_has_zero_cond_and_instruction(patches16: ConfigDict, offli
     # The edit is applied to the real examples: image = edit(cond).
     real = _real_examples(batches)
     for source, edited, instruction in zip(real["cond"], real["image"], real["instruction"], strict=True):
-        np.testing.assert_allclose(edited, _numpy_edit(source, tasks.EDIT_NAMES[instruction]), atol=1e-5)
+        np.testing.assert_allclose(edited, _numpy_edit(source, task_spec.EDIT_NAMES[instruction]), atol=1e-5)
 
 
 def test_pipeline_without_task_is_unchanged_and_errors_name_the_problem(patches16: ConfigDict, tmp_path: Path) -> None:

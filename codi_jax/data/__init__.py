@@ -1,24 +1,8 @@
-"""Data: the offline `skimage_patches` tfds builder and tf.data input pipelines."""
+"""Data: the ``task`` section of a config (``task_spec``, no TensorFlow) and the tf.data input
+pipelines (``pipeline``, ``tasks``, ``degradations``, ``procedural``, the offline
+``skimage_patches`` tfds builder; TensorFlow).
 
-from codi_jax.data.pipeline import (
-    SOURCES,
-    build_dataset,
-    default_data_config,
-    list_image_files,
-    load_image_rgb,
-    numpy_iterator,
-    to_global_batch,
-)
-from codi_jax.data.skimage_patches import PATCH_SIZES, SkimagePatches
-
-__all__ = [
-    "PATCH_SIZES",
-    "SOURCES",
-    "SkimagePatches",
-    "build_dataset",
-    "default_data_config",
-    "list_image_files",
-    "load_image_rgb",
-    "numpy_iterator",
-    "to_global_batch",
-]
+Nothing is imported here, so ``from codi_jax.data import task_spec`` does not load TensorFlow:
+the models, losses, samplers and checkpoints only ever need ``task_spec``. The pipeline modules
+import TensorFlow when they are imported, where data is read.
+"""

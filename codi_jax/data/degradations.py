@@ -10,7 +10,7 @@ with stateless random ops, so that it runs inside a tf.data map and is a pure fu
     stage 2: blur (with `second_blur_prob`) -> random resize towards the LR size -> noise
     final:   in random order, [resize to LR size + sinc filter] and [JPEG]; then round to 1/255
 
-Every probability and range is a field of `default_realesrgan_config()` with Real-ESRGAN's
+Every probability and range is a field of `task_spec.default_realesrgan_config()` with Real-ESRGAN's
 default (options/train_realesrgan_x4plus.yml). Fields that Real-ESRGAN does not have (its stage
 is always on) are probabilities defaulting to 1.0, so each stage can be switched off: with all
 stage probabilities 0, `resize_prob=resize_prob2=(0, 0, 1)` and a single `resize_modes` entry the
@@ -34,132 +34,6 @@ from collections.abc import Callable, Sequence
 
 import ml_collections
 import tensorflow as tf
-
-KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
-RESIZE_MODES = ("area", "bilinear", "bicubic")
-# Probabilities of (up, down, keep) in the random resize.
-RESIZE_DIRECTIONS = ("up", "down", "keep")
-
-
-def default_realesrgan_config() -> ml_collections.ConfigDict:
-    """The `task.realesrgan` fields: Real-ESRGAN's defaults (x4plus) plus per-stage switches."""
-    config = ml_collections.ConfigDict()
-    # Kernels: odd sizes drawn uniformly from kernel_size_range (Real-ESRGAN: 7..21), capped at
-    # max_kernel_size_fraction of the HR side (rounded down to odd, at least 3).
-    config.kernel_size_range = (7, 21)
-    config.max_kernel_size_fraction = 0.75
-    config.resize_modes = RESIZE_MODES  # interpolations drawn uniformly at every resize
-    # ---- first degradation
-    config.blur_prob = 1.0  # not in Real-ESRGAN (always blurs)
-    config.kernel_prob = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)  # probabilities of KERNEL_TYPES
-    config.sinc_prob = 0.1  # sinc (ringing) kernel instead of the above
-    config.blur_sigma = (0.2, 3.0)  # Gaussian sigma range (HR pixels), both axes
-    config.betag_range = (0.5, 4.0)  # shape of generalized Gaussian kernels
-    config.betap_range = (1.0, 2.0)  # shape of plateau kernels
-    config.resize_prob = (0.2, 0.7, 0.1)  # up, down, keep
-    config.resize_range = (0.15, 1.5)  # scale factor range (down: [lo, 1], up: [1, hi])
-    config.noise_prob = 1.0  # not in Real-ESRGAN (always adds noise)
-    config.gaussian_noise_prob = 0.5  # Gaussian, else Poisson
-    config.noise_range = (1.0, 30.0)  # Gaussian sigma in 8-bit levels
-    config.poisson_scale_range = (0.05, 3.0)
-    config.gray_noise_prob = 0.4  # same noise in all channels
-    config.jpeg_prob = 1.0  # not in Real-ESRGAN (always compresses)
-    config.jpeg_range = (30, 95)  # JPEG quality range (inclusive)
-    # ---- second degradation
-    config.second_blur_prob = 0.8
-    config.kernel_prob2 = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
-    config.sinc_prob2 = 0.1
-    config.blur_sigma2 = (0.2, 1.5)
-    config.betag_range2 = (0.5, 4.0)
-    config.betap_range2 = (1.0, 2.0)
-    config.resize_prob2 = (0.3, 0.4, 0.3)
-    config.resize_range2 = (0.3, 1.2)  # relative to the LR size
-    config.noise_prob2 = 1.0
-    config.gaussian_noise_prob2 = 0.5
-    config.noise_range2 = (1.0, 25.0)
-    config.poisson_scale_range2 = (0.05, 2.5)
-    config.gray_noise_prob2 = 0.4
-    config.jpeg_prob2 = 1.0  # the final JPEG
-    config.jpeg_range2 = (30, 95)
-    # ---- final
-    config.final_sinc_prob = 0.8  # sinc filter after the final resize (else none)
-    config.final_sinc_first_prob = 0.5  # [resize + sinc] before the final JPEG (else after)
-    config.quantize = True  # round the LR image to 8-bit levels, as Real-ESRGAN does
-    return config
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _require(ok: bool, field: str, value: object, expected: str) -> None:
-    if not ok:
-        raise ValueError(f"{field}={value!r}: expected {expected}")
-
-
-def _check_probability(config: ml_collections.ConfigDict, prefix: str, name: str) -> None:
-    value = config[name]
-    _require(isinstance(value, int | float) and 0.0 <= value <= 1.0, prefix + name, value, "a probability in [0, 1]")
-
-
-def _check_range(config: ml_collections.ConfigDict, prefix: str, name: str, *, low: float) -> None:
-    value = config[name]
-    ok = isinstance(value, Sequence) and len(value) == 2 and low <= value[0] <= value[1]
-    _require(ok, prefix + name, value, f"(lo, hi) with {low} <= lo <= hi")
-
-
-def _check_distribution(config: ml_collections.ConfigDict, prefix: str, name: str, names: Sequence[str]) -> None:
-    value = config[name]
-    ok = (
-        isinstance(value, Sequence)
-        and len(value) == len(names)
-        and all(isinstance(p, int | float) and p >= 0 for p in value)
-        and sum(value) > 0
-    )
-    _require(ok, prefix + name, value, f"{len(names)} non-negative weights with a positive sum for {tuple(names)}")
-
-
-def check_realesrgan_config(config: ml_collections.ConfigDict, prefix: str = "task.realesrgan.") -> None:
-    """Raises ValueError naming the first bad field."""
-    for name in (
-        "blur_prob",
-        "sinc_prob",
-        "noise_prob",
-        "gaussian_noise_prob",
-        "gray_noise_prob",
-        "jpeg_prob",
-        "second_blur_prob",
-        "sinc_prob2",
-        "noise_prob2",
-        "gaussian_noise_prob2",
-        "gray_noise_prob2",
-        "jpeg_prob2",
-        "final_sinc_prob",
-        "final_sinc_first_prob",
-    ):
-        _check_probability(config, prefix, name)
-    for name in ("kernel_prob", "kernel_prob2"):
-        _check_distribution(config, prefix, name, KERNEL_TYPES)
-    for name in ("resize_prob", "resize_prob2"):
-        _check_distribution(config, prefix, name, RESIZE_DIRECTIONS)
-    for name in ("blur_sigma", "blur_sigma2", "resize_range", "resize_range2", "poisson_scale_range"):
-        _check_range(config, prefix, name, low=1e-6)
-    _check_range(config, prefix, "poisson_scale_range2", low=0.0)
-    for name in ("betag_range", "betag_range2", "betap_range", "betap_range2"):
-        _check_range(config, prefix, name, low=1e-3)
-    for name in ("noise_range", "noise_range2"):
-        _check_range(config, prefix, name, low=0.0)
-    for name in ("jpeg_range", "jpeg_range2"):
-        value = config[name]
-        _check_range(config, prefix, name, low=1)
-        _require(value[1] <= 100 and all(float(q).is_integer() for q in value), prefix + name, value, "integers <= 100")
-    sizes = config.kernel_size_range
-    _check_range(config, prefix, "kernel_size_range", low=1)
-    _require(all(int(s) % 2 == 1 for s in sizes), prefix + "kernel_size_range", sizes, "odd sizes")
-    fraction = config.max_kernel_size_fraction
-    _require(0.0 < fraction, prefix + "max_kernel_size_fraction", fraction, "a positive fraction of the image side")
-    modes = tuple(config.resize_modes)
-    ok = bool(modes) and all(mode in RESIZE_MODES for mode in modes)
-    _require(ok, prefix + "resize_modes", config.resize_modes, f"a non-empty subset of {RESIZE_MODES}")
 
 
 def kernel_size_choices(config: ml_collections.ConfigDict, image_size: int) -> tuple[int, ...]:

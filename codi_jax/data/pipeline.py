@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -62,7 +61,13 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-from codi_jax.data import skimage_patches, tasks
+from codi_jax.data import skimage_patches, task_spec, tasks
+from codi_jax.data.image_files import (
+    check_image_headers,
+    list_edit_triples,
+    list_image_files,
+    load_image_rgb,
+)
 
 # TF only feeds the host pipeline; it must not allocate GPU memory that JAX needs.
 try:
@@ -71,7 +76,6 @@ except (RuntimeError, ValueError):  # Devices already initialised, or no GPU sup
     pass
 
 SOURCES = ("skimage_patches", "tfds", "folder", "edit_triples")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
@@ -472,59 +476,9 @@ def _tfds_records(builder: tfds.core.DatasetBuilder, split: str, keep: list[str]
     return Records(len(source), read)
 
 
-def list_image_files(folder: str) -> list[str]:
-    """Sorted image paths under `folder` (recursive); errors name the folder."""
-    if not folder:
-        raise ValueError("data_config.source='folder' needs data_config.folder")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"image folder {folder!r} does not exist or is not a directory")
-    paths = sorted(
-        os.path.join(root, name)
-        for root, _, names in os.walk(folder, followlinks=True)
-        for name in names
-        if name.lower().endswith(IMAGE_EXTENSIONS)
-    )
-    if not paths:
-        raise FileNotFoundError(f"image folder {folder!r} contains no images with extensions {IMAGE_EXTENSIONS}")
-    return paths
-
-
-def _check_image_headers(paths: list[str]) -> None:
-    """Fails fast on files that are not images at all (reads only the headers)."""
-    from PIL import Image, UnidentifiedImageError
-
-    for path in paths:
-        try:
-            with Image.open(path):  # Parses the header only; pixels are decoded later.
-                pass
-        except (UnidentifiedImageError, OSError, SyntaxError) as error:
-            raise ValueError(f"corrupt or unreadable image file {path!r}: {error}") from error
-
-
-def load_image_rgb(path: str) -> np.ndarray:
-    """Reads any PIL-readable image as uint8 HxWx3 (alpha over white, EXIF rotation applied)."""
-    from PIL import Image, ImageOps
-
-    try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            if image.mode.startswith("I"):  # 16/32-bit grayscale: scale 16-bit range to 8 bits.
-                gray = np.asarray(image, dtype=np.float32) / 257.0
-                image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8))
-            has_alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-            if has_alpha:
-                rgba = image.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                image = Image.alpha_composite(white, rgba)
-            rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except Exception as error:  # Any decoder failure: name the file.
-        raise ValueError(f"corrupt or unreadable image file {path!r}: {error}") from error
-    return rgb
-
-
 def _folder_examples(data_config: ml_collections.ConfigDict, *, process_index: int, process_count: int) -> Source:
     paths = list_image_files(data_config.folder)
-    _check_image_headers(paths)
+    check_image_headers(paths)
     share = _process_share(paths, process_index, process_count, data_config.folder)
     table = tf.constant(share)
 
@@ -541,33 +495,6 @@ def _process_share(items: list, process_index: int, process_count: int, folder: 
     if not share:
         raise ValueError(f"data_config.folder={folder!r}: {len(items)} examples cannot feed {process_count} processes")
     return share
-
-
-def list_edit_triples(folder: str) -> list[tuple[str, str, str]]:
-    """``(source, edited, instruction)`` of every pair under ``folder`` (InstructPix2Pix layout,
-    see the module docstring), sorted; errors name the folder or file."""
-    import json
-
-    if not folder or not os.path.isdir(folder):
-        raise FileNotFoundError(f"data_config.folder={folder!r}: not a directory (source='edit_triples')")
-    triples = []
-    for root, _, names in sorted(os.walk(folder, followlinks=True)):
-        if "prompt.json" not in names:
-            continue
-        with open(os.path.join(root, "prompt.json")) as f:
-            instruction = str(json.load(f).get("edit", ""))
-        sources = sorted(
-            n for n in names if os.path.splitext(n)[0].endswith("_0") and n.lower().endswith(IMAGE_EXTENSIONS)
-        )
-        for name in sources:
-            stem, ext = os.path.splitext(name)
-            edited = [n for n in names if os.path.splitext(n)[0] == stem[:-2] + "_1"]
-            if not edited:
-                raise FileNotFoundError(f"{os.path.join(root, name)}: no edited image {stem[:-2]}_1{ext} beside it")
-            triples.append((os.path.join(root, name), os.path.join(root, edited[0]), instruction))
-    if not triples:
-        raise FileNotFoundError(f"data_config.folder={folder!r}: no prompt.json with <seed>_0 / <seed>_1 image pairs")
-    return triples
 
 
 def _triple_examples(
@@ -614,7 +541,7 @@ def build_dataset(
     Training streams start at batch `start_batch` (a resumed run's step): by random access, at
     the cost of batch 0, except for TFRecord-stored tfds datasets, which read the examples before it."""
     if task_config is not None:
-        tasks.check_task_config(task_config)
+        task_spec.check_task_config(task_config)
         if task_config.name == "none":
             task_config = None  # Unconditional: exactly the plain pipeline.
     if data_config.source not in SOURCES:
@@ -633,7 +560,7 @@ def build_dataset(
     # Eval task seeds use the example's index in the whole split: index = offset + stride * local.
     index_offset, index_stride = 0, 1
     if data_config.source == "folder":
-        if task_config is not None and tasks.needs_depth_feature(task_config):
+        if task_config is not None and task_spec.needs_depth_feature(task_config):
             raise ValueError(
                 "task.depth_source='feature' needs a source with a `depth` feature; data_config.source='folder' "
                 "has none (use task.depth_source='procedural')"

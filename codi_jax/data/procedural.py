@@ -31,35 +31,6 @@ from codi_jax.data.degradations import mirror_index, split_seed, uniform
 SPHERE, BOX, PLANE = 0, 1, 2
 
 
-def default_procedural_config() -> ml_collections.ConfigDict:
-    """The `task.procedural` fields."""
-    config = ml_collections.ConfigDict()
-    config.max_objects = 4  # objects in front of the background: 1..max_objects, uniform
-    config.sphere_prob = 0.5  # each object is a sphere with this probability, else a box
-    config.depth_range = (1.0, 4.0)  # (near, far): objects' centres in the nearer 70%, background beyond
-    config.size_range = (0.15, 0.5)  # sphere radius / box half-side, in units of the image half-width
-    config.max_tilt = 0.5  # |dz/du|, |dz/dv| of boxes and (x 0.3) of the background plane
-    config.ambient = 0.35  # shading: ambient + (1 - ambient) * max(0, n . light)
-    return config
-
-
-def check_procedural_config(config: ml_collections.ConfigDict, prefix: str = "task.procedural.") -> None:
-    """Raises ValueError naming the first bad field."""
-
-    def require(ok: bool, name: str, expected: str) -> None:
-        if not ok:
-            raise ValueError(f"{prefix}{name}={config[name]!r}: expected {expected}")
-
-    require(isinstance(config.max_objects, int) and config.max_objects >= 1, "max_objects", "an int >= 1")
-    require(0.0 <= config.sphere_prob <= 1.0, "sphere_prob", "a probability in [0, 1]")
-    near, far = config.depth_range
-    require(0.0 < near < far, "depth_range", "(near, far) with 0 < near < far")
-    low, high = config.size_range
-    require(0.0 < low <= high, "size_range", "(lo, hi) with 0 < lo <= hi")
-    require(config.max_tilt >= 0.0, "max_tilt", "a non-negative slope")
-    require(0.0 <= config.ambient <= 1.0, "ambient", "a fraction in [0, 1]")
-
-
 @tf.autograph.experimental.do_not_convert
 def sample_scene(seed: tf.Tensor, config: ml_collections.ConfigDict, size: int) -> dict[str, tf.Tensor]:
     """A random scene with `1 + max_objects` layers (layer 0 = background plane).

@@ -12,7 +12,7 @@ per-example seed, so training streams and held-out sets are deterministic and re
                adapter's hint network reads (C = `cond_channels(task_config)`);
   instruction  int32 (), `edit` only: the id of the edit in `EDIT_NAMES`.
 
-Tasks (`task.name`, fields of `default_task_config()`):
+Tasks (`task.name`, fields of `task_spec.default_task_config()`):
   none      unconditional: the example is returned unchanged, no `cond`.
   sr        super-resolution by `scale`. `degradation='bicubic'`: anti-aliased bicubic (or area)
             downscale; 'realesrgan': Real-ESRGAN's second-order degradation (degradations.py).
@@ -48,35 +48,22 @@ maps convert by default) made tracing the Real-ESRGAN chain take ~25 s instead o
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
 import tensorflow as tf
 
 from codi_jax.data import degradations, procedural
-
-TASKS = ("none", "sr", "inpaint", "edge", "depth", "edit")
-SR_DEGRADATIONS = ("bicubic", "realesrgan")
-SR_DOWNSAMPLES = ("bicubic", "area")
-MASK_KINDS = ("freeform", "box", "mixed")
-EDGE_METHODS = ("canny", "sobel")
-DEPTH_SOURCES = ("feature", "procedural")
-EDIT_INSTRUCTIONS = ("ids", "text")
-# The edit table; an instruction id indexes it.
-EDIT_NAMES = (
-    "flip_horizontal",
-    "grayscale",
-    "invert",
-    "rotate_90",  # counter-clockwise
-    "warm_tint",
-    "cool_tint",
-    "brighten",
-    "darken",
-    "blur",
-    "posterize",
+from codi_jax.data.task_spec import (
+    EDIT_NAMES,
+    check_task_config,
+    cond_channels,
+    needs_depth_feature,
+    text_instructions,
 )
+
 # Edit parameters (in [-1, 1] image units), shared with the tests' NumPy versions.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 TINT_SHIFT = 0.2  # warm: red +, blue -; cool: the opposite
@@ -90,140 +77,6 @@ TASK_SEED_SALT = 0x7A5C
 EVAL_SEED_SALT = 0x3D1E
 
 Example = dict[str, Any]
-
-
-def default_task_config() -> ml_collections.ConfigDict:
-    """The `config.task` fields and their defaults (only those of `name`'s task are used)."""
-    config = ml_collections.ConfigDict()
-    config.name = "none"  # one of TASKS
-    # ---- sr
-    config.scale = 4  # downscale factor; must divide the image size
-    config.degradation = "bicubic"  # 'bicubic' | 'realesrgan'
-    config.downsample = "bicubic"  # filter of the 'bicubic' degradation: 'bicubic' (anti-aliased) | 'area'
-    config.realesrgan = degradations.default_realesrgan_config()  # degradation='realesrgan' only
-    # ---- inpaint
-    config.mask_kind = "mixed"  # 'freeform' (brush strokes) | 'box' | 'mixed'
-    config.mask_area_range = (0.1, 0.5)  # target hole area fraction, drawn uniformly per example
-    config.mask_box_prob = 0.5  # mask_kind='mixed': probability of a box mask (else strokes)
-    config.stroke_max_count = 8  # candidate strokes; added one by one until the target area
-    config.stroke_max_segments = 6  # segments per stroke: 1..this, uniform
-    config.stroke_length_range = (0.1, 0.4)  # segment length, fraction of the image side
-    config.stroke_width_range = (0.05, 0.15)  # brush width, fraction of the side (at least 1 px)
-    config.box_max_count = 4  # candidate boxes; added one by one until the target area
-    config.box_size_range = (0.15, 0.6)  # box side, fraction of the image side
-    # ---- edge
-    config.edge_method = "canny"  # 'canny' | 'sobel' (magnitude >= edge_high_threshold, no thinning)
-    config.edge_sigma = 1.0  # Gaussian smoothing before the gradient (pixels; 0 = none)
-    # Thresholds on the gradient magnitude of the [0, 1] gray image (Sobel / 8: a unit step gives 0.5
-    # unsmoothed); 0.05 / 0.1 are about ControlNet's Canny 100 / 200 on 8-bit images.
-    config.edge_low_threshold = 0.05
-    config.edge_high_threshold = 0.1
-    # ---- depth
-    config.depth_source = "feature"  # 'feature' (the example's `depth`) | 'procedural'
-    config.depth_is_disparity = True  # the feature grows towards the camera (skimage_patches); False: metric
-    config.filter_missing_depth = True  # drop examples whose `has_depth` is False
-    config.procedural = procedural.default_procedural_config()  # depth_source='procedural' only
-    # ---- edit
-    config.num_instructions = len(EDIT_NAMES)  # the first this many of EDIT_NAMES are used
-    # 'ids': this codebase's synthetic edits (EDIT_NAMES, an instruction id per example); 'text':
-    # the data's own pairs and free-text instructions (source='edit_triples', InstructPix2Pix)
-    config.instructions = "ids"
-    return config
-
-
-# --------------------------------------------------------------------------- validation
-
-
-def _fail(field: str, value: Any, expected: str) -> NoReturn:
-    raise ValueError(f"task.{field}={value!r}: expected {expected}")
-
-
-def _check_choice(config: ml_collections.ConfigDict, field: str, choices: Sequence[str]) -> None:
-    if config[field] not in choices:
-        _fail(field, config[field], f"one of {tuple(choices)}")
-
-
-def _check_fraction_range(config: ml_collections.ConfigDict, field: str, *, upper: float = 1.0) -> None:
-    value = config[field]
-    ok = isinstance(value, Sequence) and len(value) == 2 and 0.0 < value[0] <= value[1] <= upper
-    if not ok:
-        _fail(field, value, f"(lo, hi) with 0 < lo <= hi <= {upper}")
-
-
-def _check_count(config: ml_collections.ConfigDict, field: str) -> None:
-    value = config[field]
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        _fail(field, value, "an integer >= 1")
-
-
-def check_task_config(task_config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the field when `task_config` is invalid for its task."""
-    name = task_config.get("name")
-    if name not in TASKS:
-        raise ValueError(f"task.name={name!r}: unknown task; valid names: {TASKS}")
-    if name == "sr":
-        scale = task_config.scale
-        if not isinstance(scale, int) or isinstance(scale, bool) or scale < 2:
-            _fail("scale", scale, "an integer >= 2 (e.g. 2 or 4)")
-        _check_choice(task_config, "degradation", SR_DEGRADATIONS)
-        _check_choice(task_config, "downsample", SR_DOWNSAMPLES)
-        if task_config.degradation == "realesrgan":
-            degradations.check_realesrgan_config(task_config.realesrgan)
-    elif name == "inpaint":
-        _check_choice(task_config, "mask_kind", MASK_KINDS)
-        _check_fraction_range(task_config, "mask_area_range")
-        if not 0.0 <= task_config.mask_box_prob <= 1.0:
-            _fail("mask_box_prob", task_config.mask_box_prob, "a probability in [0, 1]")
-        for field in ("stroke_max_count", "stroke_max_segments", "box_max_count"):
-            _check_count(task_config, field)
-        _check_fraction_range(task_config, "stroke_length_range", upper=2.0)
-        _check_fraction_range(task_config, "stroke_width_range")
-        _check_fraction_range(task_config, "box_size_range")
-    elif name == "edge":
-        _check_choice(task_config, "edge_method", EDGE_METHODS)
-        if task_config.edge_sigma < 0:
-            _fail("edge_sigma", task_config.edge_sigma, "a non-negative sigma in pixels")
-        low, high = task_config.edge_low_threshold, task_config.edge_high_threshold
-        if not 0.0 <= low <= high:
-            _fail("edge_low_threshold", low, f"0 <= edge_low_threshold <= edge_high_threshold ({high})")
-    elif name == "depth":
-        _check_choice(task_config, "depth_source", DEPTH_SOURCES)
-        if task_config.depth_source == "procedural":
-            procedural.check_procedural_config(task_config.procedural)
-    elif name == "edit":
-        if "instructions" in task_config:  # configs saved before the field existed: 'ids'
-            _check_choice(task_config, "instructions", EDIT_INSTRUCTIONS)
-        count = task_config.num_instructions
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= len(EDIT_NAMES):
-            _fail("num_instructions", count, f"an integer in [1, {len(EDIT_NAMES)}] (the edits: {EDIT_NAMES})")
-
-
-def cond_channels(task_config: ml_collections.ConfigDict) -> int:
-    """Channels of `cond` (0 for the unconditional task)."""
-    check_task_config(task_config)
-    return {"none": 0, "sr": 3, "inpaint": 4, "edge": 1, "depth": 1, "edit": 3}[task_config.name]
-
-
-def num_instructions(task_config: ml_collections.ConfigDict) -> int:
-    """Size of the instruction vocabulary (0 for tasks without instructions)."""
-    check_task_config(task_config)
-    return int(task_config.num_instructions) if task_config.name == "edit" and not text_instructions(task_config) else 0
-
-
-def text_instructions(task_config: ml_collections.ConfigDict) -> bool:
-    """True for the edit task on the data's own (source, edited, instruction) triples."""
-    return task_config.name == "edit" and task_config.instructions == "text"
-
-
-def instruction_names(task_config: ml_collections.ConfigDict) -> tuple[str, ...]:
-    """Names of the instruction ids in use (empty for tasks without instructions)."""
-    return EDIT_NAMES[: num_instructions(task_config)]
-
-
-def needs_depth_feature(task_config: ml_collections.ConfigDict) -> bool:
-    """True when the task reads the examples' `depth` feature."""
-    check_task_config(task_config)
-    return task_config.name == "depth" and task_config.depth_source == "feature"
 
 
 def example_filter(task_config: ml_collections.ConfigDict) -> Callable[[Any], tf.Tensor] | None:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from codi_jax.data import tasks
+from codi_jax.data import task_spec
 from codi_jax.frozen import encoders
 
 
@@ -48,7 +48,7 @@ jax.tree_util.register_dataclass(
 
 def prompts_of(config: ml_collections.ConfigDict) -> list[str]:
     """The prompts of a run: one per instruction (``edit``: its edit names), else ``text.prompt``."""
-    names = tasks.instruction_names(config.task)
+    names = task_spec.instruction_names(config.task)
     return [name.replace("_", " ") for name in names] if names else [str(config.text.get("prompt", ""))]
 
 
@@ -64,13 +64,13 @@ def load(config: ml_collections.ConfigDict) -> tuple[encoders.Encoders, FrozenDa
     if has_text(config):
         contexts = encoders.encode_prompts(enc, prompts_of(config))
         uncond = encoders.encode_prompts(enc, [str(config.text.get("negative_prompt", ""))])
-        text_params = enc.text_params if tasks.text_instructions(config.task) else None
+        text_params = enc.text_params if task_spec.text_instructions(config.task) else None
     return enc, FrozenData(enc.vae_params if enc.vae is not None else None, contexts, uncond, text_params)
 
 
 def tokenizer_of(config: ml_collections.ConfigDict, enc: encoders.Encoders) -> Callable | None:
     """``text -> token ids`` for data with free-text instructions (``edit_triples``), else None."""
-    if not (has_text(config) and tasks.text_instructions(config.task)):
+    if not (has_text(config) and task_spec.text_instructions(config.task)):
         return None
     return lambda text: encoders.tokenize(enc, [text])[0]
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from codi_jax import diffusion
-from codi_jax.data import tasks
+from codi_jax.data import task_spec
 from codi_jax.frozen import encoders
 from codi_jax.models import student
 from codi_jax.models.unet import UNet, unet_from_config
@@ -42,8 +42,8 @@ def build_conditional(config: ml_collections.ConfigDict) -> tuple[student.Adapte
     model = student.build_adapted_model(
         backbone,
         config.adapter,
-        cond_channels=tasks.cond_channels(config.task),
-        num_instructions=tasks.num_instructions(config.task),
+        cond_channels=task_spec.cond_channels(config.task),
+        num_instructions=task_spec.num_instructions(config.task),
         keep_initial=config.method == "codi" and config.codi.predictor == "teacher",
         guidance_embedding=uses_cfg_distillation(config),
     )
@@ -88,8 +88,8 @@ def init_teacher_params(model: UNet, input_size: int, rng: jax.Array) -> Any:
 def condition_placeholders(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array | None]:
     """A one-example zero condition (pixel size) and instruction id of the task's shape, for init."""
     size = int(config.data.image_size)
-    cond = jnp.zeros((1, size, size, tasks.cond_channels(config.task)), jnp.float32)
-    instruction = jnp.zeros((1,), jnp.int32) if tasks.num_instructions(config.task) else None
+    cond = jnp.zeros((1, size, size, task_spec.cond_channels(config.task)), jnp.float32)
+    instruction = jnp.zeros((1,), jnp.int32) if task_spec.num_instructions(config.task) else None
     return cond, instruction
 
 

@@ -12,7 +12,7 @@ import copy
 
 import ml_collections
 
-from codi_jax.data import tasks
+from codi_jax.data import task_spec
 from codi_jax.interop import convert
 from codi_jax.models import networks
 from codi_jax.objectives import codi
@@ -89,7 +89,7 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
     wanted = {
         "hint_channels": tuple(config.adapter.hint_channels),
         "hint_downsamples": int(config.adapter.hint_downsamples),
-        "cond_channels": tasks.cond_channels(config.task),
+        "cond_channels": task_spec.cond_channels(config.task),
     }
     clashes = [f"{key}: {saved.get(key)} (ControlNet) vs {value} (config)" for key, value in wanted.items()]
     clashes = [c for c, (key, value) in zip(clashes, wanted.items()) if _normal(saved.get(key)) != _normal(value)]

@@ -19,7 +19,7 @@ from typing import Any
 import ml_collections
 
 from codi_jax import sharding
-from codi_jax.data import tasks
+from codi_jax.data import task_spec
 from codi_jax.models import adapters
 from codi_jax.objectives import codi
 from codi_jax.training import train_state
@@ -40,7 +40,7 @@ ADDED_FIELDS = {
 SECTION_DEFAULTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
     "codi": codi.default_codi_config,
     "adapter": adapters.default_adapter_config,
-    "task": tasks.default_task_config,
+    "task": task_spec.default_task_config,
 }
 # ... or always (runs saved before the section existed ran with its defaults).
 ALWAYS = {"nonfinite": train_state.default_update_policy, "sharding": sharding.default_sharding_config}

@@ -21,8 +21,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from codi_jax import atomic
-from codi_jax.data import pipeline, tasks
+from codi_jax import atomic, sharding
+from codi_jax.data import image_files, task_spec
 from codi_jax.frozen import batch_inputs, encoders
 from codi_jax.models import networks
 from codi_jax.runs.pretrained import Pretrained, load_conditional, read_config
@@ -41,10 +41,10 @@ def list_inputs(path: str, flag: str = "--images") -> list[str]:
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{flag} {path}: no such file or directory.")
     try:
-        return pipeline.list_image_files(path)
+        return image_files.list_image_files(path)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{flag} {path}: the folder holds no images ({', '.join(pipeline.IMAGE_EXTENSIONS)})."
+            f"{flag} {path}: the folder holds no images ({', '.join(image_files.IMAGE_EXTENSIONS)})."
         ) from None
 
 
@@ -79,7 +79,7 @@ def load_images(
     accepted = tuple(accepted_sizes or (size,))
     images, notes = [], []
     for p in paths:
-        rgb = pipeline.load_image_rgb(p)  # ValueError naming the file if it does not decode
+        rgb = image_files.load_image_rgb(p)  # ValueError naming the file if it does not decode
         height, width = rgb.shape[:2]
         if not (height == width and height in accepted):
             wanted = " or ".join(f"{s}x{s}" for s in accepted)
@@ -97,7 +97,7 @@ def load_images(
 
 
 def check_condition_task(task_config: ml_collections.ConfigDict) -> None:
-    if tasks.text_instructions(task_config):
+    if task_spec.text_instructions(task_config):
         return  # the source image to edit, with the instruction from --prompt
     if task_config.name not in CONDITION_TASKS:
         raise ValueError(
@@ -109,7 +109,7 @@ def check_condition_task(task_config: ml_collections.ConfigDict) -> None:
 def conditions_from_images(task_config: ml_collections.ConfigDict, images: np.ndarray) -> np.ndarray:
     """Conditions given directly as images (``--input=condition``)."""
     check_condition_task(task_config)
-    if tasks.text_instructions(task_config):
+    if task_spec.text_instructions(task_config):
         return images
     if task_config.name == "sr":
         size = images.shape[1]
@@ -215,7 +215,7 @@ def prepare(
         except ValueError as error:
             raise ValueError(f"--lowpass_consistency: {error}") from None
     task, size = config.task, int(config.data.image_size)
-    num_instructions = tasks.num_instructions(task)
+    num_instructions = task_spec.num_instructions(task)
     if num_instructions and not 0 <= instruction < num_instructions:
         raise ValueError(
             f"--instruction={instruction}: the run's edit task has instructions 0..{num_instructions - 1}."
@@ -225,12 +225,14 @@ def prepare(
         check_condition_task(task)
         accepted = (size // int(task.scale), size) if task.name == "sr" else (size,)
     _, images = load_images(paths, size, accepted_sizes=accepted, strict=strict_size)
-    if input_kind == "clean" and tasks.text_instructions(task):
+    if input_kind == "clean" and task_spec.text_instructions(task):
         raise ValueError(
             "--input=clean: this run edits by free-text instructions; pass the images to edit with "
             "--input=condition and the instruction with --prompt."
         )
     if input_kind == "clean":
+        from codi_jax.data import tasks  # TensorFlow: the task's degradations run in tf ops
+
         degraded = tasks.degrade_images(task, images, seed)
         cond, target, instructions = degraded["cond"], degraded["image"], degraded.get("instruction")
     else:
@@ -276,19 +278,29 @@ def sample_conditional(
     )
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
     size = cond.shape[1] // networks.latent_factor(pre.config)
+    mesh = sharding.make_mesh(devices=jax.local_devices())  # each batch split over this process's devices
+    params, frozen = jax.device_put((pre.params, frozen), sharding.replicated(mesh))
 
-    def sample_batch(batch: slice, z_init: jax.Array, renoise_keys: jax.Array | None) -> np.ndarray:
-        inputs = {"cond": jnp.asarray(cond[batch])}
+    def sample_batch(batch: np.ndarray, z_init: jax.Array, renoise_keys: jax.Array | None) -> np.ndarray:
+        inputs = {"cond": cond[batch]}
         if instruction is not None:
-            inputs["instruction"] = jnp.asarray(instruction[batch])
+            inputs["instruction"] = instruction[batch]
+        inputs = jax.device_put(inputs, sharding.batch_sharding(mesh))
         text = conditional.text_inputs(batch_inputs.add_text(frozen, inputs), pre.config, guidance_scale)
-        x = sampler(pre.params, inputs["cond"], inputs.get("instruction"), z_init, times, renoise_keys, text)
+        x = sampler(params, inputs["cond"], inputs.get("instruction"), z_init, times, renoise_keys, text)
         return np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0)
 
     renoise = conditional.renoise_between_steps(pre.config) if options.renoise is None else options.renoise
     shape = (size, size, pre.model.backbone.out_channels)
     samples, _ = samplers.sample_in_batches(
-        sample_batch, len(cond), shape, seed=options.seed, renoise=renoise, batch_size=options.batch_size
+        sample_batch,
+        len(cond),
+        shape,
+        seed=options.seed,
+        renoise=renoise,
+        batch_size=options.batch_size,
+        mesh=mesh,
+        progress=True,
     )
     return samples
 

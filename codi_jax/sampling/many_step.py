@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from codi_jax import atomic
+from codi_jax import atomic, sharding
 from codi_jax.frozen import encoders
 from codi_jax.models import networks
 from codi_jax.runs.pretrained import Pretrained, load_teacher, read_config
@@ -32,26 +32,29 @@ def _context_apply(model: Any, params: Any, z_t: jax.Array, model_t: jax.Array, 
 
 
 def _text_contexts(
-    enc: encoders.Encoders, config: Any, batch: int, prompt: str | None, negative_prompt: str | None, scale: float
+    enc: encoders.Encoders, config: Any, prompt: str | None, negative_prompt: str | None, scale: float
 ) -> tuple[jax.Array, jax.Array | None]:
-    """``(context, uncond_context or None)`` for ``batch`` samples of one prompt (None: no CFG)."""
+    """``(context, uncond_context or None)``, (1, L, D) each: the one prompt's (None: no CFG)."""
     prompt = config.text.get("prompt", "") if prompt is None else prompt
     negative = config.text.get("negative_prompt", "") if negative_prompt is None else negative_prompt
-    context = encoders.encode_prompts(enc, [prompt] * batch)
-    return context, (None if scale == 1.0 else encoders.encode_prompts(enc, [negative] * batch))
+    context = encoders.encode_prompts(enc, [prompt])
+    return context, (None if scale == 1.0 else encoders.encode_prompts(enc, [negative]))
 
 
-def _first(tree: Any, n: int) -> Any:
-    """The first ``n`` examples of every leaf (None stays None)."""
-    return None if tree is None else jax.tree_util.tree_map(lambda leaf: leaf[:n], tree)
+def _repeat(row: jax.Array | None, n: int) -> jax.Array | None:
+    """A (1, ...) row as ``n`` rows (None stays None)."""
+    return None if row is None else jnp.broadcast_to(row, (n,) + row.shape[1:])
 
 
-def _latent_text_sampler(pre: Pretrained, steps: int, batch: int, text: dict[str, Any]) -> Callable:
+def _latent_text_sampler(pre: Pretrained, steps: int, mesh: jax.sharding.Mesh, text: dict[str, Any]) -> Callable:
     """``noise -> images`` for a latent and / or text teacher: guided DDIM (unclipped latents), VAE decode."""
     enc = encoders.load_encoders(pre.config)
     context, uncond = (None, None)
     if enc.has_text:
-        context, uncond = _text_contexts(enc, pre.config, batch, **text)
+        context, uncond = _text_contexts(enc, pre.config, **text)
+    params, vae_params, context, uncond = jax.device_put(
+        (pre.params, enc.vae_params, context, uncond), sharding.replicated(mesh)
+    )
     ddim = jax.jit(
         functools.partial(
             samplers.ddim_sample,
@@ -66,16 +69,16 @@ def _latent_text_sampler(pre: Pretrained, steps: int, batch: int, text: dict[str
 
     def sample(noise: jax.Array) -> np.ndarray:
         n = noise.shape[0]
-        guided = guidance.Guided(pre.params, _first(context, n), _first(uncond, n), jnp.float32(text["scale"]))
+        guided = guidance.Guided(params, _repeat(context, n), _repeat(uncond, n), jnp.float32(text["scale"]))
         out = ddim(guided, noise)
         if decode is not None:
-            out = jnp.clip(decode(enc.vae_params, out), -1.0, 1.0)
+            out = jnp.clip(decode(vae_params, out), -1.0, 1.0)
         return np.asarray(out)
 
     return sample
 
 
-def _pixel_sampler(pre: Pretrained, steps: int) -> Callable:
+def _pixel_sampler(pre: Pretrained, steps: int, mesh: jax.sharding.Mesh) -> Callable:
     """``noise -> images`` for a pixel teacher without text: DDIM with x_hat clipped to [-1, 1]."""
 
     def apply_fn(params, z_t, model_t):
@@ -90,7 +93,8 @@ def _pixel_sampler(pre: Pretrained, steps: int) -> Callable:
             parametrization=pre.parametrization,
         )
     )
-    return lambda noise: np.asarray(sampler(pre.params, noise))
+    params = jax.device_put(pre.params, sharding.replicated(mesh))
+    return lambda noise: np.asarray(sampler(params, noise))
 
 
 def sample_images(
@@ -117,11 +121,12 @@ def sample_images(
     check_text_flags(pre.config, workdir, prompt, negative_prompt, guidance_scale)
     size = networks.model_input_size(pre.config)
     channels = pre.config.model.out_channels
+    mesh = sharding.make_mesh(devices=jax.local_devices())  # each batch split over this process's devices
     if encoders.is_latent(pre.config) or encoders.has_text(pre.config):
         text = dict(prompt=prompt, negative_prompt=negative_prompt, scale=guidance_scale)
-        sample = _latent_text_sampler(pre, steps, min(batch_size, num_images), text)
+        sample = _latent_text_sampler(pre, steps, mesh, text)
     else:
-        sample = _pixel_sampler(pre, steps)
+        sample = _pixel_sampler(pre, steps, mesh)
     samples, _ = samplers.sample_in_batches(
         lambda _, z_init, __: sample(z_init),
         num_images,
@@ -129,6 +134,8 @@ def sample_images(
         seed=seed,
         renoise=False,
         batch_size=batch_size,
+        mesh=mesh,
+        progress=True,
     )
     return samples
 

@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
 
 from codi_jax import diffusion, sharding
 
@@ -120,6 +122,37 @@ def example_inputs(
 BatchSampleFn = Callable[[slice, jax.Array, jax.Array | None], jax.Array]
 
 
+def process_share(num: int, index: int, count: int) -> np.ndarray:
+    """The examples process ``index`` of ``count`` samples: the ``index``-th contiguous block of
+    ``ceil(num / count)``, padded to that length with example ``num - 1`` (so every process runs
+    the same number of batches and the gathered blocks, in process order, are examples 0..num-1)."""
+    per = -(-num // count)
+    share = np.arange(index * per, min((index + 1) * per, num))
+    return np.concatenate([share, np.full(per - len(share), num - 1)]).astype(np.int64)
+
+
+def _gather_processes(samples: np.ndarray, num: int) -> np.ndarray:
+    """Every process's block (``process_share``), concatenated in process order: examples 0..num-1."""
+    if jax.process_count() == 1:
+        return samples[:num]
+    blocks = multihost_utils.process_allgather(samples, tiled=False)  # (processes, per, ...)
+    return np.asarray(blocks).reshape((-1,) + samples.shape[1:])[:num]
+
+
+def _batches(share: np.ndarray, batch_size: int, devices: int, plain: bool) -> list[tuple[Any, int]]:
+    """``(batch, real)`` per batch of ``share``: a slice when ``plain`` (one process, one device),
+    else the indices padded to a multiple of ``devices`` with the batch's last example."""
+    out = []
+    for start in range(0, len(share), batch_size):
+        stop = min(start + batch_size, len(share))
+        if plain:
+            out.append((slice(start, stop), stop - start))
+        else:
+            indices = share[start:stop]
+            out.append((np.concatenate([indices, np.full((start - stop) % devices, indices[-1])]), stop - start))
+    return out
+
+
 def sample_in_batches(
     sample_fn: BatchSampleFn,
     num: int,
@@ -130,9 +163,10 @@ def sample_in_batches(
     batch_size: int,
     warm_up: BatchSampleFn | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, float]:
     """The one sampling loop: ``sample_fn`` on each batch of ``num`` examples; returns the samples
-    (numpy, concatenated) and the mean wall time per image in ms.
+    (numpy, concatenated, on every process) and the mean wall time per image in ms.
 
     Example i gets ``example_inputs(seed, [i], noise_shape, renoise)``, so its sample is the same
     at any batch size and beside any other examples (up to float rounding, which can depend on the
@@ -140,29 +174,38 @@ def sample_in_batches(
     untimed, before it is timed: a function that only compiles (a jitted sampler's
     ``lower(...).compile()``, which the jitted call then reuses), or ``sample_fn`` itself.
 
-    ``mesh`` (None: one device): each batch is split over the mesh's devices (``sharding.batch_sharding``),
-    padded to a multiple of their number with copies of its last example (dropped from the output);
-    ``sample_fn`` then gets the padded indices (an array), and its parameters must be on the mesh
-    (``sharding.replicated``)."""
+    ``mesh`` (None: one device): this process's devices; each batch is split over them
+    (``sharding.batch_sharding``), padded to a multiple of their number with copies of its last
+    example (dropped from the output); ``sample_fn`` then gets the padded indices (an array), and
+    its parameters must be on the mesh (``sharding.replicated``). With several processes
+    (``jax.distributed``) each samples its ``process_share`` of the examples, ``batch_size`` at a
+    time, and the blocks are gathered. ``progress``: a log line per batch with images/s and ETA."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    devices = 1 if mesh is None else mesh.size
-    outputs, elapsed = [], 0.0
-    for start in range(0, num, batch_size):
-        stop = min(start + batch_size, num)
-        batch = slice(start, stop)
-        if mesh is not None:
-            batch = np.concatenate([np.arange(start, stop), np.full((start - stop) % devices, stop - 1)])
-        z_init, keys = example_inputs(seed, np.arange(num)[batch], noise_shape, renoise)
+    share = process_share(num, jax.process_index(), jax.process_count())
+    plain = mesh is None and jax.process_count() == 1
+    batches = _batches(share, batch_size, 1 if mesh is None else mesh.size, plain)
+    outputs, elapsed, done = [], 0.0, 0
+    for i, (batch, real) in enumerate(batches):
+        z_init, keys = example_inputs(seed, share[batch], noise_shape, renoise)
         if mesh is not None:
             z_init, keys = jax.device_put((z_init, keys), sharding.batch_sharding(mesh))
-        if start == 0 and warm_up is not None:
+        if i == 0 and warm_up is not None:
             jax.block_until_ready(warm_up(batch, z_init, keys))
         t0 = time.perf_counter()
         samples = np.asarray(jax.block_until_ready(sample_fn(batch, z_init, keys)))
         elapsed += time.perf_counter() - t0
-        outputs.append(samples[: stop - start])
-    return np.concatenate(outputs), 1000.0 * elapsed / max(num, 1)
+        outputs.append(samples[:real])
+        done += real
+        if progress:
+            _log_progress(done, len(share), elapsed)
+    samples = _gather_processes(np.concatenate(outputs), num)
+    return samples, 1000.0 * elapsed / max(len(share), 1)
+
+
+def _log_progress(done: int, total: int, elapsed: float) -> None:
+    rate = done / max(elapsed, 1e-9)
+    logging.info("Sampled %d/%d images: %.2f images/s, ETA %.0f s.", done, total, rate, (total - done) / rate)
 
 
 def to_uint8(images: jax.Array | np.ndarray) -> np.ndarray:

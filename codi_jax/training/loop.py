@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,24 +23,17 @@ from absl import logging
 from clu import metric_writers
 
 from codi_jax import diffusion, sharding
-from codi_jax.data import pipeline
+from codi_jax.data import image_files, pipeline
 from codi_jax.frozen import encoders
 from codi_jax.models import networks
 from codi_jax.models.unet import UNet
 from codi_jax.runs import checkpoint, config_resolution
-from codi_jax.training import recipes
+from codi_jax.training import aot, recipes
 from codi_jax.training.run_status import CheckpointWriteFailed, Diverged, Preempted
 from codi_jax.training.stop_signals import StopSignals
 from codi_jax.training.train_state import TrainState
 
 ENCODE_KEY = 1 << 20  # fold_in tag of the batch encoder's key (the step's own key is used as is)
-# ``Compiled.memory_analysis()`` fields (``<name>_size_in_bytes``) of the AOT memory line.
-MEMORY_PARTS = ("argument", "output", "alias", "temp", "generated_code")
-GIB = 2**30
-
-
-class StepMemoryError(ValueError):
-    """The compiled train step needs more memory per device than a device has (a user error: exit 2)."""
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[UNet, diffusion.Schedule]:
@@ -98,9 +91,9 @@ def check_input_paths(config: ml_collections.ConfigDict) -> None:
     weight is loaded or anything is compiled; errors name the config field."""
     encoders.check_encoder_paths(config)
     if config.data.source == "folder":
-        pipeline.list_image_files(config.data.folder)
+        image_files.list_image_files(config.data.folder)
     if config.data.source == "edit_triples":
-        pipeline.list_edit_triples(config.data.folder)
+        image_files.list_edit_triples(config.data.folder)
 
 
 def restore_or_init(
@@ -113,100 +106,6 @@ def restore_or_init(
     state = ckpt.restore_latest_intact(checkpoint.abstract_like(abstract, shardings), config)
     logging.info("Resumed from %s at step %d.", ckpt.directory, int(sharding.to_host(state.step)))
     return state, shardings
-
-
-def step_memory(compiled: Any) -> dict[str, int] | None:
-    """Per-device bytes of a compiled step (``memory_analysis``): ``MEMORY_PARTS`` and ``total`` =
-    arguments + outputs - aliased (donated state buffers reused for the outputs) + temporaries +
-    generated code; None where the backend reports none."""
-    try:
-        stats = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001  (a backend without memory analysis: nothing to report)
-        return None
-    if stats is None:
-        return None
-    sizes = {name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0) for name in MEMORY_PARTS}
-    sizes["total"] = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"] + sizes["generated_code"]
-    return sizes
-
-
-def device_bytes_limit(device: Any) -> int | None:
-    """The memory an accelerator lets one program use (``memory_stats()["bytes_limit"]``); None on
-    backends that report none (CPU)."""
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001  (memory_stats is unimplemented on some backends)
-        return None
-    limit = (stats or {}).get("bytes_limit")
-    return int(limit) if limit else None
-
-
-def memory_line(sizes: Mapping[str, int], bytes_limit: int | None) -> str:
-    """The AOT memory log line (GiB per device)."""
-    gib = {name: sizes[name] / GIB for name in (*MEMORY_PARTS, "total")}
-    limit = (
-        f"of {bytes_limit / GIB:.2f} GiB on the device" if bytes_limit else "(no device limit reported: not checked)"
-    )
-    return (
-        f"Train step memory per device (AOT): arguments {gib['argument']:.3f} GiB + outputs {gib['output']:.3f} GiB "
-        f"- donated {gib['alias']:.3f} GiB + temporaries {gib['temp']:.3f} GiB + generated code "
-        f"{gib['generated_code']:.3f} GiB = {gib['total']:.3f} GiB {limit}."
-    )
-
-
-def check_step_memory(sizes: Mapping[str, int], bytes_limit: int | None, config: ml_collections.ConfigDict) -> None:
-    """Raises ``StepMemoryError`` naming the config fields to change when the step's total exceeds
-    ``bytes_limit`` (None: no limit known, nothing checked)."""
-    if bytes_limit is None or sizes["total"] <= bytes_limit:
-        return
-    model, section = config.get("model") or {}, config.get("sharding") or {}
-    raise StepMemoryError(
-        f"the compiled train step needs {sizes['total'] / GIB:.2f} GiB per device (temporaries "
-        f"{sizes['temp'] / GIB:.2f} GiB, arguments {sizes['argument'] / GIB:.2f} GiB) but a device has "
-        f"{bytes_limit / GIB:.2f} GiB. To fit: lower config.batch_size (now {config.get('batch_size')}); shard the "
-        f"state over more devices with config.sharding.fsdp (now {section.get('fsdp', 1)}); set "
-        f"config.model.remat=True (now {model.get('remat', False)}); or compute in "
-        f"config.model.dtype='bfloat16' (now {model.get('dtype', 'float32')!r})."
-    )
-
-
-def step_batch_abstract(recipe: recipes.Recipe, batch: dict, rng: jax.Array, batch_sharding: Any) -> dict:
-    """Shapes of the batch the step trains on: ``batch`` itself, or what ``recipe.encode_batch``
-    makes of it (VAE latents, prompt embeddings), on ``batch_sharding``; nothing is run."""
-    if recipe.encode_batch is not None:
-        batch = jax.eval_shape(recipe.encode_batch, recipe.frozen_data, batch, rng)
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding, weak_type=x.weak_type), batch
-    )
-
-
-def compile_train_step(
-    recipe: recipes.Recipe, config: ml_collections.ConfigDict, in_shardings: tuple, state: TrainState, batch: dict
-) -> Any:
-    """The train step compiled ahead of time (state donated; ``in_shardings`` = state, batch, rng),
-    its memory analysis logged and checked against the device's memory before step 1."""
-    state_sharding_tree, batch_sharding, repl = in_shardings
-    rng = jax.random.fold_in(state.rng, 0)  # shape / dtype / sharding of every step's key
-    start = time.time()
-    compiled = (
-        jax.jit(
-            recipe.train_step,
-            in_shardings=in_shardings,
-            out_shardings=(state_sharding_tree, repl),
-            donate_argnums=(0,),
-        )
-        .lower(state, step_batch_abstract(recipe, batch, rng, batch_sharding), rng)
-        .compile()
-    )
-    logging.info("Train step compiled ahead of time in %.1f s.", time.time() - start)
-    sizes = step_memory(compiled)
-    if sizes is None:
-        logging.info("Train step memory: this backend reports no memory analysis.")
-        return compiled
-    bytes_limit = device_bytes_limit(jax.local_devices()[0])
-    logging.info("%s", memory_line(sizes, bytes_limit))
-    check_step_memory(sizes, bytes_limit, config)
-    return compiled
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -244,8 +143,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     global_batches = itertools.chain([first_batch], global_batches)
     encode = None if recipe.encode_batch is None else jax.jit(recipe.encode_batch, out_shardings=batch_sharding)
     try:  # ahead of time, so a step that cannot fit fails here, with the fields to change
-        step_fn = compile_train_step(recipe, config, (shardings, batch_sharding, repl), state, first_batch)
-    except StepMemoryError:
+        step_fn = aot.compile_train_step(recipe, config, (shardings, batch_sharding, repl), state, first_batch)
+    except aot.StepMemoryError:
         ckpt.close()
         raise
 

@@ -28,7 +28,6 @@ from absl import logging
 
 from codi_jax import atomic, metrics
 from codi_jax import sharding as sharding_lib
-from codi_jax.data import pipeline
 from codi_jax.frozen import batch_inputs, encoders
 from codi_jax.interop import convert
 from codi_jax.models import networks
@@ -140,6 +139,8 @@ def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 
 def eval_examples(config: ml_collections.ConfigDict, num: int, tokenize: Callable | None = None) -> dict:
     """The first ``num`` held-out examples with the task applied (fixed degradations)."""
+    from codi_jax.data import pipeline  # TensorFlow: imported where data is read
+
     ds = pipeline.build_dataset(
         config.data,
         config.data.eval_split,

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from codi_jax.configs.cpu import tiny_codi, tiny_teacher
-from codi_jax.data import tasks
+from codi_jax.data import task_spec
 from codi_jax.evaluation import evaluate
 from codi_jax.models import networks
 from codi_jax.runs.pretrained import Pretrained
@@ -32,7 +32,7 @@ def tiny_student() -> Pretrained:
     size, channels = int(config.data.image_size), int(config.model.in_channels)
     sample = jnp.zeros((1, size, size, channels))
     backbone = model.backbone.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), None)["params"]
-    cond = jnp.zeros((1, size, size, tasks.cond_channels(config.task)))
+    cond = jnp.zeros((1, size, size, task_spec.cond_channels(config.task)))
     params = model.init(jax.random.PRNGKey(1), backbone, cond, None, sample_shape=sample.shape)
     # A random adapter (its zero convs made non-zero), so the condition changes the samples.
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.PRNGKey(2), p.shape), params)

@@ -10,7 +10,7 @@ import ml_collections
 
 from codi_jax import configs
 from codi_jax.configs.cpu import teacher_patches32
-from codi_jax.data import tasks
+from codi_jax.data import task_spec
 from codi_jax.models import adapters
 from codi_jax.objectives import codi
 
@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.schedule = ml_collections.ConfigDict()
 
-    config.task = tasks.default_task_config()
+    config.task = task_spec.default_task_config()
     config.task.name = "sr"
     config.task.scale = 4
     config.task.degradation = "bicubic"  # 'realesrgan': the second-order real-world degradation
