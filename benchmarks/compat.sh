@@ -71,6 +71,10 @@ PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" -m pytest -q -rfEs -p no:cac
 STATUS=$?
 set -e
 
+if [[ ! -s "$REPORT" ]]; then
+  echo "== compat jax $JAX_VERSION: pytest wrote no report (exit $STATUS)"
+  exit "$STATUS"
+fi
 "$PY" - "$REPORT" "$JAX_VERSION" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
