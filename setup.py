@@ -2,6 +2,14 @@
 
 from setuptools import find_packages, setup
 
+# The jax releases the code supports. The pins below (INSTALL_REQUIRES, ACCELERATOR_EXTRAS) stay
+# exact: they are what CI and `pip install -e .` get, on Python 3.11. Newer jax is checked by the
+# compat run (`bash benchmarks/compat.sh JAX_VERSION`, Python 3.12, flax / optax / orbax-checkpoint
+# as pip resolves them, the TF / torch tests skipped; results in docs/operations.md, "Supported jax
+# versions"). pip does not use this range (the exact pins would override it in the same install):
+# with another jax already installed, install this package with `pip install --no-deps -e .`.
+SUPPORTED_JAX = ">=0.10.2,<0.13"
+
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "flax==0.12.8",

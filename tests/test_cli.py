@@ -10,6 +10,7 @@ import pytest
 from codi_jax.cli import common
 from codi_jax.configs.cpu import tiny_teacher
 from codi_jax.sampling import many_step
+from tests.optional_deps import skip_if_subprocess_lacks_optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,7 +53,7 @@ def test_sampling_missing_workdir_is_a_clear_error(tmp_path):
         many_step.sample_images(str(tmp_path / "nope"), steps=2, num_images=1, batch_size=1, seed=0)
 
 
-def test_train_cli_rejects_unknown_config_field(tmp_path, skip_if_subprocess_lacks_optional):
+def test_train_cli_rejects_unknown_config_field(tmp_path):
     proc = subprocess.run(
         [
             sys.executable,
@@ -103,7 +104,7 @@ def test_renamed_flags_are_spelt_the_new_way(capsys):
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "sample_teacher", "evaluate", "export", "convert", "demo"])
-def test_help_exits_0_with_the_commands_flags(command, tmp_path, skip_if_subprocess_lacks_optional):
+def test_help_exits_0_with_the_commands_flags(command, tmp_path):
     """From any folder: the command's docstring and its own flags on stdout, exit 0, no model loaded."""
     proc = subprocess.run(
         [sys.executable, "-m", f"codi_jax.{command}", "--help"],
@@ -117,7 +118,7 @@ def test_help_exits_0_with_the_commands_flags(command, tmp_path, skip_if_subproc
     assert f"codi_jax.cli.{command}:" in proc.stdout and "--verbose" in proc.stdout
 
 
-def test_configs_load_from_any_folder(tmp_path, skip_if_subprocess_lacks_optional):
+def test_configs_load_from_any_folder(tmp_path):
     """A shipped config by absolute path, and a user's config outside the repository that imports a
     shipped one, both load from another working directory (the error names a field that only a
     loaded config could be checked against)."""
@@ -136,7 +137,7 @@ def test_configs_load_from_any_folder(tmp_path, skip_if_subprocess_lacks_optiona
         assert proc.stderr.strip() == expected
 
 
-def test_demo_splits_the_batch_over_one_cpu_device_per_core(monkeypatch, tmp_path, skip_if_subprocess_lacks_optional):
+def test_demo_splits_the_batch_over_one_cpu_device_per_core(monkeypatch, tmp_path):
     """One CPU device per usable core that divides the batch; the XLA flag only before JAX starts
     a backend and only where the user has not set the count; a bad ``--cpu_devices`` ends in one
     line and exit 2 before anything loads."""

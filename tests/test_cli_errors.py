@@ -25,6 +25,7 @@ from PIL import Image
 
 from codi_jax import atomic
 from codi_jax.cli import common
+from tests.optional_deps import skip_if_subprocess_lacks_optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(REPO, "checkpoints", "finetune_sr4_color")  # committed conditional run (32x32, x4 SR)
@@ -150,7 +151,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_is_one_line_and_exit_2(results, case, skip_if_subprocess_lacks_optional) -> None:
+def test_bad_input_is_one_line_and_exit_2(results, case) -> None:
     proc, _, expected = results[case]
     skip_if_subprocess_lacks_optional(proc.stderr)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -163,7 +164,7 @@ def test_every_case_is_listed(inputs) -> None:
     assert sorted(_cases(inputs)) == sorted(CASES)
 
 
-def test_old_flag_names_warn_and_still_work(inputs, skip_if_subprocess_lacks_optional) -> None:
+def test_old_flag_names_warn_and_still_work(inputs) -> None:
     """Renamed flags (``--workdir`` -> ``--run``, ``--cond`` -> ``--images``) keep working for one
     release: one warning line each on stderr, then the command behaves as with the new names."""
     missing = inputs["missing"]
