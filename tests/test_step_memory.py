@@ -27,9 +27,10 @@ def _sizes(**gib: float) -> dict[str, int]:
     return sizes
 
 
-def _config(**model) -> ml_collections.ConfigDict:
+def _config(encode_in_step: bool = False, **model) -> ml_collections.ConfigDict:
+    model = dict(dict(remat=False, dtype="float32"), **model)
     return ml_collections.ConfigDict(
-        dict(batch_size=64, sharding=dict(fsdp=1), model=dict(dict(remat=False, dtype="float32"), **model))
+        dict(batch_size=64, sharding=dict(fsdp=1), model=model, encode_in_step=encode_in_step)
     )
 
 
@@ -126,10 +127,23 @@ def test_compile_train_step_on_the_encoded_batch(caplog, monkeypatch) -> None:
     rng = jax.random.fold_in(state.rng, 0)
     encoded = jax.jit(recipe.encode_batch, out_shardings=batch_sharding)(recipe.frozen_data, batch, rng)
     expected, _ = recipe.train_step(state, encoded, rng)
+    state_copy = jax.tree.map(jnp.copy, state)
     new_state, metrics = compiled(state, encoded, rng)  # the executable the loop runs: no recompile
     assert int(new_state.step) == 1 and float(metrics["loss"]) > 0
     np.testing.assert_allclose(new_state.w, expected.w, rtol=1e-6)
     assert state.w.is_deleted()  # the state was donated
+
+    # The encoder inside the step (encode_in_step): one program on the raw batch, same result.
+    fresh = jax.device_put(_State(jnp.zeros((), jnp.int32), jnp.full((2,), 0.5), jax.random.PRNGKey(0)), repl)
+    with caplog.at_level(logging.INFO):
+        fused = aot.compile_train_step(recipe, _config(True), (shardings, batch_sharding, repl), fresh, batch)
+    assert "(the batch encoder inside)" in caplog.text
+    encoded = jax.jit(recipe.encode_batch)(recipe.frozen_data, batch, jax.random.fold_in(rng, recipes.ENCODE_KEY))
+    expected, expected_metrics = recipe.train_step(state_copy, encoded, rng)
+    fused_state, fused_metrics = fused(fresh, batch, rng)
+    np.testing.assert_allclose(fused_state.w, expected.w, rtol=1e-6)
+    np.testing.assert_allclose(fused_metrics["loss"], expected_metrics["loss"], rtol=1e-6)
+    assert fresh.w.is_deleted()  # the state was donated
 
     # A device too small for the step: an error naming the fields, before any step runs.
     monkeypatch.setattr(aot, "device_bytes_limit", lambda device: 16)

@@ -386,10 +386,16 @@ def apply_task(task_config: ml_collections.ConfigDict, example: Example, seed: t
 
 
 def degrade_images(
-    task_config: ml_collections.ConfigDict, images: np.ndarray, seed: int, *, depth: np.ndarray | None = None
+    task_config: ml_collections.ConfigDict,
+    images: np.ndarray,
+    seed: int,
+    *,
+    depth: np.ndarray | None = None,
+    indices: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Applies the task to a batch of clean images (N, S, S, 3) in [-1, 1], example i with
-    `indexed_task_seed(seed, i)` (as the eval pipeline does with split indices).
+    `indexed_task_seed(seed, indices[i])` (default `indices = 0..N-1`; as the eval pipeline does
+    with split indices), so a request read in chunks degrades each image as read whole.
 
     Returns `image` (the target), `cond` and, for `edit`, `instruction`, as NumPy arrays. Used where
     clean images come from outside the pipeline (sampling / evaluating a folder of images). The
@@ -409,7 +415,8 @@ def degrade_images(
                 "or use task.depth_source='procedural'"
             )
         features["depth"] = np.asarray(depth, np.float32).reshape(images.shape[:3] + (1,))
-    ds = tf.data.Dataset.from_tensor_slices(features).enumerate()
+    indices = np.arange(len(images)) if indices is None else np.asarray(indices, np.int64)
+    ds = tf.data.Dataset.zip(tf.data.Dataset.from_tensor_slices(indices), tf.data.Dataset.from_tensor_slices(features))
     ds = ds.map(lambda index, example: apply_task(task_config, example, indexed_task_seed(seed, index)))
     batch = next(iter(ds.batch(len(images))))
     return {key: batch[key].numpy() for key in ("image", "cond", "instruction") if key in batch}

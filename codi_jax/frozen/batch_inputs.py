@@ -1,9 +1,10 @@
 """What the frozen encoders add to each batch of a latent, text-conditioned run.
 
 A latent run (``config.latent.vae``) trains on the VAE's scaled latents of the data's images:
-each training batch goes through the encoder on the fly, under ``stop_gradient``, inside its own
-jitted function (``encode_batch``), with the noise of the Gaussian sample drawn from the step's
-key (so a resumed run sees the same latents). ``latent.encode="sample"`` (default) draws
+each training batch goes through the encoder on the fly, under ``stop_gradient`` (``encode_batch``:
+inside the jitted train step with ``config.encode_in_step``, the default, else as a program of its
+own before it), with the noise of the Gaussian sample drawn from the step's key (so a resumed run
+sees the same latents). ``latent.encode="sample"`` (default) draws
 ``mean + std * noise`` as Stable Diffusion was trained (and as diffusers' training scripts do);
 ``"mean"`` takes the mean. The condition stays in pixel space: the ControlNet's hint network
 downsamples it (``adapter.hint_downsamples``).

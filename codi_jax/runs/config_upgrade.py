@@ -30,6 +30,9 @@ TOP_LEVEL = {
     "ema_warmup": False,
     "init_workdir": "",
     "sample_guidance_scale": 1.0,
+    # The batch encoder (VAE, text) inside the jitted step: the same arithmetic as the separate
+    # program runs before it existed, so older runs take the current default rather than False.
+    "encode_in_step": True,
 }
 # Sections every run has: the fields added to them since the first runs were saved.
 ADDED_FIELDS = {

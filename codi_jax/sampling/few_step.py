@@ -183,6 +183,82 @@ def read_conditional_config(workdir: str, step: int | None = None) -> tuple[ml_c
     return config, step
 
 
+def check_request(
+    workdir: str,
+    images_path: str,
+    out_dir: str,
+    step_counts: Sequence[int],
+    options: SamplingOptions = SamplingOptions(),
+    *,
+    input_kind: str = "clean",
+    instruction: int = 0,
+    checkpoint_step: int | None = None,
+    overwrite: bool = False,
+    skip_existing: bool = False,
+) -> tuple[ml_collections.ConfigDict, int, list[str], list[str], list[str]]:
+    """Every check of a sampling request that needs no pixels and no weights: ``(config, step,
+    paths, names, files)``. ``skip_existing``: existing outputs are kept and skipped, not refused."""
+    if not step_counts or min(step_counts) < 1:
+        raise ValueError(f"--steps={','.join(map(str, step_counts))}: every step count must be at least 1.")
+    if input_kind not in ("clean", "condition"):
+        raise ValueError(f"--input={input_kind!r}; valid: 'clean', 'condition'.")
+    if overwrite and skip_existing:
+        raise ValueError("--overwrite and --skip_existing contradict each other: choose one.")
+    paths = list_inputs(images_path)
+    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+    files = output_files(names, step_counts)
+    check_out_dir(out_dir, [] if skip_existing else files, overwrite=overwrite)
+    config, step = read_conditional_config(workdir, checkpoint_step)
+    for steps in step_counts:
+        check_steps(config, steps)
+    if options.lowpass_consistency:
+        try:
+            conditional.check_lowpass_consistency(config)
+        except ValueError as error:
+            raise ValueError(f"--lowpass_consistency: {error}") from None
+    num_instructions = task_spec.num_instructions(config.task)
+    if num_instructions and not 0 <= instruction < num_instructions:
+        raise ValueError(
+            f"--instruction={instruction}: the run's edit task has instructions 0..{num_instructions - 1}."
+        )
+    if input_kind == "condition":
+        check_condition_task(config.task)
+    elif task_spec.text_instructions(config.task):
+        raise ValueError(
+            "--input=clean: this run edits by free-text instructions; pass the images to edit with "
+            "--input=condition and the instruction with --prompt."
+        )
+    check_text_request(config, options.prompt, options.guidance_scale)
+    return config, step, paths, names, files
+
+
+def read_conditions(
+    config: ml_collections.ConfigDict,
+    paths: Sequence[str],
+    *,
+    input_kind: str = "clean",
+    instruction: int = 0,
+    seed: int = 0,
+    strict_size: bool = False,
+    indices: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``(cond, target or None, instructions or None)`` of the images ``paths``, input ``indices[i]``
+    of the request (default ``0..n-1``): ``--input=clean`` degrades it with the task seed of that index."""
+    task, size = config.task, int(config.data.image_size)
+    accepted = (size // int(task.scale), size) if input_kind == "condition" and task.name == "sr" else (size,)
+    _, images = load_images(list(paths), size, accepted_sizes=accepted, strict=strict_size)
+    if input_kind == "clean":
+        from codi_jax.data import tasks  # TensorFlow: the task's degradations run in tf ops
+
+        degraded = tasks.degrade_images(task, images, seed, indices=indices)
+        cond, target, instructions = degraded["cond"], degraded["image"], degraded.get("instruction")
+    else:
+        cond, target, instructions = conditions_from_images(task, images), None, None
+    if task_spec.num_instructions(task) and instructions is None:
+        instructions = np.full((len(cond),), instruction, np.int32)
+    return cond, target, instructions
+
+
 def prepare(
     workdir: str,
     images_path: str,
@@ -196,50 +272,22 @@ def prepare(
     strict_size: bool = False,
     overwrite: bool = False,
 ) -> SamplePlan:
-    """Every check of a sampling request, before any weight is read (see the module docstring)."""
-    if not step_counts or min(step_counts) < 1:
-        raise ValueError(f"--steps={','.join(map(str, step_counts))}: every step count must be at least 1.")
-    if input_kind not in ("clean", "condition"):
-        raise ValueError(f"--input={input_kind!r}; valid: 'clean', 'condition'.")
-    paths = list_inputs(images_path)
-    names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
-    files = output_files(names, step_counts)
-    check_out_dir(out_dir, files, overwrite=overwrite)
-    config, step = read_conditional_config(workdir, checkpoint_step)
-    for steps in step_counts:
-        check_steps(config, steps)
-    seed = options.seed
-    if options.lowpass_consistency:
-        try:
-            conditional.check_lowpass_consistency(config)
-        except ValueError as error:
-            raise ValueError(f"--lowpass_consistency: {error}") from None
-    task, size = config.task, int(config.data.image_size)
-    num_instructions = task_spec.num_instructions(task)
-    if num_instructions and not 0 <= instruction < num_instructions:
-        raise ValueError(
-            f"--instruction={instruction}: the run's edit task has instructions 0..{num_instructions - 1}."
-        )
-    accepted = (size,)
-    if input_kind == "condition":
-        check_condition_task(task)
-        accepted = (size // int(task.scale), size) if task.name == "sr" else (size,)
-    _, images = load_images(paths, size, accepted_sizes=accepted, strict=strict_size)
-    if input_kind == "clean" and task_spec.text_instructions(task):
-        raise ValueError(
-            "--input=clean: this run edits by free-text instructions; pass the images to edit with "
-            "--input=condition and the instruction with --prompt."
-        )
-    if input_kind == "clean":
-        from codi_jax.data import tasks  # TensorFlow: the task's degradations run in tf ops
-
-        degraded = tasks.degrade_images(task, images, seed)
-        cond, target, instructions = degraded["cond"], degraded["image"], degraded.get("instruction")
-    else:
-        cond, target, instructions = conditions_from_images(task, images), None, None
-    if num_instructions and instructions is None:
-        instructions = np.full((len(cond),), instruction, np.int32)
-    check_text_request(config, options.prompt, options.guidance_scale)
+    """Every check of a sampling request and its inputs read, before any weight is read (see the
+    module docstring)."""
+    config, step, paths, names, files = check_request(
+        workdir,
+        images_path,
+        out_dir,
+        step_counts,
+        options,
+        input_kind=input_kind,
+        instruction=instruction,
+        checkpoint_step=checkpoint_step,
+        overwrite=overwrite,
+    )
+    cond, target, instructions = read_conditions(
+        config, paths, input_kind=input_kind, instruction=instruction, seed=options.seed, strict_size=strict_size
+    )
     return SamplePlan(config, step, names, files, cond, target, instructions, overwrite)
 
 
@@ -258,8 +306,10 @@ def sample_conditional(
     instruction: np.ndarray | None,
     steps: int,
     options: SamplingOptions = SamplingOptions(),
+    indices: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Samples in [-1, 1] for each condition; the noise of example i depends only on (options.seed, i).
+    """Samples in [-1, 1] for each condition; the noise of example i depends only on (options.seed,
+    i), or on (options.seed, indices[i]) where a request is sampled in pieces.
 
     ``options.renoise`` None takes the run's default (CoDi: ``codi.renoise``). Latent runs sample
     latents and decode them with the VAE; text runs use the config's prompt (``text.prompt``, or the
@@ -301,6 +351,7 @@ def sample_conditional(
         batch_size=options.batch_size,
         mesh=mesh,
         progress=True,
+        indices=indices,
     )
     return samples
 
@@ -352,3 +403,64 @@ def run(
     return write_outputs(
         out_dir, plan.names, [samplers.cond_to_rgb(plan.cond), *samples, *target], step_counts, plan.overwrite
     )
+
+
+def missing_outputs(out_dir: str, names: Sequence[str], step_counts: Sequence[int]) -> list[list[str]]:
+    """Per input, its sample files (``sample_file_names``) not yet in ``out_dir``."""
+    per_count = sample_file_names(names, step_counts)
+    return [[f[i] for f in per_count if not os.path.lexists(os.path.join(out_dir, f[i]))] for i in range(len(names))]
+
+
+def run_resumable(
+    workdir: str,
+    images_path: str,
+    out_dir: str,
+    step_counts: Sequence[int] = (4,),
+    options: SamplingOptions = SamplingOptions(),
+    *,
+    chunk_size: int = 256,
+    input_kind: str = "clean",
+    instruction: int = 0,
+    checkpoint_step: int | None = None,
+    strict_size: bool = False,
+) -> list[str]:
+    """Large sets (``sample --skip_existing``, e.g. FID sets): the inputs whose samples are all in
+    ``out_dir`` already are skipped; the others are read, sampled and written ``chunk_size`` at a
+    time (each file atomically, by process 0; no grid), so memory holds one chunk and a stopped
+    run resumes where it stopped. Input i is degraded and noised as a whole request would do it.
+    Returns the paths written."""
+    request = dict(input_kind=input_kind, instruction=instruction)
+    config, step, paths, names, _ = check_request(
+        workdir,
+        images_path,
+        out_dir,
+        step_counts,
+        options,
+        checkpoint_step=checkpoint_step,
+        skip_existing=True,
+        **request,
+    )
+    missing = missing_outputs(out_dir, names, step_counts)
+    todo = np.array([i for i, files in enumerate(missing) if files], np.int64)
+    print(f"{len(names) - len(todo)} of {len(names)} inputs already sampled in {out_dir}; sampling {len(todo)}.")
+    if not len(todo):
+        return []
+    pre = load_conditional(workdir, step=step, use_ema=options.ema)
+    written = []
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        cond, _, instructions = read_conditions(
+            config, [paths[i] for i in chunk], seed=options.seed, strict_size=strict_size, indices=chunk, **request
+        )
+        samples = [sample_conditional(pre, cond, instructions, k, options, chunk) for k in step_counts]
+        files = sample_file_names([names[i] for i in chunk], step_counts)
+        todo_files = {os.path.join(out_dir, f) for i in chunk for f in missing[i]}
+        images = {
+            os.path.join(out_dir, name): image
+            for per_count, pixels in zip(files, samples, strict=True)
+            for name, image in zip(per_count, samplers.to_uint8(pixels), strict=True)
+        }
+        if jax.process_index() == 0:
+            written += atomic.write_files({p: atomic.png_bytes(x) for p, x in images.items() if p in todo_files})
+        print(f"Sampled {min(start + chunk_size, len(todo))} of {len(todo)} inputs.", flush=True)
+    return written

@@ -164,6 +164,7 @@ def sample_in_batches(
     warm_up: BatchSampleFn | None = None,
     mesh: jax.sharding.Mesh | None = None,
     progress: bool = False,
+    indices: np.ndarray | None = None,
 ) -> tuple[np.ndarray, float]:
     """The one sampling loop: ``sample_fn`` on each batch of ``num`` examples; returns the samples
     (numpy, concatenated, on every process) and the mean wall time per image in ms.
@@ -179,7 +180,9 @@ def sample_in_batches(
     example (dropped from the output); ``sample_fn`` then gets the padded indices (an array), and
     its parameters must be on the mesh (``sharding.replicated``). With several processes
     (``jax.distributed``) each samples its ``process_share`` of the examples, ``batch_size`` at a
-    time, and the blocks are gathered. ``progress``: a log line per batch with images/s and ETA."""
+    time, and the blocks are gathered. ``progress``: a log line per batch with images/s and ETA.
+    ``indices``: the examples' own indices (default ``0..num-1``), which their noise is drawn from,
+    so a request sampled in pieces draws what it draws whole."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     share = process_share(num, jax.process_index(), jax.process_count())
@@ -187,7 +190,8 @@ def sample_in_batches(
     batches = _batches(share, batch_size, 1 if mesh is None else mesh.size, plain)
     outputs, elapsed, done = [], 0.0, 0
     for i, (batch, real) in enumerate(batches):
-        z_init, keys = example_inputs(seed, share[batch], noise_shape, renoise)
+        own = share[batch] if indices is None else np.asarray(indices)[share[batch]]
+        z_init, keys = example_inputs(seed, own, noise_shape, renoise)
         if mesh is not None:
             z_init, keys = jax.device_put((z_init, keys), sharding.batch_sharding(mesh))
         if i == 0 and warm_up is not None:

@@ -8,8 +8,9 @@ a device (``StepMemoryError``, naming the config fields to change). No TensorFlo
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -88,35 +89,56 @@ def step_batch_abstract(recipe: recipes.Recipe, batch: dict, rng: jax.Array, bat
     makes of it (VAE latents, prompt embeddings), on ``batch_sharding``; nothing is run."""
     if recipe.encode_batch is not None:
         batch = jax.eval_shape(recipe.encode_batch, recipe.frozen_data, batch, rng)
+    return _on(batch, batch_sharding)
+
+
+def _on(batch: dict, batch_sharding: Any) -> dict:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding, weak_type=x.weak_type), batch
     )
 
 
-def compile_train_step(
-    recipe: recipes.Recipe, config: ml_collections.ConfigDict, in_shardings: tuple, state: TrainState, batch: dict
-) -> Any:
-    """The train step compiled ahead of time (state donated; ``in_shardings`` = state, batch, rng),
-    its memory analysis logged and checked against the device's memory before step 1."""
+def encodes_in_step(recipe: recipes.Recipe, config: ml_collections.ConfigDict) -> bool:
+    """Whether the compiled step runs the recipe's batch encoder itself (``config.encode_in_step``)."""
+    return recipe.encode_batch is not None and bool(config.encode_in_step)
+
+
+def _compile(recipe: recipes.Recipe, fused: bool, in_shardings: tuple, state: TrainState, batch: dict) -> Any:
+    """The jitted step lowered for ``state`` / ``batch`` and compiled (state donated)."""
     state_sharding_tree, batch_sharding, repl = in_shardings
     rng = jax.random.fold_in(state.rng, 0)  # shape / dtype / sharding of every step's key
+    if not fused:
+        step, args = recipe.train_step, (state, step_batch_abstract(recipe, batch, rng, batch_sharding), rng)
+    else:
+        step = functools.partial(recipes.encoded_train_step, recipe.encode_batch, recipe.train_step)
+        args = (state, recipe.frozen_data, _on(batch, batch_sharding), rng)
+        in_shardings = (state_sharding_tree, repl, batch_sharding, repl)
+    jitted = jax.jit(step, in_shardings=in_shardings, out_shardings=(state_sharding_tree, repl), donate_argnums=(0,))
+    return jitted.lower(*args).compile()
+
+
+def compile_train_step(
+    recipe: recipes.Recipe, config: ml_collections.ConfigDict, in_shardings: tuple, state: TrainState, batch: dict
+) -> Callable:
+    """The train step compiled ahead of time (``in_shardings`` = state, batch, rng), its memory
+    analysis logged and checked against the device's memory before step 1.
+
+    Returns ``step(state, batch, rng) -> (state, metrics)`` taking the loader's batch: the batch
+    encoder runs inside the step when ``encodes_in_step``; otherwise ``batch`` must already be
+    encoded (``recipe.encode_batch``, key ``fold_in(rng, recipes.ENCODE_KEY)``)."""
+    fused = encodes_in_step(recipe, config)
     start = time.time()
-    compiled = (
-        jax.jit(
-            recipe.train_step,
-            in_shardings=in_shardings,
-            out_shardings=(state_sharding_tree, repl),
-            donate_argnums=(0,),
-        )
-        .lower(state, step_batch_abstract(recipe, batch, rng, batch_sharding), rng)
-        .compile()
-    )
-    logging.info("Train step compiled ahead of time in %.1f s.", time.time() - start)
+    compiled = _compile(recipe, fused, in_shardings, state, batch)
+    inside = " (the batch encoder inside)" if fused else ""
+    logging.info("Train step compiled ahead of time in %.1f s%s.", time.time() - start, inside)
     sizes = step_memory(compiled)
     if sizes is None:
         logging.info("Train step memory: this backend reports no memory analysis.")
+    else:
+        bytes_limit = device_bytes_limit(jax.local_devices()[0])
+        logging.info("%s", memory_line(sizes, bytes_limit))
+        check_step_memory(sizes, bytes_limit, config)
+    if not fused:
         return compiled
-    bytes_limit = device_bytes_limit(jax.local_devices()[0])
-    logging.info("%s", memory_line(sizes, bytes_limit))
-    check_step_memory(sizes, bytes_limit, config)
-    return compiled
+    frozen_data = recipe.frozen_data
+    return lambda state, batch, rng: compiled(state, frozen_data, batch, rng)

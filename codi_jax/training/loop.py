@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -32,8 +33,6 @@ from codi_jax.training import aot, recipes
 from codi_jax.training.run_status import CheckpointWriteFailed, Diverged, Preempted
 from codi_jax.training.stop_signals import StopSignals
 from codi_jax.training.train_state import TrainState
-
-ENCODE_KEY = 1 << 20  # fold_in tag of the batch encoder's key (the step's own key is used as is)
 
 
 def build_model(config: ml_collections.ConfigDict) -> tuple[UNet, diffusion.Schedule]:
@@ -141,7 +140,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     global_batches = (pipeline.to_global_batch(local, batch_sharding) for local in batches)
     first_batch = next(global_batches)
     global_batches = itertools.chain([first_batch], global_batches)
-    encode = None if recipe.encode_batch is None else jax.jit(recipe.encode_batch, out_shardings=batch_sharding)
+    encode = None  # the batch encoder as its own program, when the step does not run it (encode_in_step)
+    if recipe.encode_batch is not None and not aot.encodes_in_step(recipe, config):
+        encode = jax.jit(recipe.encode_batch, out_shardings=batch_sharding)
     try:  # ahead of time, so a step that cannot fit fails here, with the fields to change
         step_fn = aot.compile_train_step(recipe, config, (shardings, batch_sharding, repl), state, first_batch)
     except aot.StepMemoryError:
@@ -160,25 +161,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         jax.process_count(),
     )
     t_last, step_last = time.time(), start_step
-    policy, rejected = config.nonfinite, 0
+    streak = _RejectionStreak(config.nonfinite)
     with StopSignals() as stop:
         for step in range(start_step + 1, config.num_train_steps + 1):
             batch = next(global_batches)
             step_rng = jax.random.fold_in(state.rng, step - 1)  # state.rng is replicated
             if encode is not None:  # VAE latents / prompt embeddings (frozen models), own key
-                batch = encode(recipe.frozen_data, batch, jax.random.fold_in(step_rng, ENCODE_KEY))
+                batch = encode(recipe.frozen_data, batch, jax.random.fold_in(step_rng, recipes.ENCODE_KEY))
             state, metrics = step_fn(state, batch, step_rng)
             pending.append(metrics)
+            streak.add(metrics["skipped_nonfinite"])  # on device: nothing is read back here
             if step == start_step + 1:  # rates and ETA leave the compile out
                 jax.block_until_ready(metrics)
                 logging.info(
                     "Step %d (first call; the step was compiled before) took %.1f s.", step, time.time() - t_last
                 )
                 t_last, step_last = time.time(), step
-            rejected = rejected + 1 if float(sharding.to_host(metrics["skipped_nonfinite"])) else 0
-            if policy.max_consecutive and rejected >= policy.max_consecutive:
-                ckpt.wait()
-                raise Diverged(_diverged_message(step, rejected, policy, ckpt))
+            stopping = stop.agreed()
+            if stopping or _reads_streak(config, ckpt, step):  # the one host read of the counters
+                _, worst = streak.read()
+                if streak.policy.max_consecutive and worst >= streak.policy.max_consecutive:
+                    ckpt.wait()
+                    raise Diverged(_diverged_message(step, worst, streak.policy, ckpt))
             if (step % config.log_every_steps == 0 or step == config.num_train_steps) and step > step_last:
                 t_last, step_last = _log_progress(writer, config, pending, step, t_last, step_last)
                 pending = []
@@ -187,9 +191,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 if eval_scalars:
                     writer.write_scalars(step, eval_scalars)
             _check_checkpoint_writes(ckpt)
-            stopping = stop.agreed()
             # While updates are being rejected no checkpoint is written: the last one stays the last good one.
-            if stopping or not rejected:
+            if stopping or not streak.rejected:
                 ckpt.save(step, state, config, force=stopping or step == config.num_train_steps)
             if stopping:
                 _wait_for_checkpoint(ckpt)
@@ -206,6 +209,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     ckpt.close()
     writer.flush()
     return state
+
+
+class _RejectionStreak:
+    """Rejected updates in a row, counted on the device (``current``, and ``worst`` since the last
+    read), so the loop reads them back only when it must decide something: a log line, a step that
+    may save a checkpoint, a stop request."""
+
+    def __init__(self, policy: ml_collections.ConfigDict):
+        self.policy, self.counts, self.rejected = policy, np.zeros(2, np.int32), 0
+
+    def add(self, skipped: jax.Array) -> None:
+        self.counts = _count_rejection(self.counts, skipped)
+
+    def read(self) -> tuple[int, int]:
+        """``(current, worst)``: the streak at the last step and the longest one since the last read."""
+        current, worst = (int(v) for v in sharding.to_host(self.counts))
+        self.counts, self.rejected = np.array([current, current], np.int32), current
+        return current, worst
+
+
+@jax.jit
+def _count_rejection(counts: jax.Array, skipped: jax.Array) -> jax.Array:
+    current = jnp.where(skipped > 0, counts[0] + 1, 0)
+    return jnp.stack([current, jnp.maximum(counts[1], current)])
+
+
+def _reads_streak(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpointer, step: int) -> bool:
+    """Steps at which the rejection counters are read: log steps, checkpoint steps (a checkpoint is
+    written only after an accepted update), the last step, and a preemption sync point."""
+    due = (config.log_every_steps, config.checkpoint_every_steps)
+    return any(step % every == 0 for every in due) or step == config.num_train_steps or ckpt.reached_preemption(step)
 
 
 def _log_progress(writer, config, pending: list, step: int, t_last: float, step_last: int) -> tuple[float, int]:

@@ -93,6 +93,19 @@ def bind_train_step(config: ml_collections.ConfigDict, model: Any, schedule: Any
     return functools.partial(codi.train_step, **static, config=config.codi, objective=config.method)
 
 
+# fold_in tag of the batch encoder's key (the step's own key is used as is)
+ENCODE_KEY = 1 << 20
+
+
+def encoded_train_step(
+    encode_batch: Callable, train_step: Callable, state: TrainState, frozen_data: Any, batch: dict, rng: jax.Array
+) -> tuple[TrainState, dict]:
+    """``train_step`` on a raw batch: the frozen encoders (VAE latents, prompt embeddings) run in the
+    same program, with the key ``fold_in(rng, ENCODE_KEY)`` (``config.encode_in_step``; bound with
+    ``partial`` by ``training.aot``)."""
+    return train_step(state, encode_batch(frozen_data, batch, jax.random.fold_in(rng, ENCODE_KEY)), rng)
+
+
 # --------------------------------------------------------------------------- teacher
 
 
