@@ -2,6 +2,15 @@
 
 from setuptools import find_packages, setup
 
+# The jax releases the code supports: 0.10.2 (the pins, the full suite on Python 3.11) and, by the
+# compat run (`bash benchmarks/compat.sh JAX_VERSION`: Python 3.12, flax / optax / orbax-checkpoint
+# as pip resolves them, the TensorFlow / torch tests skipped), 0.11.2 and 0.12.0.1; results in
+# docs/operations.md, "Supported jax versions". The pins below (INSTALL_REQUIRES, ACCELERATOR_EXTRAS)
+# stay exact: they are what CI and `pip install -e .` get. pip does not read this range (the exact
+# pins would win in the same install); beside another jax, install this package with
+# `pip install --no-deps -e .` and its other requirements by hand.
+SUPPORTED_JAX = ">=0.10.2,<0.13"
+
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "flax==0.12.8",

@@ -10,13 +10,15 @@ import pytest
 from codi_jax.cli import common
 from codi_jax.configs.cpu import tiny_teacher
 from codi_jax.sampling import many_step
-from codi_jax.training import loop
+from tests.optional_deps import skip_if_subprocess_lacks_optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def trained_workdir(tmp_path_factory):
+    from codi_jax.training import loop  # TensorFlow and clu: here only, the module's other tests run without
+
     root = tmp_path_factory.mktemp("cli")
     config = tiny_teacher.get_config()
     config.data.data_dir = str(root / "tfds")
@@ -66,6 +68,7 @@ def test_train_cli_rejects_unknown_config_field(tmp_path):
         text=True,
         timeout=300,
     )
+    skip_if_subprocess_lacks_optional(proc.stderr)
     assert proc.returncode != 0
     assert "no_such_field" in proc.stderr
     assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
@@ -110,6 +113,7 @@ def test_help_exits_0_with_the_commands_flags(command, tmp_path):
         text=True,
         timeout=300,
     )
+    skip_if_subprocess_lacks_optional(proc.stderr)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"codi_jax.cli.{command}:" in proc.stdout and "--verbose" in proc.stdout
 
@@ -127,6 +131,7 @@ def test_configs_load_from_any_folder(tmp_path):
     for config_file in (shipped, str(user_config)):
         args = ["-m", "codi_jax.train", f"--config={config_file}", f"--workdir={tmp_path / 'run'}", "--config.bach=1"]
         proc = subprocess.run([sys.executable, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        skip_if_subprocess_lacks_optional(proc.stderr)
         assert proc.returncode == 2, proc.stderr[-2000:]
         expected = "error: --config.bach: no such config field; nearest valid: batch_size (see --helpshort)"
         assert proc.stderr.strip() == expected
@@ -162,6 +167,7 @@ def test_demo_splits_the_batch_over_one_cpu_device_per_core(monkeypatch, tmp_pat
             text=True,
             timeout=300,
         )
+        skip_if_subprocess_lacks_optional(proc.stderr)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not os.path.exists(tmp_path / "demo_out")

@@ -25,6 +25,7 @@ from PIL import Image
 
 from codi_jax import atomic
 from codi_jax.cli import common
+from tests.optional_deps import skip_if_subprocess_lacks_optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FINETUNE = os.path.join(REPO, "checkpoints", "finetune_sr4_color")  # committed conditional run (32x32, x4 SR)
@@ -152,6 +153,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_is_one_line_and_exit_2(results, case) -> None:
     proc, _, expected = results[case]
+    skip_if_subprocess_lacks_optional(proc.stderr)
     assert proc.returncode == 2, proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert lines == [expected]
@@ -167,6 +169,7 @@ def test_old_flag_names_warn_and_still_work(inputs) -> None:
     release: one warning line each on stderr, then the command behaves as with the new names."""
     missing = inputs["missing"]
     proc, _ = _run(["-m", "codi_jax.sample", f"--workdir={FINETUNE}", f"--cond={missing}", "--out=x"])
+    skip_if_subprocess_lacks_optional(proc.stderr)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "warning: --workdir is deprecated; use --run (removed next release)",

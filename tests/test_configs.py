@@ -18,7 +18,6 @@ from codi_jax.models import networks
 from codi_jax.objectives import codi
 from codi_jax.runs import config_resolution, config_upgrade
 from codi_jax.sampling import conditional
-from codi_jax.training import loop
 
 ALL_CONFIGS = sorted(  # "group.name", e.g. "cpu.codi_sr4"
     f"{p.parent.name}.{p.stem}" for p in pathlib.Path(configs.__file__).parent.glob("*/*.py") if p.stem != "__init__"
@@ -115,6 +114,8 @@ def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name
     assert resolved.latent.vae and resolved.text.encoder and resolved.model.cross_attention_dim
     assert resolved.model.dtype == "bfloat16"  # the run's compute choice, not the teacher's float32
     if resolved.data.source in ("folder", "edit_triples"):
+        from codi_jax.training import loop  # TensorFlow and clu: here only, the module's other tests run without
+
         with pytest.raises((ValueError, FileNotFoundError), match="data_config.folder"):
             loop.check_input_paths(resolved)
     shapes = networks.param_shapes(resolved)  # abstract init: latent-size input, pixel-size condition, context

@@ -32,9 +32,6 @@ import numpy as np
 import pytest
 import scipy.linalg
 import scipy.ndimage as ndi
-import skimage.data
-from skimage.color import rgb2ycbcr
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from codi_jax import metrics
 from codi_jax.metrics import color, fid, inception, kid, swd
@@ -80,7 +77,13 @@ PAIRS = {
 # ---------------------------------------------------------------- PSNR / SSIM / luma
 
 
+def _skimage(name: str) -> types.ModuleType:
+    """A scikit-image module (the PSNR / SSIM / luma reference and the photo): skips where it is absent."""
+    return pytest.importorskip(f"skimage.{name}")
+
+
 def test_luma_matches_skimage_rgb2ycbcr() -> None:
+    rgb2ycbcr = _skimage("color").rgb2ycbcr
     images = _random_images((2, 8, 8, 3), 0)
     ours = np.asarray(color.rgb_to_luma(color.to_unit_range(jnp.asarray(images))))[..., 0]
     reference = rgb2ycbcr(_unit64(images))[..., 0] / 255.0
@@ -90,6 +93,7 @@ def test_luma_matches_skimage_rgb2ycbcr() -> None:
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 @pytest.mark.parametrize("luma", [False, True])
 def test_psnr_matches_skimage(kind: str, luma: bool) -> None:
+    rgb2ycbcr, peak_signal_noise_ratio = _skimage("color").rgb2ycbcr, _skimage("metrics").peak_signal_noise_ratio
     pred, target = PAIRS[kind]()
     ours = np.asarray(psnr(jnp.asarray(pred), jnp.asarray(target), luma=luma))
     x, y = _unit64(pred), _unit64(target)
@@ -109,6 +113,7 @@ def test_psnr_of_identical_images_is_inf_and_scale_is_data_range_2() -> None:
 @pytest.mark.parametrize("kind", sorted(PAIRS))
 @pytest.mark.parametrize("luma", [False, True])
 def test_ssim_matches_skimage(kind: str, luma: bool) -> None:
+    rgb2ycbcr, structural_similarity = _skimage("color").rgb2ycbcr, _skimage("metrics").structural_similarity
     pred, target = PAIRS[kind]()
     ours = np.asarray(ssim(jnp.asarray(pred), jnp.asarray(target), luma=luma))
     x, y = _unit64(pred), _unit64(target)
@@ -589,7 +594,7 @@ LPIPS_TARGET = _noisy(LPIPS_PRED, 0.2, 9)
 def _photo_pairs(size: int, count: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """``count`` size x size patches of skimage's astronaut and a blurred, noisy copy of each
     (blur and noise grow with the index: distances of realistic, different sizes)."""
-    photo = skimage.data.astronaut().astype(np.float32) / 127.5 - 1.0
+    photo = _skimage("data").astronaut().astype(np.float32) / 127.5 - 1.0
     clean = np.stack(
         [photo[60 + 120 * i : 60 + 120 * i + size, 100 + 90 * i : 100 + 90 * i + size] for i in range(count)]
     )

