@@ -30,6 +30,9 @@ so one slow compile cannot take the whole budget), the table last; every number 
 
   python benchmarks/gpu_check.py --dry_run            # tiny shapes on the CPU, about a minute
   PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out=$OUT   # the GPU machine (~8 min)
+
+The GPU machine's image lacks ml-collections: ``bash benchmarks/gpu_run.sh prepare`` downloads its
+wheel here and ``bash benchmarks/gpu_run.sh run`` installs it there and runs the check.
 """
 
 from __future__ import annotations
