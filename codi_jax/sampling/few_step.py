@@ -300,23 +300,20 @@ def check_text_request(config: ml_collections.ConfigDict, prompt: str | None, gu
         raise ValueError("--prompt / --guidance_scale need a text-conditioned run; this run's backbone has no text.")
 
 
-def sample_conditional(
-    pre: Pretrained,
-    cond: np.ndarray,
-    instruction: np.ndarray | None,
-    steps: int,
-    options: SamplingOptions = SamplingOptions(),
-    indices: np.ndarray | None = None,
-) -> np.ndarray:
-    """Samples in [-1, 1] for each condition; the noise of example i depends only on (options.seed,
-    i), or on (options.seed, indices[i]) where a request is sampled in pieces.
+# sample(cond, instruction, steps, indices) -> samples in [-1, 1]
+ConditionalSampleFn = Callable[[np.ndarray, np.ndarray | None, int, np.ndarray | None], np.ndarray]
+
+
+def conditional_sampler(pre: Pretrained, options: SamplingOptions = SamplingOptions()) -> ConditionalSampleFn:
+    """``sample(cond, instruction, steps, indices=None)``: samples in [-1, 1] for each condition; the
+    noise of example i depends only on (options.seed, i), or on (options.seed, indices[i]) where a
+    request is sampled in pieces. The encoders are loaded and the programs jitted once, so calls
+    with the same shapes compile once; each batch is split over this process's devices.
 
     ``options.renoise`` None takes the run's default (CoDi: ``codi.renoise``). Latent runs sample
     latents and decode them with the VAE; text runs use the config's prompt (``text.prompt``, or the
     instruction's; ``options.prompt`` replaces it) with CFG scale ``options.guidance_scale`` (None:
     the run's ``sample_guidance_scale``, default 1 = no guidance)."""
-    times = jnp.asarray(conditional.sample_times(pre.config, steps))  # raises if steps > grid
-    guidance_scale = options.guidance_scale
     if options.prompt is not None:
         with pre.config.unlocked():
             pre.config.text.prompt = options.prompt
@@ -327,33 +324,39 @@ def sample_conditional(
         pre.model, pre.schedule, pre.parametrization, clip=not latent, lowpass_ops=ops
     )
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
-    size = cond.shape[1] // networks.latent_factor(pre.config)
     mesh = sharding.make_mesh(devices=jax.local_devices())  # each batch split over this process's devices
     params, frozen = jax.device_put((pre.params, frozen), sharding.replicated(mesh))
-
-    def sample_batch(batch: np.ndarray, z_init: jax.Array, renoise_keys: jax.Array | None) -> np.ndarray:
-        inputs = {"cond": cond[batch]}
-        if instruction is not None:
-            inputs["instruction"] = instruction[batch]
-        inputs = jax.device_put(inputs, sharding.batch_sharding(mesh))
-        text = conditional.text_inputs(batch_inputs.add_text(frozen, inputs), pre.config, guidance_scale)
-        x = sampler(params, inputs["cond"], inputs.get("instruction"), z_init, times, renoise_keys, text)
-        return np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0)
-
     renoise = conditional.renoise_between_steps(pre.config) if options.renoise is None else options.renoise
-    shape = (size, size, pre.model.backbone.out_channels)
-    samples, _ = samplers.sample_in_batches(
-        sample_batch,
-        len(cond),
-        shape,
-        seed=options.seed,
-        renoise=renoise,
-        batch_size=options.batch_size,
-        mesh=mesh,
-        progress=True,
-        indices=indices,
-    )
-    return samples
+
+    def sample(cond: np.ndarray, instruction: np.ndarray | None, steps: int, indices=None) -> np.ndarray:
+        times = jnp.asarray(conditional.sample_times(pre.config, steps))  # raises if steps > grid
+
+        def sample_batch(batch: np.ndarray, z_init: jax.Array, renoise_keys: jax.Array | None) -> np.ndarray:
+            inputs = {"cond": cond[batch]}
+            if instruction is not None:
+                inputs["instruction"] = instruction[batch]
+            inputs = jax.device_put(inputs, sharding.batch_sharding(mesh))
+            text = conditional.text_inputs(batch_inputs.add_text(frozen, inputs), pre.config, options.guidance_scale)
+            x = sampler(params, inputs["cond"], inputs.get("instruction"), z_init, times, renoise_keys, text)
+            return np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0)
+
+        size = cond.shape[1] // networks.latent_factor(pre.config)
+        shape = (size, size, pre.model.backbone.out_channels)
+        kwargs = dict(seed=options.seed, renoise=renoise, batch_size=options.batch_size, mesh=mesh, progress=True)
+        return samplers.sample_in_batches(sample_batch, len(cond), shape, indices=indices, **kwargs)[0]
+
+    return sample
+
+
+def sample_conditional(
+    pre: Pretrained,
+    cond: np.ndarray,
+    instruction: np.ndarray | None,
+    steps: int,
+    options: SamplingOptions = SamplingOptions(),
+) -> np.ndarray:
+    """One call of ``conditional_sampler(pre, options)``: samples in [-1, 1] for each condition."""
+    return conditional_sampler(pre, options)(cond, instruction, steps)
 
 
 def viewable_grid(tiles: np.ndarray, columns: int, min_tile: int = GRID_MIN_TILE) -> np.ndarray:
@@ -398,7 +401,8 @@ def run(
     step count and writes (process 0); returns the paths written (the samples, then ``grid.png``)."""
     plan = prepare(workdir, images_path, out_dir, step_counts, options, **request)
     pre = load_conditional(workdir, step=plan.step, use_ema=options.ema)
-    samples = [sample_conditional(pre, plan.cond, plan.instructions, k, options) for k in step_counts]
+    sample = conditional_sampler(pre, options)
+    samples = [sample(plan.cond, plan.instructions, k) for k in step_counts]
     target = [plan.target] if plan.target is not None else []
     if jax.process_index() > 0:  # every process holds every sample; one writes them
         return []
@@ -448,14 +452,14 @@ def run_resumable(
     say(f"{len(names) - len(todo)} of {len(names)} inputs already sampled in {out_dir}; sampling {len(todo)}.")
     if not len(todo):
         return []
-    pre = load_conditional(workdir, step=step, use_ema=options.ema)
+    sample = conditional_sampler(load_conditional(workdir, step=step, use_ema=options.ema), options)
     written = []
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
         cond, _, instructions = read_conditions(
             config, [paths[i] for i in chunk], seed=options.seed, strict_size=strict_size, indices=chunk, **request
         )
-        samples = [sample_conditional(pre, cond, instructions, k, options, chunk) for k in step_counts]
+        samples = [sample(cond, instructions, k, chunk) for k in step_counts]
         files = sample_file_names([names[i] for i in chunk], step_counts)
         todo_files = {os.path.join(out_dir, f) for i in chunk for f in missing[i]}
         images = {
