@@ -148,6 +148,39 @@ def test_two_processes_sample_what_one_process_samples(tmp_path) -> None:
     assert np.abs(pixels["one"][0] - pixels["one"][6]).mean() > 5  # the inputs differ: a mix-up would show
 
 
+def test_two_processes_evaluate_what_one_process_evaluates(tmp_path) -> None:
+    """``evaluate`` on two real processes: each samples its block of the held-out images, both score
+    the gathered samples, process 0 alone writes; the table equals one process's."""
+    from PIL import Image
+
+    images = tmp_path / "photos"
+    images.mkdir()
+    rng = np.random.RandomState(2)
+    for i in range(5):
+        Image.fromarray(rng.randint(0, 256, (32, 32, 3), np.uint8)).save(images / f"im{i}.png")
+    args = ["-m", "codi_jax.evaluate", f"--run=ft={FINETUNE}:1,2", f"--images={images}", "--batch_size=2"]
+    one = subprocess.run([sys.executable, *args, f"--out={tmp_path / 'one'}"], cwd=REPO, env=_env(), **_TEXT)
+    assert one.returncode == 0, one.stderr[-4000:]
+    distributed = [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+    workers = [
+        subprocess.Popen([sys.executable, *args, f"--out={tmp_path / 'two'}", *distributed, f"--process_id={i}"],
+                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [worker.communicate(timeout=900) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    assert "| ft" in outputs[0][0] and "| ft" not in outputs[1][0]  # process 0 prints and writes
+    rows = {}
+    for run in ("one", "two"):
+        with open(tmp_path / run / "results.json") as f:
+            rows[run] = json.load(f)["rows"]
+    assert len(rows["one"]) == len(rows["two"]) >= 2
+    for a, b in zip(rows["one"], rows["two"], strict=True):
+        assert a["method"] == b["method"] and a["steps"] == b["steps"]
+        for x, y in ((a["psnr"], b["psnr"]), (a["ssim"], b["ssim"]), (a["extra"]["lpips"], b["extra"]["lpips"])):
+            assert abs(x - y) <= 1e-3 * max(1.0, abs(x)), (a, b)
+
+
 def test_two_processes_equal_one_on_the_same_global_batches(tmp_path) -> None:
     workdir = str(tmp_path)
     _run("two_process.py", "teacher", workdir)

@@ -17,7 +17,9 @@ mean-colour error: distance of the mean RGB colours of sample and target, 0-255;
 ``--lowpass_consistency`` samples every run with low-frequency consistency (``codi_jax.lowpass``;
 pixel-space super-resolution runs only; off by default). Writes
 ``results.json`` and ``results.md`` in ``--out`` (together, never overwriting) and prints the
-table; a line per (run, step count) reports progress with an ETA.
+table; a line per (run, step count) reports progress with an ETA. Sampling splits each batch over
+every local device; with the multi-host flags each process samples its block of the examples,
+every process scores the gathered samples and process 0 alone writes.
 
 Flags, ``--out``, the run specs, each run's saved config (task, image size, step counts against
 its training grid), the metric weight files and ``--images`` are checked before any weight is
@@ -62,6 +64,9 @@ flags.DEFINE_string(
 )
 
 
+common.define_distributed_flags()
+
+
 def main(argv: list[str]) -> None:
     common.no_arguments(argv)
     common.require_flags("run", "out")
@@ -69,6 +74,9 @@ def main(argv: list[str]) -> None:
     from codi_jax.sampling.options import parse_step_counts  # light: no JAX
 
     step_counts = parse_step_counts(",".join(FLAGS.steps))
+    common.initialize_distributed()
+    import jax
+
     from codi_jax.evaluation import evaluate, report, scoring  # heavy (JAX, TF): imported once the flags are known good
 
     runs = evaluate.parse_runs(FLAGS.run)
@@ -98,6 +106,8 @@ def main(argv: list[str]) -> None:
     meta["num_seeds"] = FLAGS.num_seeds
     meta["ema"] = FLAGS.ema
     meta["lpips"] = weights.lpips_protocol()
+    if jax.process_index() > 0:  # every process holds every row; one writes them
+        return
     report.write_results(rows, FLAGS.out, header, meta, overwrite=FLAGS.overwrite)
     print(report.markdown_table(rows))
     print(f"{header} Wrote {FLAGS.out}.")
