@@ -114,6 +114,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _on_two_processes(args: list[str]) -> list[tuple[str, str]]:
+    """``python ARGS`` as two real processes (``jax.distributed`` on localhost): their (stdout, stderr)."""
+    distributed = [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
+    workers = [
+        subprocess.Popen([sys.executable, *args, *distributed, f"--process_id={i}"],
+                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)
+    ]  # fmt: skip
+    outputs = [worker.communicate(timeout=900) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    return outputs
+
+
 def test_two_processes_sample_what_one_process_samples(tmp_path) -> None:
     """``sample --skip_existing`` on two real processes (``jax.distributed``): each samples its
     block of the 7 inputs, the blocks are gathered and process 0 alone writes; the files equal one
@@ -129,14 +142,7 @@ def test_two_processes_sample_what_one_process_samples(tmp_path) -> None:
     args += ["--steps=2", "--renoise", "--batch_size=2", "--seed=5", "--skip_existing", "--chunk_size=4"]
     one = subprocess.run([sys.executable, *args, f"--out={tmp_path / 'one'}"], cwd=REPO, env=_env(), **_TEXT)
     assert one.returncode == 0, one.stderr[-4000:]
-    distributed = [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
-    workers = [
-        subprocess.Popen([sys.executable, *args, f"--out={tmp_path / 'two'}", *distributed, f"--process_id={i}"],
-                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]  # fmt: skip
-    outputs = [worker.communicate(timeout=900) for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    outputs = _on_two_processes([*args, f"--out={tmp_path / 'two'}"])
     assert "Wrote 7 samples" in outputs[0][0] and "Wrote" not in outputs[1][0]  # process 0 writes
     names = sorted(os.listdir(tmp_path / "one"))
     assert len(names) == 7 and sorted(os.listdir(tmp_path / "two")) == names
@@ -162,14 +168,7 @@ def test_two_processes_evaluate_what_one_process_evaluates(tmp_path) -> None:
     one = subprocess.run([sys.executable, *args, f"--out={tmp_path / 'one'}"], cwd=REPO, env=_env(), **_TEXT)
     skip_if_subprocess_lacks_optional(one.stderr)  # the held-out degradation runs in TensorFlow
     assert one.returncode == 0, one.stderr[-4000:]
-    distributed = [f"--coordinator_address=localhost:{_free_port()}", "--num_processes=2"]
-    workers = [
-        subprocess.Popen([sys.executable, *args, f"--out={tmp_path / 'two'}", *distributed, f"--process_id={i}"],
-                         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(2)
-    ]  # fmt: skip
-    outputs = [worker.communicate(timeout=900) for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], [err[-3000:] for _, err in outputs]
+    outputs = _on_two_processes([*args, f"--out={tmp_path / 'two'}"])
     assert "| ft" in outputs[0][0] and "| ft" not in outputs[1][0]  # process 0 prints and writes
     rows = {}
     for run in ("one", "two"):

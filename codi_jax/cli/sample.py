@@ -96,34 +96,14 @@ def main(argv: list[str]) -> None:
     common.initialize_distributed()
     from codi_jax.sampling import few_step  # heavy (JAX): imported once the flags are known good
 
+    request = (FLAGS.run, FLAGS.images, FLAGS.out, step_counts, common.sampling_options())
+    shared = dict(input_kind=FLAGS.input, **common.flag_values("instruction", "checkpoint_step", "strict_size"))
     if FLAGS.skip_existing:
-        paths = few_step.run_resumable(
-            FLAGS.run,
-            FLAGS.images,
-            FLAGS.out,
-            step_counts,
-            common.sampling_options(),
-            chunk_size=FLAGS.chunk_size,
-            input_kind=FLAGS.input,
-            instruction=FLAGS.instruction,
-            checkpoint_step=FLAGS.checkpoint_step,
-            strict_size=FLAGS.strict_size,
-        )
+        paths = few_step.run_resumable(*request, chunk_size=FLAGS.chunk_size, **shared)
         if paths or _first_process():
             print(f"Wrote {len(paths)} samples to {FLAGS.out}")
         return
-    paths = few_step.run(
-        FLAGS.run,
-        FLAGS.images,
-        FLAGS.out,
-        step_counts,
-        common.sampling_options(),
-        input_kind=FLAGS.input,
-        instruction=FLAGS.instruction,
-        checkpoint_step=FLAGS.checkpoint_step,
-        strict_size=FLAGS.strict_size,
-        overwrite=FLAGS.overwrite,
-    )
+    paths = few_step.run(*request, overwrite=FLAGS.overwrite, **shared)
     if paths:  # process 0 writes
         print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 
