@@ -36,15 +36,20 @@ def pytest_pycollect_makemodule(module_path, parent):
     return None
 
 
+def _skip_if_optional_missing(error: ImportError) -> None:
+    """Skips the running test where ``error`` is an optional library that is not installed."""
+    reason = missing_optional(error)
+    if reason is not None:
+        pytest.skip(reason)
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_fixture_setup(fixturedef, request):
     try:
         return (yield)
     except ImportError as error:
-        reason = missing_optional(error)
-        if reason is None:
-            raise
-        pytest.skip(reason)
+        _skip_if_optional_missing(error)
+        raise
 
 
 @pytest.hookimpl(wrapper=True)
@@ -52,7 +57,5 @@ def pytest_pyfunc_call(pyfuncitem):
     try:
         return (yield)
     except ImportError as error:
-        reason = missing_optional(error)
-        if reason is None:
-            raise
-        pytest.skip(reason)
+        _skip_if_optional_missing(error)
+        raise

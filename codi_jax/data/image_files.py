@@ -65,7 +65,7 @@ def load_image_rgb(path: str) -> np.ndarray:
 
 def list_edit_triples(folder: str) -> list[tuple[str, str, str]]:
     """``(source, edited, instruction)`` of every pair under ``folder`` (InstructPix2Pix layout,
-    see the module docstring), sorted; errors name the folder or file."""
+    see ``codi_jax.data.pipeline``'s docstring), sorted; errors name the folder or file."""
     if not folder or not os.path.isdir(folder):
         raise FileNotFoundError(f"data_config.folder={folder!r}: not a directory (source='edit_triples')")
     triples = []
