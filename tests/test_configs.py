@@ -16,7 +16,7 @@ from codi_jax.configs.cpu import tiny_teacher
 from codi_jax.data import task_spec
 from codi_jax.models import networks
 from codi_jax.objectives import codi
-from codi_jax.runs import config_resolution, config_upgrade
+from codi_jax.runs import config_checks, config_resolution, config_upgrade
 from codi_jax.sampling import conditional
 
 ALL_CONFIGS = sorted(  # "group.name", e.g. "cpu.codi_sr4"
@@ -138,3 +138,66 @@ def test_upgrade_fills_what_an_older_config_lacks_and_keeps_what_it_has() -> Non
     assert new["nonfinite"] == config_upgrade.train_state.default_update_policy().to_dict()
     assert "codi" not in config_upgrade.upgrade({"method": "teacher"})  # a teacher has no codi section
     assert "target" not in old["codi"]  # the input is left unchanged
+
+
+# (field, bad value, the message's start): one case per rule of ``config_checks.check_run_config``.
+BAD_FIELDS = [
+    ("num_train_steps", 0, "num_train_steps=0: must be at least 1."),
+    ("log_every_steps", 0, "log_every_steps=0: must be at least 1."),
+    ("checkpoint_every_steps", -1, "checkpoint_every_steps=-1: must be at least 1."),
+    ("sample_every_steps", 0, "sample_every_steps=0: must be at least 1."),
+    ("keep_checkpoints", 0, "keep_checkpoints=0: must be at least 1 (0 would delete every checkpoint)."),
+    ("batch_size", 0, "batch_size=0: must be at least 1."),
+    ("ema_decay", 1.5, "ema_decay=1.5: must be in [0, 1]."),
+    ("ema_decay", -0.1, "ema_decay=-0.1: must be in [0, 1]."),
+    ("optimizer.learning_rate", 0.0, "optimizer.learning_rate=0.0: must be a finite number > 0."),
+    ("optimizer.learning_rate", float("inf"), "optimizer.learning_rate=inf: must be a finite number > 0."),
+    ("optimizer.learning_rate", float("nan"), "optimizer.learning_rate=nan: must be a finite number > 0."),
+    ("optimizer.b1", 1.0, "optimizer.b1=1.0: must be in [0, 1) (at 1 Adam's bias correction"),
+    ("optimizer.b2", 1.0, "optimizer.b2=1.0: must be in [0, 1) (at 1 Adam's bias correction"),
+    ("optimizer.b2", -0.5, "optimizer.b2=-0.5: must be in [0, 1)"),
+    ("optimizer.eps", 0.0, "optimizer.eps=0.0: must be a finite number > 0."),
+    ("optimizer.eps", float("inf"), "optimizer.eps=inf: must be a finite number > 0."),
+    ("optimizer.weight_decay", -0.1, "optimizer.weight_decay=-0.1: must be a finite number >= 0."),
+    ("optimizer.grad_clip_norm", 0.0, "optimizer.grad_clip_norm=0.0: must be a finite number > 0 (0 clips every"),
+    ("optimizer.grad_clip_norm", -1.0, "optimizer.grad_clip_norm=-1.0: must be a finite number > 0"),
+    ("optimizer.warmup_steps", -1, "optimizer.warmup_steps=-1: must be at least 0."),
+    ("optimizer.decay_steps", -1, "optimizer.decay_steps=-1: must be at least 0."),
+    ("optimizer.decay", "linear", "optimizer.decay='linear'; valid values: ('constant', 'cosine')."),
+    ("optimizer.decay", "cosine", "optimizer.decay='cosine' needs decay_steps (or num_train_steps) > warmup_steps"),
+    ("nonfinite.max_param_norm_ratio", 0.0, "nonfinite.max_param_norm_ratio=0.0: must be a finite number > 1 ("),
+    ("nonfinite.max_param_norm_ratio", 1.0, "nonfinite.max_param_norm_ratio=1.0: must be a finite number > 1 ("),
+    ("nonfinite.max_consecutive", -1, "nonfinite.max_consecutive=-1: must be at least 0."),
+]
+
+
+def _with(config: ml_collections.ConfigDict, field: str, value) -> ml_collections.ConfigDict:
+    *section, name = field.split(".")
+    (config[section[0]] if section else config)[name] = value
+    return config
+
+
+@pytest.mark.parametrize("field, value, message", BAD_FIELDS, ids=[f"{f}={v}" for f, v, _ in BAD_FIELDS])
+def test_out_of_range_field_is_refused_at_resolution(field: str, value, message: str) -> None:
+    config = _with(tiny_teacher.get_config(), field, value)
+    if field == "optimizer.decay" and value == "cosine":
+        config.optimizer.warmup_steps = config.num_train_steps  # the decay would end in the warm-up
+    with pytest.raises(ValueError) as error:
+        config_resolution.resolve(config)
+    assert str(error.value).startswith(message)
+    assert "\n" not in str(error.value)
+
+
+def test_range_checks_come_before_the_teacher_is_read() -> None:
+    """A CoDi config with no teacher and a bad field: the field is reported, not the teacher."""
+    config = importlib.import_module("codi_jax.configs.cpu.tiny_codi").get_config()
+    config.teacher_workdir = "/no/such/teacher"
+    config.nonfinite.max_param_norm_ratio = 0.0
+    with pytest.raises(ValueError, match=r"^nonfinite\.max_param_norm_ratio=0\.0: .*use e\.g\. 2\.0\)\.$"):
+        config_resolution.resolve(config)
+
+
+@pytest.mark.parametrize("name", ALL_CONFIGS)
+def test_shipped_config_passes_the_range_checks(name: str) -> None:
+    config = importlib.import_module(f"codi_jax.configs.{name}").get_config()
+    config_checks.check_run_config(config_upgrade.upgraded(config))

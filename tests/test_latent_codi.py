@@ -17,12 +17,13 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from codi_jax import sharding  # noqa: E402
 from codi_jax.configs.cpu import tiny_codi  # noqa: E402
 from codi_jax.interop import convert, export  # noqa: E402
-from codi_jax.runs import pretrained  # noqa: E402
+from codi_jax.runs import config_resolution, pretrained  # noqa: E402
 from codi_jax.sampling import few_step  # noqa: E402
 from codi_jax.sampling.options import SamplingOptions  # noqa: E402
-from codi_jax.training import loop  # noqa: E402
+from codi_jax.training import loop, recipes  # noqa: E402
 from tests import tiny_sd  # noqa: E402
 
 
@@ -61,8 +62,10 @@ def _leaves_close(a, b, what: str) -> None:
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-6 * max(1.0, scale), err_msg=what)
 
 
-def test_init_from_converted_controlnet(teacher, tmp_path) -> None:
-    state = loop.train_and_evaluate(_config(teacher, num_train_steps=0), str(tmp_path / "init"))
+def test_init_from_converted_controlnet(teacher) -> None:
+    config = config_resolution.resolve(_config(teacher))  # the initial state: what step 1 would start from
+    mesh = sharding.mesh_from_config(config)
+    state, _ = loop.create_sharded_state(recipes.make_recipe(config, mesh), mesh, config)
     shapes = jax.eval_shape(lambda: state.params["adapter"])
     converted = convert.restore_controlnet(teacher["workdir"], shapes)
     for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(state.params["adapter"]), jax.tree.leaves(converted)):

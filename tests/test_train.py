@@ -208,7 +208,7 @@ def test_constant_schedule_is_the_default():
     "fields, message",
     [
         (dict(decay="linear"), "optimizer.decay='linear'"),
-        (dict(decay_steps=-1), "optimizer.decay_steps must be >= 0"),
+        (dict(decay_steps=-1), "optimizer.decay_steps=-1: must be at least 0"),
         (dict(decay="cosine", warmup_steps=50, decay_steps=50), "needs decay_steps"),
     ],
 )

@@ -16,8 +16,7 @@ from codi_jax.data import task_spec
 from codi_jax.interop import convert
 from codi_jax.models import networks
 from codi_jax.objectives import codi
-from codi_jax.runs import config_diff, config_upgrade, pretrained
-from codi_jax.training.train_state import check_optimizer_config
+from codi_jax.runs import config_checks, config_diff, config_upgrade, pretrained
 
 METHODS = ("teacher",) + networks.CONDITIONAL_METHODS
 INIT_SECTIONS = ("model", "schedule", "adapter", "task")
@@ -45,7 +44,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The complete config of the run ``config`` asks for (fields it lacks filled in:
     ``config_upgrade``); ``config`` itself is left unchanged."""
     config = config_upgrade.upgraded(config)
-    check_optimizer_config(config.optimizer, config.num_train_steps)
+    config_checks.check_run_config(config)  # before any teacher config is read
     if method_of(config) == "teacher":
         return config
     codi.check_codi_config(config.codi)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import numbers
 from typing import Any
 
 import flax
@@ -41,14 +44,70 @@ def model_params(state: TrainState, *, ema: bool) -> Any:
 LR_DECAYS = ("constant", "cosine")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric config field: finite numbers in ``[low, high]`` (an end left
+    out where ``*_excluded``); ``integer``: whole numbers ``>= low``. ``why`` ends the error message."""
+
+    low: float
+    high: float = math.inf
+    low_excluded: bool = False
+    high_excluded: bool = False
+    integer: bool = False
+    why: str = ""
+
+    def holds(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral if self.integer else numbers.Real):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_excluded else value >= self.low
+        below = value < self.high if self.high_excluded else value <= self.high
+        return above and below
+
+    def describe(self, value: Any) -> str:
+        """The valid range in words (a whole-number field: ``must be at least low``)."""
+        if self.integer:
+            whole = "" if isinstance(value, numbers.Integral) else "a whole number "
+            return f"must be {whole}at least {self.low:g}"
+        if self.high == math.inf:
+            return f"must be a finite number {'>' if self.low_excluded else '>='} {self.low:g}"
+        ends = ("(" if self.low_excluded else "[", ")" if self.high_excluded else "]")
+        return f"must be in {ends[0]}{self.low:g}, {self.high:g}{ends[1]}"
+
+    def check(self, field: str, value: Any) -> None:
+        """Raises one readable ``ValueError``, ``field=value: the valid range (why).``, unless ``holds``."""
+        if not self.holds(value):
+            why = f" ({self.why})" if self.why else ""
+            raise ValueError(f"{field}={value!r}: {self.describe(value)}{why}.")
+
+
+_ADAM_DECAY = Range(0, 1, high_excluded=True, why="at 1 Adam's bias correction divides by 0: every update is NaN")
+OPTIMIZER_RANGES = {
+    "learning_rate": Range(0, low_excluded=True),
+    "b1": _ADAM_DECAY,
+    "b2": _ADAM_DECAY,
+    "eps": Range(0, low_excluded=True),
+    "weight_decay": Range(0),
+    "grad_clip_norm": Range(0, low_excluded=True, why="0 clips every gradient to 0: nothing trains"),
+}
+# Fields older configs lack (``config_upgrade`` fills them in): their absence means this.
+OPTIMIZER_DEFAULTS = {"warmup_steps": 0, "decay_steps": 0}
+OPTIMIZER_STEP_RANGES = {name: Range(0, integer=True) for name in OPTIMIZER_DEFAULTS}
+
+
 def check_optimizer_config(optimizer_config: ml_collections.ConfigDict, num_train_steps: int = 0) -> None:
-    """One readable error for an unknown ``optimizer.decay``, a negative ``decay_steps``, or a
+    """The one optimizer check (``config_checks.check_run_config`` and ``learning_rate_schedule``
+    call it): one readable error naming the field, its value and the valid range, for AdamW settings
+    out of range (``OPTIMIZER_RANGES``), negative step counts, an unknown ``optimizer.decay``, or a
     cosine decay that would end before its warm-up does."""
+    for name, valid in OPTIMIZER_RANGES.items():
+        valid.check(f"optimizer.{name}", optimizer_config.get(name))
+    for name, valid in OPTIMIZER_STEP_RANGES.items():
+        valid.check(f"optimizer.{name}", optimizer_config.get(name, OPTIMIZER_DEFAULTS[name]))
     decay = optimizer_config.get("decay", "constant")
     if decay not in LR_DECAYS:
         raise ValueError(f"optimizer.decay={decay!r}; valid values: {LR_DECAYS}.")
-    if int(optimizer_config.get("decay_steps", 0)) < 0:
-        raise ValueError(f"optimizer.decay_steps must be >= 0, got {optimizer_config.decay_steps}.")
     warmup, end = int(optimizer_config.get("warmup_steps", 0)), _decay_end(optimizer_config, num_train_steps)
     if decay == "cosine" and end <= warmup:
         raise ValueError(
@@ -116,10 +175,24 @@ def default_update_policy() -> ml_collections.ConfigDict:
     """The ``nonfinite`` config section: when an update is rejected and when the run gives up."""
     config = ml_collections.ConfigDict()
     # Reject an update whose new global parameter norm differs from the old one by more than this
-    # factor (either way): finite but absurd steps (e.g. learning_rate=1e30). 0 disables.
+    # factor (either way): finite but absurd steps (e.g. learning_rate=1e30). Must be > 1 (see
+    # UPDATE_POLICY_RANGES): a config cannot turn the check off.
     config.max_param_norm_ratio = 2.0
     config.max_consecutive = 10  # this many rejected updates in a row stop the run (0: never)
     return config
+
+
+# Checked at config resolution (``config_checks``). A ratio of 0 used to turn the norm check off;
+# then a finite exploded update was kept and the "last good" checkpoint could hold params near 1e30.
+UPDATE_POLICY_RANGES = {
+    "max_param_norm_ratio": Range(
+        1,
+        low_excluded=True,
+        why="the factor one update may change the parameter norm by; 0 no longer turns the check off: a finite "
+        "exploded update was kept and the last good checkpoint could hold params near 1e30; use e.g. 2.0",
+    ),
+    "max_consecutive": Range(0, integer=True),
+}
 
 
 def _global_norm(tree: Any) -> jax.Array:
@@ -130,7 +203,8 @@ def update_is_sane(
     loss: jax.Array, grads: Any, old_params: Any, new_params: Any, max_param_norm_ratio: float
 ) -> jax.Array:
     """Whether to keep an update: finite loss, gradients and new params, and (ratio > 0) a global
-    parameter norm that moved by less than ``max_param_norm_ratio`` either way."""
+    parameter norm that moved by less than ``max_param_norm_ratio`` either way. Runs always pass
+    a ratio > 1 (``UPDATE_POLICY_RANGES``); 0 (no norm check) is for direct callers only."""
     ok = jnp.isfinite(loss) & tree_all_finite(grads) & tree_all_finite(new_params)
     if max_param_norm_ratio:
         old, new = _global_norm(old_params), _global_norm(new_params)
