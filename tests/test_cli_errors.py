@@ -68,6 +68,7 @@ def _fake_codi_workdir(workdir: str, grid_size: int = 8) -> None:
 def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], str]]:
     """name -> (command line, the exact stderr line expected)."""
     sample = ["-m", "codi_jax.sample", f"--out={p['taken']}/../out"]
+    train = ["-m", "codi_jax.train", "--config=codi_jax/configs/cpu/tiny_teacher.py", "--workdir=x"]
     return {
         "missing_cond": (
             ["-m", "codi_jax.sample", f"--run={FINETUNE}", "--out=x"],
@@ -101,14 +102,13 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], str]]:
             "(nothing was overwritten).",
         ),
         "train_unknown_config_field": (
-            [
-                "-m",
-                "codi_jax.train",
-                "--config=codi_jax/configs/cpu/tiny_teacher.py",
-                "--workdir=x",
-                "--config.batch_sise=4",
-            ],
-            "error: --config.batch_sise: no such config field; nearest valid: batch_size (see --helpshort)",
+            train + ["--config.optimizer.lr=1"],
+            "error: --config.optimizer.lr: no such config field; nearest valid: optimizer.learning_rate "
+            "(see --helpshort)",
+        ),
+        "train_out_of_range_field": (
+            train + ["--config.keep_checkpoints=0"],
+            "error: keep_checkpoints=0: must be at least 1 (0 would delete every checkpoint).",
         ),
         "train_missing_teacher": (
             ["-m", "codi_jax.train", "--config=codi_jax/configs/cpu/tiny_codi.py", f"--workdir={p['missing']}"],
@@ -138,6 +138,7 @@ def results(inputs) -> dict[str, tuple[subprocess.CompletedProcess, float, str]]
 
 CASES = [
     "train_unknown_config_field",
+    "train_out_of_range_field",
     "train_missing_teacher",
     "missing_cond",
     "unknown_flag",
@@ -162,6 +163,21 @@ def test_bad_input_is_one_line_and_exit_2(results, case) -> None:
 
 def test_every_case_is_listed(inputs) -> None:
     assert sorted(_cases(inputs)) == sorted(CASES)
+
+
+@pytest.mark.parametrize(
+    "field, nearest",
+    [
+        ("optimizer.lr", "optimizer.learning_rate"),  # an abbreviation, in the field's section
+        ("batch_sise", "batch_size"),
+        ("optimiser.learning_rate", "optimizer.learning_rate, optimizer.decay_steps, optimizer.warmup_steps"),
+        ("nonfinite.max_ratio", "nonfinite.max_param_norm_ratio, nonfinite.max_consecutive"),
+    ],
+)
+def test_unknown_config_field_suggests_the_nearest_names(field: str, nearest: str) -> None:
+    argv = ["prog", f"--config={REPO}/codi_jax/configs/cpu/tiny_teacher.py", f"--config.{field}=1"]
+    message = common.unknown_config_field(argv, AttributeError(field))
+    assert message == f"--config.{field}: no such config field; nearest valid: {nearest}"
 
 
 def test_old_flag_names_warn_and_still_work(inputs) -> None:

@@ -162,14 +162,47 @@ def _config_keys(argv: Sequence[str]) -> list[str]:
     return walk(config, "")
 
 
+def _abbreviates(typed: str, name: str) -> bool:
+    """``typed`` is a short form of ``name``: the same first letter, and its letters appear in
+    ``name`` in order (``lr`` -> ``learning_rate``)."""
+    rest = iter(name)
+    return len(typed) < len(name) and typed[:1] == name[:1] and all(letter in rest for letter in typed)
+
+
+def _name_score(typed: str, name: str) -> float:
+    """Similarity of two field names (last components) in [0, 1]; an abbreviation scores above 1."""
+    ratio = difflib.SequenceMatcher(None, typed, name).ratio()
+    return 1.0 + ratio if _abbreviates(typed, name) else ratio
+
+
+def nearest_fields(field: str, keys: Sequence[str], n: int = 3, cutoff: float = 0.5) -> list[str]:
+    """At most ``n`` of the dotted config ``keys`` nearest to the unknown ``field``: first the
+    fields of its section, by the similarity of their names (``_name_score``), then any field
+    whose whole dotted name is near (difflib ratio); both at least ``cutoff``."""
+    section, _, name = field.rpartition(".")
+    ranked = []
+    for key in keys:
+        if field.startswith(key + "."):
+            continue  # a section the field is in
+        key_section, _, key_name = key.rpartition(".")
+        if key_section == section:
+            tier, score = 0, _name_score(name, key_name)
+        else:
+            tier, score = 1, difflib.SequenceMatcher(None, field, key).ratio()
+        if score >= cutoff:
+            ranked.append((tier, -score, key))
+    return [key for _, _, key in sorted(ranked)[:n]]
+
+
 def unknown_config_field(argv: Sequence[str], error: BaseException) -> str | None:
-    """The message for a ``--config.FIELD=...`` override naming no field, with the nearest valid ones."""
+    """The message for a ``--config.FIELD=...`` override naming no field, with the nearest valid
+    ones (``nearest_fields``)."""
     overrides = [arg[len("--config.") :].split("=", 1)[0] for arg in argv if arg.startswith("--config.")]
     keys = _config_keys(argv)
     unknown = [field for field in overrides if keys and field not in keys]
     if not unknown:
         return None
-    near = difflib.get_close_matches(unknown[0], keys, n=3, cutoff=0.5)
+    near = nearest_fields(unknown[0], keys)
     hint = f"; nearest valid: {', '.join(near)}" if near else ""
     return f"--config.{unknown[0]}: no such config field{hint}"
 
