@@ -110,6 +110,15 @@ def _cases(p: dict[str, str]) -> dict[str, tuple[list[str], str]]:
             train + ["--config.keep_checkpoints=0"],
             "error: keep_checkpoints=0: must be at least 1 (0 would delete every checkpoint).",
         ),
+        "train_workdir_is_a_file": (
+            [
+                "-m",
+                "codi_jax.train",
+                "--config=codi_jax/configs/cpu/tiny_teacher.py",
+                f"--workdir={p['images']}/im0.png",
+            ],
+            f"error: --workdir {p['images']}/im0.png is a file, not a directory.",
+        ),
         "train_missing_teacher": (
             ["-m", "codi_jax.train", "--config=codi_jax/configs/cpu/tiny_codi.py", f"--workdir={p['missing']}"],
             "error: config.method='codi' needs config.teacher_workdir (a teacher training workdir).",
@@ -140,6 +149,7 @@ CASES = [
     "train_unknown_config_field",
     "train_out_of_range_field",
     "train_missing_teacher",
+    "train_workdir_is_a_file",
     "missing_cond",
     "unknown_flag",
     "steps_zero",

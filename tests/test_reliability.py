@@ -161,6 +161,7 @@ def test_absurd_updates_are_rejected_and_stop_the_run(data_dir, tmp_path) -> Non
     loop.train_and_evaluate(_config(data_dir, num_train_steps=2, checkpoint_every_steps=2), workdir)
     config = _config(data_dir, num_train_steps=20, checkpoint_every_steps=1, sample_every_steps=1000)
     config.optimizer.learning_rate = 1e30
+    config.allow_resume_changes = "optimizer.learning_rate"  # deliberately, on resume
     config.nonfinite.max_consecutive = 3
     with pytest.raises(run_status.Diverged, match="3 consecutive updates rejected up to step 5.*checkpoints/2"):
         loop.train_and_evaluate(config, workdir)
@@ -180,3 +181,182 @@ def test_failed_checkpoint_write_stops_at_the_next_step(data_dir, tmp_path, monk
     config = _config(data_dir, num_train_steps=6, checkpoint_every_steps=2, sample_every_steps=1000)
     with pytest.raises(run_status.CheckpointWriteFailed, match="No space left on device.*last complete checkpoint"):
         loop.train_and_evaluate(config, workdir)
+
+
+def _names(workdir: str) -> list[str]:
+    return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def test_changed_resume_fields_are_refused_and_move_nothing(data_dir, tmp_path, caplog) -> None:
+    """A resume with another batch size (the data stream) or another model (the arrays) is refused
+    in one line naming the fields, and every checkpoint stays where it was; a change named in
+    ``allow_resume_changes`` is accepted and logged."""
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(_config(data_dir, num_train_steps=3, sample_every_steps=1000), workdir)
+    before = _names(workdir)
+    with pytest.raises(
+        checkpoint.ResumeMismatch,
+        match=r"batch_size: 8 \(checkpoint\) vs 4 \(config\).*--config.allow_resume_changes=batch_size",
+    ):
+        loop.train_and_evaluate(_config(data_dir, num_train_steps=4, batch_size=4, sample_every_steps=1000), workdir)
+    config = _config(data_dir, num_train_steps=4, sample_every_steps=1000, allow_resume_changes="model")
+    config.model.layers_per_block = 2  # allowed in the config, but the arrays cannot fit
+    with pytest.raises(checkpoint.ResumeMismatch, match=r"holds another model's arrays .*absent \(checkpoint\)"):
+        loop.train_and_evaluate(config, workdir)
+    assert _names(workdir) == before  # nothing moved aside
+    config = _config(
+        data_dir, num_train_steps=4, batch_size=4, sample_every_steps=1000, allow_resume_changes="batch_size"
+    )
+    with caplog.at_level("WARNING"):
+        assert int(loop.train_and_evaluate(config, workdir).step) == 4
+    assert any("deliberate changes" in r.getMessage() and "batch_size: 8" in r.getMessage() for r in caplog.records)
+
+
+def _flip_byte(step_dir: str) -> None:
+    files = [p for p in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True) if "/d/" in p]
+    biggest = max(files, key=os.path.getsize)
+    with open(biggest, "r+b") as f:
+        f.seek(os.path.getsize(biggest) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_flipped_byte_is_detected_and_falls_back(data_dir, tmp_path, caplog) -> None:
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(_config(data_dir, num_train_steps=6, sample_every_steps=1000), workdir)
+    _flip_byte(os.path.join(workdir, "checkpoints", "6"))
+    os.makedirs(os.path.join(workdir, "checkpoints", "corrupt-step-6"))  # an earlier one: never collided with
+    with caplog.at_level("WARNING"):
+        state = loop.train_and_evaluate(_config(data_dir, num_train_steps=6, sample_every_steps=1000), workdir)
+    assert int(state.step) == 6
+    damaged = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+    assert len(damaged) == 1 and "step 6 (IntegrityError: checksum mismatch" in damaged[0], damaged
+    assert {"corrupt-step-6", "corrupt-step-6.1", "3", "6"} <= set(_names(workdir))
+
+
+def test_workdir_with_only_damaged_checkpoints_never_restarts_from_0(data_dir, tmp_path) -> None:
+    workdir = str(tmp_path / "run")
+    loop.train_and_evaluate(_config(data_dir, num_train_steps=6, sample_every_steps=1000), workdir)
+    for step in ("3", "6"):
+        _corrupt(os.path.join(workdir, "checkpoints", step), "missing _METADATA")
+    config = _config(data_dir, num_train_steps=7, sample_every_steps=1000)
+    with pytest.raises(FileNotFoundError, match=r"restores; tried: step 6 \(.*\); step 3 \(.*moved to corrupt-step-"):
+        loop.train_and_evaluate(config, workdir)
+    with pytest.raises(
+        FileNotFoundError, match=r"only ones an earlier run set aside as damaged \(corrupt-step-3, corrupt-step-6\)"
+    ):
+        loop.train_and_evaluate(config, workdir)
+    assert _names(workdir) == ["corrupt-step-3", "corrupt-step-6"]
+
+
+def test_a_signal_at_the_last_step_finishes_the_run(data_dir, tmp_path, monkeypatch) -> None:
+    from codi_jax.training import stop_signals
+
+    monkeypatch.setattr(stop_signals.StopSignals, "agreed", lambda self: True)  # as if signalled at every step
+    workdir = str(tmp_path / "run")
+    config = _config(data_dir, num_train_steps=1, sample_every_steps=1000)
+    assert int(loop.train_and_evaluate(config, workdir).step) == 1  # no Preempted
+    assert _steps(workdir) == [1]
+
+
+def test_checkpoint_save_failure_is_exit_5(data_dir, tmp_path, monkeypatch) -> None:
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", denied)
+    config = _config(data_dir, num_train_steps=6, sample_every_steps=1000)
+    with pytest.raises(run_status.CheckpointWriteFailed, match=r"Permission denied\); last complete checkpoint: none"):
+        loop.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def _lines_until(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stderr:
+        lines.append(line)
+        if text in line or time.time() > deadline:
+            break
+    return lines
+
+
+def test_second_run_on_a_workdir_is_refused_and_startup_signals_exit_in_one_line(data_dir, tmp_path) -> None:
+    """While one run trains, a second on its workdir is refused at once (exit 2, one line naming the
+    holder); SIGTERM during another run's start-up, once it holds its own lock, exits 143 in one
+    line and leaves no lock behind; SIGTERM during the first's training is a preemption (exit 3);
+    resuming it with another model is refused (exit 2) and moves nothing."""
+    workdir, other = str(tmp_path / "run"), str(tmp_path / "other")
+    long_run = {"num_train_steps": 1000, "checkpoint_every_steps": 10_000, "log_every_steps": 1}
+    first = subprocess.Popen(_flags(data_dir, workdir, **long_run), env=_env(), stderr=subprocess.PIPE, text=True)
+    try:
+        started = _lines_until(first, "step 2/1000", 300)
+        assert os.path.exists(os.path.join(workdir, "run.lock")), "".join(started)[-2000:]
+        assert not any("Config (resolved)" in line for line in started)  # the log file only:
+        with open(os.path.join(workdir, "train.log")) as f:
+            assert "Config (resolved):" in f.read()
+        t0 = time.time()
+        second = subprocess.run(_flags(data_dir, workdir), env=_env(), capture_output=True, text=True, timeout=120)
+        refused_after = time.time() - t0
+        assert second.returncode == 2, second.stderr[-2000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --workdir {workdir} is in use by another run (host ")
+        assert f"pid {first.pid}" in lines[0] and refused_after < 30
+        third = subprocess.Popen(_flags(data_dir, other), env=_env(), stderr=subprocess.PIPE, text=True)
+        _lines_until(third, "XLA compilation cache", 120)  # logged once the lock is held
+        third.send_signal(signal.SIGTERM)
+        _, rest = third.communicate(timeout=60)
+        assert third.returncode == 143, rest[-2000:]
+        assert rest.strip().splitlines()[-1].startswith("error: stopped by SIGTERM during start-up")
+        assert "Traceback" not in rest and not os.path.exists(os.path.join(other, "run.lock"))
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=300)
+    assert first.returncode == run_status.EXIT_PREEMPTED
+    assert not os.path.exists(os.path.join(workdir, "run.lock"))
+    # Resuming it with another model: exit 2, one line, every checkpoint left where it was.
+    before = _names(workdir)
+    changed = subprocess.run(
+        _flags(data_dir, workdir, **{"model.layers_per_block": 2}), env=_env(), capture_output=True, text=True
+    )
+    assert changed.returncode == 2, changed.stderr[-2000:]
+    lines = changed.stderr.strip().splitlines()
+    assert len(lines) == 1 and "was written with another config" in lines[0] and "model.layers_per_block: 1" in lines[0]
+    assert _names(workdir) == before
+
+
+def test_disk_write_failure_exits_5_within_seconds(data_dir, tmp_path) -> None:
+    """Files capped at 200 kB (``RLIMIT_FSIZE``: the kernel fails the write, as on a full disk): the
+    first checkpoint cannot be written; the run stops with exit 5, one console line naming the last
+    complete checkpoint and no Orbax traceback (the full one is in train.log)."""
+    from codi_jax.data import pipeline
+
+    pipeline._skimage_builder(_config(data_dir).data)  # the dataset is built before the cap
+    workdir = str(tmp_path / "run")
+    limit = [sys.executable, os.path.join(REPO, "tests", "scripts", "file_size_limit.py"), str(200_000)]
+    args = limit + _flags(data_dir, workdir, num_train_steps=1000, checkpoint_every_steps=1, log_every_steps=1)[1:]
+    env = {k: v for k, v in _env().items() if k != "JAX_COMPILATION_CACHE_DIR"}  # no capped cache entries
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE, text=True)
+    started = _lines_until(proc, "Training from step 0", 300)
+    t0 = time.time()
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == run_status.EXIT_CHECKPOINT_FAILED, ("".join(started) + rest)[-3000:]
+    assert time.time() - t0 < 10
+    errors = [line for line in rest.splitlines() if line.startswith("E")]
+    assert len(errors) == 1 and "File too large" in errors[0] and "last complete checkpoint: " in errors[0]
+    named = errors[0].split("last complete checkpoint: ")[1].split(". Free")[0]
+    assert named.startswith("none in ") or os.path.basename(named) in map(str, _steps(workdir))
+    assert "Traceback" not in rest
+    with open(os.path.join(workdir, "train.log")) as f:
+        assert "Traceback" in f.read()
+
+
+def test_unwritable_workdir_is_refused_before_anything_loads(tmp_path, monkeypatch) -> None:
+    real_open = open
+
+    def read_only(path, mode="r", *args, **kwargs):  # a read-only filesystem (root ignores chmod)
+        if "w" in mode and ".write-test-" in str(path):
+            raise OSError(30, "Read-only file system")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", read_only)
+    with pytest.raises(OSError, match=r"--workdir .* is not writable: Read-only file system\."):
+        loop.check_workdir(str(tmp_path / "run"))

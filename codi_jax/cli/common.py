@@ -19,7 +19,9 @@ import importlib.util
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -50,6 +52,37 @@ class UserError(Exception):
 
 
 USER_ERRORS = (UserError, ValueError, OSError, app.UsageError)
+
+
+class Interrupted(BaseException):
+    """SIGINT / SIGTERM while a command starts up (a BaseException, as KeyboardInterrupt: library
+    code's ``except Exception`` does not swallow it; context managers on the way out still run)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM, as a shell reports them
+
+
+def exit_on_signals(*, unwind: bool) -> None:
+    """SIGINT / SIGTERM end the command in one line with exit code 128 + signal, until something
+    installs its own handlers (the training loop). ``unwind``: by raising ``Interrupted`` (which
+    ``run_main`` reports), so locks are released on the way out; else at once (while importing,
+    when nothing has been written)."""
+
+    def at_once(signum: int, frame: Any) -> None:
+        sys.stderr.write(f"error: {_interrupted_line(signal.Signals(signum).name)}\n")
+        os._exit(128 + signum)
+
+    def raising(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, raising if unwind else at_once)
+
+
+def _interrupted_line(name: str) -> str:
+    return f"stopped by {name} during start-up, before the first step; rerun the same command to start."
 
 
 def one_line(error: BaseException) -> str:
@@ -321,6 +354,10 @@ def run_main(main_fn: Callable[[list[str]], Any], argv: list[str] | None = None)
         configure_logging(FLAGS.verbose)
         try:
             return main_fn(args)
+        except Interrupted as interrupted:
+            sys.stdout.flush()
+            sys.stderr.write(f"error: {_interrupted_line(str(interrupted))}\n")
+            sys.exit(interrupted.exit_code)
         except USER_ERRORS as error:
             if FLAGS.verbose:
                 raise

@@ -5,6 +5,7 @@ Rerunning with the same workdir resumes from its latest checkpoint.
 """
 
 import os
+import signal
 import sys
 
 import jax
@@ -13,7 +14,7 @@ from ml_collections import config_flags
 
 from codi_jax.cli import common
 from codi_jax.training import loop
-from codi_jax.training.run_status import RunStopped
+from codi_jax.training.run_status import CheckpointWriteFailed, RunStopped
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to an ml-collections config file.", lock_config=True)
@@ -27,6 +28,7 @@ common.define_distributed_flags()
 
 
 def main(argv):
+    common.exit_on_signals(unwind=True)  # until the loop takes the signals: one line, the lock released
     common.no_arguments(argv)
     common.require_flags("config", "workdir")
     common.initialize_distributed()
@@ -37,7 +39,14 @@ def main(argv):
         loop.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except RunStopped as stopped:
         logging.error("%s: %s", type(stopped).__name__, stopped)
+        if isinstance(stopped, CheckpointWriteFailed):  # Orbax's failed writer threads may never end
+            logging.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(stopped.exit_code)
         sys.exit(stopped.exit_code)
+    for signum in (signal.SIGINT, signal.SIGTERM):  # finished: a signal now changes nothing
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def console() -> None:

@@ -16,6 +16,22 @@ def as_dict(config: ml_collections.ConfigDict | Mapping) -> dict:
     return json.loads(json.dumps(config, default=str))
 
 
+def flat(config: Mapping, prefix: str = "") -> dict[str, Any]:
+    """``{"section.field": value}`` for every leaf of a nested mapping (sub-sections recursed)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):  # an empty section has no fields
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def covered(key: str, names: Sequence[str]) -> bool:
+    """Whether the dotted ``key`` is one of ``names`` or lies under one of them."""
+    return any(key == name or key.startswith(name + ".") for name in names)
+
+
 def differences(
     first: ml_collections.ConfigDict | Mapping,
     second: ml_collections.ConfigDict | Mapping,
@@ -23,31 +39,24 @@ def differences(
     *,
     names: tuple[str, str] = ("checkpoint", "config"),
     only_first_keys: bool = False,
+    exclude: Sequence[str] = (),
 ) -> list[str]:
-    """``section.field: a (first) vs b (second)`` for every field of ``sections`` that differs.
+    """``section.field: a (first) vs b (second)`` for every field under ``sections`` that differs.
 
-    ``sections`` names whole sections (``"model"``) or single fields (``"task.name"``). Lists and
+    ``sections`` names whole sections (``"model"``), single fields (``"task.name"``) or top-level
+    fields (``"seed"``); ``exclude`` names fields (or sections) under them left out. Lists and
     tuples compare equal (saved configs are complete: ``config_upgrade`` fills fields added since
     they were written). ``only_first_keys`` compares just the fields the first config sets (a user's
     partial section against a complete saved one).
     """
-    first, second = as_dict(first), as_dict(second)
-    diffs = []
-    for entry in sections:
-        section, _, field = entry.partition(".")
-        a, b = first.get(section) or {}, second.get(section) or {}
-        if field:
-            keys = [field]
-        elif only_first_keys:
-            keys = sorted(first.get(section) or {})
-        else:
-            keys = sorted(set(a) | set(b))
-        diffs += [
-            f"{section}.{key}: {a.get(key)!r} ({names[0]}) vs {b.get(key)!r} ({names[1]})"
-            for key in keys
-            if _normalise(a.get(key)) != _normalise(b.get(key))
-        ]
-    return diffs
+    a, b = flat(as_dict(first)), flat(as_dict(second))
+    keys = a if only_first_keys else {**a, **b}
+    chosen = [key for key in sorted(keys) if covered(key, sections) and not covered(key, exclude)]
+    return [
+        f"{key}: {a.get(key)!r} ({names[0]}) vs {b.get(key)!r} ({names[1]})"
+        for key in chosen
+        if _normalise(a.get(key)) != _normalise(b.get(key))
+    ]
 
 
 def _normalise(value: Any) -> Any:

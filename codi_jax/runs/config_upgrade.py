@@ -33,6 +33,8 @@ TOP_LEVEL = {
     # The batch encoder (VAE, text) inside the jitted step: the same arithmetic as the separate
     # program runs before it existed, so older runs take the current default rather than False.
     "encode_in_step": True,
+    # Resume-field changes (checkpoint.RESUME_FIELDS) a resumed run accepts: "batch_size,optimizer".
+    "allow_resume_changes": "",
 }
 # Sections every run has: the fields added to them since the first runs were saved.
 ADDED_FIELDS = {

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,8 +29,8 @@ from codi_jax.data import image_files, pipeline
 from codi_jax.frozen import encoders
 from codi_jax.models import networks
 from codi_jax.models.unet import UNet
-from codi_jax.runs import checkpoint, config_resolution
-from codi_jax.training import aot, recipes
+from codi_jax.runs import checkpoint, config_resolution, workdir_lock
+from codi_jax.training import aot, recipes, run_log
 from codi_jax.training.run_status import CheckpointWriteFailed, Diverged, Preempted
 from codi_jax.training.stop_signals import StopSignals
 from codi_jax.training.train_state import TrainState
@@ -100,6 +101,12 @@ def restore_or_init(
 ) -> tuple[TrainState, Any]:
     """The run's latest checkpoint (pre-trained weights are then not read at all), else a fresh state."""
     if ckpt.latest_step() is None:
+        aside = ckpt.set_aside_steps()
+        if aside:  # never silently from step 0 where a run has been
+            raise FileNotFoundError(
+                f"{ckpt.directory} holds no checkpoint that restores, only ones an earlier run set aside as "
+                f"damaged ({', '.join(aside)}); move back what you trust, or use a fresh --workdir."
+            )
         return create_sharded_state(recipe, mesh, config)
     abstract, shardings = state_shardings(recipe, mesh, config)
     state = ckpt.restore_latest_intact(checkpoint.abstract_like(abstract, shardings), config)
@@ -107,26 +114,52 @@ def restore_or_init(
     return state, shardings
 
 
+def check_workdir(workdir: str) -> None:
+    """The workdir is a directory this process can write in (created if absent): checked before
+    anything is loaded or compiled, on every process (each writes its checkpoint shards)."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise NotADirectoryError(f"--workdir {workdir} is a file, not a directory.")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write-test-{socket.gethostname()}-{os.getpid()}")
+        with open(probe, "wb") as f:
+            f.write(b"ok")
+        os.remove(probe)
+    except OSError as error:
+        raise OSError(f"--workdir {workdir} is not writable: {error.strerror or error}.") from None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains ``config.method`` in ``workdir``, resuming from its latest checkpoint; ``config``
-    is resolved first (codi / finetune: the teacher's model and schedule) and left unchanged."""
+    is resolved first (codi / finetune: the teacher's model and schedule) and left unchanged.
+
+    Everything that can be checked without loading a model is, first: the config's fields, the
+    workdir, the input paths, the mesh. Then the run holds the workdir's lock (a second run on it
+    is refused) and logs to ``<workdir>/train.log`` (the resolved config goes there only)."""
     config = config_resolution.resolve(config)
+    check_workdir(workdir)
     check_input_paths(config)
     mesh = sharding.mesh_from_config(config)
     sharding.check_batch_divisible(config.batch_size, mesh)
-    logging.info("Config (resolved):\n%s", config)
-    logging.info(
-        "Data: %s (config.data.data_dir); XLA compilation cache: %s (--compilation_cache).",
-        config.data.data_dir or os.path.expanduser("~/tensorflow_datasets"),
-        jax.config.jax_compilation_cache_dir or "off",
-    )
-    os.makedirs(workdir, exist_ok=True)
-    recipe = recipes.make_recipe(config, mesh)
+    with workdir_lock.held_by_run(workdir), run_log.file_log(workdir):
+        logging.info("Config (resolved):\n%s", config, extra=run_log.FILE_ONLY)
+        return _train(config, workdir, mesh)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.Mesh) -> TrainState:
+    """The run itself, once checked and locked (``train_and_evaluate``)."""
     ckpt = checkpoint.Checkpointer(
         os.path.join(workdir, "checkpoints"),
         save_every_steps=config.checkpoint_every_steps,
         keep=config.keep_checkpoints,
     )
+    ckpt.check_resume_config(config)  # a refused resume loads nothing
+    logging.info(
+        "Data: %s (config.data.data_dir); XLA compilation cache: %s (--compilation_cache).",
+        config.data.data_dir or os.path.expanduser("~/tensorflow_datasets"),
+        jax.config.jax_compilation_cache_dir or "off",
+    )
+    recipe = recipes.make_recipe(config, mesh)
     state, shardings = restore_or_init(recipe, mesh, config, ckpt)
     start_step = int(sharding.to_host(state.step))
     if start_step >= config.num_train_steps:
@@ -152,7 +185,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     if start_step == 0:
         writer.write_hparams({k: v for k, v in config.to_dict().items() if isinstance(v, int | float | str)})
-    pending: list[dict[str, jax.Array]] = []
     logging.info(
         "Training from step %d to %d on a %s mesh (%d process(es)).",
         start_step,
@@ -160,8 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         dict(mesh.shape),
         jax.process_count(),
     )
-    t_last, step_last = time.time(), start_step
-    streak = _RejectionStreak(config.nonfinite)
+    loop_state = _LoopState(writer, config, start_step)
     with StopSignals() as stop:
         for step in range(start_step + 1, config.num_train_steps + 1):
             batch = next(global_batches)
@@ -169,46 +200,63 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
             if encode is not None:  # VAE latents / prompt embeddings (frozen models), own key
                 batch = encode(recipe.frozen_data, batch, jax.random.fold_in(step_rng, recipes.ENCODE_KEY))
             state, metrics = step_fn(state, batch, step_rng)
-            pending.append(metrics)
-            streak.add(metrics["skipped_nonfinite"])  # on device: nothing is read back here
-            if step == start_step + 1:  # rates and ETA leave the compile out
-                jax.block_until_ready(metrics)
-                logging.info(
-                    "Step %d (first call; the step was compiled before) took %.1f s.", step, time.time() - t_last
-                )
-                t_last, step_last = time.time(), step
-            stopping = stop.agreed()
-            if stopping or _reads_streak(config, ckpt, step):  # the one host read of the counters
-                _, worst = streak.read()
-                if streak.policy.max_consecutive and worst >= streak.policy.max_consecutive:
-                    ckpt.wait()
-                    raise Diverged(_diverged_message(step, worst, streak.policy, ckpt))
-            if (step % config.log_every_steps == 0 or step == config.num_train_steps) and step > step_last:
-                t_last, step_last = _log_progress(writer, config, pending, step, t_last, step_last)
-                pending = []
-            if step % config.sample_every_steps == 0 or step == config.num_train_steps:
-                eval_scalars = recipe.write_samples(writer, workdir, step, state)
-                if eval_scalars:
-                    writer.write_scalars(step, eval_scalars)
-            _check_checkpoint_writes(ckpt)
-            # While updates are being rejected no checkpoint is written: the last one stays the last good one.
-            if stopping or not streak.rejected:
-                ckpt.save(step, state, config, force=stopping or step == config.num_train_steps)
-            if stopping:
-                _wait_for_checkpoint(ckpt)
-                logging.warning(
-                    "Stopped by %s at step %d: checkpoint written to %s/%d. Rerun the same command to resume.",
-                    stop.requested or "another process's signal",
-                    step,
-                    ckpt.directory,
-                    step,
-                )
-                raise Preempted(f"stopped at step {step}; checkpoint {ckpt.directory}/{step}")
-
-    _wait_for_checkpoint(ckpt)
+            _after_step(loop_state, step, state, metrics, stop, recipe, workdir, ckpt)
+        _wait_for_checkpoint(ckpt)  # still under the handlers: a signal now changes nothing
+        if stop.requested:
+            logging.warning("%s received after the last step: the run finished.", stop.requested)
     ckpt.close()
     writer.flush()
     return state
+
+
+class _LoopState:
+    """What the loop carries from step to step besides the train state: the metrics not yet
+    logged, the last log line's time and step, the rejection streak."""
+
+    def __init__(self, writer, config: ml_collections.ConfigDict, start_step: int):
+        self.writer, self.config, self.pending = writer, config, []
+        self.t_last, self.step_last, self.start_step = time.time(), start_step, start_step
+        self.streak = _RejectionStreak(config.nonfinite)
+
+
+def _after_step(loop: _LoopState, step, state, metrics, stop, recipe, workdir, ckpt) -> None:
+    """Everything after one train step: progress, divergence, samples, checkpoint, stop request."""
+    config, last = loop.config, step == loop.config.num_train_steps
+    loop.pending.append(metrics)
+    loop.streak.add(metrics["skipped_nonfinite"])  # on device: nothing is read back here
+    if step == loop.start_step + 1:  # rates and ETA leave the compile out
+        jax.block_until_ready(metrics)
+        logging.info("Step %d (first call; the step was compiled before) took %.1f s.", step, time.time() - loop.t_last)
+        loop.t_last, loop.step_last = time.time(), step
+    stopping = stop.agreed() and not last  # a signal at the last step: the run just finishes
+    if stopping or _reads_streak(config, ckpt, step):  # the one host read of the counters
+        _, worst = loop.streak.read()
+        if loop.streak.policy.max_consecutive and worst >= loop.streak.policy.max_consecutive:
+            ckpt.wait()
+            raise Diverged(_diverged_message(step, worst, loop.streak.policy, ckpt))
+    if (step % config.log_every_steps == 0 or last) and step > loop.step_last:
+        loop.t_last, loop.step_last = _log_progress(
+            loop.writer, config, loop.pending, step, loop.t_last, loop.step_last
+        )
+        loop.pending = []
+    if step % config.sample_every_steps == 0 or last:
+        eval_scalars = recipe.write_samples(loop.writer, workdir, step, state)
+        if eval_scalars:
+            loop.writer.write_scalars(step, eval_scalars)
+    _check_checkpoint_writes(ckpt)
+    # While updates are being rejected no checkpoint is written: the last one stays the last good one.
+    if stopping or not loop.streak.rejected:
+        _save(ckpt, step, state, config, force=stopping or last)
+    if stopping:
+        _wait_for_checkpoint(ckpt)
+        logging.warning(
+            "Stopped by %s at step %d: checkpoint written to %s/%d. Rerun the same command to resume.",
+            stop.requested or "another process's signal",
+            step,
+            ckpt.directory,
+            step,
+        )
+        raise Preempted(f"stopped at step {step}; checkpoint {ckpt.directory}/{step}")
 
 
 class _RejectionStreak:
@@ -263,7 +311,7 @@ def _log_progress(writer, config, pending: list, step: int, t_last: float, step_
 
 
 def _last_complete(ckpt: checkpoint.Checkpointer) -> str:
-    steps = ckpt.all_steps()
+    steps = [int(name) for name in os.listdir(ckpt.directory) if name.isdigit()]  # on disk, finalised
     return f"{ckpt.directory}/{max(steps)}" if steps else f"none in {ckpt.directory}"
 
 
@@ -277,10 +325,21 @@ def _diverged_message(step: int, rejected: int, policy, ckpt: checkpoint.Checkpo
 
 
 def _write_failed(ckpt: checkpoint.Checkpointer, error: Exception) -> CheckpointWriteFailed:
+    logging.error("Checkpoint write failed:", exc_info=error, extra=run_log.FILE_ONLY)
+    cause = checkpoint.short_cause(error)
     return CheckpointWriteFailed(
-        f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {error}); "
-        f"last complete checkpoint: {_last_complete(ckpt)}"
+        f"writing a checkpoint to {ckpt.directory} failed ({type(error).__name__}: {cause}); "
+        f"last complete checkpoint: {_last_complete(ckpt)}. Free the space or fix the permission, then rerun "
+        "the same command to resume from it."
     )
+
+
+def _save(ckpt: checkpoint.Checkpointer, step: int, state: TrainState, config, *, force: bool) -> None:
+    """``ckpt.save``; any failure (a write, or the previous background write found failed) stops the run."""
+    try:
+        ckpt.save(step, state, config, force=force)
+    except Exception as error:
+        raise _write_failed(ckpt, error) from error
 
 
 def _check_checkpoint_writes(ckpt: checkpoint.Checkpointer) -> None:

@@ -73,6 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.update(ema_decay=0.999, ema_warmup=True, batch_size=32, num_train_steps=100_000)
 
     config.update(log_every_steps=50, checkpoint_every_steps=250, keep_checkpoints=2)
+    # A resumed run refuses changes to the fields that fix the model, the data stream, the objective
+    # and the optimizer (runs/checkpoint.RESUME_FIELDS); name deliberate ones: "batch_size,data.color_augment".
+    config.allow_resume_changes = ""
     config.update(sample_every_steps=1000, sample_steps=50, num_sample_images=64)
     # Mesh (data x fsdp) and sharding rules: ((regex over the param path, spec), ...), spec a
     # PartitionSpec tuple or "fsdp" (split big leaves along fsdp); see codi_jax.sharding.
