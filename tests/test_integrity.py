@@ -92,4 +92,6 @@ def test_checksums_do_not_depend_on_the_sharding() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     single, sharded = json.loads(out.stdout.strip().splitlines()[-1])
     assert single == sharded
-    assert single["a"] == numpy_checksum(np.arange(48, dtype=np.float32).reshape(8, 6) * np.float32(0.5) - np.float32(3))
+    assert single["a"] == numpy_checksum(
+        np.arange(48, dtype=np.float32).reshape(8, 6) * np.float32(0.5) - np.float32(3)
+    )
