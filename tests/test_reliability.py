@@ -263,14 +263,31 @@ def test_a_signal_at_the_last_step_finishes_the_run(data_dir, tmp_path, monkeypa
     assert _steps(workdir) == [1]
 
 
-def test_checkpoint_save_failure_is_exit_5(data_dir, tmp_path, monkeypatch) -> None:
-    def denied(self, *args, **kwargs):
-        raise PermissionError(13, "Permission denied")
+def test_checkpoint_save_failure_is_exit_5_and_the_rerun_resumes_bitwise(
+    data_dir, trained, tmp_path, monkeypatch
+) -> None:
+    """The step-6 save is refused (EACCES): the run stops naming checkpoint 3; the rerun resumes
+    from it and ends bitwise equal to the uninterrupted 6-step run (``trained``)."""
+    save = ocp.CheckpointManager.save
 
-    monkeypatch.setattr(ocp.CheckpointManager, "save", denied)
+    def denied_at_6(self, step, *args, **kwargs):
+        if step == 6:
+            self.wait_until_finished()  # as Orbax's save does before it starts another
+            raise PermissionError(13, "Permission denied")
+        return save(self, step, *args, **kwargs)
+
+    workdir = str(tmp_path / "run")
     config = _config(data_dir, num_train_steps=6, sample_every_steps=1000)
-    with pytest.raises(run_status.CheckpointWriteFailed, match=r"Permission denied\); last complete checkpoint: none"):
-        loop.train_and_evaluate(config, str(tmp_path / "run"))
+    with monkeypatch.context() as patch:
+        patch.setattr(ocp.CheckpointManager, "save", denied_at_6)
+        with pytest.raises(
+            run_status.CheckpointWriteFailed, match=r"Permission denied\); last complete checkpoint: .*/3\."
+        ):
+            loop.train_and_evaluate(config, workdir)
+    assert _steps(workdir) == [3]
+    loop.train_and_evaluate(config, workdir)
+    a, b = _state_leaves(trained), _state_leaves(workdir)
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def _lines_until(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:

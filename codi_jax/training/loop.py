@@ -192,15 +192,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
         dict(mesh.shape),
         jax.process_count(),
     )
-    loop_state = _LoopState(writer, config, start_step)
     with StopSignals() as stop:
+        loop_state = _LoopState(config, start_step, writer, recipe, workdir, ckpt, stop)
         for step in range(start_step + 1, config.num_train_steps + 1):
             batch = next(global_batches)
             step_rng = jax.random.fold_in(state.rng, step - 1)  # state.rng is replicated
             if encode is not None:  # VAE latents / prompt embeddings (frozen models), own key
                 batch = encode(recipe.frozen_data, batch, jax.random.fold_in(step_rng, recipes.ENCODE_KEY))
             state, metrics = step_fn(state, batch, step_rng)
-            _after_step(loop_state, step, state, metrics, stop, recipe, workdir, ckpt)
+            _after_step(loop_state, step, state, metrics)
         _wait_for_checkpoint(ckpt)  # still under the handlers: a signal now changes nothing
         if stop.requested:
             logging.warning("%s received after the last step: the run finished.", stop.requested)
@@ -210,17 +210,20 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
 
 
 class _LoopState:
-    """What the loop carries from step to step besides the train state: the metrics not yet
-    logged, the last log line's time and step, the rejection streak."""
+    """What each step's bookkeeping uses besides the train state: the run's writer, recipe, workdir,
+    checkpointer and stop signals, and what it carries from step to step (the metrics not yet
+    logged, the last log line's time and step, the rejection streak)."""
 
-    def __init__(self, writer, config: ml_collections.ConfigDict, start_step: int):
-        self.writer, self.config, self.pending = writer, config, []
-        self.t_last, self.step_last, self.start_step = time.time(), start_step, start_step
+    def __init__(self, config, start_step: int, writer, recipe, workdir: str, ckpt, stop: StopSignals):
+        self.config, self.start_step, self.writer, self.recipe = config, start_step, writer, recipe
+        self.workdir, self.ckpt, self.stop = workdir, ckpt, stop
+        self.pending, self.t_last, self.step_last = [], time.time(), start_step
         self.streak = _RejectionStreak(config.nonfinite)
 
 
-def _after_step(loop: _LoopState, step, state, metrics, stop, recipe, workdir, ckpt) -> None:
+def _after_step(loop: _LoopState, step: int, state: TrainState, metrics: dict) -> None:
     """Everything after one train step: progress, divergence, samples, checkpoint, stop request."""
+    ckpt, stop = loop.ckpt, loop.stop
     config, last = loop.config, step == loop.config.num_train_steps
     loop.pending.append(metrics)
     loop.streak.add(metrics["skipped_nonfinite"])  # on device: nothing is read back here
@@ -240,7 +243,7 @@ def _after_step(loop: _LoopState, step, state, metrics, stop, recipe, workdir, c
         )
         loop.pending = []
     if step % config.sample_every_steps == 0 or last:
-        eval_scalars = recipe.write_samples(loop.writer, workdir, step, state)
+        eval_scalars = loop.recipe.write_samples(loop.writer, loop.workdir, step, state)
         if eval_scalars:
             loop.writer.write_scalars(step, eval_scalars)
     _check_checkpoint_writes(ckpt)
