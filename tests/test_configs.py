@@ -113,6 +113,7 @@ def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name
     resolved = config_resolution.resolve(config)
     assert resolved.latent.vae and resolved.text.encoder and resolved.model.cross_attention_dim
     assert resolved.model.dtype == "bfloat16"  # the run's compute choice, not the teacher's float32
+    assert resolved.data.color_augment == 0.0  # a user's images keep their colours (edits must)
     if resolved.data.source in ("folder", "edit_triples"):
         from codi_jax.training import loop  # TensorFlow and clu: here only, the module's other tests run without
 
@@ -201,3 +202,18 @@ def test_range_checks_come_before_the_teacher_is_read() -> None:
 def test_shipped_config_passes_the_range_checks(name: str) -> None:
     config = importlib.import_module(f"codi_jax.configs.{name}").get_config()
     config_checks.check_run_config(config_upgrade.upgraded(config))
+
+
+def test_relative_init_from_is_resolved_to_an_absolute_path(tiny_sd_teacher, tmp_path, monkeypatch) -> None:
+    """Orbax restores from absolute paths only: a relative ``adapter.init_from`` (as typed in the
+    README's command) is made absolute at resolution, so it is checked and named in full."""
+    from tests import tiny_sd
+
+    config = importlib.import_module("codi_jax.configs.sd.sd15_sr4").get_config()
+    config.teacher_workdir = tiny_sd_teacher
+    config.data.image_size = tiny_sd.IMAGE_SIZE
+    config.adapter.hint_channels = tiny_sd.HINT_CHANNELS
+    config.adapter.init_from = "runs/no_controlnet"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=f"adapter.init_from={tmp_path}/runs/no_controlnet: "):
+        config_resolution.resolve(config)

@@ -48,7 +48,8 @@ RESUME_FIELDS = ARCHITECTURE_SECTIONS + (
     "text.prompt",
     "text.negative_prompt",
 )
-NOT_COMPARED = ("data.data_dir",)  # where the data lives, not what it is
+# Where the data lives, not what it is; what initialised the adapter (read at step 0 only).
+NOT_COMPARED = ("data.data_dir", "adapter.init_from")
 SET_ASIDE = "corrupt-step-"
 
 

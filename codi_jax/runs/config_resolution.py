@@ -9,6 +9,7 @@ same model, schedule, adapter and task. Only saved configs are read here, never 
 from __future__ import annotations
 
 import copy
+import os
 
 import ml_collections
 
@@ -63,6 +64,8 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         resolved.model = ml_collections.ConfigDict({**teacher.model.to_dict(), **own})
         resolved.schedule = ml_collections.ConfigDict(teacher.schedule.to_dict())
         resolved.teacher_step = step
+        if resolved.adapter.init_from:  # Orbax restores from absolute paths only; any cwd works
+            resolved.adapter.init_from = os.path.abspath(resolved.adapter.init_from)
         for section in FROZEN_MODEL_SECTIONS:
             if teacher.get(section) is not None:
                 resolved[section] = _merged_section(teacher[section], config.get(section))

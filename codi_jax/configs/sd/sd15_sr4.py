@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.teacher_workdir = ""  # set: a converted SD-1.5 workdir (python -m codi_jax.convert)
     config.data = teacher_df2k256.get_config().data  # an image folder (DF2K_HR), random 512 crops
     config.data.image_size = 512  # pixels; the UNet sees the 64x64 latents
+    # Recolouring is the CPU demo's remedy for its small teacher (docs/colour_augmentation.md), not
+    # the paper's: a user's SD training images keep their colours (and edits require it).
+    config.data.color_augment = 0.0
     config.task.degradation = "realesrgan"
     config.adapter.kind = "controlnet"
     config.adapter.init_from = ""  # optional: a converted ControlNetModel (workdir/controlnet)
