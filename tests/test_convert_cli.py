@@ -201,11 +201,10 @@ def test_cli_converts_and_refuses(converted: dict[str, Any], tmp_path) -> None:
     _assert_one_line_refusal(_cli(f"--diffusers={tmp_path / 'nowhere'}", f"--out={tmp_path / 'o'}"), "nowhere")
     _assert_one_line_refusal(_cli(f"--out={tmp_path / 'o'}"), "--diffusers")
 
-    sdxl = tmp_path / "sdxl_unet"  # a UNet folder whose config asks for SDXL's added embeddings
-    shutil.copytree(root / "pipe" / "unet", sdxl)
-    shutil.copytree(root / "pipe" / "scheduler", sdxl / "scheduler")
-    config = json.load(open(sdxl / "config.json"))
-    json.dump(dict(config, addition_embed_type="text_time"), open(sdxl / "config.json", "w"))
+    sdxl = tmp_path / "sdxl_pipe"  # a pipeline whose UNet asks for SDXL's added embeddings
+    shutil.copytree(root / "pipe", sdxl)
+    config = json.load(open(sdxl / "unet" / "config.json"))
+    json.dump(dict(config, addition_embed_type="text_time"), open(sdxl / "unet" / "config.json", "w"))
     _assert_one_line_refusal(_cli(f"--diffusers={sdxl}", f"--out={tmp_path / 'o'}"), "addition_embed_type")
     assert not os.path.exists(tmp_path / "o")
 
@@ -277,3 +276,24 @@ def test_pixel_unet_folder(tmp_path) -> None:
         reference = unet(torch.from_numpy(sample), torch.from_numpy(TIMESTEPS)).sample.numpy()
     ours = jax.jit(pre.model.apply)({"params": pre.params}, sample.transpose(0, 2, 3, 1), TIMESTEPS)
     _compare(reference, ours, "converted UNet2DModel (load_teacher)")
+
+
+def test_input_faults_are_one_readable_error(converted: dict[str, Any], tmp_path) -> None:
+    """Faults met in published pipelines: an fp16-variant-only UNet names the variant, a truncated
+    safetensors file is one ValueError, and a pipeline's text-conditioned ``unet/`` folder passed
+    alone is refused, pointing at the pipeline (it used to convert as a pixel teacher)."""
+    pipe = tmp_path / "pipe"
+    shutil.copytree(converted["root"] / "pipe", pipe)
+    weights = pipe / "unet" / "diffusion_pytorch_model.safetensors"
+    with pytest.raises(
+        ValueError, match=f"--diffusers={pipe}/unet is a text-conditioned UNet .*pass --diffusers={pipe}\\."
+    ):
+        convert.convert(str(pipe / "unet"), str(tmp_path / "o"))
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+        convert.convert(str(pipe), str(tmp_path / "o"))
+    os.rename(weights, pipe / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    with pytest.raises(FileNotFoundError, match="holds the variant diffusion_pytorch_model.fp16.safetensors"):
+        convert.convert(str(pipe), str(tmp_path / "o"))
+    assert not os.path.exists(tmp_path / "o")

@@ -8,12 +8,15 @@ Input (``--diffusers``), read from local files only:
   ``model_index.json`` lists (``vae/``, ``text_encoder/``, ``tokenizer/``): Stable Diffusion 1.x /
   2.x, or a pixel ``DDPMPipeline``. Listed parts a teacher never uses (``safety_checker``,
   ``feature_extractor``, ``image_encoder``) are skipped; any other listed part is refused.
-- a single ``UNet2DModel`` / ``UNet2DConditionModel`` folder (``config.json`` + safetensors). Its
+- a single pixel ``UNet2DModel`` folder (``config.json`` + safetensors). Its
   noise schedule is read from the first of ``DIR/scheduler/scheduler_config.json``,
   ``DIR/scheduler_config.json`` and ``DIR/../scheduler/scheduler_config.json`` that exists; with
   none the conversion is refused naming the three paths. There is deliberately no default
   schedule: a wrong prediction type or beta range gives a teacher that loads and samples garbage.
-  A single folder brings no VAE / text encoder (pass the pipeline folder for those).
+  A single folder brings no VAE / text encoder, so a text-conditioned ``UNet2DConditionModel``
+  folder alone (e.g. ``PIPELINE/unet``) is refused, naming the pipeline folder to pass instead.
+  Weights are read from plain ``*.safetensors`` files; a folder holding only a variant
+  (``*.fp16.safetensors``) is refused naming it, a truncated file in one line.
 
 Output (``OUT``), a teacher workdir that ``config.teacher_workdir=OUT`` (codi / finetune runs) and
 ``pretrained.load_teacher(OUT)`` read like one trained here:
@@ -168,9 +171,22 @@ def _require_weights(directory: str, names: tuple[str, str], what: str) -> None:
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         raise FileNotFoundError(f"Missing {what} config {os.path.join(directory, CONFIG_NAME)}.")
     if not any(os.path.isfile(os.path.join(directory, name)) for name in names):
-        binaries = [n for n in os.listdir(directory) if n.endswith(".bin")]
-        hint = f" (only {binaries[0]} is there: save it as safetensors first)" if binaries else ""
-        raise FileNotFoundError(f"Missing {what} weights {os.path.join(directory, names[0])}{hint}.")
+        raise FileNotFoundError(
+            f"Missing {what} weights {os.path.join(directory, names[0])}{_weights_hint(directory, names)}."
+        )
+
+
+def _weights_hint(directory: str, names: tuple[str, str]) -> str:
+    """What the folder holds instead: a variant (``*.fp16.safetensors``) or PyTorch ``.bin`` weights."""
+    stem = names[0].removesuffix(".safetensors")
+    variants = sorted(n for n in os.listdir(directory) if n.startswith(stem + ".") and n.endswith(".safetensors"))
+    if variants:
+        return (
+            f" (the folder holds the variant {variants[0]}, which is not read: load the pipeline with that variant "
+            "in diffusers and save_pretrained() it without one, then convert that folder)"
+        )
+    binaries = [n for n in os.listdir(directory) if n.endswith(".bin")]
+    return f" (only {binaries[0]} is there: save it as safetensors first)" if binaries else ""
 
 
 def _require_tokenizer(directory: str) -> None:
@@ -251,7 +267,19 @@ def find_source(diffusers: str, controlnet: str | None = None) -> Source:
         )
     _require_weights(root, DIFFUSERS_WEIGHTS, "UNet")
     unet_config = _read_json(os.path.join(root, CONFIG_NAME))
-    return Source(root, "unet folder", root, unet_config, _find_scheduler(root), {}, "", (), controlnet_dir)
+    scheduler_file = _find_scheduler(root)
+    if unet_config.get("cross_attention_dim"):  # a text-conditioned UNet: useless without its VAE and encoder
+        parent = os.path.dirname(root)
+        where = (
+            f"pass --diffusers={parent}"
+            if os.path.isfile(os.path.join(parent, MODEL_INDEX))
+            else "pass its pipeline folder"
+        )
+        raise ValueError(
+            f"--diffusers={diffusers} is a text-conditioned UNet (cross_attention_dim="
+            f"{unet_config['cross_attention_dim']}) without its pipeline: it needs the VAE and text encoder; {where}."
+        )
+    return Source(root, "unet folder", root, unet_config, scheduler_file, {}, "", (), controlnet_dir)
 
 
 def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = SCHEDULER_CONFIG) -> tuple[dict, str]:

@@ -50,7 +50,7 @@ def read_state_dict(path: str | os.PathLike, what: str) -> dict[str, np.ndarray]
             from safetensors.numpy import load_file
         except ImportError as error:
             raise ImportError(f"reading {what} weights from {path!r} needs `pip install safetensors`") from error
-        raw: Mapping[str, Any] = load_file(path)
+        raw: Mapping[str, Any] = _load_safetensors(load_file, path)
     elif suffix == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             raw = {name: archive[name] for name in archive.files}
@@ -240,5 +240,14 @@ def read_safetensors(files: Sequence[str], what: str) -> dict[str, np.ndarray]:
         raise ImportError(message) from error
     state_dict: dict[str, np.ndarray] = {}
     for file in files:
-        state_dict.update(load_file(file))
+        state_dict.update(_load_safetensors(load_file, file))
     return state_dict
+
+
+def _load_safetensors(load_file: Any, path: str) -> dict[str, np.ndarray]:
+    """``load_file(path)``; a truncated or foreign file is one readable ``ValueError``."""
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors' SafetensorError, or an OSError while reading
+        cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
+        raise ValueError(f"{path} is not a readable safetensors file ({cause}): download or save it again.") from None
