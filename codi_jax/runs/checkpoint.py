@@ -164,21 +164,17 @@ class Checkpointer:
         partial = partial or self._only_empty_fields_unsaved(abstract_state, step)
         restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
         args = ocp.args.PyTreeRestore(abstract_state, restore_args=restore_args, partial_restore=partial)
-        state = self.manager.restore(step, args=ocp.args.Composite(state=args))["state"]
-        saved_sums = self.saved_checksums(step)
-        if saved_sums is None:
+        items = {"state": args}
+        if os.path.isdir(os.path.join(self.directory, str(step), "checksums")):  # absent: written before them
+            items["checksums"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if "checksums" in items:
+            integrity.verify(restored["state"], restored["checksums"])
+        else:
             logging.info(
                 "Checkpoint %s/%d has no checksums (written before they were): not verified.", self.directory, step
             )
-        else:
-            integrity.verify(state, saved_sums)
-        return state
-
-    def saved_checksums(self, step: int) -> dict[str, str] | None:
-        """The checksums written with ``step`` (None for a checkpoint written before them)."""
-        if not os.path.isdir(os.path.join(self.directory, str(step), "checksums")):
-            return None
-        return self.manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))["checksums"]
+        return restored["state"]
 
     def _only_empty_fields_unsaved(self, abstract_state: Any, step: int) -> bool:
         """Whether the saved state lacks only fields that are empty in ``abstract_state`` (a state
@@ -228,10 +224,13 @@ class Checkpointer:
                 saved = self.restore_config(step)
             except Exception:  # noqa: BLE001  (damage: restore_latest_intact reports it)
                 continue
-            self._check_resume(step, saved, config)
+            allowed = self._check_resume(step, saved, config)
+            if allowed:
+                logging.warning("Resuming with deliberate changes (allow_resume_changes): %s", "; ".join(allowed))
             return
 
-    def _check_resume(self, step: int, saved: Mapping, config: ml_collections.ConfigDict | Mapping) -> None:
+    def _check_resume(self, step: int, saved: Mapping, config: ml_collections.ConfigDict | Mapping) -> list[str]:
+        """Raises ``ResumeMismatch`` on refused differences; returns the allowed ones."""
         refused, allowed = resume_differences(saved, config)
         if refused:
             raise ResumeMismatch(
@@ -239,18 +238,17 @@ class Checkpointer:
                 f"runs: {'; '.join(refused)}. Use the config that wrote it or a fresh --workdir, or name "
                 f"deliberate changes in --config.allow_resume_changes={','.join(d.split(':')[0] for d in refused)}"
             )
-        if allowed:
-            logging.warning("Resuming with deliberate changes (allow_resume_changes): %s", "; ".join(allowed))
+        return allowed
 
     def _saved_leaves(self, step: int) -> dict[str, tuple]:
         """``{leaf name: (shape, dtype)}`` of the saved state, from its metadata (no array is read)."""
         saved = self.saved_tree(step)
         saved = getattr(saved, "tree", saved)
-        return {integrity.leaf_name(p): (tuple(x.shape), str(x.dtype)) for p, x in _with_paths(saved)}
+        return _leaf_specs(saved)
 
     def _check_structure(self, step: int, on_disk: Mapping[str, tuple], abstract_state: Any) -> None:
         """The saved arrays' names, shapes and dtypes equal the state's."""
-        wanted = {integrity.leaf_name(p): (tuple(x.shape), str(x.dtype)) for p, x in _with_paths(abstract_state)}
+        wanted = _leaf_specs(abstract_state)
         diffs = [
             f"{name}: {on_disk.get(name, 'absent')} (checkpoint) vs {wanted.get(name, 'absent')} (config)"
             for name in sorted(set(on_disk) | set(wanted))
@@ -312,8 +310,10 @@ def short_cause(error: BaseException, width: int = 300) -> str:
     return f"{line[: width // 3]} ... {line[-(width - width // 3) :]}"
 
 
-def _with_paths(tree: Any) -> list:
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
+def _leaf_specs(tree: Any) -> dict[str, tuple]:
+    """``{leaf name: (shape, dtype)}`` of arrays, abstract arrays or saved array metadata."""
+    named = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {integrity.leaf_name(path): (tuple(x.shape), str(x.dtype)) for path, x in named}
 
 
 def _is_damage(error: Exception) -> bool:
