@@ -285,15 +285,16 @@ def test_export_codi_run(tmp_path) -> None:
     _, exported = load_diffusers_unet(os.path.join(out, "unet"))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=0), exported, jax.device_get(merged))
 
-    scheduler = diffusers.DDIMScheduler.from_pretrained(out, subfolder="scheduler")
+    scheduler = diffusers.LCMScheduler.from_pretrained(out, subfolder="scheduler")  # CoDi re-noises
     assert scheduler.config.prediction_type == "v_prediction" and scheduler.config.beta_schedule == "scaled_linear"
     np.testing.assert_allclose(scheduler.alphas_cumprod.numpy(), pre.schedule.alphas_cumprod(), rtol=1e-6)
-    scheduler.set_timesteps(4)  # DDIM on uniform times = our teacher / fine-tune sampler's times
-    np.testing.assert_array_equal(scheduler.timesteps.numpy(), [999, 749, 499, 249])
+    # CoDi's 4-step times on its 50-point grid (k = 50, 37, 24, 11): timesteps 20 k - 1.
+    assert export.pipeline_timesteps(pre.config, pre.schedule, 4) == [999, 739, 479, 219]
+    scheduler.set_timesteps(timesteps=[999, 739, 479, 219])
+    np.testing.assert_array_equal(scheduler.timesteps.numpy(), [999, 739, 479, 219])
 
     readme = open(os.path.join(out, "README.md")).read()
-    assert "ControlNetModel.from_pretrained(path" in readme and "re-noising" in readme
-    # CoDi's 4-step times on its 50-point grid (k = 50, 37, 24, 11): timesteps 20 k - 1.
+    assert "ControlNetModel.from_pretrained(path" in readme and "fresh noise between steps" in readme
     for timestep in (999, 739, 479, 219):
         assert f"| {timestep} |" in readme
     namespace = _readme_sampler(readme)
@@ -307,6 +308,37 @@ def test_export_codi_run(tmp_path) -> None:
     with pytest.raises(FileExistsError, match="not empty"):
         export.export_pretrained(pre, out)
     assert sorted(os.listdir(tmp_path)) == ["export"]  # no staging directory left
+
+
+@pytest.mark.parametrize("prediction,clip", [("v", True), ("eps", False), ("x", True)])
+def test_exported_lcm_scheduler_step_is_our_move(prediction: str, clip: bool, monkeypatch) -> None:
+    """One ``LCMScheduler.step`` of the exported config = our move, computed here in NumPy:
+    x_hat (clipped in pixel space), then alpha_s x_hat + sigma_s eps with the drawn noise eps,
+    and x_hat itself at the last step."""
+    from diffusers.schedulers import scheduling_lcm
+
+    schedule = diffusion.Schedule(kind="scaled_linear")
+    config = export.scheduler_config(schedule, prediction, clip_sample=clip, renoise=True, grid_size=50)
+    scheduler = diffusers.LCMScheduler.from_config(config)
+    timesteps = [999, 739, 479, 219]
+    scheduler.set_timesteps(timesteps=timesteps)
+    rng = np.random.default_rng(1)
+    noise = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    monkeypatch.setattr(scheduling_lcm, "randn_tensor", lambda *_, **__: torch.from_numpy(noise))
+    bar = schedule.alphas_cumprod().astype(np.float64)
+    for i, t in enumerate(timesteps):
+        z = 2.0 * rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+        out = 2.0 * rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+        alpha, sigma = np.sqrt(bar[t]), np.sqrt(1.0 - bar[t])
+        x_hat = {"v": alpha * z - sigma * out, "eps": (z - sigma * out) / alpha, "x": out}[prediction]
+        x_hat = np.clip(x_hat, -1.0, 1.0) if clip else x_hat
+        if i + 1 < len(timesteps):
+            s = timesteps[i + 1]
+            expected = np.sqrt(bar[s]) * x_hat + np.sqrt(1.0 - bar[s]) * noise
+        else:
+            expected = x_hat
+        got = scheduler.step(torch.from_numpy(out), t, torch.from_numpy(z)).prev_sample.numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, float(np.abs(expected).max())))
 
 
 def test_atomic_directory_replaces_or_leaves_untouched(tmp_path) -> None:

@@ -39,6 +39,8 @@ UNET = dict(
     attention_head_dim=4,
     cross_attention_dim=CROSS_ATTENTION_DIM,
 )
+SD2_UNET = dict(use_linear_projection=True, attention_head_dim=(2, 4))  # SD 2.x: linear proj, heads per level
+SD2 = dict(prediction_type="v_prediction", hidden_act="gelu", unet=SD2_UNET)  # make_pipeline(dir, **SD2)
 VAE = dict(
     in_channels=3,
     out_channels=3,
@@ -131,9 +133,15 @@ def perturbed(module: Any, seed: int, scale: float = 0.1) -> Any:
 
 
 def make_components(
-    directory: str, *, prediction_type: str = "epsilon", hidden_act: str = "quick_gelu", seed: int = 0
+    directory: str,
+    *,
+    prediction_type: str = "epsilon",
+    hidden_act: str = "quick_gelu",
+    seed: int = 0,
+    unet: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The PyTorch modules of a tiny SD pipeline (tokenizer files written under ``directory``)."""
+    """The PyTorch modules of a tiny SD pipeline (tokenizer files written under ``directory``);
+    ``unet``: fields replacing ``UNET``'s (e.g. ``SD2_UNET``)."""
     import diffusers
     import torch
     import transformers
@@ -155,7 +163,7 @@ def make_components(
         pad_token_id=vocab_size - 1,
     )
     torch.manual_seed(seed)
-    unet = perturbed(diffusers.UNet2DConditionModel(**UNET), seed + 1, scale=0.05)
+    unet = perturbed(diffusers.UNet2DConditionModel(**{**UNET, **(unet or {})}), seed + 1, scale=0.05)
     vae = perturbed(diffusers.AutoencoderKL(**VAE), seed + 2, scale=0.05)
     text_encoder = perturbed(transformers.CLIPTextModel(text_config), seed + 3, scale=0.05)
     scheduler = diffusers.DDIMScheduler(**SCHEDULER, prediction_type=prediction_type)

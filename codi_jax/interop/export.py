@@ -1,22 +1,25 @@
 """Writing a trained run as a diffusers folder (the library behind ``python -m codi_jax.export``).
 
-Export a trained run as a diffusers folder that PyTorch loads.
-
 ``python -m codi_jax.export --run=RUN --out=DIR [--overwrite] [--steps=4]``
 
 A conditional (CoDi / fine-tune) run with a ControlNet adapter becomes ``DIR/unet/`` (the
 backbone it samples with, LoRA merged; for PE-CoDi the frozen teacher's), ``DIR/controlnet/``
-(diffusers ``ControlNetModel``), ``DIR/scheduler/scheduler_config.json`` (``DDIMScheduler``) and
-``DIR/README.md`` (how to load it, the few-step timesteps and sampler moves). A teacher run
-becomes ``unet/`` + ``scheduler/``. The mu-fusion (full CoDi) and T2I adapters have no diffusers
-counterpart and are refused. The folder is written atomically; an existing non-empty ``--out``
-is refused (before any weights are read) unless ``--overwrite``.
+(diffusers ``ControlNetModel``), ``DIR/scheduler/scheduler_config.json`` and ``DIR/README.md``,
+generated from the run. A latent text run also gets its frozen ``vae/``, ``text_encoder/``,
+``tokenizer/`` and ``model_index.json``: a ``StableDiffusionControlNetPipeline`` whose call, with
+the README's arguments (prompt, guidance scale, condition in [0, 1], CoDi's ``timesteps``), gives
+``codi_jax.sample``'s images. A teacher run becomes ``unet/`` + ``scheduler/``. The mu-fusion (full
+CoDi) and T2I adapters have no diffusers counterpart and are refused. The folder is written
+atomically; an existing non-empty ``--out`` is refused (before any weights are read) unless
+``--overwrite``.
 
-Schedules: the discrete ``scaled_linear`` / ``linear`` schedules map exactly to diffusers' betas
-(our model time is diffusers' integer timestep). Our ``cosine`` schedule (log-SNR clipped to
-[-15, 15], fed ``1000 t``) has no exact diffusers equivalent: the scheduler config says
-``squaredcos_cap_v2`` and the README states it is an approximation and by how much; the README's
-sampling loop uses our exact ``alpha_t`` / ``sigma_t`` whatever the schedule.
+Schedulers (``scheduler_config``): a re-noising CoDi run gets an ``LCMScheduler`` whose step is
+CoDi's move; other runs a ``DDIMScheduler`` (deterministic DDIM on evenly spaced times). The
+discrete ``scaled_linear`` / ``linear`` schedules map exactly to diffusers' betas (our model time
+is diffusers' integer timestep). Our ``cosine`` schedule (log-SNR clipped to [-15, 15], fed
+``1000 t``) has no exact diffusers equivalent: the scheduler config says ``squaredcos_cap_v2`` and
+the README states it is an approximation and by how much; the README's sampling loop (for folders
+without a pipeline) uses our exact ``alpha_t`` / ``sigma_t`` whatever the schedule.
 """
 
 from __future__ import annotations
@@ -67,16 +70,33 @@ def check_exportable(config: Any) -> None:
         )
 
 
-def scheduler_config(schedule: diffusion.Schedule, parametrization: str, clip_sample: bool = True) -> dict[str, Any]:
-    """``DDIMScheduler`` config of our schedule: betas, prediction type, and DDIM as our sampler does it
-    (x_hat clipped to [-1, 1] in pixel space, not for latents; ``trailing`` spacing = our uniform
-    times, final alpha 1 = ``t = 0``)."""
+LCM_TIMESTEP_SCALING = 1.0e6  # LCM's boundary scalings at timestep k >= 1: c_skip < 1e-13, c_out = 1 (float32)
+
+
+def scheduler_config(
+    schedule: diffusion.Schedule,
+    parametrization: str,
+    *,
+    clip_sample: bool = True,
+    renoise: bool = False,
+    grid_size: int = 50,
+) -> dict[str, Any]:
+    """The exported scheduler: our betas, prediction type and moves.
+
+    ``renoise`` (CoDi's multistep sampling): an ``LCMScheduler`` whose step is ours exactly, given
+    our timesteps (``pipe(..., timesteps=pipeline_timesteps(...))``): x_hat (clipped to [-1, 1] in
+    pixel space, ``clip_sample``), then ``z_s = alpha_s x_hat + sigma_s eps`` with fresh noise, x_hat at
+    the last step. Its boundary scalings are switched off (``timestep_scaling`` large: c_out = 1,
+    c_skip < 1e-13 at every timestep >= 1) and ``original_inference_steps`` is CoDi's grid, on which
+    our timesteps lie. Otherwise a ``DDIMScheduler``: deterministic DDIM on evenly spaced
+    (``trailing``) times, the teacher / fine-tune sampler, ending at ``t = 0`` (final alpha 1).
+    """
     from codi_jax.interop.flax_to_torch import DIFFUSERS_VERSION
 
     if parametrization not in PREDICTION_TYPES:
         raise ValueError(f"parametrization={parametrization!r}; expected one of {sorted(PREDICTION_TYPES)}.")
-    return {
-        "_class_name": "DDIMScheduler",
+    config = {
+        "_class_name": "LCMScheduler" if renoise else "DDIMScheduler",
         "_diffusers_version": DIFFUSERS_VERSION,
         "num_train_timesteps": int(schedule.num_train_timesteps) if schedule.is_discrete else 1000,
         "beta_start": float(schedule.beta_start),
@@ -88,10 +108,15 @@ def scheduler_config(schedule: diffusion.Schedule, parametrization: str, clip_sa
         "clip_sample_range": 1.0,
         "set_alpha_to_one": True,
         "steps_offset": 0,
-        "timestep_spacing": "trailing",
         "thresholding": False,
         "rescale_betas_zero_snr": False,
     }
+    if renoise:
+        config.update(original_inference_steps=int(grid_size), timestep_scaling=LCM_TIMESTEP_SCALING)
+        config.update(timestep_spacing="leading")  # unused: the pipeline is given our timesteps
+    else:
+        config.update(timestep_spacing="trailing")
+    return config
 
 
 def cosine_approximation_error(schedule: diffusion.Schedule) -> float:
@@ -147,6 +172,41 @@ def model_parts(pre: Any) -> list[tuple[str, dict[str, Any], dict[str, np.ndarra
     ]
 
 
+def is_latent(config: Any) -> bool:
+    """Whether the run samples VAE latents (``latent.vae`` set): x_hat is never clipped then."""
+    from codi_jax.frozen import encoders
+
+    return bool(encoders.vae_path(config))
+
+
+def run_scheduler_config(pre: Any) -> dict[str, Any]:
+    """``scheduler_config`` of a restored run: re-noising and grid from its config, clipping in pixels only."""
+    from codi_jax.sampling import conditional
+
+    renoise = pre.config.method != "teacher" and conditional.renoise_between_steps(pre.config)
+    grid = int(pre.config.codi.grid_size) if renoise else 50
+    return scheduler_config(
+        pre.schedule, pre.parametrization, clip_sample=not is_latent(pre.config), renoise=renoise, grid_size=grid
+    )
+
+
+def step_counts(config: Any, steps: int) -> list[int]:
+    """The step counts the README lists: 1, 2, 4 and ``steps``, those the run's grid holds."""
+    grid = int(config.codi.grid_size) if config.method == "codi" else 1000
+    return sorted({n for n in (1, 2, 4, steps) if n <= grid})
+
+
+def pipeline_timesteps(config: Any, schedule: diffusion.Schedule, steps: int) -> list[int]:
+    """The integer timesteps a diffusers pipeline is given (``timesteps=``) to sample on our grid."""
+    return [int(round(m)) for _, m, _, _ in step_table(config, schedule, steps)[:-1]]
+
+
+def timesteps_exact(config: Any, schedule: diffusion.Schedule, steps: int) -> bool:
+    """Whether diffusers' integer timesteps are our model times (discrete schedule, grid dividing T)."""
+    table = step_table(config, schedule, steps)[:-1]
+    return schedule.is_discrete and all(abs(m - round(m)) < 1e-3 and round(m) >= 1 for _, m, _, _ in table)
+
+
 def _model_call(parts: Mapping[str, Mapping[str, Any]]) -> str:
     """The network evaluation inside the README's sampling loop."""
     if "controlnet" in parts:
@@ -162,9 +222,14 @@ def _model_call(parts: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def sampler_snippet(
-    parts: Mapping[str, Mapping[str, Any]], table: list[tuple[float, ...]], parametrization: str, renoise: bool
+    parts: Mapping[str, Mapping[str, Any]],
+    table: list[tuple[float, ...]],
+    parametrization: str,
+    renoise: bool,
+    clip: bool = True,
 ) -> str:
-    """A self-contained PyTorch sampling loop (our exact sampler: clipped x_hat, DDIM or re-noising)."""
+    """A self-contained PyTorch sampling loop: our exact sampler (x_hat, clipped in pixel space;
+    DDIM or re-noising moves), for folders without a diffusers pipeline."""
     rows = "".join(f"    ({m!r}, {a!r}, {s!r}),  # t = {t:.4f}\n" for t, m, a, s in table[:-1])
     t, m, a, s = table[-1]
     rows += f"    ({m!r}, {a!r}, {s!r}),  # t = {t:.4f}: the end (its timestep is never fed)\n"
@@ -173,10 +238,11 @@ def sampler_snippet(
         "# (model timestep fed to the networks, alpha_t, sigma_t), from the first time down to t = 0\n"
         f"STEPS = [\n{rows}]\n"
         f"PREDICTION = {parametrization!r}  # what the network predicts: 'v' | 'eps' | 'x'\n"
-        f"RENOISE = {renoise!r}  # True: fresh noise between steps (CoDi); False: DDIM moves\n\n\n"
+        f"RENOISE = {renoise!r}  # True: fresh noise between steps (CoDi); False: DDIM moves\n"
+        f"CLIP = {clip!r}  # clip x_hat to [-1, 1] (pixel models; latents are not clipped)\n\n\n"
         "@torch.no_grad()\n"
         "def sample(z, cond=None, context=None, generator=None):\n"
-        '    """z: NCHW standard-normal noise at the first time; returns the sample (clipped to [-1, 1])."""\n'
+        '    """z: NCHW standard-normal noise at the first time; returns x_hat of the last step."""\n'
         "    for (timestep, alpha, sigma), (_, alpha_s, sigma_s) in zip(STEPS[:-1], STEPS[1:]):\n"
         "        time = torch.full((z.shape[0],), timestep)\n"
         f"{_model_call(parts)}"
@@ -186,7 +252,8 @@ def sampler_snippet(
         "            x, eps = (z - sigma * out) / alpha, out\n"
         "        else:\n"
         "            x, eps = out, (z - alpha * out) / max(sigma, 1e-8)\n"
-        "        x = x.clamp(-1.0, 1.0)\n"
+        "        if CLIP:\n"
+        "            x = x.clamp(-1.0, 1.0)\n"
         "        if RENOISE:\n"
         "            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)\n"
         "        z = alpha_s * x + sigma_s * eps\n"
@@ -195,21 +262,60 @@ def sampler_snippet(
 
 
 def _loading_snippet(parts: Mapping[str, Mapping[str, Any]], path: str) -> str:
-    classes = sorted({config["_class_name"] for config in parts.values()} | {"DDIMScheduler"})
-    lines = [f"from diffusers import {', '.join(classes)}", "", f"path = {path!r}  # this folder"]
+    lines = [f"from diffusers import {', '.join(sorted({c['_class_name'] for c in parts.values()}))}", ""]
+    lines.append(f"path = {path!r}  # this folder")
     for name, config in parts.items():
         lines.append(f'{name} = {config["_class_name"]}.from_pretrained(path, subfolder="{name}").eval()')
-    lines.append('scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler")')
     return "\n".join(lines) + "\n"
+
+
+def pipeline_snippet(pre: Any, parts: Mapping[str, Mapping[str, Any]], path: str, steps: int) -> str:
+    """The README's diffusers code: the folder's pipeline and ``sample(condition, steps)`` with the
+    run's prompt, guidance scale, size and (re-noising runs) CoDi's timesteps."""
+    config = pre.config
+    pipeline = _pipeline_class(parts)
+    renoise = run_scheduler_config(pre)["_class_name"] == "LCMScheduler"
+    size = int(config.data.image_size)
+    if renoise:
+        grid = {n: pipeline_timesteps(config, pre.schedule, n) for n in step_counts(config, steps)}
+        head, schedule = f"TIMESTEPS = {grid!r}  # CoDi's grid, per step count\n", "timesteps=TIMESTEPS[steps]"
+    else:
+        head, schedule = "", "num_inference_steps=steps"
+    image = "        image=condition,\n" if "controlnet" in parts else ""
+    return (
+        "import torch\n"
+        f"from diffusers import {pipeline}\n\n"
+        f"pipe = {pipeline}.from_pretrained({path!r}, safety_checker=None)\n"
+        "pipe.set_progress_bar_config(disable=True)\n"
+        f"{head}\n\n"
+        f"def sample(condition, steps={steps}, generator=None, latents=None):\n"
+        f'    """condition: float NCHW in [0, 1] at {size}x{size}; returns NHWC images in [0, 1] (numpy)."""\n'
+        "    n = condition.shape[0]\n"
+        "    return pipe(\n"
+        f"        prompt=[{config.text.prompt!r}] * n,\n"
+        f"        negative_prompt=[{config.text.negative_prompt!r}] * n,\n"
+        f"{image}"
+        f"        {schedule},\n"
+        f"        guidance_scale={float(config.sample_guidance_scale)!r},\n"
+        f"        height={size},\n"
+        f"        width={size},\n"
+        "        generator=generator,\n"
+        "        latents=latents,\n"
+        '        output_type="np",\n'
+        "    ).images\n"
+    )
+
+
+def _pipeline_class(parts: Mapping[str, Any]) -> str:
+    return "StableDiffusionControlNetPipeline" if "controlnet" in parts else "StableDiffusionPipeline"
 
 
 def _source_lines(pre: Any) -> list[str]:
     config = pre.config
-    method = config.get("method", "teacher")
-    lines = [f"Exported by `python -m codi_jax.export` from `{pre.path}` (step {pre.step}, method `{method}`)."]
-    if method == "teacher":
+    lines = [f"Exported by `python -m codi_jax.export` from `{pre.path}` (step {pre.step}, method `{config.method}`)."]
+    if config.method == "teacher":
         return lines + ["", "- `unet/`: the teacher (a many-step model: sample it with 50 or more DDIM steps)."]
-    lora = int(config.adapter.get("lora_rank", 0))
+    lora = int(config.adapter.lora_rank)
     backbone = (
         "trained with the adapter (full fine-tuning)" if config.adapter.train_backbone else "the frozen teacher's"
     )
@@ -218,75 +324,99 @@ def _source_lines(pre: Any) -> list[str]:
         "",
         f"- `unet/`: the backbone the run samples with ({backbone}).",
         "- `controlnet/`: the trained ControlNet adapter; its residuals are added to the UNet's skips.",
-        f"- condition (`controlnet_cond`): exactly as the run trained on it: task `{config.task.name}`, "
-        f"{pre.model.module.adapter.cond_channels} channel(s), NCHW float32 in our [-1, 1] convention "
-        "(not diffusers' [0, 1] control images), at the model's resolution times 2**hint_downsamples.",
+        f"- the condition (`controlnet_cond`, the pipeline's `image=`): task `{config.task.name}`, "
+        f"{pre.model.module.adapter.cond_channels} channel(s), NCHW float in [0, 1] at the image size "
+        f"({int(config.data.image_size)} px): the condition `codi_jax.sample` builds from an input image "
+        "(ours is in [-1, 1]; this is (c + 1) / 2, diffusers' control-image range).",
     ]
 
 
-def _schedule_lines(schedule: diffusion.Schedule, scheduler: Mapping[str, Any]) -> list[str]:
+def _pipeline_lines(pre: Any, scheduler: Mapping[str, Any], steps: int) -> list[str]:
+    """What the pipeline call does, and how exactly it is ours."""
+    config = pre.config
+    exact = all(timesteps_exact(config, pre.schedule, n) for n in step_counts(config, steps))
     lines = [
-        f"`scheduler/` is a `DDIMScheduler` for our `{schedule.kind}` schedule with "
-        f"`prediction_type={scheduler['prediction_type']!r}`, `timestep_spacing='trailing'` and `clip_sample=True`: "
-        "deterministic DDIM on evenly spaced times as `codi_jax.sample_teacher` does it. It does not do CoDi's "
-        "grid or re-noising; use the loop above for the distilled model."
+        "The pipeline encodes the run's prompt with `text_encoder/` (the context the run trained and samples with), "
+        "samples latents, decodes them with `vae/` (divided by its `scaling_factor`) and returns images in [0, 1].",
+        f"`guidance_scale` is the run's `sample_guidance_scale`, {float(config.sample_guidance_scale):g} (1 is no "
+        "classifier-free guidance). Pass it: diffusers' default is 7.5.",
     ]
-    if schedule.is_discrete:
-        lines.append("")
+    if scheduler["_class_name"] == "LCMScheduler":
         lines.append(
-            f"The betas are exact (`{schedule.kind}`, {schedule.num_train_timesteps} steps): our model time "
-            "`t * T - 1` is diffusers' integer timestep; the spacing matches ours when the step count divides T."
+            "`scheduler/` is an `LCMScheduler` that makes CoDi's moves: x_hat from the network output, then "
+            "z_s = alpha_s x_hat + sigma_s eps with fresh noise eps ~ N(0, I) drawn from `generator`, and x_hat at "
+            "the last step (its boundary scalings are switched off by `timestep_scaling`). Give it CoDi's "
+            "timesteps (`TIMESTEPS` above): its own `num_inference_steps` spacing differs from CoDi's grid "
+            "beyond 2 steps."
         )
     else:
-        lines.append("")
         lines.append(
-            "**Approximation:** our `cosine` schedule (alpha_t = cos(a t + b), log-SNR clipped to [-15, 15], "
-            "network fed 1000 t) has no exact diffusers counterpart; `beta_schedule='squaredcos_cap_v2'` is the "
-            f"closest (max |alpha| difference {cosine_approximation_error(schedule):.3g} at equal timesteps). "
-            "The loop above uses our exact alpha_t / sigma_t and timesteps, so it is exact."
+            "`scheduler/` is a `DDIMScheduler`: deterministic DDIM on evenly spaced (`trailing`) timesteps, "
+            "as this run samples."
         )
-    return lines
+    lines.append(
+        "With the same initial latents (and, between steps, the same noise) the images equal `codi_jax.sample`'s "
+        + ("(the timesteps are diffusers' integers, exactly ours)." if exact else "up to the timestep rounding.")
+    )
+    return [line for text in lines for line in (text, "")]
+
+
+def _schedule_lines(schedule: diffusion.Schedule) -> list[str]:
+    if schedule.is_discrete:
+        return [
+            f"The betas are exact (`{schedule.kind}`, {schedule.num_train_timesteps} steps): our model time "
+            "`t * T - 1` is diffusers' integer timestep."
+        ]
+    return [
+        "**Approximation:** our `cosine` schedule (alpha_t = cos(a t + b), log-SNR clipped to [-15, 15], "
+        "network fed 1000 t) has no exact diffusers counterpart; `beta_schedule='squaredcos_cap_v2'` is the "
+        f"closest (max |alpha| difference {cosine_approximation_error(schedule):.3g} at equal timesteps). "
+        "The loop above uses our exact alpha_t / sigma_t and timesteps, so it is exact."
+    ]
 
 
 def readme_text(pre: Any, parts: Mapping[str, Mapping[str, Any]], table: list, out_path: str) -> str:
-    """The export's README: what is there, how to load and sample it in PyTorch."""
-    from codi_jax.sampling import conditional
-
-    scheduler = scheduler_config(pre.schedule, pre.parametrization)
-    renoise = conditional.renoise_between_steps(pre.config)
-    moves = (
-        "re-noising: z_s = alpha_s x_hat + sigma_s eps with fresh eps ~ N(0, I) (CoDi's multistep sampling)"
-        if renoise
-        else "DDIM: z_s = alpha_s x_hat + sigma_s eps_hat (deterministic)"
-    )
-    rows = [f"| {i} | {t:.4f} | {m:g} | {a:.6f} | {s:.6f} |" for i, (t, m, a, s) in enumerate(table)]
-    sections = [
-        "# diffusers export",
+    """The export's README, generated from the run: what is there and how to sample it in PyTorch."""
+    scheduler = run_scheduler_config(pre)
+    renoise = scheduler["_class_name"] == "LCMScheduler"
+    steps = len(table) - 1
+    rows = [f"| {i} | {t:.4f} | {m:g} | {a:.6f} | {s:.6f} |" for i, (t, m, a, s) in enumerate(table[:-1])]
+    rows.append(f"| {steps} (end) | {table[-1][0]:.4f} | not fed | {table[-1][2]:.6f} | {table[-1][3]:.6f} |")
+    moves = "fresh noise between steps (CoDi)" if renoise else "DDIM (deterministic)"
+    sections = ["# diffusers export", "", *_source_lines(pre), ""]
+    if is_pipeline(pre.config):
+        sections += [
+            f"The folder is a `{_pipeline_class(parts)}` with the run's frozen `vae/`, `text_encoder/` and "
+            "`tokenizer/` (copied as they are).",
+            "",
+            "## Sample with diffusers",
+            "",
+            "```python\n" + pipeline_snippet(pre, parts, out_path, steps) + "```",
+            "",
+            *_pipeline_lines(pre, scheduler, steps),
+        ]
+    else:
+        sections += [
+            "The folder holds the denoising networks (no VAE or text encoder); there is no diffusers pipeline for "
+            "them, so sample with the loop below (our exact sampler).",
+            "",
+            "```python\n" + _loading_snippet(parts, out_path) + "```",
+            "",
+            "```python\n"
+            + sampler_snippet(parts, table, pre.parametrization, renoise, clip=not is_latent(pre.config))
+            + "```",
+            "",
+        ]
+    sections += [
+        f"## The {steps}-step moves",
         "",
-        *_source_lines(pre),
-        "",
-        "The folder holds the denoising networks only (no VAE, text encoder or tokenizer). Cross-attention models "
-        "must be given `encoder_hidden_states` (the context the run trained with).",
-        "",
-        "## Load in PyTorch",
-        "",
-        "```python\n" + _loading_snippet(parts, out_path) + "```",
-        "",
-        f"## Sampling in {len(table) - 1} steps",
-        "",
-        f"Network output: `{pre.parametrization}` ({scheduler['prediction_type']}). Each step feeds the model "
-        f"timestep below, forms x_hat (clipped to [-1, 1]) and eps_hat, then moves by {moves}. The last step returns "
-        "x_hat. Start from z ~ N(0, I) at the first time.",
+        f"Network output `{pre.parametrization}` ({scheduler['prediction_type']}); moves: {moves}.",
         "",
         "| step | t | model timestep | alpha_t | sigma_t |",
         "|---|---|---|---|---|",
         *rows,
         "",
-        "```python\n" + sampler_snippet(parts, table, pre.parametrization, renoise) + "```",
-        "",
-        "## Scheduler",
-        "",
-        *_schedule_lines(pre.schedule, scheduler),
+        *_schedule_lines(pre.schedule),
         "",
     ]
     return "\n".join(sections)
@@ -305,14 +435,14 @@ def export_pretrained(pre: Any, out: str, *, steps: int = 4, overwrite: bool = F
     configs = {name: config for name, config, _ in parts}
     table = step_table(pre.config, pre.schedule, steps)
     readme = readme_text(pre, configs, table, os.path.abspath(out))
+    scheduler = run_scheduler_config(pre)
     with flax_to_torch.atomic_directory(out, overwrite=overwrite) as staging:
         for name, config, state in parts:
             flax_to_torch.write_model_files(os.path.join(staging, name), config, state)
         os.makedirs(os.path.join(staging, "scheduler"))
-        scheduler = scheduler_config(pre.schedule, pre.parametrization, clip_sample=not _frozen_components(pre.config))
         with open(os.path.join(staging, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(scheduler, f, indent=2, sort_keys=True)
-        _write_pipeline_files(pre.config, staging, configs)
+        _write_pipeline_files(pre.config, staging, {**configs, "scheduler": scheduler})
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(readme)
     return sorted(os.path.join(root, name) for root, _, names in os.walk(out) for name in names)
@@ -335,8 +465,12 @@ PIPELINE_LIBRARIES = {
     "vae": ["diffusers", "AutoencoderKL"],
     "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
-    "scheduler": ["diffusers", "DDIMScheduler"],
 }
+
+
+def is_pipeline(config: Any) -> bool:
+    """Whether the export is a whole SD pipeline: a latent text run (VAE, text encoder and tokenizer)."""
+    return set(_frozen_components(config)) == {"vae", "text_encoder", "tokenizer"}
 
 
 def _write_pipeline_files(config: Any, staging: str, parts: Mapping[str, Any]) -> None:
@@ -346,15 +480,17 @@ def _write_pipeline_files(config: Any, staging: str, parts: Mapping[str, Any]) -
 
     from codi_jax.interop.flax_to_torch import DIFFUSERS_VERSION
 
-    components = _frozen_components(config)
-    if set(components) != {"vae", "text_encoder", "tokenizer"}:
+    if not is_pipeline(config):
         return  # not a full SD pipeline: the networks alone
+    components = _frozen_components(config)
     for name, path in components.items():
         shutil.copytree(path, os.path.join(staging, name))
-    names = sorted(set(parts) | set(components) | {"scheduler"})
-    index = {"_class_name": "StableDiffusionControlNetPipeline" if "controlnet" in parts else "StableDiffusionPipeline"}
+    index = {"_class_name": _pipeline_class(parts)}
     index.update(_diffusers_version=DIFFUSERS_VERSION, requires_safety_checker=False)
-    index.update({name: PIPELINE_LIBRARIES[name] for name in names})
+    index.update(
+        {name: PIPELINE_LIBRARIES[name] for name in sorted(set(parts) | set(components)) if name != "scheduler"}
+    )
+    index["scheduler"] = ["diffusers", parts["scheduler"]["_class_name"]]
     index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None])
     with open(os.path.join(staging, "model_index.json"), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True)
