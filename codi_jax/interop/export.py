@@ -37,10 +37,6 @@ import numpy as np
 if TYPE_CHECKING:
     from codi_jax import diffusion
 
-UNSUPPORTED_ADAPTERS = {
-    "fusion": "the mu-fusion adapter (full CoDi: (1 - mu) h + mu f blending of the encoder features)",
-    "t2i": "the T2I adapter (a light condition encoder without a backbone copy)",
-}
 PREDICTION_TYPES = {"v": "v_prediction", "eps": "epsilon", "x": "sample"}
 BETA_SCHEDULES = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
 
@@ -51,23 +47,6 @@ def check_out(out: str, overwrite: bool) -> None:
         raise FileExistsError(f"--out={out} exists and is not a directory.")
     if os.path.isdir(out) and os.listdir(out) and not overwrite:
         raise FileExistsError(f"--out={out} exists and is not empty; pass --overwrite to replace it.")
-
-
-def check_exportable(config: Any) -> None:
-    """Refuses runs whose adapter diffusers cannot represent (from the config alone: no weights read)."""
-    if config.get("method", "teacher") == "teacher":
-        return
-    if tuple(config.get("codi", {}).get("cfg_range", ()) or ()):
-        raise ValueError(
-            "codi.cfg_range: a CFG-distilled student reads the guidance scale through an embedding that diffusers' "
-            "ControlNetModel cannot represent; export a run trained without codi.cfg_range."
-        )
-    kind = config.adapter.kind
-    if kind in UNSUPPORTED_ADAPTERS:
-        raise ValueError(
-            f"adapter.kind={kind!r}: diffusers cannot represent {UNSUPPORTED_ADAPTERS[kind]}; only a ControlNet "
-            "adapter (adapter.kind='controlnet', zero-conv residuals) exports, as a diffusers ControlNetModel."
-        )
 
 
 LCM_TIMESTEP_SCALING = 1.0e6  # LCM's boundary scalings at timestep k >= 1: c_skip < 1e-13, c_out = 1 (float32)
@@ -148,27 +127,35 @@ def step_table(config: Any, schedule: diffusion.Schedule, steps: int) -> list[tu
 
 
 def model_parts(pre: Any) -> list[tuple[str, dict[str, Any], dict[str, np.ndarray]]]:
-    """``(subfolder, config.json, state dict)`` of every network of a restored run (``Pretrained``)."""
-    from codi_jax.interop import flax_to_torch
+    """``(subfolder, config.json, state dict)`` of every network of a restored run (``Pretrained``):
+    a teacher's ``unet``; a conditional run's ``unet`` + ``controlnet`` where diffusers' classes
+    represent it, else the custom component ``codi_model`` (``codi_component``). LoRA is merged."""
+    from codi_jax.interop import codi_component, flax_to_torch
     from codi_jax.models import networks
     from codi_jax.models.unet import UNet
 
-    check_exportable(pre.config)
     data = pre.config.get("data")
     sample_size = networks.model_input_size(pre.config) if data is not None and data.get("image_size") else None
     if isinstance(pre.model, UNet):  # a teacher
         config = flax_to_torch.unet_diffusers_config(pre.model, sample_size)
         return [("unet", config, flax_to_torch.unet_state_dict(pre.model, pre.params))]
     params = pre.model.module_params(pre.params)  # LoRA merged into the backbone
-    backbone, adapter = pre.model.backbone, pre.model.module.adapter
-    controlnet = flax_to_torch.controlnet_diffusers_config(adapter)
+    module = pre.model.module
+    if codi_component.diffusers_gap(module) is not None:
+        config = codi_component.component_config(module, params, sample_size)
+        return [(codi_component.NAME, config, codi_component.component_state_dict(module, params))]
+    backbone, adapter = module.backbone, module.adapter
     return [
         (
             "unet",
             flax_to_torch.unet_diffusers_config(backbone, sample_size),
             flax_to_torch.unet_state_dict(backbone, params["backbone"]),
         ),
-        ("controlnet", controlnet, flax_to_torch.controlnet_state_dict(adapter, params["adapter"])),
+        (
+            "controlnet",
+            flax_to_torch.controlnet_diffusers_config(adapter),
+            flax_to_torch.controlnet_state_dict(adapter, params["adapter"]),
+        ),
     ]
 
 
@@ -209,6 +196,11 @@ def timesteps_exact(config: Any, schedule: diffusion.Schedule, steps: int) -> bo
 
 def _model_call(parts: Mapping[str, Mapping[str, Any]]) -> str:
     """The network evaluation inside the README's sampling loop."""
+    if "codi_model" in parts:
+        return (
+            "        out = model(z, time, cond, encoder_hidden_states=context, guidance_scale=guidance_scale,\n"
+            "                    instruction=instruction)\n"
+        )
     if "controlnet" in parts:
         return (
             "        down, mid = controlnet(z, time, encoder_hidden_states=context, controlnet_cond=cond, "
@@ -241,9 +233,10 @@ def sampler_snippet(
         f"RENOISE = {renoise!r}  # True: fresh noise between steps (CoDi); False: DDIM moves\n"
         f"CLIP = {clip!r}  # clip x_hat to [-1, 1] (pixel models; latents are not clipped)\n\n\n"
         "@torch.no_grad()\n"
-        "def sample(z, cond=None, context=None, generator=None):\n"
-        '    """z: NCHW standard-normal noise at the first time; returns x_hat of the last step."""\n'
-        "    for (timestep, alpha, sigma), (_, alpha_s, sigma_s) in zip(STEPS[:-1], STEPS[1:]):\n"
+        "def sample(z, cond=None, context=None, generator=None, guidance_scale=None, instruction=None, noise=None):\n"
+        '    """z: NCHW standard-normal noise at the first time; returns x_hat of the last step.\n'
+        '    noise(k, shape): the re-noising noise of step k (default: torch.randn with generator)."""\n'
+        "    for k, ((timestep, alpha, sigma), (_, alpha_s, sigma_s)) in enumerate(zip(STEPS[:-1], STEPS[1:])):\n"
         "        time = torch.full((z.shape[0],), timestep)\n"
         f"{_model_call(parts)}"
         '        if PREDICTION == "v":\n'
@@ -255,17 +248,47 @@ def sampler_snippet(
         "        if CLIP:\n"
         "            x = x.clamp(-1.0, 1.0)\n"
         "        if RENOISE:\n"
-        "            eps = torch.randn(z.shape, generator=generator, dtype=z.dtype)\n"
+        "            eps = torch.randn(z.shape, generator=generator) if noise is None else noise(k, z.shape)\n"
         "        z = alpha_s * x + sigma_s * eps\n"
         "    return x\n"
     )
 
 
-def _loading_snippet(parts: Mapping[str, Mapping[str, Any]], path: str) -> str:
-    lines = [f"from diffusers import {', '.join(sorted({c['_class_name'] for c in parts.values()}))}", ""]
-    lines.append(f"path = {path!r}  # this folder")
-    for name, config in parts.items():
-        lines.append(f'{name} = {config["_class_name"]}.from_pretrained(path, subfolder="{name}").eval()')
+def _loading_snippet(parts: Mapping[str, Mapping[str, Any]], path: str, config: Any) -> str:
+    """Loads the folder's networks (and a text run's encoder, a latent run's VAE) in PyTorch."""
+    if "codi_model" in parts:
+        lines = ["from diffusers import AutoModel", "", f"path = {path!r}  # this folder"]
+        lines.append('model = AutoModel.from_pretrained(path, subfolder="codi_model", trust_remote_code=True).eval()')
+    else:
+        lines = [f"from diffusers import {', '.join(sorted({c['_class_name'] for c in parts.values()}))}", ""]
+        lines.append(f"path = {path!r}  # this folder")
+        for name, part in parts.items():
+            lines.append(f'{name} = {part["_class_name"]}.from_pretrained(path, subfolder="{name}").eval()')
+    frozen = _frozen_components(config)
+    if "text_encoder" in frozen:
+        lines += [
+            "",
+            "from transformers import CLIPTextModel, CLIPTokenizer",
+            "",
+            'tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer")',
+            'text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder").eval()',
+            f"PROMPT, NEGATIVE_PROMPT = {config.text.prompt!r}, {config.text.negative_prompt!r}  # the run's",
+            "",
+            "",
+            "def encode(prompts):  # the context: CLIP's last hidden states",
+            "    n = tokenizer.model_max_length",
+            '    ids = tokenizer(prompts, padding="max_length", max_length=n, truncation=True, return_tensors="pt")',
+            "    return text_encoder(ids.input_ids)[0]",
+        ]
+    if "vae" in frozen:
+        lines += [
+            "",
+            "",
+            "from diffusers import AutoencoderKL",
+            "",
+            'vae = AutoencoderKL.from_pretrained(path, subfolder="vae").eval()',
+            "# images in [-1, 1]: vae.decode(latents / vae.config.scaling_factor).sample",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -320,6 +343,15 @@ def _source_lines(pre: Any) -> list[str]:
         "trained with the adapter (full fine-tuning)" if config.adapter.train_backbone else "the frozen teacher's"
     )
     backbone += f", LoRA (rank {lora}) merged into it" if lora else ""
+    if "codi_model" in _part_names(pre):
+        return lines + [
+            "",
+            f"- `codi_model/`: backbone ({backbone}) and `{config.adapter.kind}` adapter as one diffusers custom "
+            "component (`codi_model.py`, PyTorch + diffusers only; load it with `trust_remote_code=True`): "
+            f"{_component_reason(pre)}.",
+            f"- the condition `cond`: task `{config.task.name}`, NCHW float in [-1, 1] at the image size "
+            f"({int(config.data.image_size)} px), as `codi_jax.sample` builds it from an input image.",
+        ]
     return lines + [
         "",
         f"- `unet/`: the backbone the run samples with ({backbone}).",
@@ -329,6 +361,21 @@ def _source_lines(pre: Any) -> list[str]:
         f"({int(config.data.image_size)} px): the condition `codi_jax.sample` builds from an input image "
         "(ours is in [-1, 1]; this is (c + 1) / 2, diffusers' control-image range).",
     ]
+
+
+def _part_names(pre: Any) -> set[str]:
+    from codi_jax.interop import codi_component
+    from codi_jax.models.unet import UNet
+
+    if isinstance(pre.model, UNet):
+        return {"unet"}
+    return {codi_component.NAME} if codi_component.diffusers_gap(pre.model.module) else {"unet", "controlnet"}
+
+
+def _component_reason(pre: Any) -> str:
+    from codi_jax.interop import codi_component
+
+    return codi_component.diffusers_gap(pre.model.module).rstrip(".")
 
 
 def _pipeline_lines(pre: Any, scheduler: Mapping[str, Any], steps: int) -> list[str]:
@@ -384,7 +431,7 @@ def readme_text(pre: Any, parts: Mapping[str, Mapping[str, Any]], table: list, o
     rows.append(f"| {steps} (end) | {table[-1][0]:.4f} | not fed | {table[-1][2]:.6f} | {table[-1][3]:.6f} |")
     moves = "fresh noise between steps (CoDi)" if renoise else "DDIM (deterministic)"
     sections = ["# diffusers export", "", *_source_lines(pre), ""]
-    if is_pipeline(pre.config):
+    if is_pipeline(pre.config, parts):
         sections += [
             f"The folder is a `{_pipeline_class(parts)}` with the run's frozen `vae/`, `text_encoder/` and "
             "`tokenizer/` (copied as they are).",
@@ -397,10 +444,10 @@ def readme_text(pre: Any, parts: Mapping[str, Mapping[str, Any]], table: list, o
         ]
     else:
         sections += [
-            "The folder holds the denoising networks (no VAE or text encoder); there is no diffusers pipeline for "
-            "them, so sample with the loop below (our exact sampler).",
+            "No diffusers pipeline runs this folder: load its parts and sample with the loop below (our exact "
+            "sampler).",
             "",
-            "```python\n" + _loading_snippet(parts, out_path) + "```",
+            "```python\n" + _loading_snippet(parts, out_path, pre.config) + "```",
             "",
             "```python\n"
             + sampler_snippet(parts, table, pre.parametrization, renoise, clip=not is_latent(pre.config))
@@ -428,7 +475,7 @@ def export_pretrained(pre: Any, out: str, *, steps: int = 4, overwrite: bool = F
     Returns the written files. Raises ``ValueError`` for what diffusers cannot represent and
     ``FileExistsError`` for an existing non-empty ``out`` without ``overwrite``.
     """
-    from codi_jax.interop import flax_to_torch
+    from codi_jax.interop import codi_component, flax_to_torch
 
     check_out(out, overwrite)
     parts = model_parts(pre)
@@ -438,7 +485,10 @@ def export_pretrained(pre: Any, out: str, *, steps: int = 4, overwrite: bool = F
     scheduler = run_scheduler_config(pre)
     with flax_to_torch.atomic_directory(out, overwrite=overwrite) as staging:
         for name, config, state in parts:
-            flax_to_torch.write_model_files(os.path.join(staging, name), config, state)
+            if name == codi_component.NAME:
+                codi_component.write(os.path.join(staging, name), config, state)
+            else:
+                flax_to_torch.write_model_files(os.path.join(staging, name), config, state)
         os.makedirs(os.path.join(staging, "scheduler"))
         with open(os.path.join(staging, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(scheduler, f, indent=2, sort_keys=True)
@@ -468,9 +518,10 @@ PIPELINE_LIBRARIES = {
 }
 
 
-def is_pipeline(config: Any) -> bool:
-    """Whether the export is a whole SD pipeline: a latent text run (VAE, text encoder and tokenizer)."""
-    return set(_frozen_components(config)) == {"vae", "text_encoder", "tokenizer"}
+def is_pipeline(config: Any, parts: Mapping[str, Any]) -> bool:
+    """Whether the export is a whole SD pipeline: a latent text run (VAE, text encoder and tokenizer)
+    whose networks are diffusers' own (no ``codi_model`` component)."""
+    return set(_frozen_components(config)) == {"vae", "text_encoder", "tokenizer"} and "codi_model" not in parts
 
 
 def _write_pipeline_files(config: Any, staging: str, parts: Mapping[str, Any]) -> None:
@@ -480,11 +531,11 @@ def _write_pipeline_files(config: Any, staging: str, parts: Mapping[str, Any]) -
 
     from codi_jax.interop.flax_to_torch import DIFFUSERS_VERSION
 
-    if not is_pipeline(config):
-        return  # not a full SD pipeline: the networks alone
     components = _frozen_components(config)
     for name, path in components.items():
         shutil.copytree(path, os.path.join(staging, name))
+    if not is_pipeline(config, parts):
+        return  # no diffusers pipeline: the parts alone
     index = {"_class_name": _pipeline_class(parts)}
     index.update(_diffusers_version=DIFFUSERS_VERSION, requires_safety_checker=False)
     index.update(
@@ -516,11 +567,9 @@ def export_workdir(
     from codi_jax.runs import pretrained
 
     config, _ = pretrained.read_config(workdir, checkpoint_step)
-    check_exportable(config)
     step_table(config, diffusion.schedule_from_config(config.schedule), steps)  # --steps fits the run's grid
-    if networks.is_conditional(config):  # the architectures diffusers must represent, still before any weights
+    if networks.is_conditional(config):  # the backbone diffusers must represent, still before any weights
         model, _ = networks.build_conditional(config)
         flax_to_torch.unet_diffusers_config(model.backbone)
-        flax_to_torch.controlnet_diffusers_config(model.module.adapter)
     pre = pretrained.load(workdir, step=checkpoint_step, use_ema=ema)
     return export_pretrained(pre, out, steps=steps, overwrite=overwrite)

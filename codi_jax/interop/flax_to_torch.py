@@ -234,9 +234,7 @@ def _convert_back(torch_name: str, value: Any, expected: tuple[int, ...], leaf: 
     return np.ascontiguousarray(array)
 
 
-def _state_dict(
-    params: Any, shapes: Any, name_fn: Callable[[tuple[str, ...]], str], what: str
-) -> dict[str, np.ndarray]:
+def state_dict(params: Any, shapes: Any, name_fn: Callable[[tuple[str, ...]], str], what: str) -> dict[str, np.ndarray]:
     """``params`` (checked against ``shapes``, the model's parameter tree) as a diffusers state dict."""
     expected = {path: leaf.shape for path, leaf in torch_state.named_leaves(shapes)[0].items()}
     given = torch_state.named_leaves(params)[0]
@@ -254,7 +252,7 @@ def _state_dict(
 def unet_state_dict(model: UNet, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``model``'s params as a diffusers state dict (name -> float32 numpy): the exact inverse of
     ``unet_params_from_diffusers``. The tree must be exactly ``model``'s; errors name the leaf."""
-    return _state_dict(params, unet_param_shapes(model), _torch_name, "UNet")
+    return state_dict(params, unet_param_shapes(model), _torch_name, "UNet")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +260,7 @@ def unet_state_dict(model: UNet, params: Mapping[str, Any]) -> dict[str, np.ndar
 # ---------------------------------------------------------------------------------------------
 
 
-def _controlnet_torch_name(path: tuple[str, ...]) -> str:
+def controlnet_torch_name(path: tuple[str, ...]) -> str:
     parts: list[str] = []
     for component in path:
         match = _CONTROLNET_INDEXED.match(component)
@@ -360,7 +358,7 @@ def controlnet_state_dict(adapter: ControlNet, params: Mapping[str, Any]) -> dic
     the encoder copy under the UNet's names, ``controlnet_cond_embedding.{conv_in, blocks.N,
     conv_out}``, ``controlnet_down_blocks.N`` and ``controlnet_mid_block``."""
     _check_controlnet(adapter)
-    return _state_dict(params, controlnet_param_shapes(adapter), _controlnet_torch_name, "ControlNet")
+    return state_dict(params, controlnet_param_shapes(adapter), controlnet_torch_name, "ControlNet")
 
 
 # ---------------------------------------------------------------------------------------------
