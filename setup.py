@@ -50,6 +50,7 @@ REFERENCE_REQUIRES = [
     "pytorch-fid==0.3.0",
     "diffusers==0.42.*",
     "transformers==5.*",
+    "peft==0.21.*",  # diffusers' LoRA loader (the exported lora/ weights)
     "safetensors",
 ]
 

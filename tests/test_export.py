@@ -274,6 +274,7 @@ def test_export_codi_run(tmp_path) -> None:
         "README.md",
         "controlnet/config.json",
         "controlnet/diffusion_pytorch_model.safetensors",
+        "lora/pytorch_lora_weights.safetensors",
         "scheduler/scheduler_config.json",
         "unet/config.json",
         "unet/diffusion_pytorch_model.safetensors",
@@ -339,6 +340,27 @@ def test_exported_lcm_scheduler_step_is_our_move(prediction: str, clip: bool, mo
             expected = x_hat
         got = scheduler.step(torch.from_numpy(out), t, torch.from_numpy(z)).prev_sample.numpy()
         np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * max(1.0, float(np.abs(expected).max())))
+
+
+def test_lora_weights_on_the_teacher_unet_give_the_merged_unet(tmp_path) -> None:
+    """``lora/`` (PEFT format) loaded onto the unmerged teacher UNet (diffusers' own LoRA loader)
+    computes what the merged ``unet/`` computes: attention and resnet-conv LoRA, scale folded in."""
+    pytest.importorskip("peft")
+    pre = _codi_pretrained(lora_alpha=3.0)  # scale 3 / 2: a scale not folded in would show
+    out = str(tmp_path / "export")
+    export.export_pretrained(pre, out, steps=1)
+    flax_to_torch.save_unet(pre.model.backbone, pre.params["backbone"], str(tmp_path / "teacher"))
+    teacher = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "teacher")).eval()
+    merged = diffusers.UNet2DConditionModel.from_pretrained(out, subfolder="unet").eval()
+    z, context = torch.from_numpy(_inputs(4, size=8).transpose(0, 3, 1, 2).copy()), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        before = teacher(z, 500, encoder_hidden_states=context).sample
+        teacher.load_lora_adapter(os.path.join(out, "lora", export.LORA_WEIGHTS), prefix="unet")
+        with_lora = teacher(z, 500, encoder_hidden_states=context).sample
+        reference = merged(z, 500, encoder_hidden_states=context).sample
+    scale = float(reference.abs().max())
+    assert float((with_lora - reference).abs().max()) <= 1e-5 * max(1.0, scale)
+    assert float((before - reference).abs().max()) > 1e-3 * scale  # the LoRA matters
 
 
 def test_atomic_directory_replaces_or_leaves_untouched(tmp_path) -> None:

@@ -343,6 +343,12 @@ def _source_lines(pre: Any) -> list[str]:
         "trained with the adapter (full fine-tuning)" if config.adapter.train_backbone else "the frozen teacher's"
     )
     backbone += f", LoRA (rank {lora}) merged into it" if lora else ""
+    if lora and "unet" in _part_names(pre):
+        lines += [
+            "",
+            "- `lora/`: the LoRA alone (diffusers / PEFT format, scale folded in) for the teacher's UNet: on a "
+            "pipeline built from the teacher, `pipe.load_lora_weights(PATH + '/lora')` gives `unet/`.",
+        ]
     if "codi_model" in _part_names(pre):
         return lines + [
             "",
@@ -493,9 +499,26 @@ def export_pretrained(pre: Any, out: str, *, steps: int = 4, overwrite: bool = F
         with open(os.path.join(staging, "scheduler", "scheduler_config.json"), "w") as f:
             json.dump(scheduler, f, indent=2, sort_keys=True)
         _write_pipeline_files(pre.config, staging, {**configs, "scheduler": scheduler})
+        if "unet" in configs and pre.params.get("lora"):
+            _write_lora(pre, os.path.join(staging, "lora"))
         with open(os.path.join(staging, "README.md"), "w") as f:
             f.write(readme)
     return sorted(os.path.join(root, name) for root, _, names in os.walk(out) for name in names)
+
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
+
+def _write_lora(pre: Any, directory: str) -> None:
+    """``lora/pytorch_lora_weights.safetensors``: the LoRA alone, for the teacher's UNet
+    (``pipe.load_lora_weights(DIR/lora)``); ``unet/`` has it merged."""
+    from safetensors.numpy import save_file
+
+    from codi_jax.interop import flax_to_torch
+
+    state = flax_to_torch.lora_state_dict(pre.params["backbone"], pre.params["lora"], pre.model.lora_scale)
+    os.makedirs(directory)
+    save_file(state, os.path.join(directory, LORA_WEIGHTS), metadata={"format": "pt"})
 
 
 def _frozen_components(config: Any) -> dict[str, str]:

@@ -361,6 +361,31 @@ def controlnet_state_dict(adapter: ControlNet, params: Mapping[str, Any]) -> dic
     return state_dict(params, controlnet_param_shapes(adapter), controlnet_torch_name, "ControlNet")
 
 
+def lora_state_dict(backbone: Mapping[str, Any], lora: Mapping[str, Any], scale: float) -> dict[str, np.ndarray]:
+    """The run's LoRA factors as diffusers / PEFT LoRA weights of the UNet (``pipe.load_lora_weights``):
+    ``unet.<module>.lora_A.weight`` / ``lora_B.weight`` with ``W + B @ A`` = our ``W + scale (a @ b)``
+    (the scale folded into B, so PEFT's default alpha = rank, scale 1, is right). Convs: A is the
+    (kh, kw) conv to the rank, B a 1x1 conv."""
+    from flax import traverse_util
+
+    kernels = traverse_util.flatten_dict(dict(backbone))
+    factors = traverse_util.flatten_dict(dict(lora))
+    state = {}
+    for keys, a in factors.items():
+        if keys[-1] != "lora_a":
+            continue
+        a, b = np.asarray(a, np.float32), scale * np.asarray(factors[keys[:-1] + ("lora_b",)], np.float32)
+        shape = np.shape(kernels[keys[:-1] + ("kernel",)])
+        module = "unet." + _torch_name(keys[:-1] + ("kernel",)).removesuffix(".weight")
+        if len(shape) == 4:  # conv (kh, kw, in, out): a rows are (kh, kw, in) flattened
+            lora_a, lora_b = a.reshape(*shape[:3], -1).transpose(3, 2, 0, 1), b.T[:, :, None, None]
+        else:
+            lora_a, lora_b = a.T, b.T
+        state[f"{module}.lora_A.weight"] = np.ascontiguousarray(lora_a)
+        state[f"{module}.lora_B.weight"] = np.ascontiguousarray(lora_b)
+    return state
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing folders.
 # ---------------------------------------------------------------------------------------------
