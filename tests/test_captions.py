@@ -315,3 +315,19 @@ def test_latent_text_run_trains_on_its_captions(teacher, tmp_path) -> None:
     state = loop.train_and_evaluate(_run_config(teacher, root), workdir)
     assert int(sharding.to_host(state.step)) == 2
     assert os.path.exists(os.path.join(workdir, "samples", "step_0000002.png"))
+
+
+def test_run_refuses_bad_captions_before_loading_anything(teacher, tmp_path) -> None:
+    """``train`` checks the folder's captions and ``text.drop_prob`` with its input paths, before
+    any weight is loaded or anything compiled."""
+    from codi_jax.training import loop
+
+    root = _write_folder(tmp_path / "images", size=tiny_sd.IMAGE_SIZE)
+    config = config_resolution.resolve(_run_config(teacher, root))  # drop_prob 0.5, no captions
+    with pytest.raises(ValueError, match=r"^text\.drop_prob=0\.5: the data has no captions or instructions"):
+        loop.check_input_paths(config)
+    config.text.drop_prob = 0.0
+    loop.check_input_paths(config)  # no captions: the fixed text.prompt
+    (root / "red.txt").write_text("a red square")
+    with pytest.raises(ValueError, match=r"^3 of 4 images have no caption in a \.txt sidecar"):
+        loop.check_input_paths(config)

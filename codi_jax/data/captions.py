@@ -38,7 +38,7 @@ def has_captions(data_config: ml_collections.ConfigDict) -> bool:
         return False
     if data_config.source == "tfds":
         return True
-    if data_config.source != "folder":
+    if data_config.source != "folder" or not os.path.isdir(data_config.folder):
         return False
     return os.path.isfile(os.path.join(data_config.folder, METADATA)) or _has_sidecar(data_config.folder)
 

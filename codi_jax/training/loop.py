@@ -92,14 +92,15 @@ def check_input_paths(config: ml_collections.ConfigDict) -> None:
     """The local paths a run reads (image folder and its captions, VAE / text encoder folders),
     checked before any weight is loaded or anything is compiled; errors name the config field."""
     encoders.check_encoder_paths(config)
-    text_run = networks.is_conditional(config) and batch_inputs.has_text(config)
+    conditional = networks.is_conditional(config)
     if config.data.source == "folder":
         paths = image_files.list_image_files(config.data.folder)
-        if text_run:  # a malformed metadata.jsonl, uncaptioned images
+        if conditional and batch_inputs.example_prompts(config):  # a malformed metadata.jsonl, uncaptioned images
             captions.folder_captions(config.data.folder, paths, config.data.caption_key)
     if config.data.source == "edit_triples":
         image_files.list_edit_triples(config.data.folder)
-    if text_run and config.text.drop_prob > 0 and not batch_inputs.example_prompts(config):
+    drops = conditional and batch_inputs.has_text(config) and config.text.drop_prob > 0
+    if drops and not batch_inputs.example_prompts(config):
         raise ValueError(
             f"text.drop_prob={config.text.drop_prob}: the data has no captions or instructions of its own to drop "
             "(the fixed text.prompt is never dropped); set it to 0 or train on captioned data"
