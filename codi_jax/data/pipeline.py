@@ -5,11 +5,15 @@ Sources (`data_config.source`):
                    fly into `data_dir` when missing (no network is ever used).
   tfds             any prepared tfds dataset (`tfds_name`, e.g. 'div2k/bicubic_x4',
                    'nyu_depth_v2', 'imagenette'); never downloads, raises if not prepared.
-  folder           a directory of png/jpg/jpeg/bmp/webp images, searched recursively.
+  folder           a directory of png/jpg/jpeg/bmp/webp images, searched recursively; with
+                   `build_dataset(tokenize=...)` (a text-conditioned run) each image's caption
+                   (`metadata.jsonl` or `.txt` sidecars: codi_jax.data.captions) becomes its
+                   `prompt_ids`.
   edit_triples     InstructPix2Pix's layout under `folder`: one directory per instruction with
                    `prompt.json` (its `edit` is the instruction) and image pairs `<seed>_0.<ext>`
                    (source) / `<seed>_1.<ext>` (edited); one example per pair, with `source` and
                    `prompt_ids` (the instruction's token ids, from `build_dataset(tokenize=...)`).
+With `tokenize`, a tfds source's string feature `caption_key` becomes `prompt_ids` too ('' = none).
 
 Batches hold the local (per-process) batch, `global_batch_size // process_count` examples:
   image      float32 (B, S, S, 3) in [-1, 1]
@@ -17,6 +21,10 @@ Batches hold the local (per-process) batch, `global_batch_size // process_count`
              flipped together with the image (values kept as stored)
   has_depth  bool (B,), when the source has `depth`
   mask       bool (B,), eval only: False marks padding examples (zeros) that fill the last batch
+  prompt_ids int32 (B, L), where examples bring their own prompt (captions, edit instructions):
+             its token ids; training replaces it by the empty prompt's with probability
+             `drop_prob` (classifier-free guidance), keyed by the example's augmentation seed;
+             eval examples keep their own (no dropout)
   plus any other scalar numeric feature of a tfds source (e.g. `label`, `scale`); strings
   (e.g. `source`) are dropped.
 With `task_config` (codi_jax.data.tasks), the task is applied per example after preprocessing
@@ -61,7 +69,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 
-from codi_jax.data import skimage_patches, task_spec, tasks
+from codi_jax.data import captions, skimage_patches, task_spec, tasks
 from codi_jax.data.image_files import (
     check_image_headers,
     list_edit_triples,
@@ -87,6 +95,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     config.source = "skimage_patches"  # 'skimage_patches' | 'tfds' | 'folder'
     config.tfds_name = ""  # for source='tfds', e.g. 'div2k/bicubic_x4', 'nyu_depth_v2'
     config.image_key = "image"  # feature holding the image for source='tfds'
+    # Text-conditioned runs: the caption's column of a folder's metadata.jsonl (.txt sidecars need
+    # none) or a tfds source's string feature; '' = no captions (the fixed text.prompt).
+    config.caption_key = "text"
     config.folder = ""  # for source='folder': directory of images, searched recursively
     config.data_dir = ""  # tfds data_dir ('' = tfds default)
     config.image_size = 32  # output size; skimage_patches uses config patches{image_size}
@@ -243,12 +254,14 @@ class Records(NamedTuple):
 class Source(NamedTuple):
     """A split as this process reads it: random access (``records``) or, for TFRecord-stored tfds
     datasets, only a sequential ``examples`` stream (shuffled when training); ``decode`` turns a
-    raw example into ``{"image": uint8, ...}``; ``num_examples`` counts the whole split (eval)."""
+    raw example into ``{"image": uint8, ...}``; ``num_examples`` counts the whole split (eval);
+    ``prompts``: decoded examples carry their own ``prompt_ids``."""
 
     records: Records | None
     examples: tf.data.Dataset | None
     decode: Callable[[Any], Batch]
     num_examples: int | None
+    prompts: bool = False
 
 
 def _epoch_order(seed: int, process_index: int, epoch: tf.Tensor, size: int) -> tf.Tensor:
@@ -386,8 +399,11 @@ def _tfds_examples(
     process_index: int,
     process_count: int,
     shuffle_buffer: int,
+    caption_key: str = "",
+    tokenize: Callable | None = None,
 ) -> Source:
-    """This process's share of a tfds split (random access when stored as ArrayRecord)."""
+    """This process's share of a tfds split (random access when stored as ArrayRecord); with
+    ``caption_key``, the string feature tokenised into ``prompt_ids``."""
     features = builder.info.features
     if image_key not in features:
         raise ValueError(
@@ -412,10 +428,14 @@ def _tfds_examples(
     process_split = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count)
     decoders = _skip_image_decoding(builder, image_key)
     decode = _tfds_decoder(image_key, features[image_key], decoders is not None)
+    if caption_key:
+        _check_caption_feature(builder, caption_key)
+        keep.append(caption_key)
+        decode = _with_prompt_ids(decode, caption_key, tokenize)
     num_examples = None if train else _num_examples(builder, split, image_key)
     if _has_random_access(builder):
         records = _tfds_records(builder, process_split, keep, decoders)
-        return Source(records, None, decode, num_examples)
+        return Source(records, None, decode, num_examples, bool(caption_key))
     ds = builder.as_dataset(
         split=process_split,
         shuffle_files=train,
@@ -425,7 +445,44 @@ def _tfds_examples(
     ds = ds.map(lambda example: {key: example[key] for key in keep})
     if train:
         ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    return Source(None, ds, decode, num_examples)
+    return Source(None, ds, decode, num_examples, bool(caption_key))
+
+
+def _is_string_feature(feature: Any) -> bool:
+    return getattr(feature, "dtype", None) == tf.string and tuple(getattr(feature, "shape", (None,))) == ()
+
+
+def _check_caption_feature(builder: tfds.core.DatasetBuilder, caption_key: str) -> None:
+    """``caption_key`` is a scalar string feature of the dataset (one line naming the features if not)."""
+    features = builder.info.features
+    if caption_key not in features:
+        raise ValueError(
+            f"data.caption_key={caption_key!r} is not a feature of {builder.info.full_name}; features: "
+            f"{sorted(features.keys())} (data.caption_key='' trains on the fixed text.prompt)"
+        )
+    if not _is_string_feature(features[caption_key]):
+        raise ValueError(
+            f"data.caption_key={caption_key!r}: feature of {builder.info.full_name} is {features[caption_key]!r}, "
+            "not one string per example"
+        )
+
+
+def _token_ids(text: tf.Tensor, tokenize: Callable, length: int) -> tf.Tensor:
+    """A string's token ids, int32 (length,), from the run's tokenizer (Python, in the pipeline)."""
+    ids = tf.numpy_function(lambda t: np.asarray(tokenize(t.decode()), np.int32), [text], tf.int32, stateful=False)
+    return tf.ensure_shape(ids, [length])
+
+
+def _with_prompt_ids(decode: Callable[[Any], Batch], text_key: str, tokenize: Callable) -> Callable[[Any], Batch]:
+    """``decode`` with the raw example's string ``text_key`` replaced by its ``prompt_ids``."""
+    length = len(tokenize(""))
+
+    def decode_with_prompt(raw: Batch) -> Batch:
+        raw = dict(raw)
+        text = raw.pop(text_key)
+        return {**decode(raw), "prompt_ids": _token_ids(text, tokenize, length)}
+
+    return decode_with_prompt
 
 
 def _tfds_decoder(image_key: str, image_feature: Any, encoded: bool) -> Callable[[Batch], Batch]:
@@ -459,7 +516,7 @@ def _tfds_records(builder: tfds.core.DatasetBuilder, split: str, keep: list[str]
     source = builder.as_data_source(split=split, decoders=decoders)
     specs = {}
     for key in keep:
-        if decoders and key in decoders:
+        if (decoders and key in decoders) or _is_string_feature(builder.info.features[key]):
             specs[key] = (tf.string, ())
         else:
             feature = builder.info.features[key]
@@ -476,17 +533,29 @@ def _tfds_records(builder: tfds.core.DatasetBuilder, split: str, keep: list[str]
     return Records(len(source), read)
 
 
-def _folder_examples(data_config: ml_collections.ConfigDict, *, process_index: int, process_count: int) -> Source:
+def _folder_examples(
+    data_config: ml_collections.ConfigDict, *, tokenize: Callable | None, process_index: int, process_count: int
+) -> Source:
+    """The folder's images; with ``tokenize`` (a text run), their captions as ``prompt_ids``
+    (none where the folder has no captions: ``captions.folder_captions``)."""
     paths = list_image_files(data_config.folder)
     check_image_headers(paths)
-    share = _process_share(paths, process_index, process_count, data_config.folder)
-    table = tf.constant(share)
+    texts = None
+    if tokenize is not None:
+        texts = captions.folder_captions(data_config.folder, paths, data_config.caption_key)
+    share = _process_share(list(range(len(paths))), process_index, process_count, data_config.folder)
+    columns = {"path": tf.constant([paths[i] for i in share])}
+    if texts is not None:
+        columns["caption"] = tf.constant([texts[i] for i in share])
 
-    def decode(path: tf.Tensor) -> Batch:
-        image = tf.numpy_function(lambda p: load_image_rgb(p.decode()), [path], tf.uint8, stateful=False)
+    def decode(raw: Batch) -> Batch:
+        image = tf.numpy_function(lambda p: load_image_rgb(p.decode()), [raw["path"]], tf.uint8, stateful=False)
         return {"image": tf.ensure_shape(image, [None, None, 3])}
 
-    return Source(Records(len(share), lambda index: tf.gather(table, index)), None, decode, len(paths))
+    if texts is not None:
+        decode = _with_prompt_ids(decode, "caption", tokenize)
+    read = lambda index: {key: tf.gather(column, index) for key, column in columns.items()}
+    return Source(Records(len(share), read), None, decode, len(paths), texts is not None)
 
 
 def _process_share(items: list, process_index: int, process_count: int, folder: str) -> list:
@@ -505,18 +574,18 @@ def _triple_examples(
     triples = list_edit_triples(data_config.folder)
     share = _process_share(triples, process_index, process_count, data_config.folder)
     columns = {key: tf.constant([t[i] for t in share]) for i, key in enumerate(("source", "edited", "instruction"))}
-    length = len(tokenize(""))
 
     def decode(raw: dict) -> Batch:
         load = lambda key: tf.ensure_shape(
             tf.numpy_function(lambda p: load_image_rgb(p.decode()), [raw[key]], tf.uint8, stateful=False),
             [None, None, 3],
         )
-        ids = tf.numpy_function(lambda t: np.asarray(tokenize(t.decode()), np.int32), [raw["instruction"]], tf.int32)
-        return {"image": load("edited"), "source": load("source"), "prompt_ids": tf.ensure_shape(ids, [length])}
+        return {"image": load("edited"), "source": load("source")}
 
     read = lambda index: {key: tf.gather(column, index) for key, column in columns.items()}
-    return Source(Records(len(share), read), None, decode, len(triples))
+    return Source(
+        Records(len(share), read), None, _with_prompt_ids(decode, "instruction", tokenize), len(triples), True
+    )
 
 
 # --------------------------------------------------------------------------- public API
@@ -533,11 +602,14 @@ def build_dataset(
     process_count: int = 1,
     task_config: ml_collections.ConfigDict | None = None,
     tokenize: Any = None,
+    drop_prob: float = 0.0,
     start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Batched dataset of this process's share of `split` (see the module docstring); with
     `task_config`, every example carries the task's `cond` (see codi_jax.data.tasks).
-    `tokenize(text) -> int ids` turns `edit_triples` instructions into `prompt_ids`.
+    `tokenize(text) -> int ids` (a text-conditioned run's tokenizer) turns `edit_triples`
+    instructions and captions (folder, tfds `caption_key`) into `prompt_ids`; training replaces an
+    example's with the empty prompt's with probability `drop_prob` (`text.drop_prob`).
     Training streams start at batch `start_batch` (a resumed run's step): by random access, at
     the cost of batch 0, except for TFRecord-stored tfds datasets, which read the examples before it."""
     if task_config is not None:
@@ -557,38 +629,18 @@ def build_dataset(
         raise ValueError(f"process_index={process_index} not in [0, {process_count})")
     local_batch_size = global_batch_size // process_count
     shard = {"process_index": process_index, "process_count": process_count}
-    # Eval task seeds use the example's index in the whole split: index = offset + stride * local.
-    index_offset, index_stride = 0, 1
-    if data_config.source == "folder":
-        if task_config is not None and task_spec.needs_depth_feature(task_config):
+    source, index_offset, index_stride = _split_source(data_config, split, train, seed, task_config, tokenize, shard)
+    drop = None
+    if train and drop_prob > 0:
+        if not source.prompts:
             raise ValueError(
-                "task.depth_source='feature' needs a source with a `depth` feature; data_config.source='folder' "
-                "has none (use task.depth_source='procedural')"
+                f"text.drop_prob={drop_prob}: the examples of data.source={data_config.source!r} have no caption "
+                "or instruction of their own to drop (the fixed text.prompt is never dropped)"
             )
-        source = _folder_examples(data_config, **shard)
-        index_offset, index_stride = process_index, process_count  # Round robin.
-    elif data_config.source == "edit_triples":
-        source = _triple_examples(data_config, tokenize=tokenize, **shard)
-        index_offset, index_stride = process_index, process_count
-    else:
-        if data_config.source == "skimage_patches":
-            builder, image_key = _skimage_builder(data_config), "image"
-        else:
-            builder, image_key = _tfds_builder(data_config), data_config.image_key
-        source = _tfds_examples(
-            builder,
-            split,
-            image_key=image_key,
-            train=train,
-            seed=seed,
-            shuffle_buffer=data_config.shuffle_buffer,
-            **shard,
-        )
-        if task_config is not None and not train:
-            index_offset = _process_split_offset(builder, split, image_key, process_index, process_count)
+        drop = _prompt_dropout(float(drop_prob), tokenize)
 
     def preprocess(raw: Any, example_seed: tf.Tensor | None) -> Batch:
-        return _preprocess(
+        example = _preprocess(
             source.decode(raw),
             example_seed,
             image_size=int(data_config.image_size),
@@ -597,6 +649,7 @@ def build_dataset(
             random_crop=bool(data_config.random_crop),
             color_augment=color_augment,
         )
+        return example if drop is None else drop(example, example_seed)
 
     if train:
         ds = _training_examples(source, task_config, preprocess, seed, process_index, start_batch * local_batch_size)
@@ -607,6 +660,66 @@ def build_dataset(
     options = tf.data.Options()
     options.deterministic = True  # Parallel maps keep order: reproducible batches.
     return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _split_source(
+    data_config: ml_collections.ConfigDict,
+    split: str,
+    train: bool,
+    seed: int,
+    task_config: Any,
+    tokenize: Callable | None,
+    shard: dict[str, int],
+) -> tuple[Source, int, int]:
+    """``(source, index_offset, index_stride)``: the split as this process reads it, and where its
+    examples sit in the whole split (eval task seeds use index = offset + stride * local index)."""
+    if data_config.source == "folder":
+        if task_config is not None and task_spec.needs_depth_feature(task_config):
+            raise ValueError(
+                "task.depth_source='feature' needs a source with a `depth` feature; data_config.source='folder' "
+                "has none (use task.depth_source='procedural')"
+            )
+        source = _folder_examples(data_config, tokenize=tokenize, **shard)
+        return source, shard["process_index"], shard["process_count"]  # Round robin.
+    if data_config.source == "edit_triples":
+        return _triple_examples(data_config, tokenize=tokenize, **shard), shard["process_index"], shard["process_count"]
+    if data_config.source == "skimage_patches":
+        builder, image_key, caption_key = _skimage_builder(data_config), "image", ""
+    else:
+        builder, image_key = _tfds_builder(data_config), data_config.image_key
+        caption_key = data_config.caption_key if tokenize is not None else ""
+    source = _tfds_examples(
+        builder,
+        split,
+        image_key=image_key,
+        train=train,
+        seed=seed,
+        shuffle_buffer=data_config.shuffle_buffer,
+        caption_key=caption_key,
+        tokenize=tokenize,
+        **shard,
+    )
+    index_offset = 0
+    if task_config is not None and not train:
+        index_offset = _process_split_offset(builder, split, image_key, shard["process_index"], shard["process_count"])
+    return source, index_offset, 1
+
+
+# fold_in tag of an example's caption dropout draw (its augmentation seed's own stream)
+PROMPT_DROP_SALT = 0x6D70
+
+
+def _prompt_dropout(drop_prob: float, tokenize: Callable) -> Callable[[Batch, tf.Tensor], Batch]:
+    """``(example, example_seed) -> example`` whose ``prompt_ids`` are the empty prompt's with
+    probability ``drop_prob``, a function of the example's augmentation seed only (so of the run's
+    seed and the example's stream position: a resumed stream drops what an uninterrupted one does)."""
+    empty = tf.constant(np.asarray(tokenize(""), np.int32))
+
+    def drop(example: Batch, example_seed: tf.Tensor) -> Batch:
+        draw = tf.random.stateless_uniform([], tf.random.experimental.stateless_fold_in(example_seed, PROMPT_DROP_SALT))
+        return {**example, "prompt_ids": tf.where(draw < drop_prob, empty, example["prompt_ids"])}
+
+    return drop
 
 
 def _training_examples(

@@ -12,9 +12,11 @@ downsamples it (``adapter.hint_downsamples``).
 Text: where the prompts a run uses are fixed by its config (``text.prompt``, or one per
 instruction of the ``edit`` task: its ``EDIT_NAMES``), their CLIP embeddings are computed once
 when the run starts and held as data (``FrozenData.contexts``); each batch gets its row
-(``context``). Free-text instructions of the data (``edit_triples``: ``prompt_ids`` per example)
-are encoded per batch by the frozen CLIP (``FrozenData.text_params``). Every batch also gets the
-negative prompt's embedding (``uncond_context``, for CFG). Nothing here is trained or checkpointed.
+(``context``). Prompts of the data itself (``example_prompts``: the free-text instructions of
+``edit_triples``, the captions of a folder or tfds dataset), tokenised in the input pipeline
+(``prompt_ids`` per example), are encoded per batch by the frozen CLIP (``FrozenData.text_params``).
+Every batch also gets the negative prompt's embedding (``uncond_context``, for CFG). Nothing here is
+trained or checkpointed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from codi_jax.data import task_spec
+from codi_jax.data import captions, task_spec
 from codi_jax.frozen import encoders
 
 
@@ -58,6 +60,17 @@ def has_text(config: ml_collections.ConfigDict) -> bool:
     return encoders.has_text(config) and config.model.get("cross_attention_dim") is not None
 
 
+def example_prompts(config: ml_collections.ConfigDict) -> bool:
+    """Whether each example brings its own prompt (``prompt_ids``): a text run on ``edit_triples``
+    (``task.instructions='text'``) or on captioned data (``captions.has_captions``), unless its task
+    names the prompts (the ``edit`` task's instruction ids)."""
+    if not has_text(config):
+        return False
+    if task_spec.text_instructions(config.task):
+        return True
+    return not task_spec.num_instructions(config.task) and captions.has_captions(config.data)
+
+
 def load(config: ml_collections.ConfigDict) -> tuple[encoders.Encoders, FrozenData]:
     """The run's encoders and the data they give once per run (prompt embeddings computed here)."""
     enc = encoders.load_encoders(config)
@@ -65,13 +78,13 @@ def load(config: ml_collections.ConfigDict) -> tuple[encoders.Encoders, FrozenDa
     if has_text(config):
         contexts = encoders.encode_prompts(enc, prompts_of(config))
         uncond = encoders.encode_prompts(enc, [str(config.text.get("negative_prompt", ""))])
-        text_params = enc.text_params if task_spec.text_instructions(config.task) else None
+        text_params = enc.text_params if example_prompts(config) else None
     return enc, FrozenData(enc.vae_params if enc.vae is not None else None, contexts, uncond, text_params)
 
 
 def tokenizer_of(config: ml_collections.ConfigDict, enc: encoders.Encoders) -> Callable | None:
-    """``text -> token ids`` for data with free-text instructions (``edit_triples``), else None."""
-    if not (has_text(config) and task_spec.text_instructions(config.task)):
+    """``text -> token ids`` for data with prompts of its own (``example_prompts``), else None."""
+    if not example_prompts(config):
         return None
     return lambda text: encoders.tokenize(enc, [text])[0]
 

@@ -47,6 +47,7 @@ RESUME_FIELDS = ARCHITECTURE_SECTIONS + (
     "latent.encode",
     "text.prompt",
     "text.negative_prompt",
+    "text.drop_prob",
 )
 # Where the data lives, not what it is; what initialised the adapter (read at step 0 only).
 NOT_COMPARED = ("data.data_dir", "adapter.init_from")

@@ -26,6 +26,7 @@ TOP_LEVEL_RANGES = {
     "batch_size": STEP_COUNT,
     "ema_decay": Range(0, 1),
 }
+TEXT_RANGES = {"drop_prob": Range(0, 1)}
 
 
 def _check_fields(section: ml_collections.ConfigDict, ranges: Mapping[str, Range], prefix: str = "") -> None:
@@ -39,3 +40,5 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     _check_fields(config, TOP_LEVEL_RANGES)
     train_state.check_optimizer_config(config.optimizer, config.num_train_steps)
     _check_fields(config.nonfinite, train_state.UPDATE_POLICY_RANGES, prefix="nonfinite.")
+    if config.get("text") is not None:  # runs without text have no section
+        _check_fields(config.text, TEXT_RANGES, prefix="text.")

@@ -5,7 +5,9 @@ and saved-config check goes through it) and a user's config by ``config_resoluti
 pass through ``upgrade``, so the code reads every field directly and never supplies a fallback.
 
 The values filled in are what the field's absence meant before it existed (a run saved before
-``optimizer.decay`` decayed nothing, one saved before ``data.color_augment`` recoloured nothing);
+``optimizer.decay`` decayed nothing, one saved before ``data.color_augment`` recoloured nothing,
+one saved before ``data.caption_key`` read no captions: ``""``, where ``default_data_config`` and
+the SD configs now say ``"text"``);
 for the sections with a ``default_*_config`` function, its defaults, which were those values when
 the fields were added.
 """
@@ -39,7 +41,7 @@ TOP_LEVEL = {
 # Sections every run has: the fields added to them since the first runs were saved.
 ADDED_FIELDS = {
     "optimizer": {"decay": "constant", "decay_steps": 0, "warmup_steps": 0},
-    "data": {"color_augment": 0.0, "data_dir": "", "folder": ""},
+    "data": {"color_augment": 0.0, "data_dir": "", "folder": "", "caption_key": ""},
 }
 # Sections with a defaults function: filled where the run has the section (a teacher has no codi) ...
 SECTION_DEFAULTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
@@ -49,7 +51,10 @@ SECTION_DEFAULTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
 }
 # ... or always (runs saved before the section existed ran with its defaults).
 ALWAYS = {"nonfinite": train_state.default_update_policy, "sharding": sharding.default_sharding_config}
-TEXT_FIELDS = {"prompt": "", "negative_prompt": ""}
+# The text section's fields and defaults (``codi_jax.frozen.encoders`` reads the frozen parts'
+# fields; a converted teacher writes them): drop_prob, the share of training examples whose own
+# prompt (caption, instruction) is replaced by the empty prompt.
+TEXT_FIELDS = {"prompt": "", "negative_prompt": "", "drop_prob": 0.0}
 
 
 def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from absl import logging
 from clu import metric_writers
 
 from codi_jax import diffusion, sharding
-from codi_jax.data import image_files, pipeline
-from codi_jax.frozen import encoders
+from codi_jax.data import captions, image_files, pipeline
+from codi_jax.frozen import batch_inputs, encoders
 from codi_jax.models import networks
 from codi_jax.models.unet import UNet
 from codi_jax.runs import checkpoint, config_resolution, workdir_lock
@@ -68,7 +68,8 @@ def create_sharded_state(
 
 
 def local_batches(config: ml_collections.ConfigDict, task_config, start_step: int, tokenize=None) -> Iterator[dict]:
-    """This process's share of every global batch from ``start_step`` on."""
+    """This process's share of every global batch from ``start_step`` on; with ``tokenize`` (data
+    with prompts of its own), ``text.drop_prob`` of them replaced by the empty prompt."""
     dataset = pipeline.build_dataset(
         config.data,
         config.data.train_split,
@@ -79,6 +80,7 @@ def local_batches(config: ml_collections.ConfigDict, task_config, start_step: in
         process_count=jax.process_count(),
         task_config=task_config,
         tokenize=tokenize,
+        drop_prob=0.0 if tokenize is None else float(config.text.drop_prob),
         start_batch=start_step,
     )
     # The stream is a deterministic function of the seed and the step: a resumed run reads the
@@ -87,13 +89,22 @@ def local_batches(config: ml_collections.ConfigDict, task_config, start_step: in
 
 
 def check_input_paths(config: ml_collections.ConfigDict) -> None:
-    """The local paths a run reads (image folder, VAE / text encoder folders), checked before any
-    weight is loaded or anything is compiled; errors name the config field."""
+    """The local paths a run reads (image folder and its captions, VAE / text encoder folders),
+    checked before any weight is loaded or anything is compiled; errors name the config field."""
     encoders.check_encoder_paths(config)
+    conditional = networks.is_conditional(config)
     if config.data.source == "folder":
-        image_files.list_image_files(config.data.folder)
+        paths = image_files.list_image_files(config.data.folder)
+        if conditional and batch_inputs.example_prompts(config):  # a malformed metadata.jsonl, uncaptioned images
+            captions.folder_captions(config.data.folder, paths, config.data.caption_key)
     if config.data.source == "edit_triples":
         image_files.list_edit_triples(config.data.folder)
+    drops = conditional and batch_inputs.has_text(config) and config.text.drop_prob > 0
+    if drops and not batch_inputs.example_prompts(config):
+        raise ValueError(
+            f"text.drop_prob={config.text.drop_prob}: the data has no captions or instructions of its own to drop "
+            "(the fixed text.prompt is never dropped); set it to 0 or train on captioned data"
+        )
 
 
 def restore_or_init(

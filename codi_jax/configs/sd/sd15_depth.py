@@ -20,6 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.task.depth_is_disparity = False
     config.data.source = "tfds"
     config.data.tfds_name = "nyu_depth_v2"
+    config.data.caption_key = ""  # nyu_depth_v2 has no caption feature: the fixed text.prompt
     config.data.train_split = "train"
     config.data.eval_split = "validation"
     config.data.random_crop = False

@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Recolouring is the CPU demo's remedy for its small teacher (docs/colour_augmentation.md), not
     # the paper's: a user's SD training images keep their colours (and edits require it).
     config.data.color_augment = 0.0
+    # A folder's captions (metadata.jsonl column, or .txt sidecars) are the examples' prompts when
+    # it has them (docs/configs.md); '' = always the fixed text.prompt.
+    config.data.caption_key = "text"
     config.task.degradation = "realesrgan"
     config.adapter.kind = "controlnet"
     config.adapter.init_from = ""  # optional: a converted ControlNetModel (workdir/controlnet)
@@ -36,7 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.adapter.hint_downsamples = 3  # 512 px condition -> 64 latent grid
     config.adapter.hint_zero_init = True  # diffusers' ControlNet initialisation
     config.adapter.hint_unit_range = True  # the condition enters the hint network in [0, 1], as in diffusers
-    config.text = ml_collections.ConfigDict({"prompt": "", "negative_prompt": ""})
+    # drop_prob: the share of training examples whose caption becomes the empty prompt (CFG).
+    config.text = ml_collections.ConfigDict({"prompt": "", "negative_prompt": "", "drop_prob": 0.0})
     config.latent = ml_collections.ConfigDict({"encode": "sample"})
     # The paper's choices in latent units: r = 1, one t per batch, DDIM-free PREv predictor.
     config.codi.guidance_weight = 1.0
