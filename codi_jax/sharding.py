@@ -21,6 +21,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from codi_jax import xla_flags
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
@@ -40,7 +42,7 @@ def default_sharding_config() -> ml_collections.ConfigDict:
     return config
 
 
-HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+HOST_DEVICES_FLAG = xla_flags.HOST_DEVICES_FLAG
 
 
 def cpu_devices_for(batch_size: int) -> int:
@@ -59,7 +61,7 @@ def use_cpu_devices(count: int) -> bool:
     flags = os.environ.get("XLA_FLAGS", "")
     if count < 2 or HOST_DEVICES_FLAG in flags or xla_bridge.backends_are_initialized():
         return False
-    os.environ["XLA_FLAGS"] = f"{flags} {HOST_DEVICES_FLAG}={count}".strip()
+    os.environ["XLA_FLAGS"] = xla_flags.simulated_devices(count, flags)  # with a collective timeout
     return True
 
 

@@ -130,7 +130,7 @@ def test_demo_splits_the_batch_over_one_cpu_device_per_core(monkeypatch, tmp_pat
     monkeypatch.setattr(xla_bridge, "backends_are_initialized", lambda: False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
     assert sharding.use_cpu_devices(2) and os.environ["XLA_FLAGS"] == (
-        "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2"
+        "--xla_cpu_foo=1 --xla_force_host_platform_device_count=2 --xla_cpu_collective_timeout_seconds=900"
     )
     assert not sharding.use_cpu_devices(4)  # already set: the user's (or the first) count stays
     monkeypatch.setenv("XLA_FLAGS", "")

@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from codi_jax import xla_flags
 from codi_jax.runs import integrity
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,6 +78,7 @@ def test_verify_names_leaves_like_a_partial_restore() -> None:
 SHARDED = """
 import jax, jax.numpy as jnp, numpy as np, json
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from codi_jax import xla_flags
 from codi_jax.runs import integrity
 x = {"a": jnp.arange(8 * 6, dtype=jnp.float32).reshape(8, 6) * 0.5 - 3, "b": jnp.arange(12, dtype=jnp.bfloat16)}
 mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "fsdp"))
@@ -87,7 +89,7 @@ print(json.dumps([integrity.checksums(x), integrity.checksums(placed)]))
 
 
 def test_checksums_do_not_depend_on_the_sharding() -> None:
-    env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, PYTHONPATH=REPO, XLA_FLAGS=xla_flags.simulated_devices(4))
     out = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     single, sharded = json.loads(out.stdout.strip().splitlines()[-1])

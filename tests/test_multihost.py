@@ -13,6 +13,7 @@ import sys
 import jax
 import numpy as np
 
+from codi_jax import xla_flags
 from codi_jax.runs import pretrained
 from tests.optional_deps import skip_if_subprocess_lacks_optional
 
@@ -50,7 +51,7 @@ def _run(*args: str, env: dict | None = None, timeout: int = 900) -> dict:
 
 
 def test_data_and_fsdp_meshes_equal_the_replicated_step(tmp_path) -> None:
-    result = _run("sharded_equality.py", str(tmp_path), env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    result = _run("sharded_equality.py", str(tmp_path), env=_env(XLA_FLAGS=xla_flags.simulated_devices(8)))
     (tmp_path / "result.json").write_text(json.dumps(result, indent=1))  # the figures, for the record
     for model in ("teacher", "codi"):
         rows, lr = result[model]["rows"], result[model]["lr"]
@@ -71,7 +72,7 @@ def test_data_and_fsdp_meshes_equal_the_replicated_step(tmp_path) -> None:
 def test_evaluation_sampling_on_8_devices_equals_one_device() -> None:
     """``evaluate.sample_all`` splits each batch over 8 simulated devices (padding 6 and 5 examples
     to 8): the samples equal one device's within float rounding of the image range [-1, 1]."""
-    result = _run("sharded_sampling.py", env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    result = _run("sharded_sampling.py", env=_env(XLA_FLAGS=xla_flags.simulated_devices(8)))
     for row in result.values():
         assert row["shape"] == [11, 16, 16, 3], row
         assert row["cond_effect"] > 0.1, row  # the examples differ: a mix-up would show
@@ -85,7 +86,7 @@ def _sample_cli(images: str, out: str, devices: int) -> np.ndarray:
 
     args = ["-m", "codi_jax.sample", f"--run={FINETUNE}", f"--images={images}", "--input=condition"]
     args += [f"--out={out}", "--steps=2", "--renoise", "--batch_size=6", "--seed=5"]
-    env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = _env(XLA_FLAGS=xla_flags.simulated_devices(devices))
     proc = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return np.stack([np.asarray(Image.open(os.path.join(out, f"lr_{i:02d}.png"))) for i in range(11)])

@@ -28,6 +28,8 @@ from typing import Any, NoReturn
 from absl import app, flags
 from absl import logging as absl_logging
 
+from codi_jax import xla_flags
+
 VERBOSE_SPELLINGS = ("--verbose", "--verbose=true", "--verbose=True", "--verbose=1", "-verbose")
 if not any(arg in VERBOSE_SPELLINGS for arg in sys.argv[1:]):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -345,6 +347,7 @@ def run_main(main_fn: Callable[[list[str]], Any], argv: list[str] | None = None)
     """Runs ``main_fn(argv)`` with ``app.run``; user errors end in one line and exit code 2;
     ``--help`` prints the command's docstring and flags and exits 0. A command module's
     ``RENAMED_FLAGS`` (old name -> new) keeps its old flag names working, with a warning."""
+    os.environ["XLA_FLAGS"] = xla_flags.with_collective_timeout(os.environ.get("XLA_FLAGS", ""))
     renamed = getattr(sys.modules[main_fn.__module__], "RENAMED_FLAGS", {})
     args = renamed_flags(sys.argv if argv is None else argv, renamed)
     if any(a in HELP_SPELLINGS + FULL_HELP_SPELLINGS for a in args[1:]):
