@@ -127,12 +127,13 @@ def _demo_pretrained() -> Pretrained:
     return Pretrained(model, schedule, "v", params, config, 5, "/runs/demo")
 
 
-def test_demo_run_exports_and_the_readme_loop_is_our_sampler(tmp_path) -> None:
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_demo_run_exports_and_the_readme_loop_is_our_sampler(steps: int, tmp_path) -> None:
     """The CPU demo's kind of run (once refused) exports; the README's loop, given the same initial
-    and re-noising noise, equals ``samplers.ddim_sample`` with CoDi's re-noising at 4 steps."""
+    and re-noising noise, equals ``samplers.ddim_sample`` with CoDi's re-noising."""
     pre = _demo_pretrained()
     out = str(tmp_path / "export")
-    files = export.export_pretrained(pre, out, steps=4)
+    files = export.export_pretrained(pre, out, steps=steps)
     assert sorted(os.path.relpath(f, out) for f in files) == [
         "README.md",
         "codi_model/codi_model.py",
@@ -149,7 +150,7 @@ def test_demo_run_exports_and_the_readme_loop_is_our_sampler(tmp_path) -> None:
     seed, shape = 2, (8, 8, 3)
     z_init, keys = samplers.example_inputs(seed, np.arange(2), shape, renoise=True)
     cond = np.random.RandomState(1).uniform(-1, 1, (2, 8, 8, 3)).astype(np.float32)
-    times = conditional.sample_times(pre.config, 4)
+    times = conditional.sample_times(pre.config, steps)
 
     def noise(k: int, _shape) -> Any:
         eps = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, k), shape))(keys)
@@ -160,5 +161,5 @@ def test_demo_run_exports_and_the_readme_loop_is_our_sampler(tmp_path) -> None:
     ours = samplers.ddim_sample(apply_fn, pre.params, z_init, times, pre.schedule, "v", keys)
     ours = np.asarray(ours).transpose(0, 3, 1, 2)
     error = float(np.abs(theirs - ours).max())
-    print(f"demo-like export, README loop vs ddim_sample with re-noising (4 steps): max abs error {error:.3g}")
+    print(f"demo-like export, README loop vs ddim_sample with re-noising ({steps} steps): max abs error {error:.3g}")
     assert error <= 1e-4 and float(np.abs(ours).max()) <= 1.0

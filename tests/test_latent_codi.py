@@ -134,7 +134,7 @@ class _OurRenoisingNoise:
     def __call__(self, shape, generator=None, device=None, dtype=None, **_):
         noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, self.calls), self.shape))(self.keys)
         self.calls += 1
-        noise = torch.from_numpy(np.asarray(noise).transpose(0, 3, 1, 2))
+        noise = torch.from_numpy(np.array(noise).transpose(0, 3, 1, 2).copy())
         assert tuple(noise.shape) == tuple(shape)
         return noise.to(dtype)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,14 +19,24 @@ import numpy as np
 from codi_jax import sharding
 from codi_jax.evaluation.held_out import evaluation_examples
 from codi_jax.evaluation.scoring import MetricWeights, Row, condition_row, mean_row, score_row
+from codi_jax.frozen import encoders
 from codi_jax.models import networks, student
 from codi_jax.runs.pretrained import Pretrained, load_conditional, read_config
 from codi_jax.sampling import conditional, few_step, samplers
 from codi_jax.sampling.options import SamplingOptions, parse_step_counts
 
 
+def needs_frozen_models(config: Any) -> bool:
+    """Whether sampling the run needs its frozen VAE / text encoder (a latent or text run): then
+    ``few_step.conditional_sampler`` samples it, decodes the latents and encodes the prompt."""
+    return bool(encoders.vae_path(config) or encoders.text_encoder_path(config))
+
+
 def make_sampler(pre: Pretrained, options: SamplingOptions = SamplingOptions()) -> Callable:
-    """The jitted sampler of ``sample_all`` (built once, it compiles once per step count)."""
+    """The sampler of ``sample_all`` (built once, it compiles once per step count): jitted, or for
+    a latent / text run ``few_step.conditional_sampler``'s."""
+    if needs_frozen_models(pre.config):
+        return few_step.conditional_sampler(pre, options)
     ops = conditional.lowpass_operators(pre.config) if options.lowpass_consistency else None
     return conditional.make_conditional_sampler(
         pre.model, pre.schedule, pre.parametrization, options.solver, lowpass_ops=ops
@@ -51,13 +61,17 @@ def sample_all(
     (None: a new one). ``warm_up``: compile the first batch's shapes before timing it (nothing is
     run twice); False when ``sampler`` has already run these shapes.
     """
+    if sampler is None:
+        sampler = make_sampler(pre, options)
+    cond, instruction = examples["cond"], examples.get("instruction")
+    if needs_frozen_models(pre.config):
+        if times is not None:
+            raise ValueError("sample_all(times=...) is for pixel runs without text.")
+        return sampler(cond, instruction, num_steps, seed=options.seed, timed=True)
     renoise = options.renoise
     if renoise is None:
         renoise = options.solver == "ddim" and conditional.renoise_between_steps(pre.config)
     times = jnp.asarray(conditional.sample_times(pre.config, num_steps) if times is None else times)
-    if sampler is None:
-        sampler = make_sampler(pre, options)
-    cond, instruction = examples["cond"], examples.get("instruction")
     mesh = sharding.make_mesh(devices=jax.local_devices())  # the batch split over this process's devices
     params = jax.device_put(pre.params, sharding.replicated(mesh))  # no copy where already there
 

@@ -203,6 +203,7 @@ class CoDiModel(ModelMixin, ConfigMixin):
         backbone_config: dict[str, Any] | None = None,
         adapter_config: dict[str, Any] | None = None,
         skip_specs: list[list[int]] | None = None,
+        auto_map: dict[str, str] | None = None,  # how AutoModel finds this class (kept in the config)
     ) -> None:
         super().__init__()
         backbone, adapter = backbone_config, adapter_config

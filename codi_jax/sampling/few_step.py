@@ -305,12 +305,14 @@ ConditionalSampleFn = Callable[[np.ndarray, np.ndarray | None, int, np.ndarray |
 
 
 def conditional_sampler(pre: Pretrained, options: SamplingOptions = SamplingOptions()) -> ConditionalSampleFn:
-    """``sample(cond, instruction, steps, indices=None)``: samples in [-1, 1] for each condition; the
-    noise of example i depends only on (options.seed, i), or on (options.seed, indices[i]) where a
-    request is sampled in pieces. The encoders are loaded and the programs jitted once, so calls
-    with the same shapes compile once; each batch is split over this process's devices.
+    """``sample(cond, instruction, steps, indices=None, *, seed=None, timed=False)``: samples in
+    [-1, 1] for each condition (``timed``: and the mean ms per image, the first batch run once
+    untimed before); the noise of example i depends only on (seed or options.seed, i), or on
+    (seed, indices[i]) where a request is sampled in pieces. The encoders are loaded and the
+    programs jitted once, so calls with the same shapes compile once; each batch is split over this
+    process's devices.
 
-    ``options.renoise`` None takes the run's default (CoDi: ``codi.renoise``). Latent runs sample
+    ``options.renoise`` None takes the run's default (CoDi: ``codi.renoise``; DDIM only). Latent runs sample
     latents and decode them with the VAE; text runs use the config's prompt (``text.prompt``, or the
     instruction's; ``options.prompt`` replaces it) with CFG scale ``options.guidance_scale`` (None:
     the run's ``sample_guidance_scale``, default 1 = no guidance)."""
@@ -321,14 +323,16 @@ def conditional_sampler(pre: Pretrained, options: SamplingOptions = SamplingOpti
     latent = enc.vae is not None
     ops = conditional.lowpass_operators(pre.config) if options.lowpass_consistency else None
     sampler = conditional.make_conditional_sampler(
-        pre.model, pre.schedule, pre.parametrization, clip=not latent, lowpass_ops=ops
+        pre.model, pre.schedule, pre.parametrization, options.solver, clip=not latent, lowpass_ops=ops
     )
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
     mesh = sharding.make_mesh(devices=jax.local_devices())  # each batch split over this process's devices
     params, frozen = jax.device_put((pre.params, frozen), sharding.replicated(mesh))
-    renoise = conditional.renoise_between_steps(pre.config) if options.renoise is None else options.renoise
+    renoise = options.renoise
+    if renoise is None:
+        renoise = options.solver == "ddim" and conditional.renoise_between_steps(pre.config)
 
-    def sample(cond: np.ndarray, instruction: np.ndarray | None, steps: int, indices=None) -> np.ndarray:
+    def sample(cond: np.ndarray, instruction: np.ndarray | None, steps: int, indices=None, *, seed=None, timed=False):
         times = jnp.asarray(conditional.sample_times(pre.config, steps))  # raises if steps > grid
 
         def sample_batch(batch: np.ndarray, z_init: jax.Array, renoise_keys: jax.Array | None) -> np.ndarray:
@@ -342,8 +346,13 @@ def conditional_sampler(pre: Pretrained, options: SamplingOptions = SamplingOpti
 
         size = cond.shape[1] // networks.latent_factor(pre.config)
         shape = (size, size, pre.model.backbone.out_channels)
-        kwargs = dict(seed=options.seed, renoise=renoise, batch_size=options.batch_size, mesh=mesh, progress=True)
-        return samplers.sample_in_batches(sample_batch, len(cond), shape, indices=indices, **kwargs)[0]
+        seed_ = options.seed if seed is None else seed
+        kwargs = dict(seed=seed_, renoise=renoise, batch_size=options.batch_size, mesh=mesh, progress=not timed)
+        warm_up = sample_batch if timed else None  # the first batch once untimed: compiled before timing
+        samples, ms = samplers.sample_in_batches(
+            sample_batch, len(cond), shape, indices=indices, warm_up=warm_up, **kwargs
+        )
+        return (samples, ms) if timed else samples
 
     return sample
 
