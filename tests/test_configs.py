@@ -4,6 +4,8 @@ adapted model that initialises for its task's condition (checked abstractly, no 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import pathlib
 
 import jax
@@ -16,7 +18,7 @@ from codi_jax.configs.cpu import tiny_teacher
 from codi_jax.data import task_spec
 from codi_jax.models import networks
 from codi_jax.objectives import codi
-from codi_jax.runs import config_checks, config_resolution, config_upgrade
+from codi_jax.runs import config_checks, config_diff, config_resolution, config_upgrade
 from codi_jax.sampling import conditional
 
 ALL_CONFIGS = sorted(  # "group.name", e.g. "cpu.codi_sr4"
@@ -217,3 +219,69 @@ def test_relative_init_from_is_resolved_to_an_absolute_path(tiny_sd_teacher, tmp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"adapter.init_from={tmp_path}/runs/no_controlnet: "):
         config_resolution.resolve(config)
+
+
+def test_absolute_paths_covers_every_path_field() -> None:
+    """Each ``PATH_FIELDS`` value becomes absolute (``~`` expanded); empty and absent ones are kept."""
+    config: dict = {}
+    for field in config_upgrade.PATH_FIELDS:
+        *sections, name = field.split(".")
+        section = config
+        for key in sections:
+            section = section.setdefault(key, {})
+        section[name] = f"rel/{field}"
+    config["data"]["folder"] = "~/images"
+    out = config_upgrade.absolute_paths(config)
+    flat = config_diff.flat(out)
+    assert all(os.path.isabs(flat[field]) for field in config_upgrade.PATH_FIELDS)
+    assert flat["teacher_workdir"] == os.path.join(os.getcwd(), "rel", "teacher_workdir")
+    assert flat["data.folder"] == os.path.join(os.path.expanduser("~"), "images")
+    assert config["data"]["folder"] == "~/images"  # the input is left unchanged
+    assert config_upgrade.absolute_paths({"teacher_workdir": "", "data": {}}) == {"teacher_workdir": "", "data": {}}
+
+
+def test_relative_paths_are_absolute_after_resolution_from_any_cwd(tiny_sd_teacher, tmp_path, monkeypatch) -> None:
+    """Every path field given relative to the working directory resolves to an absolute path to the
+    same file, before anything loads; a run saved with the relative value resumes (the resume
+    comparison sees both sides absolute) and a different folder is still refused."""
+    from tests import tiny_sd
+
+    cwd = tmp_path / "somewhere" / "else"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "tfds").mkdir()
+    controlnet = tmp_path / "controlnet"  # what adapter.init_from reads at resolution: adapter.json
+    controlnet.mkdir()
+    fields = dict(hint_channels=list(tiny_sd.HINT_CHANNELS), hint_downsamples=3, cond_channels=3, output="residuals")
+    (controlnet / "adapter.json").write_text(json.dumps(fields))
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    components = os.path.join(tiny_sd_teacher, "components")
+    targets = {
+        "teacher_workdir": tiny_sd_teacher,
+        "data.folder": str(tmp_path / "images"),
+        "data.data_dir": str(tmp_path / "tfds"),
+        "latent.vae": os.path.join(components, "vae"),
+        "text.encoder": os.path.join(components, "text_encoder"),
+        "text.tokenizer": os.path.join(components, "tokenizer"),
+        "adapter.init_from": str(controlnet),
+    }
+    config = importlib.import_module("codi_jax.configs.sd.sd15_sr4").get_config()
+    config.data.image_size = tiny_sd.IMAGE_SIZE
+    config.adapter.hint_channels = tiny_sd.HINT_CHANNELS
+    config.latent.vae = config.text.encoder = config.text.tokenizer = ""
+    for field, target in targets.items():
+        _with(config, field, os.path.relpath(target, cwd))
+    assert not any(os.path.isabs(config_diff.flat(config.to_dict())[f]) for f in targets)
+    resolved = config_resolution.resolve(config)
+    values = config_diff.flat(resolved.to_dict())
+    for field, target in targets.items():
+        assert os.path.isabs(values[field]) and os.path.samefile(values[field], target), (field, values[field])
+
+    from codi_jax.runs import checkpoint
+
+    saved = config_diff.as_dict(resolved)
+    saved["data"]["folder"] = os.path.relpath(targets["data.folder"], cwd)  # as saved before this change
+    assert checkpoint.resume_differences(saved, resolved) == ([], [])
+    saved["data"]["folder"] = "other_images"
+    refused, _ = checkpoint.resume_differences(saved, resolved)
+    assert [d.split(":")[0] for d in refused] == ["data.folder"]
