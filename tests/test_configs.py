@@ -3,7 +3,10 @@ adapted model that initialises for its task's condition (checked abstractly, no 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
+import os
 import pathlib
 
 import jax
@@ -16,7 +19,7 @@ from codi_jax.configs.cpu import tiny_teacher
 from codi_jax.data import task_spec
 from codi_jax.models import networks
 from codi_jax.objectives import codi
-from codi_jax.runs import config_checks, config_resolution, config_upgrade
+from codi_jax.runs import config_checks, config_diff, config_resolution, config_upgrade
 from codi_jax.sampling import conditional
 
 ALL_CONFIGS = sorted(  # "group.name", e.g. "cpu.codi_sr4"
@@ -217,3 +220,144 @@ def test_relative_init_from_is_resolved_to_an_absolute_path(tiny_sd_teacher, tmp
     monkeypatch.chdir(tmp_path)
     with pytest.raises(FileNotFoundError, match=f"adapter.init_from={tmp_path}/runs/no_controlnet: "):
         config_resolution.resolve(config)
+
+
+def test_absolute_paths_covers_every_path_field() -> None:
+    """Each ``PATH_FIELDS`` value becomes absolute (``~`` expanded); empty and absent ones are kept."""
+    config: dict = {}
+    for field in config_upgrade.PATH_FIELDS:
+        *sections, name = field.split(".")
+        section = config
+        for key in sections:
+            section = section.setdefault(key, {})
+        section[name] = f"rel/{field}"
+    config["data"]["folder"] = "~/images"
+    out = config_upgrade.absolute_paths(config)
+    flat = config_diff.flat(out)
+    assert all(os.path.isabs(flat[field]) for field in config_upgrade.PATH_FIELDS)
+    assert flat["teacher_workdir"] == os.path.join(os.getcwd(), "rel", "teacher_workdir")
+    assert flat["data.folder"] == os.path.join(os.path.expanduser("~"), "images")
+    assert config["data"]["folder"] == "~/images"  # the input is left unchanged
+    assert config_upgrade.absolute_paths({"teacher_workdir": "", "data": {}}) == {"teacher_workdir": "", "data": {}}
+
+
+def test_relative_paths_are_absolute_after_resolution_from_any_cwd(tiny_sd_teacher, tmp_path, monkeypatch) -> None:
+    """Every path field given relative to the working directory resolves to an absolute path to the
+    same file, before anything loads; a run saved with the relative value resumes (the resume
+    comparison sees both sides absolute) and a different folder is still refused."""
+    from tests import tiny_sd
+
+    cwd = tmp_path / "somewhere" / "else"
+    (tmp_path / "images").mkdir()
+    (tmp_path / "tfds").mkdir()
+    controlnet = tmp_path / "controlnet"  # what adapter.init_from reads at resolution: adapter.json
+    controlnet.mkdir()
+    fields = dict(hint_channels=list(tiny_sd.HINT_CHANNELS), hint_downsamples=3, cond_channels=3, output="residuals")
+    (controlnet / "adapter.json").write_text(json.dumps(fields))
+    cwd.mkdir(parents=True)
+    monkeypatch.chdir(cwd)
+    components = os.path.join(tiny_sd_teacher, "components")
+    targets = {
+        "teacher_workdir": tiny_sd_teacher,
+        "data.folder": str(tmp_path / "images"),
+        "data.data_dir": str(tmp_path / "tfds"),
+        "latent.vae": os.path.join(components, "vae"),
+        "text.encoder": os.path.join(components, "text_encoder"),
+        "text.tokenizer": os.path.join(components, "tokenizer"),
+        "adapter.init_from": str(controlnet),
+    }
+    config = importlib.import_module("codi_jax.configs.sd.sd15_sr4").get_config()
+    config.data.image_size = tiny_sd.IMAGE_SIZE
+    config.adapter.hint_channels = tiny_sd.HINT_CHANNELS
+    config.latent.vae = config.text.encoder = config.text.tokenizer = ""
+    for field, target in targets.items():
+        _with(config, field, os.path.relpath(target, cwd))
+    assert not any(os.path.isabs(config_diff.flat(config.to_dict())[f]) for f in targets)
+    resolved = config_resolution.resolve(config)
+    values = config_diff.flat(resolved.to_dict())
+    for field, target in targets.items():
+        assert os.path.isabs(values[field]) and os.path.samefile(values[field], target), (field, values[field])
+
+    from codi_jax.runs import checkpoint
+
+    saved = config_diff.as_dict(resolved)
+    saved["data"]["folder"] = os.path.relpath(targets["data.folder"], cwd)  # as saved before this change
+    assert checkpoint.resume_differences(saved, resolved) == ([], [])
+    saved["data"]["folder"] = "other_images"
+    refused, _ = checkpoint.resume_differences(saved, resolved)
+    assert [d.split(":")[0] for d in refused] == ["data.folder"]
+
+
+def _write_images(folder: pathlib.Path, count: int = 3, size: int = 80) -> None:
+    """Smooth random RGB photographs (PNG) larger than the tiny pipeline's 64 px."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        coarse = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.BILINEAR).save(folder / f"{i}.png")
+
+
+def _write_edit_triples(root: pathlib.Path) -> None:
+    """InstructPix2Pix-format triples: ``NNNNNNN/prompt.json`` + ``<seed>_0.png`` (source) / ``_1.png`` (edited)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for i, instruction in enumerate(("make it a painting of the sea", "turn the cat into a dog")):
+        directory = root / f"{i:07d}"
+        directory.mkdir(parents=True)
+        (directory / "prompt.json").write_text(json.dumps({"input": "a photo", "edit": instruction, "output": "x"}))
+        source = rng.integers(0, 256, (72, 80, 3), dtype=np.uint8)
+        Image.fromarray(source).save(directory / "5_0.png")
+        Image.fromarray(255 - source).save(directory / "5_1.png")
+
+
+@pytest.mark.parametrize("name", SD_CONFIGS)
+def test_sd_config_trains_as_shipped(name: str, tiny_sd_teacher, tmp_path, caplog) -> None:
+    """Each shipped SD config trains with only its paths filled in and the sizes made tiny (steps,
+    batch, the tiny pipeline's image size, sample counts): no field of the method is overridden.
+    About 15 s each with a warm XLA cache, 40-65 s cold (one train-step compile per task: sd21_sr4
+    reuses sd15_sr4's)."""
+    import logging
+    import math
+    from unittest import mock
+
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    from codi_jax.runs import checkpoint, pretrained
+    from codi_jax.training import loop
+    from tests import tiny_sd
+
+    config = importlib.import_module(f"codi_jax.configs.{name}").get_config()
+    config.teacher_workdir = tiny_sd_teacher
+    data = contextlib.nullcontext()
+    if config.data.source == "tfds":  # nyu_depth_v2: tfds' mock examples, as if prepared in data_dir
+        config.data.data_dir = str(tmp_path / "tfds")
+        prepared = mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True)
+        data = contextlib.ExitStack()
+        data.enter_context(tfds.testing.mock_data(num_examples=4))
+        data.enter_context(prepared)
+    elif config.data.source == "edit_triples":
+        _write_edit_triples(tmp_path / "triples")
+        config.data.folder = str(tmp_path / "triples")
+    else:
+        _write_images(tmp_path / "images")
+        config.data.folder = str(tmp_path / "images")
+    config.data.image_size = tiny_sd.IMAGE_SIZE
+    config.update(batch_size=2, num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2)
+    config.update(num_sample_images=1, sample_step_counts=(1,))
+    workdir = str(tmp_path / "run")
+    caplog.set_level(logging.INFO)
+    with data:
+        state = loop.train_and_evaluate(config, workdir)
+    assert int(state.step) == 2
+    losses = [float(r.getMessage().split()[3]) for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
+    saved, step = pretrained.read_config(workdir)
+    assert step == 2 and saved.method == config.method and saved.task.name == config.task.name
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True).all_steps() == [2]
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.params))

@@ -291,9 +291,141 @@ def test_input_faults_are_one_readable_error(converted: dict[str, Any], tmp_path
         convert.convert(str(pipe / "unet"), str(tmp_path / "o"))
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
+    nested = tmp_path / "new" / "runs" / "teacher"  # the weights fail after the checks: no folder is left
     with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
+        convert.convert(str(pipe), str(nested))
+    assert not os.path.exists(tmp_path / "new")
+    variant = pipe / "unet" / "diffusion_pytorch_model.fp16.safetensors"
+    os.rename(weights, variant)  # the only weights are a variant: read (and here found truncated)
+    with pytest.raises(ValueError, match=f"{variant} is not a readable safetensors file"):
         convert.convert(str(pipe), str(tmp_path / "o"))
-    os.rename(weights, pipe / "unet" / "diffusion_pytorch_model.fp16.safetensors")
-    with pytest.raises(FileNotFoundError, match="holds the variant diffusion_pytorch_model.fp16.safetensors"):
+    os.remove(variant)
+    with pytest.raises(FileNotFoundError, match="Missing UNet weights .*diffusion_pytorch_model.safetensors"):
         convert.convert(str(pipe), str(tmp_path / "o"))
     assert not os.path.exists(tmp_path / "o")
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Weights that exist only as a diffusers / transformers variant (``*.fp16.safetensors``, a
+# ``*.safetensors.index.fp16.json`` and its shards, bf16), written by diffusers' own save_pretrained.
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_variant(converted: dict[str, Any], directory: str, dtype: Any, variant: str) -> None:
+    """The tiny pipeline (and its ControlNet, in ``directory``_controlnet) saved by diffusers as ``variant`` only."""
+    root = converted["root"]
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(root / "pipe"), dtype=dtype)
+    pipe.save_pretrained(directory, variant=variant, safe_serialization=True)
+    controlnet = diffusers.ControlNetModel.from_pretrained(str(root / "controlnet"), dtype=dtype)
+    controlnet.save_pretrained(directory + "_controlnet", variant=variant, safe_serialization=True)
+
+
+@pytest.fixture(scope="module")
+def fp16_pipeline(converted: dict[str, Any]) -> str:
+    directory = str(converted["root"] / "pipe_fp16")
+    _save_variant(converted, directory, torch.float16, "fp16")
+    return directory
+
+
+def _torch_unet(directory: str, variant: str) -> Any:
+    """The reference: diffusers' UNet loaded with ``variant``, cast to float32."""
+    return diffusers.UNet2DConditionModel.from_pretrained(directory, subfolder="unet", variant=variant).float().eval()
+
+
+def _unet_output(unet: Any) -> np.ndarray:
+    rng = np.random.RandomState(0)
+    sample = rng.randn(2, 4, tiny_sd.LATENT_SIZE, tiny_sd.LATENT_SIZE).astype(np.float32)
+    context = rng.randn(2, 5, tiny_sd.CROSS_ATTENTION_DIM).astype(np.float32)
+    if isinstance(unet, torch.nn.Module):  # a PyTorch UNet
+        with torch.no_grad():
+            return unet(torch.from_numpy(sample), torch.from_numpy(TIMESTEPS), torch.from_numpy(context)).sample.numpy()
+    pre = unet  # a converted teacher (pretrained.load_teacher)
+    ours = jax.jit(pre.model.apply)({"params": pre.params}, sample.transpose(0, 2, 3, 1), TIMESTEPS, context)
+    return np.asarray(ours).transpose(0, 3, 1, 2)
+
+
+def _assert_variant_teacher(out: str, reference_unet: Any, plain_unet: Any) -> None:
+    """The teacher computes what the variant UNet (upcast) computes, distinguishably from the plain
+    float32 one, and every converted leaf is float32."""
+    pre = pretrained.load_teacher(out)
+    assert {np.asarray(leaf).dtype for leaf in jax.tree.leaves(pre.params)} == {np.dtype(np.float32)}
+    reference, ours, plain = _unet_output(reference_unet), _unet_output(pre), _unet_output(plain_unet)
+    scale = max(1.0, float(np.max(np.abs(reference))))
+    error, rounding = float(np.max(np.abs(ours - reference))), float(np.max(np.abs(plain - reference)))
+    print(f"variant teacher: max abs err {error:.3g} vs the variant, the variant's rounding {rounding:.3g}")
+    assert error <= 1e-5 * scale < rounding, (error, rounding, scale)
+    config, _ = pretrained.read_config(out)
+    for params in (
+        torch_to_flax.load_diffusers_vae(config.latent.vae)[1],
+        clip_text.load_clip_text(config.text.encoder)[1],
+    ):
+        assert {np.asarray(leaf).dtype for leaf in jax.tree.leaves(params)} == {np.dtype(np.float32)}
+
+
+def test_fp16_variant_pipeline_converts(converted: dict[str, Any], fp16_pipeline: str, tmp_path) -> None:
+    """A pipeline (and ControlNet) saved only as the fp16 variant converts without a flag: each part
+    uses its one variant, upcast to float32 masters, and the summary names the variant."""
+    out = str(tmp_path / "teacher")
+    summary = convert.convert(fp16_pipeline, out, controlnet=fp16_pipeline + "_controlnet")
+    lines = convert.summary_lines(summary)
+    print("\n".join(lines))
+    assert summary.plan.source.variants == dict(controlnet="fp16", unet="fp16", vae="fp16", text_encoder="fp16")
+    assert "  weights variant fp16 read for unet, vae, text_encoder, controlnet (upcast to float32)" in lines
+    _assert_variant_teacher(out, _torch_unet(fp16_pipeline, "fp16"), converted["pipe"].unet)
+    for name, weights in (("vae", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        assert sorted(os.listdir(os.path.join(out, "components", name))) == ["config.json", weights]
+    reference = diffusers.ControlNetModel.from_pretrained(fp16_pipeline + "_controlnet", variant="fp16").float()
+    adapter, _ = torch_to_flax.load_diffusers_controlnet(str(converted["root"] / "controlnet"))
+    shapes = torch_to_flax.controlnet_param_shapes(adapter)
+    mesh = sharding.make_mesh(devices=jax.local_devices()[:1])
+    restored = convert.restore_controlnet(out, checkpoint.abstract_like(shapes, sharding.tree_shardings(shapes, mesh)))
+    assert {np.asarray(leaf).dtype for leaf in jax.tree.leaves(restored)} == {np.dtype(np.float32)}
+    kernel = reference.controlnet_cond_embedding.conv_in.weight.detach().numpy().transpose(2, 3, 1, 0)
+    np.testing.assert_array_equal(np.asarray(restored["controlnet_cond_embedding"]["conv_in"]["kernel"]), kernel)
+
+
+def test_cli_variant_flag_reads_sharded_variants(converted: dict[str, Any], fp16_pipeline: str, tmp_path) -> None:
+    """``--variant=fp16`` reads an index (``*.safetensors.index.fp16.json``) and its shards; the copied
+    text encoder keeps the shards under the plain index name."""
+    sharded = tmp_path / "sharded"
+    shutil.copytree(fp16_pipeline, sharded)
+    for name, model_class in (("unet", diffusers.UNet2DConditionModel), ("text_encoder", None)):
+        shutil.rmtree(sharded / name)
+        if model_class is None:
+            import transformers
+
+            model_class = transformers.CLIPTextModel
+        kwargs = dict(subfolder=name, variant="fp16", dtype=torch.float16)
+        model = model_class.from_pretrained(fp16_pipeline, **kwargs)
+        model.save_pretrained(str(sharded / name), variant="fp16", max_shard_size="40KB")
+    unet_files = os.listdir(sharded / "unet")
+    assert "diffusion_pytorch_model.safetensors.index.fp16.json" in unet_files and len(unet_files) > 3
+    out = str(tmp_path / "teacher")
+    proc = _cli(f"--diffusers={sharded}", f"--out={out}", "--variant=fp16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "weights variant fp16 read for unet, vae, text_encoder (upcast to float32)" in proc.stdout, proc.stdout
+    _assert_variant_teacher(out, _torch_unet(str(sharded), "fp16"), converted["pipe"].unet)
+    copied = sorted(os.listdir(os.path.join(out, "components", "text_encoder")))
+    shards = sorted(n for n in os.listdir(sharded / "text_encoder") if n.startswith("model.fp16-"))
+    assert len(shards) > 1 and copied == sorted(["config.json", "model.safetensors.index.json", *shards])
+
+
+def test_variant_refusals_and_bf16(converted: dict[str, Any], fp16_pipeline: str, tmp_path) -> None:
+    """A ``--variant`` a part lacks names the file expected; several variants without ``--variant`` are
+    named; both refusals are one line, exit 2, and leave no folder. bf16 weights convert with ``--variant``."""
+    out = tmp_path / "new" / "teacher"
+    proc = _cli(f"--diffusers={fp16_pipeline}", f"--out={out}", "--variant=bf16")
+    expected = os.path.join(fp16_pipeline, "unet", "diffusion_pytorch_model.bf16.safetensors")
+    _assert_one_line_refusal(proc, f"Missing UNet weights {expected} for --variant=bf16", "variant fp16")
+    multi = str(tmp_path / "multi")
+    _save_variant(converted, multi, torch.bfloat16, "bf16")
+    shutil.copytree(fp16_pipeline, multi, dirs_exist_ok=True)  # fp16 and bf16, no plain weights
+    proc = _cli(f"--diffusers={multi}", f"--out={out}")
+    _assert_one_line_refusal(proc, "holds no plain weights but the variants bf16, fp16", "--variant=")
+    assert not os.path.exists(tmp_path / "new")
+    assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
+
+    summary = convert.convert(multi, str(out), variant="bf16")
+    assert summary.plan.source.variants == dict(unet="bf16", vae="bf16", text_encoder="bf16")
+    _assert_variant_teacher(str(out), _torch_unet(multi, "bf16"), converted["pipe"].unet)

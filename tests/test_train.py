@@ -1,7 +1,11 @@
 """Teacher training: the step learns, non-finite updates are skipped, resume is exact (sharding: test_multihost)."""
 
 import functools
+import glob
+import logging
 import os
+import types
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -223,3 +227,47 @@ def test_cosine_decay_ending_in_the_warm_up_is_refused_at_config_resolution(tmp_
     config.optimizer.update(decay="cosine", warmup_steps=config.num_train_steps)
     with pytest.raises(ValueError, match="needs decay_steps"):
         config_resolution.resolve(config)
+
+
+def _scalars(workdir: str, tag: str) -> dict[int, float]:
+    """``{step: value}`` of one TensorBoard scalar over every events file in ``workdir``."""
+    import tensorflow as tf
+
+    values = {}
+    for path in sorted(glob.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return values
+
+
+def test_log_lines_after_a_resume_cover_only_their_own_steps(tmp_path, monkeypatch, caplog):
+    """A resumed run's first log line is the mean over the steps since the resume (it once also
+    averaged the first post-resume step into the next line: "step 5 loss 24.15" = mean(47.83, 0.47)),
+    and steps/s counts only post-resume steps after the first call. Per-step losses: a straight run
+    logging every step (a resumed run is bitwise equal to it)."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    config = _tiny_config(tmp_path, log_every_steps=1, sample_every_steps=1000)
+    loop.train_and_evaluate(config, straight)
+    per_step = _scalars(straight, "train/loss")
+    assert sorted(per_step) == [1, 2, 3, 4, 5, 6]
+    loop.train_and_evaluate(_tiny_config(tmp_path, num_train_steps=3, sample_every_steps=1000), resumed)
+
+    clock = {"now": 0.0}  # the resumed run's time: step s ends at 1000 + 10 s (restore and compile before)
+    real_after_step = loop._after_step
+
+    def after_step(loop_state, step, state, metrics):
+        clock["now"] = 1000.0 + 10.0 * step
+        return real_after_step(loop_state, step, state, metrics)
+
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: clock["now"]))
+    monkeypatch.setattr(loop, "_after_step", after_step)
+    caplog.set_level(logging.INFO)
+    loop.train_and_evaluate(_tiny_config(tmp_path, log_every_steps=2, sample_every_steps=1000), resumed)
+    lines = [r.getMessage() for r in caplog.records if " loss " in r.getMessage()]
+    assert lines == [f"step 4/6 loss {per_step[4]:.4f}", mock.ANY], lines  # step 4 alone: no rate yet
+    assert lines[1].startswith(f"step 6/6 loss {(per_step[5] + per_step[6]) / 2:.4f}  0.10 steps/s"), lines
+    losses = _scalars(resumed, "train/loss")
+    np.testing.assert_allclose([losses[4], losses[6]], [per_step[4], (per_step[5] + per_step[6]) / 2], rtol=1e-6)
+    assert _scalars(resumed, "train/steps_per_sec") == {2: mock.ANY, 3: mock.ANY, 6: pytest.approx(0.1)}

@@ -1,4 +1,4 @@
-"""``python -m codi_jax.convert --diffusers=DIR --out=OUT [--controlnet=DIR] [--overwrite]``: a local
+"""``python -m codi_jax.convert --diffusers=DIR --out=OUT [--controlnet=DIR] [--variant=fp16] [--overwrite]``: a local
 diffusers pipeline (or UNet folder) as a teacher workdir that ``config.teacher_workdir=OUT`` and
 ``pretrained.load_teacher(OUT)`` read; see ``codi_jax.interop.convert``."""
 
@@ -18,6 +18,13 @@ common.define_out_flags("the teacher workdir (must not exist or be empty, unless
 flags.DEFINE_string(
     "controlnet", None, "A local diffusers ControlNetModel folder to convert too (into OUT/controlnet/)."
 )
+flags.DEFINE_string(
+    "variant",
+    None,
+    "Read the weights of this diffusers variant (diffusion_pytorch_model.fp16.safetensors, model.fp16.safetensors), "
+    "upcast to float32; every part must hold it. Without it a part holding no plain weights but exactly one variant "
+    "uses that variant.",
+)
 RENAMED_FLAGS = {"workdir": "out"}
 
 
@@ -27,7 +34,11 @@ def main(argv: list[str]) -> None:
     from codi_jax.interop import convert  # after the flag checks; it checks every path before loading a model
 
     summary = convert.convert(
-        FLAGS.diffusers, FLAGS.out, controlnet=FLAGS.controlnet or None, overwrite=FLAGS.overwrite
+        FLAGS.diffusers,
+        FLAGS.out,
+        controlnet=FLAGS.controlnet or None,
+        overwrite=FLAGS.overwrite,
+        variant=FLAGS.variant or None,
     )
     print("\n".join(convert.summary_lines(summary)))
 

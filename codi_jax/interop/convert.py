@@ -1,6 +1,6 @@
 """A local diffusers model as a teacher workdir (the library behind ``python -m codi_jax.convert``).
 
-``python -m codi_jax.convert --diffusers=DIR --out=OUT [--controlnet=DIR] [--overwrite]``
+``python -m codi_jax.convert --diffusers=DIR --out=OUT [--controlnet=DIR] [--variant=fp16] [--overwrite]``
 
 Input (``--diffusers``), read from local files only:
 
@@ -15,8 +15,14 @@ Input (``--diffusers``), read from local files only:
   schedule: a wrong prediction type or beta range gives a teacher that loads and samples garbage.
   A single folder brings no VAE / text encoder, so a text-conditioned ``UNet2DConditionModel``
   folder alone (e.g. ``PIPELINE/unet``) is refused, naming the pipeline folder to pass instead.
-  Weights are read from plain ``*.safetensors`` files; a folder holding only a variant
-  (``*.fp16.safetensors``) is refused naming it, a truncated file in one line.
+  Weights are read from ``*.safetensors`` files (a truncated one is refused in one line): the plain
+  ones (``diffusion_pytorch_model.safetensors`` / ``model.safetensors``, or a ``*.safetensors.index.json``
+  and its shards), or a diffusers / transformers variant (``variant``, ``--variant=fp16``:
+  ``diffusion_pytorch_model.fp16.safetensors``, or ``*.safetensors.index.fp16.json`` and the shards it
+  lists). Without ``variant`` a part whose folder holds no plain weights but exactly one variant
+  uses that variant (the summary names it); several variants are refused naming them. With
+  ``variant`` every part (UNet, VAE, text encoder, ControlNet) must hold it, else the refusal names
+  the file expected. fp16 / bf16 weights are upcast to float32 (the parameters are float32 masters).
 
 Output (``OUT``), a teacher workdir that ``config.teacher_workdir=OUT`` (codi / finetune runs) and
 ``pretrained.load_teacher(OUT)`` read like one trained here:
@@ -29,7 +35,10 @@ Output (``OUT``), a teacher workdir that ``config.teacher_workdir=OUT`` (codi / 
   *training* from (no ``opt_state``).
 - ``components/``: byte copies of ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
   ``model_index.json`` (the frozen parts stay diffusers / transformers files; each is loaded once
-  with this codebase's loaders before the output is committed).
+  with this codebase's loaders before the output is committed). A part read from a variant is
+  copied with that variant's weights files under the plain names (``model.fp16.safetensors`` ->
+  ``model.safetensors``; an index keeps the shard names it lists) and without its other weights files,
+  so every later reader finds plain weights.
 - ``controlnet/`` (``--controlnet=DIR``, a diffusers ``ControlNetModel`` whose backbone fields equal
   the UNet's): ``params/``, an Orbax PyTree checkpoint of the adapter params
   (``restore_controlnet``), and ``adapter.json``, the adapter fields (``controlnet_adapter_fields``).
@@ -131,6 +140,7 @@ class Source:
     model_index: str  # "" for a single UNet folder
     skipped: tuple[str, ...]  # parts model_index.json lists that are not converted
     controlnet_dir: str  # "" without --controlnet
+    variants: dict[str, str] = dataclasses.field(default_factory=dict)  # part -> weights variant read
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,29 +174,50 @@ def _read_json(path: str) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {error}.") from error
 
 
-def _require_weights(directory: str, names: tuple[str, str], what: str) -> None:
-    """``directory`` holds ``config.json`` and safetensors weights (a single file or an index)."""
+def _require_weights(directory: str, names: tuple[str, str], what: str, variant: str | None) -> str:
+    """``directory`` holds ``config.json`` and safetensors weights (a single file or an index); returns
+    the variant to read (``""``: the plain weights; see the module docstring for the choice)."""
+    from codi_jax.interop import torch_state
+
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Missing {what} folder {directory}.")
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)):
         raise FileNotFoundError(f"Missing {what} config {os.path.join(directory, CONFIG_NAME)}.")
-    if not any(os.path.isfile(os.path.join(directory, name)) for name in names):
+    plain = any(os.path.isfile(os.path.join(directory, name)) for name in names)
+    variants = torch_state.weights_variants(directory, *names)
+    if variant:
+        if variant not in variants:
+            expected = os.path.join(directory, torch_state.variant_name(names[0], variant))
+            holds = (["plain weights"] if plain else []) + [f"variant {v}" for v in variants]
+            raise FileNotFoundError(
+                f"Missing {what} weights {expected} for --variant={variant} "
+                f"(the folder holds {', '.join(holds) or 'no safetensors weights'})."
+            )
+        return variant
+    if plain:
+        return ""
+    if len(variants) > 1:
+        raise ValueError(
+            f"The {what} folder {directory} holds no plain weights but the variants {', '.join(variants)}: "
+            "pass --variant= one of them."
+        )
+    if not variants:
         raise FileNotFoundError(
-            f"Missing {what} weights {os.path.join(directory, names[0])}{_weights_hint(directory, names)}."
+            f"Missing {what} weights {os.path.join(directory, names[0])}{_weights_hint(directory)}."
         )
+    return variants[0]
 
 
-def _weights_hint(directory: str, names: tuple[str, str]) -> str:
-    """What the folder holds instead: a variant (``*.fp16.safetensors``) or PyTorch ``.bin`` weights."""
-    stem = names[0].removesuffix(".safetensors")
-    variants = sorted(n for n in os.listdir(directory) if n.startswith(stem + ".") and n.endswith(".safetensors"))
-    if variants:
-        return (
-            f" (the folder holds the variant {variants[0]}, which is not read: load the pipeline with that variant "
-            "in diffusers and save_pretrained() it without one, then convert that folder)"
-        )
-    binaries = [n for n in os.listdir(directory) if n.endswith(".bin")]
+def _weights_hint(directory: str) -> str:
+    """What the folder holds instead: PyTorch ``.bin`` weights."""
+    binaries = sorted(n for n in os.listdir(directory) if n.endswith(".bin"))
     return f" (only {binaries[0]} is there: save it as safetensors first)" if binaries else ""
+
+
+def _check_variant(variant: str | None) -> str | None:
+    if variant and not variant.replace("_", "").isalnum():
+        raise ValueError(f"--variant={variant!r} is not a variant name (letters, digits, _: fp16, bf16).")
+    return variant or None
 
 
 def _require_tokenizer(directory: str) -> None:
@@ -210,9 +241,12 @@ def _find_scheduler(unet_dir: str) -> str:
     )
 
 
-def _pipeline_parts(root: str, index: Mapping[str, Any]) -> tuple[dict[str, str], tuple[str, ...]]:
-    """The frozen parts ``model_index.json`` lists (checked) and the listed parts that are skipped."""
-    parts, skipped = {}, []
+def _pipeline_parts(
+    root: str, index: Mapping[str, Any], variant: str | None
+) -> tuple[dict[str, str], tuple[str, ...], dict[str, str]]:
+    """The frozen parts ``model_index.json`` lists (checked), the listed parts that are skipped and
+    the weights variant each part is read from (parts with plain weights left out)."""
+    parts, skipped, variants = {}, [], {}
     for name, entry in index.items():
         if name.startswith("_") or name in ("unet", "scheduler") or not isinstance(entry, list):
             continue
@@ -235,37 +269,51 @@ def _pipeline_parts(root: str, index: Mapping[str, Any]) -> tuple[dict[str, str]
                 raise FileNotFoundError(f"{MODEL_INDEX} lists a tokenizer but {directory} is missing.")
             _require_tokenizer(directory)
         else:
-            _require_weights(directory, DIFFUSERS_WEIGHTS if name == "vae" else TRANSFORMERS_WEIGHTS, name)
+            names = DIFFUSERS_WEIGHTS if name == "vae" else TRANSFORMERS_WEIGHTS
+            variants[name] = _require_weights(directory, names, name, variant)
         parts[name] = directory
-    return parts, tuple(skipped)
+    return parts, tuple(skipped), {name: v for name, v in variants.items() if v}
 
 
-def find_source(diffusers: str, controlnet: str | None = None) -> Source:
-    """The input's layout, every file it needs checked to exist (no weights read)."""
-    root = os.path.abspath(diffusers)
+def find_source(diffusers: str, controlnet: str | None = None, variant: str | None = None) -> Source:
+    """The input's layout, every file it needs checked to exist (no weights read); ``variant``: see
+    the module docstring."""
+    root, variant = os.path.abspath(diffusers), _check_variant(variant)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--diffusers={diffusers}: no such directory.")
     controlnet_dir = os.path.abspath(controlnet) if controlnet else ""
+    variants = {}
     if controlnet_dir:
-        _require_weights(controlnet_dir, DIFFUSERS_WEIGHTS, "ControlNet")
+        variants["controlnet"] = _require_weights(controlnet_dir, DIFFUSERS_WEIGHTS, "ControlNet", variant)
     index_path = os.path.join(root, MODEL_INDEX)
     if os.path.isfile(index_path):
         index = _read_json(index_path)
         unet_dir = os.path.join(root, "unet")
-        _require_weights(unet_dir, DIFFUSERS_WEIGHTS, "UNet")
+        variants["unet"] = _require_weights(unet_dir, DIFFUSERS_WEIGHTS, "UNet", variant)
         scheduler_file = os.path.join(root, "scheduler", SCHEDULER_CONFIG)
         if not os.path.isfile(scheduler_file):
             raise FileNotFoundError(f"Missing scheduler config {scheduler_file} (the pipeline's noise schedule).")
-        parts, skipped = _pipeline_parts(root, index)
+        parts, skipped, part_variants = _pipeline_parts(root, index, variant)
         unet_config = _read_json(os.path.join(unet_dir, CONFIG_NAME))
+        variants = {name: v for name, v in {**variants, **part_variants}.items() if v}
         return Source(
-            root, "pipeline", unet_dir, unet_config, scheduler_file, parts, index_path, skipped, controlnet_dir
+            root,
+            "pipeline",
+            unet_dir,
+            unet_config,
+            scheduler_file,
+            parts,
+            index_path,
+            skipped,
+            controlnet_dir,
+            variants,
         )
     if not os.path.isfile(os.path.join(root, CONFIG_NAME)):
         raise FileNotFoundError(
             f"--diffusers={diffusers}: neither a pipeline folder ({MODEL_INDEX}) nor a UNet folder ({CONFIG_NAME})."
         )
-    _require_weights(root, DIFFUSERS_WEIGHTS, "UNet")
+    variants["unet"] = _require_weights(root, DIFFUSERS_WEIGHTS, "UNet", variant)
+    variants = {name: v for name, v in variants.items() if v}
     unet_config = _read_json(os.path.join(root, CONFIG_NAME))
     scheduler_file = _find_scheduler(root)
     if unet_config.get("cross_attention_dim"):  # a text-conditioned UNet: useless without its VAE and encoder
@@ -279,7 +327,7 @@ def find_source(diffusers: str, controlnet: str | None = None) -> Source:
             f"--diffusers={diffusers} is a text-conditioned UNet (cross_attention_dim="
             f"{unet_config['cross_attention_dim']}) without its pipeline: it needs the VAE and text encoder; {where}."
         )
-    return Source(root, "unet folder", root, unet_config, scheduler_file, {}, "", (), controlnet_dir)
+    return Source(root, "unet folder", root, unet_config, scheduler_file, {}, "", (), controlnet_dir, variants)
 
 
 def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = SCHEDULER_CONFIG) -> tuple[dict, str]:
@@ -360,13 +408,20 @@ def _check_out(out: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
             raise ValueError(f"--out={out} holds the input {path}: write the teacher elsewhere.")
 
 
-def plan_conversion(diffusers: str, workdir: str, *, controlnet: str | None = None, overwrite: bool = False) -> Plan:
+def plan_conversion(
+    diffusers: str,
+    workdir: str,
+    *,
+    controlnet: str | None = None,
+    overwrite: bool = False,
+    variant: str | None = None,
+) -> Plan:
     """Every check of a conversion, from paths and configs alone (no weights read)."""
     if not os.path.exists(diffusers):
         raise FileNotFoundError(f"--diffusers={diffusers}: no such directory.")
     out = os.path.abspath(workdir)
     _check_out(out, overwrite, tuple(p for p in (diffusers, controlnet) if p))
-    source = find_source(diffusers, controlnet)
+    source = find_source(diffusers, controlnet, variant)
     from codi_jax.interop import torch_to_flax
 
     unet_fields = torch_to_flax.unet_config_from_diffusers(source.unet_config)
@@ -443,11 +498,33 @@ def count_params(tree: Any) -> int:
     return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
 
 
+def _copy_part(directory: str, destination: str, names: tuple[str, str], variant: str) -> None:
+    """A byte copy of a frozen part; its ``variant``'s weights files land under the plain names (an
+    index keeps its shards' names), its other weights files are left out (see the module docstring)."""
+    from codi_jax.interop import torch_state
+
+    if not variant:
+        shutil.copytree(directory, destination)
+        return
+    stem, index_stem = names[0].removesuffix(".safetensors"), names[1].removesuffix(".json")
+    weights = lambda n: n.startswith(stem) and (n.endswith(".safetensors") or n.startswith(index_stem))
+    shutil.copytree(directory, destination, ignore=lambda _, files: [n for n in files if weights(n)])
+    index = os.path.join(directory, torch_state.variant_name(names[1], variant))
+    files = torch_state.safetensors_files(directory, *names, os.path.basename(directory), ("", ""), variant)
+    if os.path.isfile(index):
+        shutil.copyfile(index, os.path.join(destination, names[1]))
+        for file in files:
+            shutil.copyfile(file, os.path.join(destination, os.path.basename(file)))
+    else:
+        shutil.copyfile(files[0], os.path.join(destination, names[0]))
+
+
 def _copy_components(source: Source, components: str) -> None:
     """Byte copies (symbolic links followed, as in a hub cache snapshot) of the frozen parts."""
     os.makedirs(components)
     for name, directory in source.parts.items():
-        shutil.copytree(directory, os.path.join(components, name))
+        names = DIFFUSERS_WEIGHTS if name == "vae" else TRANSFORMERS_WEIGHTS
+        _copy_part(directory, os.path.join(components, name), names, source.variants.get(name, ""))
     scheduler_dir = os.path.dirname(source.scheduler_file)
     if os.path.basename(scheduler_dir) == "scheduler":
         shutil.copytree(scheduler_dir, os.path.join(components, "scheduler"))
@@ -554,23 +631,34 @@ def restore_controlnet(path: str, abstract_params: Any) -> Any:
         checkpointer.close()
 
 
-def convert(diffusers: str, workdir: str, *, controlnet: str | None = None, overwrite: bool = False) -> Summary:
+def convert(
+    diffusers: str,
+    workdir: str,
+    *,
+    controlnet: str | None = None,
+    overwrite: bool = False,
+    variant: str | None = None,
+) -> Summary:
     """Converts a local diffusers pipeline / UNet folder (and ControlNet) into the teacher workdir
-    ``workdir`` (see the module docstring); every check runs before any weights are read."""
+    ``workdir`` (see the module docstring; ``variant``: the weights variant, e.g. ``"fp16"``, else
+    chosen per part); every check runs before any weights are read."""
     start = time.perf_counter()
-    plan = plan_conversion(diffusers, workdir, controlnet=controlnet, overwrite=overwrite)
+    plan = plan_conversion(diffusers, workdir, controlnet=controlnet, overwrite=overwrite, variant=variant)
+    variants = plan.source.variants
     from codi_jax.interop import flax_to_torch, torch_to_flax
 
     with flax_to_torch.atomic_directory(plan.out, overwrite=overwrite) as staging:
         components = os.path.join(staging, COMPONENTS)
         _copy_components(plan.source, components)
         counts, max_length = _check_components(components, plan.source)
-        _, unet_params = torch_to_flax.load_diffusers_unet(plan.source.unet_dir)
+        _, unet_params = torch_to_flax.load_diffusers_unet(plan.source.unet_dir, variant=variants.get("unet"))
         counts = {"unet": count_params(unet_params), **counts}
         _save_teacher(staging, unet_params, teacher_config(plan, max_length))
         del unet_params
         if plan.source.controlnet_dir:
-            _, controlnet_params = torch_to_flax.load_diffusers_controlnet(plan.source.controlnet_dir)
+            _, controlnet_params = torch_to_flax.load_diffusers_controlnet(
+                plan.source.controlnet_dir, variant=variants.get("controlnet")
+            )
             counts["controlnet"] = count_params(controlnet_params)
             save_controlnet(os.path.join(staging, CONTROLNET), controlnet_params, plan.adapter_fields)
     return Summary(plan, counts, max_length, time.perf_counter() - start)
@@ -600,4 +688,7 @@ def summary_lines(summary: Summary) -> list[str]:
         )
     if plan.source.skipped:
         lines.append(f"  skipped: {', '.join(plan.source.skipped)}")
+    for variant in sorted(set(plan.source.variants.values())):
+        parts = [name for name in ("unet", *FROZEN_PARTS, "controlnet") if plan.source.variants.get(name) == variant]
+        lines.append(f"  weights variant {variant} read for {', '.join(parts)} (upcast to float32)")
     return lines

@@ -395,21 +395,34 @@ def lora_state_dict(backbone: Mapping[str, Any], lora: Mapping[str, Any], scale:
 def atomic_directory(path: str, *, overwrite: bool = False) -> Iterator[str]:
     """Yields a temporary sibling directory of ``path`` to fill; on success it replaces ``path``
     (``os.replace``; an existing ``path`` is refused unless empty or ``overwrite``). On an error
-    the temporary directory is removed and ``path`` is left as it was."""
+    the temporary directory and the parents made for ``path`` are removed and ``path`` is left as it was."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not os.path.isdir(path):
         raise FileExistsError(f"{path} exists and is not a directory.")
     if os.path.isdir(path) and os.listdir(path) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty (pass overwrite to replace it).")
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
+    created = _make_parents(parent)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
         yield staging
         _replace_directory(staging, path, parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for directory in created:  # the parents made for path, deepest first: a failure leaves no new folder
+            if os.path.isdir(directory) and not os.listdir(directory):
+                os.rmdir(directory)
         raise
+
+
+def _make_parents(parent: str) -> list[str]:
+    """Creates ``parent`` and its missing ancestors; returns those it created, deepest first."""
+    created, directory = [], parent
+    while not os.path.exists(directory):
+        created.append(directory)
+        directory = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    return created
 
 
 def _replace_directory(staging: str, path: str, parent: str) -> None:

@@ -29,6 +29,20 @@ import jax
 import numpy as np
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
+# safetensors dtype names -> numpy / ml_dtypes (the file is little-endian)
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": jax.numpy.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
 # flax leaf name -> (torch parameter name, layout change)
 _LEAF_TO_TORCH: dict[str, tuple[str, Callable[[np.ndarray], np.ndarray]]] = {
     "kernel": ("weight", lambda w: np.transpose(w, (2, 3, 1, 0))),
@@ -208,14 +222,41 @@ def params_from_state_dict(
     return jax.tree_util.tree_unflatten(treedef, converted)
 
 
+def variant_name(name: str, variant: str) -> str:
+    """diffusers' / transformers' ``_add_variant``: the variant before the last suffix
+    (``model.safetensors`` -> ``model.fp16.safetensors``, ``model.safetensors.index.json`` ->
+    ``model.safetensors.index.fp16.json``; shards are named in the index)."""
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def weights_variants(directory: str, weights_name: str, index_name: str) -> tuple[str, ...]:
+    """The variants (``fp16``, ``bf16``, ...) whose weights ``directory`` holds: a single
+    ``variant_name(weights_name)`` file or a ``variant_name(index_name)`` index; sorted."""
+    patterns = [
+        re.compile(re.escape(name.rsplit(".", 1)[0]) + r"\.(\w+)\." + re.escape(name.rsplit(".", 1)[1]))
+        for name in (weights_name, index_name)
+    ]
+    found = {match.group(1) for n in os.listdir(directory) for p in patterns if (match := p.fullmatch(n))}
+    return tuple(sorted(found))
+
+
 def safetensors_files(
-    directory: str, weights_name: str, index_name: str, what: str, bin_hint: tuple[str, str]
+    directory: str,
+    weights_name: str,
+    index_name: str,
+    what: str,
+    bin_hint: tuple[str, str],
+    variant: str | None = None,
 ) -> list[str]:
-    """The weights files of a ``save_pretrained`` directory: the shards its ``index_name`` lists, else ``weights_name``.
+    """The weights files of a ``save_pretrained`` directory: the shards its ``index_name`` lists, else
+    ``weights_name``; with ``variant`` (``"fp16"``), those names with the variant (``variant_name``).
 
     A missing file is a ``FileNotFoundError`` naming it (``what`` names the weights); where the
     PyTorch file ``bin_hint[0]`` is there instead, the message says so, calling it ``bin_hint[1]``.
     """
+    if variant:
+        weights_name, index_name = variant_name(weights_name, variant), variant_name(index_name, variant)
     index = os.path.join(directory, index_name)
     if os.path.isfile(index):
         with open(index) as f:
@@ -244,10 +285,53 @@ def read_safetensors(files: Sequence[str], what: str) -> dict[str, np.ndarray]:
     return state_dict
 
 
+def _upcast(value: np.ndarray) -> np.ndarray:
+    """16-bit floats (a ``fp16`` / ``bf16`` variant) as float32: the parameters are float32 masters."""
+    return value.astype(np.float32) if value.dtype in (np.float16, jax.numpy.bfloat16) else value
+
+
 def _load_safetensors(load_file: Any, path: str) -> dict[str, np.ndarray]:
-    """``load_file(path)``; a truncated or foreign file is one readable ``ValueError``."""
+    """``load_file(path)`` with 16-bit floats upcast to float32 (bfloat16, which numpy lacks, read
+    as ``jax.numpy.bfloat16``); a truncated or foreign file is one readable ``ValueError``."""
     try:
-        return load_file(path)
+        raw = _load_bfloat16(path) if _has_bfloat16(path) else load_file(path)
     except Exception as error:  # safetensors' SafetensorError, or an OSError while reading
         cause = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise ValueError(f"{path} is not a readable safetensors file ({cause}): download or save it again.") from None
+    return {name: _upcast(value) for name, value in raw.items()}
+
+
+def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
+    """The JSON header of a ``.safetensors`` file and the offset where its data starts."""
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if not 0 < size <= min(_MAX_HEADER, os.path.getsize(path) - 8):
+            raise ValueError(f"header size {size} does not fit the file")
+        return json.loads(f.read(size)), 8 + size
+
+
+def _has_bfloat16(path: str) -> bool:
+    try:
+        header, _ = _safetensors_header(path)
+    except (ValueError, OSError):
+        return False  # load_file names the fault
+    return any(isinstance(v, dict) and v.get("dtype") == "BF16" for v in header.values())
+
+
+def _load_bfloat16(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file holding bfloat16 (``safetensors.numpy`` refuses that dtype)."""
+    header, start = _safetensors_header(path)
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read()
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        if end > len(data):
+            raise ValueError(f"tensor {name} ends at byte {end} past the data's {len(data)}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
+        tensors[name] = np.frombuffer(data, dtype, count=(end - begin) // dtype.itemsize, offset=begin)
+        tensors[name] = tensors[name].reshape(entry["shape"])
+    return tensors

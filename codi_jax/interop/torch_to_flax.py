@@ -364,8 +364,9 @@ def unet_params_from_diffusers(state_dict: Mapping[str, Any], model: UNet) -> di
     return _params_from_state_dict(state_dict, unet_param_shapes(model), "UNet")
 
 
-def _resolve_files(path: str) -> tuple[str, list[str]]:
-    """(config.json path, safetensors file paths) for a model directory or a weights file."""
+def _resolve_files(path: str, variant: str | None = None) -> tuple[str, list[str]]:
+    """(config.json path, safetensors file paths) for a model directory (its ``variant`` weights, e.g.
+    ``fp16``, where given) or a weights file."""
     if os.path.isfile(path):
         directory, weights = os.path.dirname(os.path.abspath(path)), [path]
     elif os.path.isdir(path):
@@ -375,7 +376,9 @@ def _resolve_files(path: str) -> tuple[str, list[str]]:
         ):
             directory = os.path.join(directory, "unet")  # a pipeline directory: its UNet lives in unet/
         bin_hint = ("diffusion_pytorch_model.bin", ".bin file")
-        weights = torch_state.safetensors_files(directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "diffusers", bin_hint)
+        weights = torch_state.safetensors_files(
+            directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "diffusers", bin_hint, variant=variant
+        )
     else:
         raise FileNotFoundError(f"No diffusers UNet at {path}: neither a directory nor a file.")
     config_path = os.path.join(directory, CONFIG_NAME)
@@ -393,15 +396,18 @@ def _component_dir(path: str, subfolder: str, what: str) -> str:
     return path
 
 
-def load_diffusers_unet(path: str, **model_overrides: Any) -> tuple[UNet, dict[str, Any]]:
+def load_diffusers_unet(
+    path: str, *, variant: str | None = None, **model_overrides: Any
+) -> tuple[UNet, dict[str, Any]]:
     """Reads a local diffusers UNet (``config.json`` + ``diffusion_pytorch_model.safetensors``).
 
     ``path`` is a model directory (or a pipeline directory with a ``unet/`` subfolder, or a
     sharded checkpoint with a safetensors index) or the ``.safetensors`` file itself, with its
-    ``config.json`` beside it. ``model_overrides`` set non-architectural ``UNet`` fields
-    (``dtype``, ``remat``, ``conv_impl``). Returns ``(model, params)`` with float32 params.
+    ``config.json`` beside it; ``variant`` (``"fp16"``, ``"bf16"``) reads diffusers' variant files
+    (``diffusion_pytorch_model.fp16.safetensors``), upcast. ``model_overrides`` set non-architectural
+    ``UNet`` fields (``dtype``, ``remat``, ``conv_impl``). Returns ``(model, params)`` with float32 params.
     """
-    config_path, weight_files = _resolve_files(path)
+    config_path, weight_files = _resolve_files(path, variant)
     with open(config_path) as f:
         fields = unet_config_from_diffusers(json.load(f))
     model = UNet(**fields, **model_overrides)
@@ -431,15 +437,17 @@ def vae_params_from_diffusers(state_dict: Mapping[str, Any], model: AutoencoderK
     )
 
 
-def load_diffusers_vae(path: str, **model_overrides: Any) -> tuple[AutoencoderKL, dict[str, Any]]:
+def load_diffusers_vae(
+    path: str, *, variant: str | None = None, **model_overrides: Any
+) -> tuple[AutoencoderKL, dict[str, Any]]:
     """Reads a local diffusers ``AutoencoderKL`` (``config.json`` + ``diffusion_pytorch_model.safetensors``).
 
     ``path`` is the directory ``save_pretrained`` writes (or a pipeline directory with a ``vae/``
     subfolder, or a sharded checkpoint with a safetensors index) or the ``.safetensors`` file with
-    its ``config.json`` beside it. ``model_overrides`` set ``dtype`` / ``conv_impl``. Returns
-    ``(model, params)`` with float32 params.
+    its ``config.json`` beside it; ``variant`` as for ``load_diffusers_unet``. ``model_overrides`` set
+    ``dtype`` / ``conv_impl``. Returns ``(model, params)`` with float32 params.
     """
-    config_path, weight_files = _resolve_files(_component_dir(path, "vae", "VAE"))
+    config_path, weight_files = _resolve_files(_component_dir(path, "vae", "VAE"), variant)
     with open(config_path) as f:
         model = vae_from_diffusers_config(json.load(f), **model_overrides)
     return model, vae_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), model)
@@ -518,18 +526,20 @@ def controlnet_params_from_diffusers(state_dict: Mapping[str, Any], adapter_modu
     return _params_from_state_dict(state_dict, controlnet_param_shapes(adapter_module), "ControlNet")
 
 
-def load_diffusers_controlnet(path: str, **model_overrides: Any) -> tuple[ControlNet, dict[str, Any]]:
+def load_diffusers_controlnet(
+    path: str, *, variant: str | None = None, **model_overrides: Any
+) -> tuple[ControlNet, dict[str, Any]]:
     """Reads a local diffusers ``ControlNetModel`` (``config.json`` + ``diffusion_pytorch_model.safetensors``).
 
     ``path`` is the directory ``save_pretrained`` writes (or a pipeline directory with a
     ``controlnet/`` subfolder, or a sharded checkpoint with a safetensors index) or the
-    ``.safetensors`` file with its ``config.json`` beside it. ``model_overrides`` set
-    non-architectural fields (``dtype``, ``remat``, ``conv_impl``). Returns ``(adapter, params)``:
-    ``ConditionalUNet(backbone=unet, adapter=adapter)`` applies it with
+    ``.safetensors`` file with its ``config.json`` beside it; ``variant`` as for ``load_diffusers_unet``.
+    ``model_overrides`` set non-architectural fields (``dtype``, ``remat``, ``conv_impl``). Returns
+    ``(adapter, params)``: ``ConditionalUNet(backbone=unet, adapter=adapter)`` applies it with
     ``{"backbone": unet_params, "adapter": params}``; the condition goes in at 2**hint_downsamples
     times the latent size, in the range the ControlNet was trained on (diffusers: [0, 1]).
     """
-    config_path, weight_files = _resolve_files(_component_dir(path, "controlnet", "ControlNet"))
+    config_path, weight_files = _resolve_files(_component_dir(path, "controlnet", "ControlNet"), variant)
     with open(config_path) as f:
         fields = controlnet_config_from_diffusers(json.load(f))
     adapter = ControlNet(**fields, **model_overrides)

@@ -312,8 +312,9 @@ def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPT
     )
 
 
-def _resolve_files(path: str) -> tuple[str, list[str]]:
-    """(config.json path, safetensors file paths) for a model / pipeline directory or a weights file."""
+def _resolve_files(path: str, variant: str | None = None) -> tuple[str, list[str]]:
+    """(config.json path, safetensors file paths) for a model / pipeline directory (its ``variant``
+    weights where given) or a weights file."""
     if os.path.isfile(path):
         return os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME), [path]
     if not os.path.isdir(path):
@@ -322,19 +323,24 @@ def _resolve_files(path: str) -> tuple[str, list[str]]:
     if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isdir(os.path.join(path, "text_encoder")):
         directory = os.path.join(path, "text_encoder")  # a pipeline directory
     bin_hint = ("pytorch_model.bin", "pytorch_model.bin")
-    weights = torch_state.safetensors_files(directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "CLIP text", bin_hint)
+    weights = torch_state.safetensors_files(
+        directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "CLIP text", bin_hint, variant=variant
+    )
     return os.path.join(directory, CONFIG_NAME), weights
 
 
-def load_clip_text(path: str, **model_overrides: Any) -> tuple[CLIPTextModel, dict[str, Any]]:
+def load_clip_text(
+    path: str, *, variant: str | None = None, **model_overrides: Any
+) -> tuple[CLIPTextModel, dict[str, Any]]:
     """Reads a local transformers ``CLIPTextModel`` (``config.json`` + ``model.safetensors``).
 
     ``path`` is the directory ``save_pretrained`` writes (or a pipeline directory with a
     ``text_encoder/`` subfolder, or a sharded checkpoint with a safetensors index) or the
-    ``.safetensors`` file with its ``config.json`` beside it. ``model_overrides`` set ``dtype``.
-    Returns ``(model, params)`` with float32 params.
+    ``.safetensors`` file with its ``config.json`` beside it; ``variant`` (``"fp16"``) reads
+    transformers' variant files (``model.fp16.safetensors``), upcast. ``model_overrides`` set
+    ``dtype``. Returns ``(model, params)`` with float32 params.
     """
-    config_path, weight_files = _resolve_files(path)
+    config_path, weight_files = _resolve_files(path, variant)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"Missing CLIP text config {config_path} (needed beside {weight_files[0]}).")
     with open(config_path) as f:

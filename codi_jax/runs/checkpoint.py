@@ -69,6 +69,8 @@ def resume_differences(saved: Mapping, config: ml_collections.ConfigDict | Mappi
     """``(refused, allowed)``: the differing resume fields, split by ``config.allow_resume_changes``
     (comma-separated fields or sections)."""
     config = config_upgrade.upgrade(config_diff.as_dict(config))  # a caller's raw config, too
+    # Path fields compare as absolute paths (a run saved before resolution made them absolute).
+    saved, config = config_upgrade.absolute_paths(saved), config_upgrade.absolute_paths(config)
     diffs = config_diff.differences(saved, config, resume_fields(config), exclude=NOT_COMPARED)
     allowed_names = [name.strip() for name in str(config["allow_resume_changes"]).split(",") if name.strip()]
     allowed = [d for d in diffs if config_diff.covered(d.split(":")[0], allowed_names)]

@@ -9,7 +9,6 @@ same model, schedule, adapter and task. Only saved configs are read here, never 
 from __future__ import annotations
 
 import copy
-import os
 
 import ml_collections
 
@@ -43,8 +42,9 @@ def method_of(config: ml_collections.ConfigDict) -> str:
 
 def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The complete config of the run ``config`` asks for (fields it lacks filled in:
-    ``config_upgrade``); ``config`` itself is left unchanged."""
-    config = config_upgrade.upgraded(config)
+    ``config_upgrade``; every path field absolute: ``config_upgrade.PATH_FIELDS``); ``config`` itself
+    is left unchanged."""
+    config = _with_absolute_paths(config_upgrade.upgraded(config))  # any working directory, any reader
     config_checks.check_run_config(config)  # before any teacher config is read
     if method_of(config) == "teacher":
         return config
@@ -64,17 +64,21 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         resolved.model = ml_collections.ConfigDict({**teacher.model.to_dict(), **own})
         resolved.schedule = ml_collections.ConfigDict(teacher.schedule.to_dict())
         resolved.teacher_step = step
-        if resolved.adapter.init_from:  # Orbax restores from absolute paths only; any cwd works
-            resolved.adapter.init_from = os.path.abspath(resolved.adapter.init_from)
         for section in FROZEN_MODEL_SECTIONS:
             if teacher.get(section) is not None:
                 resolved[section] = _merged_section(teacher[section], config.get(section))
+    resolved = _with_absolute_paths(resolved)  # the teacher's frozen parts too
     input_size = networks.model_input_size(resolved)
     if input_size % 2 ** (len(resolved.model.block_out_channels) - 1):
         raise ValueError(f"data.image_size={resolved.data.image_size} does not fit the teacher's UNet levels.")
     _check_init_workdir(resolved)
     _check_init_from(resolved)
     return resolved
+
+
+def _with_absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with every path field absolute (``config_upgrade.PATH_FIELDS``)."""
+    return ml_collections.ConfigDict(config_upgrade.absolute_paths(config.to_dict()))
 
 
 def _check_init_from(config: ml_collections.ConfigDict) -> None:
@@ -109,6 +113,7 @@ def _check_init_workdir(config: ml_collections.ConfigDict) -> None:
     if not workdir:
         return
     saved, _ = pretrained.read_config(workdir, what="config.init_workdir")  # upgraded, as ``config`` is
+    saved = _with_absolute_paths(saved)  # a run saved before its paths were made absolute
     if not networks.is_conditional(saved):
         raise ValueError(f"config.init_workdir={workdir} holds a {saved.method!r} run, not a conditional one.")
     clashes = config_diff.differences(config, saved, INIT_SECTIONS, names=("config", "init_workdir"))

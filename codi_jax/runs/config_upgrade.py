@@ -15,6 +15,7 @@ the fields were added.
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,6 +56,21 @@ ALWAYS = {"nonfinite": train_state.default_update_policy, "sharding": sharding.d
 # fields; a converted teacher writes them): drop_prob, the share of training examples whose own
 # prompt (caption, instruction) is replaced by the empty prompt.
 TEXT_FIELDS = {"prompt": "", "negative_prompt": "", "drop_prob": 0.0}
+# Every config field that names a file or folder: made absolute (``absolute_paths``) when a run's
+# config is resolved, before anything is read, so the run, its saved config and every later reader
+# (another working directory, Orbax, which restores from absolute paths only) mean the same files.
+PATH_FIELDS = (
+    "teacher_workdir",
+    "init_workdir",
+    "data.data_dir",
+    "data.folder",
+    "latent.vae",
+    "text.encoder",
+    "text.tokenizer",
+    "adapter.init_from",
+    "source.diffusers",
+    "source.controlnet",
+)
 
 
 def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -78,3 +94,17 @@ def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
 def upgraded(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """``upgrade`` of a ConfigDict, as a new ConfigDict (``config`` is left unchanged)."""
     return ml_collections.ConfigDict(upgrade(config.to_dict()))
+
+
+def absolute_paths(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``config`` (a mapping) with each non-empty ``PATH_FIELDS`` value it has absolute: ``~``
+    expanded, a relative path taken from the working directory (where it was read from anyway)."""
+    out = copy.deepcopy(dict(config))
+    for field in PATH_FIELDS:
+        *sections, name = field.split(".")
+        section = out
+        for key in sections:
+            section = section.get(key) if isinstance(section, Mapping) else None
+        if isinstance(section, Mapping) and isinstance(section.get(name), str) and section[name]:
+            section[name] = os.path.abspath(os.path.expanduser(section[name]))
+    return out

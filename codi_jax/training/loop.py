@@ -222,13 +222,15 @@ def _train(config: ml_collections.ConfigDict, workdir: str, mesh: jax.sharding.M
 
 class _LoopState:
     """What each step's bookkeeping uses besides the train state: the run's writer, recipe, workdir,
-    checkpointer and stop signals, and what it carries from step to step (the metrics not yet
-    logged, the last log line's time and step, the rejection streak)."""
+    checkpointer and stop signals, and what it carries from step to step: the metrics of the steps
+    since this process's last log line (``pending``; a log line covers exactly those), the time and
+    step the next line's rate counts from (``t_rate`` / ``step_rate``: the end of the first step,
+    which holds the first call's overheads, then each log line), the rejection streak."""
 
     def __init__(self, config, start_step: int, writer, recipe, workdir: str, ckpt, stop: StopSignals):
         self.config, self.start_step, self.writer, self.recipe = config, start_step, writer, recipe
         self.workdir, self.ckpt, self.stop = workdir, ckpt, stop
-        self.pending, self.t_last, self.step_last = [], time.time(), start_step
+        self.pending, self.t_rate, self.step_rate = [], time.time(), start_step
         self.streak = _RejectionStreak(config.nonfinite)
 
 
@@ -238,19 +240,19 @@ def _after_step(loop: _LoopState, step: int, state: TrainState, metrics: dict) -
     config, last = loop.config, step == loop.config.num_train_steps
     loop.pending.append(metrics)
     loop.streak.add(metrics["skipped_nonfinite"])  # on device: nothing is read back here
-    if step == loop.start_step + 1:  # rates and ETA leave the compile out
+    if step == loop.start_step + 1:  # rates and ETA leave the first call out (not the loss)
         jax.block_until_ready(metrics)
-        logging.info("Step %d (first call; the step was compiled before) took %.1f s.", step, time.time() - loop.t_last)
-        loop.t_last, loop.step_last = time.time(), step
+        logging.info("Step %d (first call; the step was compiled before) took %.1f s.", step, time.time() - loop.t_rate)
+        loop.t_rate, loop.step_rate = time.time(), step
     stopping = stop.agreed() and not last  # a signal at the last step: the run just finishes
     if stopping or _reads_streak(config, ckpt, step):  # the one host read of the counters
         _, worst = loop.streak.read()
         if loop.streak.policy.max_consecutive and worst >= loop.streak.policy.max_consecutive:
             ckpt.wait()
             raise Diverged(_diverged_message(step, worst, loop.streak.policy, ckpt))
-    if (step % config.log_every_steps == 0 or last) and step > loop.step_last:
-        loop.t_last, loop.step_last = _log_progress(
-            loop.writer, config, loop.pending, step, loop.t_last, loop.step_last
+    if step % config.log_every_steps == 0 or last:
+        loop.t_rate, loop.step_rate = _log_progress(
+            loop.writer, config, loop.pending, step, loop.t_rate, loop.step_rate
         )
         loop.pending = []
     if step % config.sample_every_steps == 0 or last:
@@ -304,23 +306,21 @@ def _reads_streak(config: ml_collections.ConfigDict, ckpt: checkpoint.Checkpoint
     return any(step % every == 0 for every in due) or step == config.num_train_steps or ckpt.reached_preemption(step)
 
 
-def _log_progress(writer, config, pending: list, step: int, t_last: float, step_last: int) -> tuple[float, int]:
-    """TensorBoard scalars and one log line (loss, steps/s since the last line, ETA)."""
+def _log_progress(writer, config, pending: list, step: int, t_rate: float, step_rate: int) -> tuple[float, int]:
+    """TensorBoard scalars and one log line: the metrics' means over ``pending`` (the steps since the
+    last line), steps/s and ETA over the steps since ``step_rate`` (none on a line that ends at the
+    first step, whose time is the first call's). Returns the next line's ``(t_rate, step_rate)``."""
     summary = {f"train/{k}": float(np.mean([sharding.to_host(m[k]) for m in pending])) for k in pending[0]}
     now = time.time()
-    steps_per_sec = (step - step_last) / max(now - t_last, 1e-9)
-    summary["train/steps_per_sec"] = steps_per_sec
-    summary["train/images_per_sec"] = steps_per_sec * config.batch_size
+    rate = ""
+    if step > step_rate:
+        steps_per_sec = (step - step_rate) / max(now - t_rate, 1e-9)
+        summary["train/steps_per_sec"] = steps_per_sec
+        summary["train/images_per_sec"] = steps_per_sec * config.batch_size
+        eta_min = (config.num_train_steps - step) / max(steps_per_sec, 1e-9) / 60
+        rate = f"  {steps_per_sec:.2f} steps/s  ETA {eta_min:.1f} min"
     writer.write_scalars(step, summary)
-    eta_min = (config.num_train_steps - step) / max(steps_per_sec, 1e-9) / 60
-    logging.info(
-        "step %d/%d loss %.4f  %.2f steps/s  ETA %.1f min",
-        step,
-        config.num_train_steps,
-        summary["train/loss"],
-        steps_per_sec,
-        eta_min,
-    )
+    logging.info("step %d/%d loss %.4f%s", step, config.num_train_steps, summary["train/loss"], rate)
     return now, step
 
 
