@@ -130,6 +130,7 @@ def test_saved_config_fields(converted: dict[str, Any]) -> None:
         tokenizer=os.path.join(components, "tokenizer"),
         prompt="",
         negative_prompt="",
+        drop_prob=0.0,  # filled in when read (config_upgrade.TEXT_FIELDS)
         max_length=tiny_sd.MAX_LENGTH,
     )
     assert config.source.to_dict() == dict(diffusers=str(root / "pipe"), controlnet=str(root / "controlnet"))
