@@ -357,6 +357,7 @@ def _source_lines(pre: Any) -> list[str]:
             f"{_component_reason(pre)}.",
             f"- the condition `cond`: task `{config.task.name}`, NCHW float in [-1, 1] at the image size "
             f"({int(config.data.image_size)} px), as `codi_jax.sample` builds it from an input image.",
+            *_component_input_lines(pre),
         ]
     return lines + [
         "",
@@ -367,6 +368,25 @@ def _source_lines(pre: Any) -> list[str]:
         f"({int(config.data.image_size)} px): the condition `codi_jax.sample` builds from an input image "
         "(ours is in [-1, 1]; this is (c + 1) / 2, diffusers' control-image range).",
     ]
+
+
+def _component_input_lines(pre: Any) -> list[str]:
+    """What else the component's loop takes: the text context, the CFG scale a distilled student reads."""
+    lines = []
+    if "text_encoder" in _frozen_components(pre.config):
+        lines.append(
+            "- `context`: `encode(prompts)` below (one prompt per example: the run's prompt, or the example's own "
+            "caption / instruction)."
+        )
+    if pre.model.takes_guidance_scale:
+        w = float(pre.config.sample_guidance_scale)
+        lines.append(
+            "- `guidance_scale`: this student reads the CFG scale w itself (one network call per step): pass "
+            f"`guidance_scale=torch.full((n,), w)`; the run samples with w = {w:g}."
+        )
+    if is_latent(pre.config):
+        lines.append("- the loop returns latents: decode them with `vae` (below) to images in [-1, 1].")
+    return lines
 
 
 def _part_names(pre: Any) -> set[str]:
