@@ -264,6 +264,7 @@ def test_log_lines_after_a_resume_cover_only_their_own_steps(tmp_path, monkeypat
     monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: clock["now"]))
     monkeypatch.setattr(loop, "_after_step", after_step)
     caplog.set_level(logging.INFO)
+    caplog.clear()  # the earlier runs' lines are captured too where INFO was already on (the full suite)
     loop.train_and_evaluate(_tiny_config(tmp_path, log_every_steps=2, sample_every_steps=1000), resumed)
     lines = [r.getMessage() for r in caplog.records if " loss " in r.getMessage()]
     assert lines == [f"step 4/6 loss {per_step[4]:.4f}", mock.ANY], lines  # step 4 alone: no rate yet
