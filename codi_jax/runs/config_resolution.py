@@ -69,6 +69,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         for section in FROZEN_MODEL_SECTIONS:
             if teacher.get(section) is not None:
                 resolved[section] = _merged_section(teacher[section], config.get(section))
+    networks.check_conditional_backbone(resolved)
     input_size = networks.model_input_size(resolved)
     if input_size % 2 ** (len(resolved.model.block_out_channels) - 1):
         raise ValueError(f"data.image_size={resolved.data.image_size} does not fit the teacher's UNet levels.")
