@@ -17,7 +17,7 @@ from codi_jax.models import dit, networks
 from codi_jax.objectives import teacher
 from codi_jax.runs import checkpoint, config_resolution, config_upgrade
 from codi_jax.runs.pretrained import load_teacher
-from codi_jax.sampling import many_step
+from codi_jax.sampling import many_step, samplers
 from codi_jax.training import loop, recipes
 from codi_jax.training.train_state import make_optimizer
 
@@ -81,8 +81,6 @@ def test_dit_teacher_resumes_exactly_and_samples_with_euler(tmp_path) -> None:
     samples = many_step.sample_images(straight, steps=3, num_images=3, batch_size=2, seed=0)
     assert samples.shape == (3, 16, 16, 3) and np.isfinite(samples).all() and np.abs(samples).max() <= 1.0
     # The sampler is Euler on the flow grid: one example by hand.
-    from codi_jax.sampling import samplers
-
     z = samplers.example_noise(0, [1], (16, 16, 3))
     apply = lambda params, x, model_t: pre.model.apply({"params": params}, x, model_t)  # noqa: E731
     by_hand = np.clip(samplers.euler_sample(apply, pre.params, z, pre.schedule.sampling_times(3), pre.schedule), -1, 1)
