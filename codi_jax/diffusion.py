@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from codi_jax import flow_matching
+
 Parametrization = Literal["v", "eps", "x"]
 PARAMETRIZATIONS = ("v", "eps", "x")
 SCHEDULES = ("cosine", "scaled_linear", "linear")
@@ -41,7 +43,8 @@ class Schedule:
 
     def __post_init__(self):
         if self.kind not in SCHEDULES:
-            raise ValueError(f"Unknown schedule kind {self.kind!r}; expected one of {SCHEDULES}.")
+            kinds = SCHEDULES + (flow_matching.KIND,)
+            raise ValueError(f"Unknown schedule kind {self.kind!r}; expected one of {kinds}.")
 
     @property
     def is_discrete(self) -> bool:
@@ -97,14 +100,16 @@ class Schedule:
         return 1.0 - jax.random.uniform(rng, shape)  # (0, 1]
 
 
-def schedule_from_config(config) -> Schedule:
-    """Builds a ``Schedule`` from a config section with the dataclass' field names."""
-    fields = {f.name for f in dataclasses.fields(Schedule)}
+def schedule_from_config(config) -> Schedule | flow_matching.FlowSchedule:
+    """Builds a schedule from a config section with the dataclass' field names: a variance-preserving
+    ``Schedule``, or with ``kind='flow'`` a ``flow_matching.FlowSchedule``."""
+    cls = flow_matching.FlowSchedule if dict(config).get("kind") == flow_matching.KIND else Schedule
+    fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in dict(config).items() if k in fields}
     unknown = set(dict(config)) - fields
     if unknown:
         raise ValueError(f"Unknown schedule config fields {sorted(unknown)}; valid: {sorted(fields)}.")
-    return Schedule(**values)
+    return cls(**values)
 
 
 def _bcast(coef: jax.Array, like: jax.Array) -> jax.Array:

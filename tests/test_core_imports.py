@@ -16,6 +16,8 @@ WITHOUT_TF = os.path.join(REPO, "tests", "scripts", "without_tensorflow.py")
 
 CORE = (
     "codi_jax.models.networks",
+    "codi_jax.models.dit",
+    "codi_jax.flow_matching",
     "codi_jax.models.student",
     "codi_jax.models.adapters",
     "codi_jax.models.vae",

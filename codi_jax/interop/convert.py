@@ -462,7 +462,7 @@ def _model_section(unet_fields: Mapping[str, Any], parametrization: str) -> ml_c
         if f.name not in ("parent", "name") and f.default is not dataclasses.MISSING
     }
     model = {**defaults, **unet_fields, "dtype": "float32", "remat": False, "conv_impl": "auto"}
-    return ml_collections.ConfigDict(dict(model, parametrization=parametrization))
+    return ml_collections.ConfigDict(dict(model, kind="unet", parametrization=parametrization))
 
 
 def teacher_config(plan: Plan, max_length: int) -> ml_collections.ConfigDict:

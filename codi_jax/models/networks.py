@@ -1,7 +1,9 @@
 """The networks a (resolved) config describes, and their parameter shapes.
 
-``method='teacher'``: the unconditional UNet. ``codi`` / ``finetune``: the adapted conditional
-model (backbone = the teacher's UNet, plus adapter / LoRA; see ``codi_jax.models.student``). A config
+``model.kind``: the backbone, a ``unet`` (``codi_jax.models.unet``) or a ``dit``
+(``codi_jax.models.dit``; teachers only for now). ``method='teacher'``: the unconditional
+backbone. ``codi`` / ``finetune``: the adapted conditional model (backbone = the teacher's UNet,
+plus adapter / LoRA; see ``codi_jax.models.student``). A config
 is resolved (``codi_jax.runs.config_resolution``) when its ``model`` / ``schedule`` hold the
 teacher's. Shapes come from ``jax.eval_shape`` (no parameter is allocated), so restoring can
 read each array straight into its target sharding.
@@ -17,27 +19,43 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from codi_jax import diffusion
+from codi_jax import diffusion, flow_matching
 from codi_jax.data import task_spec
 from codi_jax.frozen import encoders
 from codi_jax.models import student
+from codi_jax.models.dit import DiT, dit_from_config
 from codi_jax.models.unet import UNet, unet_from_config
 from codi_jax.objectives import codi
 
 CONDITIONAL_METHODS = ("codi", "finetune")
+MODEL_KINDS = ("unet", "dit")
+Backbone = UNet | DiT
+
+
+def backbone_from_config(model_config: ml_collections.ConfigDict) -> Backbone:
+    """The backbone a ``model`` section describes (``kind``: one of ``MODEL_KINDS``)."""
+    kind = model_config["kind"]
+    if kind == "unet":
+        return unet_from_config(model_config)
+    if kind == "dit":
+        return dit_from_config(model_config)
+    raise ValueError(f"model.kind={kind!r}; valid: {MODEL_KINDS}.")
 
 
 def is_conditional(config: ml_collections.ConfigDict) -> bool:
     return config.get("method", "teacher") in CONDITIONAL_METHODS
 
 
-def build_teacher(config: ml_collections.ConfigDict) -> tuple[UNet, diffusion.Schedule]:
-    """The unconditional UNet and schedule of a teacher config."""
-    return unet_from_config(config.model), diffusion.schedule_from_config(config.schedule)
+def build_teacher(
+    config: ml_collections.ConfigDict,
+) -> tuple[Backbone, diffusion.Schedule | flow_matching.FlowSchedule]:
+    """The unconditional backbone and schedule of a teacher config."""
+    return backbone_from_config(config.model), diffusion.schedule_from_config(config.schedule)
 
 
 def build_conditional(config: ml_collections.ConfigDict) -> tuple[student.AdaptedModel, diffusion.Schedule]:
-    """The adapted model and schedule of a (resolved) codi / finetune config."""
+    """The adapted model and schedule of a (resolved) codi / finetune config (UNet backbones)."""
+    check_conditional_backbone(config)
     backbone = unet_from_config(config.model)
     model = student.build_adapted_model(
         backbone,
@@ -48,6 +66,16 @@ def build_conditional(config: ml_collections.ConfigDict) -> tuple[student.Adapte
         guidance_embedding=uses_cfg_distillation(config),
     )
     return model, diffusion.schedule_from_config(config.schedule)
+
+
+def check_conditional_backbone(config: ml_collections.ConfigDict) -> None:
+    """Conditional runs need a UNet on a variance-preserving schedule (CoDi on DiT / flow: to come)."""
+    kind, schedule = config.model["kind"], config.schedule["kind"]
+    if kind != "unet" or schedule == flow_matching.KIND:
+        raise ValueError(
+            f"config.method={config.method!r} on a model.kind={kind!r} / schedule.kind={schedule!r} teacher: "
+            "conditional runs take UNet teachers on VP schedules for now (CoDi on flow-matching DiTs: issue 29)."
+        )
 
 
 def uses_cfg_distillation(config: ml_collections.ConfigDict) -> bool:
@@ -77,8 +105,8 @@ def model_input_size(config: ml_collections.ConfigDict) -> int:
     return size // factor
 
 
-def init_teacher_params(model: UNet, input_size: int, rng: jax.Array) -> Any:
-    """Fresh UNet parameters (pure: jit it, or ``eval_shape`` it for shapes); a text backbone gets
+def init_teacher_params(model: Backbone, input_size: int, rng: jax.Array) -> Any:
+    """Fresh backbone parameters (pure: jit it, or ``eval_shape`` it for shapes); a text backbone gets
     a one-token placeholder context (parameter shapes do not depend on the sequence length)."""
     sample = jnp.zeros((1, input_size, input_size, model.in_channels), jnp.float32)
     context = None if model.cross_attention_dim is None else jnp.zeros((1, 1, model.cross_attention_dim))
@@ -106,8 +134,8 @@ def init_placeholders(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def teacher_param_shapes(config: ml_collections.ConfigDict) -> Any:
-    """Shapes of the (teacher's) UNet parameters; for a conditional config, its backbone's."""
-    model = unet_from_config(config.model)
+    """Shapes of the (teacher's) backbone parameters; for a conditional config, its backbone's."""
+    model = backbone_from_config(config.model)
     return jax.eval_shape(lambda: init_teacher_params(model, model_input_size(config), jax.random.PRNGKey(0)))
 
 

@@ -356,6 +356,7 @@ def unet_from_config(model_config) -> UNet:
     """Builds a ``UNet`` from a config section; unknown fields are an error naming them."""
     cfg = dict(model_config)
     cfg.pop("parametrization", None)  # a training choice, stored beside the architecture
+    cfg.pop("kind", None)  # which backbone (``networks.backbone_from_config``)
     valid = set(UNet.__dataclass_fields__) - {"parent", "name"}
     unknown = set(cfg) - valid
     if unknown:

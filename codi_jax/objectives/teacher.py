@@ -1,4 +1,4 @@
-"""Unconditional teacher: the diffusion loss and its pure train step."""
+"""Unconditional teacher: the diffusion (or flow-matching) loss and its pure train step."""
 
 from __future__ import annotations
 
@@ -9,18 +9,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from codi_jax import diffusion
+from codi_jax import diffusion, flow_matching
 from codi_jax.training.train_state import TrainState, apply_gradients
 
 
 def noised_example(
-    schedule: diffusion.Schedule, x: jax.Array, rng: jax.Array, parametrization: diffusion.Parametrization
+    schedule: diffusion.Schedule | flow_matching.FlowSchedule,
+    x: jax.Array,
+    rng: jax.Array,
+    parametrization: diffusion.Parametrization,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """A random training time per example and the noised data there: ``(t, z_t, target,
-    rng_dropout)``, ``target`` being the network output the diffusion loss regresses to."""
+    rng_dropout)``, ``target`` being the network output the diffusion loss regresses to. A flow
+    schedule: ``z_t = (1 - t) x + t eps`` and the velocity ``eps - x`` (``parametrization`` is 'v')."""
     rng_t, rng_eps, rng_dropout = jax.random.split(rng, 3)
     t = schedule.sample_train_time(rng_t, (x.shape[0],))
     eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
+    if isinstance(schedule, flow_matching.FlowSchedule):
+        return t, flow_matching.interpolate(x, eps, t), flow_matching.velocity(x, eps), rng_dropout
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
     return t, z_t, diffusion.prediction_from_x_eps(x, eps, alpha_t, sigma_t, parametrization), rng_dropout
@@ -29,7 +35,7 @@ def noised_example(
 def diffusion_loss(
     params: Any,
     model: nn.Module,
-    schedule: diffusion.Schedule,
+    schedule: diffusion.Schedule | flow_matching.FlowSchedule,
     x: jax.Array,
     rng: jax.Array,
     parametrization: diffusion.Parametrization = "v",
@@ -46,7 +52,7 @@ def train_step(
     rng: jax.Array,
     *,
     model: nn.Module,
-    schedule: diffusion.Schedule,
+    schedule: diffusion.Schedule | flow_matching.FlowSchedule,
     optimizer: optax.GradientTransformation,
     ema_decay: float,
     ema_warmup: bool = False,

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import ml_collections
 
+from codi_jax import flow_matching
 from codi_jax.training import train_state
 from codi_jax.training.train_state import Range
 
@@ -40,5 +41,16 @@ def check_run_config(config: ml_collections.ConfigDict) -> None:
     _check_fields(config, TOP_LEVEL_RANGES)
     train_state.check_optimizer_config(config.optimizer, config.num_train_steps)
     _check_fields(config.nonfinite, train_state.UPDATE_POLICY_RANGES, prefix="nonfinite.")
+    _check_flow(config)
     if config.get("text") is not None:  # runs without text have no section
         _check_fields(config.text, TEXT_RANGES, prefix="text.")
+
+
+def _check_flow(config: ml_collections.ConfigDict) -> None:
+    """A flow-matching schedule's network predicts the velocity ``eps - x_0``: parametrization 'v'."""
+    schedule = config.get("schedule") or {}
+    if schedule.get("kind") == flow_matching.KIND and config.model["parametrization"] != "v":
+        raise ValueError(
+            f"model.parametrization={config.model['parametrization']!r}: schedule.kind='flow' predicts the "
+            "velocity eps - x_0; use 'v'."
+        )

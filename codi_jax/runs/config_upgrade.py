@@ -73,9 +73,16 @@ PATH_FIELDS = (
 )
 
 
+# ``model.kind`` (which backbone) came with the DiT: every complete model section written before it
+# (one naming its ``in_channels``; a codi config's own section holds run choices only) was a UNet.
+MODEL_KIND_BEFORE_DIT = "unet"
+
+
 def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
     """``config`` (a saved or a user's config, as a mapping) with every field it lacks filled in."""
     out = copy.deepcopy(dict(config))
+    if "in_channels" in (out.get("model") or {}):
+        out["model"] = {"kind": MODEL_KIND_BEFORE_DIT, **out["model"]}
     for key, value in TOP_LEVEL.items():
         out.setdefault(key, value)
     for section, fields in ADDED_FIELDS.items():

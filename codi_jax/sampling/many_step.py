@@ -1,5 +1,6 @@
-"""Many-step DDIM sampling of an unconditional teacher (or a converted text-to-image teacher): the
-library behind ``python -m codi_jax.sample_teacher`` (``codi_jax.cli.sample_teacher``).
+"""Many-step DDIM (flow-matching teachers: Euler) sampling of an unconditional teacher (or a
+converted text-to-image teacher): the library behind ``python -m codi_jax.sample_teacher``
+(``codi_jax.cli.sample_teacher``).
 
 ``check_request`` checks a request from the run's saved config alone; ``sample_images`` restores the
 EMA parameters and samples; ``write_images`` writes one PNG per sample plus ``grid.png``, all or
@@ -56,12 +57,11 @@ def _latent_text_sampler(pre: Pretrained, steps: int, mesh: jax.sharding.Mesh, t
         (pre.params, enc.vae_params, context, uncond), sharding.replicated(mesh)
     )
     ddim = jax.jit(
-        functools.partial(
-            samplers.ddim_sample,
+        samplers.many_step_sampler(
             guidance.guided_apply(functools.partial(_context_apply, pre.model)),
-            times=samplers.uniform_times(steps),
-            schedule=pre.schedule,
-            parametrization=pre.parametrization,
+            pre.schedule,
+            pre.parametrization,
+            steps,
             clip_denoised=not enc.is_latent,
         )
     )
@@ -79,20 +79,13 @@ def _latent_text_sampler(pre: Pretrained, steps: int, mesh: jax.sharding.Mesh, t
 
 
 def _pixel_sampler(pre: Pretrained, steps: int, mesh: jax.sharding.Mesh) -> Callable:
-    """``noise -> images`` for a pixel teacher without text: DDIM with x_hat clipped to [-1, 1]."""
+    """``noise -> images`` for a pixel teacher without text: DDIM with x_hat clipped to [-1, 1] (a
+    flow-matching teacher: Euler, the output clipped)."""
 
     def apply_fn(params, z_t, model_t):
         return pre.model.apply({"params": params}, z_t, model_t)
 
-    sampler = jax.jit(
-        functools.partial(
-            samplers.ddim_sample,
-            apply_fn,
-            times=samplers.uniform_times(steps),
-            schedule=pre.schedule,
-            parametrization=pre.parametrization,
-        )
-    )
+    sampler = jax.jit(samplers.many_step_sampler(apply_fn, pre.schedule, pre.parametrization, steps))
     params = jax.device_put(pre.params, sharding.replicated(mesh))
     return lambda noise: np.asarray(sampler(params, noise))
 

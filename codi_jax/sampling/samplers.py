@@ -17,7 +17,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from codi_jax import diffusion, sharding
+from codi_jax import diffusion, flow_matching, sharding
 
 # apply_fn(params, z_t, model_time) -> network output
 ApplyFn = Callable[[Any, jax.Array, jax.Array], jax.Array]
@@ -87,6 +87,53 @@ def ddim_sample(
     pairs = jnp.stack([times[:-1], times[1:]], axis=1)
     z_final, x_hats = jax.lax.scan(step, z_init, (pairs, jnp.arange(num_steps)))
     return z_final if output == "z" else x_hats[-1]
+
+
+def euler_sample(
+    apply_fn: ApplyFn,
+    params: Any,
+    z_init: jax.Array,
+    times: jax.Array,
+    schedule: flow_matching.FlowSchedule,
+    clip_denoised: bool = False,
+) -> jax.Array:
+    """The Euler ODE sampler of a flow-matching model (``v`` prediction) from ``z_init`` at
+    ``times[0]`` down to ``times[-1]``, as diffusers' ``FlowMatchEulerDiscreteScheduler.step``:
+    ``x_{next} = x + (t_next - t) v`` with the network fed ``schedule.model_time(t)``. Returns the
+    sample at ``times[-1]`` (the data when it is 0: ``flow_matching.euler_times``), clipped to
+    [-1, 1] with ``clip_denoised`` (the trajectory itself is never clipped)."""
+    times = jnp.asarray(times, jnp.float32)
+
+    def step(x, t_pair):
+        t, t_next = t_pair[0], t_pair[1]
+        v = apply_fn(params, x, jnp.broadcast_to(schedule.model_time(t), (x.shape[0],)))
+        return flow_matching.euler_step(x, v.astype(x.dtype), t, t_next), None
+
+    x_final, _ = jax.lax.scan(step, z_init, jnp.stack([times[:-1], times[1:]], axis=1))
+    return jnp.clip(x_final, -1.0, 1.0) if clip_denoised else x_final
+
+
+def many_step_sampler(
+    apply_fn: ApplyFn,
+    schedule: diffusion.Schedule | flow_matching.FlowSchedule,
+    parametrization: diffusion.Parametrization,
+    num_steps: int,
+    clip_denoised: bool = True,
+) -> Callable[[Any, jax.Array], jax.Array]:
+    """``(params, z_init) -> samples``: a teacher's many-step sampler (not jitted). A flow schedule
+    samples with Euler on its shifted grid (``FlowSchedule.sampling_times``); a VP one with DDIM
+    on ``uniform_times``. ``clip_denoised``: pixels are clipped to [-1, 1] (DDIM: every ``x_hat``)."""
+    if isinstance(schedule, flow_matching.FlowSchedule):
+        times = schedule.sampling_times(num_steps)
+        return functools.partial(euler_sample, apply_fn, times=times, schedule=schedule, clip_denoised=clip_denoised)
+    return functools.partial(
+        ddim_sample,
+        apply_fn,
+        times=uniform_times(num_steps),
+        schedule=schedule,
+        parametrization=parametrization,
+        clip_denoised=clip_denoised,
+    )
 
 
 def example_keys(seed: int, indices: Sequence[int] | np.ndarray) -> jax.Array:

@@ -24,11 +24,10 @@ import numpy as np
 from absl import logging
 from clu import metric_writers
 
-from codi_jax import diffusion, sharding
+from codi_jax import diffusion, flow_matching, sharding
 from codi_jax.data import captions, image_files, pipeline
 from codi_jax.frozen import batch_inputs, encoders
 from codi_jax.models import networks
-from codi_jax.models.unet import UNet
 from codi_jax.runs import checkpoint, config_resolution, workdir_lock
 from codi_jax.training import aot, recipes, run_log
 from codi_jax.training.run_status import CheckpointWriteFailed, Diverged, Preempted
@@ -36,8 +35,10 @@ from codi_jax.training.stop_signals import StopSignals
 from codi_jax.training.train_state import TrainState
 
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[UNet, diffusion.Schedule]:
-    """The teacher's UNet and schedule from its config."""
+def build_model(
+    config: ml_collections.ConfigDict,
+) -> tuple[networks.Backbone, diffusion.Schedule | flow_matching.FlowSchedule]:
+    """The teacher's backbone (UNet or DiT) and schedule from its config."""
     return networks.build_teacher(config)
 
 

@@ -126,12 +126,11 @@ def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
 
     step = bind_train_step(config, model, schedule, optimizer)
     sampler = jax.jit(
-        functools.partial(
-            samplers.ddim_sample,
+        samplers.many_step_sampler(  # DDIM, or Euler for a flow-matching teacher
             lambda params, z_t, model_t: model.apply({"params": params}, z_t, model_t),
-            times=samplers.uniform_times(config.sample_steps),
-            schedule=schedule,
-            parametrization=parametrization,
+            schedule,
+            parametrization,
+            config.sample_steps,
         )
     )
     shape = (size, size, config.model.out_channels)
@@ -141,7 +140,7 @@ def _teacher_recipe(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) 
     def write_samples(writer, workdir: str, step: int, state: TrainState) -> dict:
         images = sharding_lib.to_host(sampler(state.ema_params, noise))
         path = _write_grid(writer, workdir, step, samplers.make_grid(samplers.to_uint8(images)))
-        logging.info("Wrote samples (%d DDIM steps, EMA params) to %s.", config.sample_steps, path)
+        logging.info("Wrote samples (%d steps, EMA params) to %s.", config.sample_steps, path)
         return {}
 
     return Recipe(init_state, None, lambda _: None, step, write_samples, None)

@@ -17,6 +17,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict(
         dict(
+            kind="unet",  # the backbone: 'unet' | 'dit' (codi_jax/configs/cpu/dit_teacher_patches32.py)
             in_channels=3,
             out_channels=3,
             block_out_channels=(32, 64, 64),
