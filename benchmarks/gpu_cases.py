@@ -59,7 +59,7 @@ def check_config(method: str, attention_impl: str, remat_policy: str, dry_run: b
     config, latent, context = run_config("sd15", method)
     size = shapes(dry_run)
     if dry_run:
-        model = dict(unet_config_from_diffusers(size["unet"]), parametrization="eps")
+        model = dict(unet_config_from_diffusers(size["unet"]), kind="unet", parametrization="eps")
         model.update(dtype=config.model.dtype, remat=config.model.remat)
         with config.unlocked():
             config.model = ml_collections.ConfigDict(model)

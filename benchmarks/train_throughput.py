@@ -78,7 +78,7 @@ def run_config(name: str, method: str) -> tuple[ml_collections.ConfigDict, int, 
     """``(resolved-like codi config, backbone input size, text context shape or None)``."""
     if name == "sd15":
         config = sd15_sr4.get_config()
-        model = dict(unet_config_from_diffusers(SD15_UNET), parametrization="eps")
+        model = dict(unet_config_from_diffusers(SD15_UNET), kind="unet", parametrization="eps")
         model.update(dtype=config.model.dtype, remat=config.model.remat)
         schedule, latent, context = dict(kind="scaled_linear"), SD15_UNET["sample_size"], SD15_TEXT
     else:
