@@ -59,3 +59,16 @@ def pytest_pyfunc_call(pyfuncitem):
     except ImportError as error:
         _skip_if_optional_missing(error)
         raise
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_teacher(tmp_path_factory) -> str:
+    """A converted tiny random Stable Diffusion pipeline (teacher workdir; runs only read it)."""
+    pytest.importorskip("diffusers")
+    from codi_jax.interop import convert
+    from tests import tiny_sd
+
+    root = tmp_path_factory.mktemp("tiny_sd_teacher")
+    tiny_sd.make_pipeline(str(root / "pipeline"))
+    convert.convert(str(root / "pipeline"), str(root / "teacher"))
+    return str(root / "teacher")

@@ -261,22 +261,11 @@ def test_drop_prob_range_and_upgrade(tmp_path) -> None:
 # --------------------------------------------------------------------------- end to end
 
 
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory) -> dict:
-    pytest.importorskip("diffusers")
-    from codi_jax.interop import convert
-
-    root = tmp_path_factory.mktemp("sd_captions")
-    tiny_sd.make_pipeline(str(root / "pipeline"))
-    convert.convert(str(root / "pipeline"), str(root / "teacher"))
-    return {"workdir": str(root / "teacher"), "root": root}
-
-
-def _run_config(teacher: dict, folder: Path):
+def _run_config(teacher: str, folder: Path):
     from codi_jax.configs.cpu import tiny_codi
 
     config = tiny_codi.get_config()
-    config.teacher_workdir = teacher["workdir"]
+    config.teacher_workdir = teacher
     config.data.update(source="folder", folder=str(folder), image_size=tiny_sd.IMAGE_SIZE, color_augment=0.0)
     config.data.caption_key = "text"
     config.text = ml_collections.ConfigDict({"drop_prob": 0.5})
@@ -287,7 +276,7 @@ def _run_config(teacher: dict, folder: Path):
     return config
 
 
-def test_latent_text_run_trains_on_its_captions(teacher, tmp_path) -> None:
+def test_latent_text_run_trains_on_its_captions(tiny_sd_teacher, tmp_path) -> None:
     """Two steps of a tiny latent text run on a captioned folder; the context the step is given for
     each example is the frozen CLIP's encoding of its own caption (or of "" where dropped)."""
     from codi_jax import sharding
@@ -296,7 +285,7 @@ def test_latent_text_run_trains_on_its_captions(teacher, tmp_path) -> None:
 
     root = _write_folder(tmp_path / "images", size=tiny_sd.IMAGE_SIZE)
     _write_metadata(root)
-    config = config_resolution.resolve(_run_config(teacher, root))
+    config = config_resolution.resolve(_run_config(tiny_sd_teacher, root))
     assert batch_inputs.example_prompts(config) and config.text.encoder
     enc, frozen = batch_inputs.load(config)  # as the run's recipe loads them
     tokenize = batch_inputs.tokenizer_of(config, enc)
@@ -312,18 +301,18 @@ def test_latent_text_run_trains_on_its_captions(teacher, tmp_path) -> None:
     np.testing.assert_allclose(np.asarray(out["context"]), expected, atol=1e-6 * np.abs(expected).max())
 
     workdir = str(tmp_path / "run")
-    state = loop.train_and_evaluate(_run_config(teacher, root), workdir)
+    state = loop.train_and_evaluate(_run_config(tiny_sd_teacher, root), workdir)
     assert int(sharding.to_host(state.step)) == 2
     assert os.path.exists(os.path.join(workdir, "samples", "step_0000002.png"))
 
 
-def test_run_refuses_bad_captions_before_loading_anything(teacher, tmp_path) -> None:
+def test_run_refuses_bad_captions_before_loading_anything(tiny_sd_teacher, tmp_path) -> None:
     """``train`` checks the folder's captions and ``text.drop_prob`` with its input paths, before
     any weight is loaded or anything compiled."""
     from codi_jax.training import loop
 
     root = _write_folder(tmp_path / "images", size=tiny_sd.IMAGE_SIZE)
-    config = config_resolution.resolve(_run_config(teacher, root))  # drop_prob 0.5, no captions
+    config = config_resolution.resolve(_run_config(tiny_sd_teacher, root))  # drop_prob 0.5, no captions
     with pytest.raises(ValueError, match=r"^text\.drop_prob=0\.5: the data has no captions or instructions"):
         loop.check_input_paths(config)
     config.text.drop_prob = 0.0

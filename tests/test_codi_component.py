@@ -112,8 +112,9 @@ def test_component_matches_our_conditional_unet(case: str, tmp_path) -> None:
         assert np.abs(at_one[1] - out[1]).max() > 100 * 1e-5 * max(1.0, scale)
 
 
-def _demo_pretrained() -> Pretrained:
-    backbone, adapter, extra = CASES["demo ControlNet (pixel UNet2DModel)"]
+def _pretrained(case: tuple, schedule: diffusion.Schedule, guidance_scale: float, path: str) -> Pretrained:
+    """A CoDi run of ``CASES``' kind with random weights, as ``pretrained.load`` gives it."""
+    backbone, adapter, extra = case
     model = _model(backbone, adapter, extra)
     params = _params(model, _inputs(model, extra), extra)
     config = ml_collections.ConfigDict()
@@ -122,9 +123,13 @@ def _demo_pretrained() -> Pretrained:
     config.task = task_spec.default_task_config()
     config.adapter = _adapter_config(**adapter)
     config.codi = codi.default_codi_config()
-    config.sample_guidance_scale = 1.0
-    schedule = diffusion.Schedule("cosine")  # the demo's
-    return Pretrained(model, schedule, "v", params, config, 5, "/runs/demo")
+    config.sample_guidance_scale = guidance_scale
+    return Pretrained(model, schedule, "v", params, config, 5, path)
+
+
+def _demo_pretrained() -> Pretrained:
+    case = CASES["demo ControlNet (pixel UNet2DModel)"]
+    return _pretrained(case, diffusion.Schedule("cosine"), 1.0, "/runs/demo")  # the demo's schedule
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
@@ -169,17 +174,10 @@ def test_cfg_distilled_export_readme_loop_is_our_guided_sampler(tmp_path) -> Non
     """A CFG-distilled student (ControlNet with the guidance-scale embedding, cross-attention
     backbone) exports as the component; the README's loop with a context and w = 3 equals our
     conditional sampler (one network call per step reading w), re-noising included, at 4 steps."""
-    backbone, adapter, extra = CROSS_SD1, dict(kind="controlnet"), dict(guidance_embedding=True)
-    model = _model(backbone, adapter, extra)
-    params = _params(model, _inputs(model, extra), extra)
-    config = ml_collections.ConfigDict()
-    config.method = "codi"
-    config.data = ml_collections.ConfigDict(dict(image_size=8))
-    config.task = task_spec.default_task_config()
-    config.adapter = _adapter_config(**adapter)
-    config.codi = codi.default_codi_config()
-    config.sample_guidance_scale = 3.0
-    pre = Pretrained(model, diffusion.Schedule("scaled_linear"), "v", params, config, 5, "/runs/cfg")
+    backbone = CROSS_SD1
+    case = (backbone, dict(kind="controlnet"), dict(guidance_embedding=True))
+    pre = _pretrained(case, diffusion.Schedule("scaled_linear"), 3.0, "/runs/cfg")
+    params, config = pre.params, pre.config
     out = str(tmp_path / "export")
     export.export_pretrained(pre, out, steps=4)
     readme = open(os.path.join(out, "README.md")).read()

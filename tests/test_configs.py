@@ -90,19 +90,6 @@ def test_renoise_default_comes_from_the_codi_section() -> None:
     assert conditional.renoise_between_steps(finetune) is False
 
 
-@pytest.fixture(scope="module")
-def tiny_sd_teacher(tmp_path_factory) -> str:
-    """A converted tiny random Stable Diffusion pipeline (teacher workdir)."""
-    pytest.importorskip("diffusers")
-    from codi_jax.interop import convert
-    from tests import tiny_sd
-
-    root = tmp_path_factory.mktemp("sd_configs")
-    tiny_sd.make_pipeline(str(root / "pipeline"))
-    convert.convert(str(root / "pipeline"), str(root / "teacher"))
-    return str(root / "teacher")
-
-
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name: str, tiny_sd_teacher) -> None:
     config = importlib.import_module(f"codi_jax.configs.{name}").get_config()

@@ -29,7 +29,7 @@ from codi_jax.sampling.options import SamplingOptions, parse_step_counts
 def needs_frozen_models(config: Any) -> bool:
     """Whether sampling the run needs its frozen VAE / text encoder (a latent or text run): then
     ``few_step.conditional_sampler`` samples it, decodes the latents and encodes the prompt."""
-    return bool(encoders.vae_path(config) or encoders.text_encoder_path(config))
+    return encoders.is_latent(config) or encoders.has_text(config)
 
 
 def make_sampler(pre: Pretrained, options: SamplingOptions = SamplingOptions()) -> Callable:

@@ -159,21 +159,19 @@ def model_parts(pre: Any) -> list[tuple[str, dict[str, Any], dict[str, np.ndarra
     ]
 
 
-def is_latent(config: Any) -> bool:
-    """Whether the run samples VAE latents (``latent.vae`` set): x_hat is never clipped then."""
-    from codi_jax.frozen import encoders
-
-    return bool(encoders.vae_path(config))
-
-
 def run_scheduler_config(pre: Any) -> dict[str, Any]:
     """``scheduler_config`` of a restored run: re-noising and grid from its config, clipping in pixels only."""
+    from codi_jax.frozen import encoders
     from codi_jax.sampling import conditional
 
     renoise = pre.config.method != "teacher" and conditional.renoise_between_steps(pre.config)
     grid = int(pre.config.codi.grid_size) if renoise else 50
     return scheduler_config(
-        pre.schedule, pre.parametrization, clip_sample=not is_latent(pre.config), renoise=renoise, grid_size=grid
+        pre.schedule,
+        pre.parametrization,
+        clip_sample=not encoders.is_latent(pre.config),
+        renoise=renoise,
+        grid_size=grid,
     )
 
 
@@ -333,7 +331,7 @@ def _pipeline_class(parts: Mapping[str, Any]) -> str:
     return "StableDiffusionControlNetPipeline" if "controlnet" in parts else "StableDiffusionPipeline"
 
 
-def _source_lines(pre: Any) -> list[str]:
+def _source_lines(pre: Any, parts: Mapping[str, Any]) -> list[str]:
     config = pre.config
     lines = [f"Exported by `python -m codi_jax.export` from `{pre.path}` (step {pre.step}, method `{config.method}`)."]
     if config.method == "teacher":
@@ -343,13 +341,13 @@ def _source_lines(pre: Any) -> list[str]:
         "trained with the adapter (full fine-tuning)" if config.adapter.train_backbone else "the frozen teacher's"
     )
     backbone += f", LoRA (rank {lora}) merged into it" if lora else ""
-    if lora and "unet" in _part_names(pre):
+    if lora and "unet" in parts:
         lines += [
             "",
             "- `lora/`: the LoRA alone (diffusers / PEFT format, scale folded in) for the teacher's UNet: on a "
             "pipeline built from the teacher, `pipe.load_lora_weights(PATH + '/lora')` gives `unet/`.",
         ]
-    if "codi_model" in _part_names(pre):
+    if "codi_model" in parts:
         return lines + [
             "",
             f"- `codi_model/`: backbone ({backbone}) and `{config.adapter.kind}` adapter as one diffusers custom "
@@ -372,6 +370,8 @@ def _source_lines(pre: Any) -> list[str]:
 
 def _component_input_lines(pre: Any) -> list[str]:
     """What else the component's loop takes: the text context, the CFG scale a distilled student reads."""
+    from codi_jax.frozen import encoders
+
     lines = []
     if "text_encoder" in _frozen_components(pre.config):
         lines.append(
@@ -384,18 +384,9 @@ def _component_input_lines(pre: Any) -> list[str]:
             "- `guidance_scale`: this student reads the CFG scale w itself (one network call per step): pass "
             f"`guidance_scale=torch.full((n,), w)`; the run samples with w = {w:g}."
         )
-    if is_latent(pre.config):
+    if encoders.is_latent(pre.config):
         lines.append("- the loop returns latents: decode them with `vae` (below) to images in [-1, 1].")
     return lines
-
-
-def _part_names(pre: Any) -> set[str]:
-    from codi_jax.interop import codi_component
-    from codi_jax.models.unet import UNet
-
-    if isinstance(pre.model, UNet):
-        return {"unet"}
-    return {codi_component.NAME} if codi_component.diffusers_gap(pre.model.module) else {"unet", "controlnet"}
 
 
 def _component_reason(pre: Any) -> str:
@@ -450,13 +441,15 @@ def _schedule_lines(schedule: diffusion.Schedule) -> list[str]:
 
 def readme_text(pre: Any, parts: Mapping[str, Mapping[str, Any]], table: list, out_path: str) -> str:
     """The export's README, generated from the run: what is there and how to sample it in PyTorch."""
+    from codi_jax.frozen import encoders
+
     scheduler = run_scheduler_config(pre)
     renoise = scheduler["_class_name"] == "LCMScheduler"
     steps = len(table) - 1
     rows = [f"| {i} | {t:.4f} | {m:g} | {a:.6f} | {s:.6f} |" for i, (t, m, a, s) in enumerate(table[:-1])]
     rows.append(f"| {steps} (end) | {table[-1][0]:.4f} | not fed | {table[-1][2]:.6f} | {table[-1][3]:.6f} |")
     moves = "fresh noise between steps (CoDi)" if renoise else "DDIM (deterministic)"
-    sections = ["# diffusers export", "", *_source_lines(pre), ""]
+    sections = ["# diffusers export", "", *_source_lines(pre, parts), ""]
     if is_pipeline(pre.config, parts):
         sections += [
             f"The folder is a `{_pipeline_class(parts)}` with the run's frozen `vae/`, `text_encoder/` and "
@@ -476,7 +469,7 @@ def readme_text(pre: Any, parts: Mapping[str, Mapping[str, Any]], table: list, o
             "```python\n" + _loading_snippet(parts, out_path, pre.config) + "```",
             "",
             "```python\n"
-            + sampler_snippet(parts, table, pre.parametrization, renoise, clip=not is_latent(pre.config))
+            + sampler_snippet(parts, table, pre.parametrization, renoise, clip=not encoders.is_latent(pre.config))
             + "```",
             "",
         ]
