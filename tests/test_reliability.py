@@ -369,6 +369,21 @@ def test_disk_write_failure_exits_5_within_seconds(data_dir, tmp_path) -> None:
         assert "Traceback" in f.read()
 
 
+@pytest.mark.parametrize("opening", ["", 'Error opening "zarr" driver: '])
+def test_short_cause_keeps_the_os_reason_not_tensorstores_spec(opening) -> None:
+    """Tensorstore appends the spec after the OS reason when the write fails while opening the
+    array (seen on CI): the reason must survive, the spec must not."""
+    spec = "[tensorstore_spec='" + '{\\"driver\\":\\"zarr\\",\\"shape\\":[16]}' * 40 + "']"
+    message = (
+        f'OUT_OF_RANGE: {opening}Error writing "ema_params.conv_in.bias/0" in OCDBT database at local file '
+        f'"{"/tmp/run/checkpoints/1.orbax-checkpoint-tmp/" * 3}": Failed to write 640759 bytes to file 7: '
+        f"File too large [os_error_code='27'] {spec}"
+    )
+    cause = checkpoint.short_cause(ValueError(message))
+    assert cause.startswith("OUT_OF_RANGE: ") and cause.endswith("File too large [os_error_code='27']")
+    assert "tensorstore_spec" not in cause and len(cause) <= 305
+
+
 def test_unwritable_workdir_is_refused_before_anything_loads(tmp_path, monkeypatch) -> None:
     real_open = open
 

@@ -304,10 +304,15 @@ class Checkpointer:
         self.manager.close()
 
 
+_PAYLOADS = ("[tensorstore_spec=", "[source locations=")
+
+
 def short_cause(error: BaseException, width: int = 300) -> str:
     """The first line of an error's message, cut in the middle where long: library errors name
     what failed at the start and the OS reason at the end ("... File too large [os_error=27]")."""
     line = (str(error).strip().splitlines() or [""])[0]
+    for payload in _PAYLOADS:  # tensorstore appends its spec after the OS reason
+        line = line.split(payload)[0].rstrip()
     if len(line) <= width:
         return line
     return f"{line[: width // 3]} ... {line[-(width - width // 3) :]}"
