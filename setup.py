@@ -36,6 +36,7 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest",
+    "pytest-xdist",  # the README's test command runs two workers (-n 2 --dist loadscope)
     "ruff",
 ]
 
