@@ -438,6 +438,51 @@ def test_folder_random_flip_and_crop(tmp_path: Path) -> None:
     assert len({crop.tobytes() for crop in crops}) > 1  # Different random offsets.
 
 
+@pytest.mark.parametrize("shape", [(40, 24, 3), (33, 70, 4), (16, 16, 7)])
+def test_crop_offsets_and_flip_are_tensorflows(shape: tuple) -> None:
+    """Our crop offset / flip (which the micro-conditioning reads) are TF's stateless ops, so the
+    training stream is the one it always was."""
+    image = tf.random.stateless_uniform(shape, [1, 2])
+    for seed in ([0, 0], [3, 7], [123, 456], [-5, 2**30]):
+        seed = tf.constant(seed, tf.int64)
+        top, left = pipeline._random_offset(image, 16, seed).numpy()
+        expected = tf.image.stateless_random_crop(image, [16, 16, shape[2]], seed)
+        np.testing.assert_array_equal(image[top : top + 16, left : left + 16], expected)
+        flipped, _ = pipeline._random_flip(image, seed)
+        np.testing.assert_array_equal(flipped, tf.image.stateless_random_flip_left_right(image, seed))
+
+
+def test_micro_conditioning_names_the_real_crop(tmp_path: Path) -> None:
+    """Each example's (original size, crop top-left, target size) describe its pixels: the image is
+    the crop at the recorded (top, left) of the resized original, flipped first where it was
+    flipped (diffusers' SDXL scripts flip, then crop)."""
+    rng = np.random.default_rng(0)
+    sizes = [(40, 24), (24, 64), (50, 50)]  # (height, width)
+    for i, (h, w) in enumerate(sizes):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    config = _folder_config(tmp_path)
+    config.update(random_crop=True, image_size=16)
+    batch = next(numpy_iterator(build_dataset(config, "train", 24, seed=1, train=True, micro_conditioning=True)))
+    assert batch["micro_cond"].shape == (24, 6) and batch["micro_cond"].dtype == np.float32
+    flips = set()
+    for image, ids in zip(batch["image"], batch["micro_cond"].astype(int)):
+        (h, w), (top, left), target = ids[:2], ids[2:4], ids[4:]
+        assert (h, w) in sizes and tuple(target) == (16, 16)
+        original = np.asarray(Image.open(tmp_path / f"{sizes.index((h, w))}.png"), np.float32) / 255.0
+        resized = pipeline._resize_shorter_side(tf.constant(original), 16, only_up=True).numpy()
+        assert 0 <= top <= resized.shape[0] - 16 and 0 <= left <= resized.shape[1] - 16
+        matches = [
+            np.abs(view[top : top + 16, left : left + 16] * 2 - 1 - image).max() < 1e-6
+            for view in (resized, resized[:, ::-1])
+        ]
+        assert any(matches)
+        flips.add(matches.index(True))
+    assert flips == {0, 1}
+    plain = next(numpy_iterator(build_dataset(config, "train", 24, seed=1, train=True)))
+    assert "micro_cond" not in plain
+    np.testing.assert_array_equal(plain["image"], batch["image"])
+
+
 def test_folder_errors_name_the_path(tmp_path: Path) -> None:
     missing = tmp_path / "missing_dir"
     with pytest.raises(FileNotFoundError, match="missing_dir"):

@@ -20,6 +20,10 @@ Batches hold the local (per-process) batch, `global_batch_size // process_count`
   depth      float32 (B, S, S, 1), when the source has a `depth` feature; cropped, resized and
              flipped together with the image (values kept as stored)
   has_depth  bool (B,), when the source has `depth`
+  micro_cond float32 (B, 6), with `build_dataset(micro_conditioning=True)` (SDXL backbones): the
+             example's original (height, width), its crop's (top, left) in the resized image (as if
+             flipped before cropping, as diffusers' SDXL training scripts do) and the target
+             (height, width), in pixels: SDXL's `add_time_ids`
   mask       bool (B,), eval only: False marks padding examples (zeros) that fill the last batch
   prompt_ids int32 (B, L), where examples bring their own prompt (captions, edit instructions):
              its token ids; training replaces it by the empty prompt's with probability
@@ -150,27 +154,44 @@ def _resize_shorter_side(image: tf.Tensor, size: int, *, only_up: bool) -> tf.Te
     return tf.image.resize(image, [new_height, new_width], method="bilinear", antialias=True)
 
 
-def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+def _center_offset(image: tf.Tensor, size: int) -> tf.Tensor:
     shape = tf.shape(image)
-    top = (shape[0] - size) // 2
-    left = (shape[1] - size) // 2
-    return image[top : top + size, left : left + size]
+    return tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2])
 
 
-def _fit_to_size(image: tf.Tensor, size: int, *, random_crop: bool, train: bool, seed: tf.Tensor) -> tf.Tensor:
-    """Crops/resizes an HxWxC float image to size x size x C."""
+def _random_offset(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+    """The (top, left) ``tf.image.stateless_random_crop(image, [size, size, C], seed)`` crops at."""
+    shape = tf.shape(image)
+    limit = shape - tf.stack([size, size, shape[2]]) + 1
+    offset = tf.random.stateless_uniform([3], seed, maxval=tf.int32.max, dtype=tf.int32) % limit
+    return offset[:2]
+
+
+def _fit_to_size(
+    image: tf.Tensor, size: int, *, random_crop: bool, train: bool, seed: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Crops/resizes an HxWxC float image to size x size x C. Also returns the crop's (top, left)
+    in the resized image and that image's width (SDXL's micro-conditioning reads them)."""
     if image.shape[0] == size and image.shape[1] == size:
-        return image  # Already the right size (skimage patches): nothing to do.
-    if random_crop:
-        image = _resize_shorter_side(image, size, only_up=True)
-        if train:
-            channels = tf.shape(image)[-1]
-            image = tf.image.stateless_random_crop(image, tf.stack([size, size, channels]), seed)
-        else:
-            image = _center_crop(image, size)
-    else:
-        image = _center_crop(_resize_shorter_side(image, size, only_up=False), size)
-    return image
+        return image, tf.zeros([2], tf.int32), tf.constant(size)  # already the right size (skimage patches)
+    image = _resize_shorter_side(image, size, only_up=random_crop)
+    offset = _random_offset(image, size, seed) if random_crop and train else _center_offset(image, size)
+    return image[offset[0] : offset[0] + size, offset[1] : offset[1] + size], offset, tf.shape(image)[1]
+
+
+def _random_flip(image: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``tf.image.stateless_random_flip_left_right(image, seed)`` and whether it flipped."""
+    flip = tf.random.stateless_uniform([], seed, minval=0, maxval=1.0) < 0.5
+    return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image), flip
+
+
+def _micro_conditioning(original: tf.Tensor, offset: tf.Tensor, width: tf.Tensor, flip: tf.Tensor, size: int):
+    """SDXL's six size ids of one example, as diffusers' SDXL training scripts compute them
+    (they flip before cropping): original (height, width), the crop's (top, left) in the resized,
+    flipped image, target (height, width)."""
+    left = tf.where(flip, width - offset[1] - size, offset[1])
+    ids = tf.stack([original[0], original[1], offset[0], left, size, size])
+    return tf.cast(ids, tf.float32)
 
 
 # Colour augmentation: of the recoloured examples this share is made grey; the others get a
@@ -199,8 +220,10 @@ def _preprocess(
     random_flip: bool,
     random_crop: bool,
     color_augment: float = 0.0,
+    micro_conditioning: bool = False,
 ) -> Batch:
-    """Geometry + value range for one example: {"image": uint8 HxWxC, "depth"?: ...}."""
+    """Geometry + value range for one example: {"image": uint8 HxWxC, "depth"?: ...}; with
+    ``micro_conditioning``, also its ``micro_cond`` (SDXL's size ids of the real crop)."""
     rgb = _to_rgb_float(example["image"])
     has_source = "source" in example  # an edit pair: same crop / flip as the edited image
     if train and seed is not None and color_augment > 0:
@@ -227,9 +250,11 @@ def _preprocess(
         joint = tf.concat([joint, source], axis=-1)
     augment = train and seed is not None
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2)) if augment else (None, None)
-    joint = _fit_to_size(joint, image_size, random_crop=random_crop, train=augment, seed=crop_seed)
+    original = tf.shape(rgb)[:2]
+    joint, offset, width = _fit_to_size(joint, image_size, random_crop=random_crop, train=augment, seed=crop_seed)
+    flip = tf.constant(False)
     if augment and random_flip:
-        joint = tf.image.stateless_random_flip_left_right(joint, flip_seed)
+        joint, flip = _random_flip(joint, flip_seed)
     channels = 3 + int(has_depth) + 3 * int(has_source)
     joint = tf.ensure_shape(joint, [image_size, image_size, channels])
 
@@ -240,6 +265,8 @@ def _preprocess(
     if has_depth:
         out["depth"] = joint[..., 3:]
         out.setdefault("has_depth", tf.constant(True))
+    if micro_conditioning:
+        out["micro_cond"] = _micro_conditioning(original, offset, width, flip, image_size)
     return out
 
 
@@ -604,6 +631,7 @@ def build_dataset(
     tokenize: Any = None,
     drop_prob: float = 0.0,
     start_batch: int = 0,
+    micro_conditioning: bool = False,
 ) -> tf.data.Dataset:
     """Batched dataset of this process's share of `split` (see the module docstring); with
     `task_config`, every example carries the task's `cond` (see codi_jax.data.tasks).
@@ -611,7 +639,8 @@ def build_dataset(
     instructions and captions (folder, tfds `caption_key`) into `prompt_ids`; training replaces an
     example's with the empty prompt's with probability `drop_prob` (`text.drop_prob`).
     Training streams start at batch `start_batch` (a resumed run's step): by random access, at
-    the cost of batch 0, except for TFRecord-stored tfds datasets, which read the examples before it."""
+    the cost of batch 0, except for TFRecord-stored tfds datasets, which read the examples before it.
+    `micro_conditioning` (SDXL backbones): every example also carries `micro_cond`."""
     if task_config is not None:
         task_spec.check_task_config(task_config)
         if task_config.name == "none":
@@ -648,6 +677,7 @@ def build_dataset(
             random_flip=bool(data_config.random_flip),
             random_crop=bool(data_config.random_crop),
             color_augment=color_augment,
+            micro_conditioning=micro_conditioning,
         )
         return example if drop is None else drop(example, example_seed)
 
