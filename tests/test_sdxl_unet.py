@@ -268,6 +268,15 @@ def test_sdxl_unet_matches_diffusers(sdxl_run: dict[str, Any]) -> None:
         64,
     )
     _compare(sdxl_run["reference"]["plain"], sdxl_run["ours"]["plain"], "SDXL UNet2DConditionModel")
+    # The added conditioning matters far above the tolerance: other time ids change diffusers' output.
+    import torch
+
+    data = sdxl_run["data"]
+    swapped = tiny_sdxl.added_cond_kwargs({**data, "time_ids": data["time_ids"][::-1].copy()})
+    args = (torch.from_numpy(data["sample"]), torch.from_numpy(TIMESTEPS), torch.from_numpy(data["tokens"]))
+    with torch.no_grad():
+        other = sdxl_run["unet"](*args, added_cond_kwargs=swapped).sample.numpy()
+    assert float(np.max(np.abs(other - sdxl_run["reference"]["plain"]))) > 1e-2
 
 
 def test_sdxl_controlnet_residuals_match_diffusers(sdxl_run: dict[str, Any]) -> None:
