@@ -101,7 +101,7 @@ class _Blocks(nn.Module):
     cross_attention: bool
     attention_impl: str
     remat_policy: str
-    transformer_layers: int  # transformer blocks per attention (diffusers' transformer_layers_per_block)
+    transformer_layers: int = 1  # transformer blocks per attention (diffusers' transformer_layers_per_block)
 
     def resnet(self, name: str):
         resnet_cls, _, _ = _block_classes(self.remat, self.remat_policy)
