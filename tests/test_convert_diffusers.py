@@ -172,8 +172,8 @@ def test_unsupported_unconditional_configs(override: dict[str, Any], match: str)
     "override, match",
     [
         ({"down_block_types": ["DownBlock2D", "SimpleCrossAttnDownBlock2D"]}, "SimpleCrossAttnDownBlock2D"),
-        ({"transformer_layers_per_block": 2}, "transformer_layers_per_block"),
-        ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+        ({"transformer_layers_per_block": [[1, 1], [2, 2]]}, "transformer_layers_per_block"),
+        ({"addition_embed_type": "text_time"}, "addition_embed_type"),  # without its widths
         ({"mid_block_type": "UNetMidBlock2DSimpleCrossAttn"}, "mid_block_type"),
         ({"only_cross_attention": True}, "only_cross_attention"),
         ({"class_embed_type": "timestep"}, "class_embed_type"),
@@ -475,8 +475,8 @@ def test_controlnet_load_paths_and_errors(controlnet_run: dict[str, Any], tmp_pa
     for override, match in [
         ({"controlnet_conditioning_channel_order": "bgr"}, "controlnet_conditioning_channel_order"),
         ({"global_pool_conditions": True}, "global_pool_conditions"),
-        ({"transformer_layers_per_block": 2}, "transformer_layers_per_block"),
-        ({"addition_embed_type": "text_time"}, "addition_embed_type"),
+        ({"transformer_layers_per_block": [[1], [2, 2]]}, "transformer_layers_per_block"),
+        ({"addition_embed_type": "text"}, "addition_embed_type"),
         ({"_class_name": "UNet2DConditionModel"}, "expected a ControlNetModel"),
     ]:
         with pytest.raises(UnsupportedDiffusersConfig, match=match):

@@ -49,6 +49,10 @@ ARCHITECTURE_FIELDS = (
     "num_attention_heads",
     "cross_attention_dim",
     "use_linear_projection",
+    "transformer_layers_per_block",
+    "addition_embed_type",
+    "addition_time_embed_dim",
+    "projection_class_embeddings_input_dim",
     "norm_num_groups",
     "norm_eps",
     "dropout",
@@ -181,8 +185,27 @@ def _attention_config(model: UNet) -> dict[str, Any]:
         cross_attention_dim=int(model.cross_attention_dim),
         use_linear_projection=bool(model.use_linear_projection),
         only_cross_attention=False,
-        transformer_layers_per_block=1,
+        transformer_layers_per_block=_transformer_layers(model),
         upcast_attention=False,  # ours computes logits / softmax in float32 always; equal in float32
+        **_addition_config(model),
+    )
+
+
+def _transformer_layers(model: UNet) -> int | list[int]:
+    """diffusers' ``transformer_layers_per_block``: 1 (SD 1.x / 2.x) or one count per level (SDXL)."""
+    if model.transformer_layers_per_block is None:
+        return 1
+    return [int(c) for c in model.transformer_layers_per_block]
+
+
+def _addition_config(model: UNet) -> dict[str, Any]:
+    """``addition_embed_type`` and its widths (all None without added conditioning, diffusers' defaults)."""
+    if model.addition_embed_type is None:
+        return dict(addition_embed_type=None, addition_time_embed_dim=None, projection_class_embeddings_input_dim=None)
+    return dict(
+        addition_embed_type=str(model.addition_embed_type),
+        addition_time_embed_dim=int(model.addition_time_embed_dim),
+        projection_class_embeddings_input_dim=int(model.projection_class_embeddings_input_dim),
     )
 
 
@@ -195,8 +218,10 @@ def _effective_architecture(model: UNet) -> dict[str, Any]:
     fields["freq_shift"] = float(model.freq_shift)
     del fields["attention_head_dim"], fields["num_attention_heads"]
     fields["heads"] = _attention_blocks(model)
+    counts = model.transformer_layers_per_block or (1,) * len(model.block_out_channels)
+    fields["transformer_layers_per_block"] = tuple(int(c) for c in counts)
     if model.cross_attention_dim is None:
-        del fields["use_linear_projection"]
+        del fields["use_linear_projection"], fields["transformer_layers_per_block"]
     return fields
 
 
@@ -338,6 +363,9 @@ def controlnet_diffusers_config(adapter: ControlNet) -> dict[str, Any]:
         "only_cross_attention",
         "transformer_layers_per_block",
         "upcast_attention",
+        "addition_embed_type",
+        "addition_time_embed_dim",
+        "projection_class_embeddings_input_dim",
     )
     return {
         "_class_name": "ControlNetModel",
@@ -349,7 +377,6 @@ def controlnet_diffusers_config(adapter: ControlNet) -> dict[str, Any]:
         "global_pool_conditions": False,
         "class_embed_type": None,
         "num_class_embeds": None,
-        "addition_embed_type": None,
     }
 
 

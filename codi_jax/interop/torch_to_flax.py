@@ -1,10 +1,11 @@
 """Diffusers (PyTorch) UNet / VAE / ControlNet weights -> this codebase's flax parameters.
 
 Supports diffusers' ``UNet2DModel`` (``DownBlock2D`` / ``AttnDownBlock2D`` blocks, ``UNetMidBlock2D``),
-``UNet2DConditionModel`` (``DownBlock2D`` / ``CrossAttnDownBlock2D`` blocks with one
-``BasicTransformerBlock`` each, ``UNetMidBlock2DCrossAttn``: the SD 1.x and 2.x layouts, heads per
-level, conv or linear ``proj_in`` / ``proj_out``), ``AutoencoderKL`` and ``ControlNetModel`` (for
-``adapters.ControlNet``). Our modules are named like
+``UNet2DConditionModel`` (``DownBlock2D`` / ``CrossAttnDownBlock2D`` blocks with
+``transformer_layers_per_block`` ``BasicTransformerBlock`` s each, ``UNetMidBlock2DCrossAttn``: the SD 1.x,
+2.x and SDXL layouts, heads per level, conv or linear ``proj_in`` / ``proj_out``, SDXL's
+``addition_embed_type="text_time"``), ``AutoencoderKL`` and ``ControlNetModel`` (for
+``adapters.ControlNet``, SDXL's included). Our modules are named like
 diffusers' (``down_blocks_0/resnets_1/conv1`` <-> ``down_blocks.0.resnets.1.conv1``), so the
 conversion is a name mapping plus layout changes:
 
@@ -67,7 +68,7 @@ _UNCONDITIONAL_REQUIREMENTS = _COMMON_REQUIREMENTS + (
 )
 _CONDITIONAL_REQUIREMENTS = _COMMON_REQUIREMENTS + (
     ("dual_cross_attention", (False,)),
-    ("addition_embed_type", (None,)),
+    ("addition_embed_type", (None, "text_time")),
     ("encoder_hid_dim", (None,)),
     ("encoder_hid_dim_type", (None,)),
     ("time_embedding_act_fn", (None,)),
@@ -81,7 +82,6 @@ _CONDITIONAL_REQUIREMENTS = _COMMON_REQUIREMENTS + (
     ("resnet_skip_time_act", (False,)),
     ("resnet_out_scale_factor", (1.0, 1)),
     ("reverse_transformer_layers_per_block", (None,)),
-    ("projection_class_embeddings_input_dim", (None,)),
 )
 
 # Old diffusers checkpoints name UNet2DModel's attention projections differently; diffusers
@@ -258,11 +258,11 @@ def _conditional_attention(config: Mapping[str, Any], fields: Mapping[str, Any],
         if len(set(cross_attention_dim)) != 1:
             raise _unsupported(class_name, f"cross_attention_dim={list(cross_attention_dim)} varies per level.")
         cross_attention_dim = cross_attention_dim[0]
-    for field in ("only_cross_attention", "transformer_layers_per_block"):
-        default = False if field == "only_cross_attention" else 1
-        values = set(_per_level(config.get(field, default), levels, field, class_name))
-        if values != {default}:
-            raise _unsupported(class_name, f"{field}={config.get(field)!r} (we support {default!r} only).")
+    values = set(_per_level(config.get("only_cross_attention", False), levels, "only_cross_attention", class_name))
+    if values != {False}:
+        raise _unsupported(
+            class_name, f"only_cross_attention={config.get('only_cross_attention')!r} (we support False only)."
+        )
     if config.get("mid_block_only_cross_attention") not in (None, False):
         raise _unsupported(class_name, "mid_block_only_cross_attention=True is not supported.")
     # upcast_attention (either value) needs nothing: our attention logits and softmax are always float32.
@@ -271,6 +271,40 @@ def _conditional_attention(config: Mapping[str, Any], fields: Mapping[str, Any],
         **_conditional_heads(config, fields, class_name),
         cross_attention_dim=int(cross_attention_dim),
         use_linear_projection=bool(config.get("use_linear_projection", False)),
+        **_transformer_layers(config, levels, class_name),
+        **_addition_fields(config, class_name),
+    )
+
+
+def _transformer_layers(config: Mapping[str, Any], levels: int, class_name: str) -> dict[str, Any]:
+    """``transformer_layers_per_block`` (an int or one count per level; the up blocks read the reversed
+    list, the same count per level): no field where every count is 1 (SD 1.x / 2.x)."""
+    value = config.get("transformer_layers_per_block", 1)
+    counts = _per_level(value, levels, "transformer_layers_per_block", class_name)
+    if any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in counts):
+        raise _unsupported(class_name, f"transformer_layers_per_block={value!r} (we support one int >= 1 per level).")
+    return {} if set(counts) == {1} else dict(transformer_layers_per_block=tuple(int(c) for c in counts))
+
+
+def _addition_fields(config: Mapping[str, Any], class_name: str) -> dict[str, Any]:
+    """SDXL's ``addition_embed_type="text_time"`` and its widths; no fields without it."""
+    kind = config.get("addition_embed_type")
+    projection = config.get("projection_class_embeddings_input_dim")
+    if kind is None:
+        if projection is not None:
+            raise _unsupported(
+                class_name,
+                f"projection_class_embeddings_input_dim={projection!r} is not supported (supported: [None]).",
+            )
+        return {}
+    time_dim = config.get("addition_time_embed_dim")
+    for field, width in (("addition_time_embed_dim", time_dim), ("projection_class_embeddings_input_dim", projection)):
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise _unsupported(class_name, f"addition_embed_type={kind!r} needs {field} (a width), got {width!r}.")
+    return dict(
+        addition_embed_type=kind,
+        addition_time_embed_dim=int(time_dim),
+        projection_class_embeddings_input_dim=int(projection),
     )
 
 
@@ -286,10 +320,10 @@ def _unet_fields(config: Mapping[str, Any], class_name: str) -> dict[str, Any]:
 def unet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any]:
     """Maps a diffusers ``UNet2DModel`` / ``UNet2DConditionModel`` config (config.json) to ``UNet`` fields.
 
-    SD 1.x and 2.x layouts map exactly (heads per level, conv or linear transformer projections,
-    ``upcast_attention``). Raises ``UnsupportedDiffusersConfig`` (a ``ValueError``) naming the field
-    for architectures our ``UNet`` cannot reproduce exactly (e.g. SDXL's ``addition_embed_type``,
-    ``transformer_layers_per_block`` != 1, ``class_embed_type``).
+    SD 1.x, 2.x and SDXL layouts map exactly (heads per level, conv or linear transformer projections,
+    ``upcast_attention``, ``transformer_layers_per_block``, ``addition_embed_type="text_time"``). Raises
+    ``UnsupportedDiffusersConfig`` (a ``ValueError``) naming the field for architectures our ``UNet``
+    cannot reproduce exactly (e.g. ``class_embed_type``, ``reverse_transformer_layers_per_block``).
     """
     config = dict(config)
     class_name = config.get("_class_name")
@@ -327,10 +361,7 @@ def unet_param_shapes(model: UNet) -> Any:
     size = 2 ** (len(model.block_out_channels) - 1)
     sample = jax.ShapeDtypeStruct((1, size, size, model.in_channels), jnp.float32)
     timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
-    context = None
-    if model.cross_attention_dim is not None:
-        context = jax.ShapeDtypeStruct((1, 1, model.cross_attention_dim), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, timesteps, context)["params"]
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, timesteps, model.context_spec())["params"]
 
 
 def _params_from_state_dict(
@@ -465,7 +496,6 @@ def load_diffusers_vae(
 _CONTROLNET_REQUIREMENTS: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("controlnet_conditioning_channel_order", ("rgb",)),
     ("global_pool_conditions", (False,)),
-    ("addition_embed_type", (None,)),
     ("class_embed_type", (None,)),
 )
 
@@ -474,7 +504,8 @@ def controlnet_config_from_diffusers(config: Mapping[str, Any]) -> dict[str, Any
     """Maps a diffusers ``ControlNetModel`` config (config.json) to ``adapters.ControlNet`` fields.
 
     The UNet fields are those of the UNet the ControlNet copies (``out_channels`` is the diffusers
-    default 4: a ControlNet has no output conv); the hint network's widths are
+    default 4: a ControlNet has no output conv; SDXL's ``transformer_layers_per_block`` and
+    ``addition_embed_type="text_time"`` included); the hint network's widths are
     ``conditioning_embedding_out_channels``. Raises ``UnsupportedDiffusersConfig`` naming the field.
     """
     config = dict(config)
@@ -504,9 +535,7 @@ def controlnet_param_shapes(adapter: ControlNet) -> Any:
     sample = jax.ShapeDtypeStruct((1, size, size, adapter.in_channels), jnp.float32)
     cond = jax.ShapeDtypeStruct((1, cond_size, cond_size, adapter.cond_channels), jnp.float32)
     timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
-    context = None
-    if adapter.cross_attention_dim is not None:
-        context = jax.ShapeDtypeStruct((1, 1, adapter.cross_attention_dim), jnp.float32)
+    context = adapter.context_spec()
     return jax.eval_shape(adapter.init, jax.random.PRNGKey(0), sample, timesteps, cond, None, context)["params"]
 
 

@@ -26,11 +26,11 @@ import jax.numpy as jnp
 import ml_collections
 
 from codi_jax.models import layers
-from codi_jax.models.unet import UNet
+from codi_jax.models.unet import Context, UNet, split_context
 
 ADAPTER_KINDS = ("controlnet", "fusion", "t2i")
 # Backbone sub-trees a ControlNet copies: the whole encoder, under the same names.
-ENCODER_PREFIXES = ("conv_in", "time_embedding", "down_blocks_", "mid_block")
+ENCODER_PREFIXES = ("conv_in", "time_embedding", "add_embedding", "down_blocks_", "mid_block")
 
 
 def _zero_conv(features: int, name: str) -> layers.Conv2D:
@@ -118,19 +118,22 @@ class ControlNet(UNet):
         timesteps: jax.Array,
         cond: jax.Array,
         instruction: jax.Array | None = None,
-        context: jax.Array | None = None,
+        context: Context = None,
         *,
         guidance_scale: jax.Array | None = None,
         train: bool = False,
     ) -> dict[str, Any]:
+        """The backbone hooks for ``(sample, timesteps, cond)``; ``context`` as the backbone's (a
+        ``TEXT_TIME_KEYS`` dict for a text_time encoder: its ``add_embedding`` reads the extras)."""
         self.check_input(sample)
         if cond.shape[:1] != sample.shape[:1] or cond.shape[-1] != self.cond_channels:
             raise ValueError(
                 f"Condition of shape {cond.shape} does not fit: expected batch {sample.shape[0]} and "
                 f"{self.cond_channels} channels."
             )
+        context, added = split_context(context, self.addition_embed_type)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
-        temb = self.time_embed(timesteps)
+        temb = self.time_embed(timesteps, added)
         if self.num_instructions:
             temb = temb + _instruction_embedding(self.num_instructions, temb.shape[-1], instruction)
         if self.guidance_embedding:
@@ -223,7 +226,7 @@ class ConditionalUNet(nn.Module):
         timesteps: jax.Array,
         cond: jax.Array,
         instruction: jax.Array | None = None,
-        context: jax.Array | None = None,
+        context: Context = None,
         *,
         guidance_scale: jax.Array | None = None,
         train: bool = False,

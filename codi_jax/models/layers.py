@@ -342,7 +342,9 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer2D(nn.Module):
-    """diffusers ``Transformer2DModel`` with one ``BasicTransformerBlock``.
+    """diffusers ``Transformer2DModel``: ``norm``, ``proj_in``, ``num_layers`` ``BasicTransformerBlock`` s
+    (``transformer_blocks_0`` ... ``transformer_blocks_{num_layers - 1}``; SD 1.x / 2.x: one, SDXL: up to
+    10), ``proj_out``, residual.
 
     ``linear_projection``: ``proj_in`` / ``proj_out`` are linear layers (kernel ``(c, c)``, SD 2.x's
     ``use_linear_projection=True``) or 1x1 convs (kernel ``(1, 1, c, c)``, SD 1.x). The two compute
@@ -355,6 +357,7 @@ class Transformer2D(nn.Module):
     heads: int | None = None  # if set, the number of heads (``head_dim`` is then unused)
     linear_projection: bool = True
     attention_impl: str = "dot_product"  # see ``ATTENTION_IMPLS``
+    num_layers: int = 1  # diffusers' ``transformer_layers_per_block`` at this block's level
 
     def _projection(self, h: jax.Array, name: str) -> jax.Array:
         c = h.shape[-1]
@@ -368,7 +371,8 @@ class Transformer2D(nn.Module):
         heads = num_heads(c, self.head_dim, self.heads)
         h = _group_norm(self.groups, 1e-6, "norm")(x).reshape(b, hgt * wid, c)
         h = self._projection(h, "proj_in")
-        h = TransformerBlock(heads, self.dtype, self.attention_impl, name="transformer_blocks_0")(h, context)
+        for i in range(self.num_layers):
+            h = TransformerBlock(heads, self.dtype, self.attention_impl, name=f"transformer_blocks_{i}")(h, context)
         h = self._projection(h, "proj_out")
         return (x + h.reshape(b, hgt, wid, c).astype(x.dtype)).astype(self.dtype)
 

@@ -3,6 +3,11 @@
 ``mid_block``, ``up_blocks_i``, ``conv_norm_out``, ``conv_out``) so that a converter from
 PyTorch weights is a name mapping plus kernel transposes.
 
+SDXL's extras: ``transformer_layers_per_block`` (several transformer blocks per attention) and
+``addition_embed_type="text_time"`` (pooled text embedding and size / crop time ids added to the
+time embedding). A text_time UNet takes ``context`` as a dict (``TEXT_TIME_KEYS``, see
+``split_context``); every other conditional UNet takes the token array.
+
 Hooks for adapters: ``__call__`` takes optional additive residuals for every skip connection
 (``down_residuals``, in the order diffusers' ControlNet produces them) and for the middle block
 (``mid_residual``), and can return the encoder features instead of / beside the output.
@@ -11,7 +16,7 @@ Hooks for adapters: ``__call__`` takes optional additive residuals for every ski
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,6 +26,36 @@ import jax.numpy as jnp
 from codi_jax.models import layers
 
 Dtype = Any
+Context = Any  # a (batch, tokens, width) array, a ``TEXT_TIME_KEYS`` dict (text_time UNets) or None
+
+# ``context`` of an ``addition_embed_type="text_time"`` UNet (SDXL): the token sequence the
+# cross-attention reads, the pooled text embedding (batch, P) and the time ids (batch, n), SDXL's
+# (original height, original width, crop top, crop left, target height, target width).
+TEXT_TIME_KEYS = ("tokens", "text_embeds", "time_ids")
+ADDITION_EMBED_TYPES = (None, "text_time")
+SDXL_TIME_IDS = 6  # time ids per example of SDXL base (the refiner has 5)
+
+
+def split_context(context: Context, addition_embed_type: str | None) -> tuple[jax.Array | None, dict | None]:
+    """``(token sequence, added conditioning)`` of ``context``: for a text_time UNet the dict's
+    ``"tokens"`` and ``{"text_embeds", "time_ids"}``, for any other UNet ``(context, None)``."""
+    if addition_embed_type is None:
+        if isinstance(context, Mapping):
+            raise ValueError(
+                f"This UNet has no addition_embed_type: context must be a token array, got a dict {sorted(context)}."
+            )
+        return context, None
+    given = sorted(context) if isinstance(context, Mapping) else []
+    missing = [key for key in TEXT_TIME_KEYS if key not in given]
+    if missing:
+        if isinstance(context, Mapping):
+            what = f"a dict with keys {given}"
+        else:
+            what = f"an array of shape {context.shape}" if hasattr(context, "shape") else repr(context)
+        raise ValueError(
+            f"A text_time UNet needs context={{{', '.join(TEXT_TIME_KEYS)}}}; got {what}, missing {missing}."
+        )
+    return context["tokens"], {"text_embeds": context["text_embeds"], "time_ids": context["time_ids"]}
 
 
 # ``UNet.remat_policy``: what a rematerialised block keeps from its forward pass (the rest is
@@ -66,6 +101,7 @@ class _Blocks(nn.Module):
     cross_attention: bool
     attention_impl: str
     remat_policy: str
+    transformer_layers: int = 1  # transformer blocks per attention (diffusers' transformer_layers_per_block)
 
     def resnet(self, name: str):
         resnet_cls, _, _ = _block_classes(self.remat, self.remat_policy)
@@ -85,7 +121,14 @@ class _Blocks(nn.Module):
         impl = self.attention_impl
         if self.cross_attention:
             return transformer_cls(
-                self.head_dim, self.groups, self.dtype, self.heads, self.linear_projection, impl, name=name
+                self.head_dim,
+                self.groups,
+                self.dtype,
+                self.heads,
+                self.linear_projection,
+                impl,
+                self.transformer_layers,
+                name=name,
             )(x, context)
         return attn_cls(self.head_dim, self.groups, self.eps, self.dtype, self.heads, impl, name=name)(x)
 
@@ -149,6 +192,13 @@ class UNet(nn.Module):
         ``context`` sequence of this width.
       use_linear_projection: the transformers' ``proj_in`` / ``proj_out`` are linear layers (SD 2.x)
         or 1x1 convs (SD 1.x); the same map, stored with diffusers' parameter shapes.
+      transformer_layers_per_block: if set, transformer blocks per attention at each level (the
+        middle block uses the last level's; SDXL: (1, 2, 10)); None is one everywhere (SD 1.x / 2.x).
+      addition_embed_type: None, or "text_time" (SDXL): ``context`` is then a dict with
+        ``TEXT_TIME_KEYS``; the time ids' sinusoidal embeddings (``addition_time_embed_dim`` each,
+        the time embedding's flip_sin_to_cos / freq_shift), flattened per example after the pooled
+        ``text_embeds``, go through ``add_embedding`` (linear, SiLU, linear: input width
+        ``projection_class_embeddings_input_dim``) and are added to the time embedding.
       norm_num_groups / norm_eps: GroupNorm settings.
       flip_sin_to_cos / freq_shift: sinusoidal time-embedding convention (diffusers' defaults).
       dtype: compute dtype (params stay float32).
@@ -174,6 +224,10 @@ class UNet(nn.Module):
     num_attention_heads: Sequence[int] | None = None
     cross_attention_dim: int | None = None
     use_linear_projection: bool = True
+    transformer_layers_per_block: Sequence[int] | None = None
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     dropout: float = 0.0
@@ -204,13 +258,64 @@ class UNet(nn.Module):
             cross_attention=self.cross_attention_dim is not None,
             attention_impl=self.attention_impl,
             remat_policy=self.remat_policy,
+            transformer_layers=self.transformer_layers(level),
         )
 
-    def time_embed(self, timesteps: jax.Array) -> jax.Array:
+    def transformer_layers(self, level: int) -> int:
+        """Transformer blocks per attention at ``level`` (diffusers' up blocks read the reversed list,
+        i.e. the same count per level; the middle block the last level's)."""
+        if self.transformer_layers_per_block is None:
+            return 1
+        return int(self.transformer_layers_per_block[level])
+
+    def time_embed(self, timesteps: jax.Array, added: Mapping[str, jax.Array] | None = None) -> jax.Array:
+        """The time embedding (batch, 4 * block_out_channels[0]), plus ``add_embedding`` of the
+        text_time conditioning ``added`` (``split_context``'s) for a text_time UNet."""
         emb = layers.timestep_embedding(
             timesteps, self.block_out_channels[0], flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
         )
-        return layers.TimestepEmbedding(4 * self.block_out_channels[0], name="time_embedding")(emb)
+        temb = layers.TimestepEmbedding(4 * self.block_out_channels[0], name="time_embedding")(emb)
+        if self.addition_embed_type is None:
+            return temb
+        return temb + self._text_time_embedding(added, temb.shape[0], temb.shape[-1])
+
+    def _text_time_embedding(self, added: Mapping[str, jax.Array], batch: int, features: int) -> jax.Array:
+        """diffusers' ``add_time_proj`` (sinusoids of every time id) after ``text_embeds``, then ``add_embedding``."""
+        text_embeds = jnp.asarray(added["text_embeds"], jnp.float32)
+        time_ids = jnp.asarray(added["time_ids"], jnp.float32)
+        if text_embeds.shape[0] != batch or time_ids.shape[0] != batch or text_embeds.ndim != 2 or time_ids.ndim != 2:
+            raise ValueError(
+                f"text_embeds {text_embeds.shape} / time_ids {time_ids.shape} must be (batch={batch}, n) arrays."
+            )
+        time_embeds = layers.timestep_embedding(
+            time_ids.reshape(-1),
+            self.addition_time_embed_dim,
+            flip_sin_to_cos=self.flip_sin_to_cos,
+            freq_shift=self.freq_shift,
+        ).reshape(batch, -1)
+        add_embeds = jnp.concatenate([text_embeds, time_embeds], axis=-1)
+        if add_embeds.shape[-1] != self.projection_class_embeddings_input_dim:
+            raise ValueError(
+                f"text_embeds width {text_embeds.shape[-1]} + {time_ids.shape[-1]} time ids x "
+                f"{self.addition_time_embed_dim} = {add_embeds.shape[-1]}; projection_class_embeddings_input_dim is "
+                f"{self.projection_class_embeddings_input_dim}."
+            )
+        return layers.TimestepEmbedding(features, name="add_embedding")(add_embeds)
+
+    def context_spec(self, batch: int = 1, tokens: int = 1) -> Context:
+        """``ShapeDtypeStruct`` s of a ``context`` this UNet reads (None without cross-attention);
+        for a text_time UNet SDXL's six time ids and the pooled width that fills ``add_embedding``."""
+        if self.cross_attention_dim is None:
+            return None
+        token_spec = jax.ShapeDtypeStruct((batch, tokens, self.cross_attention_dim), jnp.float32)
+        if self.addition_embed_type is None:
+            return token_spec
+        pooled = self.projection_class_embeddings_input_dim - SDXL_TIME_IDS * self.addition_time_embed_dim
+        return {
+            "tokens": token_spec,
+            "text_embeds": jax.ShapeDtypeStruct((batch, pooled), jnp.float32),
+            "time_ids": jax.ShapeDtypeStruct((batch, SDXL_TIME_IDS), jnp.float32),
+        }
 
     def encode(
         self,
@@ -261,6 +366,27 @@ class UNet(nn.Module):
             if heads < 1 or channels % heads:
                 raise ValueError(f"num_attention_heads[{i}]={heads} does not divide level {i}'s {channels} channels.")
 
+    def _check_sdxl_fields(self) -> None:
+        """``transformer_layers_per_block`` has one count per level; text_time has its widths."""
+        levels = len(self.block_out_channels)
+        counts = self.transformer_layers_per_block
+        if counts is not None and (len(counts) != levels or min(counts) < 1):
+            raise ValueError(
+                f"transformer_layers_per_block={tuple(counts)} needs {levels} counts >= 1 (one per level)."
+            )
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(f"addition_embed_type={self.addition_embed_type!r}; valid: {ADDITION_EMBED_TYPES}.")
+        if self.addition_embed_type is not None and self.cross_attention_dim is None:
+            raise ValueError(
+                f"addition_embed_type={self.addition_embed_type!r} needs cross_attention_dim (a text UNet)."
+            )
+        widths = (self.addition_time_embed_dim, self.projection_class_embeddings_input_dim)
+        if self.addition_embed_type == "text_time" and None in widths:
+            raise ValueError(
+                "addition_embed_type='text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim."
+            )
+
     def check_choices(self) -> None:
         """``attention_impl`` / ``remat_policy`` are known values (errors name the field)."""
         if self.attention_impl not in layers.ATTENTION_IMPLS:
@@ -277,6 +403,7 @@ class UNet(nn.Module):
             )
         if self.num_attention_heads is not None:
             self._check_heads()
+        self._check_sdxl_fields()
         if sample.ndim != 4 or sample.shape[-1] != self.in_channels:
             raise ValueError(f"UNet expects NHWC input with {self.in_channels} channels, got shape {sample.shape}.")
         factor = 2 ** (levels - 1)
@@ -296,7 +423,7 @@ class UNet(nn.Module):
         self,
         sample: jax.Array,
         timesteps: jax.Array,
-        context: jax.Array | None = None,
+        context: Context = None,
         *,
         down_residuals: Sequence[jax.Array] | None = None,
         mid_residual: jax.Array | None = None,
@@ -305,7 +432,8 @@ class UNet(nn.Module):
         return_features: bool = False,
         train: bool = False,
     ):
-        """Predicts the network output for noisy ``sample`` (NHWC) at model times ``timesteps``.
+        """Predicts the network output for noisy ``sample`` (NHWC) at model times ``timesteps``, reading
+        ``context`` (the token array; a ``TEXT_TIME_KEYS`` dict for a text_time UNet).
 
         Adapter hooks, applied to the skip tensors and the middle-block output before the decoder:
           down_residuals / mid_residual: ``h + r`` (ControlNet, T2I-Adapter).
@@ -316,8 +444,9 @@ class UNet(nn.Module):
         """
         self.check_input(sample)
         levels = len(self.block_out_channels)
+        context, added = split_context(context, self.addition_embed_type)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
-        temb = self.time_embed(timesteps)
+        temb = self.time_embed(timesteps, added)
         skips, h = self.encode(sample, temb, context, train=train)
         features_out = {"down": list(skips), "mid": h}
 
@@ -363,7 +492,7 @@ def unet_from_config(model_config) -> UNet:
         raise ValueError(f"Unknown model config fields {sorted(unknown)}; valid: {sorted(valid)}.")
     if "dtype" in cfg and isinstance(cfg["dtype"], str):
         cfg["dtype"] = jnp.dtype(cfg["dtype"])
-    for key in ("block_out_channels", "attention_levels", "num_attention_heads"):
+    for key in ("block_out_channels", "attention_levels", "num_attention_heads", "transformer_layers_per_block"):
         if cfg.get(key) is not None:
             cfg[key] = tuple(cfg[key])
     model = UNet(**cfg)
