@@ -23,9 +23,16 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 diffusers = pytest.importorskip("diffusers")
 
-from codi_jax.frozen import sdxl_text  # noqa: E402
+from codi_jax.frozen import encoders, sdxl_text  # noqa: E402
 from codi_jax.interop.torch_to_flax import load_diffusers_vae  # noqa: E402
-from codi_jax.models.clip_text import CLIPTextModelWithProjection, load_clip_text  # noqa: E402
+from codi_jax.models.clip_text import (  # noqa: E402
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    UnsupportedCLIPConfig,
+    clip_text_from_config,
+    clip_text_param_shapes,
+    load_clip_text,
+)
 from codi_jax.models.vae import AutoencoderKL  # noqa: E402
 from tests import tiny_sd  # noqa: E402
 
@@ -33,6 +40,41 @@ MAX_LENGTH = 16  # both tokenizers' model_max_length and both encoders' max_posi
 LONG_PROMPT = "the cat sat on the mat " * 6  # longer than MAX_LENGTH tokens: truncated
 PROMPTS = ["a photo of a cat", "a painting of the sea at sunset, highly detailed", LONG_PROMPT, ""]
 RELATIVE_TOLERANCE = 1e-5
+# stabilityai/stable-diffusion-xl-base-1.0 text_encoder_2/config.json (text_encoder/ is the same with
+# architectures CLIPTextModel, hidden 768, 12 heads / layers, intermediate 3072, quick_gelu, projection 768).
+SDXL_TEXT_ENCODER_2 = {
+    "_name_or_path": "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k",
+    "architectures": ["CLIPTextModelWithProjection"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 0,
+    "dropout": 0.0,
+    "eos_token_id": 2,
+    "hidden_act": "gelu",
+    "hidden_size": 1280,
+    "initializer_factor": 1.0,
+    "initializer_range": 0.02,
+    "intermediate_size": 5120,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 77,
+    "model_type": "clip_text_model",
+    "num_attention_heads": 20,
+    "num_hidden_layers": 32,
+    "pad_token_id": 1,
+    "projection_dim": 1280,
+    "torch_dtype": "float16",
+    "transformers_version": "4.32.0.dev0",
+    "vocab_size": 49408,
+}
+SDXL_TEXT_ENCODER = {
+    **SDXL_TEXT_ENCODER_2,
+    "architectures": ["CLIPTextModel"],
+    "hidden_act": "quick_gelu",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "projection_dim": 768,
+}
 
 
 def _perturb(model, seed: int):
@@ -244,6 +286,31 @@ def test_loader_reads_the_pipeline_folder(sdxl, ours, tmp_path) -> None:
         sdxl_text.load_sdxl_text(str(tmp_path))
     with pytest.raises(ValueError, match="clip_skip"):
         sdxl_text.encode_sdxl_prompts(ours, ["a cat"], clip_skip=2)
+
+
+def test_sdxl_text_configs_build_the_right_modules() -> None:
+    """SDXL base's two config.json files: classes, pooling rule, projection shape; refusals name the field."""
+    first, second = clip_text_from_config(SDXL_TEXT_ENCODER), clip_text_from_config(SDXL_TEXT_ENCODER_2)
+    assert type(first) is CLIPTextModel and first.hidden_size == 768 and first.hidden_act == "quick_gelu"
+    assert isinstance(second, CLIPTextModelWithProjection)
+    assert (second.hidden_size, second.projection_dim, second.eos_token_id) == (1280, 1280, 2)
+    one_layer = {"num_hidden_layers": 1}  # the shapes of interest without tracing 32 layers
+    shapes = clip_text_param_shapes(clip_text_from_config({**SDXL_TEXT_ENCODER_2, **one_layer}))
+    assert shapes["text_projection"]["kernel"].shape == (1280, 1280)
+    assert "text_projection" not in clip_text_param_shapes(clip_text_from_config({**SDXL_TEXT_ENCODER, **one_layer}))
+    without = {k: v for k, v in SDXL_TEXT_ENCODER_2.items() if k not in ("projection_dim", "eos_token_id")}
+    assert (clip_text_from_config(without).projection_dim, clip_text_from_config(without).eos_token_id) == (512, 49407)
+    for field in ("projection_dim", "eos_token_id"):
+        with pytest.raises(UnsupportedCLIPConfig, match=field):
+            clip_text_from_config({**SDXL_TEXT_ENCODER_2, field: None})
+
+
+def test_load_encoders_refuses_text_encoder_2(sdxl) -> None:
+    """SD 1.x / 2.x's ``config.text.encoder`` must be a plain CLIPTextModel, not SDXL's text_encoder_2."""
+    root, _ = sdxl
+    config = {"text": {"encoder": os.path.join(root, "text_encoder_2"), "tokenizer": os.path.join(root, "tokenizer")}}
+    with pytest.raises(ValueError, match="config.text.encoder"):
+        encoders.load_encoders(config)
 
 
 # ---------------------------------------------------------------- SDXL VAE config
