@@ -120,12 +120,12 @@ def _jitted_branch(model: CLIPTextModel, hidden_index: int):
 
 
 def _hidden_index(model: CLIPTextModel, clip_skip: int | None) -> int:
-    index = -2 if clip_skip is None else -(clip_skip + 2)
-    if clip_skip is not None and (
-        not isinstance(clip_skip, int) or clip_skip < 0 or -index > model.num_hidden_layers + 1
-    ):
+    """diffusers' ``hidden_states`` index: -2 (penultimate layer), or ``-(clip_skip + 2)``."""
+    if clip_skip is None:
+        return -2
+    if not isinstance(clip_skip, int) or isinstance(clip_skip, bool) or not 0 <= clip_skip < model.num_hidden_layers:
         raise ValueError(f"clip_skip={clip_skip!r}: expected None or an int in [0, {model.num_hidden_layers - 1}].")
-    return index
+    return -(clip_skip + 2)
 
 
 def encode_sdxl_prompts(text: SDXLText, prompts: str | Sequence[str], clip_skip: int | None = None) -> dict[str, Any]:
