@@ -212,7 +212,8 @@ def test_config_refuses_unsupported_fields(encoders) -> None:
     for field, value in [
         ("hidden_act", "relu"),
         ("model_type", "clip"),
-        ("architectures", ["CLIPTextModelWithProjection"]),
+        ("architectures", ["CLIPVisionModel"]),
+        ("architectures", ["CLIPTextModel", "CLIPTextModelWithProjection"]),
         ("attention_dropout", 0.1),
         ("rope_theta", 10000.0),
     ]:

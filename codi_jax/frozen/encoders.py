@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from codi_jax.interop.torch_to_flax import load_diffusers_vae
-from codi_jax.models.clip_text import CLIPTextModel, load_clip_text
+from codi_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection, load_clip_text
 from codi_jax.models.clip_tokenizer import CLIPTokenizer, load_clip_tokenizer
 from codi_jax.models.vae import AutoencoderKL
 
@@ -114,6 +114,11 @@ def load_encoders(config: Any) -> Encoders:
         encoders.encode_mode = str(_section_value(config, "latent", "encode", "sample"))
     if has_text(config):
         encoders.text_model, encoders.text_params = load_clip_text(text_encoder_path(config))
+        if isinstance(encoders.text_model, CLIPTextModelWithProjection):
+            raise ValueError(
+                f"config.text.encoder={text_encoder_path(config)}: a CLIPTextModelWithProjection (SDXL's "
+                "text_encoder_2) is not an SD 1.x / 2.x text encoder; SDXL prompts go through frozen.sdxl_text."
+            )
         encoders.tokenizer = load_clip_tokenizer(str(_section_value(config, "text", "tokenizer")))
         encoders.max_length = int(_section_value(config, "text", "max_length", 0)) or None
     return encoders

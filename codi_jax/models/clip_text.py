@@ -23,7 +23,7 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -73,7 +73,9 @@ _REQUIRED_VALUES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("attention_dropout", (0.0, 0)),  # no dropout in this module (inference / frozen encoder)
     ("dropout", (0.0, 0)),
 )
-_SUPPORTED_ARCHITECTURES = ("CLIPTextModel",)
+_SUPPORTED_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+# CLIPTextModelWithProjection's extra config.json fields (-> its module fields) and transformers' defaults.
+_PROJECTION_DEFAULTS: dict[str, Any] = dict(projection_dim=512, eos_token_id=49407)
 
 # Our parameter path -> the transformers (5.x layout) state-dict name (layers_3 -> layers.3).
 _torch_name = torch_state.torch_names(
@@ -201,30 +203,77 @@ class CLIPTextModel(nn.Module):
         ``output_hidden_states`` returns ``(last_hidden_state, hidden_states)``: the embeddings and
         each layer's output, before the final LayerNorm (``hidden_states[-2]``: penultimate layer).
         """
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}.")
-        tokens = input_ids.shape[-1]
-        if tokens > self.max_position_embeddings:
-            raise ValueError(f"{tokens} tokens exceed max_position_embeddings={self.max_position_embeddings}.")
-        x = CLIPTextEmbeddings(self.vocab_size, self.hidden_size, self.max_position_embeddings, name="embeddings")(
-            input_ids
-        ).astype(self.dtype)
-        mask = jnp.tril(jnp.ones((tokens, tokens), bool))[None, None]
-        if attention_mask is not None:
-            mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]
-        encoder = CLIPEncoder(
-            self.hidden_size,
-            self.intermediate_size,
-            self.num_attention_heads,
-            self.hidden_act,
-            self.layer_norm_eps,
-            self.dtype,
-            num_hidden_layers=self.num_hidden_layers,
-            name="encoder",
-        )
-        hidden_states = encoder(x, mask)
-        last_hidden_state = _layer_norm(hidden_states[-1], self.layer_norm_eps, "final_layer_norm")
+        last_hidden_state, hidden_states = _text_transformer(self, input_ids, attention_mask)
         return (last_hidden_state, hidden_states) if output_hidden_states else last_hidden_state
+
+
+def _text_transformer(
+    model: CLIPTextModel, input_ids: jax.Array, attention_mask: jax.Array | None
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    """(last_hidden_state, hidden_states) of transformers' ``CLIPTextTransformer``; called from
+    ``model``'s compact ``__call__``, so the submodules are ``model``'s (``embeddings``, ``encoder``,
+    ``final_layer_norm``)."""
+    if model.hidden_act not in _ACTIVATIONS:
+        raise ValueError(f"hidden_act={model.hidden_act!r} is not supported; supported: {sorted(_ACTIVATIONS)}.")
+    tokens = input_ids.shape[-1]
+    if tokens > model.max_position_embeddings:
+        raise ValueError(f"{tokens} tokens exceed max_position_embeddings={model.max_position_embeddings}.")
+    x = CLIPTextEmbeddings(model.vocab_size, model.hidden_size, model.max_position_embeddings, name="embeddings")(
+        input_ids
+    ).astype(model.dtype)
+    mask = jnp.tril(jnp.ones((tokens, tokens), bool))[None, None]
+    if attention_mask is not None:
+        mask = mask & (jnp.asarray(attention_mask) > 0)[:, None, None, :]
+    encoder = CLIPEncoder(
+        model.hidden_size,
+        model.intermediate_size,
+        model.num_attention_heads,
+        model.hidden_act,
+        model.layer_norm_eps,
+        model.dtype,
+        num_hidden_layers=model.num_hidden_layers,
+        name="encoder",
+    )
+    hidden_states = encoder(x, mask)
+    return _layer_norm(hidden_states[-1], model.layer_norm_eps, "final_layer_norm"), hidden_states
+
+
+class CLIPTextModelOutput(NamedTuple):
+    """What ``CLIPTextModelWithProjection`` returns (transformers' ``CLIPTextModelOutput`` fields)."""
+
+    text_embeds: jax.Array  # (batch, projection_dim)
+    last_hidden_state: jax.Array  # (batch, tokens, hidden_size), after the final LayerNorm
+    hidden_states: tuple[jax.Array, ...] | None  # embeddings and every layer's output; None unless asked
+
+
+def eos_positions(input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """The token index transformers pools at (batch,): with ``eos_token_id == 2`` (configs from before
+    transformers PR #24773, SDXL's ``text_encoder_2``) the first largest id, else the first
+    ``eos_token_id`` (0 where there is none)."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if eos_token_id == 2:
+        return jnp.argmax(input_ids, axis=-1)
+    return jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
+
+
+class CLIPTextModelWithProjection(CLIPTextModel):
+    """transformers' ``CLIPTextModelWithProjection`` (SDXL's ``text_encoder_2``): ``CLIPTextModel``
+    plus ``text_embeds = text_projection(last_hidden_state[b, eos_positions[b]])`` (no bias)."""
+
+    projection_dim: int = 512
+    eos_token_id: int = 49407  # transformers' CLIPTextConfig default; 2 selects the argmax pooling
+
+    @nn.compact
+    def __call__(  # type: ignore[override]
+        self, input_ids: jax.Array, attention_mask: jax.Array | None = None, output_hidden_states: bool = False
+    ) -> CLIPTextModelOutput:
+        """``input_ids`` (batch, tokens) -> ``CLIPTextModelOutput`` (``hidden_states`` with
+        ``output_hidden_states``); ``attention_mask`` as for ``CLIPTextModel``."""
+        last_hidden_state, hidden_states = _text_transformer(self, input_ids, attention_mask)
+        positions = eos_positions(input_ids, self.eos_token_id)
+        pooled = last_hidden_state[jnp.arange(last_hidden_state.shape[0]), positions]
+        text_embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+        return CLIPTextModelOutput(text_embeds, last_hidden_state, hidden_states if output_hidden_states else None)
 
 
 def _unsupported(message: str) -> UnsupportedCLIPConfig:
@@ -232,7 +281,8 @@ def _unsupported(message: str) -> UnsupportedCLIPConfig:
 
 
 def clip_text_config_fields(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A transformers ``CLIPTextConfig`` dict (config.json) -> ``CLIPTextModel`` fields.
+    """A transformers ``CLIPTextConfig`` dict (config.json) -> ``CLIPTextModel`` fields (plus
+    ``projection_dim`` and ``eos_token_id`` for ``architectures: ["CLIPTextModelWithProjection"]``).
 
     Raises ``UnsupportedCLIPConfig`` (a ``ValueError``) naming the field for anything the module
     cannot reproduce exactly, including fields it does not know.
@@ -242,10 +292,7 @@ def clip_text_config_fields(config: Mapping[str, Any]) -> dict[str, Any]:
         if value not in supported:
             hint = " (a full CLIPConfig: use its text_config)" if field == "model_type" and value == "clip" else ""
             raise _unsupported(f"{field}={value!r} is not supported (supported: {list(supported)}){hint}.")
-    architectures = config.get("architectures") or list(_SUPPORTED_ARCHITECTURES)
-    for architecture in architectures:
-        if architecture not in _SUPPORTED_ARCHITECTURES:
-            raise _unsupported(f"architectures entry {architecture!r} (supported: {list(_SUPPORTED_ARCHITECTURES)}).")
+    architecture = clip_text_architecture(config)
     known = set(_ARCHITECTURE_DEFAULTS) | _IGNORED_FIELDS | {f for f, _ in _REQUIRED_VALUES} | {"architectures"}
     unknown = sorted(set(config) - known)
     if unknown:
@@ -261,12 +308,34 @@ def clip_text_config_fields(config: Mapping[str, Any]) -> dict[str, Any]:
             f"{fields['num_attention_heads']}."
         )
     fields["layer_norm_eps"] = float(fields["layer_norm_eps"])
+    if architecture == "CLIPTextModelWithProjection":
+        for name, default in _PROJECTION_DEFAULTS.items():
+            value = config.get(name, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise _unsupported(f"{name}={value!r} (CLIPTextModelWithProjection needs an int >= 0).")
+            fields[name] = value
     return fields
 
 
+def clip_text_architecture(config: Mapping[str, Any]) -> str:
+    """``"CLIPTextModel"`` or ``"CLIPTextModelWithProjection"``: config.json's ``architectures``
+    (absent or empty: ``CLIPTextModel``). Raises ``UnsupportedCLIPConfig`` for other or mixed entries."""
+    architectures = config.get("architectures") or [_SUPPORTED_ARCHITECTURES[0]]
+    for architecture in architectures:
+        if architecture not in _SUPPORTED_ARCHITECTURES:
+            raise _unsupported(f"architectures entry {architecture!r} (supported: {list(_SUPPORTED_ARCHITECTURES)}).")
+    if len(set(architectures)) > 1:
+        raise _unsupported(f"architectures={list(architectures)!r} names more than one model class.")
+    return architectures[0]
+
+
 def clip_text_from_config(config: Mapping[str, Any], **model_overrides: Any) -> CLIPTextModel:
-    """``CLIPTextModel`` for a transformers CLIP text ``config.json`` dict (``dtype`` may be overridden)."""
-    return CLIPTextModel(**clip_text_config_fields(config), **model_overrides)
+    """``CLIPTextModel``, or ``CLIPTextModelWithProjection`` where ``architectures`` says so, for a
+    transformers CLIP text ``config.json`` dict (``dtype`` may be overridden)."""
+    fields = clip_text_config_fields(config)
+    if clip_text_architecture(config) == "CLIPTextModelWithProjection":
+        return CLIPTextModelWithProjection(**fields, **model_overrides)
+    return CLIPTextModel(**fields, **model_overrides)
 
 
 def clip_text_param_shapes(model: CLIPTextModel) -> Any:
@@ -294,7 +363,8 @@ def _convert_tensor(torch_name: str, our_path: str, tensor: np.ndarray, expected
 
 
 def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPTextModel) -> dict[str, Any]:
-    """Converts a transformers ``CLIPTextModel`` state dict (name -> numpy array or torch tensor) to params.
+    """Converts a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` state dict (name ->
+    numpy array or torch tensor) to params (``text_projection.weight`` -> ``text_projection/kernel``).
 
     Every parameter of ``model`` must be filled and every tensor used (``position_ids`` buffers
     aside), with matching shapes; a mismatch raises ``ValueError`` naming the tensors. Returns
@@ -332,7 +402,8 @@ def _resolve_files(path: str, variant: str | None = None) -> tuple[str, list[str
 def load_clip_text(
     path: str, *, variant: str | None = None, **model_overrides: Any
 ) -> tuple[CLIPTextModel, dict[str, Any]]:
-    """Reads a local transformers ``CLIPTextModel`` (``config.json`` + ``model.safetensors``).
+    """Reads a local transformers ``CLIPTextModel`` or ``CLIPTextModelWithProjection`` (``config.json`` +
+    ``model.safetensors``; the class follows the config's ``architectures``).
 
     ``path`` is the directory ``save_pretrained`` writes (or a pipeline directory with a
     ``text_encoder/`` subfolder, or a sharded checkpoint with a safetensors index) or the
