@@ -98,9 +98,8 @@ def main() -> None:
     unet_fields, diffusers_count, latent = MODELS[args.model]
     backbone, full = shapes(unet_fields, args.latent or latent)
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
-    print(
-        f"{args.model} UNet params {count(backbone):,} (diffusers: {diffusers_count:,}); ControlNet {count(full['adapter']):,}"
-    )
+    unet_count, controlnet_count = count(backbone), count(full["adapter"])
+    print(f"{args.model} UNet params {unet_count:,} (diffusers: {diffusers_count:,}); ControlNet {controlnet_count:,}")
     opt, rng = optimizer(), jax.random.PRNGKey(0)
     trained, frozen = {"adapter": full["adapter"]}, {"backbone": full["backbone"]}
     states = {
