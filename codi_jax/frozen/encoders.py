@@ -7,7 +7,10 @@ A run config describes them in two optional sections (absent, or an empty path: 
 - ``text``: ``encoder`` (a transformers ``CLIPTextModel`` folder, or a pipeline folder with
   ``text_encoder/``), ``tokenizer`` (a tokenizer folder, or a pipeline folder with ``tokenizer/``),
   ``prompt`` / ``negative_prompt`` (defaults for sampling), ``max_length`` (tokens; 0 or absent:
-  the tokenizer's ``model_max_length``).
+  the tokenizer's ``model_max_length``). SDXL teachers also name ``encoder_2`` (the
+  ``CLIPTextModelWithProjection`` folder) and ``tokenizer_2``, and record the pipeline's
+  ``force_zeros_for_empty_prompt`` (an empty negative prompt is then zeros); their prompts go
+  through ``codi_jax.frozen.sdxl_text``. Every field and its default: ``default_text_config``.
 
 ``encode_images`` / ``decode_latents`` / ``text_embeddings`` are pure: parameters are arguments,
 modules are static (bind them with ``functools.partial`` before ``jax.jit``). The model sees
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
 from codi_jax.interop.torch_to_flax import load_diffusers_vae
@@ -31,6 +35,29 @@ from codi_jax.models.clip_tokenizer import CLIPTokenizer, load_clip_tokenizer
 from codi_jax.models.vae import AutoencoderKL
 
 ENCODE_MODES = ("sample", "mean")
+# The ``text`` fields that describe the frozen models (written by ``python -m codi_jax.convert``);
+# the others are a run's choices.
+FROZEN_TEXT_FIELDS = ("encoder", "tokenizer", "encoder_2", "tokenizer_2", "max_length", "force_zeros_for_empty_prompt")
+
+
+def default_text_config() -> ml_collections.ConfigDict:
+    """Every ``text`` field with the value its absence means (a run saved before a field existed,
+    or a model without it): no encoders; SD 1.x / 2.x encode an empty negative prompt
+    (``force_zeros_for_empty_prompt`` False); ``drop_prob`` the share of training examples whose own
+    prompt (caption, instruction) is replaced by the empty prompt."""
+    return ml_collections.ConfigDict(
+        dict(
+            encoder="",
+            tokenizer="",
+            encoder_2="",
+            tokenizer_2="",
+            max_length=0,
+            force_zeros_for_empty_prompt=False,
+            prompt="",
+            negative_prompt="",
+            drop_prob=0.0,
+        )
+    )
 
 
 @dataclasses.dataclass
