@@ -29,6 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from codi_jax.frozen import sdxl_text
 from codi_jax.interop.torch_to_flax import load_diffusers_vae
 from codi_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection, load_clip_text
 from codi_jax.models.clip_tokenizer import CLIPTokenizer, load_clip_tokenizer
@@ -71,6 +72,7 @@ class Encoders:
     tokenizer: CLIPTokenizer | None = None
     encode_mode: str = "sample"
     max_length: int | None = None  # None: the tokenizer's model_max_length
+    sdxl: sdxl_text.SDXLText | None = None  # SDXL's two encoders (``text.encoder_2`` set) instead
 
     @property
     def is_latent(self) -> bool:
@@ -78,7 +80,7 @@ class Encoders:
 
     @property
     def has_text(self) -> bool:
-        return self.text_model is not None
+        return self.text_model is not None or self.sdxl is not None
 
 
 def _section_value(config: Any, section: str, field: str, default: Any = "") -> Any:
@@ -97,6 +99,12 @@ def vae_path(config: Any) -> str:
 def text_encoder_path(config: Any) -> str:
     """``config.text.encoder`` ("" for a model without text)."""
     return str(_section_value(config, "text", "encoder"))
+
+
+def is_sdxl(config: Any) -> bool:
+    """Whether the run's prompts go through SDXL's two encoders (``config.text.encoder_2`` set;
+    ``convert`` writes it exactly for a text_time UNet)."""
+    return has_text(config) and bool(_section_value(config, "text", "encoder_2"))
 
 
 def is_latent(config: Any) -> bool:
@@ -124,6 +132,10 @@ def check_encoder_paths(config: Any) -> None:
                 "config.text.tokenizer is empty but config.text.encoder is set: name the tokenizer folder."
             )
         paths += [("config.text.encoder", text_encoder_path(config)), ("config.text.tokenizer", tokenizer)]
+        if is_sdxl(config):
+            paths += [
+                (f"config.text.{f}", str(_section_value(config, "text", f))) for f in ("encoder_2", "tokenizer_2")
+            ]
         max_length = _section_value(config, "text", "max_length", 0)
         if not isinstance(max_length, int) or max_length < 0 or max_length == 1:
             raise ValueError(f"config.text.max_length={max_length!r}: expected 0 (the tokenizer's) or an int >= 2.")
@@ -139,7 +151,9 @@ def load_encoders(config: Any) -> Encoders:
     if is_latent(config):
         encoders.vae, encoders.vae_params = load_diffusers_vae(vae_path(config))
         encoders.encode_mode = str(_section_value(config, "latent", "encode", "sample"))
-    if has_text(config):
+    if is_sdxl(config):
+        encoders.sdxl = load_sdxl_text(config)
+    elif has_text(config):
         encoders.text_model, encoders.text_params = load_clip_text(text_encoder_path(config))
         if isinstance(encoders.text_model, CLIPTextModelWithProjection):
             raise ValueError(
@@ -149,6 +163,14 @@ def load_encoders(config: Any) -> Encoders:
         encoders.tokenizer = load_clip_tokenizer(str(_section_value(config, "text", "tokenizer")))
         encoders.max_length = int(_section_value(config, "text", "max_length", 0)) or None
     return encoders
+
+
+def load_sdxl_text(config: Any) -> sdxl_text.SDXLText:
+    """SDXL's encoders and tokenizers from ``config.text`` (``encoder`` / ``tokenizer``,
+    ``encoder_2`` / ``tokenizer_2``, ``force_zeros_for_empty_prompt``)."""
+    text = config.text
+    folders = [(text.encoder, text.tokenizer), (text.encoder_2, text.tokenizer_2)]
+    return sdxl_text.load_text_branches(folders, bool(text.force_zeros_for_empty_prompt))
 
 
 def encode_images(
