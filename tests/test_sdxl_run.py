@@ -145,3 +145,11 @@ def test_sdxl_refuses_captions(teacher) -> None:
     resolved = config_resolution.resolve(config)
     with pytest.raises(ValueError, match=r"^data\.caption_key: per-example prompts"):
         batch_inputs.check_sdxl_text(resolved)
+
+
+def test_export_refuses_sdxl_in_one_line(teacher, tmp_path) -> None:
+    from codi_jax.interop import export
+
+    config = config_resolution.resolve(_config(teacher))
+    with pytest.raises(ValueError, match=r"^text\.encoder_2=.*: exporting SDXL runs is not supported yet\.$"):
+        export.check_not_sdxl(config)
