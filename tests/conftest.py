@@ -72,3 +72,16 @@ def tiny_sd_teacher(tmp_path_factory) -> str:
     tiny_sd.make_pipeline(str(root / "pipeline"))
     convert.convert(str(root / "pipeline"), str(root / "teacher"))
     return str(root / "teacher")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_teacher(tmp_path_factory) -> str:
+    """A converted tiny random SDXL pipeline (teacher workdir; runs only read it)."""
+    pytest.importorskip("diffusers")
+    from codi_jax.interop import convert
+    from tests import tiny_sdxl
+
+    root = tmp_path_factory.mktemp("tiny_sdxl_teacher")
+    tiny_sdxl.make_pipeline(str(root / "pipeline"))
+    convert.convert(str(root / "pipeline"), str(root / "teacher"))
+    return str(root / "teacher")

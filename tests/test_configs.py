@@ -90,8 +90,14 @@ def test_renoise_default_comes_from_the_codi_section() -> None:
     assert conditional.renoise_between_steps(finetune) is False
 
 
+def _teacher_of(name: str, request) -> str:
+    """The converted tiny teacher an SD config runs on: SDXL's for ``sd.sdxl_*``, else SD's."""
+    return request.getfixturevalue("tiny_sdxl_teacher" if name.startswith("sd.sdxl") else "tiny_sd_teacher")
+
+
 @pytest.mark.parametrize("name", SD_CONFIGS)
-def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name: str, tiny_sd_teacher) -> None:
+def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name: str, request) -> None:
+    tiny_sd_teacher = _teacher_of(name, request)
     config = importlib.import_module(f"codi_jax.configs.{name}").get_config()
     with pytest.raises(ValueError, match="teacher_workdir"):
         config_resolution.resolve(config)
@@ -303,7 +309,7 @@ def _write_edit_triples(root: pathlib.Path) -> None:
 
 
 @pytest.mark.parametrize("name", SD_CONFIGS)
-def test_sd_config_trains_as_shipped(name: str, tiny_sd_teacher, tmp_path, caplog) -> None:
+def test_sd_config_trains_as_shipped(name: str, request, tmp_path, caplog) -> None:
     """Each shipped SD config trains with only its paths filled in and the sizes made tiny (steps,
     batch, the tiny pipeline's image size, sample counts): no field of the method is overridden.
     About 15 s each with a warm XLA cache, 40-65 s cold (one train-step compile per task: sd21_sr4
@@ -320,7 +326,8 @@ def test_sd_config_trains_as_shipped(name: str, tiny_sd_teacher, tmp_path, caplo
     from tests import tiny_sd
 
     config = importlib.import_module(f"codi_jax.configs.{name}").get_config()
-    config.teacher_workdir = tiny_sd_teacher
+    config.teacher_workdir = _teacher_of(name, request)
+    config.sharding.fsdp = 1  # SDXL's 8-device FSDP on this machine's devices
     data = contextlib.nullcontext()
     if config.data.source == "tfds":  # nyu_depth_v2: tfds' mock examples, as if prepared in data_dir
         config.data.data_dir = str(tmp_path / "tfds")

@@ -128,9 +128,12 @@ def test_saved_config_fields(converted: dict[str, Any]) -> None:
     assert config.text.to_dict() == dict(
         encoder=os.path.join(components, "text_encoder"),
         tokenizer=os.path.join(components, "tokenizer"),
+        encoder_2="",  # SDXL's second encoder: none
+        tokenizer_2="",
+        force_zeros_for_empty_prompt=False,  # SD 1.x / 2.x encode the empty negative prompt
         prompt="",
         negative_prompt="",
-        drop_prob=0.0,  # filled in when read (config_upgrade.TEXT_FIELDS)
+        drop_prob=0.0,
         max_length=tiny_sd.MAX_LENGTH,
     )
     assert config.source.to_dict() == dict(diffusers=str(root / "pipe"), controlnet=str(root / "controlnet"))

@@ -17,6 +17,15 @@ when the run starts and held as data (``FrozenData.contexts``); each batch gets 
 (``prompt_ids`` per example), are encoded per batch by the frozen CLIP (``FrozenData.text_params``).
 Every batch also gets the negative prompt's embedding (``uncond_context``, for CFG). Nothing here is
 trained or checkpointed.
+
+SDXL (a text_time UNet, ``encoders.is_sdxl``): the prompts go through both text encoders
+(``codi_jax.frozen.sdxl_text``), so ``contexts`` / ``uncond_context`` are ``{"tokens", "text_embeds"}``
+dicts with a row per prompt; a configured negative prompt "" is diffusers' ``None`` (zeros under the
+pipeline's ``force_zeros_for_empty_prompt``). ``add_text`` completes the UNet's context with the
+``time_ids``: the batch's ``micro_cond`` (SDXL's crop micro-conditioning, in training batches), else
+what diffusers' pipeline uses at sampling, ``(H, W, 0, 0, H, W)`` of the condition's pixel size; the
+unconditional context gets the same time ids. Per-example prompts (captions, free-text
+instructions) are not encoded for SDXL yet (``check_sdxl_text`` refuses them).
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from codi_jax.data import captions, task_spec
-from codi_jax.frozen import encoders
+from codi_jax.frozen import encoders, sdxl_text
 
 
 @dataclasses.dataclass
@@ -39,8 +48,8 @@ class FrozenData:
     """Arrays the batches need from the frozen models (a pytree: pass it to jitted functions)."""
 
     vae_params: Any  # None for pixel runs
-    contexts: jax.Array | None  # (P, L, D): one row per prompt (P = 1, or one per instruction)
-    uncond_context: jax.Array | None  # (1, L, D): the negative prompt
+    contexts: Any  # (P, L, D): one row per prompt (P = 1, or one per instruction); SDXL: a dict of rows
+    uncond_context: Any  # (1, L, D): the negative prompt; SDXL: a dict
     text_params: Any = None  # the CLIP text encoder's, for per-example prompts (``prompt_ids``)
 
 
@@ -71,11 +80,30 @@ def example_prompts(config: ml_collections.ConfigDict) -> bool:
     return not task_spec.num_instructions(config.task) and captions.has_captions(config.data)
 
 
+def check_sdxl_text(config: ml_collections.ConfigDict) -> None:
+    """SDXL runs take the config's prompts only (per-example prompts need both tokenizers: to come)."""
+    if has_text(config) and encoders.is_sdxl(config) and example_prompts(config):
+        where = "task.instructions='text'" if task_spec.text_instructions(config.task) else "data.caption_key"
+        raise ValueError(
+            f"{where}: per-example prompts (captions, free-text instructions) are not supported for SDXL teachers "
+            "yet; set data.caption_key='' to train on the fixed text.prompt."
+        )
+
+
+def _sdxl_contexts(enc: encoders.Encoders, config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """(prompt rows, negative) ``{"tokens", "text_embeds"}`` dicts; a negative prompt "" is None."""
+    contexts = sdxl_text.encode_sdxl_prompts(enc.sdxl, prompts_of(config))
+    return contexts, sdxl_text.encode_sdxl_negative(enc.sdxl, config.text.negative_prompt or None, 1)
+
+
 def load(config: ml_collections.ConfigDict) -> tuple[encoders.Encoders, FrozenData]:
     """The run's encoders and the data they give once per run (prompt embeddings computed here)."""
+    check_sdxl_text(config)
     enc = encoders.load_encoders(config)
     contexts = uncond = text_params = None
-    if has_text(config):
+    if has_text(config) and enc.sdxl is not None:
+        contexts, uncond = _sdxl_contexts(enc, config)
+    elif has_text(config):
         contexts = encoders.encode_prompts(enc, prompts_of(config))
         uncond = encoders.encode_prompts(enc, [str(config.text.get("negative_prompt", ""))])
         text_params = enc.text_params if example_prompts(config) else None
@@ -89,19 +117,37 @@ def tokenizer_of(config: ml_collections.ConfigDict, enc: encoders.Encoders) -> C
     return lambda text: encoders.tokenize(enc, [text])[0]
 
 
+def _rows(rows: jax.Array, batch: dict[str, jax.Array], n: int) -> jax.Array:
+    """Each example's row of ``rows`` (P, ...): its instruction's, or the one prompt's."""
+    if rows.shape[0] > 1:
+        return rows[batch["instruction"].astype(jnp.int32)]
+    return jnp.broadcast_to(rows, (n,) + rows.shape[1:])
+
+
+def sdxl_time_ids(batch: dict[str, jax.Array]) -> jax.Array:
+    """SDXL's time ids (B, 6): the batch's ``micro_cond``, else ``(H, W, 0, 0, H, W)`` of the condition
+    (diffusers' pipeline: original = target size = the image's, no crop)."""
+    if "micro_cond" in batch:
+        return batch["micro_cond"].astype(jnp.float32)
+    n, height, width = batch["cond"].shape[:3]
+    return jnp.broadcast_to(jnp.array([height, width, 0, 0, height, width], jnp.float32), (n, 6))
+
+
 def add_text(data: FrozenData, batch: dict[str, jax.Array], text_model: Any = None) -> dict[str, jax.Array]:
     """``batch`` plus its ``context``: the example's own prompt (``prompt_ids``, encoded with
-    ``text_model``), its instruction's row, or the run's one prompt; and ``uncond_context``."""
+    ``text_model``), its instruction's row, or the run's one prompt; and ``uncond_context``
+    (SDXL: both completed with ``sdxl_time_ids``)."""
     if data.contexts is None:
         return batch
     n = batch["cond"].shape[0]
     if "prompt_ids" in batch:
         context = encoders.text_embeddings(text_model, data.text_params, batch["prompt_ids"])
-    elif data.contexts.shape[0] > 1:
-        context = data.contexts[batch["instruction"].astype(jnp.int32)]
     else:
-        context = jnp.broadcast_to(data.contexts, (n,) + data.contexts.shape[1:])
-    uncond = jnp.broadcast_to(data.uncond_context, (n,) + data.uncond_context.shape[1:])
+        context = jax.tree.map(lambda rows: _rows(rows, batch, n), data.contexts)
+    uncond = jax.tree.map(lambda row: jnp.broadcast_to(row, (n,) + row.shape[1:]), data.uncond_context)
+    if isinstance(data.contexts, dict):
+        time_ids = sdxl_time_ids(batch)
+        context, uncond = {**context, "time_ids": time_ids}, {**uncond, "time_ids": time_ids}
     return {**batch, "context": context, "uncond_context": uncond}
 
 
@@ -124,3 +170,4 @@ def batch_encoder(config: ml_collections.ConfigDict, enc: encoders.Encoders) -> 
 
 
 is_latent = encoders.is_latent
+is_sdxl = encoders.is_sdxl

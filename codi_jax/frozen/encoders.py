@@ -7,7 +7,10 @@ A run config describes them in two optional sections (absent, or an empty path: 
 - ``text``: ``encoder`` (a transformers ``CLIPTextModel`` folder, or a pipeline folder with
   ``text_encoder/``), ``tokenizer`` (a tokenizer folder, or a pipeline folder with ``tokenizer/``),
   ``prompt`` / ``negative_prompt`` (defaults for sampling), ``max_length`` (tokens; 0 or absent:
-  the tokenizer's ``model_max_length``).
+  the tokenizer's ``model_max_length``). SDXL teachers also name ``encoder_2`` (the
+  ``CLIPTextModelWithProjection`` folder) and ``tokenizer_2``, and record the pipeline's
+  ``force_zeros_for_empty_prompt`` (an empty negative prompt is then zeros); their prompts go
+  through ``codi_jax.frozen.sdxl_text``. Every field and its default: ``default_text_config``.
 
 ``encode_images`` / ``decode_latents`` / ``text_embeddings`` are pure: parameters are arguments,
 modules are static (bind them with ``functools.partial`` before ``jax.jit``). The model sees
@@ -23,14 +26,39 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
+from codi_jax.frozen import sdxl_text
 from codi_jax.interop.torch_to_flax import load_diffusers_vae
 from codi_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection, load_clip_text
 from codi_jax.models.clip_tokenizer import CLIPTokenizer, load_clip_tokenizer
 from codi_jax.models.vae import AutoencoderKL
 
 ENCODE_MODES = ("sample", "mean")
+# The ``text`` fields that describe the frozen models (written by ``python -m codi_jax.convert``);
+# the others are a run's choices.
+FROZEN_TEXT_FIELDS = ("encoder", "tokenizer", "encoder_2", "tokenizer_2", "max_length", "force_zeros_for_empty_prompt")
+
+
+def default_text_config() -> ml_collections.ConfigDict:
+    """Every ``text`` field with the value its absence means (a run saved before a field existed,
+    or a model without it): no encoders; SD 1.x / 2.x encode an empty negative prompt
+    (``force_zeros_for_empty_prompt`` False); ``drop_prob`` the share of training examples whose own
+    prompt (caption, instruction) is replaced by the empty prompt."""
+    return ml_collections.ConfigDict(
+        dict(
+            encoder="",
+            tokenizer="",
+            encoder_2="",
+            tokenizer_2="",
+            max_length=0,
+            force_zeros_for_empty_prompt=False,
+            prompt="",
+            negative_prompt="",
+            drop_prob=0.0,
+        )
+    )
 
 
 @dataclasses.dataclass
@@ -44,6 +72,7 @@ class Encoders:
     tokenizer: CLIPTokenizer | None = None
     encode_mode: str = "sample"
     max_length: int | None = None  # None: the tokenizer's model_max_length
+    sdxl: sdxl_text.SDXLText | None = None  # SDXL's two encoders (``text.encoder_2`` set) instead
 
     @property
     def is_latent(self) -> bool:
@@ -51,7 +80,7 @@ class Encoders:
 
     @property
     def has_text(self) -> bool:
-        return self.text_model is not None
+        return self.text_model is not None or self.sdxl is not None
 
 
 def _section_value(config: Any, section: str, field: str, default: Any = "") -> Any:
@@ -70,6 +99,12 @@ def vae_path(config: Any) -> str:
 def text_encoder_path(config: Any) -> str:
     """``config.text.encoder`` ("" for a model without text)."""
     return str(_section_value(config, "text", "encoder"))
+
+
+def is_sdxl(config: Any) -> bool:
+    """Whether the run's prompts go through SDXL's two encoders (``config.text.encoder_2`` set;
+    ``convert`` writes it exactly for a text_time UNet)."""
+    return has_text(config) and bool(_section_value(config, "text", "encoder_2"))
 
 
 def is_latent(config: Any) -> bool:
@@ -97,6 +132,10 @@ def check_encoder_paths(config: Any) -> None:
                 "config.text.tokenizer is empty but config.text.encoder is set: name the tokenizer folder."
             )
         paths += [("config.text.encoder", text_encoder_path(config)), ("config.text.tokenizer", tokenizer)]
+        if is_sdxl(config):
+            paths += [
+                (f"config.text.{f}", str(_section_value(config, "text", f))) for f in ("encoder_2", "tokenizer_2")
+            ]
         max_length = _section_value(config, "text", "max_length", 0)
         if not isinstance(max_length, int) or max_length < 0 or max_length == 1:
             raise ValueError(f"config.text.max_length={max_length!r}: expected 0 (the tokenizer's) or an int >= 2.")
@@ -112,7 +151,9 @@ def load_encoders(config: Any) -> Encoders:
     if is_latent(config):
         encoders.vae, encoders.vae_params = load_diffusers_vae(vae_path(config))
         encoders.encode_mode = str(_section_value(config, "latent", "encode", "sample"))
-    if has_text(config):
+    if is_sdxl(config):
+        encoders.sdxl = load_sdxl_text(config)
+    elif has_text(config):
         encoders.text_model, encoders.text_params = load_clip_text(text_encoder_path(config))
         if isinstance(encoders.text_model, CLIPTextModelWithProjection):
             raise ValueError(
@@ -122,6 +163,14 @@ def load_encoders(config: Any) -> Encoders:
         encoders.tokenizer = load_clip_tokenizer(str(_section_value(config, "text", "tokenizer")))
         encoders.max_length = int(_section_value(config, "text", "max_length", 0)) or None
     return encoders
+
+
+def load_sdxl_text(config: Any) -> sdxl_text.SDXLText:
+    """SDXL's encoders and tokenizers from ``config.text`` (``encoder`` / ``tokenizer``,
+    ``encoder_2`` / ``tokenizer_2``, ``force_zeros_for_empty_prompt``)."""
+    text = config.text
+    folders = [(text.encoder, text.tokenizer), (text.encoder_2, text.tokenizer_2)]
+    return sdxl_text.load_text_branches(folders, bool(text.force_zeros_for_empty_prompt))
 
 
 def encode_images(

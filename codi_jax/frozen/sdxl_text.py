@@ -70,7 +70,7 @@ class SDXLText:
         return next(b for b in self.branches if isinstance(b.model, CLIPTextModelWithProjection))
 
 
-def _read_force_zeros(path: str) -> bool:
+def read_force_zeros(path: str) -> bool:
     """``force_zeros_for_empty_prompt`` of the folder's ``model_index.json`` (diffusers' default True)."""
     index = os.path.join(path, "model_index.json")
     if not os.path.isfile(index):
@@ -82,25 +82,40 @@ def _read_force_zeros(path: str) -> bool:
     return value
 
 
+def load_text_branches(
+    folders: Sequence[tuple[str, str]],
+    force_zeros_for_empty_prompt: bool,
+    *,
+    variant: str | None = None,
+    **model_overrides: Any,
+) -> SDXLText:
+    """``SDXLText`` from ``(text encoder folder, tokenizer folder)`` pairs in diffusers' order
+    (``text_encoder``'s, then ``text_encoder_2``'s); ``variant`` / ``model_overrides`` as for
+    ``load_clip_text``."""
+    branches = []
+    for encoder_path, tokenizer_path in folders:
+        model, params = load_clip_text(encoder_path, variant=variant, **model_overrides)
+        if not os.path.isdir(tokenizer_path):
+            raise FileNotFoundError(f"Missing {tokenizer_path} (the tokenizer of {encoder_path}).")
+        branches.append(TextBranch(model, params, load_clip_tokenizer(tokenizer_path)))
+    return SDXLText(tuple(branches), force_zeros_for_empty_prompt)
+
+
 def load_sdxl_text(path: str, *, variant: str | None = None, **model_overrides: Any) -> SDXLText:
     """The text encoders and tokenizers of a diffusers SDXL pipeline folder (``text_encoder/``,
     ``text_encoder_2/``, ``tokenizer/``, ``tokenizer_2/``; ``text_encoder/`` may be absent, as in
     the refiner). ``variant`` (``"fp16"``) and ``model_overrides`` (``dtype``) as for ``load_clip_text``."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"No SDXL pipeline folder at {path}.")
-    branches = []
+    folders = []
     for encoder_folder, tokenizer_folder in SUBFOLDERS:
         encoder_path = os.path.join(path, encoder_folder)
         if not os.path.isdir(encoder_path):
             if encoder_folder == "text_encoder":
                 continue
             raise FileNotFoundError(f"Missing {encoder_path} (an SDXL pipeline folder has text_encoder_2/).")
-        model, params = load_clip_text(encoder_path, variant=variant, **model_overrides)
-        tokenizer_path = os.path.join(path, tokenizer_folder)
-        if not os.path.isdir(tokenizer_path):
-            raise FileNotFoundError(f"Missing {tokenizer_path} (the tokenizer of {encoder_folder}/).")
-        branches.append(TextBranch(model, params, load_clip_tokenizer(tokenizer_path)))
-    return SDXLText(tuple(branches), _read_force_zeros(path))
+        folders.append((encoder_path, os.path.join(path, tokenizer_folder)))
+    return load_text_branches(folders, read_force_zeros(path), variant=variant, **model_overrides)
 
 
 def branch_outputs(

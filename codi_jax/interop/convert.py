@@ -5,8 +5,9 @@
 Input (``--diffusers``), read from local files only:
 
 - a pipeline folder: ``model_index.json``, ``unet/``, ``scheduler/`` and the frozen parts
-  ``model_index.json`` lists (``vae/``, ``text_encoder/``, ``tokenizer/``): Stable Diffusion 1.x /
-  2.x, or a pixel ``DDPMPipeline``. Listed parts a teacher never uses (``safety_checker``,
+  ``model_index.json`` lists (``vae/``, ``text_encoder/``, ``tokenizer/``; SDXL also
+  ``text_encoder_2/``, ``tokenizer_2/``): Stable Diffusion 1.x / 2.x / XL, or a pixel ``DDPMPipeline``.
+  Listed parts a teacher never uses (``safety_checker``,
   ``feature_extractor``, ``image_encoder``) are skipped; any other listed part is refused.
 - a single pixel ``UNet2DModel`` folder (``config.json`` + safetensors). Its
   noise schedule is read from the first of ``DIR/scheduler/scheduler_config.json``,
@@ -33,8 +34,9 @@ Output (``OUT``), a teacher workdir that ``config.teacher_workdir=OUT`` (codi / 
   ``ema_params``) finds the UNet there, so the weights are stored once (SD 1.5's UNet: 3.4 GB),
   without a ``params`` copy or zero Adam moments (4x that). It is not a state to resume teacher
   *training* from (no ``opt_state``).
-- ``components/``: byte copies of ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/`` and
-  ``model_index.json`` (the frozen parts stay diffusers / transformers files; each is loaded once
+- ``components/``: byte copies of ``vae/``, ``text_encoder/``, ``tokenizer/`` (SDXL:
+  ``text_encoder_2/``, ``tokenizer_2/``), ``scheduler/`` and ``model_index.json`` (the frozen
+  parts stay diffusers / transformers files; each is loaded once
   with this codebase's loaders before the output is committed). A part read from a variant is
   copied with that variant's weights files under the plain names (``model.fp16.safetensors`` ->
   ``model.safetensors``; an index keeps the shard names it lists) and without its other weights files,
@@ -49,8 +51,9 @@ The saved config (``teacher_config``): ``method="teacher"``; ``model`` = every `
 ``{kind, num_train_timesteps, beta_start, beta_end}``; ``data`` with ``image_size`` = the UNet's
 ``sample_size`` times the VAE's downsampling (the pixel size ``networks.model_input_size`` divides
 back to the UNet's input size; the UNet's ``sample_size`` for a pixel model); ``latent`` =
-``{vae: abs OUT/components/vae | "", encode: "sample"}``; ``text`` = ``{encoder, tokenizer: abs paths
-| "", prompt: "", negative_prompt: "", max_length}`` (``max_length`` 0 without a tokenizer);
+``{vae: abs OUT/components/vae | "", encode: "sample"}``; ``text`` = ``encoders.default_text_config``
+with ``encoder``, ``tokenizer`` (SDXL: ``encoder_2``, ``tokenizer_2`` too): abs paths, and ``max_length``
+(0 without a tokenizer); SDXL's ``force_zeros_for_empty_prompt`` from ``model_index.json``;
 ``source`` = ``{diffusers, controlnet}`` (absolute input paths); the training sections of
 ``codi_jax/configs/cpu/teacher_patches32`` (optimizer, EMA, logging, sharding, nonfinite) for completeness.
 
@@ -88,7 +91,10 @@ FROZEN_PARTS = {
     "vae": ("AutoencoderKL",),
     "text_encoder": ("CLIPTextModel",),
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "text_encoder_2": ("CLIPTextModelWithProjection",),  # SDXL
+    "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
 }
+TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))  # (encoder, tokenizer) pairs
 IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 PARAMETRIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
 BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -264,7 +270,7 @@ def _pipeline_parts(
         if class_name not in FROZEN_PARTS[name]:
             raise ValueError(f"{MODEL_INDEX}: {name} is a {class_name}; supported: {list(FROZEN_PARTS[name])}.")
         directory = os.path.join(root, name)
-        if name == "tokenizer":
+        if name.startswith("tokenizer"):
             if not os.path.isdir(directory):
                 raise FileNotFoundError(f"{MODEL_INDEX} lists a tokenizer but {directory} is missing.")
             _require_tokenizer(directory)
@@ -362,7 +368,7 @@ def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = SCHED
 
 def _check_frozen_parts(source: Source, unet_fields: Mapping[str, Any]) -> int:
     """The frozen parts' configs fit the UNet (and our modules); returns the VAE's downsampling (1 without)."""
-    from codi_jax.models import clip_text, vae
+    from codi_jax.models import vae
 
     factor = 1
     if "vae" in source.parts:
@@ -375,14 +381,37 @@ def _check_frozen_parts(source: Source, unet_fields: Mapping[str, Any]) -> int:
                     f"{model.latent_channels}: not a latent teacher (an inpainting / depth UNet?)."
                 )
         factor = 2 ** (len(model.block_out_channels) - 1)
-    if "text_encoder" in source.parts:
-        fields = clip_text.clip_text_config_fields(_read_json(os.path.join(source.parts["text_encoder"], CONFIG_NAME)))
-        if fields["hidden_size"] != unet_fields.get("cross_attention_dim"):
-            raise ValueError(
-                f"text_encoder/config.json hidden_size={fields['hidden_size']} but unet/config.json "
-                f"cross_attention_dim={unet_fields.get('cross_attention_dim')}."
-            )
+    _check_text_widths(source, unet_fields)
     return factor
+
+
+def _check_text_widths(source: Source, unet_fields: Mapping[str, Any]) -> None:
+    """The text encoders' hidden sizes sum to the UNet's ``cross_attention_dim``; a text_time UNet
+    (SDXL) has ``text_encoder_2`` and its ``add_embedding`` reads its projection plus six time ids."""
+    from codi_jax.models import clip_text
+    from codi_jax.models.unet import SDXL_TIME_IDS
+
+    fields = {
+        name: clip_text.clip_text_config_fields(_read_json(os.path.join(source.parts[name], CONFIG_NAME)))
+        for name, _ in TEXT_PARTS
+        if name in source.parts
+    }
+    if fields and sum(f["hidden_size"] for f in fields.values()) != unet_fields.get("cross_attention_dim"):
+        sizes = " + ".join(f"{name}/config.json hidden_size={f['hidden_size']}" for name, f in fields.items())
+        raise ValueError(f"{sizes} but unet/config.json cross_attention_dim={unet_fields.get('cross_attention_dim')}.")
+    if unet_fields.get("addition_embed_type") != "text_time":
+        if "text_encoder_2" in fields:
+            raise ValueError("model_index.json lists text_encoder_2 but unet/config.json has no addition_embed_type.")
+        return
+    if "text_encoder_2" not in fields:
+        raise ValueError("unet/config.json addition_embed_type='text_time' (SDXL) needs the pipeline's text_encoder_2.")
+    width = fields["text_encoder_2"]["projection_dim"] + SDXL_TIME_IDS * unet_fields["addition_time_embed_dim"]
+    if width != unet_fields["projection_class_embeddings_input_dim"]:
+        expected = unet_fields["projection_class_embeddings_input_dim"]
+        raise ValueError(
+            f"unet/config.json projection_class_embeddings_input_dim={expected}"
+            f" but text_encoder_2's projection_dim + {SDXL_TIME_IDS} time ids x addition_time_embed_dim is {width}."
+        )
 
 
 def check_controlnet_backbone(adapter: Mapping[str, Any], unet_fields: Mapping[str, Any], where: str) -> dict:
@@ -476,19 +505,28 @@ def teacher_config(plan: Plan, max_length: int) -> ml_collections.ConfigDict:
     config.data.image_size = plan.image_size
     vae = os.path.join(components, "vae") if "vae" in parts else ""
     config.latent = ml_collections.ConfigDict(dict(vae=vae, encode="sample"))
-    config.text = ml_collections.ConfigDict(
-        dict(
-            encoder=os.path.join(components, "text_encoder") if "text_encoder" in parts else "",
-            tokenizer=os.path.join(components, "tokenizer") if "tokenizer" in parts else "",
-            prompt="",
-            negative_prompt="",
-            max_length=int(max_length),
-        )
-    )
+    config.text = _text_section(plan, components, max_length)
     config.source = ml_collections.ConfigDict(
         dict(diffusers=plan.source.root, controlnet=plan.source.controlnet_dir or "")
     )
     return config
+
+
+def _text_section(plan: Plan, components: str, max_length: int) -> ml_collections.ConfigDict:
+    """``encoders.default_text_config`` with the copied encoders / tokenizers and SDXL's
+    ``force_zeros_for_empty_prompt`` (read from ``model_index.json``; SD 1.x / 2.x have none)."""
+    from codi_jax.frozen import encoders, sdxl_text
+
+    parts = plan.source.parts
+    text = encoders.default_text_config()
+    for field, name in (("encoder", "text_encoder"), ("tokenizer", "tokenizer")):
+        text[field] = os.path.join(components, name) if name in parts else ""
+    for field, name in (("encoder_2", "text_encoder_2"), ("tokenizer_2", "tokenizer_2")):
+        text[field] = os.path.join(components, name) if name in parts else ""
+    text.max_length = int(max_length)
+    if "text_encoder_2" in parts:
+        text.force_zeros_for_empty_prompt = sdxl_text.read_force_zeros(os.path.dirname(plan.source.model_index))
+    return text
 
 
 def count_params(tree: Any) -> int:
@@ -543,13 +581,15 @@ def _check_components(components: str, source: Source) -> tuple[dict[str, int], 
     counts, max_length = {}, 0
     if "vae" in source.parts:
         counts["vae"] = count_params(torch_to_flax.load_diffusers_vae(os.path.join(components, "vae"))[1])
-    if "text_encoder" in source.parts:
-        text_dir = os.path.join(components, "text_encoder")
-        counts["text_encoder"] = count_params(clip_text.load_clip_text(text_dir)[1])
-        max_length = int(_read_json(os.path.join(text_dir, CONFIG_NAME)).get("max_position_embeddings", 77))
-    if "tokenizer" in source.parts:
-        tokenizer = clip_tokenizer.load_clip_tokenizer(os.path.join(components, "tokenizer"))
-        max_length = tokenizer.model_max_length or max_length
+    for encoder, tokenizer in TEXT_PARTS:  # SDXLText checks that both tokenizers give one length
+        if encoder in source.parts:
+            text_dir = os.path.join(components, encoder)
+            counts[encoder] = count_params(clip_text.load_clip_text(text_dir)[1])
+            config = _read_json(os.path.join(text_dir, CONFIG_NAME))
+            max_length = max_length or int(config.get("max_position_embeddings", 77))
+        if tokenizer in source.parts:
+            loaded = clip_tokenizer.load_clip_tokenizer(os.path.join(components, tokenizer))
+            max_length = max_length if tokenizer == "tokenizer_2" else loaded.model_max_length or max_length
     return counts, max_length
 
 

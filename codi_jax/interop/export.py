@@ -497,6 +497,7 @@ def export_pretrained(pre: Any, out: str, *, steps: int = 4, overwrite: bool = F
     from codi_jax.interop import codi_component, flax_to_torch
 
     check_out(out, overwrite)
+    check_not_sdxl(pre.config)
     parts = model_parts(pre)
     configs = {name: config for name, config, _ in parts}
     table = step_table(pre.config, pre.schedule, steps)
@@ -583,6 +584,14 @@ def _write_pipeline_files(config: Any, staging: str, parts: Mapping[str, Any]) -
         json.dump(index, f, indent=2, sort_keys=True)
 
 
+def check_not_sdxl(config: Any) -> None:
+    """SDXL runs (``text.encoder_2``: two text encoders, a text_time UNet) are not exported yet."""
+    from codi_jax.frozen import encoders
+
+    if encoders.is_sdxl(config):
+        raise ValueError(f"text.encoder_2={config.text.encoder_2}: exporting SDXL runs is not supported yet.")
+
+
 def export_workdir(
     workdir: str,
     out: str,
@@ -603,6 +612,7 @@ def export_workdir(
     from codi_jax.runs import pretrained
 
     config, _ = pretrained.read_config(workdir, checkpoint_step)
+    check_not_sdxl(config)
     step_table(config, diffusion.schedule_from_config(config.schedule), steps)  # --steps fits the run's grid
     if networks.is_conditional(config):  # the backbone diffusers must represent, still before any weights
         model, _ = networks.build_conditional(config)

@@ -109,8 +109,15 @@ def init_teacher_params(model: Backbone, input_size: int, rng: jax.Array) -> Any
     """Fresh backbone parameters (pure: jit it, or ``eval_shape`` it for shapes); a text backbone gets
     a one-token placeholder context (parameter shapes do not depend on the sequence length)."""
     sample = jnp.zeros((1, input_size, input_size, model.in_channels), jnp.float32)
-    context = None if model.cross_attention_dim is None else jnp.zeros((1, 1, model.cross_attention_dim))
-    return model.init(rng, sample, jnp.zeros((1,), jnp.float32), context)["params"]
+    return model.init(rng, sample, jnp.zeros((1,), jnp.float32), placeholder_context(model))["params"]
+
+
+def placeholder_context(model: Backbone) -> Any:
+    """A one-example, one-token zero ``context`` of the backbone's structure (None without text; a
+    text_time UNet's ``TEXT_TIME_KEYS`` dict)."""
+    if model.cross_attention_dim is None:
+        return None
+    return jax.tree.map(lambda spec: jnp.zeros(spec.shape, spec.dtype), model.context_spec())
 
 
 def condition_placeholders(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array | None]:
@@ -125,10 +132,9 @@ def init_placeholders(config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The keyword inputs ``AdaptedModel.init`` needs beyond the condition: the backbone's input
     shape, a placeholder context (text backbones) and guidance scale (CFG-aware distillation)."""
     size, channels = model_input_size(config), int(config.model.in_channels)
-    width = config.model.get("cross_attention_dim")
     return dict(
         sample_shape=(1, size, size, channels),
-        context=None if width is None else jnp.zeros((1, 1, int(width)), jnp.float32),
+        context=placeholder_context(backbone_from_config(config.model)),
         guidance_scale=jnp.ones((1,), jnp.float32) if uses_cfg_distillation(config) else None,
     )
 

@@ -23,6 +23,7 @@ import ml_collections
 
 from codi_jax import sharding
 from codi_jax.data import task_spec
+from codi_jax.frozen import encoders
 from codi_jax.models import adapters
 from codi_jax.objectives import codi
 from codi_jax.training import train_state
@@ -52,10 +53,12 @@ SECTION_DEFAULTS: dict[str, Callable[[], ml_collections.ConfigDict]] = {
 }
 # ... or always (runs saved before the section existed ran with its defaults).
 ALWAYS = {"nonfinite": train_state.default_update_policy, "sharding": sharding.default_sharding_config}
-# The text section's fields and defaults (``codi_jax.frozen.encoders`` reads the frozen parts'
-# fields; a converted teacher writes them): drop_prob, the share of training examples whose own
-# prompt (caption, instruction) is replaced by the empty prompt.
-TEXT_FIELDS = {"prompt": "", "negative_prompt": "", "drop_prob": 0.0}
+# The text section (``encoders.default_text_config``): a run's choices (prompt, negative_prompt,
+# drop_prob) filled in wherever the section is; the frozen models' fields (``FROZEN_TEXT_FIELDS``:
+# SDXL's second encoder came later) only where it names an encoder (a teacher's, a resolved run's),
+# so that a user's section never overrides the teacher's encoders with empty paths.
+TEXT_FIELDS = {k: v for k, v in encoders.default_text_config().items() if k not in encoders.FROZEN_TEXT_FIELDS}
+FROZEN_TEXT_DEFAULTS = {k: encoders.default_text_config()[k] for k in encoders.FROZEN_TEXT_FIELDS}
 # Every config field that names a file or folder: made absolute (``absolute_paths``) when a run's
 # config is resolved, before anything is read, so the run, its saved config and every later reader
 # (another working directory, Orbax, which restores from absolute paths only) mean the same files.
@@ -67,6 +70,8 @@ PATH_FIELDS = (
     "latent.vae",
     "text.encoder",
     "text.tokenizer",
+    "text.encoder_2",
+    "text.tokenizer_2",
     "adapter.init_from",
     "source.diffusers",
     "source.controlnet",
@@ -94,7 +99,8 @@ def upgrade(config: Mapping[str, Any]) -> dict[str, Any]:
     for section, defaults in ALWAYS.items():
         out[section] = {**defaults().to_dict(), **(out.get(section) or {})}
     if out.get("text") is not None:
-        out["text"] = {**TEXT_FIELDS, **out["text"]}
+        frozen = FROZEN_TEXT_DEFAULTS if "encoder" in out["text"] else {}
+        out["text"] = {**TEXT_FIELDS, **frozen, **out["text"]}
     return out
 
 

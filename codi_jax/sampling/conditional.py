@@ -59,7 +59,7 @@ def text_inputs(batch: dict, config: ml_collections.ConfigDict, guidance_scale: 
     if batch.get("context") is None:
         return None
     scale = float(config.sample_guidance_scale if guidance_scale is None else guidance_scale)
-    n = batch["context"].shape[0]
+    n = batch["cond"].shape[0]
     return {
         "context": batch["context"],
         "uncond_context": batch["uncond_context"],

@@ -83,6 +83,7 @@ def local_batches(config: ml_collections.ConfigDict, task_config, start_step: in
         tokenize=tokenize,
         drop_prob=0.0 if tokenize is None else float(config.text.drop_prob),
         start_batch=start_step,
+        micro_conditioning=batch_inputs.is_sdxl(config),  # SDXL's text_time UNet reads the crop's size ids
     )
     # The stream is a deterministic function of the seed and the step: a resumed run reads the
     # batches an uninterrupted one would, starting at its step directly (random access).
@@ -94,6 +95,8 @@ def check_input_paths(config: ml_collections.ConfigDict) -> None:
     checked before any weight is loaded or anything is compiled; errors name the config field."""
     encoders.check_encoder_paths(config)
     conditional = networks.is_conditional(config)
+    if conditional:
+        batch_inputs.check_sdxl_text(config)
     if config.data.source == "folder":
         paths = image_files.list_image_files(config.data.folder)
         if conditional and batch_inputs.example_prompts(config):  # a malformed metadata.jsonl, uncaptioned images

@@ -1,0 +1,155 @@
+"""A tiny SDXL CoDi run end to end: diffusers SDXL folder -> ``python -m codi_jax.convert`` -> train
+(exact resume) -> ``python -m codi_jax.sample``.
+
+The teacher is ``tests/tiny_sdxl.make_pipeline`` (64-px images, 8x8 latents, two CLIP text encoders,
+a text_time UNet, SDXL base's Euler scheduler config); the adapter starts from its converted
+``ControlNetModel`` (``adapter.init_from``). Training batches carry SDXL's micro-conditioning
+(``micro_cond``), which reaches the UNet as the context's ``time_ids``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from codi_jax.configs.cpu import tiny_codi  # noqa: E402
+from codi_jax.frozen import batch_inputs  # noqa: E402
+from codi_jax.runs import config_resolution, pretrained  # noqa: E402
+from codi_jax.training import loop  # noqa: E402
+from tests import tiny_sdxl  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> dict:
+    """The tiny SDXL pipeline and ControlNet, converted once through the CLI."""
+    root = tmp_path_factory.mktemp("sdxl")
+    pipe = tiny_sdxl.make_pipeline(str(root / "pipeline"))
+    tiny_sdxl.save_controlnet(pipe.unet, str(root / "controlnet"))
+    workdir = str(root / "teacher")
+    done = _cli(
+        "codi_jax.convert",
+        f"--diffusers={root / 'pipeline'}",
+        f"--controlnet={root / 'controlnet'}",
+        f"--out={workdir}",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {"workdir": workdir, "root": root, "stdout": done.stdout}
+
+
+def test_convert_records_both_text_encoders(teacher) -> None:
+    config, step = pretrained.read_config(teacher["workdir"])
+    components = os.path.join(teacher["workdir"], "components")
+    assert step == 0 and config.model.addition_embed_type == "text_time"
+    assert config.text.encoder == os.path.join(components, "text_encoder")
+    assert config.text.encoder_2 == os.path.join(components, "text_encoder_2")
+    assert config.text.tokenizer_2 == os.path.join(components, "tokenizer_2")
+    assert config.text.force_zeros_for_empty_prompt is True and config.text.max_length == tiny_sdxl.tiny_sd.MAX_LENGTH
+    assert config.schedule.to_dict() == dict(
+        kind="scaled_linear", num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012
+    )
+    assert config.data.image_size == tiny_sdxl.IMAGE_SIZE
+    for part in ("text_encoder_2", "tokenizer_2", "controlnet"):
+        assert f"  {part}: " in teacher["stdout"], teacher["stdout"]
+
+
+def _config(teacher: dict, **overrides):
+    config = tiny_codi.get_config()
+    config.teacher_workdir = teacher["workdir"]
+    config.data.data_dir = str(teacher["root"] / "tfds")
+    config.data.image_size = tiny_sdxl.IMAGE_SIZE  # pixels; the UNet sees 8x8 latents
+    config.task.scale = 4
+    config.adapter.hint_channels = tiny_sdxl.HINT_CHANNELS
+    config.adapter.hint_downsamples = 3
+    config.adapter.hint_zero_init = True
+    config.adapter.hint_unit_range = True
+    config.adapter.init_from = teacher["workdir"]
+    config.codi.guidance_weight = 1.0
+    config.text = ml_collections.ConfigDict({"prompt": "a photo of a cat", "negative_prompt": ""})
+    config.batch_size = 2
+    config.num_sample_images = 2
+    config.sample_step_counts = (1,)
+    config.sample_every_steps = 4
+    config.update(overrides)
+    return config
+
+
+def test_micro_conditioning_reaches_the_step(teacher) -> None:
+    """The batch encoder's context: both encoders' prompt rows, the pooled embeds, the batch's
+    ``micro_cond`` as ``time_ids`` (the unconditional context too: zeros, as SDXL base's empty negative)."""
+    config = config_resolution.resolve(_config(teacher))
+    assert batch_inputs.is_sdxl(config)
+    enc, frozen = batch_inputs.load(config)
+    batch = next(loop.local_batches(config, config.task, 0))
+    assert batch["micro_cond"].shape == (2, 6)
+    encode = batch_inputs.batch_encoder(config, enc)
+    out = jax.jit(encode)(frozen, jax.tree.map(jax.numpy.asarray, batch), jax.random.PRNGKey(0))
+    context, uncond = out["context"], out["uncond_context"]
+    assert sorted(context) == ["text_embeds", "time_ids", "tokens"] and sorted(uncond) == sorted(context)
+    np.testing.assert_array_equal(np.asarray(context["time_ids"]), batch["micro_cond"])
+    np.testing.assert_array_equal(np.asarray(uncond["time_ids"]), batch["micro_cond"])
+    assert context["tokens"].shape == (2, tiny_sdxl.tiny_sd.MAX_LENGTH, tiny_sdxl.CROSS_ATTENTION_DIM)
+    assert context["text_embeds"].shape == (2, tiny_sdxl.POOLED_DIM) and np.abs(context["text_embeds"]).max() > 0
+    assert np.abs(np.asarray(uncond["tokens"])).max() == 0 and np.abs(np.asarray(uncond["text_embeds"])).max() == 0
+    sampled = batch_inputs.add_text(frozen, {"cond": np.zeros((1, 64, 48, 3), np.float32)})  # no micro_cond
+    np.testing.assert_array_equal(np.asarray(sampled["context"]["time_ids"]), [[64, 48, 0, 0, 64, 48]])
+
+
+def test_sdxl_run_resumes_exactly_and_samples(teacher, tmp_path, caplog) -> None:
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    caplog.set_level(logging.INFO)
+    loop.train_and_evaluate(_config(teacher, log_every_steps=1), straight)
+    losses = [float(r.getMessage().split()[3]) for r in caplog.records if r.getMessage().startswith("step ")]
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
+    loop.train_and_evaluate(_config(teacher, num_train_steps=2), resumed)
+    loop.train_and_evaluate(_config(teacher), resumed)
+    a = pretrained.load_conditional(straight, use_ema=False).params
+    b = pretrained.load_conditional(resumed, use_ema=False).params
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert os.path.exists(os.path.join(straight, "samples", "step_0000004.png"))
+
+    images = tmp_path / "inputs"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    done = _cli("codi_jax.sample", f"--run={straight}", f"--images={images}", f"--out={tmp_path / 'out'}", "--steps=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = sorted(os.listdir(tmp_path / "out"))
+    assert "grid.png" in written and len(written) == 3, written
+
+
+def test_sdxl_refuses_captions(teacher) -> None:
+    config = _config(teacher)
+    config.data.source = "tfds"  # a tfds source with a caption_key: every example brings its caption
+    config.data.caption_key = "caption"
+    resolved = config_resolution.resolve(config)
+    with pytest.raises(ValueError, match=r"^data\.caption_key: per-example prompts"):
+        batch_inputs.check_sdxl_text(resolved)
+
+
+def test_export_refuses_sdxl_in_one_line(teacher, tmp_path) -> None:
+    from codi_jax.interop import export
+
+    config = config_resolution.resolve(_config(teacher))
+    with pytest.raises(ValueError, match=r"^text\.encoder_2=.*: exporting SDXL runs is not supported yet\.$"):
+        export.check_not_sdxl(config)
