@@ -61,27 +61,26 @@ def pytest_pyfunc_call(pyfuncitem):
         raise
 
 
+def _converted_teacher(tmp_path_factory, builder: str) -> str:
+    """``tests.<builder>.make_pipeline``'s tiny random pipeline, converted (a teacher workdir)."""
+    pytest.importorskip("diffusers")
+    import importlib
+
+    from codi_jax.interop import convert
+
+    root = tmp_path_factory.mktemp(f"{builder}_teacher")
+    importlib.import_module(f"tests.{builder}").make_pipeline(str(root / "pipeline"))
+    convert.convert(str(root / "pipeline"), str(root / "teacher"))
+    return str(root / "teacher")
+
+
 @pytest.fixture(scope="session")
 def tiny_sd_teacher(tmp_path_factory) -> str:
     """A converted tiny random Stable Diffusion pipeline (teacher workdir; runs only read it)."""
-    pytest.importorskip("diffusers")
-    from codi_jax.interop import convert
-    from tests import tiny_sd
-
-    root = tmp_path_factory.mktemp("tiny_sd_teacher")
-    tiny_sd.make_pipeline(str(root / "pipeline"))
-    convert.convert(str(root / "pipeline"), str(root / "teacher"))
-    return str(root / "teacher")
+    return _converted_teacher(tmp_path_factory, "tiny_sd")
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl_teacher(tmp_path_factory) -> str:
     """A converted tiny random SDXL pipeline (teacher workdir; runs only read it)."""
-    pytest.importorskip("diffusers")
-    from codi_jax.interop import convert
-    from tests import tiny_sdxl
-
-    root = tmp_path_factory.mktemp("tiny_sdxl_teacher")
-    tiny_sdxl.make_pipeline(str(root / "pipeline"))
-    convert.convert(str(root / "pipeline"), str(root / "teacher"))
-    return str(root / "teacher")
+    return _converted_teacher(tmp_path_factory, "tiny_sdxl")
