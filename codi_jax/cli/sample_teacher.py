@@ -11,7 +11,9 @@ Latent / text teachers (a converted Stable Diffusion: ``config.latent`` / ``conf
 latents without clipping and decode them with the VAE; ``--prompt`` (default
 ``config.text.prompt``) conditions them, ``--guidance_scale`` (default 1: none) applies
 classifier-free guidance against ``--negative_prompt``. These flags on a teacher without a text
-encoder are a user error.
+encoder are a user error. An SDXL teacher encodes both prompts with its two text encoders (an
+empty negative prompt is zeros where the pipeline has ``force_zeros_for_empty_prompt``, as diffusers'
+default None) and samples at the time ids ``(H, W, 0, 0, H, W)``, as ``StableDiffusionXLPipeline`` does.
 """
 
 from __future__ import annotations

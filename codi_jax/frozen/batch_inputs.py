@@ -124,13 +124,18 @@ def _rows(rows: jax.Array, batch: dict[str, jax.Array], n: int) -> jax.Array:
     return jnp.broadcast_to(rows, (n,) + rows.shape[1:])
 
 
+def pipeline_time_ids(n: int, height: int, width: int) -> jax.Array:
+    """``(H, W, 0, 0, H, W)`` for ``n`` examples (n, 6): diffusers' SDXL pipelines' default time ids
+    (original = target size = the image's, no crop), for the negative prompt too."""
+    return jnp.broadcast_to(jnp.array([height, width, 0, 0, height, width], jnp.float32), (n, 6))
+
+
 def sdxl_time_ids(batch: dict[str, jax.Array]) -> jax.Array:
-    """SDXL's time ids (B, 6): the batch's ``micro_cond``, else ``(H, W, 0, 0, H, W)`` of the condition
-    (diffusers' pipeline: original = target size = the image's, no crop)."""
+    """SDXL's time ids (B, 6): the batch's ``micro_cond``, else ``pipeline_time_ids`` of the condition."""
     if "micro_cond" in batch:
         return batch["micro_cond"].astype(jnp.float32)
     n, height, width = batch["cond"].shape[:3]
-    return jnp.broadcast_to(jnp.array([height, width, 0, 0, height, width], jnp.float32), (n, 6))
+    return pipeline_time_ids(n, height, width)
 
 
 def add_text(data: FrozenData, batch: dict[str, jax.Array], text_model: Any = None) -> dict[str, jax.Array]:

@@ -6,7 +6,11 @@ converted text-to-image teacher): the library behind ``python -m codi_jax.sample
 EMA parameters and samples; ``write_images`` writes one PNG per sample plus ``grid.png``, all or
 nothing. Latent / text teachers sample latents without clipping and decode them with the VAE; a
 prompt conditions them and a guidance scale > 1 applies classifier-free guidance against the
-negative prompt.
+negative prompt. SDXL teachers (``encoders.is_sdxl``) encode both with the two text encoders
+(``frozen.sdxl_text``; the negative "" is diffusers' None: zeros under the pipeline's
+``force_zeros_for_empty_prompt``, as in runs) and add diffusers' default time ids
+``(H, W, 0, 0, H, W)`` of ``data.image_size`` to both contexts (``tests/test_sdxl_pipeline_equality.py``:
+equal to ``StableDiffusionXLPipeline``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax import atomic, sharding
-from codi_jax.frozen import encoders
+from codi_jax.frozen import batch_inputs, encoders, sdxl_text
 from codi_jax.models import networks
 from codi_jax.runs.pretrained import Pretrained, load_teacher, read_config
 from codi_jax.sampling import few_step, guidance, samplers
@@ -34,17 +38,45 @@ def _context_apply(model: Any, params: Any, z_t: jax.Array, model_t: jax.Array, 
 
 def _text_contexts(
     enc: encoders.Encoders, config: Any, prompt: str | None, negative_prompt: str | None, scale: float
-) -> tuple[jax.Array, jax.Array | None]:
-    """``(context, uncond_context or None)``, (1, L, D) each: the one prompt's (None: no CFG)."""
+) -> tuple[Any, Any]:
+    """``(context, uncond_context or None)``, one row each: the one prompt's (None: no CFG)."""
     prompt = config.text.get("prompt", "") if prompt is None else prompt
     negative = config.text.get("negative_prompt", "") if negative_prompt is None else negative_prompt
+    if enc.sdxl is not None:
+        return _sdxl_contexts(enc.sdxl, prompt, negative, scale, int(config.data.image_size))
     context = encoders.encode_prompts(enc, [prompt])
     return context, (None if scale == 1.0 else encoders.encode_prompts(enc, [negative]))
 
 
-def _repeat(row: jax.Array | None, n: int) -> jax.Array | None:
-    """A (1, ...) row as ``n`` rows (None stays None)."""
-    return None if row is None else jnp.broadcast_to(row, (n,) + row.shape[1:])
+def _sdxl_contexts(
+    text: sdxl_text.SDXLText, prompt: str, negative: str, scale: float, size: int
+) -> tuple[dict[str, jax.Array], dict[str, jax.Array] | None]:
+    """SDXL's ``{"tokens", "text_embeds", "time_ids"}`` rows: both encoders, the negative "" as
+    diffusers' None (zeros under ``force_zeros_for_empty_prompt``, as in runs), and diffusers'
+    default time ids ``(size, size, 0, 0, size, size)`` for the prompt and the negative alike."""
+    time_ids = batch_inputs.pipeline_time_ids(1, size, size)
+    context = {**sdxl_text.encode_sdxl_prompts(text, [prompt]), "time_ids": time_ids}
+    if scale == 1.0:
+        return context, None
+    return context, {**sdxl_text.encode_sdxl_negative(text, negative or None, 1), "time_ids": time_ids}
+
+
+def _repeat(row: Any, n: int) -> Any:
+    """A context of (1, ...) rows (an array or a dict of them) as ``n`` rows (None stays None)."""
+    return jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (n,) + leaf.shape[1:]), row)
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_ddim(model: Any, schedule: Any, parametrization: str, steps: int, clip: bool) -> Callable:
+    """The jitted guided sampler ``(Guided, noise) -> z``, one per model and grid: later calls (another
+    prompt, scale or request in the same process) reuse its compilations."""
+    apply_fn = guidance.guided_apply(functools.partial(_context_apply, model))
+    return jax.jit(samplers.many_step_sampler(apply_fn, schedule, parametrization, steps, clip_denoised=clip))
+
+
+@functools.lru_cache(maxsize=4)
+def _jitted_decode(vae: Any) -> Callable:
+    return jax.jit(functools.partial(encoders.decode_latents, vae))
 
 
 def _latent_text_sampler(pre: Pretrained, steps: int, mesh: jax.sharding.Mesh, text: dict[str, Any]) -> Callable:
@@ -56,16 +88,8 @@ def _latent_text_sampler(pre: Pretrained, steps: int, mesh: jax.sharding.Mesh, t
     params, vae_params, context, uncond = jax.device_put(
         (pre.params, enc.vae_params, context, uncond), sharding.replicated(mesh)
     )
-    ddim = jax.jit(
-        samplers.many_step_sampler(
-            guidance.guided_apply(functools.partial(_context_apply, pre.model)),
-            pre.schedule,
-            pre.parametrization,
-            steps,
-            clip_denoised=not enc.is_latent,
-        )
-    )
-    decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if enc.is_latent else None
+    ddim = _jitted_ddim(pre.model, pre.schedule, pre.parametrization, steps, not enc.is_latent)
+    decode = _jitted_decode(enc.vae) if enc.is_latent else None
 
     def sample(noise: jax.Array) -> np.ndarray:
         n = noise.shape[0]
@@ -108,7 +132,8 @@ def sample_images(
     A latent teacher (``config.latent.vae``) samples latents at ``data.image_size`` over the VAE's
     downsampling and decodes them; a text teacher (``config.text.encoder``) is conditioned on
     ``prompt`` (default ``config.text.prompt``), with classifier-free guidance against
-    ``negative_prompt`` when ``guidance_scale != 1`` (one network call on the doubled batch).
+    ``negative_prompt`` when ``guidance_scale != 1`` (one network call on the doubled batch); an SDXL
+    teacher's contexts are ``{"tokens", "text_embeds", "time_ids"}`` dicts (``_sdxl_contexts``).
     """
     pre = load_teacher(workdir, step=step, use_ema=use_ema)
     check_text_flags(pre.config, workdir, prompt, negative_prompt, guidance_scale)
