@@ -1,9 +1,10 @@
 """The measurements of ``benchmarks/gpu_check.py``, one group of cases per process (see its docstring).
 
 Each function returns JSON-ready rows (dicts); nothing here prints a table or decides what runs.
-The networks are SD-1.5-shaped (``--dry_run``: tiny shapes of the same kinds) with random weights
-filled on the device, the inputs synthetic arrays of the real shapes, and the text context a
-random (77, 768) array in place of CLIP's output.
+The networks are SD-1.5-shaped, or SDXL-shaped for a case with ``model="sdxl"`` (``--dry_run``: tiny
+shapes of the same kinds) with random weights filled on the device, the inputs synthetic arrays of
+the real shapes, and the text context a random (77, 768) array in place of CLIP's output (SDXL: the
+``UNet.context_spec`` dict, tokens (77, 2048), text_embeds (1280,) and 6 time ids, random too).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from gpu_check import flops_key
 from latent_encoding import TINY_UNET, TINY_VAE
 from sd15_shapes import SD15_UNET, SD15_VAE
+from sdxl_shapes import SDXL_TEXT, SDXL_UNET
 from train_throughput import SD15_TEXT, flops_of, model_flops, peak_memory, run_config, step_and_inputs
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -44,20 +47,30 @@ TINY_HINT = (4, 4, 8, 8)
 # The dry run's UNet: one level of latent_encoding's tiny UNet (cross-attention kept), so the CPU compiles little.
 DRY_UNET = dict(TINY_UNET, block_out_channels=[16], down_block_types=["CrossAttnDownBlock2D"])
 DRY_UNET.update(up_block_types=["CrossAttnUpBlock2D"])
+# The dry run's SDXL-kind UNet: the same level with linear projections and the text_time added
+# embedding (a 16-wide pooled text embedding and 6 time ids of 8 sinusoids each): the dict context.
+DRY_SDXL_UNET = dict(DRY_UNET, use_linear_projection=True)
+DRY_SDXL_UNET.update(addition_embed_type="text_time", addition_time_embed_dim=8)
+DRY_SDXL_UNET.update(projection_class_embeddings_input_dim=16 + 6 * 8)
 
 
-def shapes(dry_run: bool) -> dict[str, Any]:
-    """The networks' diffusers configs and the input sizes: SD-1.5 at 512 px, or tiny ones."""
+def shapes(dry_run: bool, model: str = "sd15") -> dict[str, Any]:
+    """The networks' diffusers configs and the input sizes: SD-1.5 at 512 px or SDXL at 1024 px
+    (``model="sdxl"``, train cases only: no VAE), or tiny ones."""
     if dry_run:
-        return dict(unet=DRY_UNET, vae=TINY_VAE, image=64, latent=8, context=TINY_TEXT, hint=TINY_HINT)
+        unet = DRY_SDXL_UNET if model == "sdxl" else DRY_UNET
+        return dict(unet=unet, vae=TINY_VAE, image=64, latent=8, context=TINY_TEXT, hint=TINY_HINT)
+    if model == "sdxl":
+        return dict(unet=SDXL_UNET, vae=None, image=1024, latent=128, context=SDXL_TEXT, hint=None)
     return dict(unet=SD15_UNET, vae=SD15_VAE, image=512, latent=64, context=SD15_TEXT, hint=None)
 
 
-def check_config(method: str, attention_impl: str, remat_policy: str, dry_run: bool):
-    """``(config, latent size, context shape)``: ``sd15_sr4`` as ``train_throughput`` builds it, with
-    the model's attention / remat choices (and, for the dry run, the tiny shapes)."""
-    config, latent, context = run_config("sd15", method)
-    size = shapes(dry_run)
+def check_config(method: str, attention_impl: str, remat_policy: str, dry_run: bool, model: str = "sd15"):
+    """``(config, latent size, context shape)``: ``sd15_sr4`` (``model="sdxl"``: ``sdxl_sr4``) as
+    ``train_throughput`` builds it, with the model's attention / remat choices (and, for the dry run,
+    the tiny shapes)."""
+    config, latent, context = run_config(model, method)
+    size = shapes(dry_run, model)
     if dry_run:
         model = dict(unet_config_from_diffusers(size["unet"]), kind="unet", parametrization="eps")
         model.update(dtype=config.model.dtype, remat=config.model.remat)
@@ -124,15 +137,19 @@ def fits(candidate: dict[str, Any], limit: int) -> bool:
     return candidate["aot"] is None or candidate["aot"]["total"] <= limit
 
 
-def search_batch(config, latent: int, context, args) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]:
+def search_batch(
+    config, latent: int, context, args, fixed: int | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]:
     """``(candidates, every compile, bytes limit)``. Candidates, largest batch first: the probe
-    (``--batch`` / ``--probe_batch``, halved until its AOT total fits) and, where the device reports
-    a memory limit, the batch its AOT memory predicts if that fits too (a prediction that does not
-    fit is refined once from its own compile). ``limit`` None (CPU) or ``--batch``: the probe only."""
+    (``fixed`` / ``--batch`` / ``--probe_batch``, halved until its AOT total fits) and, where the device
+    reports a memory limit, the batch its AOT memory predicts if that fits too (a prediction that does
+    not fit is refined once from its own compile). ``limit`` None (CPU), ``fixed`` or ``--batch``: the
+    probe only (one compile)."""
     limit = device_bytes_limit(jax.local_devices()[0])
-    probe = compile_step(config, latent, context, args.batch or args.probe_batch)
+    fixed = fixed or args.batch
+    probe = compile_step(config, latent, context, fixed or args.probe_batch)
     tries = [probe]
-    if args.batch or limit is None or probe["aot"] is None:
+    if fixed or limit is None or probe["aot"] is None:
         return [probe], tries, limit
     while not fits(probe, limit) and probe["batch"] > 1:
         probe = compile_step(config, latent, context, probe["batch"] // 2)
@@ -196,12 +213,12 @@ def device_peak_gib() -> float | None:
 def train_row(case: dict[str, Any], known_flops: dict[str, float], args) -> dict[str, Any]:
     """One train case: batch search, median step time, images/s, model TFLOP/s, MFU, AOT vs peak.
     ``known_flops``: model FLOPs per step by ``method@batch`` from earlier cases (not lowered again)."""
-    method = case["method"]
-    config, latent, context = check_config(method, case["attention_impl"], case["remat_policy"], args.dry_run)
-    candidates, tries, limit = search_batch(config, latent, context, args)
+    method, model = case["method"], case.get("model", "sd15")
+    config, latent, context = check_config(method, case["attention_impl"], case["remat_policy"], args.dry_run, model)
+    candidates, tries, limit = search_batch(config, latent, context, args, case.get("fixed_batch"))
     chosen, times, notes = run_candidates(candidates, args)
     batch, median = chosen["batch"], statistics.median(times)
-    flops = known_flops.get(f"{method}@{batch}")
+    flops = known_flops.get(flops_key(case, batch))
     if flops is None:
         plain = ml_collections.ConfigDict(config.to_dict())
         plain.model.attention_impl = "dot_product"  # the same math; XLA's cost analysis cannot see cuDNN's kernel

@@ -20,6 +20,10 @@ networks, one device (spec: /work/shared/GPU.md):
            (the same conditional network, classifier-free guidance at ``--teacher_guidance``,
            default sd15_edit's ``sample_guidance_scale``: two network calls per step) for the ratio.
   vae      the VAE encoder per image (512x512 -> 64x64x4, float32 as the run loads it).
+  sdxl     last, in its own group: the PE-CoDi train step of an SDXL-base-shaped UNet + ControlNet
+           (``sdxl_sr4``: 1024 px, 128x128 latents, the text_time context dict of the real shapes:
+           tokens 77x2048, text_embeds 1280, 6 time ids) at ``--sdxl_batch`` (no batch search: one
+           compile), ``--sdxl_attention_impl``, remat full; the dry run builds it at tiny shapes.
 
 Every case group runs in its own process (a crash or out-of-memory error is recorded and the
 next one runs; the device's peak memory is the case's own); groups that would start after
@@ -64,6 +68,7 @@ COLUMNS += ("compile s", "status")
 NOTES = [
     "random weights; synthetic inputs of the real shapes",
     "text context: a random (77, 768) array in place of CLIP's output (CLIP is not run)",
+    "SDXL: a random {tokens (77, 2048), text_embeds (1280,), time_ids (6,)} context (no text encoder run)",
     "model TFLOP/s: XLA cost analysis of the step lowered without remat (dot_product attention)",
     "peak GiB: memory_stats()['peak_bytes_in_use'] of the case's own process (n/a on CPU)",
     "compile s: lowering + XLA compile of the timed program(s) (train: of the chosen batch; every try in batch_search)",
@@ -93,6 +98,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=None, help="train cases: CoDi methods (default pe,full; dry run: pe)")
     p.add_argument("--attention_impls", default="cudnn,dot_product", help="train cases: model.attention_impl values")
     p.add_argument("--remat_policies", default=None, help="train cases (default full,dots_saveable; dry run: full)")
+    p.add_argument("--sdxl_batch", type=int, default=None, help="SDXL train case batch (default 4; dry run 2; 0: none)")
+    p.add_argument("--sdxl_attention_impl", default="dot_product", help="attention of the SDXL train case")
     p.add_argument("--group", default=None, help=argparse.SUPPRESS)  # internal: a child process's cases (JSON)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)  # internal: where a child writes its rows
     args = p.parse_args(argv)
@@ -100,11 +107,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sample_batch = args.sample_batch or (1 if args.dry_run else 16)
     args.methods = args.methods or ("pe" if args.dry_run else "pe,full")
     args.remat_policies = args.remat_policies or ("full" if args.dry_run else "full,dots_saveable")
+    args.sdxl_batch = (2 if args.dry_run else 4) if args.sdxl_batch is None else args.sdxl_batch
     return args
 
 
+def flops_key(case: dict[str, Any], batch: int) -> str:
+    """The key of a train case's model FLOPs (the same for every attention / remat choice)."""
+    return f"{case.get('model', 'sd15')} {case['method']}@{batch}"
+
+
+def sdxl_case(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The SDXL PE-CoDi train case (none with ``--sdxl_batch=0``)."""
+    if args.sdxl_batch <= 0:
+        return []
+    impl, batch = args.sdxl_attention_impl, args.sdxl_batch
+    case = dict(kind="train", model="sdxl", method="pe", attention_impl=impl, remat_policy="full", fixed_batch=batch)
+    return [dict(case, case=f"train sdxl pe {impl} remat=full b{batch}")]
+
+
 def case_groups(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The case groups in running order: the first train case, the sampling group, the other train cases."""
+    """The case groups in running order: the first train case, the sampling group, the other train
+    cases, the SDXL train case (last: the SD-1.5 cases never wait for it)."""
     chosen = [set(text.split(",")) - {""} for text in (args.methods, args.attention_impls, args.remat_policies)]
     train = [
         dict(kind="train", case=f"train {m} {a} remat={r}", method=m, attention_impl=a, remat_policy=r)
@@ -119,7 +142,8 @@ def case_groups(args: argparse.Namespace) -> list[dict[str, Any]]:
         sampling.append(dict(kind="teacher", case=f"sample teacher {steps}-step b{batch}", steps=steps, batch=batch))
     sampling.append(dict(kind="vae_encode", case=f"vae encode b{args.sample_batch}", batch=args.sample_batch))
     groups = [dict(kind="train", cases=[case]) for case in train]
-    return groups[:1] + ([] if args.no_sampling else [dict(kind="sampling", cases=sampling)]) + groups[1:]
+    sampling_group = [] if args.no_sampling else [dict(kind="sampling", cases=sampling)]
+    return groups[:1] + sampling_group + groups[1:] + [dict(kind="train", cases=[case]) for case in sdxl_case(args)]
 
 
 def child_env(dry_run: bool) -> dict[str, str]:
@@ -182,7 +206,7 @@ def collect(args: argparse.Namespace, argv: list[str]) -> tuple[list[dict[str, A
             continue
         rows += run_group(dict(group, known_flops=flops), args, argv, min(left, args.group_budget_s))
         ok = [row for row in rows if row["kind"] == "train" and row["status"] == "ok"]
-        flops.update({f"{row['method']}@{row['batch']}": row["model_flops_per_step"] for row in ok})
+        flops.update({flops_key(row, row["batch"]): row["model_flops_per_step"] for row in ok})
         write_json(args, rows, time.perf_counter() - start)
     return rows, time.perf_counter() - start
 
@@ -270,7 +294,8 @@ def main(argv: list[str] | None = None) -> None:
 
         run_child(json.loads(args.group), args)
         return
-    print(f"[gpu_check] {'dry run (tiny shapes)' if args.dry_run else 'SD-1.5 shapes'}; budget {args.budget_s:.0f} s")
+    what = "dry run (tiny shapes)" if args.dry_run else "SD-1.5 / SDXL shapes"
+    print(f"[gpu_check] {what}; budget {args.budget_s:.0f} s")
     rows, elapsed = collect(args, [a for a in argv if not a.startswith(("--group", "--result"))])
     path = write_json(args, rows, elapsed)
     ratios = add_ratios(rows)

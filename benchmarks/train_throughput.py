@@ -10,6 +10,9 @@ state donated and compiled ahead of time (as ``training.aot`` does), on one devi
          random weights) + ControlNet (x8 hint network), bf16, remat, 64x64 latents with a
          77x768 text context and 512x512 conditions (the batch the step sees after the VAE /
          text encoder; encoding them is benchmarks/latent_encoding.py's subject)
+  sdxl   codi_jax/configs/sd/sdxl_sr4.py on an SDXL-base-shaped UNet + ControlNet, bf16, remat, 128x128
+         latents, 1024x1024 conditions and SDXL's context dict (77x2048 tokens, the pooled 1280-wide
+         text_embeds, 6 time ids: ``UNet.context_spec``), one device (no FSDP)
 
 Printed: compile time; memory per device from ``Compiled.memory_analysis()`` (what
 ``training.aot`` logs before step 1) and, where the backend has them, ``memory_stats()`` peak
@@ -25,7 +28,7 @@ as a run with ``num_devices=N`` does; the script sets ``--xla_force_host_platfor
 itself. ``cpu`` in the step line is the process CPU time per step: cpu / wall is how many cores
 the step kept busy.
 
-  python benchmarks/train_throughput.py --config=tiny|demo|sd15 [--method=pe|full] [--batch=N] \\
+  python benchmarks/train_throughput.py --config=tiny|demo|sd15|sdxl [--method=pe|full] [--batch=N] \\
       [--devices=N] \\
       [--no_run] [--peak_tflops=989] [--attention_impl=dot_product|cudnn|einsum] \\
       [--remat=true|false] [--remat_policy=full|dots_saveable|...] [--dtype=bfloat16] \\
@@ -58,12 +61,13 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from bench_host import cpu_model, usable_cores  # noqa: E402
 from sd15_shapes import SD15_UNET  # noqa: E402
+from sdxl_shapes import SDXL_TEXT, SDXL_UNET  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from codi_jax import sharding  # noqa: E402
 from codi_jax.configs.cpu import codi_full_sr4, codi_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
-from codi_jax.configs.sd import sd15_sr4  # noqa: E402
+from codi_jax.configs.sd import sd15_sr4, sdxl_sr4  # noqa: E402
 from codi_jax.data import task_spec  # noqa: E402
 from codi_jax.interop.torch_to_flax import unet_config_from_diffusers  # noqa: E402
 from codi_jax.models import networks  # noqa: E402
@@ -71,16 +75,19 @@ from codi_jax.training import aot, recipes  # noqa: E402
 from codi_jax.training.train_state import create_train_state, make_optimizer  # noqa: E402
 
 SD15_TEXT = (77, 768)
-DEFAULT_BATCH = {"tiny": None, "demo": None, "sd15": 4}  # None: the config's batch_size
+DEFAULT_BATCH = {"tiny": None, "demo": None, "sd15": 4, "sdxl": 4}  # None: the config's batch_size
 
 
 def run_config(name: str, method: str) -> tuple[ml_collections.ConfigDict, int, tuple[int, int] | None]:
-    """``(resolved-like codi config, backbone input size, text context shape or None)``."""
-    if name == "sd15":
-        config = sd15_sr4.get_config()
-        model = dict(unet_config_from_diffusers(SD15_UNET), kind="unet", parametrization="eps")
+    """``(resolved-like codi config, backbone input size, text context (tokens, width) or None)``."""
+    if name in ("sd15", "sdxl"):
+        config = sd15_sr4.get_config() if name == "sd15" else sdxl_sr4.get_config()
+        unet, context = (SD15_UNET, SD15_TEXT) if name == "sd15" else (SDXL_UNET, SDXL_TEXT)
+        model = dict(unet_config_from_diffusers(unet), kind="unet", parametrization="eps")
         model.update(dtype=config.model.dtype, remat=config.model.remat)
-        schedule, latent, context = dict(kind="scaled_linear"), SD15_UNET["sample_size"], SD15_TEXT
+        schedule, latent = dict(kind="scaled_linear"), unet["sample_size"]
+        with config.unlocked():
+            config.sharding.fsdp = 1  # one device
     else:
         config, teacher = (tiny_codi.get_config(), tiny_teacher.get_config())
         if name == "demo":
@@ -96,6 +103,18 @@ def run_config(name: str, method: str) -> tuple[ml_collections.ConfigDict, int, 
     return config, latent, context
 
 
+def context_specs(backbone: Any, context: tuple[int, int] | None, batch: int) -> Any:
+    """The batch's ``context`` as ``ShapeDtypeStruct`` s (None without text): ``(tokens, width)`` as the
+    backbone reads it (``UNet.context_spec``: the token array, or SDXL's ``TEXT_TIME_KEYS`` dict)."""
+    if context is None:
+        return None
+    if context[1] != backbone.cross_attention_dim:
+        raise ValueError(
+            f"context width {context[1]} != the UNet's cross_attention_dim {backbone.cross_attention_dim}."
+        )
+    return backbone.context_spec(batch, context[0])
+
+
 def step_and_inputs(config: ml_collections.ConfigDict, latent: int, context: tuple[int, int] | None, batch: int):
     """``(step, init, abstract batch, abstract rng)``: the run's pure step and a fresh-state init."""
     model, schedule = networks.build_conditional(config)
@@ -103,10 +122,11 @@ def step_and_inputs(config: ml_collections.ConfigDict, latent: int, context: tup
     step = recipes.bind_train_step(config, model, schedule, optimizer)
     size, channels = int(config.data.image_size), int(config.model.in_channels)
     cond_channels = task_spec.cond_channels(config.task)
-    width = None if context is None else context[1]
+    context_tree = context_specs(model.backbone, context, batch)
 
     def init():
-        one_context = None if width is None else jnp.zeros((1, 1, width))
+        one = None if context is None else (1, context[1])  # one token: the parameter shapes are the same
+        one_context = jax.tree.map(jnp.zeros_like, context_specs(model.backbone, one, 1))
         sample = jnp.zeros((1, latent, latent, channels))
         backbone = model.backbone.init(jax.random.PRNGKey(0), sample, jnp.zeros((1,)), one_context)["params"]
         cond = jnp.zeros((1, size, size, cond_channels))
@@ -118,8 +138,8 @@ def step_and_inputs(config: ml_collections.ConfigDict, latent: int, context: tup
         "image": jax.ShapeDtypeStruct((batch, latent, latent, channels), jnp.float32),
         "cond": jax.ShapeDtypeStruct((batch, size, size, cond_channels), jnp.float32),
     }
-    if context is not None:
-        batch_tree["context"] = jax.ShapeDtypeStruct((batch, *context), jnp.float32)
+    if context_tree is not None:
+        batch_tree["context"] = context_tree
     return step, init, batch_tree, jax.ShapeDtypeStruct((2,), jnp.uint32)
 
 
@@ -184,9 +204,11 @@ def apply_overrides(config: ml_collections.ConfigDict, args: argparse.Namespace)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=("tiny", "demo", "sd15"), default="tiny")
+    p.add_argument("--config", choices=("tiny", "demo", "sd15", "sdxl"), default="tiny")
     p.add_argument("--method", choices=("pe", "full"), default="pe", help="PE-CoDi (adapter trains) or full CoDi")
-    p.add_argument("--batch", type=int, default=None, help="global batch (one device); default: the config's, sd15: 4")
+    p.add_argument(
+        "--batch", type=int, default=None, help="global batch (one device); default: the config's, sd15 / sdxl: 4"
+    )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
     p.add_argument("--no_run", action="store_true", help="compile only: memory and FLOPs, no step run")

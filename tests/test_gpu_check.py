@@ -70,6 +70,10 @@ def test_dry_run_without_tensorflow(tmp_path):
     assert record["ratios"] and all(ratio > 0 for ratio in record["ratios"].values())
     vae = [row for row in rows.values() if row["kind"] == "vae_encode"]
     assert len(vae) == 1 and vae[0]["status"] == "ok" and vae[0]["ms_per_image"] > 0
+    sdxl = [row for row in train if row.get("model") == "sdxl"]  # the SDXL step: last, tiny, one batch
+    assert len(sdxl) == 1 and sdxl[0]["case"] == expected[-1] and sdxl[0]["status"] == "ok", sdxl
+    assert sdxl[0]["batch"] == 2 and [t["batch"] for t in sdxl[0]["batch_search"]] == [2]
+    assert lines[-1].startswith(f"| {expected[-1]} | 2 |")
 
 
 def test_budget_skips_cases(tmp_path):
@@ -83,5 +87,6 @@ def test_budget_skips_cases(tmp_path):
 def test_group_stopped_at_its_budget(tmp_path):
     """A case group still running after --group_budget_s is stopped and recorded as an error."""
     argv = ["--dry_run", f"--out={tmp_path}", "--group_budget_s=1", "--no_sampling", "--attention_impls=dot_product"]
+    argv.append("--sdxl_batch=0")
     rows, _ = gpu_check.collect(gpu_check.parse_args(argv), argv)
     assert len(rows) == 1 and rows[0]["status"] == "error" and "stopped after 1 s" in rows[0]["error"]
