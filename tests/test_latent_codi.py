@@ -8,9 +8,7 @@ SD's x8 hint network (``adapter.init_from``). Training images go through the VAE
 
 from __future__ import annotations
 
-import json
 import os
-import re
 
 import jax
 import numpy as np
@@ -21,12 +19,11 @@ diffusers = pytest.importorskip("diffusers")
 
 from codi_jax import sharding  # noqa: E402
 from codi_jax.configs.cpu import tiny_codi  # noqa: E402
-from codi_jax.interop import convert, export  # noqa: E402
+from codi_jax.interop import convert  # noqa: E402
 from codi_jax.runs import config_resolution, pretrained  # noqa: E402
-from codi_jax.sampling import few_step, samplers  # noqa: E402
-from codi_jax.sampling.options import SamplingOptions  # noqa: E402
+from codi_jax.sampling import few_step  # noqa: E402
 from codi_jax.training import loop, recipes  # noqa: E402
-from tests import tiny_sd  # noqa: E402
+from tests import export_check, tiny_sd  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +94,7 @@ def test_latent_run_resumes_exactly_samples_and_exports(teacher, tmp_path) -> No
     written = few_step.run(straight, images, str(tmp_path / "samples"), (1,))
     assert len(written) == 3 and all(os.path.getsize(p) > 0 for p in written)
 
-    errors = _exported_pipeline_errors(straight, str(tmp_path / "export"))
+    errors = export_check.exported_pipeline_errors(straight, str(tmp_path / "export"))
     print(f"export SD-1-like PE-CoDi: diffusers pipeline vs codi_jax.sample, max abs err {errors} on [0, 1] images")
     assert max(errors.values()) <= 1e-4
 
@@ -118,53 +115,6 @@ def test_sd2_full_codi_export_reproduces_the_sampler(sd2_teacher, tmp_path) -> N
     config = _config(sd2_teacher, num_train_steps=2, sample_every_steps=2)
     config.adapter.train_backbone = True
     loop.train_and_evaluate(config, workdir)
-    errors = _exported_pipeline_errors(workdir, str(tmp_path / "export"))
+    errors = export_check.exported_pipeline_errors(workdir, str(tmp_path / "export"))
     print(f"export SD-2-like full CoDi: diffusers pipeline vs codi_jax.sample, max abs err {errors} on [0, 1] images")
     assert max(errors.values()) <= 1e-4
-
-
-class _OurRenoisingNoise:
-    """diffusers' ``LCMScheduler.step`` draws its re-noising noise with ``randn_tensor``; this gives
-    it ours instead (``samplers.example_keys(seed + 1, i)`` folded with the step index), so the
-    pipeline's images can be compared with ``codi_jax.sample``'s, which draws the same."""
-
-    def __init__(self, seed: int, num: int, shape: tuple[int, ...]) -> None:
-        self.keys, self.shape, self.calls = samplers.example_keys(seed + 1, np.arange(num)), shape, 0
-
-    def __call__(self, shape, generator=None, device=None, dtype=None, **_):
-        noise = jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, self.calls), self.shape))(self.keys)
-        self.calls += 1
-        noise = torch.from_numpy(np.array(noise).transpose(0, 3, 1, 2).copy())
-        assert tuple(noise.shape) == tuple(shape)
-        return noise.to(dtype)
-
-
-def _exported_pipeline_errors(workdir: str, out: str, seed: int = 3) -> dict[int, float]:
-    """Exports ``workdir``, runs its README's diffusers code at 1 / 2 / 4 steps (CoDi's re-noising,
-    our noise) and returns the max abs difference to ``codi_jax.sample``'s images, on [0, 1]."""
-    from diffusers.schedulers import scheduling_lcm
-
-    export.export_workdir(workdir, out, steps=4)
-    assert json.load(open(os.path.join(out, "model_index.json")))["scheduler"] == ["diffusers", "LCMScheduler"]
-    namespace: dict = {}
-    exec(re.findall(r"```python\n(.*?)```", open(os.path.join(out, "README.md")).read(), flags=re.S)[0], namespace)
-    pre = pretrained.load_conditional(workdir)
-    cond = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
-    latents = np.array(samplers.example_noise(seed, np.arange(2), (8, 8, 4))).transpose(0, 3, 1, 2).copy()
-    errors = {}
-    for steps in (1, 2, 4):
-        ours = few_step.sample_conditional(pre, cond, None, steps, SamplingOptions(seed=seed))
-        noise = _OurRenoisingNoise(seed, 2, (8, 8, 4))
-        original = scheduling_lcm.randn_tensor
-        scheduling_lcm.randn_tensor = noise
-        try:
-            theirs = namespace["sample"](
-                torch.from_numpy((cond.transpose(0, 3, 1, 2) + 1.0) / 2.0),
-                steps=steps,
-                latents=torch.from_numpy(latents),
-            )
-        finally:
-            scheduling_lcm.randn_tensor = original
-        assert noise.calls == steps - 1
-        errors[steps] = float(np.max(np.abs((ours + 1.0) / 2.0 - theirs)))
-    return errors

@@ -9,6 +9,7 @@ a text_time UNet, SDXL base's Euler scheduler config); the adapter starts from i
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -28,7 +29,7 @@ from codi_jax.configs.cpu import tiny_codi  # noqa: E402
 from codi_jax.frozen import batch_inputs  # noqa: E402
 from codi_jax.runs import config_resolution, pretrained  # noqa: E402
 from codi_jax.training import loop  # noqa: E402
-from tests import tiny_sdxl  # noqa: E402
+from tests import export_check, tiny_sdxl  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,6 +84,7 @@ def _config(teacher: dict, **overrides):
     config.adapter.hint_unit_range = True
     config.adapter.init_from = teacher["workdir"]
     config.codi.guidance_weight = 1.0
+    config.sample_guidance_scale = 2.0  # samples with CFG: the empty negative prompt is zeros (force_zeros)
     config.text = ml_collections.ConfigDict({"prompt": "a photo of a cat", "negative_prompt": ""})
     config.batch_size = 2
     config.num_sample_images = 2
@@ -113,11 +115,37 @@ def test_micro_conditioning_reaches_the_step(teacher) -> None:
     np.testing.assert_array_equal(np.asarray(sampled["context"]["time_ids"]), [[64, 48, 0, 0, 64, 48]])
 
 
-def test_sdxl_run_resumes_exactly_and_samples(teacher, tmp_path, caplog) -> None:
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    caplog.set_level(logging.INFO)
-    loop.train_and_evaluate(_config(teacher, log_every_steps=1), straight)
-    losses = [float(r.getMessage().split()[3]) for r in caplog.records if r.getMessage().startswith("step ")]
+class _Messages(logging.Handler):
+    """The messages logged while it is attached (``caplog`` is per test; the run is per module)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def trained(teacher, tmp_path_factory) -> dict:
+    """The tiny SDXL CoDi run trained 4 steps (logging every step), and the losses it logged."""
+    workdir = str(tmp_path_factory.mktemp("sdxl_run") / "straight")
+    handler, root = _Messages(), logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        loop.train_and_evaluate(_config(teacher, log_every_steps=1), workdir)
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    losses = [float(m.split()[3]) for m in handler.messages if m.startswith("step ")]
+    return {"workdir": workdir, "losses": losses}
+
+
+def test_sdxl_run_resumes_exactly_and_samples(teacher, trained, tmp_path) -> None:
+    straight, resumed = trained["workdir"], str(tmp_path / "resumed")
+    losses = trained["losses"]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
     loop.train_and_evaluate(_config(teacher, num_train_steps=2), resumed)
     loop.train_and_evaluate(_config(teacher), resumed)
@@ -147,9 +175,55 @@ def test_sdxl_refuses_captions(teacher) -> None:
         batch_inputs.check_sdxl_text(resolved)
 
 
-def test_export_refuses_sdxl_in_one_line(teacher, tmp_path) -> None:
+def test_sdxl_pe_codi_export_reproduces_the_sampler(trained, tmp_path) -> None:
+    """The trained run (sampled with CFG w = 2: the empty negative prompt is zeros) -> export -> the
+    README's ``StableDiffusionXLControlNetPipeline`` call gives ``codi_jax.sample``'s images."""
+    workdir, out = trained["workdir"], str(tmp_path / "export")
+    errors = export_check.exported_pipeline_errors(workdir, out, pipeline="StableDiffusionXLControlNetPipeline")
+    print(f"export SDXL PE-CoDi: diffusers pipeline vs codi_jax.sample, max abs err {errors} on [0, 1] images")
+    assert max(errors.values()) <= 1e-4
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["force_zeros_for_empty_prompt"] is True and "safety_checker" not in index
+    assert index["text_encoder_2"] == ["transformers", "CLIPTextModelWithProjection"]
+    for part in ("unet", "controlnet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        assert os.path.isdir(os.path.join(out, part)), part
+    controlnet = json.load(open(os.path.join(out, "controlnet", "config.json")))
+    assert controlnet["addition_embed_type"] == "text_time", controlnet
+
+
+def test_export_refuses_sdxl_custom_components_in_one_line(teacher) -> None:
+    from codi_jax.interop import export
+    from codi_jax.models import networks
+
+    config = _config(teacher, adapter=dict(kind="t2i", init_from=""))
+    config = config_resolution.resolve(config)
+    model, _ = networks.build_conditional(config)
+    with pytest.raises(
+        ValueError, match=r"^text\.encoder_2=.*: SDXL runs export as a StableDiffusionXLControlNetPipeline "
+    ):
+        export.check_sdxl_exportable(config, model)
+
+
+def test_sdxl_teacher_exports_as_its_pipeline(teacher, tmp_path) -> None:
+    """The converted teacher -> ``StableDiffusionXLPipeline`` folder: the README's call gives the
+    original pipeline's images (its scheduler swapped for the exported DDIM one)."""
     from codi_jax.interop import export
 
-    config = config_resolution.resolve(_config(teacher))
-    with pytest.raises(ValueError, match=r"^text\.encoder_2=.*: exporting SDXL runs is not supported yet\.$"):
-        export.check_not_sdxl(config)
+    out = str(tmp_path / "export")
+    export.export_workdir(teacher["workdir"], out, steps=2)
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["_class_name"] == "StableDiffusionXLPipeline" and index["force_zeros_for_empty_prompt"] is True
+    namespace = export_check.readme_namespace(out)
+    original = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        str(teacher["root"] / "pipeline"), scheduler=namespace["pipe"].scheduler, add_watermarker=False
+    )
+    original.set_progress_bar_config(disable=True)
+    latents = torch.randn(
+        2, 4, tiny_sdxl.LATENT_SIZE, tiny_sdxl.LATENT_SIZE, generator=torch.Generator().manual_seed(0)
+    )
+    theirs = namespace["sample"](torch.zeros(2, 3, 64, 64), steps=2, latents=latents)
+    size = dict(height=64, width=64, original_size=(64, 64), target_size=(64, 64))
+    images = original(
+        prompt=[""] * 2, num_inference_steps=2, guidance_scale=1.0, latents=latents, output_type="np", **size
+    )
+    np.testing.assert_allclose(theirs, images.images, rtol=0, atol=1e-6)

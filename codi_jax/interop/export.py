@@ -8,10 +8,13 @@ backbone it samples with, LoRA merged; for PE-CoDi the frozen teacher's), ``DIR/
 generated from the run. A latent text run also gets its frozen ``vae/``, ``text_encoder/``,
 ``tokenizer/`` and ``model_index.json``: a ``StableDiffusionControlNetPipeline`` whose call, with
 the README's arguments (prompt, guidance scale, condition in [0, 1], CoDi's ``timesteps``), gives
-``codi_jax.sample``'s images. A teacher run becomes ``unet/`` + ``scheduler/``. The mu-fusion (full
-CoDi) and T2I adapters have no diffusers counterpart and are refused. The folder is written
-atomically; an existing non-empty ``--out`` is refused (before any weights are read) unless
-``--overwrite``.
+``codi_jax.sample``'s images. An SDXL run (``text.encoder_2``) also gets ``text_encoder_2/`` and
+``tokenizer_2/``: a ``StableDiffusionXLControlNetPipeline`` (``force_zeros_for_empty_prompt`` the
+run's), called with the time ids the run samples with, ``(H, W, 0, 0, H, W)``. A teacher run
+becomes ``unet/`` + ``scheduler/`` (a latent text teacher: the whole ``StableDiffusion[XL]Pipeline``).
+The mu-fusion and T2I adapters and CFG-distilled students export as a custom component
+(``codi_model/``; refused for SDXL runs). The folder is written atomically; an existing
+non-empty ``--out`` is refused (before any weights are read) unless ``--overwrite``.
 
 Schedulers (``scheduler_config``): a re-noising CoDi run gets an ``LCMScheduler`` whose step is
 CoDi's move; other runs a ``DDIMScheduler`` (deterministic DDIM on evenly spaced times). The
@@ -294,7 +297,7 @@ def pipeline_snippet(pre: Any, parts: Mapping[str, Mapping[str, Any]], path: str
     """The README's diffusers code: the folder's pipeline and ``sample(condition, steps)`` with the
     run's prompt, guidance scale, size and (re-noising runs) CoDi's timesteps."""
     config = pre.config
-    pipeline = _pipeline_class(parts)
+    pipeline = _pipeline_class(config, parts)
     renoise = run_scheduler_config(pre)["_class_name"] == "LCMScheduler"
     size = int(config.data.image_size)
     if renoise:
@@ -302,11 +305,12 @@ def pipeline_snippet(pre: Any, parts: Mapping[str, Mapping[str, Any]], path: str
         head, schedule = f"TIMESTEPS = {grid!r}  # CoDi's grid, per step count\n", "timesteps=TIMESTEPS[steps]"
     else:
         head, schedule = "", "num_inference_steps=steps"
-    image = "        image=condition,\n" if "controlnet" in parts else ""
+    image = "        image=condition,\n        controlnet_conditioning_scale=1.0,\n" if "controlnet" in parts else ""
+    load = "add_watermarker=False" if _is_sdxl(config) else "safety_checker=None"
     return (
         "import torch\n"
         f"from diffusers import {pipeline}\n\n"
-        f"pipe = {pipeline}.from_pretrained({path!r}, safety_checker=None)\n"
+        f"pipe = {pipeline}.from_pretrained({path!r}, {load})\n"
         "pipe.set_progress_bar_config(disable=True)\n"
         f"{head}\n\n"
         f"def sample(condition, steps={steps}, generator=None, latents=None):\n"
@@ -314,12 +318,13 @@ def pipeline_snippet(pre: Any, parts: Mapping[str, Mapping[str, Any]], path: str
         "    n = condition.shape[0]\n"
         "    return pipe(\n"
         f"        prompt=[{config.text.prompt!r}] * n,\n"
-        f"        negative_prompt=[{config.text.negative_prompt!r}] * n,\n"
+        f"{_negative_prompt_line(config)}"
         f"{image}"
         f"        {schedule},\n"
         f"        guidance_scale={float(config.sample_guidance_scale)!r},\n"
         f"        height={size},\n"
         f"        width={size},\n"
+        f"{_sdxl_call_lines(config, size)}"
         "        generator=generator,\n"
         "        latents=latents,\n"
         '        output_type="np",\n'
@@ -327,8 +332,22 @@ def pipeline_snippet(pre: Any, parts: Mapping[str, Mapping[str, Any]], path: str
     )
 
 
-def _pipeline_class(parts: Mapping[str, Any]) -> str:
-    return "StableDiffusionControlNetPipeline" if "controlnet" in parts else "StableDiffusionPipeline"
+def _negative_prompt_line(config: Any) -> str:
+    """The call's negative prompt; SDXL: a configured "" is None (zeros under ``force_zeros_for_empty_prompt``)."""
+    negative = str(config.text.negative_prompt)
+    if _is_sdxl(config) and not negative:
+        return (
+            "        negative_prompt=None,  # the run's empty negative prompt: zeros (force_zeros_for_empty_prompt)\n"
+        )
+    return f"        negative_prompt=[{negative!r}] * n,\n"
+
+
+def _sdxl_call_lines(config: Any, size: int) -> str:
+    """SDXL's micro-conditioning as the run samples: time ids (H, W, 0, 0, H, W), for the negative too."""
+    if not _is_sdxl(config):
+        return ""
+    ids = (("original_size", (size, size)), ("crops_coords_top_left", (0, 0)), ("target_size", (size, size)))
+    return "".join(f"        {name}={value!r},\n" for name, value in ids)
 
 
 def _source_lines(pre: Any, parts: Mapping[str, Any]) -> list[str]:
@@ -395,13 +414,43 @@ def _component_reason(pre: Any) -> str:
     return codi_component.diffusers_gap(pre.model.module).rstrip(".")
 
 
+def _listing(names: Mapping[str, Any]) -> str:
+    """```a/`, `b/` and `c/``` from the names' order."""
+    quoted = [f"`{name}/`" for name in names]
+    return ", ".join(quoted[:-1]) + f" and {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
+
+
+def _encoding_lines(config: Any) -> list[str]:
+    """How the pipeline encodes the prompt and decodes latents (SDXL: both encoders, time ids, negative)."""
+    decode = "samples latents, decodes them with `vae/` (divided by its `scaling_factor`) and returns images in [0, 1]."
+    if not _is_sdxl(config):
+        return [
+            "The pipeline encodes the run's prompt with `text_encoder/` (the context the run trained and samples "
+            f"with), {decode}"
+        ]
+    size = int(config.data.image_size)
+    zeros = bool(config.text.force_zeros_for_empty_prompt)
+    return [
+        "The pipeline encodes the run's prompt with `text_encoder/` and `text_encoder_2/` (penultimate hidden states "
+        "concatenated, and the second encoder's pooled projection: the context the run trained and samples with), "
+        f"{decode}",
+        f"SDXL's time ids are ({size}, {size}, 0, 0, {size}, {size}) (`original_size` = `target_size` = the image "
+        "size, no crop), for the negative prompt too, as `codi_jax.sample` uses them.",
+        "A configured empty negative prompt is `negative_prompt=None`: "
+        + (
+            "zeros, as `force_zeros_for_empty_prompt` (true in `model_index.json`) says."
+            if zeros
+            else "the encoded empty prompt (`force_zeros_for_empty_prompt` is false in `model_index.json`)."
+        ),
+    ]
+
+
 def _pipeline_lines(pre: Any, scheduler: Mapping[str, Any], steps: int) -> list[str]:
     """What the pipeline call does, and how exactly it is ours."""
     config = pre.config
     exact = all(timesteps_exact(config, pre.schedule, n) for n in step_counts(config, steps))
     lines = [
-        "The pipeline encodes the run's prompt with `text_encoder/` (the context the run trained and samples with), "
-        "samples latents, decodes them with `vae/` (divided by its `scaling_factor`) and returns images in [0, 1].",
+        *_encoding_lines(config),
         f"`guidance_scale` is the run's `sample_guidance_scale`, {float(config.sample_guidance_scale):g} (1 is no "
         "classifier-free guidance). Pass it: diffusers' default is 7.5.",
     ]
@@ -452,8 +501,8 @@ def readme_text(pre: Any, parts: Mapping[str, Mapping[str, Any]], table: list, o
     sections = ["# diffusers export", "", *_source_lines(pre, parts), ""]
     if is_pipeline(pre.config, parts):
         sections += [
-            f"The folder is a `{_pipeline_class(parts)}` with the run's frozen `vae/`, `text_encoder/` and "
-            "`tokenizer/` (copied as they are).",
+            f"The folder is a `{_pipeline_class(pre.config, parts)}` with the run's frozen "
+            f"{_listing(_frozen_components(pre.config))} (copied as they are).",
             "",
             "## Sample with diffusers",
             "",
@@ -497,7 +546,7 @@ def export_pretrained(pre: Any, out: str, *, steps: int = 4, overwrite: bool = F
     from codi_jax.interop import codi_component, flax_to_torch
 
     check_out(out, overwrite)
-    check_not_sdxl(pre.config)
+    check_sdxl_exportable(pre.config, pre.model)
     parts = model_parts(pre)
     configs = {name: config for name, config, _ in parts}
     table = step_table(pre.config, pre.schedule, steps)
@@ -536,12 +585,15 @@ def _write_lora(pre: Any, directory: str) -> None:
 
 
 def _frozen_components(config: Any) -> dict[str, str]:
-    """subfolder -> the diffusers / transformers folder of each frozen model a latent text run uses."""
+    """subfolder -> the diffusers / transformers folder of each frozen model a latent text run uses
+    (SDXL: ``text_encoder_2`` / ``tokenizer_2`` too)."""
     latent, text = config.get("latent") or {}, config.get("text") or {}
     found = {
         "vae": latent.get("vae", ""),
         "text_encoder": text.get("encoder", ""),
         "tokenizer": text.get("tokenizer", ""),
+        "text_encoder_2": text.get("encoder_2", ""),
+        "tokenizer_2": text.get("tokenizer_2", ""),
     }
     return {name: path for name, path in found.items() if path}
 
@@ -552,44 +604,82 @@ PIPELINE_LIBRARIES = {
     "vae": ["diffusers", "AutoencoderKL"],
     "text_encoder": ["transformers", "CLIPTextModel"],
     "tokenizer": ["transformers", "CLIPTokenizer"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
 }
+SD_FROZEN = {"vae", "text_encoder", "tokenizer"}
+SDXL_FROZEN = SD_FROZEN | {"text_encoder_2", "tokenizer_2"}
+
+
+def _is_sdxl(config: Any) -> bool:
+    from codi_jax.frozen import encoders
+
+    return encoders.is_sdxl(config)
 
 
 def is_pipeline(config: Any, parts: Mapping[str, Any]) -> bool:
-    """Whether the export is a whole SD pipeline: a latent text run (VAE, text encoder and tokenizer)
-    whose networks are diffusers' own (no ``codi_model`` component)."""
-    return set(_frozen_components(config)) == {"vae", "text_encoder", "tokenizer"} and "codi_model" not in parts
+    """Whether the export is a whole SD / SDXL pipeline: a latent text run (VAE, text encoder(s) and
+    tokenizer(s)) whose networks are diffusers' own (no ``codi_model`` component)."""
+    frozen = SDXL_FROZEN if _is_sdxl(config) else SD_FROZEN
+    return set(_frozen_components(config)) == frozen and "codi_model" not in parts
+
+
+def _pipeline_class(config: Any, parts: Mapping[str, Any]) -> str:
+    """``StableDiffusion[XL][ControlNet]Pipeline``: XL for SDXL runs, ControlNet with a ``controlnet/``."""
+    xl = "XL" if _is_sdxl(config) else ""
+    return f"StableDiffusion{xl}{'ControlNet' if 'controlnet' in parts else ''}Pipeline"
+
+
+def _pipeline_index(config: Any, parts: Mapping[str, Any], components: Mapping[str, str]) -> dict[str, Any]:
+    """``model_index.json`` of the folder's pipeline (SDXL: ``force_zeros_for_empty_prompt`` the run's)."""
+    from codi_jax.interop.flax_to_torch import DIFFUSERS_VERSION
+
+    index: dict[str, Any] = {"_class_name": _pipeline_class(config, parts), "_diffusers_version": DIFFUSERS_VERSION}
+    index.update(
+        {name: PIPELINE_LIBRARIES[name] for name in sorted(set(parts) | set(components)) if name != "scheduler"}
+    )
+    index["scheduler"] = ["diffusers", parts["scheduler"]["_class_name"]]
+    index.update(feature_extractor=[None, None], image_encoder=[None, None])
+    if _is_sdxl(config):
+        index["force_zeros_for_empty_prompt"] = bool(config.text.force_zeros_for_empty_prompt)
+    else:
+        index.update(requires_safety_checker=False, safety_checker=[None, None])
+    return index
 
 
 def _write_pipeline_files(config: Any, staging: str, parts: Mapping[str, Any]) -> None:
-    """For a latent text run: its frozen VAE / text encoder / tokenizer folders copied as they are
-    (never trained), and ``model_index.json`` of a ``StableDiffusion[ControlNet]Pipeline``."""
+    """For a latent text run: its frozen VAE / text encoder(s) / tokenizer(s) folders copied as they
+    are (never trained), and ``model_index.json`` of a ``StableDiffusion[XL][ControlNet]Pipeline``."""
     import shutil
-
-    from codi_jax.interop.flax_to_torch import DIFFUSERS_VERSION
 
     components = _frozen_components(config)
     for name, path in components.items():
         shutil.copytree(path, os.path.join(staging, name))
     if not is_pipeline(config, parts):
         return  # no diffusers pipeline: the parts alone
-    index = {"_class_name": _pipeline_class(parts)}
-    index.update(_diffusers_version=DIFFUSERS_VERSION, requires_safety_checker=False)
-    index.update(
-        {name: PIPELINE_LIBRARIES[name] for name in sorted(set(parts) | set(components)) if name != "scheduler"}
-    )
-    index["scheduler"] = ["diffusers", parts["scheduler"]["_class_name"]]
-    index.update(safety_checker=[None, None], feature_extractor=[None, None], image_encoder=[None, None])
     with open(os.path.join(staging, "model_index.json"), "w") as f:
-        json.dump(index, f, indent=2, sort_keys=True)
+        json.dump(_pipeline_index(config, parts, components), f, indent=2, sort_keys=True)
 
 
-def check_not_sdxl(config: Any) -> None:
-    """SDXL runs (``text.encoder_2``: two text encoders, a text_time UNet) are not exported yet."""
-    from codi_jax.frozen import encoders
+def check_sdxl_exportable(config: Any, model: Any) -> None:
+    """An SDXL run (``text.encoder_2``) exports as a diffusers SDXL pipeline only: its ``model`` (a
+    teacher's UNet, or an ``AdaptedModel``) must be what diffusers' UNet + ControlNet represent."""
+    from codi_jax.interop import codi_component
+    from codi_jax.models.unet import UNet
 
-    if encoders.is_sdxl(config):
-        raise ValueError(f"text.encoder_2={config.text.encoder_2}: exporting SDXL runs is not supported yet.")
+    if not _is_sdxl(config):
+        return
+    missing = sorted(SDXL_FROZEN - set(_frozen_components(config)))
+    if missing:
+        raise ValueError(f"text.encoder_2={config.text.encoder_2}: an SDXL export needs {', '.join(missing)} too.")
+    if isinstance(model, UNet):
+        return
+    gap = codi_component.diffusers_gap(model.module)
+    if gap is not None:
+        raise ValueError(
+            f"text.encoder_2={config.text.encoder_2}: SDXL runs export as a StableDiffusionXLControlNetPipeline "
+            f"only, and this one would need the custom component ({gap.rstrip('.')})."
+        )
 
 
 def export_workdir(
@@ -612,10 +702,10 @@ def export_workdir(
     from codi_jax.runs import pretrained
 
     config, _ = pretrained.read_config(workdir, checkpoint_step)
-    check_not_sdxl(config)
     step_table(config, diffusion.schedule_from_config(config.schedule), steps)  # --steps fits the run's grid
     if networks.is_conditional(config):  # the backbone diffusers must represent, still before any weights
         model, _ = networks.build_conditional(config)
         flax_to_torch.unet_diffusers_config(model.backbone)
+        check_sdxl_exportable(config, model)
     pre = pretrained.load(workdir, step=checkpoint_step, use_ema=ema)
     return export_pretrained(pre, out, steps=steps, overwrite=overwrite)
