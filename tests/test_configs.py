@@ -308,12 +308,42 @@ def _write_edit_triples(root: pathlib.Path) -> None:
         Image.fromarray(255 - source).save(directory / "5_1.png")
 
 
-@pytest.mark.parametrize("name", SD_CONFIGS)
+# Shipped SD configs that are another shipped config with a few fields changed, mapped to (that
+# config, the config whose values the changed fields take; None: only fields the training test below
+# sets itself). Training those two trains these; the test after this table checks the mapping.
+DERIVED_SD_CONFIGS = {
+    "sd.sd21_sr4": ("sd.sd15_sr4", None),  # SD 2.1's batch size and 768 px; the model is the teacher's
+    "sd.sdxl_depth": ("sd.sdxl_sr4", "sd.sd15_depth"),  # SDXL's sections with SD 1.5 depth's task and data
+}
+TRAINING_TEST_SETS = {"batch_size", "data.image_size"}
+
+
+def _flat_config(name: str) -> dict:
+    return config_diff.flat(importlib.import_module(f"codi_jax.configs.{name}").get_config().to_dict())
+
+
+@pytest.mark.parametrize("name", sorted(DERIVED_SD_CONFIGS))
+def test_derived_sd_config_changes_only_what_a_trained_config_has(name: str) -> None:
+    base_name, source_name = DERIVED_SD_CONFIGS[name]
+    config, base = _flat_config(name), _flat_config(base_name)
+    changed = {f for f in set(config) | set(base) if config.get(f, "<absent>") != base.get(f, "<absent>")}
+    assert changed, name
+    if source_name is None:
+        assert changed <= TRAINING_TEST_SETS, sorted(changed - TRAINING_TEST_SETS)
+        return
+    source = _flat_config(source_name)
+    assert {f: config.get(f) for f in changed} == {f: source.get(f) for f in changed}
+    assert {f: v for f, v in config.items() if f.startswith("task.")} == {
+        f: v for f, v in source.items() if f.startswith("task.")
+    }
+
+
+@pytest.mark.parametrize("name", [n for n in SD_CONFIGS if n not in DERIVED_SD_CONFIGS])
 def test_sd_config_trains_as_shipped(name: str, request, tmp_path, caplog) -> None:
-    """Each shipped SD config trains with only its paths filled in and the sizes made tiny (steps,
-    batch, the tiny pipeline's image size, sample counts): no field of the method is overridden.
-    About 15 s each with a warm XLA cache, 40-65 s cold (one train-step compile per task: sd21_sr4
-    reuses sd15_sr4's)."""
+    """Each shipped SD config (a derived one through the configs it derives from) trains with only
+    its paths filled in and the sizes made tiny (steps, batch, the tiny pipeline's image size, sample
+    counts): no field of the method is overridden. About 15 s each with a warm XLA cache, 30-60 s
+    cold (one train-step compile per task)."""
     import logging
     import math
     from unittest import mock
