@@ -8,6 +8,7 @@ difference to ``few_step.sample_conditional``'s images on [0, 1].
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -69,21 +70,26 @@ def _pipeline_images(sample: Any, cond: np.ndarray, latents: np.ndarray, steps: 
 
 
 def exported_pipeline_errors(
-    workdir: str, out: str, seed: int = 3, pipeline: str = "StableDiffusionControlNetPipeline"
+    workdir: str,
+    out: str,
+    seed: int = 3,
+    pipeline: str = "StableDiffusionControlNetPipeline",
+    options: SamplingOptions = SamplingOptions(),
 ) -> dict[int, float]:
     """Exports ``workdir`` (a ``pipeline`` folder with an ``LCMScheduler``), runs its README's diffusers
     code at 1 / 2 / 4 steps (CoDi's re-noising, our noise) and returns the max abs difference to
-    ``codi_jax.sample``'s images, on [0, 1]."""
+    ``codi_jax.sample``'s images with ``options`` (its default: float32 compute), on [0, 1]."""
     export.export_workdir(workdir, out, steps=4)
     index = json.load(open(os.path.join(out, "model_index.json")))
     assert index["_class_name"] == pipeline and index["scheduler"] == ["diffusers", "LCMScheduler"], index
     sample = readme_namespace(out)["sample"]
-    pre = pretrained.load_conditional(workdir)
+    options = dataclasses.replace(options, seed=seed)
+    pre = pretrained.load_conditional(workdir, dtype=options.model_dtype)  # as few_step.run loads it
     cond = np.random.default_rng(0).uniform(-1, 1, (2, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
     latents = np.array(samplers.example_noise(seed, np.arange(2), LATENT_SHAPE)).transpose(0, 3, 1, 2).copy()
     errors = {}
     for steps in (1, 2, 4):
-        ours = few_step.sample_conditional(pre, cond, None, steps, SamplingOptions(seed=seed))
+        ours = few_step.sample_conditional(pre, cond, None, steps, options)
         theirs = _pipeline_images(sample, cond, latents, steps, seed)
         errors[steps] = float(np.max(np.abs((ours + 1.0) / 2.0 - theirs)))
     return errors

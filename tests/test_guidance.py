@@ -216,3 +216,13 @@ def test_text_flags_on_a_pixel_teacher_are_one_line_user_errors(tmp_path, capsys
         f"error: --prompt: the teacher in --run {PIXEL_TEACHER} has no text encoder (config.text.encoder).\n"
     )
     assert not os.path.exists(out)
+
+
+def test_sampling_dtype_option() -> None:
+    from codi_jax.sampling.options import SamplingOptions
+
+    assert SamplingOptions().model_dtype == "float32"  # the exported pipeline's precision
+    assert SamplingOptions(dtype="bfloat16").model_dtype == "bfloat16"
+    assert SamplingOptions(dtype="run").model_dtype is None  # the run's model.dtype
+    with pytest.raises(ValueError, match=r"^--dtype='fp8'; valid: float32, bfloat16, run\.$"):
+        SamplingOptions(dtype="fp8")

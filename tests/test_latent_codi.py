@@ -22,6 +22,7 @@ from codi_jax.configs.cpu import tiny_codi  # noqa: E402
 from codi_jax.interop import convert  # noqa: E402
 from codi_jax.runs import config_resolution, pretrained  # noqa: E402
 from codi_jax.sampling import few_step  # noqa: E402
+from codi_jax.sampling.options import SamplingOptions  # noqa: E402
 from codi_jax.training import loop, recipes  # noqa: E402
 from tests import export_check, tiny_sd  # noqa: E402
 
@@ -110,11 +111,22 @@ def sd2_teacher(tmp_path_factory) -> dict:
 
 
 def test_sd2_full_codi_export_reproduces_the_sampler(sd2_teacher, tmp_path) -> None:
-    """SD-2-like (v-prediction, linear projections, heads per level), backbone trained too."""
+    """SD-2-like (v-prediction, linear projections, heads per level), backbone trained too, in bfloat16
+    as the shipped SD configs train: ``codi_jax.sample`` computes in float32 by default (the exported
+    pipeline's precision), and ``--dtype=bfloat16`` gives other images."""
     workdir = str(tmp_path / "run")
     config = _config(sd2_teacher, num_train_steps=2, sample_every_steps=2)
     config.adapter.train_backbone = True
+    config.model.dtype = "bfloat16"
     loop.train_and_evaluate(config, workdir)
     errors = export_check.exported_pipeline_errors(workdir, str(tmp_path / "export"))
     print(f"export SD-2-like full CoDi: diffusers pipeline vs codi_jax.sample, max abs err {errors} on [0, 1] images")
     assert max(errors.values()) <= 1e-4
+    cond = np.random.default_rng(0).uniform(-1, 1, (2, 64, 64, 3)).astype(np.float32)
+    images = [
+        few_step.sample_conditional(pretrained.load_conditional(workdir, dtype=dtype), cond, None, 1, SamplingOptions())
+        for dtype in ("float32", "bfloat16")
+    ]
+    assert pretrained.read_config(workdir)[0].model.dtype == "bfloat16"
+    print(f"float32 vs bfloat16 compute, 1 step: max abs diff {np.max(np.abs(images[0] - images[1])):.3g} on [-1, 1]")
+    assert np.max(np.abs(images[0] - images[1])) > 1e-3

@@ -280,7 +280,7 @@ def evaluate_runs(
         progress(f"Evaluating {len(jobs)} (run, step count) pairs on {len(examples['image'])} held-out images.")
     rows = []
     for run, _ in checked:
-        pre = load_conditional(run.workdir, use_ema=options.ema)
+        pre = load_conditional(run.workdir, use_ema=options.ema, dtype=options.model_dtype)
         rows += evaluate_checkpoint(
             pre, examples, run.steps, run.name, options, weights=weights, progress=tracker, num_seeds=num_seeds
         )

@@ -470,8 +470,20 @@ def _pipeline_lines(pre: Any, scheduler: Mapping[str, Any], steps: int) -> list[
     lines.append(
         "With the same initial latents (and, between steps, the same noise) the images equal `codi_jax.sample`'s "
         + ("(the timesteps are diffusers' integers, exactly ours)." if exact else "up to the timestep rounding.")
+        + _dtype_note(config)
     )
     return [line for text in lines for line in (text, "")]
+
+
+def _dtype_note(config: Any) -> str:
+    """Where the run trained in another compute dtype: the weights here are float32, as ``sample``'s default."""
+    dtype = str(config.model.get("dtype", "float32"))
+    if dtype == "float32":
+        return ""
+    return (
+        f" The weights are the float32 masters: the pipeline computes in float32, as `codi_jax.sample` does by "
+        f"default (`--dtype=float32`); the run trained in {dtype} (`--dtype=run` samples so, differently)."
+    )
 
 
 def _schedule_lines(schedule: diffusion.Schedule) -> list[str]:

@@ -106,11 +106,16 @@ def load(
     use_ema: bool = True,
     mesh: jax.sharding.Mesh | None = None,
     conditional: bool | None = None,
+    dtype: str | None = None,
 ) -> Pretrained:
     """The model a workdir's saved config describes with its (EMA) parameters, replicated on
     ``mesh`` (default: the first local device). ``conditional`` True / False requires a
-    codi / finetune run or a teacher run."""
+    codi / finetune run or a teacher run. ``dtype`` replaces the run's ``model.dtype`` (the compute
+    dtype; the weights stay float32), e.g. ``"float32"`` to sample a run trained in bfloat16 as the
+    exported diffusers pipeline computes it."""
     config, step = read_config(workdir, step)
+    if dtype is not None:
+        config.model.dtype = dtype
     method = config.get("method", "teacher")
     if conditional is not None and networks.is_conditional(config) != conditional:
         wanted = "a conditional (codi / finetune)" if conditional else "an unconditional teacher"

@@ -409,7 +409,7 @@ def run(
     """Checks the request (``prepare``; ``request``: its keywords), restores the run, samples at each
     step count and writes (process 0); returns the paths written (the samples, then ``grid.png``)."""
     plan = prepare(workdir, images_path, out_dir, step_counts, options, **request)
-    pre = load_conditional(workdir, step=plan.step, use_ema=options.ema)
+    pre = load_conditional(workdir, step=plan.step, use_ema=options.ema, dtype=options.model_dtype)
     sample = conditional_sampler(pre, options)
     samples = [sample(plan.cond, plan.instructions, k) for k in step_counts]
     target = [plan.target] if plan.target is not None else []
@@ -461,7 +461,8 @@ def run_resumable(
     say(f"{len(names) - len(todo)} of {len(names)} inputs already sampled in {out_dir}; sampling {len(todo)}.")
     if not len(todo):
         return []
-    sample = conditional_sampler(load_conditional(workdir, step=step, use_ema=options.ema), options)
+    pre = load_conditional(workdir, step=step, use_ema=options.ema, dtype=options.model_dtype)
+    sample = conditional_sampler(pre, options)
     written = []
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 SOLVERS = ("ddim", "dpm++")
+DTYPES = ("float32", "bfloat16", "run")
 
 
 def parse_step_counts(text: str, where: str | None = None) -> tuple[int, ...]:
@@ -34,7 +35,10 @@ class SamplingOptions:
     ``renoise``: re-noise between steps (None: the run's default, CoDi's ``codi.renoise``; DDIM only).
     ``lowpass_consistency``: replace each step's low frequencies by the condition's (pixel-space SR).
     ``ema``: the EMA weights (False: the raw trained ones). ``guidance_scale`` / ``prompt``: text runs
-    (None: the run's own ``sample_guidance_scale`` / ``text.prompt``)."""
+    (None: the run's own ``sample_guidance_scale`` / ``text.prompt``). ``dtype``: the network's compute
+    dtype: ``float32`` (the saved float32 weights computed as they are, as the exported diffusers
+    pipeline does: its images equal these), ``bfloat16``, or ``run`` (the run's ``model.dtype``, as it
+    trained and sampled during training)."""
 
     seed: int = 0
     batch_size: int = 64
@@ -44,16 +48,24 @@ class SamplingOptions:
     ema: bool = True
     guidance_scale: float | None = None
     prompt: str | None = None
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"--batch_size={self.batch_size}: must be at least 1.")
         if self.solver not in SOLVERS:
             raise ValueError(f"--solver={self.solver!r}; valid: {', '.join(SOLVERS)}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype={self.dtype!r}; valid: {', '.join(DTYPES)}.")
         if self.renoise and self.solver != "ddim":
             raise ValueError(f"Re-noising between steps needs solver='ddim', not {self.solver!r}.")
         if self.guidance_scale is not None and self.guidance_scale < 0:
             raise ValueError(f"--guidance_scale={self.guidance_scale}: must be >= 0.")
+
+    @property
+    def model_dtype(self) -> str | None:
+        """The ``dtype`` for ``pretrained.load`` (None: the run's own)."""
+        return None if self.dtype == "run" else self.dtype
 
     def with_seed(self, seed: int) -> SamplingOptions:
         """The same options with another seed (one row per sampling seed)."""
