@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -144,11 +145,15 @@ def trained(teacher, tmp_path_factory) -> dict:
 
 
 def test_sdxl_run_resumes_exactly_and_samples(teacher, trained, tmp_path) -> None:
+    """The 4-step run's checkpoint at step 2 (it checkpoints every 2 steps), alone in a workdir as if
+    the run had stopped there, resumed to step 4: bitwise the uninterrupted run's step 4."""
     straight, resumed = trained["workdir"], str(tmp_path / "resumed")
     losses = trained["losses"]
     assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses), losses
-    loop.train_and_evaluate(_config(teacher, num_train_steps=2), resumed)
+    assert sorted(os.listdir(os.path.join(straight, "checkpoints"))) == ["2", "4"]
+    shutil.copytree(os.path.join(straight, "checkpoints", "2"), os.path.join(resumed, "checkpoints", "2"))
     loop.train_and_evaluate(_config(teacher), resumed)
+    assert sorted(os.listdir(os.path.join(resumed, "checkpoints"))) == ["2", "4"]
     a = pretrained.load_conditional(straight, use_ema=False).params
     b = pretrained.load_conditional(resumed, use_ema=False).params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
