@@ -18,7 +18,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from codi_jax import sharding  # noqa: E402
-from codi_jax.configs.cpu import tiny_codi  # noqa: E402
 from codi_jax.interop import convert  # noqa: E402
 from codi_jax.runs import config_resolution, pretrained  # noqa: E402
 from codi_jax.sampling import few_step  # noqa: E402
@@ -37,23 +36,7 @@ def teacher(tmp_path_factory) -> dict:
     return {"workdir": workdir, "root": root}
 
 
-def _config(teacher: dict, **overrides):
-    config = tiny_codi.get_config()
-    config.teacher_workdir = teacher["workdir"]
-    config.data.data_dir = str(teacher["root"] / "tfds")
-    config.data.image_size = tiny_sd.IMAGE_SIZE  # pixels; the UNet sees 8x8 latents
-    config.task.scale = 4
-    config.adapter.hint_channels = tiny_sd.HINT_CHANNELS
-    config.adapter.hint_downsamples = 3
-    config.adapter.hint_zero_init = True
-    config.adapter.hint_unit_range = True
-    config.adapter.init_from = teacher["workdir"]
-    config.codi.guidance_weight = 1.0
-    config.batch_size = 2
-    config.num_sample_images = 2
-    config.sample_step_counts = (1,)
-    config.update(overrides)
-    return config
+_config = tiny_sd.latent_codi_config
 
 
 def _leaves_close(a, b, what: str) -> None:

@@ -26,11 +26,10 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from codi_jax.configs.cpu import tiny_codi  # noqa: E402
 from codi_jax.frozen import batch_inputs  # noqa: E402
 from codi_jax.runs import config_resolution, pretrained  # noqa: E402
 from codi_jax.training import loop  # noqa: E402
-from tests import export_check, tiny_sdxl  # noqa: E402
+from tests import export_check, tiny_sd, tiny_sdxl  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,22 +73,11 @@ def test_convert_records_both_text_encoders(teacher) -> None:
 
 
 def _config(teacher: dict, **overrides):
-    config = tiny_codi.get_config()
-    config.teacher_workdir = teacher["workdir"]
-    config.data.data_dir = str(teacher["root"] / "tfds")
-    config.data.image_size = tiny_sdxl.IMAGE_SIZE  # pixels; the UNet sees 8x8 latents
-    config.task.scale = 4
-    config.adapter.hint_channels = tiny_sdxl.HINT_CHANNELS
-    config.adapter.hint_downsamples = 3
-    config.adapter.hint_zero_init = True
-    config.adapter.hint_unit_range = True
-    config.adapter.init_from = teacher["workdir"]
-    config.codi.guidance_weight = 1.0
+    """``tiny_sd.latent_codi_config`` (the tiny SDXL teacher has the tiny SD one's image size and hint
+    network) sampled with CFG and a prompt, then ``overrides``."""
+    config = tiny_sd.latent_codi_config(teacher)
     config.sample_guidance_scale = 2.0  # samples with CFG: the empty negative prompt is zeros (force_zeros)
     config.text = ml_collections.ConfigDict({"prompt": "a photo of a cat", "negative_prompt": ""})
-    config.batch_size = 2
-    config.num_sample_images = 2
-    config.sample_step_counts = (1,)
     config.sample_every_steps = 4
     config.update(overrides)
     return config

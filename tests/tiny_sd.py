@@ -170,6 +170,30 @@ def make_components(
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
 
+def latent_codi_config(teacher: dict, **overrides: Any) -> Any:
+    """A tiny PE-CoDi x4 SR run on a converted tiny teacher (``teacher``: its ``workdir`` and ``root``):
+    ``tiny_codi`` with 64-px images (8x8 latents), the x8 hint network, the ControlNet from the
+    teacher's conversion, batch 2, one 1-step sample; then ``overrides``."""
+    from codi_jax.configs.cpu import tiny_codi
+
+    config = tiny_codi.get_config()
+    config.teacher_workdir = teacher["workdir"]
+    config.data.data_dir = str(teacher["root"] / "tfds")
+    config.data.image_size = IMAGE_SIZE  # pixels; the UNet sees 8x8 latents
+    config.task.scale = 4
+    config.adapter.hint_channels = HINT_CHANNELS
+    config.adapter.hint_downsamples = 3
+    config.adapter.hint_zero_init = True
+    config.adapter.hint_unit_range = True
+    config.adapter.init_from = teacher["workdir"]
+    config.codi.guidance_weight = 1.0
+    config.batch_size = 2
+    config.num_sample_images = 2
+    config.sample_step_counts = (1,)
+    config.update(overrides)
+    return config
+
+
 def make_pipeline(directory: str, **kwargs: Any) -> Any:
     """Writes a tiny ``StableDiffusionPipeline`` folder at ``directory`` and returns the pipeline."""
     import diffusers

@@ -274,6 +274,17 @@ def define_out_flags(what: str) -> None:
     flags.DEFINE_bool("overwrite", False, overwrite, module_name=module)
 
 
+def define_dtype_flag() -> None:
+    """``--dtype``: the sampled network's compute dtype (``SamplingOptions.dtype``)."""
+    from codi_jax.sampling.options import DTYPES  # light: no JAX
+
+    help_text = (
+        "Compute dtype of the network: float32 (the saved weights as they are; the exported diffusers pipeline "
+        "gives these images), bfloat16, or run (the run's model.dtype, as in training)."
+    )
+    flags.DEFINE_enum("dtype", "float32", list(DTYPES), help_text, module_name=_caller())
+
+
 def define_distributed_flags() -> None:
     """Multi-process flags (several hosts, or several processes on one): ``--jax_distributed`` and
     the explicit ``--coordinator_address`` / ``--num_processes`` / ``--process_id``."""

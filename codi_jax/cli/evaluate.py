@@ -51,13 +51,7 @@ flags.DEFINE_bool(
     "Super-resolution, pixel space: sample with each step's low frequencies replaced by the input's (ILVR-style).",
 )
 flags.DEFINE_bool("ema", True, "Sample with the EMA weights (false: the raw trained weights).")
-flags.DEFINE_enum(
-    "dtype",
-    "float32",
-    ["float32", "bfloat16", "run"],
-    "Compute dtype of the network: float32 (the saved weights as they are; the exported diffusers pipeline "
-    "gives these images), bfloat16, or run (the run's model.dtype, as in training).",
-)
+common.define_dtype_flag()
 flags.DEFINE_bool("bicubic", True, "Super-resolution: add the row of the condition itself (bicubic upsampling).")
 common.define_out_flags("results.json and results.md")
 flags.DEFINE_string("inception_weights", None, "Local pytorch-fid Inception weights (FID, KID); else skipped.")

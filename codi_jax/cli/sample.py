@@ -60,13 +60,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer("seed", 0, "Seed of the initial noise, re-noising and (--input=clean) the degradation.")
 flags.DEFINE_integer("batch_size", 32, "Images per jitted call.")
-flags.DEFINE_enum(
-    "dtype",
-    "float32",
-    ["float32", "bfloat16", "run"],
-    "Compute dtype of the network: float32 (the saved weights as they are; the exported diffusers pipeline "
-    "gives these images), bfloat16, or run (the run's model.dtype, as in training).",
-)
+common.define_dtype_flag()
 flags.DEFINE_integer("instruction", 0, "Instruction id for the edit task.")
 flags.DEFINE_bool("strict_size", False, "Refuse images not at the model's size instead of resizing them.")
 flags.DEFINE_bool(
