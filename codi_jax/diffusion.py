@@ -21,8 +21,11 @@ import numpy as np
 
 from codi_jax import flow_matching
 
-Parametrization = Literal["v", "eps", "x"]
-PARAMETRIZATIONS = ("v", "eps", "x")
+Parametrization = Literal["v", "eps", "x", "flow"]
+PARAMETRIZATIONS = ("v", "eps", "x")  # what a config's model.parametrization may say
+# 'flow' is a flow-matching schedule's 'v' once resolved (``resolve_parametrization``): the
+# rectified-flow velocity ``eps - x``, where the VP 'v' is ``alpha eps - sigma x``.
+FLOW = "flow"
 SCHEDULES = ("cosine", "scaled_linear", "linear")
 
 
@@ -92,6 +95,10 @@ class Schedule:
             return t * self.num_train_timesteps - 1.0
         return 1000.0 * t
 
+    def grid_time(self, u):
+        """CoDi's grid point ``u = k / N`` as a time of this schedule: ``u`` itself (VP)."""
+        return u
+
     def sample_train_time(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """Training times: uniform on (0, 1], or uniform over the integer timesteps."""
         if self.is_discrete:
@@ -110,6 +117,23 @@ def schedule_from_config(config) -> Schedule | flow_matching.FlowSchedule:
     if unknown:
         raise ValueError(f"Unknown schedule config fields {sorted(unknown)}; valid: {sorted(fields)}.")
     return cls(**values)
+
+
+def resolve_parametrization(
+    schedule: Schedule | flow_matching.FlowSchedule, parametrization: Parametrization
+) -> Parametrization:
+    """What ``x_eps_from_prediction`` is told: a config's ``model.parametrization``, except that a
+    flow-matching schedule's ``'v'`` is the rectified-flow velocity ``'flow'`` (``eps - x``)."""
+    if isinstance(schedule, flow_matching.FlowSchedule):
+        if parametrization not in ("v", FLOW):
+            raise ValueError(
+                f"model.parametrization={parametrization!r}: a flow-matching schedule predicts the velocity "
+                "eps - x_0; set it to 'v'."
+            )
+        return FLOW
+    if parametrization == FLOW:
+        raise ValueError(f"parametrization 'flow' needs a flow-matching schedule, got kind={schedule.kind!r}.")
+    return parametrization
 
 
 def _bcast(coef: jax.Array, like: jax.Array) -> jax.Array:
@@ -135,7 +159,8 @@ def x_eps_from_prediction(
     sigma: jax.Array,
     parametrization: Parametrization,
 ) -> tuple[jax.Array, jax.Array]:
-    """``(x_hat, eps_hat)`` from the network output under any parametrization."""
+    """``(x_hat, eps_hat)`` from the network output under any parametrization (``'flow'``: see
+    ``resolve_parametrization``)."""
     alpha = _bcast(alpha, z)
     sigma = _bcast(sigma, z)
     if parametrization == "v":
@@ -146,6 +171,8 @@ def x_eps_from_prediction(
     if parametrization == "x":
         # sigma = 0 only at t = 0, where eps is undefined; clamp to keep it finite.
         return prediction, (z - alpha * prediction) / jnp.maximum(sigma, 1e-8)
+    if parametrization == FLOW:  # z = (1 - t) x + t eps, v = eps - x, with alpha = 1 - t, sigma = t
+        return z - sigma * prediction, z + alpha * prediction
     raise ValueError(f"Unknown parametrization {parametrization!r}; expected one of {PARAMETRIZATIONS}.")
 
 
@@ -159,6 +186,8 @@ def prediction_from_x_eps(
         return eps
     if parametrization == "x":
         return x
+    if parametrization == FLOW:
+        return eps - x
     raise ValueError(f"Unknown parametrization {parametrization!r}; expected one of {PARAMETRIZATIONS}.")
 
 

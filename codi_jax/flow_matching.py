@@ -135,6 +135,16 @@ class FlowSchedule:
         """What the network's time embedding is fed: ``num_train_timesteps * t``."""
         return self.num_train_timesteps * jnp.asarray(t, jnp.float32)
 
+    def alpha_sigma(self, t: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The path's coefficients ``(1 - t, t)`` (float32, ``t`` clipped to [0, 1]): the form
+        ``z_t = alpha_t x + sigma_t eps`` that CoDi's loss and the few-step samplers work in."""
+        t = jnp.clip(jnp.asarray(t, jnp.float32), 0.0, 1.0)
+        return 1.0 - t, t
+
+    def grid_time(self, u):
+        """CoDi's grid point ``u = k / N`` as a time: shifted as the Euler grid is (``time_shift``)."""
+        return time_shift(u, self.shift)
+
     def sample_train_time(self, rng: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         """Training times in (0, 1]: ``time_sampling`` draws, then ``shift``."""
         if self.time_sampling == "logit_normal":

@@ -1,10 +1,12 @@
 """Runs diffusers' own classes cannot represent export as the custom component ``codi_model/``
 (``codi_jax/interop/codi_model.py``, loaded with ``trust_remote_code=True``): each adapter kind's
-PyTorch output equals our ``ConditionalUNet``'s on random weights, and the exported README's loop
+PyTorch output equals our ``ConditionalModel``'s on random weights, and the exported README's loop
 reproduces our re-noising sampler for the CPU demo's kind of run (a ControlNet on a pixel
 ``UNet2DModel`` backbone)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import os
 import re
@@ -123,6 +125,7 @@ def _pretrained(case: tuple, schedule: diffusion.Schedule, guidance_scale: float
     config.task = task_spec.default_task_config()
     config.adapter = _adapter_config(**adapter)
     config.codi = codi.default_codi_config()
+    config.schedule = ml_collections.ConfigDict(dataclasses.asdict(schedule))  # as a run saves it
     config.sample_guidance_scale = guidance_scale
     return Pretrained(model, schedule, "v", params, config, 5, path)
 

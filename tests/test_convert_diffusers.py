@@ -26,7 +26,7 @@ from codi_jax.interop.torch_to_flax import (
     unet_param_shapes,
     unet_params_from_diffusers,
 )
-from codi_jax.models.adapters import ConditionalUNet, ControlNet
+from codi_jax.models.adapters import ConditionalModel, ControlNet
 from codi_jax.models.unet import UNet
 
 UNCONDITIONAL = dict(
@@ -429,7 +429,7 @@ def controlnet_run(tmp_path_factory) -> dict[str, Any]:
     adapter, adapter_params = load_diffusers_controlnet(directory)
     backbone = UNet(**unet_config_from_diffusers(dict(unet.config)))
     params = {"backbone": unet_params_from_diffusers(unet.state_dict(), backbone), "adapter": adapter_params}
-    model = ConditionalUNet(backbone=backbone, adapter=adapter)
+    model = ConditionalModel(backbone=backbone, adapter=adapter)
 
     @jax.jit
     def run(params, x, cond, context):
@@ -455,7 +455,7 @@ def test_controlnet_residuals_match_diffusers(controlnet_run: dict[str, Any]) ->
 
 def test_controlnet_conditioned_unet_matches_diffusers(controlnet_run: dict[str, Any]) -> None:
     """UNet2DConditionModel with the ControlNetModel's residuals added (as StableDiffusionControlNetPipeline
-    does) equals our ConditionalUNet(backbone, ControlNet)."""
+    does) equals our ConditionalModel(backbone, ControlNet)."""
     _compare(controlnet_run["reference"]["out"], controlnet_run["ours"]["out"], "UNet + ControlNet output")
 
 

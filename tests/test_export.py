@@ -137,11 +137,11 @@ def _adapter_config(**overrides: Any) -> ml_collections.ConfigDict:
     return config
 
 
-def _controlnet_model(backbone_fields: dict = CROSS_SD1, **overrides: Any) -> adapters.ConditionalUNet:
+def _controlnet_model(backbone_fields: dict = CROSS_SD1, **overrides: Any) -> adapters.ConditionalModel:
     return adapters.build_conditional_model(UNet(**backbone_fields), _adapter_config(**overrides), cond_channels=3)
 
 
-def _controlnet_params(model: adapters.ConditionalUNet) -> dict:
+def _controlnet_params(model: adapters.ConditionalModel) -> dict:
     return {
         "backbone": _random_params(unet_param_shapes(model.backbone), seed=4),
         "adapter": _random_params(flax_to_torch.controlnet_param_shapes(model.adapter), seed=5),

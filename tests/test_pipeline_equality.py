@@ -22,7 +22,7 @@ import pytest
 from codi_jax import diffusion
 from codi_jax.frozen import encoders
 from codi_jax.interop.torch_to_flax import load_diffusers_controlnet, load_diffusers_unet
-from codi_jax.models.adapters import ConditionalUNet
+from codi_jax.models.adapters import ConditionalModel
 from codi_jax.sampling import guidance, samplers
 from tests import tiny_sd
 
@@ -192,7 +192,7 @@ def test_controlnet_matches_diffusers(sd_eps) -> None:
     enc = encoders.load_encoders(_encoders_config(directory))
     unet, unet_params = load_diffusers_unet(directory)
     adapter, adapter_params = load_diffusers_controlnet(directory)  # finds controlnet/
-    model = ConditionalUNet(backbone=unet, adapter=adapter)
+    model = ConditionalModel(backbone=unet, adapter=adapter)
     params = {"backbone": unet_params, "adapter": adapter_params}
     size = tiny_sd.IMAGE_SIZE
     control = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2))  # diffusers: [0, 1], NCHW

@@ -20,7 +20,7 @@ import pytest
 
 from codi_jax import diffusion, sharding
 from codi_jax.frozen import batch_inputs, encoders, sdxl_text
-from codi_jax.models.adapters import ConditionalUNet
+from codi_jax.models.adapters import ConditionalModel
 from codi_jax.sampling import guidance, samplers
 from tests import tiny_sdxl
 
@@ -105,7 +105,7 @@ def test_sample_teacher_on_sdxl_matches_diffusers(sdxl: dict, tmp_path) -> None:
     assert np.abs(images[0] - images[1]).max() > 100 * IMAGE_TOL  # the negative prompt matters here
 
 
-def _controlnet_apply(model: ConditionalUNet, params, z, model_t, context):
+def _controlnet_apply(model: ConditionalModel, params, z, model_t, context):
     text, control = context
     return model.apply({"params": params}, z, model_t, control, None, text)
 
@@ -123,7 +123,7 @@ def _our_controlnet(sdxl: dict, scheduler, latents, control) -> tuple[np.ndarray
     shapes = controlnet_param_shapes(adapter)
     mesh = sharding.make_mesh(devices=jax.local_devices()[:1])
     abstract = checkpoint.abstract_like(shapes, sharding.tree_shardings(shapes, mesh))
-    model = ConditionalUNet(backbone=pre.model, adapter=adapter)
+    model = ConditionalModel(backbone=pre.model, adapter=adapter)
     params = {"backbone": pre.params, "adapter": convert.restore_controlnet(sdxl["teacher"], abstract)}
     c = scheduler.config
     times = diffusion.diffusers_ddim_times(pre.schedule, STEPS, c.timestep_spacing, c.steps_offset, c.set_alpha_to_one)

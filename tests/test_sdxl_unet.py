@@ -226,7 +226,7 @@ def sdxl_run() -> dict[str, Any]:
         "adapter": controlnet_params_from_diffusers(controlnet.state_dict(), adapter),
     }
     # One compiled backbone (hooks as arguments; zero hooks give its plain output bit for bit) and one
-    # adapter: ConditionalUNet is exactly adapter then backbone, two fewer compilations than applying it.
+    # adapter: ConditionalModel is exactly adapter then backbone, two fewer compilations than applying it.
     unet_fn = jax.jit(
         lambda p, x, context, down, mid: backbone.apply(
             {"params": p}, x, TIMESTEPS, context, down_residuals=down, mid_residual=mid

@@ -26,7 +26,7 @@ NAME = "codi_model"  # the subfolder, the module file's stem
 MODULE_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{NAME}.py")
 
 
-def diffusers_gap(model: adapters.ConditionalUNet) -> str | None:
+def diffusers_gap(model: adapters.ConditionalModel) -> str | None:
     """Why diffusers' ``UNet2DConditionModel`` + ``ControlNetModel`` cannot represent ``model``
     (the run then exports as this component), or None when they can."""
     adapter = model.adapter
@@ -61,7 +61,7 @@ def _adapter_fields(adapter: Any, params: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def component_config(model: adapters.ConditionalUNet, params: Mapping[str, Any], sample_size: int | None) -> dict:
+def component_config(model: adapters.ConditionalModel, params: Mapping[str, Any], sample_size: int | None) -> dict:
     """``codi_model/config.json``: the backbone's diffusers config, the adapter's fields, the skips."""
     return {
         "_class_name": "CoDiModel",
@@ -83,7 +83,7 @@ def _adapter_torch_name(path: tuple[str, ...]) -> str:
     return f"encoder.{name}" if path[0].startswith(adapters.ENCODER_PREFIXES) else name
 
 
-def component_state_dict(model: adapters.ConditionalUNet, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def component_state_dict(model: adapters.ConditionalModel, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """``params`` (LoRA merged) as ``codi_model``'s state dict: ``backbone.*`` and ``adapter.*``."""
     backbone = flax_to_torch.unet_state_dict(model.backbone, params["backbone"])
     adapter = flax_to_torch.state_dict(params["adapter"], params["adapter"], _adapter_torch_name, "Adapter")

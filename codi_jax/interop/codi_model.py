@@ -9,7 +9,7 @@ student (a guidance-scale embedding). It loads with
     model = AutoModel.from_pretrained(FOLDER, subfolder="codi_model", trust_remote_code=True)
 
 and ``model(sample, timestep, cond, encoder_hidden_states=None, guidance_scale=None,
-instruction=None)`` returns the network output, as ``codi_jax``'s ``ConditionalUNet`` does (NCHW
+instruction=None)`` returns the network output, as ``codi_jax``'s ``ConditionalModel`` does (NCHW
 here, NHWC there). The backbone is diffusers' own ``UNet2DModel`` / ``UNet2DConditionModel``; the
 adapter reuses the backbone's class for its encoder copy. Only the blocks are called: the
 forward below is diffusers' UNet forward with the adapter's hooks on the skips and the middle.

@@ -544,7 +544,7 @@ def controlnet_params_from_diffusers(state_dict: Mapping[str, Any], adapter_modu
     params of ``adapter_module`` (a ``ControlNet`` with ``output='residuals'`` and no instructions).
 
     Every parameter must be present, every tensor used, every shape match; errors name the tensor.
-    Returns a float32 numpy pytree (the ``"adapter"`` sub-tree of a ``ConditionalUNet``).
+    Returns a float32 numpy pytree (the ``"adapter"`` sub-tree of a ``ConditionalModel``).
     """
     if adapter_module.output != "residuals":
         raise ValueError(f"A diffusers ControlNet gives zero-conv residuals; adapter output={adapter_module.output!r}.")
@@ -564,7 +564,7 @@ def load_diffusers_controlnet(
     ``controlnet/`` subfolder, or a sharded checkpoint with a safetensors index) or the
     ``.safetensors`` file with its ``config.json`` beside it; ``variant`` as for ``load_diffusers_unet``.
     ``model_overrides`` set non-architectural fields (``dtype``, ``remat``, ``conv_impl``). Returns
-    ``(adapter, params)``: ``ConditionalUNet(backbone=unet, adapter=adapter)`` applies it with
+    ``(adapter, params)``: ``ConditionalModel(backbone=unet, adapter=adapter)`` applies it with
     ``{"backbone": unet_params, "adapter": params}``; the condition goes in at 2**hint_downsamples
     times the latent size, in the range the ControlNet was trained on (diffusers: [0, 1]).
     """

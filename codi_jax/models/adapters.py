@@ -1,4 +1,4 @@
-"""Conditional adapters that turn the unconditional UNet into a conditional one.
+"""Conditional adapters that turn the unconditional backbone (UNet or DiT) into a conditional one.
 
 Every adapter is built so that at initialisation the adapted model computes exactly what the
 unconditional backbone computes (CoDi starts from the teacher):
@@ -11,8 +11,10 @@ unconditional backbone computes (CoDi starts from the teacher):
   T2IAdapter  a light convolutional encoder of the condition alone (no backbone copy, no time
               input) whose per-level features become skip residuals through zero-init 1x1 convs.
   LoRA        low-rank updates of the backbone's kernels: ``codi_jax.models.lora``.
+  DiTControlNet  a DiT backbone's ControlNet (``codi_jax.models.dit_controlnet``, diffusers'
+              ``SD3ControlNetModel`` layout): a copy of its first blocks, zero-init linear residuals.
 
-``ConditionalUNet`` is backbone + adapter with parameters ``{"backbone": ..., "adapter": ...}``.
+``ConditionalModel`` is backbone + adapter with parameters ``{"backbone": ..., "adapter": ...}``.
 """
 
 from __future__ import annotations
@@ -26,11 +28,15 @@ import jax.numpy as jnp
 import ml_collections
 
 from codi_jax.models import layers
+from codi_jax.models.dit import DiT
+from codi_jax.models.dit_controlnet import DiTControlNet
 from codi_jax.models.unet import Context, UNet, split_context
 
 ADAPTER_KINDS = ("controlnet", "fusion", "t2i")
 # Backbone sub-trees a ControlNet copies: the whole encoder, under the same names.
 ENCODER_PREFIXES = ("conv_in", "time_embedding", "add_embedding", "down_blocks_", "mid_block")
+# A DiT ControlNet's copy: its patch and time embeddings and first blocks (``DiTControlNet``).
+DIT_PREFIXES = ("pos_embed", "time_text_embed", "transformer_blocks_")
 
 
 def _zero_conv(features: int, name: str) -> layers.Conv2D:
@@ -213,10 +219,10 @@ class T2IAdapter(nn.Module):
         return {"down_residuals": residuals, "mid_residual": mid}
 
 
-class ConditionalUNet(nn.Module):
-    """Backbone UNet + adapter: ``(z_t, model time, cond[, instruction]) -> network output``."""
+class ConditionalModel(nn.Module):
+    """Backbone (UNet or DiT) + adapter: ``(z_t, model time, cond[, instruction]) -> network output``."""
 
-    backbone: UNet
+    backbone: UNet | DiT
     adapter: nn.Module
 
     @nn.compact
@@ -246,6 +252,7 @@ def default_adapter_config() -> ml_collections.ConfigDict:
     config.hint_zero_init = True  # diffusers' zero-init hint conv_out; False escapes the init saddle
     config.hint_unit_range = False  # True: the condition enters the hint network in [0, 1] (diffusers)
     config.init_from = ""  # a converted ControlNetModel (a convert --controlnet workdir/controlnet) to start from
+    config.dit_blocks = 0  # DiT backbones: blocks the ControlNet copies (SD3ControlNetModel); 0 = half
     config.t2i_channels = ()  # T2I encoder widths per level; () = the backbone's block_out_channels
     config.lora_rank = 0  # > 0: LoRA of this rank on the backbone kernels matched by lora_targets
     config.lora_alpha = 0.0  # LoRA scale alpha / rank; 0 = rank (scale 1)
@@ -259,9 +266,14 @@ def build_conditional_model(
     cond_channels: int,
     num_instructions: int = 0,
     guidance_embedding: bool = False,
-) -> ConditionalUNet:
+) -> ConditionalModel:
     """The adapted model for ``adapter_config.kind``; the backbone module is used as is."""
     kind = adapter_config.kind
+    if isinstance(backbone, DiT):
+        return ConditionalModel(
+            backbone=backbone,
+            adapter=_dit_controlnet(backbone, adapter_config, cond_channels, num_instructions, guidance_embedding),
+        )
     if guidance_embedding and kind == "t2i":
         raise ValueError("codi.cfg (a guidance-scale embedding) needs a time-conditioned adapter: controlnet / fusion.")
     if kind in ("controlnet", "fusion"):
@@ -287,11 +299,30 @@ def build_conditional_model(
         )
     else:
         raise ValueError(f"adapter.kind={kind!r}; valid kinds: {ADAPTER_KINDS}.")
-    return ConditionalUNet(backbone=backbone, adapter=adapter)
+    return ConditionalModel(backbone=backbone, adapter=adapter)
+
+
+def _dit_controlnet(
+    backbone: DiT, adapter_config: ml_collections.ConfigDict, cond_channels: int, num_instructions: int, guidance: bool
+) -> DiTControlNet:
+    """A DiT backbone's adapter: ``kind='controlnet'`` only (full CoDi trains the backbone with it)."""
+    if adapter_config.kind != "controlnet" or guidance:
+        what = "codi.cfg_range" if guidance else f"adapter.kind={adapter_config.kind!r}"
+        raise ValueError(f"{what}: a DiT backbone takes adapter.kind='controlnet' (an SD3ControlNetModel copy) only.")
+    blocks = int(adapter_config.dit_blocks) or max(1, backbone.num_layers // 2)
+    if not 1 <= blocks <= backbone.num_layers:
+        raise ValueError(f"adapter.dit_blocks={blocks}: the DiT has {backbone.num_layers} blocks to copy (0 = half).")
+    fields = {k: getattr(backbone, k) for k in DiT.__dataclass_fields__ if k not in ("parent", "name")}
+    return DiTControlNet(
+        **{**fields, "num_layers": blocks},
+        cond_channels=cond_channels,
+        hint_zero_init=bool(adapter_config.hint_zero_init),
+        num_instructions=num_instructions,
+    )
 
 
 def init_from_backbone(params: dict, backbone_params: Any, *, copy_encoder: bool) -> dict:
-    """Puts the pre-trained backbone into a freshly initialised ``ConditionalUNet`` tree and, for a
+    """Puts the pre-trained backbone into a freshly initialised ``ConditionalModel`` tree and, for a
     ControlNet, copies the backbone's encoder into the adapter (the ControlNet initialisation).
 
     Works inside ``jit`` (pure tree surgery); shapes must match or it raises naming the leaf.
@@ -304,6 +335,6 @@ def init_from_backbone(params: dict, backbone_params: Any, *, copy_encoder: bool
             raise ValueError(f"Backbone parameter {jax.tree_util.keystr(path)}: shape {b.shape}, expected {a.shape}.")
     adapter = dict(params["adapter"])
     for name in adapter if copy_encoder else ():
-        if name.startswith(ENCODER_PREFIXES):
+        if name.startswith(ENCODER_PREFIXES + DIT_PREFIXES) and name in backbone_params:
             adapter[name] = jax.tree.map(jnp.copy, backbone_params[name])
     return {**params, "backbone": backbone_params, "adapter": adapter}

@@ -138,11 +138,12 @@ class Patchify(nn.Module):
     features: int
     patch_size: int
     dtype: Dtype = jnp.float32
+    kernel_init: Any = XAVIER_CONV
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p, (b, height, width, c) = self.patch_size, x.shape
-        kernel = self.param("kernel", XAVIER_CONV, (p, p, c, self.features), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (p, p, c, self.features), jnp.float32)
         bias = self.param("bias", ZERO, (self.features,), jnp.float32)
         patches = x.reshape(b, height // p, p, width // p, p, c).astype(self.dtype)
         out = jnp.einsum("bhpwqc,pqcd->bhwd", patches, kernel.astype(self.dtype))

@@ -1,8 +1,8 @@
 """The networks a (resolved) config describes, and their parameter shapes.
 
 ``model.kind``: the backbone, a ``unet`` (``codi_jax.models.unet``) or a ``dit``
-(``codi_jax.models.dit``; teachers only for now). ``method='teacher'``: the unconditional
-backbone. ``codi`` / ``finetune``: the adapted conditional model (backbone = the teacher's UNet,
+(``codi_jax.models.dit``, whose adapter is ``codi_jax.models.dit_controlnet``). ``method='teacher'``: the unconditional
+backbone. ``codi`` / ``finetune``: the adapted conditional model (backbone = the teacher's,
 plus adapter / LoRA; see ``codi_jax.models.student``). A config
 is resolved (``codi_jax.runs.config_resolution``) when its ``model`` / ``schedule`` hold the
 teacher's. Shapes come from ``jax.eval_shape`` (no parameter is allocated), so restoring can
@@ -53,10 +53,11 @@ def build_teacher(
     return backbone_from_config(config.model), diffusion.schedule_from_config(config.schedule)
 
 
-def build_conditional(config: ml_collections.ConfigDict) -> tuple[student.AdaptedModel, diffusion.Schedule]:
-    """The adapted model and schedule of a (resolved) codi / finetune config (UNet backbones)."""
-    check_conditional_backbone(config)
-    backbone = unet_from_config(config.model)
+def build_conditional(
+    config: ml_collections.ConfigDict,
+) -> tuple[student.AdaptedModel, diffusion.Schedule | flow_matching.FlowSchedule]:
+    """The adapted model and schedule of a (resolved) codi / finetune config."""
+    backbone = backbone_from_config(config.model)
     model = student.build_adapted_model(
         backbone,
         config.adapter,
@@ -68,14 +69,16 @@ def build_conditional(config: ml_collections.ConfigDict) -> tuple[student.Adapte
     return model, diffusion.schedule_from_config(config.schedule)
 
 
-def check_conditional_backbone(config: ml_collections.ConfigDict) -> None:
-    """Conditional runs need a UNet on a variance-preserving schedule (CoDi on DiT / flow: to come)."""
-    kind, schedule = config.model["kind"], config.schedule["kind"]
-    if kind != "unet" or schedule == flow_matching.KIND:
-        raise ValueError(
-            f"config.method={config.method!r} on a model.kind={kind!r} / schedule.kind={schedule!r} teacher: "
-            "conditional runs take UNet teachers on VP schedules for now (CoDi on flow-matching DiTs: issue 29)."
-        )
+def check_conditional(config: ml_collections.ConfigDict) -> None:
+    """A resolved codi / finetune config builds (adapter choices that fit the backbone) and its
+    input size fits the backbone (the UNet's levels, the DiT's patches); no weight is read."""
+    model, _ = build_conditional(config)
+    size, backbone = model_input_size(config), model.backbone
+    if isinstance(backbone, DiT):
+        if size % backbone.patch_size:
+            raise ValueError(f"data.image_size={config.data.image_size} is not a multiple of the DiT's patch_size.")
+    elif size % 2 ** (len(backbone.block_out_channels) - 1):
+        raise ValueError(f"data.image_size={config.data.image_size} does not fit the teacher's UNet levels.")
 
 
 def uses_cfg_distillation(config: ml_collections.ConfigDict) -> bool:

@@ -24,7 +24,7 @@ from codi_jax.models.unet import UNet
 
 @dataclasses.dataclass(frozen=True)
 class AdaptedModel:
-    module: adapters.ConditionalUNet
+    module: adapters.ConditionalModel
     train_backbone: bool
     lora_rank: int = 0
     lora_scale: float = 1.0
@@ -61,7 +61,9 @@ class AdaptedModel:
         params = self.module.init(rng_module, sample, jnp.zeros(cond.shape[:1]), cond, instruction, context, **extra)
         params = params["params"]
         params = adapters.init_from_backbone(
-            dict(params), backbone_params, copy_encoder=isinstance(self.module.adapter, adapters.ControlNet)
+            dict(params),
+            backbone_params,
+            copy_encoder=isinstance(self.module.adapter, (adapters.ControlNet, adapters.DiTControlNet)),
         )
         if adapter_params is not None:
             params["adapter"] = {**params["adapter"], **adapter_params}

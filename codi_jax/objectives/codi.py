@@ -1,10 +1,15 @@
 """The CoDi objective and its pure train step, plus the plain conditional fine-tune objective.
 
-CoDi (single stage, ../shared/METHOD.md): draw k on the N-step grid, t = k/N, s = (k-1)/N;
+CoDi (single stage, ../shared/METHOD.md): draw k on the N-step grid, t = k/N, s = (k-1)/N
+(``schedule.grid_time``: a flow-matching schedule shifts them, as its Euler grid);
 z_t = alpha_t x + sigma_t eps; the online model gives (x_hat, eps_hat); a predictor moves z_t
 to z_s_hat; the EMA target model at (z_s_hat, s) gives the consistency target; the loss is
 d(eps_hat, eps_target) + r ||x_hat - x||^2. At s = 0 the target is the data itself (the target
 consistent with x at time t is the true eps, since z_t = alpha_t x + sigma_t eps).
+
+A flow-matching teacher (``flow_matching.FlowSchedule``) is the same loss with alpha_t = 1 - t,
+sigma_t = t and (x_hat, eps_hat) = (z_t - t v, z_t + (1 - t) v): every move below is then an Euler
+step of the ODE (docs/flow_matching.md).
 
 Predictors (``codi.predictor``):
   prev     z_s_hat = alpha_s sg(x_hat) + sigma_s eps         (the paper's PREv; the real eps)
@@ -159,14 +164,15 @@ def codi_loss(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """CoDi loss and its parts for one batch ``{"image": x, "cond": c[, "instruction", "context",
     "uncond_context"]}`` (``x`` in the backbone's space: pixels or scaled latents)."""
+    parametrization = diffusion.resolve_parametrization(schedule, parametrization)
     x = batch["image"]
     batch_size, grid_size = x.shape[0], int(config.grid_size)
     rng_k, rng_eps, rng_dropout = jax.random.split(rng, 3)
     rng_w = jax.random.fold_in(rng, 3)
     k = jax.random.randint(rng_k, () if config.shared_t else (batch_size,), 1, grid_size + 1)
     k = jnp.broadcast_to(k, (batch_size,))
-    t = k.astype(jnp.float32) / grid_size
-    s = (k - 1).astype(jnp.float32) / grid_size
+    t = schedule.grid_time(k.astype(jnp.float32) / grid_size)
+    s = schedule.grid_time((k - 1).astype(jnp.float32) / grid_size)
     w_range = cfg_range(config)
     w = None if w_range is None else jax.random.uniform(rng_w, (batch_size,), minval=w_range[0], maxval=w_range[1])
     eps = jax.random.normal(rng_eps, x.shape, jnp.float32)

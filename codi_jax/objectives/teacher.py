@@ -22,11 +22,10 @@ def noised_example(
     """A random training time per example and the noised data there: ``(t, z_t, target,
     rng_dropout)``, ``target`` being the network output the diffusion loss regresses to. A flow
     schedule: ``z_t = (1 - t) x + t eps`` and the velocity ``eps - x`` (``parametrization`` is 'v')."""
+    parametrization = diffusion.resolve_parametrization(schedule, parametrization)
     rng_t, rng_eps, rng_dropout = jax.random.split(rng, 3)
     t = schedule.sample_train_time(rng_t, (x.shape[0],))
     eps = jax.random.normal(rng_eps, x.shape, jnp.float32)
-    if isinstance(schedule, flow_matching.FlowSchedule):
-        return t, flow_matching.interpolate(x, eps, t), flow_matching.velocity(x, eps), rng_dropout
     alpha_t, sigma_t = schedule.alpha_sigma(t)
     z_t = diffusion.q_sample(x, eps, alpha_t, sigma_t)
     return t, z_t, diffusion.prediction_from_x_eps(x, eps, alpha_t, sigma_t, parametrization), rng_dropout

@@ -68,10 +68,7 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             if teacher.get(section) is not None:
                 resolved[section] = _merged_section(teacher[section], config.get(section))
     resolved = _with_absolute_paths(resolved)  # the teacher's frozen parts too
-    networks.check_conditional_backbone(resolved)
-    input_size = networks.model_input_size(resolved)
-    if input_size % 2 ** (len(resolved.model.block_out_channels) - 1):
-        raise ValueError(f"data.image_size={resolved.data.image_size} does not fit the teacher's UNet levels.")
+    networks.check_conditional(resolved)
     _check_init_workdir(resolved)
     _check_init_from(resolved)
     return resolved

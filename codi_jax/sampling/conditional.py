@@ -18,10 +18,14 @@ from codi_jax.sampling.options import SOLVERS
 
 
 def sample_times(config: ml_collections.ConfigDict, num_steps: int) -> np.ndarray:
-    """CoDi samples on its training grid; the non-distilled model on evenly spaced times."""
+    """CoDi samples on its training grid (``Schedule.grid_time`` of its points: shifted for a flow
+    schedule); the non-distilled model on ``samplers.many_step_times`` (VP: evenly spaced times;
+    flow: the Euler grid)."""
+    schedule = diffusion.schedule_from_config(config.schedule)
     if config.method == "codi":
-        return diffusion.sampling_grid(num_steps, int(config.codi.grid_size))
-    return samplers.uniform_times(num_steps)
+        grid = diffusion.sampling_grid(num_steps, int(config.codi.grid_size))
+        return np.asarray(schedule.grid_time(grid), np.float32)
+    return samplers.many_step_times(schedule, num_steps)
 
 
 def renoise_between_steps(config: ml_collections.ConfigDict) -> bool:

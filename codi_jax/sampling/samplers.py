@@ -38,7 +38,7 @@ def ddim_sample(
     params: Any,
     z_init: jax.Array,
     times: jax.Array,
-    schedule: diffusion.Schedule,
+    schedule: diffusion.Schedule | flow_matching.FlowSchedule,
     parametrization: diffusion.Parametrization,
     renoise_keys: jax.Array | None = None,
     clip_denoised: bool = True,
@@ -55,6 +55,7 @@ def ddim_sample(
     move when the final time is 0);
     ``output="z"``: the last DDIM move, the sample at ``times[-1]`` (diffusers' DDIM, which ends at
     ``alpha_bar = alphas_cumprod[0]``, i.e. ``t = 1 / T``, with ``set_alpha_to_one=False``).
+    On a flow-matching schedule the deterministic move is the Euler step ``z_t + (s - t) v``.
     ``clip_denoised`` clips every ``x_hat`` to the data range [-1, 1]; latents must not be
     clipped (``False``: diffusers' DDIM with ``clip_sample=False``). ``project_x_hat`` (None: none)
     maps each step's (clipped) ``x_hat`` before it is used, e.g. ``codi_jax.lowpass.consistency_step``.
@@ -64,6 +65,7 @@ def ddim_sample(
     """
     if output not in DDIM_OUTPUTS:
         raise ValueError(f"output={output!r}; expected one of {DDIM_OUTPUTS}.")
+    parametrization = diffusion.resolve_parametrization(schedule, parametrization)
     times = jnp.asarray(times, jnp.float32)
     num_steps = times.shape[0] - 1
 
@@ -113,6 +115,14 @@ def euler_sample(
     return jnp.clip(x_final, -1.0, 1.0) if clip_denoised else x_final
 
 
+def many_step_times(schedule: diffusion.Schedule | flow_matching.FlowSchedule, num_steps: int) -> np.ndarray:
+    """A non-distilled model's ``num_steps``-step grid: the flow schedule's Euler grid
+    (``FlowSchedule.sampling_times``, diffusers' sigmas) or, for VP, ``uniform_times``."""
+    if isinstance(schedule, flow_matching.FlowSchedule):
+        return schedule.sampling_times(num_steps)
+    return uniform_times(num_steps)
+
+
 def many_step_sampler(
     apply_fn: ApplyFn,
     schedule: diffusion.Schedule | flow_matching.FlowSchedule,
@@ -123,13 +133,13 @@ def many_step_sampler(
     """``(params, z_init) -> samples``: a teacher's many-step sampler (not jitted). A flow schedule
     samples with Euler on its shifted grid (``FlowSchedule.sampling_times``); a VP one with DDIM
     on ``uniform_times``. ``clip_denoised``: pixels are clipped to [-1, 1] (DDIM: every ``x_hat``)."""
+    times = many_step_times(schedule, num_steps)
     if isinstance(schedule, flow_matching.FlowSchedule):
-        times = schedule.sampling_times(num_steps)
         return functools.partial(euler_sample, apply_fn, times=times, schedule=schedule, clip_denoised=clip_denoised)
     return functools.partial(
         ddim_sample,
         apply_fn,
-        times=uniform_times(num_steps),
+        times=times,
         schedule=schedule,
         parametrization=parametrization,
         clip_denoised=clip_denoised,
@@ -306,6 +316,10 @@ def dpm_solver_pp_sample(
     first-order step and ``(1 + 1/(2r)) x_hat - 1/(2r) x_hat_prev`` (``r = h_prev / h``) otherwise.
     ``project_x_hat``: as in ``ddim_sample``, applied to each (clipped) ``x_hat``.
     """
+    if isinstance(schedule, flow_matching.FlowSchedule):
+        raise ValueError(
+            "--solver=dpm++ is for VP schedules; a flow-matching model samples with Euler (--solver=ddim)."
+        )
     times = jnp.asarray(times, jnp.float32)
     num_steps = times.shape[0] - 1
 

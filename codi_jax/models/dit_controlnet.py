@@ -1,0 +1,74 @@
+"""The ControlNet-style adapter of a DiT backbone, laid out as diffusers' ``SD3ControlNetModel``.
+
+A trainable copy of the backbone's patch embedding, time embedding and first ``num_layers``
+blocks (same parameter names, initialised from the backbone by ``adapters.init_from_backbone``)
+reads ``(z_t, t)`` plus the condition's tokens: ``pos_embed_input``, a patch embedding of the
+condition without positions, added after the copy's position embedding. Each copied block's
+output goes through a zero-initialised linear ``controlnet_blocks_i``; the backbone adds residual
+``i`` after its blocks by diffusers' interval rule (``dit.residual_index``). At initialisation
+every residual is exactly 0, so the adapted model is the teacher.
+
+diffusers zero-initialises ``pos_embed_input`` too (``zero_module``); with the zero linears after
+the copy that starts the condition path on a plateau it leaves only once the linears have moved
+(``hint_zero_init=False``: a random patch embedding instead, as the UNet's ``HintNetwork``).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from codi_jax.models.dit import DiT, Patchify
+
+ZERO = nn.initializers.zeros
+
+
+class DiTControlNet(DiT):
+    """``(z_t, t, cond[, instruction]) -> {"block_residuals": [...]}`` for a ``DiT`` backbone.
+
+    Inherits the backbone's architecture fields, so ``embed`` / ``blocks`` build the parameter
+    tree they build in the backbone (``pos_embed``, ``time_text_embed``, ``transformer_blocks_i``).
+    ``num_layers`` is the number of copied blocks (set by ``adapters.build_conditional_model``).
+    """
+
+    cond_channels: int = 3
+    hint_zero_init: bool = True
+    num_instructions: int = 0  # > 0: a learned instruction embedding added to the time embedding
+
+    def _check_condition(self, sample: jax.Array, cond: jax.Array) -> None:
+        if cond.shape[:3] != sample.shape[:3] or cond.shape[-1] != self.cond_channels:
+            raise ValueError(
+                f"Condition of shape {cond.shape} does not fit the DiT adapter: expected batch and size "
+                f"{sample.shape[:3]} and {self.cond_channels} channels."
+            )
+
+    @nn.compact
+    def __call__(
+        self,
+        sample: jax.Array,
+        timesteps: jax.Array,
+        cond: jax.Array,
+        instruction: jax.Array | None = None,
+        context: jax.Array | None = None,
+        *,
+        train: bool = False,
+    ) -> dict[str, list[jax.Array]]:
+        del train
+        self.check_input(sample)
+        self._check_condition(sample, cond)
+        if context is not None:
+            raise ValueError("This DiT adapter has no text blocks: context must be None.")
+        init = ZERO if self.hint_zero_init else nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
+        hint = Patchify(self.width, self.patch_size, self.dtype, kernel_init=init, name="pos_embed_input")(
+            cond.astype(jnp.float32)
+        )
+        tokens, temb = self.embed(sample, timesteps, hint=hint)
+        if self.num_instructions:
+            if instruction is None:
+                raise ValueError("This adapter was built for instructions (num_instructions > 0); none was given.")
+            embedding = nn.Embed(self.num_instructions, temb.shape[-1], name="instruction_embedding")
+            temb = temb + embedding(instruction.astype(jnp.int32))
+        _, features = self.blocks(tokens, temb)
+        dense = [nn.Dense(self.width, kernel_init=ZERO, name=f"controlnet_blocks_{i}") for i in range(len(features))]
+        return {"block_residuals": [layer(f) for layer, f in zip(dense, features)]}
