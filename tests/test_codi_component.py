@@ -7,7 +7,6 @@ reproduces our re-noising sampler for the CPU demo's kind of run (a ControlNet o
 from __future__ import annotations
 
 import dataclasses
-
 import os
 import re
 from typing import Any

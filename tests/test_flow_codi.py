@@ -19,7 +19,7 @@ import pytest
 from codi_jax import diffusion, flow_matching
 from codi_jax.objectives import codi
 from codi_jax.sampling import conditional, samplers
-from tests.test_codi import B, S, LinearStub, _draws, _stub_params
+from tests.test_codi import B, LinearStub, S, _draws, _stub_params
 
 
 def _shifted(u: np.ndarray, shift: float) -> np.ndarray:
