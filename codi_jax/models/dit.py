@@ -258,21 +258,17 @@ class JointBlock(nn.Module):
         context_mods = Modulation(2 if self.context_pre_only else 6, dtype, name="norm1_context")(temb, c)
         c_shift, c_scale = context_mods[::-1] if self.context_pre_only else context_mods[:2]
         normed = layers.layer_norm(x)
-        attn, context_attn = JointAttention(
-            self.heads, self.context_pre_only, self.qk_norm, dtype, self.attention_impl, name="attn"
-        )(
-            _modulate(normed, shift_msa, scale_msa, dtype),
-            _modulate(layers.layer_norm(context), c_shift, c_scale, dtype),
-        )
+        joint = JointAttention(self.heads, self.context_pre_only, self.qk_norm, dtype, self.attention_impl, name="attn")
+        normed_context = _modulate(layers.layer_norm(context), c_shift, c_scale, dtype)
+        attn, context_attn = joint(_modulate(normed, shift_msa, scale_msa, dtype), normed_context)
         x = x + gate_msa * attn
         if self.dual_attention:
             shift_msa2, scale_msa2, gate_msa2 = mods[6:]
             attn2 = SelfAttention(self.heads, dtype, self.attention_impl, self.qk_norm, name="attn2")
             x = x + gate_msa2 * attn2(_modulate(normed, shift_msa2, scale_msa2, dtype))
         hidden = int(self.mlp_ratio * c)
-        x = x + gate_mlp * FeedForward(hidden, dtype, name="ff")(
-            _modulate(layers.layer_norm(x), shift_mlp, scale_mlp, dtype)
-        )
+        ff = FeedForward(hidden, dtype, name="ff")
+        x = x + gate_mlp * ff(_modulate(layers.layer_norm(x), shift_mlp, scale_mlp, dtype))
         if self.context_pre_only:
             return x.astype(dtype), None
         c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = context_mods[2:]
