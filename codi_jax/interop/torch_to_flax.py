@@ -4,8 +4,9 @@ Supports diffusers' ``UNet2DModel`` (``DownBlock2D`` / ``AttnDownBlock2D`` block
 ``UNet2DConditionModel`` (``DownBlock2D`` / ``CrossAttnDownBlock2D`` blocks with
 ``transformer_layers_per_block`` ``BasicTransformerBlock`` s each, ``UNetMidBlock2DCrossAttn``: the SD 1.x,
 2.x and SDXL layouts, heads per level, conv or linear ``proj_in`` / ``proj_out``, SDXL's
-``addition_embed_type="text_time"``), ``AutoencoderKL`` and ``ControlNetModel`` (for
-``adapters.ControlNet``, SDXL's included). Our modules are named like
+``addition_embed_type="text_time"``), ``AutoencoderKL``, ``ControlNetModel`` (for
+``adapters.ControlNet``, SDXL's included) and ``SD3Transformer2DModel`` (SD3 / SD3.5's MMDiT, for
+``dit.DiT`` with ``joint_attention_dim``). Our modules are named like
 diffusers' (``down_blocks_0/resnets_1/conv1`` <-> ``down_blocks.0.resnets.1.conv1``), so the
 conversion is a name mapping plus layout changes:
 
@@ -33,6 +34,7 @@ import numpy as np
 
 from codi_jax.interop import torch_state
 from codi_jax.models.adapters import ControlNet
+from codi_jax.models.dit import QK_NORMS, DiT, pos_embed_table
 from codi_jax.models.unet import UNet
 from codi_jax.models.vae import AutoencoderKL, vae_from_diffusers_config, vae_param_shapes
 
@@ -573,3 +575,128 @@ def load_diffusers_controlnet(
         fields = controlnet_config_from_diffusers(json.load(f))
     adapter = ControlNet(**fields, **model_overrides)
     return adapter, controlnet_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), adapter)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3: diffusers ``SD3Transformer2DModel`` -> ``codi_jax.models.dit.DiT`` with ``joint_attention_dim``.
+# Same name mapping and layout changes (``transformer_blocks_0/attn/to_out_0`` <->
+# ``transformer_blocks.0.attn.to_out.0``, ``ff_context/net_0_proj`` <-> ``ff_context.net.0.proj``,
+# ``norm_q/scale`` <-> ``norm_q.weight``; the patch conv (out, in, p, p) -> ``Patchify``'s (p, p, in, out)).
+# ---------------------------------------------------------------------------------------------
+
+SD3_CLASS_NAME = "SD3Transformer2DModel"
+# ``SD3Transformer2DModel.__init__``'s defaults (diffusers 0.42): a config.json may leave any out.
+_SD3_DEFAULTS: dict[str, Any] = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "num_layers": 18,
+    "attention_head_dim": 64,
+    "num_attention_heads": 18,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1152,
+    "pooled_projection_dim": 2048,
+    "out_channels": 16,
+    "pos_embed_max_size": 96,
+    "dual_attention_layers": (),
+    "qk_norm": None,
+}
+_SD3_POS_EMBED = "pos_embed.pos_embed"  # PatchEmbed's persistent sin-cos buffer (1, max_size ** 2, width)
+
+
+def sd3_transformer_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``DiT`` fields of a diffusers ``SD3Transformer2DModel`` config (config.json; missing keys take
+    diffusers' defaults). Raises ``UnsupportedDiffusersConfig`` (one line naming the field) for another
+    class, an unknown field, ``caption_projection_dim`` other than the width, a ``qk_norm`` other than
+    None / "rms_norm", ``pos_embed_max_size=None`` or ``dual_attention_layers`` out of range."""
+    class_name = config.get("_class_name", SD3_CLASS_NAME)
+    if class_name != SD3_CLASS_NAME:
+        raise _unsupported(class_name, f"expected an {SD3_CLASS_NAME} config.")
+    unknown = sorted(key for key in config if not key.startswith("_") and key not in _SD3_DEFAULTS)
+    if unknown:
+        raise _unsupported(
+            class_name, f"config field {unknown[0]!r} is not supported (known: {sorted(_SD3_DEFAULTS)})."
+        )
+    c = {**_SD3_DEFAULTS, **{key: value for key, value in config.items() if not key.startswith("_")}}
+    width = c["num_attention_heads"] * c["attention_head_dim"]
+    refusals = (
+        ("caption_projection_dim", c["caption_projection_dim"] != width, f"the width heads * head_dim = {width}"),
+        ("qk_norm", c["qk_norm"] not in QK_NORMS, f"one of {list(QK_NORMS)}"),
+        ("pos_embed_max_size", c["pos_embed_max_size"] is None, "an int (SD3's cropped position table)"),
+    )
+    for field, refused, supported in refusals:
+        if refused:
+            raise _unsupported(class_name, f"{field}={c[field]!r} is not supported (supported: {supported}).")
+    fields = dict(
+        {key: c[key] for key in ("in_channels", "patch_size", "num_layers", "num_attention_heads")},
+        out_channels=c["in_channels"] if c["out_channels"] is None else c["out_channels"],
+        attention_head_dim=c["attention_head_dim"],
+        mlp_ratio=4.0,  # FeedForward(dim, dim_out=dim): mult 4
+        time_embed_channels=256,  # CombinedTimestepTextProjEmbeddings' Timesteps(num_channels=256)
+        **{key: c[key] for key in ("joint_attention_dim", "caption_projection_dim", "pooled_projection_dim")},
+        qk_norm=c["qk_norm"],
+        dual_attention_layers=tuple(int(i) for i in c["dual_attention_layers"]),
+        pos_embed_max_size=c["pos_embed_max_size"],
+        sample_size=c["sample_size"],
+    )
+    try:
+        DiT(**fields).check_choices()
+    except ValueError as error:  # e.g. dual_attention_layers out of range: one line naming the field
+        raise _unsupported(class_name, str(error).replace("model.", "")) from None
+    return fields
+
+
+def sd3_transformer_param_shapes(model: DiT) -> Any:
+    """The shapes of a joint-attention ``model``'s parameters (no compilation, no random numbers drawn)."""
+    p = model.patch_size
+    sample = jax.ShapeDtypeStruct((1, p, p, model.in_channels), jnp.float32)
+    timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), sample, timesteps, model.context_spec())["params"]
+
+
+def _check_sd3_pos_embed(table: Any, model: DiT) -> None:
+    """diffusers' stored ``pos_embed.pos_embed`` must be the table ``model`` computes (``dit.pos_embed_table``)."""
+    ours = pos_embed_table(model.width, model.pos_embed_max_size, model.sample_size // model.patch_size)
+    theirs = torch_state.as_numpy(table).astype(np.float32)
+    if theirs.size != ours.size:
+        raise ValueError(
+            f"{_SD3_POS_EMBED} has shape {tuple(theirs.shape)}; expected (1, {ours.shape[0]}, {ours.shape[1]})."
+        )
+    diff = float(np.abs(theirs.reshape(ours.shape) - ours).max())
+    if diff > 1e-6:  # the tables agree bit for bit (tests/test_sd3_transformer.py)
+        raise ValueError(
+            f"{_SD3_POS_EMBED} is not the sin-cos table of pos_embed_max_size={model.pos_embed_max_size}, "
+            f"sample_size={model.sample_size} (max |difference| {diff:.3g}): a modified position embedding."
+        )
+
+
+def sd3_transformer_params(state_dict: Mapping[str, Any], model: DiT) -> dict[str, Any]:
+    """Converts a diffusers ``SD3Transformer2DModel`` state dict (name -> numpy array or torch tensor) to
+    the params of ``model`` (a ``DiT`` built from ``sd3_transformer_fields``).
+
+    Every parameter must be present, every tensor used (else a ``ValueError`` listing the leftover
+    keys), every shape match. The ``pos_embed.pos_embed`` buffer, where present, is checked against the
+    table ``model`` computes rather than stored. Returns a float32 numpy pytree.
+    """
+    if model.joint_attention_dim is None:
+        raise ValueError("An SD3Transformer2DModel has joint-attention blocks: build the DiT with joint_attention_dim.")
+    state_dict = dict(state_dict)
+    if _SD3_POS_EMBED in state_dict:
+        _check_sd3_pos_embed(state_dict.pop(_SD3_POS_EMBED), model)
+    return _params_from_state_dict(state_dict, sd3_transformer_param_shapes(model), "SD3 transformer")
+
+
+def load_diffusers_sd3_transformer(
+    path: str, *, variant: str | None = None, **model_overrides: Any
+) -> tuple[DiT, dict[str, Any]]:
+    """Reads a local diffusers ``SD3Transformer2DModel`` (``config.json`` + safetensors): a model
+    directory, a pipeline directory with a ``transformer/`` subfolder, or the weights file with its
+    ``config.json`` beside it; ``variant`` and ``model_overrides`` (``dtype``, ``remat``,
+    ``attention_impl``) as for ``load_diffusers_unet``. Returns ``(model, params)``; the model reads
+    ``context={"encoder_hidden_states": ..., "pooled_projections": ...}`` (``DiT.context_spec``).
+    """
+    config_path, weight_files = _resolve_files(_component_dir(path, "transformer", "SD3 transformer"), variant)
+    with open(config_path) as f:
+        fields = sd3_transformer_fields(json.load(f))
+    model = DiT(**fields, **model_overrides)
+    return model, sd3_transformer_params(torch_state.read_safetensors(weight_files, "diffusers"), model)
