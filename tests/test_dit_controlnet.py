@@ -53,7 +53,7 @@ def test_adapted_dit_is_the_teacher_at_init_and_copies_its_first_blocks() -> Non
             np.testing.assert_array_equal(a, b)
     for i in range(2):
         np.testing.assert_array_equal(adapter[f"controlnet_blocks_{i}"]["kernel"], 0.0)
-    np.testing.assert_array_equal(adapter["pos_embed_input"]["kernel"], 0.0)  # diffusers' zero_module
+    np.testing.assert_array_equal(adapter["pos_embed_input"]["proj"]["kernel"], 0.0)  # diffusers' zero_module
     x, cond, t = _inputs()
     teacher = model.backbone.apply({"params": backbone}, x, t)
     assert float(jnp.abs(teacher).max()) > 0.1
@@ -72,7 +72,7 @@ def _numpy_adapted(params, model, x, cond, t):
 
     width = model.backbone.width
     tokens = patchify(x, adapter["pos_embed"]["proj"]) + dit.sincos_pos_embed(width, gh, gh)
-    tokens = tokens + patchify(cond, adapter["pos_embed_input"])
+    tokens = tokens + patchify(cond, adapter["pos_embed_input"]["proj"])
     half = model.backbone.time_embed_channels // 2
     args = t[:, None] * np.exp(-math.log(10000) * np.arange(half) / half)[None]
     te = adapter["time_text_embed"]["timestep_embedder"]
@@ -107,7 +107,7 @@ def test_dit_adapter_choices_are_checked() -> None:
     half = student.build_adapted_model(backbone, _adapter_config(), cond_channels=3)
     assert half.module.adapter.num_layers == 1  # 0 = half of 3 blocks, at least one
     model, params = _adapted(hint_zero_init=False)
-    assert float(np.abs(params["adapter"]["pos_embed_input"]["kernel"]).max()) > 0
+    assert float(np.abs(params["adapter"]["pos_embed_input"]["proj"]["kernel"]).max()) > 0
     x, cond, t = _inputs()
     with pytest.raises(ValueError, match=r"^Condition of shape \(2, 4, 4, 3\) does not fit the DiT adapter"):
         model.apply(params, x, t, cond[:, :4, :4])

@@ -13,10 +13,11 @@ import pytest
 
 from codi_jax import flow_matching
 from codi_jax.configs.cpu import teacher_patches32, tiny_codi, tiny_dit_teacher
+from codi_jax.interop import export
 from codi_jax.models import dit, dit_controlnet, networks
 from codi_jax.objectives import teacher
-from codi_jax.runs import checkpoint, config_resolution, config_upgrade
-from codi_jax.runs.pretrained import load_teacher
+from codi_jax.runs import checkpoint, config_resolution, config_upgrade, publish
+from codi_jax.runs.pretrained import load_conditional, load_teacher
 from codi_jax.sampling import many_step, samplers
 from codi_jax.training import loop, recipes
 from codi_jax.training.train_state import make_optimizer
@@ -104,10 +105,28 @@ def test_codi_and_finetune_runs_on_a_dit_flow_teacher(tmp_path) -> None:
         loop.train_and_evaluate(config, workdir)
         assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 2
         assert os.listdir(os.path.join(workdir, "samples"))
+    _check_publish(str(tmp_path / "codi"), str(tmp_path / "published"))
+    with pytest.raises(ValueError, match=r"a model.kind='dit' run; export writes diffusers UNet pipelines"):
+        export.export_workdir(str(tmp_path / "codi"), str(tmp_path / "export"))
+    assert not os.path.exists(tmp_path / "export")
     bad = _tiny_config(tmp_path)
     bad.model.parametrization = "eps"
     with pytest.raises(ValueError, match=r"^model.parametrization='eps': schedule.kind='flow' predicts the velocity"):
         config_resolution.resolve(bad)
+
+
+def _check_publish(run: str, out: str) -> None:
+    """``publish`` keeps the EMA weights (trained) and the frozen backbone, and nothing else."""
+    publish.publish(run, out)
+    a, b = load_conditional(run), load_conditional(out)
+    assert a.step == b.step == 2
+    for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_array_equal(x, y)
+    saved = checkpoint.Checkpointer(os.path.join(out, "checkpoints"), read_only=True).saved_tree(2)
+    assert set(saved) == {"step", "ema_params", "frozen"} and set(saved["frozen"]) == {"backbone"}
+    assert os.listdir(os.path.join(out, "samples")) and not os.path.exists(out + ".partial")
+    with pytest.raises(FileExistsError, match="exists; publish writes a new folder"):
+        publish.publish(run, out)
 
 
 def test_model_kind_is_filled_in_for_configs_saved_before_it() -> None:

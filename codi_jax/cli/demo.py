@@ -18,6 +18,11 @@
    as a row, and ``DIR/demo_grid.png`` (tiles enlarged 4x): condition | CoDi 1 step | CoDi 4 steps
    | baseline 50 steps | ground truth.
 
+``--backbone=dit`` does the same from the flow-matching DiT teacher (``checkpoints/dit_teacher_patches32``,
+configs ``dit_codi_full_sr4`` / ``dit_codi_sr4`` / ``dit_finetune_sr4``; Euler moves where the UNet's
+are DDIM). Its baseline is not committed: the demo fine-tunes it in ``DIR/finetune`` first
+(``--baseline_steps``), so it takes longer than the UNet's demo.
+
 The flags, the teacher, a CoDi run already in ``DIR/codi`` (same task and variant) and the
 baseline (an x4 SR run) are checked before anything is trained; a bad input ends with one line
 ``error: ...`` and exit code 2. ``python -m codi_jax.evaluate`` makes the same table for any runs.
@@ -52,16 +57,34 @@ flags.DEFINE_string(
 # about the time of 1,300 at batch 16, to keep the demo near 20 minutes on a 2-core host. PE-CoDi
 # (codi_jax/configs/cpu/codi_sr4.py, batch 16): 1,500, as measured in docs/smoothness.md.
 DEFAULT_CODI_STEPS = {"full": 2400, "pe": 1500}
+BACKBONES = ("unet", "dit")
+DEFAULT_TEACHERS = {"unet": "checkpoints/teacher_patches32_color", "dit": "checkpoints/dit_teacher_patches32"}
+# The DiT baseline is not committed (its frozen backbone alone is 39 MB): the demo trains it in DIR/finetune.
+DEFAULT_BASELINES = {"unet": "checkpoints/finetune_sr4_color", "dit": "checkpoints/dit_finetune_sr4"}
 flags.DEFINE_integer(
     "codi_steps",
     None,
     f"CoDi training steps; default by --variant: {DEFAULT_CODI_STEPS} (full: ~2 steps/s on 2 cores).",
 )
 flags.DEFINE_enum("variant", "full", ["full", "pe"], "full: adapter + backbone trained; pe: adapter only.")
-flags.DEFINE_string("teacher", "checkpoints/teacher_patches32_color", "The unconditional teacher (a run).")
-flags.DEFINE_string("baseline", "checkpoints/finetune_sr4_color", "The non-distilled conditional baseline (a run).")
+flags.DEFINE_enum(
+    "backbone",
+    "unet",
+    list(BACKBONES),
+    "unet: the UNet teacher (VP, cosine); dit: the flow-matching DiT teacher (its own command: the baseline is "
+    "not committed, so the demo fine-tunes it, --baseline_steps).",
+)
+flags.DEFINE_string("teacher", None, f"The unconditional teacher (a run); default by --backbone: {DEFAULT_TEACHERS}.")
+flags.DEFINE_string(
+    "baseline", None, f"The non-distilled conditional baseline (a run); default by --backbone: {DEFAULT_BASELINES}."
+)
 RENAMED_FLAGS = {"workdir": "out", "teacher_workdir": "teacher", "baseline_workdir": "baseline"}
-flags.DEFINE_integer("baseline_steps", 1000, "Fine-tune steps if the baseline checkpoint is missing.")
+DEFAULT_BASELINE_STEPS = {"unet": 1000, "dit": 2000}
+flags.DEFINE_integer(
+    "baseline_steps",
+    None,
+    f"Fine-tune steps if the baseline checkpoint is missing; default by --backbone: {DEFAULT_BASELINE_STEPS}.",
+)
 flags.DEFINE_integer("num_eval", 64, "Held-out patches to evaluate.")
 flags.DEFINE_integer("grid_rows", 8, "Examples shown in the grid.")
 flags.DEFINE_integer("num_seeds", 3, "Sampling seeds per row: each row is their mean, with its spread (± sd).")
@@ -80,13 +103,26 @@ def resolve(path: str) -> str:
     return str(configs.REPO_ROOT / path)
 
 
-def demo_configs(teacher_workdir: str, codi_steps: int, variant: str = "full"):
-    from codi_jax.configs.cpu import codi_full_sr4, codi_sr4, finetune_sr4
+def demo_configs(teacher_workdir: str, codi_steps: int, variant: str = "full", backbone: str = "unet"):
+    from codi_jax.configs.cpu import (
+        codi_full_sr4,
+        codi_sr4,
+        dit_codi_full_sr4,
+        dit_codi_sr4,
+        dit_finetune_sr4,
+        finetune_sr4,
+    )
 
     if variant not in ("full", "pe"):
         raise ValueError(f"variant={variant!r}; valid: 'full', 'pe'.")
-    codi_config = (codi_full_sr4 if variant == "full" else codi_sr4).get_config()
-    finetune_config = finetune_sr4.get_config()
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone={backbone!r}; valid: {BACKBONES}.")
+    if backbone == "dit":
+        codi_config = (dit_codi_full_sr4 if variant == "full" else dit_codi_sr4).get_config()
+        finetune_config = dit_finetune_sr4.get_config()
+    else:
+        codi_config = (codi_full_sr4 if variant == "full" else codi_sr4).get_config()
+        finetune_config = finetune_sr4.get_config()
     for config in (codi_config, finetune_config):
         config.teacher_workdir = resolve(teacher_workdir)
     codi_config.num_train_steps = codi_steps
@@ -142,9 +178,15 @@ def check_demo(
     saved, _ = read_config(teacher, what="--teacher")
     if networks.is_conditional(saved):
         raise ValueError(f"--teacher {teacher} holds a conditional {saved.method!r} run, not a teacher.")
-    hint = "use a fresh --out (or the --variant that wrote it)."
-    _check_saved(os.path.join(workdir, "codi"), codi_config, CODI_FIELDS, "--out", hint)
+    hint = "use a fresh --out (or the --variant / --backbone that wrote it)."
+    codi = _check_saved(os.path.join(workdir, "codi"), codi_config, CODI_FIELDS, "--out", hint)
     baseline = _check_saved(baseline_dir, finetune_config, SHARED_FIELDS, "--baseline", "give an x4 SR one.")
+    for what, run in (("--out", codi), ("--baseline", baseline)):
+        if run is not None and run.model.kind != saved.model.kind:
+            raise ValueError(
+                f"{what} holds a run on a model.kind={run.model.kind!r} backbone; --teacher {teacher} is a "
+                f"{saved.model.kind!r} (use the --backbone that wrote it, or a fresh --out)."
+            )
     baseline_teacher = baseline.get("teacher_workdir") if baseline is not None else None
     if baseline_teacher and os.path.basename(os.path.normpath(baseline_teacher)) != os.path.basename(
         os.path.normpath(teacher)
@@ -160,17 +202,21 @@ def baseline_workdir_for(workdir: str, baseline_workdir: str) -> str:
     return os.path.join(workdir, "finetune")
 
 
+def baseline_name(move: str) -> str:
+    return f"conditional, not distilled ({move})"
+
+
 def evaluate_demo(
-    codi_dir: str, baseline_dir: str, codi_name: str, num_eval: int, num_seeds: int = 1
+    codi_dir: str, baseline_dir: str, codi_name: str, num_eval: int, num_seeds: int = 1, move: str = "DDIM"
 ) -> tuple[list[scoring.Row], dict[str, np.ndarray], int | str]:
     """The demo's rows (CoDi 1/2/4 steps, 4 with DDIM moves, 4 with low-frequency consistency, the
     baseline at 4 / 50, bicubic), each the mean over ``num_seeds`` sampling seeds, the held-out
     examples and the baseline's teacher step; a line per row as it finishes."""
     codi_model = load_conditional(codi_dir)
     examples = held_out.held_out_examples(codi_model.config, num_eval)
-    ddim_name, baseline_name = f"{codi_name}, DDIM moves", "conditional, not distilled (DDIM)"
+    ddim_name, base_name = f"{codi_name}, {move} moves", baseline_name(move)
     jobs = [(codi_name, 1), (codi_name, 2), (codi_name, 4), (ddim_name, 4), (codi_name, 4)]
-    jobs += [(baseline_name, 4), (baseline_name, 50)]
+    jobs += [(base_name, 4), (base_name, 50)]
     progress = evaluate.Progress(jobs)
     print(f"Evaluating {len(jobs)} (model, step count) pairs on {len(examples['image'])} held-out patches.")
     shared = {"progress": progress, "num_seeds": num_seeds}
@@ -183,12 +229,14 @@ def evaluate_demo(
     )
     del codi_model
     baseline = load_conditional(baseline_dir)
-    rows += evaluate.evaluate_checkpoint(baseline, examples, (4, 50), baseline_name, **shared)
+    rows += evaluate.evaluate_checkpoint(baseline, examples, (4, 50), base_name, **shared)
     rows.append(scoring.condition_row(examples, task=baseline.config.task))
     return rows, examples, baseline.config.get("teacher_step", "?")
 
 
-def demo_grid(rows: list[scoring.Row], examples: dict[str, np.ndarray], codi_name: str, grid_rows: int) -> np.ndarray:
+def demo_grid(
+    rows: list[scoring.Row], examples: dict[str, np.ndarray], codi_name: str, grid_rows: int, move: str = "DDIM"
+) -> np.ndarray:
     """condition | CoDi 1 step | CoDi 4 steps | baseline 50 steps | ground truth, tiles enlarged."""
     by_key = {(r.method, r.steps): r.samples for r in rows if not r.lowpass_consistency}
     n = min(grid_rows, len(examples["image"]))
@@ -196,7 +244,7 @@ def demo_grid(rows: list[scoring.Row], examples: dict[str, np.ndarray], codi_nam
         samplers.cond_to_rgb(examples["cond"][:n]),
         by_key[(codi_name, 1)][:n],
         by_key[(codi_name, 4)][:n],
-        by_key[("conditional, not distilled (DDIM)", 50)][:n],
+        by_key[(baseline_name(move), 50)][:n],
         examples["image"][:n],
     ]
     tiles = np.stack([samplers.to_uint8(c) for c in columns], axis=1).reshape((-1,) + examples["image"].shape[1:])
@@ -214,10 +262,14 @@ def run_demo(
     grid_rows: int,
     variant: str = "full",
     num_seeds: int = 1,
+    backbone: str = "unet",
 ) -> list[scoring.Row]:
     start = time.time()
-    codi_config, finetune_config = demo_configs(teacher_workdir, codi_steps, variant)
+    codi_config, finetune_config = demo_configs(teacher_workdir, codi_steps, variant, backbone)
     codi_name = "CoDi (full, ours)" if variant == "full" else "PE-CoDi (ours)"
+    if backbone == "dit":
+        codi_name = codi_name.replace("ours", "DiT, flow, ours")
+    move = "Euler" if backbone == "dit" else "DDIM"  # the deterministic move between steps
     baseline_dir = baseline_workdir_for(workdir, baseline_workdir)
     check_demo(
         workdir, codi_config, finetune_config, baseline_dir, num_eval=num_eval, grid_rows=grid_rows, num_seeds=num_seeds
@@ -236,7 +288,7 @@ def run_demo(
         finetune_config.num_train_steps = baseline_steps
         loop.train_and_evaluate(finetune_config, baseline_dir)
 
-    rows, examples, teacher_step = evaluate_demo(codi_dir, baseline_dir, codi_name, num_eval, num_seeds)
+    rows, examples, teacher_step = evaluate_demo(codi_dir, baseline_dir, codi_name, num_eval, num_seeds, move)
     total_minutes = (time.time() - start) / 60
     header = (
         f"CoDi x4 SR, {len(examples['image'])} held-out 32x32 patches (photos not in training); {codi_name} "
@@ -248,6 +300,7 @@ def run_demo(
     meta = {
         "codi_steps": codi_steps,
         "variant": variant,
+        "backbone": backbone,
         "num_seeds": num_seeds,
         "train_minutes": train_minutes,
         "total_minutes": total_minutes,
@@ -255,7 +308,7 @@ def run_demo(
     }
     files = report.results_files(rows, workdir, header, meta)  # reruns replace them (atomically)
     grid_path = os.path.join(workdir, "demo_grid.png")
-    files[grid_path] = atomic.png_bytes(demo_grid(rows, examples, codi_name, grid_rows))
+    files[grid_path] = atomic.png_bytes(demo_grid(rows, examples, codi_name, grid_rows, move))
     atomic.write_files(files)
     print(header)
     print(report.markdown_table(rows))
@@ -268,7 +321,8 @@ def main(argv: list[str]) -> None:
     common.require_flags("out")
     if FLAGS.cpu_devices is not None and FLAGS.cpu_devices < 1:
         raise common.UserError(f"--cpu_devices={FLAGS.cpu_devices}: must be at least 1.")
-    batch_size = demo_configs(FLAGS.teacher, 1, FLAGS.variant)[0].batch_size
+    teacher = FLAGS.teacher or DEFAULT_TEACHERS[FLAGS.backbone]
+    batch_size = demo_configs(teacher, 1, FLAGS.variant, FLAGS.backbone)[0].batch_size
     cpu_devices = sharding.cpu_devices_for(batch_size) if FLAGS.cpu_devices is None else FLAGS.cpu_devices
     if batch_size % cpu_devices:
         raise common.UserError(f"--cpu_devices={cpu_devices} must divide the batch size {batch_size}.")
@@ -276,13 +330,14 @@ def main(argv: list[str]) -> None:
     run_demo(
         FLAGS.out,
         codi_steps=DEFAULT_CODI_STEPS[FLAGS.variant] if FLAGS.codi_steps is None else FLAGS.codi_steps,
-        teacher_workdir=FLAGS.teacher,
-        baseline_workdir=FLAGS.baseline,
-        baseline_steps=FLAGS.baseline_steps,
+        teacher_workdir=teacher,
+        baseline_workdir=FLAGS.baseline or DEFAULT_BASELINES[FLAGS.backbone],
+        baseline_steps=FLAGS.baseline_steps or DEFAULT_BASELINE_STEPS[FLAGS.backbone],
         num_eval=FLAGS.num_eval,
         grid_rows=FLAGS.grid_rows,
         variant=FLAGS.variant,
         num_seeds=FLAGS.num_seeds,
+        backbone=FLAGS.backbone,
     )
 
 

@@ -714,6 +714,11 @@ def export_workdir(
     from codi_jax.runs import pretrained
 
     config, _ = pretrained.read_config(workdir, checkpoint_step)
+    if config.model.kind != "unet":
+        raise ValueError(
+            f"--run={workdir}: a model.kind={config.model.kind!r} run; export writes diffusers UNet pipelines, and "
+            "DiT (SD3-class) runs do not export yet."
+        )
     step_table(config, diffusion.schedule_from_config(config.schedule), steps)  # --steps fits the run's grid
     if networks.is_conditional(config):  # the backbone diffusers must represent, still before any weights
         model, _ = networks.build_conditional(config)

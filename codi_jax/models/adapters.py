@@ -36,7 +36,7 @@ ADAPTER_KINDS = ("controlnet", "fusion", "t2i")
 # Backbone sub-trees a ControlNet copies: the whole encoder, under the same names.
 ENCODER_PREFIXES = ("conv_in", "time_embedding", "add_embedding", "down_blocks_", "mid_block")
 # A DiT ControlNet's copy: its patch and time embeddings and first blocks (``DiTControlNet``).
-DIT_PREFIXES = ("pos_embed", "time_text_embed", "transformer_blocks_")
+DIT_PREFIXES = ("pos_embed", "time_text_embed", "context_embedder", "transformer_blocks_")
 
 
 def _zero_conv(features: int, name: str) -> layers.Conv2D:

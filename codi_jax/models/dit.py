@@ -507,6 +507,10 @@ class DiT(nn.Module):
             tokens = tokens + hint.astype(tokens.dtype)
         return tokens, temb
 
+    def embed_text(self, text: jax.Array) -> jax.Array:
+        """The text tokens in the model's width: ``context_embedder`` (a linear)."""
+        return nn.Dense(self.width, dtype=self.dtype, name="context_embedder")(text)
+
     def check_residuals(self, residuals: Sequence[jax.Array] | None) -> None:
         if residuals is not None and not 1 <= len(residuals) <= self.num_layers:
             raise ValueError(
@@ -545,12 +549,18 @@ class DiT(nn.Module):
         return tokens, features
 
     def joint_blocks(
-        self, tokens: jax.Array, text: jax.Array, temb: jax.Array, residuals: Sequence[jax.Array] | None = None
+        self,
+        tokens: jax.Array,
+        text: jax.Array,
+        temb: jax.Array,
+        residuals: Sequence[jax.Array] | None = None,
+        last_context_pre_only: bool = True,
     ) -> tuple[jax.Array, list[jax.Array]]:
-        """The ``JointBlock`` s (the last ``context_pre_only``) on image ``tokens`` and embedded ``text``;
-        ``residuals`` added to the image tokens after every block but the last, as
-        ``SD3Transformer2DModel.forward`` adds ``block_controlnet_hidden_states``. Returns the final
-        image tokens and each block's image output (before its residual)."""
+        """The ``JointBlock`` s (the last ``context_pre_only``, unless ``last_context_pre_only=False``, as
+        in ``SD3ControlNetModel``) on image ``tokens`` and embedded ``text``; ``residuals`` added to the
+        image tokens after every block but the last, as ``SD3Transformer2DModel.forward`` adds
+        ``block_controlnet_hidden_states``. Returns the final image tokens and each block's image
+        output (before its residual)."""
         block_cls = _block_class(JointBlock, self.remat, self.remat_policy)
         self.check_residuals(residuals)
         features = []
@@ -559,7 +569,7 @@ class DiT(nn.Module):
             tokens, text = block_cls(
                 self.num_attention_heads,
                 self.mlp_ratio,
-                context_pre_only=last,
+                context_pre_only=last and last_context_pre_only,
                 qk_norm=self.qk_norm,
                 dual_attention=i in self.dual_attention_layers,
                 dtype=self.dtype,
@@ -593,8 +603,7 @@ class DiT(nn.Module):
         if text is None:
             tokens, features = self.blocks(tokens, temb, block_residuals)
         else:
-            text = nn.Dense(self.width, dtype=self.dtype, name="context_embedder")(text)
-            tokens, features = self.joint_blocks(tokens, text, temb, block_residuals)
+            tokens, features = self.joint_blocks(tokens, self.embed_text(text), temb, block_residuals)
         scale, shift = Modulation(2, self.dtype, name="norm_out")(temb, self.width)
         tokens = (layers.layer_norm(tokens) * (1 + scale) + shift).astype(self.dtype)
         p = self.patch_size

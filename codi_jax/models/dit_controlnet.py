@@ -11,15 +11,21 @@ every residual is exactly 0, so the adapted model is the teacher.
 diffusers zero-initialises ``pos_embed_input`` too (``zero_module``); with the zero linears after
 the copy that starts the condition path on a plateau it leaves only once the linears have moved
 (``hint_zero_init=False``: a random patch embedding instead, as the UNet's ``HintNetwork``).
+
+With a joint-attention (SD3 MMDiT) backbone the copy has its ``context_embedder`` and pooled-text
+projection too, and reads the backbone's ``context``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from codi_jax.models.dit import DiT, Patchify
+from codi_jax.models.dit import XAVIER_CONV, DiT, Patchify
 
 ZERO = nn.initializers.zeros
 
@@ -50,25 +56,43 @@ class DiTControlNet(DiT):
         timesteps: jax.Array,
         cond: jax.Array,
         instruction: jax.Array | None = None,
-        context: jax.Array | None = None,
+        context: Mapping[str, jax.Array] | None = None,
         *,
         train: bool = False,
     ) -> dict[str, list[jax.Array]]:
+        """The residuals for ``(sample, timesteps, cond)``; ``context`` as the backbone's (the joint
+        model's ``SD3_CONTEXT_KEYS`` dict). With text, every copied block is a full ``JointBlock``
+        (none ``context_pre_only``), as ``SD3ControlNetModel`` builds them."""
         del train
         self.check_input(sample)
         self._check_condition(sample, cond)
-        if context is not None:
-            raise ValueError("This DiT adapter has no text blocks: context must be None.")
-        init = ZERO if self.hint_zero_init else nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
-        hint = Patchify(self.width, self.patch_size, self.dtype, kernel_init=init, name="pos_embed_input")(
-            cond.astype(jnp.float32)
-        )
-        tokens, temb = self.embed(sample, timesteps, hint=hint)
+        text, pooled = self.split_context(context, sample.shape[0])
+        hint = HintEmbed(self.width, self.patch_size, self.dtype, self.hint_zero_init, name="pos_embed_input")(cond)
+        tokens, temb = self.embed(sample, timesteps, hint=hint, pooled=pooled)
         if self.num_instructions:
             if instruction is None:
                 raise ValueError("This adapter was built for instructions (num_instructions > 0); none was given.")
             embedding = nn.Embed(self.num_instructions, temb.shape[-1], name="instruction_embedding")
             temb = temb + embedding(instruction.astype(jnp.int32))
-        _, features = self.blocks(tokens, temb)
+        if text is None:
+            _, features = self.blocks(tokens, temb)
+        else:
+            _, features = self.joint_blocks(tokens, self.embed_text(text), temb, last_context_pre_only=False)
         dense = [nn.Dense(self.width, kernel_init=ZERO, name=f"controlnet_blocks_{i}") for i in range(len(features))]
         return {"block_residuals": [layer(f) for layer, f in zip(dense, features)]}
+
+
+class HintEmbed(nn.Module):
+    """diffusers' ``pos_embed_input``: a ``PatchEmbed`` without positions (``proj`` only) of the condition."""
+
+    features: int
+    patch_size: int
+    dtype: Any = jnp.float32
+    zero_init: bool = True
+
+    @nn.compact
+    def __call__(self, cond: jax.Array) -> jax.Array:
+        init = ZERO if self.zero_init else XAVIER_CONV
+        return Patchify(self.features, self.patch_size, self.dtype, kernel_init=init, name="proj")(
+            cond.astype(jnp.float32)
+        )
