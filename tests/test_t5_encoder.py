@@ -13,6 +13,7 @@ import json
 import os
 import types
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -159,6 +160,16 @@ def test_conversion_errors_name_the_tensor(encoders) -> None:
     name = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         t5_encoder_params({**state, name: np.zeros((9, 4), np.float32)}, model)
+
+
+def test_sharded_pipeline_folder(encoders, tmp_path) -> None:
+    """An SD3 pipeline folder's sharded ``text_encoder_3/`` (safetensors index) loads to the same params."""
+    reference, _, model, params = encoders
+    reference.save_pretrained(str(tmp_path / "text_encoder_3"), max_shard_size="20KB")
+    assert os.path.isfile(tmp_path / "text_encoder_3" / "model.safetensors.index.json")
+    loaded_model, loaded = load_t5_encoder(str(tmp_path))
+    assert loaded_model == model
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
 
 
 def test_config_refuses_unsupported_fields(encoders) -> None:
