@@ -55,6 +55,10 @@ REFERENCE_REQUIRES = [
     "safetensors",
 ]
 
+# SD3's T5 tokenizer (codi_jax.models.t5_tokenizer) runs on HF's Rust tokenizers (no torch); imported
+# only when a T5 tokenizer is loaded. The test extras get it through transformers.
+SD3_REQUIRES = ["tokenizers>=0.20"]
+
 # Accelerator builds of the pinned jax (same version as INSTALL_REQUIRES): ``pip install -e ".[cuda]"``
 # (NVIDIA, CUDA 12 wheels with CUDA / cuDNN from pip; jax's own ``cuda`` extra is the same) or
 # ``".[cuda13]"`` (CUDA 13 wheels, newer drivers); ``".[tpu]"`` (libtpu from PyPI).
@@ -80,6 +84,7 @@ setup(
     extras_require={
         "test": TEST_REQUIRES + REFERENCE_REQUIRES,
         "reference": REFERENCE_REQUIRES,
+        "sd3": SD3_REQUIRES,
         **ACCELERATOR_EXTRAS,
     },
 )

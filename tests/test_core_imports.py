@@ -22,6 +22,7 @@ CORE = (
     "codi_jax.models.adapters",
     "codi_jax.models.vae",
     "codi_jax.models.clip_text",
+    "codi_jax.models.t5",
     "codi_jax.objectives.codi",
     "codi_jax.objectives.teacher",
     "codi_jax.training.recipes",

@@ -222,6 +222,49 @@ def params_from_state_dict(
     return jax.tree_util.tree_unflatten(treedef, converted)
 
 
+# transformers ``PretrainedConfig`` fields that do not change a text encoder's hidden states at inference
+# (token ids, init, bookkeeping, generic flags, generation settings that 4.x configs carry along).
+TRANSFORMERS_INERT_CONFIG_FIELDS = frozenset(
+    "_name_or_path _commit_hash transformers_version dtype torch_dtype initializer_range initializer_factor "
+    "bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id return_dict "
+    "output_hidden_states output_attentions torchscript use_bfloat16 tie_word_embeddings is_encoder_decoder "
+    "is_decoder add_cross_attention chunk_size_feed_forward pruned_heads id2label label2id problem_type "
+    "tokenizer_class prefix task_specific_params finetuning_task cross_attention_hidden_size tf_legacy_loss "
+    "use_cache _attn_implementation _attn_implementation_autoset tie_encoder_decoder "
+    "bad_words_ids begin_suppress_tokens diversity_penalty do_sample early_stopping "
+    "encoder_no_repeat_ngram_size exponential_decay_length_penalty forced_bos_token_id forced_eos_token_id "
+    "length_penalty max_length min_length no_repeat_ngram_size num_beam_groups num_beams "
+    "num_return_sequences output_scores remove_invalid_values repetition_penalty return_dict_in_generate "
+    "suppress_tokens temperature top_k top_p typical_p".split()
+)
+
+
+def linear_tensor(torch_name: str, our_path: str, tensor: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+    """A transformers tensor in our layout (``convert`` of ``params_from_state_dict``): linear ``weight``
+    (out, in) -> ``kernel`` (in, out); embeddings and norm weights unchanged; shape checked, float32."""
+    converted = tensor.T if our_path.endswith("kernel") and tensor.ndim == 2 else tensor
+    return checked_float32(converted, expected, torch_name, our_path, f"transformers {tuple(tensor.shape)}")
+
+
+def transformers_model_files(path: str, subfolder: str, what: str, variant: str | None = None) -> tuple[str, list[str]]:
+    """(config.json path, safetensors files) of a transformers model: its ``save_pretrained`` directory
+    (``model.safetensors`` or a sharded index; ``variant`` files where given), a pipeline directory
+    holding it in ``subfolder``, or the ``.safetensors`` file with its ``config.json`` beside it.
+    ``what`` names the model in errors."""
+    if os.path.isfile(path):
+        return os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"), [path]
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"No {what} at {path}: neither a directory nor a file.")
+    directory = path
+    if not os.path.isfile(os.path.join(directory, "config.json")) and os.path.isdir(os.path.join(path, subfolder)):
+        directory = os.path.join(path, subfolder)  # a pipeline directory
+    bin_hint = ("pytorch_model.bin", "pytorch_model.bin")
+    weights = safetensors_files(
+        directory, "model.safetensors", "model.safetensors.index.json", what, bin_hint, variant=variant
+    )
+    return os.path.join(directory, "config.json"), weights
+
+
 def variant_name(name: str, variant: str) -> str:
     """diffusers' / transformers' ``_add_variant``: the variant before the last suffix
     (``model.safetensors`` -> ``model.fp16.safetensors``, ``model.safetensors.index.json`` ->

@@ -28,13 +28,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from codi_jax.interop import torch_state
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -51,22 +46,9 @@ _ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(
     hidden_act="quick_gelu",
     layer_norm_eps=1e-5,
 )
-# Fields that do not change last_hidden_state at inference (pooling token ids, init, bookkeeping,
-# PretrainedConfig's generic flags).
-_IGNORED_FIELDS = frozenset(
-    "_name_or_path _commit_hash transformers_version dtype torch_dtype initializer_range initializer_factor "
-    "projection_dim bos_token_id eos_token_id pad_token_id sep_token_id decoder_start_token_id return_dict "
-    "output_hidden_states output_attentions torchscript use_bfloat16 tie_word_embeddings is_encoder_decoder "
-    "is_decoder add_cross_attention chunk_size_feed_forward pruned_heads id2label label2id problem_type "
-    "tokenizer_class prefix task_specific_params finetuning_task cross_attention_hidden_size tf_legacy_loss "
-    "use_cache _attn_implementation _attn_implementation_autoset tie_encoder_decoder "
-    # generation settings that 4.x configs (e.g. a CLIPConfig's text_config) carry along
-    "bad_words_ids begin_suppress_tokens diversity_penalty do_sample early_stopping "
-    "encoder_no_repeat_ngram_size exponential_decay_length_penalty forced_bos_token_id forced_eos_token_id "
-    "length_penalty max_length min_length no_repeat_ngram_size num_beam_groups num_beams "
-    "num_return_sequences output_scores remove_invalid_values repetition_penalty return_dict_in_generate "
-    "suppress_tokens temperature top_k top_p typical_p".split()
-)
+# Fields that do not change last_hidden_state at inference (PretrainedConfig's generic ones and the
+# projection size, which only CLIPTextModelWithProjection reads, from _PROJECTION_DEFAULTS).
+_IGNORED_FIELDS = torch_state.TRANSFORMERS_INERT_CONFIG_FIELDS | {"projection_dim"}
 # (field, values we can represent); a missing field gets the first value.
 _REQUIRED_VALUES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("model_type", ("clip_text_model",)),
@@ -357,11 +339,6 @@ def _normalise_names(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return renamed
 
 
-def _convert_tensor(torch_name: str, our_path: str, tensor: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
-    converted = tensor.T if our_path.endswith("kernel") and tensor.ndim == 2 else tensor
-    return torch_state.checked_float32(converted, expected, torch_name, our_path, f"transformers {tuple(tensor.shape)}")
-
-
 def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPTextModel) -> dict[str, Any]:
     """Converts a transformers ``CLIPTextModel`` / ``CLIPTextModelWithProjection`` state dict (name ->
     numpy array or torch tensor) to params (``text_projection.weight`` -> ``text_projection/kernel``).
@@ -374,29 +351,12 @@ def clip_text_params_from_state_dict(state_dict: Mapping[str, Any], model: CLIPT
         _normalise_names(state_dict),
         clip_text_param_shapes(model),
         _torch_name,
-        _convert_tensor,
+        torch_state.linear_tensor,
         missing_what="parameters missing from the CLIP text state dict",
         unused_what=(
             "CLIP text tensors have no counterpart in our CLIPTextModel (config mismatch or a projection head?)"
         ),
     )
-
-
-def _resolve_files(path: str, variant: str | None = None) -> tuple[str, list[str]]:
-    """(config.json path, safetensors file paths) for a model / pipeline directory (its ``variant``
-    weights where given) or a weights file."""
-    if os.path.isfile(path):
-        return os.path.join(os.path.dirname(os.path.abspath(path)), CONFIG_NAME), [path]
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"No CLIP text encoder at {path}: neither a directory nor a file.")
-    directory = path
-    if not os.path.isfile(os.path.join(directory, CONFIG_NAME)) and os.path.isdir(os.path.join(path, "text_encoder")):
-        directory = os.path.join(path, "text_encoder")  # a pipeline directory
-    bin_hint = ("pytorch_model.bin", "pytorch_model.bin")
-    weights = torch_state.safetensors_files(
-        directory, WEIGHTS_NAME, WEIGHTS_INDEX_NAME, "CLIP text", bin_hint, variant=variant
-    )
-    return os.path.join(directory, CONFIG_NAME), weights
 
 
 def load_clip_text(
@@ -411,7 +371,7 @@ def load_clip_text(
     transformers' variant files (``model.fp16.safetensors``), upcast. ``model_overrides`` set
     ``dtype``. Returns ``(model, params)`` with float32 params.
     """
-    config_path, weight_files = _resolve_files(path, variant)
+    config_path, weight_files = torch_state.transformers_model_files(path, "text_encoder", "CLIP text", variant)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"Missing CLIP text config {config_path} (needed beside {weight_files[0]}).")
     with open(config_path) as f:
