@@ -19,8 +19,8 @@ import ml_collections
 import numpy as np
 
 from codi_jax import sharding
-from codi_jax.models import adapters, student
-from codi_jax.models.unet import unet_from_config
+from codi_jax.models import adapters, networks, student
+from codi_jax.models.dit import DiT
 from codi_jax.training.train_state import create_train_state, make_optimizer
 
 SD15_UNET = dict(
@@ -52,8 +52,39 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,
     norm_num_groups=32,
 )
-# (our UNet fields, diffusers' parameter count, default latent size: 512 / 1024 px)
-MODELS = {"sd15": (SD15_UNET, 859_520_964, 64), "sdxl": (SDXL_UNET, 2_567_463_684, 128)}
+_SD3 = dict(
+    kind="dit",
+    in_channels=16,
+    out_channels=16,
+    patch_size=2,
+    attention_head_dim=64,
+    joint_attention_dim=4096,
+    pooled_projection_dim=2048,
+    sample_size=128,
+)
+# SD3-medium / SD3.5-medium / SD3.5-large transformers (their transformer/config.json as our DiT
+# fields). The diffusers counts: SD3Transformer2DModel(**config) built on torch's meta device.
+SD3_MEDIUM = dict(_SD3, num_layers=24, num_attention_heads=24, pos_embed_max_size=192)
+SD35_MEDIUM = dict(
+    _SD3,
+    num_layers=24,
+    num_attention_heads=24,
+    pos_embed_max_size=384,
+    qk_norm="rms_norm",
+    dual_attention_layers=tuple(range(13)),
+)
+SD35_LARGE = dict(_SD3, num_layers=38, num_attention_heads=38, pos_embed_max_size=192, qk_norm="rms_norm")
+# (our backbone fields, diffusers' parameter count, default latent size: 512 / 1024 px)
+MODELS = {
+    "sd15": (SD15_UNET, 859_520_964, 64),
+    "sdxl": (SDXL_UNET, 2_567_463_684, 128),
+    "sd3m": (SD3_MEDIUM, 2_028_328_000, 128),
+    "sd35m": (SD35_MEDIUM, 2_243_171_520, 128),
+    "sd35l": (SD35_LARGE, 8_056_627_520, 128),
+}
+# The frozen text encoders of SD3 / SD3.5 (CLIP-L and CLIP-G with projection, T5-XXL v1.1),
+# counted from our modules' shapes, held in bfloat16.
+SD3_TEXT = ("clip_l", "clip_g", "t5_xxl")
 GIB = 2**30
 
 
@@ -65,15 +96,21 @@ def optimizer():
     )
 
 
-def shapes(unet_fields: dict, latent: int) -> tuple[dict, dict]:
-    """(UNet params, ControlNet-adapted params) shapes with a text context (cross-attention built)."""
-    unet = unet_from_config(unet_fields)
+def shapes(fields: dict, latent: int) -> tuple[dict, dict]:
+    """(backbone params, ControlNet-adapted params) shapes with a text context (cross-attention /
+    joint attention built). A DiT's ControlNet copies half its blocks (``adapter.dit_blocks=0``) and
+    reads a latent condition, as diffusers' SD3 ControlNet pipelines hand it a VAE-encoded image."""
+    backbone_model = networks.backbone_from_config(dict(fields, kind=fields.get("kind", "unet")))
     adapter_config = adapters.default_adapter_config()
     adapter_config.update(hint_channels=(16, 32, 96, 256), hint_downsamples=3)
-    model = student.build_adapted_model(unet, adapter_config, cond_channels=3)
-    z, t = jnp.zeros((1, latent, latent, 4)), jnp.zeros((1,))
-    context = jax.tree.map(lambda spec: jnp.zeros(spec.shape, spec.dtype), unet.context_spec(tokens=77))
-    cond = jnp.zeros((1, 8 * latent, 8 * latent, 3))
+    channels = backbone_model.in_channels
+    cond_channels, cond_size = (channels, latent) if isinstance(backbone_model, DiT) else (3, 8 * latent)
+    model = student.build_adapted_model(backbone_model, adapter_config, cond_channels=cond_channels)
+    z, t = jnp.zeros((1, latent, latent, channels)), jnp.zeros((1,))
+    spec = backbone_model.context_spec(tokens=77)
+    context = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), spec)
+    cond = jnp.zeros((1, cond_size, cond_size, cond_channels))
+    unet = backbone_model
     backbone = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), z, t, context)["params"])
     full = jax.eval_shape(lambda: model.module.init(jax.random.PRNGKey(0), z, t, cond, None, context)["params"])
     return backbone, dict(full)
@@ -90,6 +127,31 @@ def per_device_bytes(tree, mesh, fsdp_rules: bool) -> float:
     )
 
 
+def text_encoder_rows() -> None:
+    """SD3's frozen text encoders in bfloat16: CLIP-L, CLIP-G (with projection) and T5-XXL, counted
+    from our modules' shapes (``jax.eval_shape``)."""
+    from codi_jax.models import clip_text, t5
+
+    clip_l = clip_text.CLIPTextModelWithProjection(projection_dim=768)
+    clip_g = clip_text.CLIPTextModelWithProjection(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280
+    )
+    t5_xxl = t5.T5Encoder(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu"
+    )
+    count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+    counts = {
+        "CLIP-L (with projection)": count(clip_text.clip_text_param_shapes(clip_l)),
+        "CLIP-G (with projection)": count(clip_text.clip_text_param_shapes(clip_g)),
+        "T5-XXL v1.1 encoder": t5.t5_param_memory(t5_xxl)[0],
+    }
+    print("\n| frozen text encoder | params | bf16 GiB |\n|---|---|---|")
+    for name, n in counts.items():
+        print(f"| {name} | {n:,} | {2 * n / GIB:.2f} |")
+    total = sum(counts.values())
+    print(f"| all three | {total:,} | {2 * total / GIB:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="sd15", help="the UNet's shape")
@@ -99,7 +161,11 @@ def main() -> None:
     backbone, full = shapes(unet_fields, args.latent or latent)
     count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
     unet_count, controlnet_count = count(backbone), count(full["adapter"])
-    print(f"{args.model} UNet params {unet_count:,} (diffusers: {diffusers_count:,}); ControlNet {controlnet_count:,}")
+    print(
+        f"{args.model} backbone params {unet_count:,} (diffusers: {diffusers_count:,}); ControlNet {controlnet_count:,}"
+    )
+    if args.model.startswith("sd3"):
+        text_encoder_rows()
     opt, rng = optimizer(), jax.random.PRNGKey(0)
     trained, frozen = {"adapter": full["adapter"]}, {"backbone": full["backbone"]}
     states = {

@@ -313,8 +313,9 @@ def _dit_controlnet(
     if not 1 <= blocks <= backbone.num_layers:
         raise ValueError(f"adapter.dit_blocks={blocks}: the DiT has {backbone.num_layers} blocks to copy (0 = half).")
     fields = {k: getattr(backbone, k) for k in DiT.__dataclass_fields__ if k not in ("parent", "name")}
+    dual = tuple(i for i in backbone.dual_attention_layers if i < blocks)  # those of the copied blocks
     return DiTControlNet(
-        **{**fields, "num_layers": blocks},
+        **{**fields, "num_layers": blocks, "dual_attention_layers": dual},
         cond_channels=cond_channels,
         hint_zero_init=bool(adapter_config.hint_zero_init),
         num_instructions=num_instructions,
