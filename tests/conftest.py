@@ -81,6 +81,12 @@ def tiny_sd_teacher(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_teacher(tmp_path_factory) -> str:
+    """A converted tiny random SD3 pipeline (teacher workdir; runs only read it)."""
+    return _converted_teacher(tmp_path_factory, "tiny_sd3")
+
+
+@pytest.fixture(scope="session")
 def tiny_sdxl_teacher(tmp_path_factory) -> str:
     """A converted tiny random SDXL pipeline (teacher workdir; runs only read it)."""
     return _converted_teacher(tmp_path_factory, "tiny_sdxl")

@@ -91,8 +91,17 @@ def test_renoise_default_comes_from_the_codi_section() -> None:
 
 
 def _teacher_of(name: str, request) -> str:
-    """The converted tiny teacher an SD config runs on: SDXL's for ``sd.sdxl_*``, else SD's."""
-    return request.getfixturevalue("tiny_sdxl_teacher" if name.startswith("sd.sdxl") else "tiny_sd_teacher")
+    """The converted tiny teacher an SD config runs on: SDXL's for ``sd.sdxl_*``, SD3's for ``sd.sd3_*``,
+    else SD's."""
+    prefixes = {"sd.sdxl": "tiny_sdxl_teacher", "sd.sd3_": "tiny_sd3_teacher"}
+    return request.getfixturevalue(next((v for k, v in prefixes.items() if name.startswith(k)), "tiny_sd_teacher"))
+
+
+# Shipped SD configs that resolve but cannot train yet, and why.
+NOT_TRAINABLE_YET = {
+    "sd.sd3_sr4": "the DiT ControlNet's latent condition is not wired (docs/flow_matching.md)",
+    "sd.sd3_depth": "the DiT ControlNet's latent condition is not wired (docs/flow_matching.md)",
+}
 
 
 @pytest.mark.parametrize("name", SD_CONFIGS)
@@ -107,7 +116,13 @@ def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name
     config.data.image_size = tiny_sd.IMAGE_SIZE
     config.adapter.hint_channels = tiny_sd.HINT_CHANNELS
     resolved = config_resolution.resolve(config)
-    assert resolved.latent.vae and resolved.text.encoder and resolved.model.cross_attention_dim
+    assert resolved.latent.vae and resolved.text.encoder
+    assert resolved.model.get("cross_attention_dim") or resolved.model.get("joint_attention_dim")
+    if name in NOT_TRAINABLE_YET:  # SD3: the joint DiT, its three encoders; the condition stays in pixels
+        assert resolved.model.kind == "dit" and resolved.schedule.kind == "flow" and resolved.text.encoder_3
+        with pytest.raises(ValueError, match="does not fit the DiT adapter"):
+            networks.param_shapes(resolved)
+        return
     assert resolved.model.dtype == "bfloat16"  # the run's compute choice, not the teacher's float32
     assert resolved.data.color_augment == 0.0  # a user's images keep their colours (edits must)
     if resolved.data.source in ("folder", "edit_triples"):
@@ -314,6 +329,7 @@ def _write_edit_triples(root: pathlib.Path) -> None:
 DERIVED_SD_CONFIGS = {
     "sd.sd21_sr4": ("sd.sd15_sr4", None),  # SD 2.1's batch size and 768 px; the model is the teacher's
     "sd.sdxl_depth": ("sd.sdxl_sr4", "sd.sd15_depth"),  # SDXL's sections with SD 1.5 depth's task and data
+    "sd.sd3_depth": ("sd.sd3_sr4", "sd.sd15_depth"),  # SD3's sections with SD 1.5 depth's task and data
 }
 TRAINING_TEST_SETS = {"batch_size", "data.image_size"}
 
@@ -338,7 +354,7 @@ def test_derived_sd_config_changes_only_what_a_trained_config_has(name: str) -> 
     }
 
 
-@pytest.mark.parametrize("name", [n for n in SD_CONFIGS if n not in DERIVED_SD_CONFIGS])
+@pytest.mark.parametrize("name", [n for n in SD_CONFIGS if n not in DERIVED_SD_CONFIGS and n not in NOT_TRAINABLE_YET])
 def test_sd_config_trains_as_shipped(name: str, request, tmp_path, caplog) -> None:
     """Each shipped SD config (a derived one through the configs it derives from) trains with only
     its paths filled in and the sizes made tiny (steps, batch, the tiny pipeline's image size, sample

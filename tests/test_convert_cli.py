@@ -130,6 +130,9 @@ def test_saved_config_fields(converted: dict[str, Any]) -> None:
         tokenizer=os.path.join(components, "tokenizer"),
         encoder_2="",  # SDXL's second encoder: none
         tokenizer_2="",
+        encoder_3="",  # SD3's T5: none
+        tokenizer_3="",
+        max_sequence_length=256,
         force_zeros_for_empty_prompt=False,  # SD 1.x / 2.x encode the empty negative prompt
         prompt="",
         negative_prompt="",

@@ -26,6 +26,12 @@ pipeline's ``force_zeros_for_empty_prompt``). ``add_text`` completes the UNet's 
 what diffusers' pipeline uses at sampling, ``(H, W, 0, 0, H, W)`` of the condition's pixel size; the
 unconditional context gets the same time ids. Per-example prompts (captions, free-text
 instructions) are not encoded for SDXL yet (``check_sdxl_text`` refuses them).
+
+SD3 (a joint-attention DiT backbone, ``encoders.is_sd3``): the prompts go through CLIP-L, CLIP-G and
+T5 (``codi_jax.frozen.sd3_text``), so ``contexts`` / ``uncond_context`` are
+``{"encoder_hidden_states", "pooled_projections"}`` dicts (the DiT's context as it is; no time ids);
+the negative prompt, "" included, is encoded as diffusers' ``StableDiffusion3Pipeline`` does. Per-example
+prompts are refused for SD3 as for SDXL.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from codi_jax.data import captions, task_spec
-from codi_jax.frozen import encoders, sdxl_text
+from codi_jax.frozen import encoders, sd3_text, sdxl_text
 
 
 @dataclasses.dataclass
@@ -64,9 +70,18 @@ def prompts_of(config: ml_collections.ConfigDict) -> list[str]:
     return [name.replace("_", " ") for name in names] if names else [str(config.text.get("prompt", ""))]
 
 
+def backbone_text_width(model_config: Any) -> int | None:
+    """The width of the text tokens a backbone config reads: a UNet's ``cross_attention_dim``, a joint
+    DiT's ``joint_attention_dim``; None for a backbone without text."""
+    for field in ("cross_attention_dim", "joint_attention_dim"):
+        if model_config.get(field) is not None:
+            return int(model_config.get(field))
+    return None
+
+
 def has_text(config: ml_collections.ConfigDict) -> bool:
-    """Whether the run's backbone reads a text context (a text encoder and cross-attention)."""
-    return encoders.has_text(config) and config.model.get("cross_attention_dim") is not None
+    """Whether the run's backbone reads a text context (a text encoder and cross- / joint attention)."""
+    return encoders.has_text(config) and backbone_text_width(config.model) is not None
 
 
 def example_prompts(config: ml_collections.ConfigDict) -> bool:
@@ -81,11 +96,13 @@ def example_prompts(config: ml_collections.ConfigDict) -> bool:
 
 
 def check_sdxl_text(config: ml_collections.ConfigDict) -> None:
-    """SDXL runs take the config's prompts only (per-example prompts need both tokenizers: to come)."""
-    if has_text(config) and encoders.is_sdxl(config) and example_prompts(config):
+    """SDXL / SD3 runs take the config's prompts only (per-example prompts need all tokenizers: to come)."""
+    several = encoders.is_sdxl(config) or encoders.is_sd3(config)
+    if has_text(config) and several and example_prompts(config):
         where = "task.instructions='text'" if task_spec.text_instructions(config.task) else "data.caption_key"
+        name = "SD3" if encoders.is_sd3(config) else "SDXL"
         raise ValueError(
-            f"{where}: per-example prompts (captions, free-text instructions) are not supported for SDXL teachers "
+            f"{where}: per-example prompts (captions, free-text instructions) are not supported for {name} teachers "
             "yet; set data.caption_key='' to train on the fixed text.prompt."
         )
 
@@ -96,12 +113,21 @@ def _sdxl_contexts(enc: encoders.Encoders, config: ml_collections.ConfigDict) ->
     return contexts, sdxl_text.encode_sdxl_negative(enc.sdxl, config.text.negative_prompt or None, 1)
 
 
+def _sd3_contexts(enc: encoders.Encoders, config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """(prompt rows, negative) ``{"encoder_hidden_states", "pooled_projections"}`` dicts (SD3 encodes
+    the negative prompt, "" included)."""
+    contexts = sd3_text.encode_sd3_prompts(enc.sd3, prompts_of(config))
+    return contexts, sd3_text.encode_sd3_prompts(enc.sd3, [str(config.text.get("negative_prompt", ""))])
+
+
 def load(config: ml_collections.ConfigDict) -> tuple[encoders.Encoders, FrozenData]:
     """The run's encoders and the data they give once per run (prompt embeddings computed here)."""
     check_sdxl_text(config)
     enc = encoders.load_encoders(config)
     contexts = uncond = text_params = None
-    if has_text(config) and enc.sdxl is not None:
+    if has_text(config) and enc.sd3 is not None:
+        contexts, uncond = _sd3_contexts(enc, config)
+    elif has_text(config) and enc.sdxl is not None:
         contexts, uncond = _sdxl_contexts(enc, config)
     elif has_text(config):
         contexts = encoders.encode_prompts(enc, prompts_of(config))
@@ -150,7 +176,7 @@ def add_text(data: FrozenData, batch: dict[str, jax.Array], text_model: Any = No
     else:
         context = jax.tree.map(lambda rows: _rows(rows, batch, n), data.contexts)
     uncond = jax.tree.map(lambda row: jnp.broadcast_to(row, (n,) + row.shape[1:]), data.uncond_context)
-    if isinstance(data.contexts, dict):
+    if isinstance(data.contexts, dict) and "tokens" in data.contexts:  # SDXL (SD3's dict has no time ids)
         time_ids = sdxl_time_ids(batch)
         context, uncond = {**context, "time_ids": time_ids}, {**uncond, "time_ids": time_ids}
     return {**batch, "context": context, "uncond_context": uncond}

@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from codi_jax.frozen import sdxl_text
+from codi_jax.frozen import sd3_text, sdxl_text, t5_text
 from codi_jax.interop.torch_to_flax import load_diffusers_vae
 from codi_jax.models.clip_text import CLIPTextModel, CLIPTextModelWithProjection, load_clip_text
 from codi_jax.models.clip_tokenizer import CLIPTokenizer, load_clip_tokenizer
@@ -38,7 +38,17 @@ from codi_jax.models.vae import AutoencoderKL
 ENCODE_MODES = ("sample", "mean")
 # The ``text`` fields that describe the frozen models (written by ``python -m codi_jax.convert``);
 # the others are a run's choices.
-FROZEN_TEXT_FIELDS = ("encoder", "tokenizer", "encoder_2", "tokenizer_2", "max_length", "force_zeros_for_empty_prompt")
+FROZEN_TEXT_FIELDS = (
+    "encoder",
+    "tokenizer",
+    "encoder_2",
+    "tokenizer_2",
+    "encoder_3",
+    "tokenizer_3",
+    "max_length",
+    "max_sequence_length",
+    "force_zeros_for_empty_prompt",
+)
 
 
 def default_text_config() -> ml_collections.ConfigDict:
@@ -52,7 +62,10 @@ def default_text_config() -> ml_collections.ConfigDict:
             tokenizer="",
             encoder_2="",
             tokenizer_2="",
+            encoder_3="",
+            tokenizer_3="",
             max_length=0,
+            max_sequence_length=t5_text.MAX_SEQUENCE_LENGTH,
             force_zeros_for_empty_prompt=False,
             prompt="",
             negative_prompt="",
@@ -73,6 +86,7 @@ class Encoders:
     encode_mode: str = "sample"
     max_length: int | None = None  # None: the tokenizer's model_max_length
     sdxl: sdxl_text.SDXLText | None = None  # SDXL's two encoders (``text.encoder_2`` set) instead
+    sd3: sd3_text.SD3Text | None = None  # SD3's three encoders (a joint DiT backbone) instead
 
     @property
     def is_latent(self) -> bool:
@@ -80,7 +94,7 @@ class Encoders:
 
     @property
     def has_text(self) -> bool:
-        return self.text_model is not None or self.sdxl is not None
+        return self.text_model is not None or self.sdxl is not None or self.sd3 is not None
 
 
 def _section_value(config: Any, section: str, field: str, default: Any = "") -> Any:
@@ -103,8 +117,14 @@ def text_encoder_path(config: Any) -> str:
 
 def is_sdxl(config: Any) -> bool:
     """Whether the run's prompts go through SDXL's two encoders (``config.text.encoder_2`` set;
-    ``convert`` writes it exactly for a text_time UNet)."""
-    return has_text(config) and bool(_section_value(config, "text", "encoder_2"))
+    ``convert`` writes it exactly for a text_time UNet), not SD3's three (``is_sd3``)."""
+    return has_text(config) and bool(_section_value(config, "text", "encoder_2")) and not is_sd3(config)
+
+
+def is_sd3(config: Any) -> bool:
+    """Whether the run's prompts go through SD3's encoders (``frozen.sd3_text``): a text model whose
+    backbone is a joint-attention DiT (``config.model.joint_attention_dim`` set)."""
+    return has_text(config) and _section_value(config, "model", "joint_attention_dim", None) is not None
 
 
 def is_latent(config: Any) -> bool:
@@ -132,9 +152,11 @@ def check_encoder_paths(config: Any) -> None:
                 "config.text.tokenizer is empty but config.text.encoder is set: name the tokenizer folder."
             )
         paths += [("config.text.encoder", text_encoder_path(config)), ("config.text.tokenizer", tokenizer)]
-        if is_sdxl(config):
+        if is_sdxl(config) or is_sd3(config):
+            extra = ("encoder_2", "tokenizer_2", "encoder_3", "tokenizer_3") if is_sd3(config) else ()
             paths += [
-                (f"config.text.{f}", str(_section_value(config, "text", f))) for f in ("encoder_2", "tokenizer_2")
+                (f"config.text.{f}", str(_section_value(config, "text", f)))
+                for f in ("encoder_2", "tokenizer_2", *extra)
             ]
         max_length = _section_value(config, "text", "max_length", 0)
         if not isinstance(max_length, int) or max_length < 0 or max_length == 1:
@@ -151,7 +173,9 @@ def load_encoders(config: Any) -> Encoders:
     if is_latent(config):
         encoders.vae, encoders.vae_params = load_diffusers_vae(vae_path(config))
         encoders.encode_mode = str(_section_value(config, "latent", "encode", "sample"))
-    if is_sdxl(config):
+    if is_sd3(config):
+        encoders.sd3 = load_sd3_text(config)
+    elif is_sdxl(config):
         encoders.sdxl = load_sdxl_text(config)
     elif has_text(config):
         encoders.text_model, encoders.text_params = load_clip_text(text_encoder_path(config))
@@ -171,6 +195,22 @@ def load_sdxl_text(config: Any) -> sdxl_text.SDXLText:
     text = config.text
     folders = [(text.encoder, text.tokenizer), (text.encoder_2, text.tokenizer_2)]
     return sdxl_text.load_text_branches(folders, bool(text.force_zeros_for_empty_prompt))
+
+
+def load_sd3_text(config: Any) -> sd3_text.SD3Text:
+    """SD3's encoders and tokenizers from ``config.text`` (``encoder`` / ``tokenizer``, ``encoder_2`` /
+    ``tokenizer_2``, ``encoder_3`` / ``tokenizer_3`` (empty: zeros), ``max_sequence_length``) and the
+    backbone's ``config.model.joint_attention_dim``."""
+    text = config.text
+    if not text.get("encoder_2"):
+        raise ValueError("config.text.encoder_2 is empty: SD3 needs text_encoder_2 (CLIP-G) too.")
+    encoder_3, tokenizer_3 = str(text.get("encoder_3", "")), str(text.get("tokenizer_3", ""))
+    if bool(encoder_3) != bool(tokenizer_3):
+        raise ValueError("config.text.encoder_3 and config.text.tokenizer_3 must both be set or both be empty.")
+    clip = [(text.encoder, text.tokenizer), (text.encoder_2, text.tokenizer_2)]
+    t5 = (encoder_3, tokenizer_3) if encoder_3 else None
+    length = int(text.get("max_sequence_length", t5_text.MAX_SEQUENCE_LENGTH))
+    return sd3_text.load_sd3_text(clip, t5, int(config.model.joint_attention_dim), length)
 
 
 def encode_images(

@@ -6,7 +6,12 @@ Input (``--diffusers``), read from local files only:
 
 - a pipeline folder: ``model_index.json``, ``unet/``, ``scheduler/`` and the frozen parts
   ``model_index.json`` lists (``vae/``, ``text_encoder/``, ``tokenizer/``; SDXL also
-  ``text_encoder_2/``, ``tokenizer_2/``): Stable Diffusion 1.x / 2.x / XL, or a pixel ``DDPMPipeline``.
+  ``text_encoder_2/``, ``tokenizer_2/``): Stable Diffusion 1.x / 2.x / XL, or a pixel ``DDPMPipeline``;
+  or Stable Diffusion 3 / 3.5 (``model_index.json`` lists ``transformer`` instead of ``unet``: an
+  ``SD3Transformer2DModel``, a ``FlowMatchEulerDiscreteScheduler``, ``text_encoder`` / ``text_encoder_2``
+  (``CLIPTextModelWithProjection``), optionally ``text_encoder_3`` / ``tokenizer_3`` (T5); the teacher
+  is a ``kind='dit'`` model on a ``kind='flow'`` schedule, its ``--controlnet`` an ``SD3ControlNetModel``
+  (``docs/flow_matching.md``).
   Listed parts a teacher never uses (``safety_checker``,
   ``feature_extractor``, ``image_encoder``) are skipped; any other listed part is refused.
 - a single pixel ``UNet2DModel`` folder (``config.json`` + safetensors). Its
@@ -93,8 +98,29 @@ FROZEN_PARTS = {
     "tokenizer": ("CLIPTokenizer", "CLIPTokenizerFast"),
     "text_encoder_2": ("CLIPTextModelWithProjection",),  # SDXL
     "tokenizer_2": ("CLIPTokenizer", "CLIPTokenizerFast"),
+    "text_encoder_3": ("T5EncoderModel",),  # SD3 (optional there: without it, zeros)
+    "tokenizer_3": ("T5Tokenizer", "T5TokenizerFast"),
 }
+# An SD3 pipeline's classes where they differ from FROZEN_PARTS (CLIP-L has a projection there).
+SD3_PART_CLASSES = {"text_encoder": ("CLIPTextModelWithProjection",)}
 TEXT_PARTS = (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2"))  # (encoder, tokenizer) pairs
+SD3_TEXT_PARTS = (*TEXT_PARTS, ("text_encoder_3", "tokenizer_3"))
+# A pipeline's network: a UNet (SD 1.x / 2.x / XL) or SD3's transformer (model_index.json names which).
+BACKBONES = ("unet", "transformer")
+FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
+# FlowMatchEulerDiscreteScheduler fields: read (num_train_timesteps, shift), used by diffusers only with
+# use_dynamic_shifting (ignored, since that is refused), and refused when set (field, refused(value), why).
+FLOW_READ = ("num_train_timesteps", "shift")
+FLOW_IGNORED = ("base_shift", "max_shift", "base_image_seq_len", "max_image_seq_len", "time_shift_type")
+FLOW_REFUSALS = (
+    ("use_dynamic_shifting", bool, "resolution-dependent shift (mu); give a fixed shift"),
+    ("invert_sigmas", bool, "inverted sigmas"),
+    ("shift_terminal", lambda v: v is not None, "a stretched terminal sigma"),
+    ("use_karras_sigmas", bool, "Karras sigmas"),
+    ("use_exponential_sigmas", bool, "exponential sigmas"),
+    ("use_beta_sigmas", bool, "beta sigmas"),
+    ("stochastic_sampling", bool, "stochastic sampling"),
+)
 IGNORED_PARTS = ("safety_checker", "feature_extractor", "image_encoder")
 PARAMETRIZATIONS = {"epsilon": "eps", "v_prediction": "v", "sample": "x"}
 BETA_SCHEDULES = ("scaled_linear", "linear")
@@ -139,14 +165,21 @@ class Source:
 
     root: str  # absolute --diffusers
     kind: str  # "pipeline" | "unet folder"
-    unet_dir: str
-    unet_config: dict[str, Any]
+    unet_dir: str  # the backbone's folder (``unet/``, or SD3's ``transformer/``)
+    unet_config: dict[str, Any]  # the backbone's config.json
     scheduler_file: str
     parts: dict[str, str]  # frozen part name -> its folder
     model_index: str  # "" for a single UNet folder
     skipped: tuple[str, ...]  # parts model_index.json lists that are not converted
     controlnet_dir: str  # "" without --controlnet
-    variants: dict[str, str] = dataclasses.field(default_factory=dict)  # part -> weights variant read
+    variants: dict[str, str] = dataclasses.field(
+        default_factory=dict
+    )  # part -> weights variant read ("unet": backbone)
+    backbone: str = "unet"  # "transformer": an SD3 pipeline (``BACKBONES``)
+
+    @property
+    def is_sd3(self) -> bool:
+        return self.backbone == "transformer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +188,7 @@ class Plan:
 
     source: Source
     out: str  # absolute
-    unet_fields: dict[str, Any]
+    unet_fields: dict[str, Any]  # the backbone's fields (``UNet`` s, or the ``DiT`` s of an SD3 transformer)
     schedule: dict[str, Any]
     parametrization: str
     image_size: int
@@ -248,13 +281,14 @@ def _find_scheduler(unet_dir: str) -> str:
 
 
 def _pipeline_parts(
-    root: str, index: Mapping[str, Any], variant: str | None
+    root: str, index: Mapping[str, Any], variant: str | None, backbone: str = "unet"
 ) -> tuple[dict[str, str], tuple[str, ...], dict[str, str]]:
     """The frozen parts ``model_index.json`` lists (checked), the listed parts that are skipped and
     the weights variant each part is read from (parts with plain weights left out)."""
     parts, skipped, variants = {}, [], {}
+    classes = {**FROZEN_PARTS, **(SD3_PART_CLASSES if backbone == "transformer" else {})}
     for name, entry in index.items():
-        if name.startswith("_") or name in ("unet", "scheduler") or not isinstance(entry, list):
+        if name.startswith("_") or name in (backbone, "scheduler") or not isinstance(entry, list):
             continue
         class_name = entry[1] if len(entry) > 1 else None
         if class_name is None:
@@ -265,10 +299,11 @@ def _pipeline_parts(
         if name not in FROZEN_PARTS:
             raise ValueError(
                 f"{os.path.join(root, MODEL_INDEX)} lists {name}={class_name}, a part this converter does not "
-                f"handle (converted: unet, scheduler, {', '.join(FROZEN_PARTS)}; skipped: {', '.join(IGNORED_PARTS)})."
+                f"handle (converted: {backbone}, scheduler, {', '.join(FROZEN_PARTS)}; "
+                f"skipped: {', '.join(IGNORED_PARTS)})."
             )
-        if class_name not in FROZEN_PARTS[name]:
-            raise ValueError(f"{MODEL_INDEX}: {name} is a {class_name}; supported: {list(FROZEN_PARTS[name])}.")
+        if class_name not in classes[name]:
+            raise ValueError(f"{MODEL_INDEX}: {name} is a {class_name}; supported: {list(classes[name])}.")
         directory = os.path.join(root, name)
         if name.startswith("tokenizer"):
             if not os.path.isdir(directory):
@@ -279,6 +314,16 @@ def _pipeline_parts(
             variants[name] = _require_weights(directory, names, name, variant)
         parts[name] = directory
     return parts, tuple(skipped), {name: v for name, v in variants.items() if v}
+
+
+def _pipeline_backbone(index: Mapping[str, Any], where: str) -> str:
+    """``"unet"`` or ``"transformer"``: the network ``model_index.json`` lists (exactly one of them)."""
+    listed = [name for name in BACKBONES if isinstance(index.get(name), list) and index[name][-1]]
+    if len(listed) != 1:
+        raise ValueError(
+            f"{where} lists {listed or 'neither'} of {list(BACKBONES)}: a pipeline has exactly one network."
+        )
+    return listed[0]
 
 
 def find_source(diffusers: str, controlnet: str | None = None, variant: str | None = None) -> Source:
@@ -294,12 +339,14 @@ def find_source(diffusers: str, controlnet: str | None = None, variant: str | No
     index_path = os.path.join(root, MODEL_INDEX)
     if os.path.isfile(index_path):
         index = _read_json(index_path)
-        unet_dir = os.path.join(root, "unet")
-        variants["unet"] = _require_weights(unet_dir, DIFFUSERS_WEIGHTS, "UNet", variant)
+        backbone = _pipeline_backbone(index, index_path)
+        unet_dir = os.path.join(root, backbone)
+        what = "UNet" if backbone == "unet" else "SD3 transformer"
+        variants["unet"] = _require_weights(unet_dir, DIFFUSERS_WEIGHTS, what, variant)
         scheduler_file = os.path.join(root, "scheduler", SCHEDULER_CONFIG)
         if not os.path.isfile(scheduler_file):
             raise FileNotFoundError(f"Missing scheduler config {scheduler_file} (the pipeline's noise schedule).")
-        parts, skipped, part_variants = _pipeline_parts(root, index, variant)
+        parts, skipped, part_variants = _pipeline_parts(root, index, variant, backbone)
         unet_config = _read_json(os.path.join(unet_dir, CONFIG_NAME))
         variants = {name: v for name, v in {**variants, **part_variants}.items() if v}
         return Source(
@@ -313,6 +360,7 @@ def find_source(diffusers: str, controlnet: str | None = None, variant: str | No
             skipped,
             controlnet_dir,
             variants,
+            backbone,
         )
     if not os.path.isfile(os.path.join(root, CONFIG_NAME)):
         raise FileNotFoundError(
@@ -366,6 +414,29 @@ def schedule_from_scheduler_config(config: Mapping[str, Any], where: str = SCHED
     return schedule, PARAMETRIZATIONS[values["prediction_type"]]
 
 
+def flow_schedule_from_scheduler_config(config: Mapping[str, Any], where: str = SCHEDULER_CONFIG) -> tuple[dict, str]:
+    """``(schedule section, "v")`` of a diffusers ``FlowMatchEulerDiscreteScheduler`` config: ``kind='flow'``
+    with its ``shift`` and ``num_train_timesteps`` (our Euler grid is its ``set_timesteps`` sigmas:
+    ``flow_matching.euler_times``). Fields that change the grid (``FLOW_REFUSALS``) and unknown fields
+    raise ``ValueError`` naming the field and ``where``."""
+    class_name = config.get("_class_name")
+    if class_name != FLOW_SCHEDULER:
+        raise ValueError(f"{where}: _class_name={class_name!r}; an SD3 transformer samples with {FLOW_SCHEDULER}.")
+    unknown = sorted(k for k in config if not k.startswith("_") and k not in (*FLOW_READ, *FLOW_IGNORED))
+    unknown = [k for k in unknown if k not in {field for field, _, _ in FLOW_REFUSALS}]
+    if unknown:
+        raise ValueError(f"{where}: field {unknown[0]!r} is not supported by this converter.")
+    for field, refused, why in FLOW_REFUSALS:
+        if refused(config.get(field)):
+            raise ValueError(f"{where}: {field}={config[field]!r} is not supported ({why}).")
+    shift, steps = config.get("shift", 1.0), config.get("num_train_timesteps", 1000)
+    if not isinstance(shift, int | float) or isinstance(shift, bool) or not shift > 0:
+        raise ValueError(f"{where}: shift={shift!r} must be a number > 0.")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"{where}: num_train_timesteps={steps!r} must be an int >= 1.")
+    return dict(kind="flow", shift=float(shift), num_train_timesteps=steps), "v"
+
+
 def _check_frozen_parts(source: Source, unet_fields: Mapping[str, Any]) -> int:
     """The frozen parts' configs fit the UNet (and our modules); returns the VAE's downsampling (1 without)."""
     from codi_jax.models import vae
@@ -381,8 +452,43 @@ def _check_frozen_parts(source: Source, unet_fields: Mapping[str, Any]) -> int:
                     f"{model.latent_channels}: not a latent teacher (an inpainting / depth UNet?)."
                 )
         factor = 2 ** (len(model.block_out_channels) - 1)
-    _check_text_widths(source, unet_fields)
+    if source.is_sd3:
+        _check_sd3_text(source, unet_fields)
+    else:
+        _check_text_widths(source, unet_fields)
     return factor
+
+
+def _check_sd3_text(source: Source, fields: Mapping[str, Any]) -> None:
+    """SD3's encoders fit the transformer: both CLIPs (with tokenizers) are there, their hidden sizes
+    sum to at most ``joint_attention_dim`` (zero-padded to it), their projections to
+    ``pooled_projection_dim``; ``text_encoder_3`` (optional, with ``tokenizer_3``) is ``joint_attention_dim`` wide."""
+    from codi_jax.models import clip_text
+
+    for encoder, tokenizer in SD3_TEXT_PARTS:
+        if encoder == "text_encoder_3" and encoder not in source.parts and tokenizer not in source.parts:
+            continue
+        missing = [name for name in (encoder, tokenizer) if name not in source.parts]
+        if missing:
+            raise ValueError(f"{MODEL_INDEX} of an SD3 pipeline lists no {missing[0]} (needed beside {encoder}).")
+    config = lambda name: _read_json(os.path.join(source.parts[name], CONFIG_NAME))
+    clips = [clip_text.clip_text_config_fields(config(name)) for name, _ in TEXT_PARTS]
+    joint, pooled = fields["joint_attention_dim"], fields["pooled_projection_dim"]
+    if sum(c["hidden_size"] for c in clips) > joint:
+        raise ValueError(
+            f"text_encoder / text_encoder_2 hidden sizes sum to {sum(c['hidden_size'] for c in clips)}, more than "
+            f"transformer/config.json joint_attention_dim={joint}."
+        )
+    if sum(c["projection_dim"] for c in clips) != pooled:
+        raise ValueError(
+            f"text_encoder / text_encoder_2 projection_dim sum to {sum(c['projection_dim'] for c in clips)} but "
+            f"transformer/config.json pooled_projection_dim={pooled}."
+        )
+    if "text_encoder_3" in source.parts and config("text_encoder_3").get("d_model") != joint:
+        raise ValueError(
+            f"text_encoder_3/config.json d_model={config('text_encoder_3').get('d_model')} but "
+            f"transformer/config.json joint_attention_dim={joint}."
+        )
 
 
 def _check_text_widths(source: Source, unet_fields: Mapping[str, Any]) -> None:
@@ -426,6 +532,38 @@ def check_controlnet_backbone(adapter: Mapping[str, Any], unet_fields: Mapping[s
     return {field: adapter[field] for field in ADAPTER_FIELDS}
 
 
+# A converted SD3 ControlNet's adapter fields (``adapter.json``): the blocks it copies, the condition's
+# channels (the VAE latent of the control image; see docs/flow_matching.md) and diffusers' pipeline flag.
+SD3_ADAPTER_FIELDS = ("dit_blocks", "cond_channels", "force_zeros_for_pooled_projection")
+
+
+def check_sd3_controlnet(directory: str, transformer_fields: Mapping[str, Any]) -> dict[str, Any]:
+    """The adapter fields (``SD3_ADAPTER_FIELDS``) of an ``SD3ControlNetModel`` folder whose copied
+    architecture equals the transformer's (``ValueError`` naming the first field that differs; its
+    ``num_layers`` may be at most the transformer's, ``out_channels`` is unused)."""
+    from codi_jax.interop import torch_to_flax
+
+    where = os.path.join(directory, CONFIG_NAME)
+    config = _read_json(where)
+    copy, cond_channels = torch_to_flax.sd3_controlnet_fields(config)
+    plain = lambda value: list(value) if isinstance(value, tuple | list) else value
+    for field in sorted(set(copy) - {"num_layers", "out_channels"}):
+        if plain(copy[field]) != plain(transformer_fields.get(field)):
+            raise ValueError(
+                f"{where}: the ControlNet's {field}={copy[field]!r} differs from the transformer's "
+                f"{field}={transformer_fields.get(field)!r}."
+            )
+    if copy["num_layers"] > transformer_fields["num_layers"]:
+        raise ValueError(
+            f"{where}: num_layers={copy['num_layers']} copies more blocks than the transformer has "
+            f"({transformer_fields['num_layers']})."
+        )
+    force_zeros = bool(config.get("force_zeros_for_pooled_projection", True))
+    return dict(
+        dit_blocks=copy["num_layers"], cond_channels=cond_channels, force_zeros_for_pooled_projection=force_zeros
+    )
+
+
 def _check_out(out: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
     if os.path.exists(out) and not os.path.isdir(out):
         raise FileExistsError(f"--out={out} exists and is not a directory.")
@@ -453,6 +591,9 @@ def plan_conversion(
     source = find_source(diffusers, controlnet, variant)
     from codi_jax.interop import torch_to_flax
 
+    if source.is_sd3:
+        return _plan_sd3(source, out)
+
     unet_fields = torch_to_flax.unet_config_from_diffusers(source.unet_config)
     schedule, parametrization = schedule_from_scheduler_config(_read_json(source.scheduler_file), source.scheduler_file)
     sample_size = source.unet_config.get("sample_size")
@@ -471,6 +612,28 @@ def plan_conversion(
     return Plan(source, out, unet_fields, schedule, parametrization, sample_size * factor, adapter_fields)
 
 
+def _plan_sd3(source: Source, out: str) -> Plan:
+    """``plan_conversion`` of an SD3 pipeline: the transformer's ``DiT`` fields, the flow schedule, the
+    frozen parts' checks and (``--controlnet``) the ``SD3ControlNetModel``'s adapter fields."""
+    from codi_jax.interop import torch_to_flax
+
+    fields = torch_to_flax.sd3_transformer_fields(source.unet_config)
+    schedule, parametrization = flow_schedule_from_scheduler_config(
+        _read_json(source.scheduler_file), source.scheduler_file
+    )
+    sample_size = source.unet_config.get("sample_size", 128)
+    if not isinstance(sample_size, int) or sample_size % fields["patch_size"]:
+        raise ValueError(
+            f"{os.path.join(source.unet_dir, CONFIG_NAME)}: sample_size={sample_size!r} (need one int, a multiple of "
+            f"patch_size={fields['patch_size']}; it sets data.image_size)."
+        )
+    factor = _check_frozen_parts(source, fields)
+    adapter_fields = None
+    if source.controlnet_dir:
+        adapter_fields = check_sd3_controlnet(source.controlnet_dir, fields)
+    return Plan(source, out, fields, schedule, parametrization, sample_size * factor, adapter_fields)
+
+
 def _training_sections() -> dict[str, Any]:
     """The non-model sections of a teacher config: ``codi_jax/configs/cpu/teacher_patches32``'s, for
     completeness (without its colour augmentation: a converted teacher was trained on its own data)."""
@@ -481,17 +644,25 @@ def _training_sections() -> dict[str, Any]:
     return {key: config[key] for key in config if key not in ("model", "schedule")}
 
 
-def _model_section(unet_fields: Mapping[str, Any], parametrization: str) -> ml_collections.ConfigDict:
-    """Every ``UNet`` field (its defaults, then the converted ones) plus the parametrization."""
+def _model_section(
+    unet_fields: Mapping[str, Any], parametrization: str, kind: str = "unet"
+) -> ml_collections.ConfigDict:
+    """Every ``UNet`` field (``kind='dit'``: every ``DiT`` field) with its default, then the converted
+    ones, plus the parametrization."""
+    from codi_jax.models.dit import DiT
     from codi_jax.models.unet import UNet
 
+    module = DiT if kind == "dit" else UNet
     defaults = {
         f.name: f.default
-        for f in dataclasses.fields(UNet)
+        for f in dataclasses.fields(module)
         if f.name not in ("parent", "name") and f.default is not dataclasses.MISSING
     }
-    model = {**defaults, **unet_fields, "dtype": "float32", "remat": False, "conv_impl": "auto"}
-    return ml_collections.ConfigDict(dict(model, kind="unet", parametrization=parametrization))
+    choices = {"dtype": "float32", "remat": False, **({} if kind == "dit" else {"conv_impl": "auto"})}
+    model = {**defaults, **unet_fields, **choices}
+    if kind == "dit":
+        model["dual_attention_layers"] = list(model["dual_attention_layers"])
+    return ml_collections.ConfigDict(dict(model, kind=kind, parametrization=parametrization))
 
 
 def teacher_config(plan: Plan, max_length: int) -> ml_collections.ConfigDict:
@@ -500,7 +671,7 @@ def teacher_config(plan: Plan, max_length: int) -> ml_collections.ConfigDict:
     parts = plan.source.parts
     config = ml_collections.ConfigDict(_training_sections())
     config.method = "teacher"
-    config.model = _model_section(plan.unet_fields, plan.parametrization)
+    config.model = _model_section(plan.unet_fields, plan.parametrization, "dit" if plan.source.is_sd3 else "unet")
     config.schedule = ml_collections.ConfigDict(plan.schedule)
     config.data.image_size = plan.image_size
     vae = os.path.join(components, "vae") if "vae" in parts else ""
@@ -523,8 +694,10 @@ def _text_section(plan: Plan, components: str, max_length: int) -> ml_collection
         text[field] = os.path.join(components, name) if name in parts else ""
     for field, name in (("encoder_2", "text_encoder_2"), ("tokenizer_2", "tokenizer_2")):
         text[field] = os.path.join(components, name) if name in parts else ""
+    for field, name in (("encoder_3", "text_encoder_3"), ("tokenizer_3", "tokenizer_3")):
+        text[field] = os.path.join(components, name) if name in parts else ""
     text.max_length = int(max_length)
-    if "text_encoder_2" in parts:
+    if "text_encoder_2" in parts and not plan.source.is_sd3:
         text.force_zeros_for_empty_prompt = sdxl_text.read_force_zeros(os.path.dirname(plan.source.model_index))
     return text
 
@@ -590,7 +763,18 @@ def _check_components(components: str, source: Source) -> tuple[dict[str, int], 
         if tokenizer in source.parts:
             loaded = clip_tokenizer.load_clip_tokenizer(os.path.join(components, tokenizer))
             max_length = max_length if tokenizer == "tokenizer_2" else loaded.model_max_length or max_length
+    counts.update(_check_t5(components, source))
     return counts, max_length
+
+
+def _check_t5(components: str, source: Source) -> dict[str, int]:
+    """Loads SD3's copied ``text_encoder_3`` / ``tokenizer_3`` (if any); returns the encoder's parameter count."""
+    if "text_encoder_3" not in source.parts:
+        return {}
+    from codi_jax.models import t5, t5_tokenizer
+
+    t5_tokenizer.load_t5_tokenizer(os.path.join(components, "tokenizer_3"))
+    return {"text_encoder_3": count_params(t5.load_t5_encoder(os.path.join(components, "text_encoder_3"))[1])}
 
 
 def _save_teacher(workdir: str, unet_params: Any, config: ml_collections.ConfigDict) -> None:
@@ -634,6 +818,8 @@ def controlnet_adapter_fields(path: str) -> dict[str, Any]:
     """The adapter fields of a converted ControlNet (``path``: its folder or the teacher workdir):
     ``hint_channels`` (tuple), ``hint_downsamples``, ``cond_channels``, ``output``."""
     fields = _read_json(os.path.join(_controlnet_dir(path), ADAPTER_FILE))
+    if "hint_channels" not in fields:  # an SD3 ControlNet (``SD3_ADAPTER_FIELDS``)
+        return fields
     return dict(fields, hint_channels=tuple(fields["hint_channels"]))
 
 
@@ -691,14 +877,18 @@ def convert(
         components = os.path.join(staging, COMPONENTS)
         _copy_components(plan.source, components)
         counts, max_length = _check_components(components, plan.source)
-        _, unet_params = torch_to_flax.load_diffusers_unet(plan.source.unet_dir, variant=variants.get("unet"))
+        load = torch_to_flax.load_diffusers_sd3_transformer if plan.source.is_sd3 else torch_to_flax.load_diffusers_unet
+        _, unet_params = load(plan.source.unet_dir, variant=variants.get("unet"))
         counts = {"unet": count_params(unet_params), **counts}
         _save_teacher(staging, unet_params, teacher_config(plan, max_length))
         del unet_params
         if plan.source.controlnet_dir:
-            _, controlnet_params = torch_to_flax.load_diffusers_controlnet(
-                plan.source.controlnet_dir, variant=variants.get("controlnet")
+            load = (
+                torch_to_flax.load_diffusers_sd3_controlnet
+                if plan.source.is_sd3
+                else torch_to_flax.load_diffusers_controlnet
             )
+            _, controlnet_params = load(plan.source.controlnet_dir, variant=variants.get("controlnet"))
             counts["controlnet"] = count_params(controlnet_params)
             save_controlnet(os.path.join(staging, CONTROLNET), controlnet_params, plan.adapter_fields)
     return Summary(plan, counts, max_length, time.perf_counter() - start)
@@ -709,18 +899,28 @@ def summary_lines(summary: Summary) -> list[str]:
     plan, counts = summary.plan, summary.param_counts
     schedule = plan.schedule
     class_name = plan.source.unet_config.get("_class_name", "UNet")
+    if schedule["kind"] == "flow":
+        grid = f"shift {schedule['shift']:g}"
+    else:
+        grid = f"beta {schedule['beta_start']:g}..{schedule['beta_end']:g}"
     lines = [
         f"Converted {plan.source.root} ({plan.source.kind}) -> {plan.out} in {summary.seconds:.1f} s",
-        f"  unet: {class_name}, {counts['unet']:,} parameters -> checkpoints/0 (ema_params); parametrization "
-        f"{plan.parametrization}, schedule {schedule['kind']} ({schedule['num_train_timesteps']} steps, beta "
-        f"{schedule['beta_start']:g}..{schedule['beta_end']:g}), data.image_size {plan.image_size}",
+        f"  {plan.source.backbone}: {class_name}, {counts['unet']:,} parameters -> checkpoints/0 (ema_params); "
+        f"parametrization {plan.parametrization}, schedule {schedule['kind']} ({schedule['num_train_timesteps']} "
+        f"steps, {grid}), data.image_size {plan.image_size}",
     ]
     for name in FROZEN_PARTS:
         if name in plan.source.parts:
             size = f"{counts[name]:,} parameters" if name in counts else f"max_length {summary.max_length}"
             lines.append(f"  {name}: {size} -> {COMPONENTS}/{name} (copied, loaded and checked)")
     lines.append(f"  scheduler: {os.path.basename(plan.source.scheduler_file)} -> {COMPONENTS}/scheduler")
-    if plan.adapter_fields is not None:
+    if plan.adapter_fields is not None and plan.source.is_sd3:
+        fields = plan.adapter_fields
+        lines.append(
+            f"  controlnet: SD3ControlNetModel, {counts['controlnet']:,} parameters -> {CONTROLNET}/ "
+            f"({fields['dit_blocks']} blocks, cond_channels {fields['cond_channels']})"
+        )
+    elif plan.adapter_fields is not None:
         fields = plan.adapter_fields
         lines.append(
             f"  controlnet: {counts['controlnet']:,} parameters -> {CONTROLNET}/ (hint network "

@@ -35,6 +35,7 @@ import numpy as np
 from codi_jax.interop import torch_state
 from codi_jax.models.adapters import ControlNet
 from codi_jax.models.dit import QK_NORMS, DiT, pos_embed_table
+from codi_jax.models.dit_controlnet import DiTControlNet
 from codi_jax.models.unet import UNet
 from codi_jax.models.vae import AutoencoderKL, vae_from_diffusers_config, vae_param_shapes
 
@@ -94,7 +95,8 @@ _DEPRECATED_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", 
 # diffusers' ModuleList indices; leaves are renamed.
 _torch_name = torch_state.torch_names(
     re.compile(
-        r"^(controlnet_down_blocks|down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|transformer_blocks"
+        r"^(controlnet_down_blocks|controlnet_blocks|down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers"
+        r"|transformer_blocks"
         r"|to_out|net|blocks)_(\d+)(?:_(\w+))?$"
     ),
     {"kernel": "weight", "scale": "weight", "bias": "bias"},
@@ -700,3 +702,72 @@ def load_diffusers_sd3_transformer(
         fields = sd3_transformer_fields(json.load(f))
     model = DiT(**fields, **model_overrides)
     return model, sd3_transformer_params(torch_state.read_safetensors(weight_files, "diffusers"), model)
+
+
+SD3_CONTROLNET_CLASS_NAME = "SD3ControlNetModel"
+# SD3ControlNetModel's fields beyond the transformer's, with diffusers' defaults and what we take.
+_SD3_CONTROLNET_OWN = {
+    "extra_conditioning_channels": 0,
+    "pos_embed_type": "sincos",
+    "use_pos_embed": True,
+    "force_zeros_for_pooled_projection": True,
+}
+
+
+def sd3_controlnet_fields(config: Mapping[str, Any]) -> tuple[dict[str, Any], int]:
+    """``(DiT fields of the copy, cond_channels)`` of a diffusers ``SD3ControlNetModel`` config: the copy's
+    ``num_layers`` is its block count, ``cond_channels`` = ``in_channels + extra_conditioning_channels``
+    (``pos_embed_input``'s input). Refused in one line (``UnsupportedDiffusersConfig``): another class, an
+    image-only ControlNet (``joint_attention_dim`` None) and SD3.5's variants without the copy's sin-cos
+    position embedding (``use_pos_embed=False`` / ``pos_embed_type`` other than ``"sincos"``)."""
+    class_name = config.get("_class_name", SD3_CONTROLNET_CLASS_NAME)
+    if class_name != SD3_CONTROLNET_CLASS_NAME:
+        raise _unsupported(class_name, f"expected an {SD3_CONTROLNET_CLASS_NAME} config.")
+    own = {key: config.get(key, default) for key, default in _SD3_CONTROLNET_OWN.items()}
+    if not own["use_pos_embed"] or own["pos_embed_type"] != "sincos":
+        raise _unsupported(
+            class_name,
+            f"use_pos_embed={own['use_pos_embed']!r}, pos_embed_type={own['pos_embed_type']!r} is not supported "
+            "(the adapter copies the transformer's sin-cos patch embedding: use_pos_embed=True, 'sincos').",
+        )
+    if config.get("joint_attention_dim", _SD3_DEFAULTS["joint_attention_dim"]) is None:
+        raise _unsupported(class_name, "joint_attention_dim=None (an image-only ControlNet) is not supported.")
+    rest = {key: value for key, value in config.items() if key not in _SD3_CONTROLNET_OWN and key != "_class_name"}
+    try:
+        fields = sd3_transformer_fields({**rest, "_class_name": SD3_CLASS_NAME})
+    except UnsupportedDiffusersConfig as error:
+        raise _unsupported(class_name, str(error).split(": ", 1)[1]) from None
+    return fields, int(fields["in_channels"]) + int(own["extra_conditioning_channels"])
+
+
+def sd3_controlnet_module(fields: Mapping[str, Any], cond_channels: int) -> DiTControlNet:
+    """Our ``DiTControlNet`` of an ``SD3ControlNetModel`` (``sd3_controlnet_fields``)."""
+    return DiTControlNet(**fields, cond_channels=cond_channels)
+
+
+def sd3_controlnet_param_shapes(adapter: DiTControlNet) -> Any:
+    """The shapes of an SD3 ControlNet adapter's parameters (no compilation, no random numbers drawn)."""
+    p = adapter.patch_size
+    sample = jax.ShapeDtypeStruct((1, p, p, adapter.in_channels), jnp.float32)
+    cond = jax.ShapeDtypeStruct((1, p, p, adapter.cond_channels), jnp.float32)
+    timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
+    rng = jax.random.PRNGKey(0)
+    return jax.eval_shape(adapter.init, rng, sample, timesteps, cond, None, adapter.context_spec())["params"]
+
+
+def sd3_controlnet_params(state_dict: Mapping[str, Any], adapter: DiTControlNet) -> dict[str, Any]:
+    """A diffusers ``SD3ControlNetModel`` state dict -> our ``DiTControlNet`` params (names as the
+    transformer's, plus ``pos_embed_input.proj`` -> ``pos_embed_input/proj`` and ``controlnet_blocks.i`` ->
+    ``controlnet_blocks_i``); every tensor used, every shape checked; the position buffer checked."""
+    state_dict = dict(state_dict)
+    if _SD3_POS_EMBED in state_dict:
+        _check_sd3_pos_embed(state_dict.pop(_SD3_POS_EMBED), adapter)
+    return _params_from_state_dict(state_dict, sd3_controlnet_param_shapes(adapter), "SD3 ControlNet")
+
+
+def load_diffusers_sd3_controlnet(path: str, *, variant: str | None = None) -> tuple[DiTControlNet, dict[str, Any]]:
+    """Reads a local diffusers ``SD3ControlNetModel`` folder (``config.json`` + safetensors): ``(adapter, params)``."""
+    config_path, weight_files = _resolve_files(path, variant)
+    with open(config_path) as f:
+        adapter = sd3_controlnet_module(*sd3_controlnet_fields(json.load(f)))
+    return adapter, sd3_controlnet_params(torch_state.read_safetensors(weight_files, "diffusers"), adapter)

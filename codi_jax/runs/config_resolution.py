@@ -90,15 +90,27 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
         saved = convert.controlnet_adapter_fields(path)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"adapter.init_from={path}: {error}") from None
-    wanted = {
-        "hint_channels": tuple(config.adapter.hint_channels),
-        "hint_downsamples": int(config.adapter.hint_downsamples),
-        "cond_channels": task_spec.cond_channels(config.task),
-    }
+    wanted = _wanted_adapter_fields(config, saved)
     clashes = [f"{key}: {saved.get(key)} (ControlNet) vs {value} (config)" for key, value in wanted.items()]
     clashes = [c for c, (key, value) in zip(clashes, wanted.items()) if _normal(saved.get(key)) != _normal(value)]
     if clashes:
         raise ValueError(f"adapter.init_from={path} does not fit the configured adapter: " + "; ".join(clashes))
+
+
+def _wanted_adapter_fields(config: ml_collections.ConfigDict, saved: dict) -> dict:
+    """What a converted ControlNet must match: a UNet ControlNet's hint network and condition channels,
+    an SD3 ControlNet's copied blocks (``adapter.dit_blocks``, 0 = half) and condition channels (for a
+    latent run the VAE latent of the control image, ``docs/flow_matching.md``: not wired into the data
+    path yet, so only a condition of the task's own channels fits)."""
+    cond_channels = task_spec.cond_channels(config.task)
+    if "dit_blocks" in saved:
+        blocks = int(config.adapter.dit_blocks) or max(1, int(config.model.num_layers) // 2)
+        return {"dit_blocks": blocks, "cond_channels": cond_channels}
+    return {
+        "hint_channels": tuple(config.adapter.hint_channels),
+        "hint_downsamples": int(config.adapter.hint_downsamples),
+        "cond_channels": cond_channels,
+    }
 
 
 def _normal(value):

@@ -10,7 +10,10 @@ negative prompt. SDXL teachers (``encoders.is_sdxl``) encode both with the two t
 (``frozen.sdxl_text``; the negative "" is diffusers' None: zeros under the pipeline's
 ``force_zeros_for_empty_prompt``, as in runs) and add diffusers' default time ids
 ``(H, W, 0, 0, H, W)`` of ``data.image_size`` to both contexts (``tests/test_sdxl_pipeline_equality.py``:
-equal to ``StableDiffusionXLPipeline``).
+equal to ``StableDiffusionXLPipeline``). SD3 teachers (a joint DiT on a flow schedule) encode both with
+CLIP-L, CLIP-G and T5 (``frozen.sd3_text``; the negative "" is encoded, as diffusers does) and sample
+with Euler on the scheduler's shifted grid (``tests/test_sd3_pipeline_equality.py``: equal to
+``StableDiffusion3Pipeline``).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from codi_jax import atomic, sharding
-from codi_jax.frozen import batch_inputs, encoders, sdxl_text
+from codi_jax.frozen import batch_inputs, encoders, sd3_text, sdxl_text
 from codi_jax.models import networks
 from codi_jax.runs.pretrained import Pretrained, load_teacher, read_config
 from codi_jax.sampling import few_step, guidance, samplers
@@ -42,6 +45,9 @@ def _text_contexts(
     """``(context, uncond_context or None)``, one row each: the one prompt's (None: no CFG)."""
     prompt = config.text.get("prompt", "") if prompt is None else prompt
     negative = config.text.get("negative_prompt", "") if negative_prompt is None else negative_prompt
+    if enc.sd3 is not None:
+        context = sd3_text.encode_sd3_prompts(enc.sd3, [prompt])
+        return context, (None if scale == 1.0 else sd3_text.encode_sd3_prompts(enc.sd3, [negative]))
     if enc.sdxl is not None:
         return _sdxl_contexts(enc.sdxl, prompt, negative, scale, int(config.data.image_size))
     context = encoders.encode_prompts(enc, [prompt])

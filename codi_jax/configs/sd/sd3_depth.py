@@ -1,0 +1,16 @@
+"""Stable Diffusion 3 / 3.5: PE-CoDi depth-to-image (``sd3_sr4``'s sections with ``sd15_depth``'s task
+and data). Fill in the local paths as in ``sd3_sr4``; the same limits apply (no SD3 ControlNet
+init, the latent condition not wired yet: docs/flow_matching.md)."""
+
+import ml_collections
+
+from codi_jax.configs.sd import sd3_sr4, sd15_depth
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = sd3_sr4.get_config()
+    depth = sd15_depth.get_config()
+    config.task = depth.task
+    for field in ("source", "tfds_name", "caption_key", "train_split", "eval_split", "random_crop"):
+        config.data[field] = depth.data[field]
+    return config
