@@ -31,6 +31,8 @@ from codi_jax.sampling.options import SamplingOptions  # noqa: E402
 from codi_jax.training import loop  # noqa: E402
 from tests import tiny_sd3  # noqa: E402
 
+LATENT_SHAPE = (tiny_sd3.LATENT_SIZE, tiny_sd3.LATENT_SIZE, tiny_sd3.LATENT_CHANNELS)  # HWC
+
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> dict:
@@ -149,3 +151,106 @@ def test_sd3_run_resumes_exactly_and_samples(teacher, trained, tmp_path) -> None
     samples = few_step.sample_conditional(pre, cond, None, 2, SamplingOptions(batch_size=2))
     assert samples.shape == cond.shape and all(math.isfinite(v) for v in samples.reshape(-1)[:8])
     assert np.abs(samples[0] - samples[1]).max() > 0
+
+
+def test_sd3_weights_round_trip_to_diffusers(teacher) -> None:
+    """The converted transformer and ControlNet, written back by ``flax_to_torch``: diffusers' own state
+    dicts, tensor for tensor, and configs that rebuild the same architecture."""
+    from codi_jax.interop import flax_to_torch, torch_to_flax
+
+    root = teacher["root"]
+    model, params = torch_to_flax.load_diffusers_sd3_transformer(str(root / "pipeline"))
+    adapter, adapter_params = torch_to_flax.load_diffusers_sd3_controlnet(str(root / "controlnet"))
+    for ours, theirs, config in (
+        (
+            flax_to_torch.sd3_transformer_state_dict(model, params),
+            teacher["pipe"].transformer.state_dict(),
+            flax_to_torch.sd3_transformer_diffusers_config(model),
+        ),
+        (
+            flax_to_torch.sd3_controlnet_state_dict(adapter, adapter_params),
+            teacher["controlnet"].state_dict(),
+            flax_to_torch.sd3_controlnet_diffusers_config(adapter),
+        ),
+    ):
+        assert sorted(ours) == sorted(theirs)
+        for name, value in theirs.items():
+            np.testing.assert_array_equal(ours[name], value.detach().numpy(), err_msg=name)
+        module = teacher["pipe"].transformer if "extra_conditioning_channels" not in config else teacher["controlnet"]
+        rebuilt = type(module).from_config(config)
+        assert _fields(rebuilt.config) == _fields(module.config)
+
+
+def _fields(config) -> dict:
+    """A diffusers config's fields, tuples as lists (a config read from JSON has lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items() if not k.startswith("_")}
+
+
+def _pipeline_latents(sample, image: np.ndarray, latents: np.ndarray, steps: int, renoise: bool) -> np.ndarray:
+    """The README's ``sample`` (``output_type='latent'``) with ``latents``, our re-noising noise and the
+    control image's posterior mean (diffusers' unseeded ``latent_dist.sample()`` replaced)."""
+    from diffusers.models.autoencoders import vae as vae_module
+    from diffusers.schedulers import scheduling_flow_match_euler_discrete as flow_module
+
+    from tests import export_check
+
+    noise = export_check.OurRenoisingNoise(0, 1, LATENT_SHAPE)
+    originals = vae_module.DiagonalGaussianDistribution.sample, flow_module.randn_tensor
+    vae_module.DiagonalGaussianDistribution.sample = lambda self, generator=None: self.mean
+    flow_module.randn_tensor = noise
+    try:
+        out = sample(Image.fromarray(image), steps=steps, latents=torch.from_numpy(latents), output_type="latent")
+    finally:
+        vae_module.DiagonalGaussianDistribution.sample, flow_module.randn_tensor = originals
+    assert noise.calls == (steps if renoise else 0)
+    return out.numpy().transpose(0, 2, 3, 1)
+
+
+def _our_latents(pre, image: np.ndarray, steps: int) -> np.ndarray:
+    """Our few-step sampler's latents (before decoding) for one control image, seed 0."""
+    from codi_jax.sampling import conditional, samplers
+
+    enc, frozen = batch_inputs.load(pre.config)
+    cond = batch_inputs.condition_encoder(pre.config, enc)(frozen, jnp.asarray(image[None] / 127.5 - 1.0, jnp.float32))
+    text = conditional.text_inputs(batch_inputs.add_text(frozen, {"cond": cond}), pre.config)
+    renoise = conditional.renoise_between_steps(pre.config)
+    z_init, keys = samplers.example_inputs(0, np.arange(1), LATENT_SHAPE, renoise)
+    sampler = conditional.make_conditional_sampler(pre.model, pre.schedule, pre.parametrization, clip=False)
+    times = jnp.asarray(conditional.sample_times(pre.config, steps))
+    return np.asarray(sampler(pre.params, cond, None, z_init, times, keys, text))
+
+
+def test_sd3_codi_export_reproduces_the_sampler(trained, tmp_path) -> None:
+    """The trained run -> ``export`` -> the README's ``StableDiffusion3ControlNetPipeline`` call, with
+    our initial latents and re-noising noise, gives our sampler's latents at 1 / 2 / 4 steps."""
+    import json
+
+    from codi_jax.interop import export
+    from tests import export_check
+
+    out = str(tmp_path / "export")
+    export.export_workdir(trained, out, steps=4)
+    index = json.load(open(os.path.join(out, "model_index.json")))
+    assert index["_class_name"] == "StableDiffusion3ControlNetPipeline" and index["text_encoder_3"] == [None, None]
+    scheduler = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
+    assert scheduler["shift"] == tiny_sd3.SHIFT and scheduler["stochastic_sampling"] is True
+    sample = export_check.readme_namespace(out)["sample"]
+    pre = pretrained.load_conditional(trained, dtype="float32")
+    image = _control_image(5)
+    errors, theirs = {}, {}
+    for steps in (1, 2, 4):
+        ours = _our_latents(pre, image, steps)
+        theirs[steps] = _pipeline_latents(sample, image, _initial_latents(), steps, renoise=True)
+        errors[steps] = (float(np.abs(ours - theirs[steps]).max()), float(np.abs(theirs[steps]).max()))
+    other = _pipeline_latents(sample, _control_image(6), _initial_latents(), 1, renoise=True)
+    assert float(np.abs(other - theirs[1]).max()) > 1e-3  # the control image (ControlNet) is in the comparison
+    print(f"SD3 CoDi export: pipeline latents vs our sampler (max abs err, max |ref|) by steps: {errors}")
+    assert all(err <= 1e-5 * max(1.0, ref) for err, ref in errors.values()), errors
+
+
+def _initial_latents() -> np.ndarray:
+    """The initial latents of example 0, seed 0 (NCHW), as our sampler draws them."""
+    from codi_jax.sampling import samplers
+
+    noise = samplers.example_noise(0, np.arange(1), LATENT_SHAPE)
+    return np.array(noise).transpose(0, 3, 1, 2).copy()
