@@ -254,3 +254,22 @@ def _initial_latents() -> np.ndarray:
 
     noise = samplers.example_noise(0, np.arange(1), LATENT_SHAPE)
     return np.array(noise).transpose(0, 3, 1, 2).copy()
+
+
+def test_sd3_export_grid_and_refusals(teacher) -> None:
+    """CoDi passes its unshifted grid points as ``sigmas`` (the scheduler shifts them to our times); a
+    fine-tune run samples on the scheduler's own Euler grid, deterministically; a DiT teacher is refused."""
+    from codi_jax import flow_matching
+    from codi_jax.interop import export_sd3
+    from codi_jax.sampling import conditional
+
+    codi = config_resolution.resolve(_config(teacher))
+    sigmas = export_sd3.pipeline_sigmas(codi, 4)
+    shifted = flow_matching.time_shift(np.asarray(sigmas, np.float32), tiny_sd3.SHIFT)
+    np.testing.assert_allclose(shifted, conditional.sample_times(codi, 4)[:-1], rtol=1e-6)
+    finetune = config_resolution.resolve(_config(teacher, method="finetune"))
+    assert export_sd3.pipeline_sigmas(finetune, 4) is None
+    assert export_sd3.scheduler_config(finetune)["stochastic_sampling"] is False
+    teacher_config, _ = pretrained.read_config(teacher["workdir"])
+    with pytest.raises(ValueError, match=r"^--run=T: a DiT teacher run; export writes SD3 CoDi / fine-tune runs"):
+        export_sd3.check_sd3_exportable(teacher_config, "T")
