@@ -97,13 +97,6 @@ def _teacher_of(name: str, request) -> str:
     return request.getfixturevalue(next((v for k, v in prefixes.items() if name.startswith(k)), "tiny_sd_teacher"))
 
 
-# Shipped SD configs that resolve but cannot train yet, and why.
-NOT_TRAINABLE_YET = {
-    "sd.sd3_sr4": "the DiT ControlNet's latent condition is not wired (docs/flow_matching.md)",
-    "sd.sd3_depth": "the DiT ControlNet's latent condition is not wired (docs/flow_matching.md)",
-}
-
-
 @pytest.mark.parametrize("name", SD_CONFIGS)
 def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name: str, request) -> None:
     tiny_sd_teacher = _teacher_of(name, request)
@@ -118,11 +111,9 @@ def test_sd_config_names_missing_paths_and_resolves_on_a_converted_pipeline(name
     resolved = config_resolution.resolve(config)
     assert resolved.latent.vae and resolved.text.encoder
     assert resolved.model.get("cross_attention_dim") or resolved.model.get("joint_attention_dim")
-    if name in NOT_TRAINABLE_YET:  # SD3: the joint DiT, its three encoders; the condition stays in pixels
+    if name.startswith("sd.sd3_"):  # the joint DiT, its three encoders, the condition through the VAE
         assert resolved.model.kind == "dit" and resolved.schedule.kind == "flow" and resolved.text.encoder_3
-        with pytest.raises(ValueError, match="does not fit the DiT adapter"):
-            networks.param_shapes(resolved)
-        return
+        assert networks.adapter_cond_channels(resolved) == resolved.model.in_channels == 16
     assert resolved.model.dtype == "bfloat16"  # the run's compute choice, not the teacher's float32
     assert resolved.data.color_augment == 0.0  # a user's images keep their colours (edits must)
     if resolved.data.source in ("folder", "edit_triples"):
@@ -354,7 +345,7 @@ def test_derived_sd_config_changes_only_what_a_trained_config_has(name: str) -> 
     }
 
 
-@pytest.mark.parametrize("name", [n for n in SD_CONFIGS if n not in DERIVED_SD_CONFIGS and n not in NOT_TRAINABLE_YET])
+@pytest.mark.parametrize("name", [n for n in SD_CONFIGS if n not in DERIVED_SD_CONFIGS])
 def test_sd_config_trains_as_shipped(name: str, request, tmp_path, caplog) -> None:
     """Each shipped SD config (a derived one through the configs it derives from) trains with only
     its paths filled in and the sizes made tiny (steps, batch, the tiny pipeline's image size, sample

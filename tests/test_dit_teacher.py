@@ -106,7 +106,9 @@ def test_codi_and_finetune_runs_on_a_dit_flow_teacher(tmp_path) -> None:
         assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).latest_step() == 2
         assert os.listdir(os.path.join(workdir, "samples"))
     _check_publish(str(tmp_path / "codi"), str(tmp_path / "published"))
-    with pytest.raises(ValueError, match=r"a model.kind='dit' run; export writes diffusers UNet pipelines"):
+    with pytest.raises(
+        ValueError, match=r"a pixel-space or image-only DiT run; only SD3 \(latent, joint-attention\) DiT runs export"
+    ):
         export.export_workdir(str(tmp_path / "codi"), str(tmp_path / "export"))
     assert not os.path.exists(tmp_path / "export")
     bad = _tiny_config(tmp_path)

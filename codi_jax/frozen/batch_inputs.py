@@ -6,8 +6,11 @@ inside the jitted train step with ``config.encode_in_step``, the default, else a
 own before it), with the noise of the Gaussian sample drawn from the step's key (so a resumed run
 sees the same latents). ``latent.encode="sample"`` (default) draws
 ``mean + std * noise`` as Stable Diffusion was trained (and as diffusers' training scripts do);
-``"mean"`` takes the mean. The condition stays in pixel space: the ControlNet's hint network
-downsamples it (``adapter.hint_downsamples``).
+``"mean"`` takes the mean. The condition of a UNet run stays in pixel space: the ControlNet's hint
+network downsamples it (``adapter.hint_downsamples``). A latent DiT run (SD3's ControlNet,
+``latent_condition``) hands its adapter the condition through the frozen VAE instead, as diffusers'
+``StableDiffusion3ControlNetPipeline`` does: ``condition_latents``, the one function training
+(``encode_batch``) and every sampler (``encode_condition``) use.
 
 Text: where the prompts a run uses are fixed by its config (``text.prompt``, or one per
 instruction of the ``edit`` task: its ``EDIT_NAMES``), their CLIP embeddings are computed once
@@ -182,14 +185,65 @@ def add_text(data: FrozenData, batch: dict[str, jax.Array], text_model: Any = No
     return {**batch, "context": context, "uncond_context": uncond}
 
 
+def latent_condition(config: ml_collections.ConfigDict) -> bool:
+    """Whether the run's adapter reads the condition as VAE latents: a latent run on a DiT backbone,
+    whose ControlNet (``SD3ControlNetModel``) patch-embeds the VAE-encoded control image."""
+    return bool(encoders.vae_path(config)) and config.model.get("kind", "unet") == "dit"
+
+
+def check_latent_condition(config: ml_collections.ConfigDict) -> None:
+    """A latent DiT run's condition must be an image the VAE encodes: 3 channels, or 1 (repeated)."""
+    if latent_condition(config) and task_spec.cond_channels(config.task) not in (1, 3):
+        raise ValueError(
+            f"task.name={config.task.name!r}: a latent DiT ControlNet reads its condition through the VAE, "
+            f"which takes 1- or 3-channel images, not {task_spec.cond_channels(config.task)}."
+        )
+
+
+def condition_latents(vae: Any, vae_params: Any, cond: jax.Array) -> jax.Array:
+    """The control image (NHWC in [-1, 1]; 1 channel repeated to RGB) as a DiT ControlNet reads it:
+    ``(mean - shift_factor) * scaling_factor`` of the VAE posterior, under ``stop_gradient``.
+
+    diffusers' ``StableDiffusion3ControlNetPipeline`` draws ``latent_dist.sample()`` from torch's
+    global generator (its ``generator`` does not reach it); the posterior mean is that draw without
+    its noise, deterministic, and the same in training and sampling. The shift is the VAE's: the
+    pipeline's choice for a ControlNet with ``force_zeros_for_pooled_projection=False``, which reads
+    the pooled prompt as our adapter does (exports write that flag)."""
+    images = jnp.repeat(cond, 3, axis=-1) if cond.shape[-1] == 1 else cond
+    return jax.lax.stop_gradient(vae.latents_from_images(vae_params, images.astype(jnp.float32)))
+
+
+def encode_condition(data: FrozenData, cond: jax.Array, *, vae: Any) -> jax.Array:
+    """The condition the adapter reads: ``condition_latents`` for a latent DiT run (``vae`` given),
+    else ``cond`` itself (``vae`` None: pixel runs and UNet ControlNets, whose hint network reads pixels)."""
+    return cond if vae is None else condition_latents(vae, data.vae_params, cond)
+
+
+def condition_encoder(config: ml_collections.ConfigDict, enc: encoders.Encoders) -> Callable:
+    """``(data, cond) -> cond`` as the adapter reads it (``encode_condition`` bound, jitted): what every
+    sampler applies to the pixel condition before sampling."""
+    vae = enc.vae if latent_condition(config) else None
+    return jax.jit(functools.partial(encode_condition, vae=vae))
+
+
 def encode_batch(
-    data: FrozenData, batch: dict[str, jax.Array], rng: jax.Array, *, vae: Any, mode: str, text_model: Any = None
+    data: FrozenData,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    *,
+    vae: Any,
+    mode: str,
+    text_model: Any = None,
+    cond_vae: Any = None,
 ) -> dict[str, jax.Array]:
-    """The batch the backbone trains on: images -> scaled latents (latent runs), plus text."""
+    """The batch the backbone trains on: images -> scaled latents (latent runs), the condition through
+    ``encode_condition`` (``cond_vae``: a latent DiT run's VAE, else None), plus text."""
     out = dict(batch)
     if vae is not None:
         latents = encoders.encode_images(vae, data.vae_params, batch["image"], rng, mode)
         out["image"] = jax.lax.stop_gradient(latents)
+    if cond_vae is not None and "cond" in batch:
+        out["cond"] = encode_condition(data, batch["cond"], vae=cond_vae)
     return add_text(data, out, text_model)
 
 
@@ -197,7 +251,10 @@ def batch_encoder(config: ml_collections.ConfigDict, enc: encoders.Encoders) -> 
     """``encode_batch`` with its modules bound, or None when a run needs nothing added."""
     if enc.vae is None and not has_text(config):
         return None
-    return functools.partial(encode_batch, vae=enc.vae, mode=enc.encode_mode, text_model=enc.text_model)
+    cond_vae = enc.vae if latent_condition(config) else None
+    return functools.partial(
+        encode_batch, vae=enc.vae, mode=enc.encode_mode, text_model=enc.text_model, cond_vae=cond_vae
+    )
 
 
 is_latent = encoders.is_latent

@@ -12,6 +12,8 @@ the README's arguments (prompt, guidance scale, condition in [0, 1], CoDi's ``ti
 ``tokenizer_2/``: a ``StableDiffusionXLControlNetPipeline`` (``force_zeros_for_empty_prompt`` the
 run's), called with the time ids the run samples with, ``(H, W, 0, 0, H, W)``. A teacher run
 becomes ``unet/`` + ``scheduler/`` (a latent text teacher: the whole ``StableDiffusion[XL]Pipeline``).
+An SD3 (joint DiT) CoDi / fine-tune run becomes a ``StableDiffusion3ControlNetPipeline``
+(``codi_jax.interop.export_sd3``); DiT teachers and pixel DiT runs are refused in one line.
 The mu-fusion and T2I adapters and CFG-distilled students export as a custom component
 (``codi_model/``; refused for SDXL runs). The folder is written atomically; an existing
 non-empty ``--out`` is refused (before any weights are read) unless ``--overwrite``.
@@ -709,16 +711,16 @@ def export_workdir(
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise FileNotFoundError(f"--run={workdir}: no checkpoints directory there (not a training workdir).")
     from codi_jax import diffusion
-    from codi_jax.interop import flax_to_torch
+    from codi_jax.interop import export_sd3, flax_to_torch
     from codi_jax.models import networks
     from codi_jax.runs import pretrained
 
     config, _ = pretrained.read_config(workdir, checkpoint_step)
-    if config.model.kind != "unet":
-        raise ValueError(
-            f"--run={workdir}: a model.kind={config.model.kind!r} run; export writes diffusers UNet pipelines, and "
-            "DiT (SD3-class) runs do not export yet."
-        )
+    if export_sd3.is_sd3(config):  # a StableDiffusion3ControlNetPipeline
+        export_sd3.check_sd3_exportable(config, workdir)
+        step_table(config, diffusion.schedule_from_config(config.schedule), steps)
+        pre = pretrained.load(workdir, step=checkpoint_step, use_ema=ema)
+        return export_sd3.export_pretrained(pre, out, steps=steps, overwrite=overwrite)
     step_table(config, diffusion.schedule_from_config(config.schedule), steps)  # --steps fits the run's grid
     if networks.is_conditional(config):  # the backbone diffusers must represent, still before any weights
         model, _ = networks.build_conditional(config)

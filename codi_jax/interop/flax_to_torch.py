@@ -1,4 +1,5 @@
-"""This codebase's flax ``UNet`` / ControlNet parameters -> diffusers (PyTorch) model folders.
+"""This codebase's flax ``UNet`` / ControlNet (and SD3 ``DiT`` / ``DiTControlNet``) parameters -> diffusers
+(PyTorch) model folders.
 
 The inverse of ``convert_diffusers``: the same name mapping (``_torch_name``) with the layout
 changes undone (kernel ``(kh, kw, in, out)`` -> weight ``(out, in, kh, kw)``, linear ``(in, out)``
@@ -25,14 +26,24 @@ import numpy as np
 
 from codi_jax.interop import torch_state
 from codi_jax.interop.torch_to_flax import (
+    _SD3_POS_EMBED as SD3_POS_EMBED,
+)
+from codi_jax.interop.torch_to_flax import (
     CONFIG_NAME,
+    SD3_CLASS_NAME,
+    SD3_CONTROLNET_CLASS_NAME,
     WEIGHTS_NAME,
     _torch_name,
     controlnet_param_shapes,
+    sd3_controlnet_param_shapes,
+    sd3_transformer_fields,
+    sd3_transformer_param_shapes,
     unet_config_from_diffusers,
     unet_param_shapes,
 )
 from codi_jax.models.adapters import ControlNet
+from codi_jax.models.dit import DiT, pos_embed_table
+from codi_jax.models.dit_controlnet import DiTControlNet
 from codi_jax.models.unet import UNet
 
 # The diffusers release these configs were checked against (tests/test_export.py).
@@ -496,3 +507,88 @@ def save_controlnet(adapter: ControlNet, params: Mapping[str, Any], path: str, *
     with atomic_directory(path, overwrite=overwrite) as staging:
         write_model_files(staging, config, state)
     return os.path.abspath(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3: our joint ``DiT`` / ``DiTControlNet`` -> diffusers ``SD3Transformer2DModel`` / ``SD3ControlNetModel``,
+# the inverse of ``torch_to_flax.sd3_transformer_params`` / ``sd3_controlnet_params`` (same names).
+# ---------------------------------------------------------------------------------------------
+
+# The SD3Transformer2DModel config fields, all of them DiT fields of the same name.
+SD3_CONFIG_FIELDS = (
+    "sample_size",
+    "patch_size",
+    "in_channels",
+    "num_layers",
+    "attention_head_dim",
+    "num_attention_heads",
+    "joint_attention_dim",
+    "caption_projection_dim",
+    "pooled_projection_dim",
+    "out_channels",
+    "pos_embed_max_size",
+    "dual_attention_layers",
+    "qk_norm",
+)
+
+
+def sd3_transformer_diffusers_config(model: DiT) -> dict[str, Any]:
+    """The ``SD3Transformer2DModel`` config.json of a joint ``DiT``; refused naming the field where
+    diffusers would build another architecture (checked by reading it back: ``sd3_transformer_fields``)."""
+    if model.joint_attention_dim is None:
+        raise ValueError("model.joint_attention_dim=None: an image-only DiT has no SD3Transformer2DModel counterpart.")
+    config = {field: getattr(model, field) for field in SD3_CONFIG_FIELDS}
+    config["dual_attention_layers"] = list(config["dual_attention_layers"])
+    config = {"_class_name": SD3_CLASS_NAME, "_diffusers_version": DIFFUSERS_VERSION, **config}
+    fields = sd3_transformer_fields(config)
+    differing = {k: (getattr(model, k), v) for k, v in fields.items() if _normal_field(getattr(model, k)) != v}
+    if differing:
+        raise ValueError(
+            f"The SD3Transformer2DModel config would not rebuild this DiT; fields (ours, diffusers'): {differing}."
+        )
+    return config
+
+
+def _normal_field(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _pos_embed_buffer(model: DiT) -> np.ndarray:
+    """diffusers' persistent ``pos_embed.pos_embed`` buffer (1, max_size ** 2, width) of ``model``."""
+    table = pos_embed_table(model.width, model.pos_embed_max_size, model.sample_size // model.patch_size)
+    return np.ascontiguousarray(table[None].astype(np.float32))
+
+
+def sd3_transformer_state_dict(model: DiT, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A joint ``DiT``'s params as an ``SD3Transformer2DModel`` state dict (with its position buffer)."""
+    state = state_dict(params, sd3_transformer_param_shapes(model), _torch_name, "SD3 transformer")
+    return {**state, SD3_POS_EMBED: _pos_embed_buffer(model)}
+
+
+def sd3_controlnet_diffusers_config(adapter: DiTControlNet) -> dict[str, Any]:
+    """The ``SD3ControlNetModel`` config.json of a ``DiTControlNet``: the transformer's fields with the
+    copy's block count, ``extra_conditioning_channels`` beyond the latent's, and
+    ``force_zeros_for_pooled_projection=False`` (our adapter reads the pooled prompt, and the pipeline
+    then shifts the control latent by the VAE's ``shift_factor``, as ``batch_inputs.condition_latents``)."""
+    if adapter.num_instructions:
+        raise ValueError("task.num_instructions: an SD3ControlNetModel has no instruction embedding.")
+    extra = adapter.cond_channels - adapter.in_channels
+    if extra < 0:
+        raise ValueError(
+            f"adapter cond_channels={adapter.cond_channels}: fewer than the latent's {adapter.in_channels}."
+        )
+    config = sd3_transformer_diffusers_config(adapter)
+    config.update(
+        _class_name=SD3_CONTROLNET_CLASS_NAME,
+        extra_conditioning_channels=extra,
+        pos_embed_type="sincos",
+        use_pos_embed=True,
+        force_zeros_for_pooled_projection=False,
+    )
+    return config
+
+
+def sd3_controlnet_state_dict(adapter: DiTControlNet, params: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """A ``DiTControlNet``'s params as an ``SD3ControlNetModel`` state dict (with its position buffer)."""
+    state = state_dict(params, sd3_controlnet_param_shapes(adapter), _torch_name, "SD3 ControlNet")
+    return {**state, SD3_POS_EMBED: _pos_embed_buffer(adapter)}

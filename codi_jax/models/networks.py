@@ -21,7 +21,7 @@ import ml_collections
 
 from codi_jax import diffusion, flow_matching
 from codi_jax.data import task_spec
-from codi_jax.frozen import encoders
+from codi_jax.frozen import batch_inputs, encoders
 from codi_jax.models import student
 from codi_jax.models.dit import DiT, dit_from_config
 from codi_jax.models.unet import UNet, unet_from_config
@@ -61,12 +61,21 @@ def build_conditional(
     model = student.build_adapted_model(
         backbone,
         config.adapter,
-        cond_channels=task_spec.cond_channels(config.task),
+        cond_channels=adapter_cond_channels(config),
         num_instructions=task_spec.num_instructions(config.task),
         keep_initial=config.method == "codi" and config.codi.predictor == "teacher",
         guidance_embedding=uses_cfg_distillation(config),
     )
     return model, diffusion.schedule_from_config(config.schedule)
+
+
+def adapter_cond_channels(config: ml_collections.ConfigDict) -> int:
+    """Channels of the condition the adapter reads: the task's (pixels), or the latent's for a latent
+    DiT run (``batch_inputs.latent_condition``: the condition goes through the VAE first)."""
+    if batch_inputs.latent_condition(config):
+        batch_inputs.check_latent_condition(config)
+        return int(config.model.in_channels)
+    return task_spec.cond_channels(config.task)
 
 
 def check_conditional(config: ml_collections.ConfigDict) -> None:
@@ -124,9 +133,10 @@ def placeholder_context(model: Backbone) -> Any:
 
 
 def condition_placeholders(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array | None]:
-    """A one-example zero condition (pixel size) and instruction id of the task's shape, for init."""
-    size = int(config.data.image_size)
-    cond = jnp.zeros((1, size, size, task_spec.cond_channels(config.task)), jnp.float32)
+    """A one-example zero condition as the adapter reads it (pixel size; a latent DiT run's: the
+    latent's size and channels) and instruction id of the task's shape, for init."""
+    size = model_input_size(config) if batch_inputs.latent_condition(config) else int(config.data.image_size)
+    cond = jnp.zeros((1, size, size, adapter_cond_channels(config)), jnp.float32)
     instruction = jnp.zeros((1,), jnp.int32) if task_spec.num_instructions(config.task) else None
     return cond, instruction
 

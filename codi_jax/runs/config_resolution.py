@@ -12,7 +12,6 @@ import copy
 
 import ml_collections
 
-from codi_jax.data import task_spec
 from codi_jax.interop import convert
 from codi_jax.models import networks
 from codi_jax.objectives import codi
@@ -100,9 +99,8 @@ def _check_init_from(config: ml_collections.ConfigDict) -> None:
 def _wanted_adapter_fields(config: ml_collections.ConfigDict, saved: dict) -> dict:
     """What a converted ControlNet must match: a UNet ControlNet's hint network and condition channels,
     an SD3 ControlNet's copied blocks (``adapter.dit_blocks``, 0 = half) and condition channels (for a
-    latent run the VAE latent of the control image, ``docs/flow_matching.md``: not wired into the data
-    path yet, so only a condition of the task's own channels fits)."""
-    cond_channels = task_spec.cond_channels(config.task)
+    latent run the VAE latent of the control image, ``networks.adapter_cond_channels``)."""
+    cond_channels = networks.adapter_cond_channels(config)
     if "dit_blocks" in saved:
         blocks = int(config.adapter.dit_blocks) or max(1, int(config.model.num_layers) // 2)
         return {"dit_blocks": blocks, "cond_channels": cond_channels}

@@ -326,6 +326,7 @@ def conditional_sampler(pre: Pretrained, options: SamplingOptions = SamplingOpti
         pre.model, pre.schedule, pre.parametrization, options.solver, clip=not latent, lowpass_ops=ops
     )
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
+    encode_condition = batch_inputs.condition_encoder(pre.config, enc)  # the adapter's condition
     mesh = sharding.make_mesh(devices=jax.local_devices())  # each batch split over this process's devices
     params, frozen = jax.device_put((pre.params, frozen), sharding.replicated(mesh))
     renoise = options.renoise
@@ -341,7 +342,8 @@ def conditional_sampler(pre: Pretrained, options: SamplingOptions = SamplingOpti
                 inputs["instruction"] = instruction[batch]
             inputs = jax.device_put(inputs, sharding.batch_sharding(mesh))
             text = conditional.text_inputs(batch_inputs.add_text(frozen, inputs), pre.config, options.guidance_scale)
-            x = sampler(params, inputs["cond"], inputs.get("instruction"), z_init, times, renoise_keys, text)
+            cond_in = encode_condition(frozen, inputs["cond"])
+            x = sampler(params, cond_in, inputs.get("instruction"), z_init, times, renoise_keys, text)
             return np.clip(np.asarray(decode(frozen.vae_params, x) if latent else x), -1.0, 1.0)
 
         size = cond.shape[1] // networks.latent_factor(pre.config)

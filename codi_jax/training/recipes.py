@@ -246,6 +246,7 @@ def _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data) 
     on_mesh = sharding_lib.put_replicated({**examples, "noise": noise}, mesh)
     renoise = None if renoise is None else sharding_lib.put_replicated(renoise, mesh)
     text = conditional.text_inputs(batch_inputs.add_text(frozen_data, on_mesh, enc.text_model), config)
+    cond = batch_inputs.condition_encoder(config, enc)(frozen_data, on_mesh["cond"])  # the adapter's condition
     decode = jax.jit(functools.partial(encoders.decode_latents, enc.vae)) if latent else None
     step_counts = tuple(config.sample_step_counts)
 
@@ -254,7 +255,7 @@ def _conditional_sample_writer(config, mesh, model, schedule, enc, frozen_data) 
         params = model_params(state, ema=True)
         for num_steps in step_counts:
             times = sharding_lib.put_replicated(conditional.sample_times(config, num_steps).astype(np.float32), mesh)
-            out = sampler(params, on_mesh["cond"], on_mesh.get("instruction"), on_mesh["noise"], times, renoise, text)
+            out = sampler(params, cond, on_mesh.get("instruction"), on_mesh["noise"], times, renoise, text)
             images = sharding_lib.to_host(decode(frozen_data.vae_params, out) if latent else out)
             columns.append(images)
             scalars[f"eval/psnr_{num_steps}step"] = float(np.mean(metrics.psnr(images, examples["image"])))

@@ -1,6 +1,6 @@
 """Stable Diffusion 3 / 3.5: PE-CoDi depth-to-image (``sd3_sr4``'s sections with ``sd15_depth``'s task
-and data). Fill in the local paths as in ``sd3_sr4``; the same limits apply (no SD3 ControlNet
-init, the latent condition not wired yet: docs/flow_matching.md)."""
+and data). Fill in the local paths as in ``sd3_sr4``; the one-channel depth map is repeated to RGB
+before the VAE encodes it (``batch_inputs.condition_latents``: docs/flow_matching.md)."""
 
 import ml_collections
 

@@ -12,10 +12,10 @@ The teacher's saved config supplies the joint-attention DiT (``model.kind='dit'`
 (the scheduler's shift 3), the 16-channel VAE (``latent``: scaling 1.5305, shift 0.0609) and the three
 text encoders (``text``: CLIP-L, CLIP-G, T5; the negative prompt "" is encoded, as diffusers does).
 The adapter is the DiT's ControlNet (an ``SD3ControlNetModel`` copy of ``adapter.dit_blocks`` blocks,
-0 = half). Not trainable yet: the DiT adapter reads its condition at the latent size, and the
-condition's hand-over through the VAE (decided in docs/flow_matching.md, as diffusers'
-``StableDiffusion3ControlNetPipeline`` encodes the control image) is not wired into the data path, so
-``adapter.init_from`` (a converted ``SD3ControlNetModel``, 16 latent channels) is refused for now.
+0 = half). It reads the condition as diffusers' ``StableDiffusion3ControlNetPipeline`` hands it over:
+the control image through the frozen VAE (posterior mean, ``(z - shift) * scaling``;
+``batch_inputs.condition_latents``), so ``adapter.init_from`` takes a converted ``SD3ControlNetModel``
+(16 latent channels) as it is.
 Captions are not read for SD3 yet (``data.caption_key=''``: the fixed ``text.prompt``).
 """
 
@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.teacher_workdir = ""  # set: a converted SD3 / SD3.5 workdir (python -m codi_jax.convert)
     config.data.image_size = 1024  # pixels; the DiT sees the 128x128 latents (64x64 tokens of 2x2 patches)
     config.data.caption_key = ""  # per-example prompts need all three tokenizers: not yet for SD3
-    config.adapter.init_from = ""  # a converted SD3ControlNetModel: not yet (its latent condition)
+    config.adapter.init_from = ""  # optional: a converted SD3ControlNetModel (convert --controlnet workdir)
     config.adapter.dit_blocks = 0  # 0 = half of the transformer's blocks (SD3 medium: 12 of 24)
     config.adapter.hint_unit_range = False  # no hint network: the condition is patch-embedded
     config.text = ml_collections.ConfigDict({"prompt": "", "negative_prompt": "", "drop_prob": 0.0})
