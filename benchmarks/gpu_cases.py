@@ -1,10 +1,13 @@
 """The measurements of ``benchmarks/gpu_check.py``, one group of cases per process (see its docstring).
 
 Each function returns JSON-ready rows (dicts); nothing here prints a table or decides what runs.
-The networks are SD-1.5-shaped, or SDXL-shaped for a case with ``model="sdxl"`` (``--dry_run``: tiny
-shapes of the same kinds) with random weights filled on the device, the inputs synthetic arrays of
-the real shapes, and the text context a random (77, 768) array in place of CLIP's output (SDXL: the
-``UNet.context_spec`` dict, tokens (77, 2048), text_embeds (1280,) and 6 time ids, random too).
+The networks are SD-1.5-shaped, SDXL-shaped for a case with ``model="sdxl"`` or SD3-medium-shaped for
+``model="sd3"`` (``--dry_run``: tiny shapes of the same kinds) with random weights filled on the device,
+the inputs synthetic arrays of the real shapes, and the text context a random (77, 768) array in place
+of CLIP's output (SDXL: the ``UNet.context_spec`` dict, tokens (77, 2048), text_embeds (1280,) and 6
+time ids; SD3: the ``DiT.context_spec`` dict, encoder_hidden_states (333, 4096) and pooled_projections
+(2048,); random too). SD3's condition is a random 128x128x16 latent (what the VAE would hand the DiT's
+ControlNet).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 from gpu_check import flops_key
 from latent_encoding import TINY_UNET, TINY_VAE
+from sd3_shapes import SD3_MEDIUM, SD3_TEXT
 from sd15_shapes import SD15_UNET, SD15_VAE
 from sdxl_shapes import SDXL_TEXT, SDXL_UNET
 from train_throughput import SD15_TEXT, flops_of, model_flops, peak_memory, run_config, step_and_inputs
@@ -52,32 +56,50 @@ DRY_UNET.update(up_block_types=["CrossAttnUpBlock2D"])
 DRY_SDXL_UNET = dict(DRY_UNET, use_linear_projection=True)
 DRY_SDXL_UNET.update(addition_embed_type="text_time", addition_time_embed_dim=8)
 DRY_SDXL_UNET.update(projection_class_embeddings_input_dim=16 + 6 * 8)
+# The dry run's SD3-kind DiT: two joint blocks 16 wide (the ControlNet copies one), 16 latent channels,
+# the tiny text width for the joint attention and a 16-wide pooled projection: the dict context.
+DRY_SD3_DIT = dict(SD3_MEDIUM, num_layers=2, num_attention_heads=2, attention_head_dim=8)
+DRY_SD3_DIT.update(joint_attention_dim=TINY_TEXT[1], pooled_projection_dim=16, pos_embed_max_size=8, sample_size=8)
 
 
 def shapes(dry_run: bool, model: str = "sd15") -> dict[str, Any]:
-    """The networks' diffusers configs and the input sizes: SD-1.5 at 512 px or SDXL at 1024 px
-    (``model="sdxl"``, train cases only: no VAE), or tiny ones."""
+    """The networks' configs (a UNet's diffusers config, or ``dit``: SD3's ``DiT`` fields) and the input
+    sizes: SD-1.5 at 512 px, SDXL or SD3 at 1024 px (``model="sdxl"`` / ``"sd3"``, train cases only: no
+    VAE), or tiny ones."""
+    if dry_run and model == "sd3":
+        return dict(unet=None, dit=DRY_SD3_DIT, vae=None, image=64, latent=8, context=TINY_TEXT, hint=None)
     if dry_run:
         unet = DRY_SDXL_UNET if model == "sdxl" else DRY_UNET
         return dict(unet=unet, vae=TINY_VAE, image=64, latent=8, context=TINY_TEXT, hint=TINY_HINT)
+    if model == "sd3":
+        return dict(unet=None, dit=SD3_MEDIUM, vae=None, image=1024, latent=128, context=SD3_TEXT, hint=None)
     if model == "sdxl":
         return dict(unet=SDXL_UNET, vae=None, image=1024, latent=128, context=SDXL_TEXT, hint=None)
     return dict(unet=SD15_UNET, vae=SD15_VAE, image=512, latent=64, context=SD15_TEXT, hint=None)
 
 
+def dry_model(size: dict[str, Any], model: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The dry run's model section: the tiny UNet (eps) or DiT (flow velocity, 'v') with ``model``'s
+    dtype and remat."""
+    if size["unet"] is None:
+        fields = dict(size["dit"], parametrization="v")
+    else:
+        fields = dict(unet_config_from_diffusers(size["unet"]), kind="unet", parametrization="eps")
+    return dict(fields, dtype=model.dtype, remat=model.remat)
+
+
 def check_config(method: str, attention_impl: str, remat_policy: str, dry_run: bool, model: str = "sd15"):
-    """``(config, latent size, context shape)``: ``sd15_sr4`` (``model="sdxl"``: ``sdxl_sr4``) as
-    ``train_throughput`` builds it, with the model's attention / remat choices (and, for the dry run,
-    the tiny shapes)."""
+    """``(config, latent size, context shape)``: ``sd15_sr4`` (``model="sdxl"``: ``sdxl_sr4``; ``"sd3"``:
+    ``sd3_sr4``) as ``train_throughput`` builds it, with the model's attention / remat choices (and, for
+    the dry run, the tiny shapes)."""
     config, latent, context = run_config(model, method)
     size = shapes(dry_run, model)
     if dry_run:
-        model = dict(unet_config_from_diffusers(size["unet"]), kind="unet", parametrization="eps")
-        model.update(dtype=config.model.dtype, remat=config.model.remat)
         with config.unlocked():
-            config.model = ml_collections.ConfigDict(model)
+            config.model = ml_collections.ConfigDict(dry_model(size, config.model))
             config.data.image_size = size["image"]
-            config.adapter.hint_channels = size["hint"]
+            if size["hint"] is not None:  # a UNet ControlNet's hint network (a DiT's reads latents)
+                config.adapter.hint_channels = size["hint"]
         latent, context = size["latent"], size["context"]
     with config.unlocked():
         config.model.attention_impl = attention_impl

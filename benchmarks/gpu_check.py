@@ -1,4 +1,5 @@
-"""The GPU check: SD-1.5-shaped CoDi training and sampling on one accelerator, one table and one JSON.
+"""The GPU check: SD-1.5-shaped CoDi training and sampling (and SDXL / SD3 train steps) on one accelerator,
+one table and one JSON.
 
 Measured with random weights (no download) and synthetic inputs of the real shapes (64x64x4
 latents, a random 77x768 array in place of CLIP's text context, 512x512x3 conditions), bf16
@@ -24,6 +25,12 @@ networks, one device (spec: /work/shared/GPU.md):
            (``sdxl_sr4``: 1024 px, 128x128 latents, the text_time context dict of the real shapes:
            tokens 77x2048, text_embeds 1280, 6 time ids) at ``--sdxl_batch`` (no batch search: one
            compile), ``--sdxl_attention_impl``, remat full; the dry run builds it at tiny shapes.
+  sd3      after it, in its own group: the PE-CoDi train step of an SD3-medium-shaped transformer (2.03 B
+           parameters, frozen) + its ControlNet (``DiTControlNet``: 12 of the 24 blocks) (``sd3_sr4``: 1024
+           px, 128x128x16 latents on the flow schedule, the condition as 128x128x16 VAE latents, the
+           context dict of the real shapes: 333x4096 tokens, 77 CLIP + 256 T5, pooled 2048) at
+           ``--sd3_batch`` (one compile), ``--sd3_attention_impl``, remat full; the dry run builds it at
+           tiny shapes.
 
 Every case group runs in its own process (a crash or out-of-memory error is recorded and the
 next one runs; the device's peak memory is the case's own); groups that would start after
@@ -63,12 +70,15 @@ TRAIN_CASES = [  # (method, attention_impl, remat_policy), in the order they run
     ("pe", "dot_product", "dots_saveable"),
     ("full", "dot_product", "dots_saveable"),
 ]
+LARGE_MODELS = ("sdxl", "sd3")  # their train cases run last, one group each, at one fixed batch
 COLUMNS = ("case", "batch", "step ms", "sample ms", "ms/img", "images/s", "TFLOP/s", "MFU", "AOT GiB", "peak GiB")
 COLUMNS += ("compile s", "status")
 NOTES = [
     "random weights; synthetic inputs of the real shapes",
     "text context: a random (77, 768) array in place of CLIP's output (CLIP is not run)",
     "SDXL: a random {tokens (77, 2048), text_embeds (1280,), time_ids (6,)} context (no text encoder run)",
+    "SD3: a random {encoder_hidden_states (333, 4096), pooled_projections (2048,)} context (no text encoder run)"
+    " and a random (128, 128, 16) latent condition (no VAE run)",
     "model TFLOP/s: XLA cost analysis of the step lowered without remat (dot_product attention)",
     "peak GiB: memory_stats()['peak_bytes_in_use'] of the case's own process (n/a on CPU)",
     "compile s: lowering + XLA compile of the timed program(s) (train: of the chosen batch; every try in batch_search)",
@@ -100,6 +110,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--remat_policies", default=None, help="train cases (default full,dots_saveable; dry run: full)")
     p.add_argument("--sdxl_batch", type=int, default=None, help="SDXL train case batch (default 4; dry run 2; 0: none)")
     p.add_argument("--sdxl_attention_impl", default="dot_product", help="attention of the SDXL train case")
+    p.add_argument("--sd3_batch", type=int, default=None, help="SD3 train case batch (default 4; dry run 2; 0: none)")
+    p.add_argument("--sd3_attention_impl", default="dot_product", help="attention of the SD3 train case")
     p.add_argument("--group", default=None, help=argparse.SUPPRESS)  # internal: a child process's cases (JSON)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)  # internal: where a child writes its rows
     args = p.parse_args(argv)
@@ -108,6 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.methods = args.methods or ("pe" if args.dry_run else "pe,full")
     args.remat_policies = args.remat_policies or ("full" if args.dry_run else "full,dots_saveable")
     args.sdxl_batch = (2 if args.dry_run else 4) if args.sdxl_batch is None else args.sdxl_batch
+    args.sd3_batch = (2 if args.dry_run else 4) if args.sd3_batch is None else args.sd3_batch
     return args
 
 
@@ -116,18 +129,19 @@ def flops_key(case: dict[str, Any], batch: int) -> str:
     return f"{case.get('model', 'sd15')} {case['method']}@{batch}"
 
 
-def sdxl_case(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The SDXL PE-CoDi train case (none with ``--sdxl_batch=0``)."""
-    if args.sdxl_batch <= 0:
+def large_case(args: argparse.Namespace, model: str) -> list[dict[str, Any]]:
+    """The PE-CoDi train case of a ``LARGE_MODELS`` model at its ``--<model>_batch`` (none with 0) and
+    ``--<model>_attention_impl``, remat full."""
+    impl, batch = getattr(args, f"{model}_attention_impl"), getattr(args, f"{model}_batch")
+    if batch <= 0:
         return []
-    impl, batch = args.sdxl_attention_impl, args.sdxl_batch
-    case = dict(kind="train", model="sdxl", method="pe", attention_impl=impl, remat_policy="full", fixed_batch=batch)
-    return [dict(case, case=f"train sdxl pe {impl} remat=full b{batch}")]
+    case = dict(kind="train", model=model, method="pe", attention_impl=impl, remat_policy="full", fixed_batch=batch)
+    return [dict(case, case=f"train {model} pe {impl} remat=full b{batch}")]
 
 
 def case_groups(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The case groups in running order: the first train case, the sampling group, the other train
-    cases, the SDXL train case (last: the SD-1.5 cases never wait for it)."""
+    cases, the SDXL then the SD3 train case (last: the SD-1.5 cases never wait for them)."""
     chosen = [set(text.split(",")) - {""} for text in (args.methods, args.attention_impls, args.remat_policies)]
     train = [
         dict(kind="train", case=f"train {m} {a} remat={r}", method=m, attention_impl=a, remat_policy=r)
@@ -143,7 +157,8 @@ def case_groups(args: argparse.Namespace) -> list[dict[str, Any]]:
     sampling.append(dict(kind="vae_encode", case=f"vae encode b{args.sample_batch}", batch=args.sample_batch))
     groups = [dict(kind="train", cases=[case]) for case in train]
     sampling_group = [] if args.no_sampling else [dict(kind="sampling", cases=sampling)]
-    return groups[:1] + sampling_group + groups[1:] + [dict(kind="train", cases=[case]) for case in sdxl_case(args)]
+    large = [dict(kind="train", cases=[case]) for model in LARGE_MODELS for case in large_case(args, model)]
+    return groups[:1] + sampling_group + groups[1:] + large
 
 
 def child_env(dry_run: bool) -> dict[str, str]:
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
 
         run_child(json.loads(args.group), args)
         return
-    what = "dry run (tiny shapes)" if args.dry_run else "SD-1.5 / SDXL shapes"
+    what = "dry run (tiny shapes)" if args.dry_run else "SD-1.5 / SDXL / SD3 shapes"
     print(f"[gpu_check] {what}; budget {args.budget_s:.0f} s")
     rows, elapsed = collect(args, [a for a in argv if not a.startswith(("--group", "--result"))])
     path = write_json(args, rows, elapsed)

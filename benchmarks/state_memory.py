@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from sd3_shapes import SD3_MEDIUM, SD3_MEDIUM_PARAMS, SD35_LARGE, SD35_LARGE_PARAMS, SD35_MEDIUM, SD35_MEDIUM_PARAMS
 
 from codi_jax import sharding
 from codi_jax.models import adapters, networks, student
@@ -52,39 +53,17 @@ SDXL_UNET = dict(
     projection_class_embeddings_input_dim=2816,
     norm_num_groups=32,
 )
-_SD3 = dict(
-    kind="dit",
-    in_channels=16,
-    out_channels=16,
-    patch_size=2,
-    attention_head_dim=64,
-    joint_attention_dim=4096,
-    pooled_projection_dim=2048,
-    sample_size=128,
-)
-# SD3-medium / SD3.5-medium / SD3.5-large transformers (their transformer/config.json as our DiT
-# fields). The diffusers counts: SD3Transformer2DModel(**config) built on torch's meta device.
-SD3_MEDIUM = dict(_SD3, num_layers=24, num_attention_heads=24, pos_embed_max_size=192)
-SD35_MEDIUM = dict(
-    _SD3,
-    num_layers=24,
-    num_attention_heads=24,
-    pos_embed_max_size=384,
-    qk_norm="rms_norm",
-    dual_attention_layers=tuple(range(13)),
-)
-SD35_LARGE = dict(_SD3, num_layers=38, num_attention_heads=38, pos_embed_max_size=192, qk_norm="rms_norm")
 # (our backbone fields, diffusers' parameter count, default latent size: 512 / 1024 px)
 MODELS = {
     "sd15": (SD15_UNET, 859_520_964, 64),
     "sdxl": (SDXL_UNET, 2_567_463_684, 128),
-    "sd3m": (SD3_MEDIUM, 2_028_328_000, 128),
-    "sd35m": (SD35_MEDIUM, 2_243_171_520, 128),
-    "sd35l": (SD35_LARGE, 8_056_627_520, 128),
+    "sd3m": (SD3_MEDIUM, SD3_MEDIUM_PARAMS, 128),
+    "sd35m": (SD35_MEDIUM, SD35_MEDIUM_PARAMS, 128),
+    "sd35l": (SD35_LARGE, SD35_LARGE_PARAMS, 128),
 }
 # The frozen text encoders of SD3 / SD3.5 (CLIP-L and CLIP-G with projection, T5-XXL v1.1),
 # counted from our modules' shapes, held in bfloat16.
-SD3_TEXT = ("clip_l", "clip_g", "t5_xxl")
+SD3_TEXT_ENCODERS = ("clip_l", "clip_g", "t5_xxl")
 GIB = 2**30
 
 

@@ -13,6 +13,10 @@ state donated and compiled ahead of time (as ``training.aot`` does), on one devi
   sdxl   codi_jax/configs/sd/sdxl_sr4.py on an SDXL-base-shaped UNet + ControlNet, bf16, remat, 128x128
          latents, 1024x1024 conditions and SDXL's context dict (77x2048 tokens, the pooled 1280-wide
          text_embeds, 6 time ids: ``UNet.context_spec``), one device (no FSDP)
+  sd3    codi_jax/configs/sd/sd3_sr4.py on an SD3-medium-shaped transformer (``DiT``, flow schedule with
+         shift 3, velocity) + its ControlNet (``DiTControlNet``, half the blocks), bf16, remat, 128x128x16
+         latents, the condition as 128x128x16 VAE latents (``batch_inputs.latent_condition``) and SD3's
+         context dict (333x4096 tokens: 77 CLIP + 256 T5; pooled 2048: ``DiT.context_spec``), one device
 
 Printed: compile time; memory per device from ``Compiled.memory_analysis()`` (what
 ``training.aot`` logs before step 1) and, where the backend has them, ``memory_stats()`` peak
@@ -28,7 +32,7 @@ as a run with ``num_devices=N`` does; the script sets ``--xla_force_host_platfor
 itself. ``cpu`` in the step line is the process CPU time per step: cpu / wall is how many cores
 the step kept busy.
 
-  python benchmarks/train_throughput.py --config=tiny|demo|sd15|sdxl [--method=pe|full] [--batch=N] \\
+  python benchmarks/train_throughput.py --config=tiny|demo|sd15|sdxl|sd3 [--method=pe|full] [--batch=N] \\
       [--devices=N] \\
       [--no_run] [--peak_tflops=989] [--attention_impl=dot_product|cudnn|einsum] \\
       [--remat=true|false] [--remat_policy=full|dots_saveable|...] [--dtype=bfloat16] \\
@@ -60,6 +64,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from bench_host import cpu_model, usable_cores  # noqa: E402
+from sd3_shapes import SD3_MEDIUM, SD3_SCHEDULE, SD3_TEXT  # noqa: E402
 from sd15_shapes import SD15_UNET  # noqa: E402
 from sdxl_shapes import SDXL_TEXT, SDXL_UNET  # noqa: E402
 
@@ -67,20 +72,39 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from codi_jax import sharding  # noqa: E402
 from codi_jax.configs.cpu import codi_full_sr4, codi_sr4, teacher_patches32, tiny_codi, tiny_teacher  # noqa: E402
-from codi_jax.configs.sd import sd15_sr4, sdxl_sr4  # noqa: E402
-from codi_jax.data import task_spec  # noqa: E402
+from codi_jax.configs.sd import sd3_sr4, sd15_sr4, sdxl_sr4  # noqa: E402
+from codi_jax.frozen import batch_inputs  # noqa: E402
 from codi_jax.interop.torch_to_flax import unet_config_from_diffusers  # noqa: E402
 from codi_jax.models import networks  # noqa: E402
 from codi_jax.training import aot, recipes  # noqa: E402
 from codi_jax.training.train_state import create_train_state, make_optimizer  # noqa: E402
 
 SD15_TEXT = (77, 768)
-DEFAULT_BATCH = {"tiny": None, "demo": None, "sd15": 4, "sdxl": 4}  # None: the config's batch_size
+DEFAULT_BATCH = {"tiny": None, "demo": None, "sd15": 4, "sdxl": 4, "sd3": 4}  # None: the config's batch_size
+
+
+# ``config.latent.vae`` of the SD3 benchmark config: a latent DiT run's marker (the adapter reads the
+# condition as VAE latents, ``batch_inputs.latent_condition``); the benchmark's step is handed latents
+# and never reads a VAE.
+SYNTHETIC_VAE = "(synthetic latents: no VAE read)"
+
+
+def sd3_config() -> tuple[ml_collections.ConfigDict, dict[str, Any], dict[str, Any], int, tuple[int, int]]:
+    """``(sd3_sr4 config, model section, schedule section, latent size, context)`` of an SD3-medium-shaped
+    run as ``convert`` resolves it: the DiT on the flow schedule (velocity), the latent condition."""
+    config = sd3_sr4.get_config()
+    model = dict(SD3_MEDIUM, parametrization="v", dtype=config.model.dtype, remat=config.model.remat)
+    with config.unlocked():
+        config.latent.vae = SYNTHETIC_VAE
+        config.sharding.fsdp = 1  # one device
+    return config, model, dict(SD3_SCHEDULE), SD3_MEDIUM["sample_size"], SD3_TEXT
 
 
 def run_config(name: str, method: str) -> tuple[ml_collections.ConfigDict, int, tuple[int, int] | None]:
     """``(resolved-like codi config, backbone input size, text context (tokens, width) or None)``."""
-    if name in ("sd15", "sdxl"):
+    if name == "sd3":
+        config, model, schedule, latent, context = sd3_config()
+    elif name in ("sd15", "sdxl"):
         config = sd15_sr4.get_config() if name == "sd15" else sdxl_sr4.get_config()
         unet, context = (SD15_UNET, SD15_TEXT) if name == "sd15" else (SDXL_UNET, SDXL_TEXT)
         model = dict(unet_config_from_diffusers(unet), kind="unet", parametrization="eps")
@@ -120,8 +144,9 @@ def step_and_inputs(config: ml_collections.ConfigDict, latent: int, context: tup
     model, schedule = networks.build_conditional(config)
     optimizer = make_optimizer(config.optimizer)
     step = recipes.bind_train_step(config, model, schedule, optimizer)
-    size, channels = int(config.data.image_size), int(config.model.in_channels)
-    cond_channels = task_spec.cond_channels(config.task)
+    channels = int(config.model.in_channels)
+    cond_channels = networks.adapter_cond_channels(config)  # a latent DiT run's: the latent channels
+    size = latent if batch_inputs.latent_condition(config) else int(config.data.image_size)
     context_tree = context_specs(model.backbone, context, batch)
 
     def init():
@@ -204,10 +229,10 @@ def apply_overrides(config: ml_collections.ConfigDict, args: argparse.Namespace)
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=("tiny", "demo", "sd15", "sdxl"), default="tiny")
+    p.add_argument("--config", choices=("tiny", "demo", "sd15", "sdxl", "sd3"), default="tiny")
     p.add_argument("--method", choices=("pe", "full"), default="pe", help="PE-CoDi (adapter trains) or full CoDi")
     p.add_argument(
-        "--batch", type=int, default=None, help="global batch (one device); default: the config's, sd15 / sdxl: 4"
+        "--batch", type=int, default=None, help="global batch (one device); default: the config's, sd15 / sdxl / sd3: 4"
     )
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")

@@ -70,10 +70,12 @@ def test_dry_run_without_tensorflow(tmp_path):
     assert record["ratios"] and all(ratio > 0 for ratio in record["ratios"].values())
     vae = [row for row in rows.values() if row["kind"] == "vae_encode"]
     assert len(vae) == 1 and vae[0]["status"] == "ok" and vae[0]["ms_per_image"] > 0
-    sdxl = [row for row in train if row.get("model") == "sdxl"]  # the SDXL step: last, tiny, one batch
-    assert len(sdxl) == 1 and sdxl[0]["case"] == expected[-1] and sdxl[0]["status"] == "ok", sdxl
-    assert sdxl[0]["batch"] == 2 and [t["batch"] for t in sdxl[0]["batch_search"]] == [2]
-    assert lines[-1].startswith(f"| {expected[-1]} | 2 |")
+    for model, position in (("sdxl", -2), ("sd3", -1)):  # the SDXL then the SD3 step: last, tiny, one batch
+        large = [row for row in train if row.get("model") == model]
+        assert len(large) == 1 and large[0]["case"] == expected[position] and large[0]["status"] == "ok", large
+        assert large[0]["batch"] == 2 and [t["batch"] for t in large[0]["batch_search"]] == [2]
+        assert large[0]["step_ms"] > 0 and large[0]["aot_gib"] > 0 and large[0]["model_tflop_per_step"] > 0
+        assert lines[position].startswith(f"| {expected[position]} | 2 |")
 
 
 def test_budget_skips_cases(tmp_path):
@@ -87,6 +89,39 @@ def test_budget_skips_cases(tmp_path):
 def test_group_stopped_at_its_budget(tmp_path):
     """A case group still running after --group_budget_s is stopped and recorded as an error."""
     argv = ["--dry_run", f"--out={tmp_path}", "--group_budget_s=1", "--no_sampling", "--attention_impls=dot_product"]
-    argv.append("--sdxl_batch=0")
+    argv += ["--sdxl_batch=0", "--sd3_batch=0"]
     rows, _ = gpu_check.collect(gpu_check.parse_args(argv), argv)
     assert len(rows) == 1 and rows[0]["status"] == "error" and "stopped after 1 s" in rows[0]["error"]
+
+
+def test_large_cases_come_last_in_their_own_groups():
+    """SDXL then SD3: one PE-CoDi case each, at their own batch and attention (GPU default 4), last; 0 drops one."""
+    groups = gpu_check.case_groups(gpu_check.parse_args(["--sd3_attention_impl=cudnn"]))
+    assert [len(group["cases"]) for group in groups[-2:]] == [1, 1]
+    sdxl, sd3 = (group["cases"][0] for group in groups[-2:])
+    assert (sdxl["model"], sd3["model"]) == ("sdxl", "sd3") and sd3["case"] == "train sd3 pe cudnn remat=full b4"
+    assert sd3["fixed_batch"] == 4 and sd3["method"] == "pe" and sd3["remat_policy"] == "full"
+    groups = gpu_check.case_groups(gpu_check.parse_args(["--sd3_batch=0"]))
+    assert groups[-1]["cases"][0]["model"] == "sdxl" and all(
+        c.get("model") != "sd3" for g in groups for c in g["cases"]
+    )
+
+
+def test_sd3_case_has_sd3_medium_shapes():
+    """The GPU case's config, from shapes alone: SD3 medium's transformer (diffusers' parameter count), frozen,
+    and its 12-block ControlNet; 128x128x16 latents, the condition as latents, SD3's 333-token context."""
+    import jax
+    import numpy as np
+    from sd3_shapes import SD3_MEDIUM_PARAMS
+    from train_throughput import run_config, step_and_inputs
+
+    config, latent, context = run_config("sd3", "pe")
+    _, init, batch, _ = step_and_inputs(config, latent, context, 4)
+    state = jax.eval_shape(init)
+    count = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))  # noqa: E731
+    assert count(state.frozen) == SD3_MEDIUM_PARAMS and count(state.params) > 0
+    blocks = {name for name in state.params["adapter"] if name.startswith("transformer_blocks")}
+    assert len(blocks) == 12, sorted(state.params["adapter"])
+    assert batch["image"].shape == batch["cond"].shape == (4, 128, 128, 16)
+    assert batch["context"]["encoder_hidden_states"].shape == (4, 333, 4096)
+    assert batch["context"]["pooled_projections"].shape == (4, 2048)
