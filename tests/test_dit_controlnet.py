@@ -5,6 +5,8 @@ NumPy forward (adapter blocks -> zero-init linears -> the backbone's residual se
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -111,3 +113,30 @@ def test_dit_adapter_choices_are_checked() -> None:
     x, cond, t = _inputs()
     with pytest.raises(ValueError, match=r"^Condition of shape \(2, 4, 4, 3\) does not fit the DiT adapter"):
         model.apply(params, x, t, cond[:, :4, :4])
+
+
+def test_the_default_fsdp_rule_splits_every_large_sd3_and_t5_leaf() -> None:
+    """FSDP needs no rule of its own for SD3: on an 8-way axis, ``sharding.DEFAULT_RULES``' spec
+    splits every leaf of 2^14+ entries of an SD3-medium-shaped transformer + its ControlNet and of
+    T5-XXL (shapes only), so each device holds an eighth of them (plus the small replicated leaves)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import sd3_shapes  # noqa: PLC0415  (benchmarks/: scripts importing each other by name)
+    import state_memory  # noqa: PLC0415
+
+    from codi_jax import sharding
+    from codi_jax.models import t5
+
+    # Two blocks / layers: every leaf shape of the real models (their blocks repeat), traced fast.
+    _, adapted = state_memory.shapes(dict(sd3_shapes.SD3_MEDIUM, num_layers=2), 128)
+    t5_xxl = t5.T5Encoder(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64, feed_forward_proj="gated-gelu"
+    )
+    for tree in (adapted, t5.t5_param_shapes(t5_xxl)):
+        total = per_device = 0
+        for leaf in jax.tree.leaves(tree):
+            spec = sharding.auto_fsdp_spec(leaf.shape, 8, sharding.DEFAULT_MIN_SIZE)
+            large = math.prod(leaf.shape) >= sharding.DEFAULT_MIN_SIZE
+            assert (sharding.FSDP_AXIS in spec) == large, (leaf.shape, spec)
+            total += math.prod(leaf.shape)
+            per_device += math.prod(leaf.shape) // (8 if large else 1)
+        assert per_device < 1.01 * total / 8, (per_device, total)
