@@ -97,3 +97,24 @@ def test_checksums_do_not_depend_on_the_sharding() -> None:
     assert single["a"] == numpy_checksum(
         np.arange(48, dtype=np.float32).reshape(8, 6) * np.float32(0.5) - np.float32(3)
     )
+
+
+def test_a_parameter_the_checkpoint_lacks_is_named_in_one_line(tmp_path) -> None:
+    """Restoring names a model has that the checkpoint does not (a renamed parameter) is refused
+    naming them, instead of handing back unread placeholders."""
+    import jax
+    import ml_collections
+
+    from codi_jax import sharding
+    from codi_jax.runs import checkpoint
+
+    state = {"step": jnp.zeros((), jnp.int32), "ema_params": {"old_name": jnp.ones((3,))}}
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    ckpt.save(1, state, ml_collections.ConfigDict({"model": {}}), force=True)
+    ckpt.wait()
+    wanted = {"ema_params": {"old_name": jnp.ones((3,)), "new_name": jnp.ones((3,))}}
+    mesh = sharding.make_mesh(devices=jax.local_devices()[:1])
+    abstract = checkpoint.abstract_like(wanted, sharding.tree_shardings(wanted, mesh))
+    with pytest.raises(ValueError, match=r"holds no \['ema_params'\]\['new_name'\]: it was written by another"):
+        ckpt.restore(abstract, step=1, partial=True)
+    ckpt.close()

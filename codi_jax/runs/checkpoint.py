@@ -171,6 +171,7 @@ class Checkpointer:
         if os.path.isdir(os.path.join(self.directory, str(step), "checksums")):  # absent: written before them
             items["checksums"] = ocp.args.JsonRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        _check_all_read(restored["state"], f"{self.directory} (step {step})")
         if "checksums" in items:
             integrity.verify(restored["state"], restored["checksums"])
         else:
@@ -305,6 +306,19 @@ class Checkpointer:
 
 
 _PAYLOADS = ("[tensorstore_spec=", "[source locations=")
+
+
+def _check_all_read(tree: Any, where: str) -> None:
+    """A partial restore leaves the leaves the checkpoint does not hold as they were asked for
+    (``ShapeDtypeStruct`` s): one line naming them, not a type error later."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    unread = [jax.tree_util.keystr(path) for path, leaf in leaves if isinstance(leaf, jax.ShapeDtypeStruct)]
+    if unread:
+        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        raise ValueError(
+            f"Checkpoint {where} holds no {', '.join(unread[:3])}{more}: it was written by another version of the "
+            "model (parameter names differ)."
+        )
 
 
 def short_cause(error: BaseException, width: int = 300) -> str:
