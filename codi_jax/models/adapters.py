@@ -43,13 +43,6 @@ def _zero_conv(features: int, name: str) -> layers.Conv2D:
     return layers.Conv2D(features, kernel_size=1, kernel_init=nn.initializers.zeros, name=name)
 
 
-def _instruction_embedding(num_instructions: int, features: int, instruction: jax.Array | None) -> jax.Array:
-    """The learned embedding (batch, features) of the instruction ids (module ``instruction_embedding``)."""
-    if instruction is None:
-        raise ValueError("This adapter was built for instructions (num_instructions > 0); none was given.")
-    return nn.Embed(num_instructions, features, name="instruction_embedding")(instruction.astype(jnp.int32))
-
-
 class HintNetwork(nn.Module):
     """Condition image -> features added after the encoder copy's ``conv_in`` (diffusers'
     ``ControlNetConditioningEmbedding``): conv-SiLU stack, optional stride-2 stages (for latent
@@ -141,7 +134,7 @@ class ControlNet(UNet):
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
         temb = self.time_embed(timesteps, added)
         if self.num_instructions:
-            temb = temb + _instruction_embedding(self.num_instructions, temb.shape[-1], instruction)
+            temb = temb + layers.instruction_embedding(self.num_instructions, temb.shape[-1], instruction)
         if self.guidance_embedding:
             if guidance_scale is None:
                 raise ValueError("This adapter was built for a guidance scale (codi.cfg); none was given.")
@@ -203,7 +196,7 @@ class T2IAdapter(nn.Module):
             raise ValueError(f"Condition of shape {cond.shape} does not match the input {sample.shape}.")
         h = layers.Conv2D(self.channels[0], conv_impl=self.conv_impl, name="stem")(cond.astype(jnp.float32))
         if self.num_instructions:
-            h = h + _instruction_embedding(self.num_instructions, self.channels[0], instruction)[:, None, None, :]
+            h = h + layers.instruction_embedding(self.num_instructions, self.channels[0], instruction)[:, None, None, :]
         features = []
         for i, width in enumerate(self.channels):
             stride = 1 if i == 0 else 2

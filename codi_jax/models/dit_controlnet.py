@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from codi_jax.models import layers
 from codi_jax.models.dit import XAVIER_CONV, DiT, Patchify
 
 ZERO = nn.initializers.zeros
@@ -70,10 +71,7 @@ class DiTControlNet(DiT):
         hint = HintEmbed(self.width, self.patch_size, self.dtype, self.hint_zero_init, name="pos_embed_input")(cond)
         tokens, temb = self.embed(sample, timesteps, hint=hint, pooled=pooled)
         if self.num_instructions:
-            if instruction is None:
-                raise ValueError("This adapter was built for instructions (num_instructions > 0); none was given.")
-            embedding = nn.Embed(self.num_instructions, temb.shape[-1], name="instruction_embedding")
-            temb = temb + embedding(instruction.astype(jnp.int32))
+            temb = temb + layers.instruction_embedding(self.num_instructions, temb.shape[-1], instruction)
         if text is None:
             _, features = self.blocks(tokens, temb)
         else:

@@ -399,3 +399,11 @@ class Upsample(nn.Module):
         b, h, w, c = x.shape
         x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
         return Conv2D(c, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x)
+
+
+def instruction_embedding(num_instructions: int, features: int, instruction: jax.Array | None) -> jax.Array:
+    """The learned embedding (batch, features) of an adapter's instruction ids (module
+    ``instruction_embedding``; call it from a compact method, whose child it becomes)."""
+    if instruction is None:
+        raise ValueError("This adapter was built for instructions (num_instructions > 0); none was given.")
+    return nn.Embed(num_instructions, features, name="instruction_embedding")(instruction.astype(jnp.int32))
