@@ -91,8 +91,12 @@ def _np_codi_loss(params, target_params, x, cond, k, eps, config):
         consistency = np.mean(np.asarray(distances, np.float64))
     else:
         consistency = np.mean((x_hat - x_tgt) ** 2)
-    r_of_t = s_t**2 if config.get("guidance_schedule", "constant") == "noise" else 1.0
-    return consistency + config.guidance_weight * np.mean(r_of_t * (x_hat - x) ** 2)
+    if config.guidance_schedule == "velocity":  # r times the v-prediction loss: v = alpha eps - sigma x
+        guidance = np.mean((v_hat - (a_t * eps - s_t * x)) ** 2)
+    else:
+        r_of_t = s_t**2 if config.guidance_schedule == "noise" else 1.0
+        guidance = np.mean(r_of_t * (x_hat - x) ** 2)
+    return consistency + config.guidance_weight * guidance
 
 
 def _draws(rng, config):
@@ -116,6 +120,7 @@ def _stub_params(seed):
         ("prev", "x", False, 0.5, "constant"),
         ("prev", "lpips", False, 0.5, "constant"),
         ("prev", "eps", False, 2.0, "noise"),
+        ("prev", "eps", False, 2.0, "velocity"),
         ("ddim", "eps", False, 1.0, "constant"),
         ("teacher", "eps", False, 0.0, "constant"),
     ],

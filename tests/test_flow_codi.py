@@ -55,8 +55,12 @@ def _np_flow_codi_loss(params, target_params, x, cond, k, eps, config, shift):
         consistency = np.mean((eps_hat - eps_tgt) ** 2)
     else:
         consistency = np.mean((x_hat - x_tgt) ** 2)
-    weight = tb**2 if config.guidance_schedule == "noise" else 1.0
-    return consistency + config.guidance_weight * np.mean(weight * (x_hat - x) ** 2)
+    if config.guidance_schedule == "velocity":  # r times the flow-matching loss: v = eps - x
+        guidance = np.mean((v_hat - (eps - x)) ** 2)
+    else:
+        weight = tb**2 if config.guidance_schedule == "noise" else 1.0
+        guidance = np.mean(weight * (x_hat - x) ** 2)
+    return consistency + config.guidance_weight * guidance
 
 
 @pytest.mark.parametrize(
@@ -65,6 +69,7 @@ def _np_flow_codi_loss(params, target_params, x, cond, k, eps, config, shift):
         ("prev", "eps", False, 1.0, "constant", 1.0),
         ("prev", "eps", True, 4.0, "constant", 3.0),
         ("prev", "x", False, 0.5, "noise", 1.0),
+        ("prev", "eps", False, 2.0, "velocity", 3.0),
         ("ddim", "eps", False, 1.0, "constant", 3.0),
         ("teacher", "eps", False, 0.0, "constant", 3.0),
     ],

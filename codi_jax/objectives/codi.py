@@ -38,7 +38,7 @@ from codi_jax.training.train_state import TrainState, apply_gradients, model_par
 
 PREDICTORS = ("prev", "ddim", "teacher")
 CONSISTENCY_SPACES = ("eps", "x", "lpips")
-GUIDANCE_SCHEDULES = ("constant", "noise")
+GUIDANCE_SCHEDULES = ("constant", "noise", "velocity")
 TARGETS = ("ema", "online")
 OBJECTIVES = ("codi", "finetune")
 
@@ -54,7 +54,10 @@ def default_codi_config() -> ml_collections.ConfigDict:
     config.guidance_weight = 1.0  # r: weight of ||x_hat - x||^2
     # 'constant': r at every t (paper); 'noise': r sigma_t^2, full weight at the top of the grid (where
     # noise-space consistency hardly constrains x_hat) and little near the data (where the pull to
-    # the posterior mean E[x | z_t, c] would smooth the last sampling steps).
+    # the posterior mean E[x | z_t, c] would smooth the last sampling steps); 'velocity': r / sigma_t^2,
+    # which is r times the velocity MSE (flow: x_hat - x = -t (v_hat - v); VP v-prediction:
+    # -sigma_t (v_hat - v)), the teacher's own loss, at full weight near the data too, where PREv's
+    # target (the EMA model at (1 - s) x_hat + s eps) is x_hat again and consistency hardly pulls to x.
     config.guidance_schedule = "constant"
     config.grid_size = 50  # N: t on {1/N, ..., 1}
     # The target network: 'ema' (the EMA of the online params, paper) or 'online' (the online params
@@ -210,6 +213,8 @@ def codi_loss(
     squared_error = jnp.square(x_hat - x)
     if config.guidance_schedule == "noise":
         squared_error = _bcast(jnp.square(sigma_t), x) * squared_error
+    elif config.guidance_schedule == "velocity":
+        squared_error = squared_error / _bcast(jnp.square(sigma_t), x)
     guidance_term = jnp.mean(squared_error)
     loss = consistency + config.guidance_weight * guidance_term
     return loss, {"consistency": consistency, "guidance": guidance_term, "t": jnp.mean(t)}
