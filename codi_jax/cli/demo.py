@@ -9,8 +9,9 @@
 2. Restores the non-distilled conditional baseline (the same adapter trained with the plain
    diffusion loss by ``python -m codi_jax.train --config=codi_jax/configs/cpu/finetune_sr4.py``; committed in
    ``checkpoints/finetune_sr4_color``; trained here into ``DIR/finetune`` if absent).
-3. Samples held-out patches (photos never seen in training) with CoDi at 1/2/4 steps (re-noising
-   between steps, and at 4 steps also with DDIM moves, and with low-frequency consistency) and
+3. Samples held-out patches (photos never seen in training) with CoDi at 1/2/4 steps (the run's
+   move between steps, ``codi.renoise``: re-noising for the UNet, Euler moves for the DiT; at 4
+   steps also with the other move, and with low-frequency consistency) and
    the baseline with DDIM at 4 and 50 steps, each row the mean over ``--num_seeds`` sampling seeds
    with its spread (± sd), printing a line per (model, step count) with an ETA; prints and writes
    (``DIR/results.md``, ``.json``; a rerun replaces them, atomically) PSNR, SSIM, SWD, LPIPS,
@@ -44,7 +45,7 @@ from codi_jax.evaluation import evaluate, held_out, report, scoring
 from codi_jax.models import networks
 from codi_jax.runs import config_diff
 from codi_jax.runs.pretrained import load_conditional, read_config
-from codi_jax.sampling import few_step, samplers
+from codi_jax.sampling import conditional, few_step, samplers
 from codi_jax.sampling.options import SamplingOptions
 from codi_jax.training import loop
 
@@ -56,7 +57,7 @@ flags.DEFINE_string(
 # metric (docs/smoothness.md), and at batch 8 a step costs about half a batch-16 one; 2,400 steps take
 # about the time of 1,300 at batch 16, to keep the demo near 20 minutes on a 2-core host. PE-CoDi
 # (codi_jax/configs/cpu/codi_sr4.py, batch 16): 1,500, as measured in docs/smoothness.md.
-DEFAULT_CODI_STEPS = {"full": 2400, "pe": 1500}
+DEFAULT_CODI_STEPS = {"unet": {"full": 2400, "pe": 1500}, "dit": {"full": 6000, "pe": 6000}}
 BACKBONES = ("unet", "dit")
 DEFAULT_TEACHERS = {"unet": "checkpoints/teacher_patches32_color", "dit": "checkpoints/dit_teacher_patches32"}
 # The DiT baseline is not committed (its frozen backbone alone is 39 MB): the demo trains it in DIR/finetune.
@@ -64,7 +65,7 @@ DEFAULT_BASELINES = {"unet": "checkpoints/finetune_sr4_color", "dit": "checkpoin
 flags.DEFINE_integer(
     "codi_steps",
     None,
-    f"CoDi training steps; default by --variant: {DEFAULT_CODI_STEPS} (full: ~2 steps/s on 2 cores).",
+    f"CoDi training steps; default by --backbone and --variant: {DEFAULT_CODI_STEPS} (~2 steps/s on 2 cores).",
 )
 flags.DEFINE_enum("variant", "full", ["full", "pe"], "full: adapter + backbone trained; pe: adapter only.")
 flags.DEFINE_enum(
@@ -209,20 +210,23 @@ def baseline_name(move: str) -> str:
 def evaluate_demo(
     codi_dir: str, baseline_dir: str, codi_name: str, num_eval: int, num_seeds: int = 1, move: str = "DDIM"
 ) -> tuple[list[scoring.Row], dict[str, np.ndarray], int | str]:
-    """The demo's rows (CoDi 1/2/4 steps, 4 with DDIM moves, 4 with low-frequency consistency, the
-    baseline at 4 / 50, bicubic), each the mean over ``num_seeds`` sampling seeds, the held-out
-    examples and the baseline's teacher step; a line per row as it finishes."""
+    """The demo's rows (CoDi 1/2/4 steps with the run's move between steps, 4 with the other one
+    (``move`` moves or re-noising), 4 with low-frequency consistency, the baseline at 4 / 50,
+    bicubic), each the mean over ``num_seeds`` sampling seeds, the held-out examples and the
+    baseline's teacher step; a line per row as it finishes."""
     codi_model = load_conditional(codi_dir)
     examples = held_out.held_out_examples(codi_model.config, num_eval)
-    ddim_name, base_name = f"{codi_name}, {move} moves", baseline_name(move)
-    jobs = [(codi_name, 1), (codi_name, 2), (codi_name, 4), (ddim_name, 4), (codi_name, 4)]
+    renoise = conditional.renoise_between_steps(codi_model.config)
+    other_name = f"{codi_name}, {move} moves" if renoise else f"{codi_name}, re-noising"
+    base_name = baseline_name(move)
+    jobs = [(codi_name, 1), (codi_name, 2), (codi_name, 4), (other_name, 4), (codi_name, 4)]
     jobs += [(base_name, 4), (base_name, 50)]
     progress = evaluate.Progress(jobs)
     print(f"Evaluating {len(jobs)} (model, step count) pairs on {len(examples['image'])} held-out patches.")
     shared = {"progress": progress, "num_seeds": num_seeds}
     rows = evaluate.evaluate_checkpoint(codi_model, examples, (1, 2, 4), codi_name, **shared)
     rows += evaluate.evaluate_checkpoint(
-        codi_model, examples, (4,), ddim_name, SamplingOptions(renoise=False), **shared
+        codi_model, examples, (4,), other_name, SamplingOptions(renoise=not renoise), **shared
     )
     rows += evaluate.evaluate_checkpoint(
         codi_model, examples, (4,), codi_name, SamplingOptions(lowpass_consistency=True), **shared
@@ -329,7 +333,7 @@ def main(argv: list[str]) -> None:
     sharding.use_cpu_devices(cpu_devices)  # before JAX starts its backends
     run_demo(
         FLAGS.out,
-        codi_steps=DEFAULT_CODI_STEPS[FLAGS.variant] if FLAGS.codi_steps is None else FLAGS.codi_steps,
+        codi_steps=DEFAULT_CODI_STEPS[FLAGS.backbone][FLAGS.variant] if FLAGS.codi_steps is None else FLAGS.codi_steps,
         teacher_workdir=teacher,
         baseline_workdir=FLAGS.baseline or DEFAULT_BASELINES[FLAGS.backbone],
         baseline_steps=FLAGS.baseline_steps or DEFAULT_BASELINE_STEPS[FLAGS.backbone],

@@ -24,4 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     # the teacher's step 4000, the logged loss over steps 250-300 was 0.063-0.064 at 3e-4 and
     # 0.079-0.080 at 1e-3 (docs/flow_matching.md).
     config.optimizer.learning_rate = 3e-4
+    # The guidance term as r times the flow-matching loss (r / t^2 on x): at full weight near the data,
+    # where PREv's consistency target is the student's own x_hat again; and Euler moves between sampling
+    # steps, not re-noising (docs/flow_matching.md, "The student near the data").
+    config.codi.guidance_schedule = "velocity"
+    config.codi.renoise = False
     return config
