@@ -24,8 +24,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from codi_jax import diffusion  # noqa: E402
 from codi_jax.evaluation import held_out, scoring  # noqa: E402
+from codi_jax.frozen import encoders  # noqa: E402
 from codi_jax.metrics import lpips  # noqa: E402
 from codi_jax.runs.pretrained import Pretrained, load_conditional  # noqa: E402
+from codi_jax.sampling import few_step  # noqa: E402
 
 TIMES = (1.0, 0.75, 0.5, 0.25, 0.125, 0.05)
 
@@ -72,6 +74,18 @@ def main(argv: list[str] | None = None) -> int:
     if not all(0.0 < t <= 1.0 for t in times):
         print(f"error: --times={args.times}: every time must be in (0, 1].", file=sys.stderr)
         return 2
+    if args.num_eval < 1:
+        print(f"error: --num_eval={args.num_eval}: must be at least 1.", file=sys.stderr)
+        return 2
+    for name, workdir in runs:  # the saved configs only (JSON), before any weight is read
+        try:
+            config, _ = few_step.read_conditional_config(workdir)
+        except (FileNotFoundError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if encoders.is_latent(config) or encoders.has_text(config):
+            print(f"error: --run {name}: a pixel-space run without text is needed; {workdir} is not.", file=sys.stderr)
+            return 2
     print("| run | step | t | PSNR (dB) | SWD x1e3 | LPIPS | PSNR of z_t |\n|---|---|---|---|---|---|---|")
     for name, workdir in runs:
         print("\n".join(rows(name, workdir, args.num_eval, times, args.seed)), flush=True)
