@@ -70,7 +70,7 @@ def _converted_teacher(tmp_path_factory, builder: str) -> str:
 
     root = tmp_path_factory.mktemp(f"{builder}_teacher")
     importlib.import_module(f"tests.{builder}").make_pipeline(str(root / "pipeline"))
-    convert.convert(str(root / "pipeline"), str(root / "teacher"))
+    convert.convert(convert.ConversionRequest(str(root / "pipeline"), str(root / "teacher")))
     return str(root / "teacher")
 
 

@@ -18,7 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from codi_jax.data import captions, pipeline
+from codi_jax.data import captions, pipeline, sources
 from codi_jax.runs import config_resolution, config_upgrade
 from tests import tiny_sd
 
@@ -77,7 +77,7 @@ def _write_sidecars(root: Path, suffix: str = "") -> None:
 
 
 def _config(folder: Path, **fields) -> ml_collections.ConfigDict:
-    config = pipeline.default_data_config()
+    config = sources.default_data_config()
     config.update(source="folder", folder=str(folder), image_size=8, **fields)
     return config
 
@@ -220,7 +220,7 @@ def test_tfds_caption_feature(tmp_path, tokenizer_dir, tokenize, file_format) ->
     CaptionedTiny(data_dir=str(tmp_path)).download_and_prepare(
         file_format=file_format, download_config=tfds.download.DownloadConfig(try_download_gcs=False)
     )
-    config = pipeline.default_data_config()
+    config = sources.default_data_config()
     config.update(
         source="tfds", tfds_name="captioned_tiny", data_dir=str(tmp_path), image_size=8, caption_key="caption"
     )
@@ -255,7 +255,7 @@ def test_drop_prob_range_and_upgrade(tmp_path) -> None:
     new = config_upgrade.upgrade(old)
     # A config saved before the fields: no captions read, nothing dropped (as it trained).
     assert new["data"]["caption_key"] == "" and new["text"]["drop_prob"] == 0.0
-    assert pipeline.default_data_config().caption_key == "text"
+    assert sources.default_data_config().caption_key == "text"
 
 
 # --------------------------------------------------------------------------- end to end

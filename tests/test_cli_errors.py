@@ -220,13 +220,13 @@ def test_existing_out_is_refused_before_loading(inputs, monkeypatch) -> None:
     monkeypatch.setattr(few_step, "load_conditional", no_load)
     start = time.perf_counter()
     with pytest.raises(FileExistsError, match="already holds"):
-        few_step.run(FINETUNE, inputs["images"], inputs["taken"], (1,))
+        few_step.run(few_step.SampleRequest(FINETUNE, inputs["images"], inputs["taken"], (1,)))
     with pytest.raises(ValueError, match="must be at least 1"):
-        few_step.run(FINETUNE, inputs["images"], inputs["taken"] + "_new", (0,))
+        few_step.run(few_step.SampleRequest(FINETUNE, inputs["images"], inputs["taken"] + "_new", (0,)))
     assert time.perf_counter() - start < 30
     # The control: with nothing wrong, the (replaced) loader is reached.
     with pytest.raises(AssertionError, match="was loaded"):
-        few_step.run(FINETUNE, inputs["images"], inputs["taken"] + "_new", (1,))
+        few_step.run(few_step.SampleRequest(FINETUNE, inputs["images"], inputs["taken"] + "_new", (1,)))
     assert not os.path.exists(inputs["taken"] + "_new")
 
 
@@ -237,14 +237,14 @@ def test_checks_from_the_saved_config_alone(inputs) -> None:
 
     fresh = inputs["taken"] + "_unused"
     with pytest.raises(ValueError) as error:
-        few_step.prepare(inputs["fake"], inputs["images"], fresh, (9,))
+        few_step.prepare(few_step.SampleRequest(inputs["fake"], inputs["images"], fresh, (9,)))
     assert (
         common.one_line(error.value)
         == "--steps=9: 9 sampling steps exceed the 8-point training grid; use at most 8 steps."
     )
     with pytest.raises(ValueError, match=r"im0.png: 48x40, the model takes 32x32 images \(--strict_size\)"):
-        few_step.prepare(inputs["fake"], inputs["images"], fresh, (8,), strict_size=True)
-    plan = few_step.prepare(inputs["fake"], inputs["images"], fresh, (8,))
+        few_step.prepare(few_step.SampleRequest(inputs["fake"], inputs["images"], fresh, (8,), strict_size=True))
+    plan = few_step.prepare(few_step.SampleRequest(inputs["fake"], inputs["images"], fresh, (8,)))
     assert plan.files == ["im0.png", "grid.png"] and plan.cond.shape == plan.target.shape == (1, 32, 32, 3)
     with pytest.raises(ValueError, match="'justadir' is not NAME=WORKDIR or NAME=WORKDIR:1,2,4"):
         evaluate.parse_runs(["justadir"])

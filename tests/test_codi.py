@@ -133,9 +133,7 @@ def test_codi_loss_matches_numpy(predictor, space, shared_t, r, schedule) -> Non
     x = rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)
     cond = rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)
     params, target_params = _stub_params(1), _stub_params(2)
-    loss_fn = jax.jit(
-        functools.partial(codi.codi_loss, model=LinearStub(), schedule=SCHEDULE, parametrization="v", config=config)
-    )
+    loss_fn = jax.jit(functools.partial(codi.codi_loss, setup=codi.LossSetup(LinearStub(), SCHEDULE, "v", config)))
     seen_boundary = seen_interior = False
     for seed in range(6):
         key = jax.random.PRNGKey(seed)
@@ -226,7 +224,7 @@ def test_cfg_aware_loss_matches_numpy_and_w1_is_no_guidance(predictor) -> None:
     for p, seed in ((params, 3), (target_params, 4)):
         p.update(d=np.float32(np.random.default_rng(seed).uniform(0.2, 0.8)), e=np.float32(0.3))
     loss_of = lambda cfg: jax.jit(
-        functools.partial(codi.codi_loss, model=LinearStub(), schedule=SCHEDULE, parametrization="v", config=cfg)
+        functools.partial(codi.codi_loss, setup=codi.LossSetup(LinearStub(), SCHEDULE, "v", cfg))
     )
     key = jax.random.PRNGKey(5)
     loss, _ = loss_of(config)(params, target_params, batch, key)
@@ -261,9 +259,7 @@ def test_gradient_flows_only_through_the_online_prediction() -> None:
     batch = {"image": rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)}
     batch["cond"] = rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)
     params, target_params = _stub_params(1), _stub_params(2)
-    loss_fn = functools.partial(
-        codi.codi_loss, model=LinearStub(), schedule=SCHEDULE, parametrization="v", config=config
-    )
+    loss_fn = functools.partial(codi.codi_loss, setup=codi.LossSetup(LinearStub(), SCHEDULE, "v", config))
     key = jax.random.PRNGKey(4)
     target_grads = jax.grad(lambda tp: loss_fn(params, tp, batch, key)[0])(target_params)
     assert all(float(g) == 0.0 for g in jax.tree.leaves(target_grads))
@@ -303,10 +299,7 @@ def test_finetune_loss_matches_numpy() -> None:
         None,
         {"image": x, "cond": cond},
         key,
-        model=LinearStub(),
-        schedule=SCHEDULE,
-        parametrization="v",
-        config=codi.default_codi_config(),
+        setup=codi.LossSetup(LinearStub(), SCHEDULE, "v", codi.default_codi_config()),
     )
     rng_t, rng_eps, _ = jax.random.split(key, 3)
     t = 1.0 - np.asarray(jax.random.uniform(rng_t, (B,)), np.float64)
@@ -368,7 +361,7 @@ def test_pe_codi_train_step_lowers_loss_and_keeps_backbone() -> None:
     step = _jitted_train_step(model, optimizer, config)
     eval_loss = jax.jit(
         lambda p: codi.codi_loss(
-            p, p, batch, jax.random.PRNGKey(99), model=model, schedule=SCHEDULE, parametrization="v", config=config
+            p, p, batch, jax.random.PRNGKey(99), setup=codi.LossSetup(model, SCHEDULE, "v", config)
         )[1]["guidance"]
     )
     assert sorted(state.params) == ["adapter"] and sorted(state.frozen) == ["backbone"]

@@ -71,28 +71,36 @@ def test_codi_run_resumes_exactly_and_samples(teacher_dir, tmp_path) -> None:
     for i in range(3):
         Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"im{i}.png")
     out = str(tmp_path / "out")
-    paths = few_step.run(straight, str(images), out, (2,), SamplingOptions(seed=1))
+    paths = few_step.run(few_step.SampleRequest(straight, str(images), out, (2,)), SamplingOptions(seed=1))
     assert sorted(os.path.basename(p) for p in paths) == ["grid.png", "im0.png", "im1.png", "im2.png"]
     first = np.asarray(Image.open(os.path.join(out, "im0.png")))
     assert first.shape == (16, 16, 3)
     # Deterministic given the seed; never overwrites.
-    again = few_step.run(straight, str(images), str(tmp_path / "out2"), (2,), SamplingOptions(seed=1))
+    again = few_step.run(
+        few_step.SampleRequest(straight, str(images), str(tmp_path / "out2"), (2,)), SamplingOptions(seed=1)
+    )
     np.testing.assert_array_equal(first, np.asarray(Image.open(again[0])))
     with pytest.raises(FileExistsError, match="nothing was overwritten"):
-        few_step.run(straight, str(images), out, (2,), SamplingOptions(seed=1))
+        few_step.run(few_step.SampleRequest(straight, str(images), out, (2,)), SamplingOptions(seed=1))
     assert np.array_equal(first, np.asarray(Image.open(os.path.join(out, "im0.png"))))
     # CoDi's default re-noises between steps (codi.renoise); DDIM moves differ; too many steps is a
     # clear error.
     stochastic = few_step.run(
-        straight, str(images), str(tmp_path / "out3"), (2,), SamplingOptions(seed=1, renoise=True)
+        few_step.SampleRequest(straight, str(images), str(tmp_path / "out3"), (2,)),
+        SamplingOptions(seed=1, renoise=True),
     )
     np.testing.assert_array_equal(first, np.asarray(Image.open(stochastic[0])))
-    ddim = few_step.run(straight, str(images), str(tmp_path / "out3b"), (2,), SamplingOptions(seed=1, renoise=False))
+    ddim = few_step.run(
+        few_step.SampleRequest(straight, str(images), str(tmp_path / "out3b"), (2,)),
+        SamplingOptions(seed=1, renoise=False),
+    )
     assert not np.array_equal(first, np.asarray(Image.open(ddim[0])))
     with pytest.raises(ValueError, match="exceed the 50-point training grid"):
-        few_step.run(straight, str(images), str(tmp_path / "out4"), (51,))
+        few_step.run(few_step.SampleRequest(straight, str(images), str(tmp_path / "out4"), (51,)))
     # Conditions given directly (a low-resolution image for SR).
-    direct = few_step.run(straight, str(images / "im0.png"), str(tmp_path / "out5"), (1,), input_kind="condition")
+    direct = few_step.run(
+        few_step.SampleRequest(straight, str(images / "im0.png"), str(tmp_path / "out5"), (1,), input_kind="condition")
+    )
     assert len(direct) == 2
 
 

@@ -62,7 +62,7 @@ def converted(tmp_path_factory) -> dict[str, Any]:
     pipe = tiny_sd.make_pipeline(str(root / "pipe"))
     tiny_sd.make_controlnet(pipe.unet, str(root / "controlnet"))
     out = str(root / "teacher")
-    summary = convert.convert(str(root / "pipe"), out, controlnet=str(root / "controlnet"))
+    summary = convert.convert(convert.ConversionRequest(str(root / "pipe"), out, controlnet=str(root / "controlnet")))
     print("\n".join(convert.summary_lines(summary)))
     return dict(root=root, pipe=pipe, out=out, summary=summary)
 
@@ -216,7 +216,7 @@ def test_cli_converts_and_refuses(converted: dict[str, Any], tmp_path) -> None:
     assert not os.path.exists(tmp_path / "o")
 
     # --overwrite replaces the workdir atomically (here: without the ControlNet).
-    convert.convert(str(root / "pipe"), out, overwrite=True)
+    convert.convert(convert.ConversionRequest(str(root / "pipe"), out, overwrite=True))
     assert not os.path.exists(os.path.join(out, "controlnet"))
     assert pretrained.read_config(out)[0].source.controlnet == ""
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
@@ -245,19 +245,19 @@ def test_refusals_before_loading(converted: dict[str, Any], tmp_path) -> None:
     config = json.load(open(controlnet / "config.json"))
     json.dump(dict(config, cross_attention_dim=24), open(controlnet / "config.json", "w"))
     with pytest.raises(ValueError, match="cross_attention_dim=24 differs from the UNet's cross_attention_dim=32"):
-        convert.convert(str(root / "pipe"), str(tmp_path / "o"), controlnet=str(controlnet))
+        convert.convert(convert.ConversionRequest(str(root / "pipe"), str(tmp_path / "o"), controlnet=str(controlnet)))
 
     pipe = tmp_path / "pipe"
     shutil.copytree(root / "pipe", pipe)
     shutil.rmtree(pipe / "vae")
     with pytest.raises(FileNotFoundError, match="Missing vae folder"):
-        convert.convert(str(pipe), str(tmp_path / "o"))
+        convert.convert(convert.ConversionRequest(str(pipe), str(tmp_path / "o")))
     lone = tmp_path / "lone" / "unet"
     shutil.copytree(root / "pipe" / "unet", lone)
     with pytest.raises(FileNotFoundError, match="No scheduler config"):
-        convert.convert(str(lone), str(tmp_path / "o"))
+        convert.convert(convert.ConversionRequest(str(lone), str(tmp_path / "o")))
     with pytest.raises(ValueError, match="holds the input"):  # --overwrite would delete the input
-        convert.convert(str(pipe / "unet"), str(pipe), overwrite=True)
+        convert.convert(convert.ConversionRequest(str(pipe / "unet"), str(pipe), overwrite=True))
     assert os.path.isdir(pipe / "unet")
     assert not os.path.exists(tmp_path / "o")
 
@@ -270,7 +270,7 @@ def test_pixel_unet_folder(tmp_path) -> None:
     scheduler = diffusers.DDPMScheduler(beta_schedule="linear", prediction_type="v_prediction")
     scheduler.save_pretrained(str(tmp_path / "ddpm" / "scheduler"))  # found beside the UNet folder
     out = str(tmp_path / "teacher")
-    summary = convert.convert(str(tmp_path / "ddpm" / "unet"), out)
+    summary = convert.convert(convert.ConversionRequest(str(tmp_path / "ddpm" / "unet"), out))
     print("\n".join(convert.summary_lines(summary)))
     pre = pretrained.load_teacher(out)
     config = pre.config
@@ -295,20 +295,20 @@ def test_input_faults_are_one_readable_error(converted: dict[str, Any], tmp_path
     with pytest.raises(
         ValueError, match=f"--diffusers={pipe}/unet is a text-conditioned UNet .*pass --diffusers={pipe}\\."
     ):
-        convert.convert(str(pipe / "unet"), str(tmp_path / "o"))
+        convert.convert(convert.ConversionRequest(str(pipe / "unet"), str(tmp_path / "o")))
     with open(weights, "r+b") as f:
         f.truncate(os.path.getsize(weights) // 2)
     nested = tmp_path / "new" / "runs" / "teacher"  # the weights fail after the checks: no folder is left
     with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file"):
-        convert.convert(str(pipe), str(nested))
+        convert.convert(convert.ConversionRequest(str(pipe), str(nested)))
     assert not os.path.exists(tmp_path / "new")
     variant = pipe / "unet" / "diffusion_pytorch_model.fp16.safetensors"
     os.rename(weights, variant)  # the only weights are a variant: read (and here found truncated)
     with pytest.raises(ValueError, match=f"{variant} is not a readable safetensors file"):
-        convert.convert(str(pipe), str(tmp_path / "o"))
+        convert.convert(convert.ConversionRequest(str(pipe), str(tmp_path / "o")))
     os.remove(variant)
     with pytest.raises(FileNotFoundError, match="Missing UNet weights .*diffusion_pytorch_model.safetensors"):
-        convert.convert(str(pipe), str(tmp_path / "o"))
+        convert.convert(convert.ConversionRequest(str(pipe), str(tmp_path / "o")))
     assert not os.path.exists(tmp_path / "o")
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
 
@@ -374,7 +374,7 @@ def test_fp16_variant_pipeline_converts(converted: dict[str, Any], fp16_pipeline
     """A pipeline (and ControlNet) saved only as the fp16 variant converts without a flag: each part
     uses its one variant, upcast to float32 masters, and the summary names the variant."""
     out = str(tmp_path / "teacher")
-    summary = convert.convert(fp16_pipeline, out, controlnet=fp16_pipeline + "_controlnet")
+    summary = convert.convert(convert.ConversionRequest(fp16_pipeline, out, controlnet=fp16_pipeline + "_controlnet"))
     lines = convert.summary_lines(summary)
     print("\n".join(lines))
     assert summary.plan.source.variants == dict(controlnet="fp16", unet="fp16", vae="fp16", text_encoder="fp16")
@@ -433,6 +433,6 @@ def test_variant_refusals_and_bf16(converted: dict[str, Any], fp16_pipeline: str
     assert not os.path.exists(tmp_path / "new")
     assert [name for name in os.listdir(tmp_path) if name.startswith(".")] == []
 
-    summary = convert.convert(multi, str(out), variant="bf16")
+    summary = convert.convert(convert.ConversionRequest(multi, str(out), variant="bf16"))
     assert summary.plan.source.variants == dict(unet="bf16", vae="bf16", text_encoder="bf16")
     _assert_variant_teacher(str(out), _torch_unet(multi, "bf16"), converted["pipe"].unet)

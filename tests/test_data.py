@@ -19,12 +19,8 @@ from ml_collections import ConfigDict
 from PIL import Image
 
 from codi_jax.data import pipeline, skimage_patches
-from codi_jax.data.pipeline import (
-    build_dataset,
-    default_data_config,
-    numpy_iterator,
-    to_global_batch,
-)
+from codi_jax.data.pipeline import build_dataset, numpy_iterator, to_global_batch
+from codi_jax.data.sources import default_data_config
 
 
 class NetworkBlocked(RuntimeError):

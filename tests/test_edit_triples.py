@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from codi_jax.data import image_files, pipeline, task_spec
+from codi_jax.data import image_files, pipeline, sources, task_spec
 from codi_jax.frozen import batch_inputs, encoders
 
 INSTRUCTIONS = ["make it a painting of the sea", "turn the cat into a dog"]
@@ -33,7 +33,7 @@ def _write_triples(root: str) -> None:
 
 
 def _config(root: str) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
-    data = pipeline.default_data_config()
+    data = sources.default_data_config()
     data.update(source="edit_triples", folder=root, image_size=32, random_crop=True)
     task = task_spec.default_task_config()
     task.update(name="edit", instructions="text")
@@ -78,7 +78,7 @@ def test_batch_encoder_encodes_each_examples_prompt(tmp_path) -> None:
     from tests import tiny_sd
 
     tiny_sd.make_pipeline(str(tmp_path / "pipeline"))
-    convert.convert(str(tmp_path / "pipeline"), str(tmp_path / "teacher"))
+    convert.convert(convert.ConversionRequest(str(tmp_path / "pipeline"), str(tmp_path / "teacher")))
     from codi_jax.runs import pretrained
 
     config, _ = pretrained.read_config(str(tmp_path / "teacher"))

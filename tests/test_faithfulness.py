@@ -240,13 +240,17 @@ def test_cli_checks_refuse_the_option_from_the_saved_config(tmp_path) -> None:
     images.mkdir()
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(images / "im0.png")
     out = str(tmp_path / "out")
-    plan = few_step.prepare(FINETUNE, str(images), out, (1,), SamplingOptions(lowpass_consistency=True))
+    plan = few_step.prepare(
+        few_step.SampleRequest(FINETUNE, str(images), out, (1,)), SamplingOptions(lowpass_consistency=True)
+    )
     assert plan.cond.shape == (1, 32, 32, 3)
     assert evaluate.check_runs([("sr", FINETUNE)], (1,), SamplingOptions(lowpass_consistency=True))
 
     latent = _edited_run(str(tmp_path / "latent"), lambda c: c.update(latent={"vae": "/models/vae"}))
     with pytest.raises(ValueError) as error:
-        few_step.prepare(latent, str(images), out, (1,), SamplingOptions(lowpass_consistency=True))
+        few_step.prepare(
+            few_step.SampleRequest(latent, str(images), out, (1,)), SamplingOptions(lowpass_consistency=True)
+        )
     assert common.one_line(error.value) == (
         "--lowpass_consistency: low-frequency consistency needs a pixel-space run; this run samples VAE latents "
         "(latent.vae=/models/vae)."

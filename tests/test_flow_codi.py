@@ -82,9 +82,7 @@ def test_flow_codi_loss_matches_numpy(predictor, space, shared_t, r, guidance, s
     rng = np.random.default_rng(0)
     x, cond = (rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32) for _ in range(2))
     params, target_params = _stub_params(1), _stub_params(2)
-    loss_fn = jax.jit(
-        functools.partial(codi.codi_loss, model=LinearStub(), schedule=schedule, parametrization="v", config=config)
-    )
+    loss_fn = jax.jit(functools.partial(codi.codi_loss, setup=codi.LossSetup(LinearStub(), schedule, "v", config)))
     seen = set()
     for seed in range(12):
         key = jax.random.PRNGKey(seed)
@@ -106,11 +104,7 @@ def test_eps_consistency_does_not_constrain_the_top_of_the_flow_grid() -> None:
     batch = {"image": rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)}
     batch["cond"] = rng.uniform(-1, 1, (B, S, S, 3)).astype(np.float32)
     loss = functools.partial(
-        codi.codi_loss,
-        model=LinearStub(),
-        schedule=flow_matching.FlowSchedule(),
-        parametrization="v",
-        config=config,
+        codi.codi_loss, setup=codi.LossSetup(LinearStub(), flow_matching.FlowSchedule(), "v", config)
     )
     params = _stub_params(1)
     grads = jax.grad(lambda p: loss(p, params, batch, jax.random.PRNGKey(0))[0])(params)

@@ -32,7 +32,7 @@ def teacher(tmp_path_factory) -> dict:
     pipe = tiny_sd.make_pipeline(str(root / "pipeline"))
     tiny_sd.make_controlnet(pipe.unet, str(root / "controlnet"))
     workdir = str(root / "teacher")
-    convert.convert(str(root / "pipeline"), workdir, controlnet=str(root / "controlnet"))
+    convert.convert(convert.ConversionRequest(str(root / "pipeline"), workdir, controlnet=str(root / "controlnet")))
     return {"workdir": workdir, "root": root}
 
 
@@ -75,7 +75,7 @@ def test_latent_run_resumes_exactly_samples_and_exports(teacher, tmp_path) -> No
 
     for i in range(2):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(os.path.join(images, f"{i}.png"))
-    written = few_step.run(straight, images, str(tmp_path / "samples"), (1,))
+    written = few_step.run(few_step.SampleRequest(straight, images, str(tmp_path / "samples"), (1,)))
     assert len(written) == 3 and all(os.path.getsize(p) > 0 for p in written)
 
     errors = export_check.exported_pipeline_errors(straight, str(tmp_path / "export"))
@@ -89,7 +89,7 @@ def sd2_teacher(tmp_path_factory) -> dict:
     pipe = tiny_sd.make_pipeline(str(root / "pipeline"), seed=1, **tiny_sd.SD2)
     tiny_sd.make_controlnet(pipe.unet, str(root / "controlnet"))
     workdir = str(root / "teacher")
-    convert.convert(str(root / "pipeline"), workdir, controlnet=str(root / "controlnet"))
+    convert.convert(convert.ConversionRequest(str(root / "pipeline"), workdir, controlnet=str(root / "controlnet")))
     return {"workdir": workdir, "root": root}
 
 

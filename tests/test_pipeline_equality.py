@@ -220,7 +220,7 @@ def test_sample_teacher_on_a_converted_pipeline_matches_diffusers(sd_eps, tmp_pa
 
     directory, pipe, _ = sd_eps
     out = str(tmp_path / "teacher")
-    convert.convert(directory, out)
+    convert.convert(convert.ConversionRequest(directory, out))
     prompt, negative, num_images, batch_size = PROMPTS[0], NEGATIVE[1], 2, 1  # two batches, one compile
     request = dict(steps=STEPS, num_images=num_images, batch_size=batch_size)
     text = dict(prompt=prompt, negative_prompt=negative, guidance_scale=SCALE)

@@ -35,9 +35,10 @@ def test_chunks_equal_one_request_and_a_rerun_fills_only_the_gaps(photos, tmp_pa
     options = SamplingOptions(seed=3, batch_size=2, renoise=True)
     names = [f"im{i}_{k}steps.png" for i in range(NUM) for k in (1, 2)]
     whole = str(tmp_path / "whole")
-    few_step.run(FINETUNE, photos, whole, (1, 2), options)  # one request: all inputs, then the grid
+    # one request: all inputs, then the grid
+    few_step.run(few_step.SampleRequest(FINETUNE, photos, whole, (1, 2)), options)
     chunked = str(tmp_path / "chunked")
-    written = few_step.run_resumable(FINETUNE, photos, chunked, (1, 2), options, chunk_size=3)
+    written = few_step.run_resumable(few_step.SampleRequest(FINETUNE, photos, chunked, (1, 2)), options, chunk_size=3)
     assert sorted(os.path.basename(p) for p in written) == sorted(names)
     assert not os.path.exists(os.path.join(chunked, "grid.png"))
     diff = np.abs(_pixels(whole, names) - _pixels(chunked, names))
@@ -50,15 +51,18 @@ def test_chunks_equal_one_request_and_a_rerun_fills_only_the_gaps(photos, tmp_pa
     os.remove(os.path.join(chunked, names[6]))  # im3's 1-step sample
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(os.path.join(chunked, names[0]))
     capsys.readouterr()
-    again = few_step.run_resumable(FINETUNE, photos, chunked, (1, 2), options, chunk_size=3)
+    again = few_step.run_resumable(few_step.SampleRequest(FINETUNE, photos, chunked, (1, 2)), options, chunk_size=3)
     assert sorted(os.path.basename(p) for p in again) == sorted([names[3], names[6]])
     assert "2 of 4 inputs already sampled" in capsys.readouterr().out
     after = _pixels(chunked, names)
     np.testing.assert_array_equal(after[[3, 6]], before[[3, 6]])  # the same samples again
     assert after[0].max() == 0  # an existing file is never overwritten
-    assert few_step.run_resumable(FINETUNE, photos, chunked, (1, 2), options) == []  # nothing left to do
+    request = few_step.SampleRequest(FINETUNE, photos, chunked, (1, 2))
+    assert few_step.run_resumable(request, options) == []  # nothing left to do
 
 
 def test_skip_existing_and_overwrite_contradict(photos, tmp_path) -> None:
     with pytest.raises(ValueError, match="--overwrite and --skip_existing"):
-        few_step.check_request(FINETUNE, photos, str(tmp_path), (1,), overwrite=True, skip_existing=True)
+        few_step.check_request(
+            few_step.SampleRequest(FINETUNE, photos, str(tmp_path), (1,), overwrite=True, skip_existing=True)
+        )

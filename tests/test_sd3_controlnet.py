@@ -108,7 +108,9 @@ def test_convert_writes_the_controlnet_as_an_init_from(tmp_path) -> None:
     pipe = tiny_sd3.make_pipeline(str(tmp_path / "pipeline"))
     controlnet_dir = str(tmp_path / "controlnet")
     tiny_sd3.make_controlnet(pipe.transformer, num_layers=2).save_pretrained(controlnet_dir)
-    summary = convert.convert(str(tmp_path / "pipeline"), str(tmp_path / "teacher"), controlnet=controlnet_dir)
+    summary = convert.convert(
+        convert.ConversionRequest(str(tmp_path / "pipeline"), str(tmp_path / "teacher"), controlnet=controlnet_dir)
+    )
     assert any("SD3ControlNetModel" in line for line in convert.summary_lines(summary))
     fields = convert.controlnet_adapter_fields(str(tmp_path / "teacher"))
     assert fields == dict(dit_blocks=2, cond_channels=16, force_zeros_for_pooled_projection=True)
@@ -121,5 +123,8 @@ def test_convert_writes_the_controlnet_as_an_init_from(tmp_path) -> None:
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, restored), direct)
     wide = tiny_sd3.make_controlnet(pipe.transformer, num_layers=2, caption_projection_dim=64, num_attention_heads=8)
     wide.save_pretrained(str(tmp_path / "wide"))
+    request = convert.ConversionRequest(
+        str(tmp_path / "pipeline"), str(tmp_path / "t2"), controlnet=str(tmp_path / "wide")
+    )
     with pytest.raises(ValueError, match="the ControlNet's caption_projection_dim=64 differs"):
-        convert.plan_conversion(str(tmp_path / "pipeline"), str(tmp_path / "t2"), controlnet=str(tmp_path / "wide"))
+        convert.plan_conversion(request)

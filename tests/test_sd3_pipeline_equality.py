@@ -41,7 +41,7 @@ def _converted(root, name: str, **pipeline) -> dict:
 
     directory, teacher = str(root / name), str(root / f"{name}_teacher")
     pipe = tiny_sd3.make_pipeline(directory, **pipeline)
-    summary = convert.convert(directory, teacher)
+    summary = convert.convert(convert.ConversionRequest(directory, teacher))
     return dict(pipe=pipe, dir=directory, teacher=teacher, summary=summary)
 
 

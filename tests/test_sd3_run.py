@@ -41,7 +41,9 @@ def teacher(tmp_path_factory) -> dict:
     pipe = tiny_sd3.make_pipeline(str(root / "pipeline"), t5=False)
     controlnet = tiny_sd3.make_controlnet(pipe.transformer, num_layers=1, force_zeros_for_pooled_projection=False)
     controlnet.save_pretrained(str(root / "controlnet"), safe_serialization=True)
-    convert.convert(str(root / "pipeline"), str(root / "teacher"), controlnet=str(root / "controlnet"))
+    convert.convert(
+        convert.ConversionRequest(str(root / "pipeline"), str(root / "teacher"), controlnet=str(root / "controlnet"))
+    )
     return {"workdir": str(root / "teacher"), "root": root, "pipe": pipe, "controlnet": controlnet}
 
 

@@ -44,7 +44,7 @@ def sdxl(tmp_path_factory) -> dict:
     directory, controlnet_dir, teacher = (str(root / name) for name in ("pipeline", "controlnet", "teacher"))
     pipe = tiny_sdxl.make_pipeline(directory)
     controlnet = tiny_sdxl.save_controlnet(pipe.unet, controlnet_dir)
-    convert.convert(directory, teacher, controlnet=controlnet_dir)
+    convert.convert(convert.ConversionRequest(directory, teacher, controlnet=controlnet_dir))
     return dict(pipe=pipe, controlnet=controlnet, controlnet_dir=controlnet_dir, teacher=teacher)
 
 

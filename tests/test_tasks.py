@@ -16,7 +16,8 @@ from PIL import Image
 from test_data import NetworkBlocked, _block_network
 
 from codi_jax.data import degradations, procedural, task_spec, tasks
-from codi_jax.data.pipeline import build_dataset, default_data_config, numpy_iterator
+from codi_jax.data.pipeline import build_dataset, numpy_iterator
+from codi_jax.data.sources import default_data_config
 
 
 def _photo(size: int) -> np.ndarray:

@@ -33,14 +33,14 @@ def main(argv: list[str]) -> None:
     common.require_flags("diffusers", "out")
     from codi_jax.interop import convert  # after the flag checks; it checks every path before loading a model
 
-    summary = convert.convert(
+    request = convert.ConversionRequest(
         FLAGS.diffusers,
         FLAGS.out,
         controlnet=FLAGS.controlnet or None,
         overwrite=FLAGS.overwrite,
         variant=FLAGS.variant or None,
     )
-    print("\n".join(convert.summary_lines(summary)))
+    print("\n".join(convert.summary_lines(convert.convert(request))))
 
 
 def console() -> None:

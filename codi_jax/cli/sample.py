@@ -97,14 +97,22 @@ def main(argv: list[str]) -> None:
     common.initialize_distributed()
     from codi_jax.sampling import few_step  # heavy (JAX): imported once the flags are known good
 
-    request = (FLAGS.run, FLAGS.images, FLAGS.out, step_counts, common.sampling_options())
-    shared = dict(input_kind=FLAGS.input, **common.flag_values("instruction", "checkpoint_step", "strict_size"))
+    request = few_step.SampleRequest(
+        FLAGS.run,
+        FLAGS.images,
+        FLAGS.out,
+        step_counts,
+        input_kind=FLAGS.input,
+        overwrite=FLAGS.overwrite,
+        skip_existing=FLAGS.skip_existing,
+        **common.flag_values("instruction", "checkpoint_step", "strict_size"),
+    )
     if FLAGS.skip_existing:
-        paths = few_step.run_resumable(*request, chunk_size=FLAGS.chunk_size, **shared)
+        paths = few_step.run_resumable(request, common.sampling_options(), FLAGS.chunk_size)
         if paths or _first_process():
             print(f"Wrote {len(paths)} samples to {FLAGS.out}")
         return
-    paths = few_step.run(*request, overwrite=FLAGS.overwrite, **shared)
+    paths = few_step.run(request, common.sampling_options())
     if paths:  # process 0 writes
         print(f"Wrote {len(paths) - 1} samples and {paths[-1]}")
 

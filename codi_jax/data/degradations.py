@@ -312,28 +312,36 @@ def random_jpeg(image: tf.Tensor, seed: tf.Tensor, quality_range: Sequence[int])
     return tf.reshape(compressed, tf.shape(image))
 
 
+# A stage's keywords -> the config fields of stage 1 (stage 2's end in "2"; its blur_prob is second_blur_prob).
+_KERNEL_FIELDS = dict(
+    kernel_prob="kernel_prob",
+    sigma_range="blur_sigma",
+    betag_range="betag_range",
+    betap_range="betap_range",
+    sinc_prob="sinc_prob",
+)
+_NOISE_FIELDS = dict(
+    gaussian_prob="gaussian_noise_prob",
+    sigma_range="noise_range",
+    poisson_scale_range="poisson_scale_range",
+    gray_prob="gray_noise_prob",
+)
+_STAGE_FIELDS = ("resize_prob", "resize_range", "noise_prob", "jpeg_prob", "jpeg_range")
+
+
 def _stage_fields(config: ml_collections.ConfigDict, second: bool) -> dict:
+    """One degradation stage's settings: ranges and probability vectors as tuples, probabilities as floats."""
     suffix = "2" if second else ""
+
+    def read(field: str) -> tuple | float:
+        value = config[field + suffix]
+        return tuple(value) if isinstance(value, Sequence) else float(value)
+
     return {
-        "kernel": {
-            "kernel_prob": tuple(config["kernel_prob" + suffix]),
-            "sigma_range": tuple(config["blur_sigma" + suffix]),
-            "betag_range": tuple(config["betag_range" + suffix]),
-            "betap_range": tuple(config["betap_range" + suffix]),
-            "sinc_prob": float(config["sinc_prob" + suffix]),
-        },
+        "kernel": {key: read(field) for key, field in _KERNEL_FIELDS.items()},
         "blur_prob": float(config.second_blur_prob if second else config.blur_prob),
-        "resize_prob": tuple(config["resize_prob" + suffix]),
-        "resize_range": tuple(config["resize_range" + suffix]),
-        "noise_prob": float(config["noise_prob" + suffix]),
-        "noise": {
-            "gaussian_prob": float(config["gaussian_noise_prob" + suffix]),
-            "sigma_range": tuple(config["noise_range" + suffix]),
-            "poisson_scale_range": tuple(config["poisson_scale_range" + suffix]),
-            "gray_prob": float(config["gray_noise_prob" + suffix]),
-        },
-        "jpeg_prob": float(config["jpeg_prob" + suffix]),
-        "jpeg_range": tuple(config["jpeg_range" + suffix]),
+        "noise": {key: read(field) for key, field in _NOISE_FIELDS.items()},
+        **{field: read(field) for field in _STAGE_FIELDS},
     }
 
 

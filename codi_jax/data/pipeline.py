@@ -80,6 +80,7 @@ from codi_jax.data.image_files import (
     list_image_files,
     load_image_rgb,
 )
+from codi_jax.data.sources import SOURCES
 
 # TF only feeds the host pipeline; it must not allocate GPU memory that JAX needs.
 try:
@@ -87,33 +88,9 @@ try:
 except (RuntimeError, ValueError):  # Devices already initialised, or no GPU support.
     pass
 
-SOURCES = ("skimage_patches", "tfds", "folder", "edit_triples")
 logger = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
-
-
-def default_data_config() -> ml_collections.ConfigDict:
-    """The `data_config` fields and their defaults."""
-    config = ml_collections.ConfigDict()
-    config.source = "skimage_patches"  # 'skimage_patches' | 'tfds' | 'folder'
-    config.tfds_name = ""  # for source='tfds', e.g. 'div2k/bicubic_x4', 'nyu_depth_v2'
-    config.image_key = "image"  # feature holding the image for source='tfds'
-    # Text-conditioned runs: the caption's column of a folder's metadata.jsonl (.txt sidecars need
-    # none) or a tfds source's string feature; '' = no captions (the fixed text.prompt).
-    config.caption_key = "text"
-    config.folder = ""  # for source='folder': directory of images, searched recursively
-    config.data_dir = ""  # tfds data_dir ('' = tfds default)
-    config.image_size = 32  # output size; skimage_patches uses config patches{image_size}
-    config.train_split = "train"
-    config.eval_split = "test"
-    config.random_flip = True  # horizontal flip, training only
-    config.random_crop = False  # random crop at native resolution (tfds/folder), else resize
-    # Training only: the share of examples whose colours are changed (see _recolor): a teacher
-    # whose prior is not the training photographs' palettes. 0 = off (streams as before).
-    config.color_augment = 0.0
-    config.shuffle_buffer = 10_000
-    return config
 
 
 # --------------------------------------------------------------------------- image ops

@@ -101,11 +101,8 @@ def encode_sd3_prompt_pair(
     clip_skip: int | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(positive, negative) contexts: diffusers' ``encode_prompt(..., do_classifier_free_guidance=True)``;
-    a negative None is ``""``, one string is repeated for every prompt; no ``clip_skip`` on the negative."""
+    a negative None is ``""``, one string is repeated for every prompt (``sdxl_text.negative_prompt_list``);
+    no ``clip_skip`` on the negative."""
     positive = encode_sd3_prompts(text, prompts, clip_skip)
     batch = positive["pooled_projections"].shape[0]
-    negative_prompts = negative_prompts or ""
-    negatives = [negative_prompts] * batch if isinstance(negative_prompts, str) else list(negative_prompts)
-    if len(negatives) != batch:
-        raise ValueError(f"negative_prompts: {len(negatives)} negative prompts for {batch} prompts.")
-    return positive, encode_sd3_prompts(text, negatives)
+    return positive, encode_sd3_prompts(text, sdxl_text.negative_prompt_list(negative_prompts, batch))

@@ -169,19 +169,25 @@ def zero_sdxl_context(text: SDXLText, batch_size: int) -> dict[str, Any]:
     }
 
 
+def negative_prompt_list(negative_prompts: str | Sequence[str] | None, batch_size: int) -> list[str]:
+    """The negative prompts of ``batch_size`` prompts, as diffusers' ``encode_prompt`` takes them (SDXL, SD3):
+    None (or empty) is ``""``, one string is repeated; any other count is refused (``ValueError``)."""
+    negative_prompts = negative_prompts or ""
+    negatives = [negative_prompts] * batch_size if isinstance(negative_prompts, str) else list(negative_prompts)
+    if len(negatives) != batch_size:
+        raise ValueError(f"negative_prompts: {len(negatives)} negative prompts for {batch_size} prompts.")
+    return negatives
+
+
 def encode_sdxl_negative(
     text: SDXLText, negative_prompts: str | Sequence[str] | None, batch_size: int
 ) -> dict[str, Any]:
     """The negative context of ``batch_size`` prompts, as diffusers computes it: zeros where
     ``negative_prompts`` is None and ``text.force_zeros_for_empty_prompt``, else the encoding of
-    ``negative_prompts`` (None: ``""``; one string: repeated) without ``clip_skip``."""
+    ``negative_prompts`` (``negative_prompt_list``) without ``clip_skip``."""
     if negative_prompts is None and text.force_zeros_for_empty_prompt:
         return zero_sdxl_context(text, batch_size)
-    negative_prompts = negative_prompts or ""
-    negatives = [negative_prompts] * batch_size if isinstance(negative_prompts, str) else list(negative_prompts)
-    if len(negatives) != batch_size:
-        raise ValueError(f"negative_prompts: {len(negatives)} negative prompts for {batch_size} prompts.")
-    return encode_sdxl_prompts(text, negatives)
+    return encode_sdxl_prompts(text, negative_prompt_list(negative_prompts, batch_size))
 
 
 def encode_sdxl_prompt_pair(

@@ -160,6 +160,21 @@ NOT_COMPARED = ("out_channels",)
 
 
 @dataclasses.dataclass(frozen=True)
+class ConversionRequest:
+    """What to convert (``python -m codi_jax.convert``'s flags): the diffusers pipeline / UNet folder
+    ``diffusers`` (and the ControlNetModel folder ``controlnet``) into the teacher workdir ``workdir``;
+    ``overwrite`` replaces a non-empty ``workdir``; ``variant``: the weights variant, e.g. ``"fp16"``,
+    else chosen per part (see the module docstring)."""
+
+    diffusers: str
+    workdir: str
+    _: dataclasses.KW_ONLY
+    controlnet: str | None = None
+    overwrite: bool = False
+    variant: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Source:
     """Where each part of the input lives (checked to exist; nothing loaded)."""
 
@@ -575,20 +590,14 @@ def _check_out(out: str, overwrite: bool, inputs: tuple[str, ...]) -> None:
             raise ValueError(f"--out={out} holds the input {path}: write the teacher elsewhere.")
 
 
-def plan_conversion(
-    diffusers: str,
-    workdir: str,
-    *,
-    controlnet: str | None = None,
-    overwrite: bool = False,
-    variant: str | None = None,
-) -> Plan:
+def plan_conversion(request: ConversionRequest) -> Plan:
     """Every check of a conversion, from paths and configs alone (no weights read)."""
+    diffusers, controlnet = request.diffusers, request.controlnet
     if not os.path.exists(diffusers):
         raise FileNotFoundError(f"--diffusers={diffusers}: no such directory.")
-    out = os.path.abspath(workdir)
-    _check_out(out, overwrite, tuple(p for p in (diffusers, controlnet) if p))
-    source = find_source(diffusers, controlnet, variant)
+    out = os.path.abspath(request.workdir)
+    _check_out(out, request.overwrite, tuple(p for p in (diffusers, controlnet) if p))
+    source = find_source(diffusers, controlnet, request.variant)
     from codi_jax.interop import torch_to_flax
 
     if source.is_sd3:
@@ -857,23 +866,15 @@ def restore_controlnet(path: str, abstract_params: Any) -> Any:
         checkpointer.close()
 
 
-def convert(
-    diffusers: str,
-    workdir: str,
-    *,
-    controlnet: str | None = None,
-    overwrite: bool = False,
-    variant: str | None = None,
-) -> Summary:
+def convert(request: ConversionRequest) -> Summary:
     """Converts a local diffusers pipeline / UNet folder (and ControlNet) into the teacher workdir
-    ``workdir`` (see the module docstring; ``variant``: the weights variant, e.g. ``"fp16"``, else
-    chosen per part); every check runs before any weights are read."""
+    (``request``; see the module docstring); every check runs before any weights are read."""
     start = time.perf_counter()
-    plan = plan_conversion(diffusers, workdir, controlnet=controlnet, overwrite=overwrite, variant=variant)
+    plan = plan_conversion(request)
     variants = plan.source.variants
     from codi_jax.interop import flax_to_torch, torch_to_flax
 
-    with flax_to_torch.atomic_directory(plan.out, overwrite=overwrite) as staging:
+    with flax_to_torch.atomic_directory(plan.out, overwrite=request.overwrite) as staging:
         components = os.path.join(staging, COMPONENTS)
         _copy_components(plan.source, components)
         counts, max_length = _check_components(components, plan.source)

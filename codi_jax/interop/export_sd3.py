@@ -27,19 +27,24 @@ from typing import Any
 
 import numpy as np
 
+from codi_jax.interop import export  # light at import time: its codi_jax imports sit in its functions
+
 FROZEN_PARTS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
 PIPELINE_CLASS = "StableDiffusion3ControlNetPipeline"
-LIBRARIES = {
+# model_index.json's [library, class] per subfolder: SD3's own classes here; the VAE, the CLIP tokenizers and
+# the second CLIP text encoder as in an SDXL pipeline (``export.PIPELINE_LIBRARIES``), whose second CLIP
+# text encoder (with a projection) is SD3's first too.
+_SD3_LIBRARIES = {
     "transformer": ["diffusers", "SD3Transformer2DModel"],
     "controlnet": ["diffusers", "SD3ControlNetModel"],
     "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-    "vae": ["diffusers", "AutoencoderKL"],
-    "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "text_encoder": export.PIPELINE_LIBRARIES["text_encoder_2"],
     "text_encoder_3": ["transformers", "T5EncoderModel"],
     "tokenizer_3": ["transformers", "T5TokenizerFast"],
+}
+LIBRARIES = {
+    name: _SD3_LIBRARIES.get(name) or export.PIPELINE_LIBRARIES[name]
+    for name in ("transformer", "controlnet", "scheduler", *FROZEN_PARTS)
 }
 
 
@@ -124,8 +129,6 @@ def pipeline_sigmas(config: Any, steps: int) -> list[float] | None:
 def pipeline_call(config: Any, out_path: str, steps: int) -> str:
     """The README's python: load the folder, ``sample(control_image, steps)`` as the run samples (its
     prompt, negative prompt, guidance scale, T5 length; CoDi's ``sigmas``)."""
-    from codi_jax.interop import export
-
     counts = export.step_counts(config, steps)
     sigmas = {n: pipeline_sigmas(config, n) for n in counts}
     text = config.text
@@ -193,7 +196,7 @@ def index(parts: dict[str, Any]) -> dict[str, Any]:
 def export_pretrained(pre: Any, out: str, *, steps: int = 4, overwrite: bool = False) -> list[str]:
     """Writes a restored SD3 run (``pretrained.Pretrained``) as a ``StableDiffusion3ControlNetPipeline``
     folder at ``out``, atomically; returns the written files."""
-    from codi_jax.interop import export, flax_to_torch
+    from codi_jax.interop import flax_to_torch
 
     export.check_out(out, overwrite)
     export.step_table(pre.config, pre.schedule, steps)  # --steps fits the run's grid

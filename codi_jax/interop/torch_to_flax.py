@@ -25,8 +25,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -431,6 +431,25 @@ def _component_dir(path: str, subfolder: str, what: str) -> str:
     return path
 
 
+_Module = TypeVar("_Module")
+
+
+def _load_component(
+    path: str,
+    variant: str | None,
+    build: Callable[[dict[str, Any]], _Module],
+    to_params: Callable[[dict[str, Any], _Module], dict[str, Any]],
+) -> tuple[_Module, dict[str, Any]]:
+    """``(module, params)`` of the diffusers component at ``path`` (a model directory or a weights file, as
+    ``_resolve_files`` reads it; its ``variant`` weights where given): ``build`` makes the module of its
+    ``config.json``, ``to_params`` converts its safetensors state dict to that module's params."""
+    config_path, weight_files = _resolve_files(path, variant)
+    with open(config_path) as f:
+        config = json.load(f)
+    module = build(config)
+    return module, to_params(torch_state.read_safetensors(weight_files, "diffusers"), module)
+
+
 def load_diffusers_unet(
     path: str, *, variant: str | None = None, **model_overrides: Any
 ) -> tuple[UNet, dict[str, Any]]:
@@ -442,11 +461,8 @@ def load_diffusers_unet(
     (``diffusion_pytorch_model.fp16.safetensors``), upcast. ``model_overrides`` set non-architectural
     ``UNet`` fields (``dtype``, ``remat``, ``conv_impl``). Returns ``(model, params)`` with float32 params.
     """
-    config_path, weight_files = _resolve_files(path, variant)
-    with open(config_path) as f:
-        fields = unet_config_from_diffusers(json.load(f))
-    model = UNet(**fields, **model_overrides)
-    return model, unet_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), model)
+    build = lambda config: UNet(**unet_config_from_diffusers(config), **model_overrides)
+    return _load_component(path, variant, build, unet_params_from_diffusers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -482,10 +498,8 @@ def load_diffusers_vae(
     its ``config.json`` beside it; ``variant`` as for ``load_diffusers_unet``. ``model_overrides`` set
     ``dtype`` / ``conv_impl``. Returns ``(model, params)`` with float32 params.
     """
-    config_path, weight_files = _resolve_files(_component_dir(path, "vae", "VAE"), variant)
-    with open(config_path) as f:
-        model = vae_from_diffusers_config(json.load(f), **model_overrides)
-    return model, vae_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), model)
+    build = lambda config: vae_from_diffusers_config(config, **model_overrides)
+    return _load_component(_component_dir(path, "vae", "VAE"), variant, build, vae_params_from_diffusers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -572,11 +586,9 @@ def load_diffusers_controlnet(
     ``{"backbone": unet_params, "adapter": params}``; the condition goes in at 2**hint_downsamples
     times the latent size, in the range the ControlNet was trained on (diffusers: [0, 1]).
     """
-    config_path, weight_files = _resolve_files(_component_dir(path, "controlnet", "ControlNet"), variant)
-    with open(config_path) as f:
-        fields = controlnet_config_from_diffusers(json.load(f))
-    adapter = ControlNet(**fields, **model_overrides)
-    return adapter, controlnet_params_from_diffusers(torch_state.read_safetensors(weight_files, "diffusers"), adapter)
+    build = lambda config: ControlNet(**controlnet_config_from_diffusers(config), **model_overrides)
+    directory = _component_dir(path, "controlnet", "ControlNet")
+    return _load_component(directory, variant, build, controlnet_params_from_diffusers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,11 +709,9 @@ def load_diffusers_sd3_transformer(
     ``attention_impl``) as for ``load_diffusers_unet``. Returns ``(model, params)``; the model reads
     ``context={"encoder_hidden_states": ..., "pooled_projections": ...}`` (``DiT.context_spec``).
     """
-    config_path, weight_files = _resolve_files(_component_dir(path, "transformer", "SD3 transformer"), variant)
-    with open(config_path) as f:
-        fields = sd3_transformer_fields(json.load(f))
-    model = DiT(**fields, **model_overrides)
-    return model, sd3_transformer_params(torch_state.read_safetensors(weight_files, "diffusers"), model)
+    build = lambda config: DiT(**sd3_transformer_fields(config), **model_overrides)
+    directory = _component_dir(path, "transformer", "SD3 transformer")
+    return _load_component(directory, variant, build, sd3_transformer_params)
 
 
 SD3_CONTROLNET_CLASS_NAME = "SD3ControlNetModel"
@@ -767,7 +777,5 @@ def sd3_controlnet_params(state_dict: Mapping[str, Any], adapter: DiTControlNet)
 
 def load_diffusers_sd3_controlnet(path: str, *, variant: str | None = None) -> tuple[DiTControlNet, dict[str, Any]]:
     """Reads a local diffusers ``SD3ControlNetModel`` folder (``config.json`` + safetensors): ``(adapter, params)``."""
-    config_path, weight_files = _resolve_files(path, variant)
-    with open(config_path) as f:
-        adapter = sd3_controlnet_module(*sd3_controlnet_fields(json.load(f)))
-    return adapter, sd3_controlnet_params(torch_state.read_safetensors(weight_files, "diffusers"), adapter)
+    build = lambda config: sd3_controlnet_module(*sd3_controlnet_fields(config))
+    return _load_component(path, variant, build, sd3_controlnet_params)

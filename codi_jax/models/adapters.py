@@ -28,9 +28,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from codi_jax.models import layers
+from codi_jax.models.conditioning import Conditioned, Conditioning
 from codi_jax.models.dit import DiT
 from codi_jax.models.dit_controlnet import DiTControlNet
-from codi_jax.models.unet import Context, UNet, split_context
+from codi_jax.models.unet import UNet, split_context
 
 ADAPTER_KINDS = ("controlnet", "fusion", "t2i")
 # Backbone sub-trees a ControlNet copies: the whole encoder, under the same names.
@@ -81,7 +82,7 @@ class HintNetwork(nn.Module):
         return layers.Conv2D(self.out_features, kernel_init=out_init, conv_impl=self.conv_impl, name="conv_out")(h)
 
 
-class ControlNet(UNet):
+class ControlNet(Conditioned, UNet):
     """Encoder copy of the backbone reading ``(z_t, t, cond)``; returns the backbone's hooks.
 
     Inherits the backbone's architecture fields so that ``encode`` builds the same parameter tree
@@ -111,26 +112,15 @@ class ControlNet(UNet):
         return embed(w) - embed(jnp.ones_like(w))
 
     @nn.compact
-    def __call__(
-        self,
-        sample: jax.Array,
-        timesteps: jax.Array,
-        cond: jax.Array,
-        instruction: jax.Array | None = None,
-        context: Context = None,
-        *,
-        guidance_scale: jax.Array | None = None,
-        train: bool = False,
+    def conditioned(
+        self, sample: jax.Array, timesteps: jax.Array, inputs: Conditioning, *, train: bool = False
     ) -> dict[str, Any]:
-        """The backbone hooks for ``(sample, timesteps, cond)``; ``context`` as the backbone's (a
-        ``TEXT_TIME_KEYS`` dict for a text_time encoder: its ``add_embedding`` reads the extras)."""
+        """The backbone hooks for ``(sample, timesteps, inputs)``; ``inputs.context`` as the backbone's
+        (a ``TEXT_TIME_KEYS`` dict for a text_time encoder: its ``add_embedding`` reads the extras)."""
         self.check_input(sample)
-        if cond.shape[:1] != sample.shape[:1] or cond.shape[-1] != self.cond_channels:
-            raise ValueError(
-                f"Condition of shape {cond.shape} does not fit: expected batch {sample.shape[0]} and "
-                f"{self.cond_channels} channels."
-            )
-        context, added = split_context(context, self.addition_embed_type)
+        inputs.check(sample, "ControlNet", channels=self.cond_channels, takes_guidance_scale=True)
+        cond, instruction, guidance_scale = inputs.cond, inputs.instruction, inputs.guidance_scale
+        context, added = split_context(inputs.context, self.addition_embed_type)
         timesteps = jnp.broadcast_to(jnp.asarray(timesteps, jnp.float32), (sample.shape[0],))
         temb = self.time_embed(timesteps, added)
         if self.num_instructions:
@@ -166,7 +156,7 @@ class ControlNet(UNet):
         raise ValueError(f"ControlNet output={self.output!r}; valid: 'residuals', 'blend'.")
 
 
-class T2IAdapter(nn.Module):
+class T2IAdapter(Conditioned):
     """Light condition encoder (T2I-Adapter style): per level, a conv and a residual conv pair at
     that level's resolution; each backbone skip gets a zero-init 1x1 projection of its level's
     feature. Independent of ``z_t`` and ``t``, so it can be computed once per sampling run."""
@@ -178,25 +168,19 @@ class T2IAdapter(nn.Module):
     conv_impl: str = "auto"
 
     @nn.compact
-    def __call__(
-        self,
-        sample: jax.Array,
-        timesteps: jax.Array,
-        cond: jax.Array,
-        instruction: jax.Array | None = None,
-        context: jax.Array | None = None,
-        *,
-        train: bool = False,
+    def conditioned(
+        self, sample: jax.Array, timesteps: jax.Array, inputs: Conditioning, *, train: bool = False
     ) -> dict[str, Any]:
-        del timesteps, context, train
+        """The backbone hooks for ``inputs.cond`` (and ``inputs.instruction``) alone."""
+        del timesteps, train
         levels = max(level for _, level in self.skip_specs) + 1
         if len(self.channels) != levels:
             raise ValueError(f"T2I adapter needs one channel count per level ({levels}), got {tuple(self.channels)}.")
-        if cond.shape[:1] != sample.shape[:1] or cond.shape[1:3] != sample.shape[1:3]:
-            raise ValueError(f"Condition of shape {cond.shape} does not match the input {sample.shape}.")
-        h = layers.Conv2D(self.channels[0], conv_impl=self.conv_impl, name="stem")(cond.astype(jnp.float32))
+        inputs.check(sample, "T2I adapter", same_size=True)
+        h = layers.Conv2D(self.channels[0], conv_impl=self.conv_impl, name="stem")(inputs.cond.astype(jnp.float32))
         if self.num_instructions:
-            h = h + layers.instruction_embedding(self.num_instructions, self.channels[0], instruction)[:, None, None, :]
+            embedded = layers.instruction_embedding(self.num_instructions, self.channels[0], inputs.instruction)
+            h = h + embedded[:, None, None, :]
         features = []
         for i, width in enumerate(self.channels):
             stride = 1 if i == 0 else 2
@@ -212,27 +196,21 @@ class T2IAdapter(nn.Module):
         return {"down_residuals": residuals, "mid_residual": mid}
 
 
-class ConditionalModel(nn.Module):
+class ConditionalModel(Conditioned):
     """Backbone (UNet or DiT) + adapter: ``(z_t, model time, cond[, instruction]) -> network output``."""
 
     backbone: UNet | DiT
     adapter: nn.Module
 
     @nn.compact
-    def __call__(
-        self,
-        sample: jax.Array,
-        timesteps: jax.Array,
-        cond: jax.Array,
-        instruction: jax.Array | None = None,
-        context: Context = None,
-        *,
-        guidance_scale: jax.Array | None = None,
-        train: bool = False,
+    def conditioned(
+        self, sample: jax.Array, timesteps: jax.Array, inputs: Conditioning, *, train: bool = False
     ) -> jax.Array:
-        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-        hooks = self.adapter(sample, timesteps, cond, instruction, context, train=train, **extra)
-        return self.backbone(sample, timesteps, context, train=train, **hooks)
+        """The backbone's output with the adapter's hooks; ``inputs.context`` as the backbone's,
+        ``instruction`` / ``guidance_scale`` for adapters built with ``num_instructions`` /
+        ``guidance_embedding``."""
+        hooks = self.adapter.conditioned(sample, timesteps, inputs, train=train)
+        return self.backbone(sample, timesteps, inputs.context, train=train, **hooks)
 
 
 def default_adapter_config() -> ml_collections.ConfigDict:
@@ -254,7 +232,7 @@ def default_adapter_config() -> ml_collections.ConfigDict:
 
 
 def build_conditional_model(
-    backbone: UNet,
+    backbone: UNet | DiT,
     adapter_config: ml_collections.ConfigDict,
     cond_channels: int,
     num_instructions: int = 0,

@@ -18,6 +18,7 @@ imported.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,17 +36,6 @@ _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
-# config.json fields that set the architecture (-> CLIPTextModel fields) and transformers' defaults.
-_ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=49408,
-    hidden_size=512,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=8,
-    max_position_embeddings=77,
-    hidden_act="quick_gelu",
-    layer_norm_eps=1e-5,
-)
 # Fields that do not change last_hidden_state at inference (PretrainedConfig's generic ones and the
 # projection size, which only CLIPTextModelWithProjection reads, from _PROJECTION_DEFAULTS).
 _IGNORED_FIELDS = torch_state.TRANSFORMERS_INERT_CONFIG_FIELDS | {"projection_dim"}
@@ -56,8 +46,6 @@ _REQUIRED_VALUES: tuple[tuple[str, tuple[Any, ...]], ...] = (
     ("dropout", (0.0, 0)),
 )
 _SUPPORTED_ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
-# CLIPTextModelWithProjection's extra config.json fields (-> its module fields) and transformers' defaults.
-_PROJECTION_DEFAULTS: dict[str, Any] = dict(projection_dim=512, eos_token_id=49407)
 
 # Our parameter path -> the transformers (5.x layout) state-dict name (layers_3 -> layers.3).
 _torch_name = torch_state.torch_names(
@@ -256,6 +244,22 @@ class CLIPTextModelWithProjection(CLIPTextModel):
         pooled = last_hidden_state[jnp.arange(last_hidden_state.shape[0]), positions]
         text_embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
         return CLIPTextModelOutput(text_embeds, last_hidden_state, hidden_states if output_hidden_states else None)
+
+
+def _field_defaults(module: type[nn.Module], inherited: type[nn.Module] | None = None) -> dict[str, Any]:
+    """``module``'s architecture fields and their defaults: not ``dtype`` (nor linen's ``parent`` and
+    ``name``), nor the fields of ``inherited``."""
+    skip = {"dtype", "parent", "name"} | ({f.name for f in dataclasses.fields(inherited)} if inherited else set())
+    return {f.name: f.default for f in dataclasses.fields(module) if f.name not in skip}
+
+
+# config.json fields that set the architecture (-> CLIPTextModel fields) and transformers' defaults:
+# CLIPTextModel's, but for the width (its defaults are CLIP ViT-L/14's, SD 1.x's text encoder).
+_ARCHITECTURE_DEFAULTS = _field_defaults(CLIPTextModel) | dict(
+    hidden_size=512, intermediate_size=2048, num_attention_heads=8
+)
+# CLIPTextModelWithProjection's extra config.json fields (-> its module fields) and transformers' defaults.
+_PROJECTION_DEFAULTS = _field_defaults(CLIPTextModelWithProjection, CLIPTextModel)
 
 
 def _unsupported(message: str) -> UnsupportedCLIPConfig:

@@ -307,19 +307,25 @@ class Patchify(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """``proj`` (patches -> tokens, row-major) plus the fixed 2-D sin-cos position embedding: the
-    token grid's own integer positions, or with ``pos_embed_max_size`` the centred window of SD3's
-    table (``cropped_pos_embed``; ``base_size`` is diffusers' ``sample_size // patch_size``)."""
+    """diffusers ``PatchEmbed``: ``proj`` (patches -> tokens, row-major) plus the fixed 2-D sin-cos
+    position embedding: the token grid's own integer positions, or with ``pos_embed_max_size`` the
+    centred window of SD3's table (``cropped_pos_embed``; ``base_size`` is diffusers' ``sample_size //
+    patch_size``). ``positions=False``: ``proj`` alone (diffusers' ``pos_embed_type=None``, as the
+    ControlNet's ``pos_embed_input``)."""
 
     features: int
     patch_size: int
     dtype: Dtype = jnp.float32
     pos_embed_max_size: int | None = None
     base_size: int | None = None
+    positions: bool = True
+    kernel_init: Any = XAVIER_CONV  # proj's
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        tokens = Patchify(self.features, self.patch_size, self.dtype, name="proj")(x)
+        tokens = Patchify(self.features, self.patch_size, self.dtype, self.kernel_init, name="proj")(x)
+        if not self.positions:
+            return tokens
         grid_h, grid_w = x.shape[1] // self.patch_size, x.shape[2] // self.patch_size
         if self.pos_embed_max_size is None:
             table = sincos_pos_embed(self.features, grid_h, grid_w)

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from codi_jax.models import adapters, lora
+from codi_jax.models.dit import DiT
 from codi_jax.models.unet import UNet
 
 
@@ -57,8 +58,8 @@ class AdaptedModel:
         ``adapter_params`` (a converted public ControlNet) replace the adapter's sub-trees they name."""
         rng_module, rng_lora = jax.random.split(rng)
         sample = jnp.zeros(sample_shape or cond.shape[:-1] + (self.backbone.in_channels,), jnp.float32)
-        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
-        params = self.module.init(rng_module, sample, jnp.zeros(cond.shape[:1]), cond, instruction, context, **extra)
+        time = jnp.zeros(cond.shape[:1])
+        params = self.module.init(rng_module, sample, time, cond, instruction, context, guidance_scale=guidance_scale)
         params = params["params"]
         params = adapters.init_from_backbone(
             dict(params),
@@ -101,7 +102,6 @@ class AdaptedModel:
     ) -> jax.Array:
         """The network output; ``context`` is the text embedding sequence (text backbones),
         ``guidance_scale`` the student's w (CFG-aware distillation)."""
-        extra = {} if guidance_scale is None else {"guidance_scale": guidance_scale}
         return self.module.apply(
             {"params": self.module_params(params)},
             z_t,
@@ -109,9 +109,9 @@ class AdaptedModel:
             cond,
             instruction,
             context,
+            guidance_scale=guidance_scale,
             train=train,
             rngs=rngs,
-            **extra,
         )
 
     def apply_initial(self, params: dict, z_t: jax.Array, model_t: jax.Array, cond: jax.Array, *args, **kwargs):
@@ -134,20 +134,20 @@ class AdaptedModel:
 
 
 def build_adapted_model(
-    backbone: UNet,
+    backbone: UNet | DiT,
     adapter_config: ml_collections.ConfigDict,
-    cond_channels: int,
-    num_instructions: int = 0,
+    *conditional_args: Any,
     keep_initial: bool = False,
-    guidance_embedding: bool = False,
+    **conditional_kwargs: Any,
 ) -> AdaptedModel:
+    """``adapters.build_conditional_model(backbone, adapter_config, *conditional_args,
+    **conditional_kwargs)`` (``cond_channels``, ``num_instructions``, ``guidance_embedding``) with
+    ``adapter_config``'s LoRA and trained parts; ``keep_initial`` keeps the initial model beside it."""
     rank = int(adapter_config.lora_rank)
     if rank and adapter_config.train_backbone:
         raise ValueError("adapter.lora_rank > 0 with adapter.train_backbone=True: LoRA is for a frozen backbone.")
     return AdaptedModel(
-        module=adapters.build_conditional_model(
-            backbone, adapter_config, cond_channels, num_instructions, guidance_embedding
-        ),
+        module=adapters.build_conditional_model(backbone, adapter_config, *conditional_args, **conditional_kwargs),
         train_backbone=bool(adapter_config.train_backbone),
         lora_rank=rank,
         lora_scale=lora.lora_scale(rank, adapter_config.lora_alpha) if rank else 1.0,

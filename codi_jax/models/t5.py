@@ -21,6 +21,7 @@ layout (``weight`` (out, in) -> ``kernel`` (in, out)); embeddings are ``embeddin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -42,19 +43,6 @@ _ACTIVATIONS = {
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),  # transformers' NewGELUActivation (tanh)
     "relu": jax.nn.relu,
 }
-# config.json fields that set the architecture (-> T5Encoder fields) and T5Config's defaults.
-_ARCHITECTURE_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=32128,
-    d_model=512,
-    d_kv=64,
-    d_ff=2048,
-    num_layers=6,
-    num_heads=8,
-    relative_attention_num_buckets=32,
-    relative_attention_max_distance=128,
-    feed_forward_proj="relu",
-    layer_norm_epsilon=1e-6,
-)
 # T5 fields without effect on the encoder at inference: the decoder's, dropout, T5 1.0 leftovers.
 _IGNORED_FIELDS = torch_state.TRANSFORMERS_INERT_CONFIG_FIELDS | {
     "num_decoder_layers",
@@ -185,7 +173,8 @@ class T5DenseReluDense(nn.Module):
 
 
 class _EncoderFields(nn.Module):
-    """The fields of T5's encoder (config.json's names); ``T5Block`` and ``T5Stack`` share them."""
+    """The fields of T5's encoder (config.json's names, T5Config's defaults); ``T5Block`` and
+    ``T5Stack`` share them."""
 
     vocab_size: int = 32128
     d_model: int = 512
@@ -198,6 +187,16 @@ class _EncoderFields(nn.Module):
     feed_forward_proj: str = "relu"
     layer_norm_epsilon: float = 1e-6
     dtype: Any = jnp.float32  # compute dtype; params stay float32
+
+    def encoder_fields(self) -> dict[str, Any]:
+        """These fields by name, to build a submodule that shares them."""
+        return {name: getattr(self, name) for name in _ARCHITECTURE_DEFAULTS} | {"dtype": self.dtype}
+
+
+# config.json fields that set the architecture (-> T5Encoder fields) and T5Config's defaults.
+_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(_EncoderFields) if f.name not in ("dtype", "parent", "name")
+}
 
 
 class T5LayerSelfAttention(_EncoderFields):
@@ -239,7 +238,7 @@ class T5Block(_EncoderFields):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None, bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        fields = {name: getattr(self, name) for name in _ARCHITECTURE_DEFAULTS} | {"dtype": self.dtype}
+        fields = self.encoder_fields()
         attention = T5LayerSelfAttention(
             **fields, has_relative_attention_bias=self.has_relative_attention_bias, name="layer_0"
         )
@@ -252,7 +251,7 @@ class T5Stack(_EncoderFields):
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
-        fields = {name: getattr(self, name) for name in _ARCHITECTURE_DEFAULTS} | {"dtype": self.dtype}
+        fields = self.encoder_fields()
         bias = None
         for i in range(self.num_layers):
             x, bias = T5Block(**fields, has_relative_attention_bias=i == 0, name=f"block_{i}")(x, mask, bias)
@@ -273,8 +272,7 @@ class T5Encoder(_EncoderFields):
             raise ValueError(f"feed_forward_proj={self.feed_forward_proj!r}: supported {list(FEED_FORWARD_PROJ)}.")
         x = nn.Embed(self.vocab_size, self.d_model, name="shared")(jnp.asarray(input_ids, jnp.int32))
         mask = None if attention_mask is None else (jnp.asarray(attention_mask) > 0)[:, None, None, :]
-        fields = {name: getattr(self, name) for name in _ARCHITECTURE_DEFAULTS} | {"dtype": self.dtype}
-        return T5Stack(**fields, name="encoder")(x.astype(jnp.float32), mask)
+        return T5Stack(**self.encoder_fields(), name="encoder")(x.astype(jnp.float32), mask)
 
 
 def _unsupported(message: str) -> UnsupportedT5Config:

@@ -22,6 +22,7 @@ Predictors (``codi.predictor``):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -41,6 +42,18 @@ CONSISTENCY_SPACES = ("eps", "x", "lpips")
 GUIDANCE_SCHEDULES = ("constant", "noise", "velocity")
 TARGETS = ("ema", "online")
 OBJECTIVES = ("codi", "finetune")
+Batch = dict[str, jax.Array]
+LossAndParts = tuple[jax.Array, dict[str, jax.Array]]  # every loss's (scalar loss, its logged parts)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LossSetup:
+    """What a loss reads besides arrays (modules, schedule, config: bound once, never traced)."""
+
+    model: AdaptedModel
+    schedule: diffusion.Schedule
+    parametrization: diffusion.Parametrization  # resolved against the schedule by each loss
+    config: ml_collections.ConfigDict  # the ``codi`` section
 
 
 def default_codi_config() -> ml_collections.ConfigDict:
@@ -119,17 +132,18 @@ def guided_prediction(
     return guidance.combine(without_text, with_text, w)
 
 
-def _move(params, z_t, t, x_hat, eps_hat, eps, batch, w, *, model, schedule, parametrization, config):
+def _move(params, z_t, t, x_hat, eps_hat, eps, batch, w, setup: LossSetup, parametrization: str):
     """The predictor's ``(x, eps)`` that move ``z_t`` to ``z_s_hat`` (module docstring)."""
-    if config.predictor == "prev":
+    predictor, schedule = setup.config.predictor, setup.schedule
+    if predictor == "prev":
         return x_hat, eps
-    if config.predictor == "ddim":
+    if predictor == "ddim":
         return x_hat, eps_hat
-    if config.predictor == "teacher":
-        initial = guided_prediction(model.apply_initial, params, z_t, schedule.model_time(t), batch, w)
+    if predictor == "teacher":
+        initial = guided_prediction(setup.model.apply_initial, params, z_t, schedule.model_time(t), batch, w)
         alpha_t, sigma_t = schedule.alpha_sigma(t)
         return diffusion.x_eps_from_prediction(z_t, initial, alpha_t, sigma_t, parametrization)
-    raise ValueError(f"codi.predictor={config.predictor!r}; valid values: {PREDICTORS}.")
+    raise ValueError(f"codi.predictor={predictor!r}; valid values: {PREDICTORS}.")
 
 
 def consistency_distance(
@@ -154,20 +168,11 @@ def consistency_distance(
     raise ValueError(f"codi.consistency_space={space!r}; valid values: {CONSISTENCY_SPACES}.")
 
 
-def codi_loss(
-    params: Any,
-    target_params: Any,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    *,
-    model: AdaptedModel,
-    schedule: diffusion.Schedule,
-    parametrization: diffusion.Parametrization,
-    config: ml_collections.ConfigDict,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def codi_loss(params: Any, target_params: Any, batch: Batch, rng: jax.Array, setup: LossSetup) -> LossAndParts:
     """CoDi loss and its parts for one batch ``{"image": x, "cond": c[, "instruction", "context",
     "uncond_context"]}`` (``x`` in the backbone's space: pixels or scaled latents)."""
-    parametrization = diffusion.resolve_parametrization(schedule, parametrization)
+    model, schedule, config = setup.model, setup.schedule, setup.config
+    parametrization = diffusion.resolve_parametrization(schedule, setup.parametrization)
     x = batch["image"]
     batch_size, grid_size = x.shape[0], int(config.grid_size)
     rng_k, rng_eps, rng_dropout = jax.random.split(rng, 3)
@@ -197,8 +202,7 @@ def codi_loss(
         **student,
     )
     x_hat, eps_hat = diffusion.x_eps_from_prediction(z_t, prediction, alpha_t, sigma_t, parametrization)
-    statics = dict(model=model, schedule=schedule, parametrization=parametrization, config=config)
-    x_move, eps_move = _move(params, z_t, t, x_hat, eps_hat, eps, batch, w, **statics)
+    x_move, eps_move = _move(params, z_t, t, x_hat, eps_hat, eps, batch, w, setup, parametrization)
     z_s_hat = jax.lax.stop_gradient(diffusion.q_sample(x_move, eps_move, alpha_s, sigma_s))
 
     target_prediction = guided_prediction(model.apply, target_params, z_s_hat, schedule.model_time(s), batch, w)
@@ -220,22 +224,12 @@ def codi_loss(
     return loss, {"consistency": consistency, "guidance": guidance_term, "t": jnp.mean(t)}
 
 
-def finetune_loss(
-    params: Any,
-    target_params: Any,
-    batch: dict[str, jax.Array],
-    rng: jax.Array,
-    *,
-    model: AdaptedModel,
-    schedule: diffusion.Schedule,
-    parametrization: diffusion.Parametrization,
-    config: ml_collections.ConfigDict,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def finetune_loss(params: Any, target_params: Any, batch: Batch, rng: jax.Array, setup: LossSetup) -> LossAndParts:
     """The ordinary diffusion loss of the adapted model (the non-distilled conditional model)."""
-    del target_params, config
-    x, (cond, instruction, context) = batch["image"], _conditioning(batch)
-    t, z_t, target, rng_dropout = noised_example(schedule, x, rng, parametrization)
-    prediction = model.apply(
+    del target_params
+    schedule, x, (cond, instruction, context) = setup.schedule, batch["image"], _conditioning(batch)
+    t, z_t, target, rng_dropout = noised_example(schedule, x, rng, setup.parametrization)
+    prediction = setup.model.apply(
         params, z_t, schedule.model_time(t), cond, instruction, context, train=True, rngs={"dropout": rng_dropout}
     )
     loss = jnp.mean(jnp.square(prediction - target))
@@ -267,19 +261,11 @@ def train_step(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective={objective!r}; valid: {OBJECTIVES}.")
     loss_fn = codi_loss if objective == "codi" else finetune_loss
+    setup = LossSetup(model, schedule, parametrization, config)
     target_params = jax.lax.stop_gradient(model_params(state, ema=config.target == "ema"))
 
     def loss_of_trained(trained_params):
-        return loss_fn(
-            {**state.frozen, **trained_params},
-            target_params,
-            batch,
-            rng,
-            model=model,
-            schedule=schedule,
-            parametrization=parametrization,
-            config=config,
-        )
+        return loss_fn({**state.frozen, **trained_params}, target_params, batch, rng, setup)
 
     # Only the trained sub-trees are differentiated; the frozen ones are data (``state.frozen``).
     (loss, aux), grads = jax.value_and_grad(loss_of_trained, has_aux=True)(state.params)

@@ -6,7 +6,7 @@ pass through ``upgrade``, so the code reads every field directly and never suppl
 
 The values filled in are what the field's absence meant before it existed (a run saved before
 ``optimizer.decay`` decayed nothing, one saved before ``data.color_augment`` recoloured nothing,
-one saved before ``data.caption_key`` read no captions: ``""``, where ``default_data_config`` and
+one saved before ``data.caption_key`` read no captions: ``""``, where ``sources.default_data_config`` and
 the SD configs now say ``"text"``);
 for the sections with a ``default_*_config`` function, its defaults, which were those values when
 the fields were added.

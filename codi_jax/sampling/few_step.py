@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import os
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -183,32 +182,43 @@ def read_conditional_config(workdir: str, step: int | None = None) -> tuple[ml_c
     return config, step
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+    """What to sample: the trained ``run`` (``--run``), its checkpoint (None: the latest), the inputs
+    ``images`` (a file or a folder; ``input_kind`` 'clean': degraded by the task, 'condition': the
+    conditions themselves), the ``out`` folder (refused if it holds any output, unless ``overwrite``;
+    ``skip_existing``: existing outputs are kept and skipped), the step counts, the edit
+    ``instruction`` and ``strict_size`` (refuse, not resize, images at another size)."""
+
+    run: str
+    images: str
+    out: str
+    step_counts: tuple[int, ...] = (4,)
+    input_kind: str = "clean"
+    instruction: int = 0
+    checkpoint_step: int | None = None
+    strict_size: bool = False
+    overwrite: bool = False
+    skip_existing: bool = False
+
+
 def check_request(
-    workdir: str,
-    images_path: str,
-    out_dir: str,
-    step_counts: Sequence[int],
-    options: SamplingOptions = SamplingOptions(),
-    *,
-    input_kind: str = "clean",
-    instruction: int = 0,
-    checkpoint_step: int | None = None,
-    overwrite: bool = False,
-    skip_existing: bool = False,
+    request: SampleRequest, options: SamplingOptions = SamplingOptions()
 ) -> tuple[ml_collections.ConfigDict, int, list[str], list[str], list[str]]:
     """Every check of a sampling request that needs no pixels and no weights: ``(config, step,
-    paths, names, files)``. ``skip_existing``: existing outputs are kept and skipped, not refused."""
+    paths, names, files)``."""
+    r, step_counts = request, request.step_counts
     if not step_counts or min(step_counts) < 1:
         raise ValueError(f"--steps={','.join(map(str, step_counts))}: every step count must be at least 1.")
-    if input_kind not in ("clean", "condition"):
-        raise ValueError(f"--input={input_kind!r}; valid: 'clean', 'condition'.")
-    if overwrite and skip_existing:
+    if r.input_kind not in ("clean", "condition"):
+        raise ValueError(f"--input={r.input_kind!r}; valid: 'clean', 'condition'.")
+    if r.overwrite and r.skip_existing:
         raise ValueError("--overwrite and --skip_existing contradict each other: choose one.")
-    paths = list_inputs(images_path)
+    paths = list_inputs(r.images)
     names = [os.path.splitext(os.path.basename(p))[0] for p in paths]
     files = output_files(names, step_counts)
-    check_out_dir(out_dir, [] if skip_existing else files, overwrite=overwrite)
-    config, step = read_conditional_config(workdir, checkpoint_step)
+    check_out_dir(r.out, [] if r.skip_existing else files, overwrite=r.overwrite)
+    config, step = read_conditional_config(r.run, r.checkpoint_step)
     for steps in step_counts:
         check_steps(config, steps)
     if options.lowpass_consistency:
@@ -217,11 +227,11 @@ def check_request(
         except ValueError as error:
             raise ValueError(f"--lowpass_consistency: {error}") from None
     num_instructions = task_spec.num_instructions(config.task)
-    if num_instructions and not 0 <= instruction < num_instructions:
+    if num_instructions and not 0 <= r.instruction < num_instructions:
         raise ValueError(
-            f"--instruction={instruction}: the run's edit task has instructions 0..{num_instructions - 1}."
+            f"--instruction={r.instruction}: the run's edit task has instructions 0..{num_instructions - 1}."
         )
-    if input_kind == "condition":
+    if r.input_kind == "condition":
         check_condition_task(config.task)
     elif task_spec.text_instructions(config.task):
         raise ValueError(
@@ -259,36 +269,19 @@ def read_conditions(
     return cond, target, instructions
 
 
-def prepare(
-    workdir: str,
-    images_path: str,
-    out_dir: str,
-    step_counts: Sequence[int],
-    options: SamplingOptions = SamplingOptions(),
-    *,
-    input_kind: str = "clean",
-    instruction: int = 0,
-    checkpoint_step: int | None = None,
-    strict_size: bool = False,
-    overwrite: bool = False,
-) -> SamplePlan:
+def prepare(request: SampleRequest, options: SamplingOptions = SamplingOptions()) -> SamplePlan:
     """Every check of a sampling request and its inputs read, before any weight is read (see the
     module docstring)."""
-    config, step, paths, names, files = check_request(
-        workdir,
-        images_path,
-        out_dir,
-        step_counts,
-        options,
-        input_kind=input_kind,
-        instruction=instruction,
-        checkpoint_step=checkpoint_step,
-        overwrite=overwrite,
-    )
+    config, step, paths, names, files = check_request(request, options)
     cond, target, instructions = read_conditions(
-        config, paths, input_kind=input_kind, instruction=instruction, seed=options.seed, strict_size=strict_size
+        config,
+        paths,
+        input_kind=request.input_kind,
+        instruction=request.instruction,
+        seed=options.seed,
+        strict_size=request.strict_size,
     )
-    return SamplePlan(config, step, names, files, cond, target, instructions, overwrite)
+    return SamplePlan(config, step, names, files, cond, target, instructions, request.overwrite)
 
 
 def check_text_request(config: ml_collections.ConfigDict, prompt: str | None, guidance_scale: float | None) -> None:
@@ -400,25 +393,19 @@ def write_outputs(
     )
 
 
-def run(
-    workdir: str,
-    images_path: str,
-    out_dir: str,
-    step_counts: Sequence[int] = (4,),
-    options: SamplingOptions = SamplingOptions(),
-    **request: Any,
-) -> list[str]:
-    """Checks the request (``prepare``; ``request``: its keywords), restores the run, samples at each
-    step count and writes (process 0); returns the paths written (the samples, then ``grid.png``)."""
-    plan = prepare(workdir, images_path, out_dir, step_counts, options, **request)
-    pre = load_conditional(workdir, step=plan.step, use_ema=options.ema, dtype=options.model_dtype)
+def run(request: SampleRequest, options: SamplingOptions = SamplingOptions()) -> list[str]:
+    """Checks the request (``prepare``), restores the run, samples at each step count and writes
+    (process 0); returns the paths written (the samples, then ``grid.png``)."""
+    plan = prepare(request, options)
+    step_counts = request.step_counts
+    pre = load_conditional(request.run, step=plan.step, use_ema=options.ema, dtype=options.model_dtype)
     sample = conditional_sampler(pre, options)
     samples = [sample(plan.cond, plan.instructions, k) for k in step_counts]
     target = [plan.target] if plan.target is not None else []
     if jax.process_index() > 0:  # every process holds every sample; one writes them
         return []
     return write_outputs(
-        out_dir, plan.names, [samplers.cond_to_rgb(plan.cond), *samples, *target], step_counts, plan.overwrite
+        request.out, plan.names, [samplers.cond_to_rgb(plan.cond), *samples, *target], step_counts, plan.overwrite
     )
 
 
@@ -429,47 +416,35 @@ def missing_outputs(out_dir: str, names: Sequence[str], step_counts: Sequence[in
 
 
 def run_resumable(
-    workdir: str,
-    images_path: str,
-    out_dir: str,
-    step_counts: Sequence[int] = (4,),
-    options: SamplingOptions = SamplingOptions(),
-    *,
-    chunk_size: int = 256,
-    input_kind: str = "clean",
-    instruction: int = 0,
-    checkpoint_step: int | None = None,
-    strict_size: bool = False,
+    request: SampleRequest, options: SamplingOptions = SamplingOptions(), chunk_size: int = 256
 ) -> list[str]:
     """Large sets (``sample --skip_existing``, e.g. FID sets): the inputs whose samples are all in
-    ``out_dir`` already are skipped; the others are read, sampled and written ``chunk_size`` at a
+    ``request.out`` already are skipped; the others are read, sampled and written ``chunk_size`` at a
     time (each file atomically, by process 0; no grid), so memory holds one chunk and a stopped
     run resumes where it stopped. Input i is degraded and noised as a whole request would do it.
-    Returns the paths written."""
-    request = dict(input_kind=input_kind, instruction=instruction)
-    config, step, paths, names, _ = check_request(
-        workdir,
-        images_path,
-        out_dir,
-        step_counts,
-        options,
-        checkpoint_step=checkpoint_step,
-        skip_existing=True,
-        **request,
-    )
+    Returns the paths written (``request.skip_existing`` is implied)."""
+    request = dataclasses.replace(request, skip_existing=True)
+    config, step, paths, names, _ = check_request(request, options)
+    out_dir, step_counts = request.out, request.step_counts
     missing = missing_outputs(out_dir, names, step_counts)
     todo = np.array([i for i, files in enumerate(missing) if files], np.int64)
     say = print if jax.process_index() == 0 else lambda *_, **__: None  # process 0 reports
     say(f"{len(names) - len(todo)} of {len(names)} inputs already sampled in {out_dir}; sampling {len(todo)}.")
     if not len(todo):
         return []
-    pre = load_conditional(workdir, step=step, use_ema=options.ema, dtype=options.model_dtype)
+    pre = load_conditional(request.run, step=step, use_ema=options.ema, dtype=options.model_dtype)
     sample = conditional_sampler(pre, options)
     written = []
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
         cond, _, instructions = read_conditions(
-            config, [paths[i] for i in chunk], seed=options.seed, strict_size=strict_size, indices=chunk, **request
+            config,
+            [paths[i] for i in chunk],
+            input_kind=request.input_kind,
+            instruction=request.instruction,
+            seed=options.seed,
+            strict_size=request.strict_size,
+            indices=chunk,
         )
         samples = [sample(cond, instructions, k, chunk) for k in step_counts]
         files = sample_file_names([names[i] for i in chunk], step_counts)

@@ -7,6 +7,7 @@ v-prediction, cosine schedule.
 import ml_collections
 
 from codi_jax import sharding
+from codi_jax.data import sources
 from codi_jax.training import train_state
 
 
@@ -35,26 +36,13 @@ def get_config() -> ml_collections.ConfigDict:
     )
     config.schedule = ml_collections.ConfigDict(dict(kind="cosine"))
 
-    config.data = ml_collections.ConfigDict(
-        dict(
-            source="skimage_patches",
-            tfds_name="",
-            image_key="image",
-            folder="",
-            data_dir="",
-            image_size=32,
-            train_split="train",
-            eval_split="test",
-            random_flip=True,
-            random_crop=False,
-            # Share of training examples recoloured (grey / hue / saturation), condition and target
-            # alike: the committed checkpoints/teacher_patches32_color was continued with 0.5 from
-            # step 3,500 to 5,000 (docs/colour_augmentation.md); the colours the models invent on
-            # new photographs dropped (colour error 14.8 -> 10.6 on the generalisation set).
-            color_augment=0.5,
-            shuffle_buffer=10000,
-        )
-    )
+    config.data = sources.default_data_config()  # 32 px patches of skimage's photographs, flipped
+    config.data.caption_key = ""  # no captions (no text encoder)
+    # Share of training examples recoloured (grey / hue / saturation), condition and target alike:
+    # the committed checkpoints/teacher_patches32_color was continued with 0.5 from step 3,500 to
+    # 5,000 (docs/colour_augmentation.md); the colours the models invent on new photographs dropped
+    # (colour error 14.8 -> 10.6 on the generalisation set).
+    config.data.color_augment = 0.5
 
     # decay: 'constant' after the warm-up, or 'cosine' to 0 at decay_steps (0: num_train_steps).
     config.optimizer = ml_collections.ConfigDict(

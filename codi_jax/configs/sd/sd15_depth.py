@@ -14,7 +14,12 @@ from codi_jax.configs.sd import sd15_sr4
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = sd15_sr4.get_config()
+    return as_depth(sd15_sr4.get_config())
+
+
+def as_depth(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` (an SD super-resolution config) with the depth task and NYU Depth v2 data, in place;
+    ``sdxl_depth`` and ``sd3_depth`` build on it."""
     config.task.name = "depth"
     config.task.depth_source = "feature"
     config.task.depth_is_disparity = False

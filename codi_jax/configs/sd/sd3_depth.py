@@ -8,9 +8,4 @@ from codi_jax.configs.sd import sd3_sr4, sd15_depth
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = sd3_sr4.get_config()
-    depth = sd15_depth.get_config()
-    config.task = depth.task
-    for field in ("source", "tfds_name", "caption_key", "train_split", "eval_split", "random_crop"):
-        config.data[field] = depth.data[field]
-    return config
+    return sd15_depth.as_depth(sd3_sr4.get_config())

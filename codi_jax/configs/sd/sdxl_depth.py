@@ -17,9 +17,4 @@ from codi_jax.configs.sd import sd15_depth, sdxl_sr4
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = sdxl_sr4.get_config()
-    depth = sd15_depth.get_config()
-    config.task = depth.task
-    for field in ("source", "tfds_name", "caption_key", "train_split", "eval_split", "random_crop"):
-        config.data[field] = depth.data[field]
-    return config
+    return sd15_depth.as_depth(sdxl_sr4.get_config())
