@@ -345,7 +345,22 @@ def test_derived_sd_config_changes_only_what_a_trained_config_has(name: str) -> 
     }
 
 
-@pytest.mark.parametrize("name", [n for n in SD_CONFIGS if n not in DERIVED_SD_CONFIGS])
+# Shipped SD configs trained by another test as users run them (the same fields, sizes made tiny).
+TRAINED_ELSEWHERE = {"sd.sd15_sr4": "tests/test_readme_commands.py (the README's train command)"}
+
+
+def test_configs_trained_elsewhere_are_trained_there() -> None:
+    """The README's Stable Diffusion section (run as written by tests/test_readme_commands.py)
+    trains the configs ``TRAINED_ELSEWHERE`` names."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("## Distil Stable Diffusion\n") :]
+    trained = re.findall(r"python -m codi_jax\.train --config=codi_jax/configs/(sd)/(\w+)\.py", section)
+    assert set(TRAINED_ELSEWHERE) <= {f"{group}.{name}" for group, name in trained}, trained
+
+
+@pytest.mark.parametrize("name", [n for n in SD_CONFIGS if n not in DERIVED_SD_CONFIGS and n not in TRAINED_ELSEWHERE])
 def test_sd_config_trains_as_shipped(name: str, request, tmp_path, caplog) -> None:
     """Each shipped SD config (a derived one through the configs it derives from) trains with only
     its paths filled in and the sizes made tiny (steps, batch, the tiny pipeline's image size, sample
