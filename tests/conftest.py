@@ -61,34 +61,6 @@ def pytest_pyfunc_call(pyfuncitem):
         raise
 
 
-# The test modules that take longest (seconds under ``-n 2``, summed from ``--durations`` of a full
-# run on a 2-core AMD EPYC, 2026-12-06), longest first. ``--dist loadscope`` hands each worker whole
-# modules in collection order, and xdist reorders them by test count by default, which put these
-# few-test, long modules last and left one worker alone with them at the end. They go first here,
-# in this order; every other module keeps its place after them.
-LONGEST_MODULES = (
-    "test_multihost.py",  # ~410 s
-    "test_configs.py",  # ~330 s
-    "test_reliability.py",  # ~260 s
-    "test_sdxl_run.py",  # ~255 s
-    "test_latent_codi.py",  # ~205 s
-    "test_codi_run.py",  # ~160 s
-    "test_train.py",  # ~110 s
-    "test_gpu_check.py",  # ~105 s
-    "test_readme_commands.py",  # ~95 s
-)
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep the order below
-        config.option.loadscopereorder = False
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
-
-
 def _converted_teacher(tmp_path_factory, builder: str) -> str:
     """``tests.<builder>.make_pipeline``'s tiny random pipeline, converted (a teacher workdir)."""
     pytest.importorskip("diffusers")
