@@ -18,6 +18,7 @@ Layouts: conv ``weight`` (out, in, kh, kw) -> flax ``kernel`` (kh, kw, in, out);
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -237,6 +238,14 @@ TRANSFORMERS_INERT_CONFIG_FIELDS = frozenset(
     "num_return_sequences output_scores remove_invalid_values repetition_penalty return_dict_in_generate "
     "suppress_tokens temperature top_k top_p typical_p".split()
 )
+
+
+def architecture_defaults(module: type, inherited: type | None = None) -> dict[str, Any]:
+    """A converter's config.json defaults, read off the flax module class that holds them as fields:
+    every dataclass field and its default but ``dtype`` (and linen's ``parent`` / ``name``) and the
+    fields of ``inherited``."""
+    skip = {"dtype", "parent", "name"} | ({f.name for f in dataclasses.fields(inherited)} if inherited else set())
+    return {f.name: f.default for f in dataclasses.fields(module) if f.name not in skip}
 
 
 def linear_tensor(torch_name: str, our_path: str, tensor: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:

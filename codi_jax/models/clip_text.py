@@ -18,7 +18,6 @@ imported.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -246,20 +245,13 @@ class CLIPTextModelWithProjection(CLIPTextModel):
         return CLIPTextModelOutput(text_embeds, last_hidden_state, hidden_states if output_hidden_states else None)
 
 
-def _field_defaults(module: type[nn.Module], inherited: type[nn.Module] | None = None) -> dict[str, Any]:
-    """``module``'s architecture fields and their defaults: not ``dtype`` (nor linen's ``parent`` and
-    ``name``), nor the fields of ``inherited``."""
-    skip = {"dtype", "parent", "name"} | ({f.name for f in dataclasses.fields(inherited)} if inherited else set())
-    return {f.name: f.default for f in dataclasses.fields(module) if f.name not in skip}
-
-
 # config.json fields that set the architecture (-> CLIPTextModel fields) and transformers' defaults:
 # CLIPTextModel's, but for the width (its defaults are CLIP ViT-L/14's, SD 1.x's text encoder).
-_ARCHITECTURE_DEFAULTS = _field_defaults(CLIPTextModel) | dict(
+_ARCHITECTURE_DEFAULTS = torch_state.architecture_defaults(CLIPTextModel) | dict(
     hidden_size=512, intermediate_size=2048, num_attention_heads=8
 )
 # CLIPTextModelWithProjection's extra config.json fields (-> its module fields) and transformers' defaults.
-_PROJECTION_DEFAULTS = _field_defaults(CLIPTextModelWithProjection, CLIPTextModel)
+_PROJECTION_DEFAULTS = torch_state.architecture_defaults(CLIPTextModelWithProjection, CLIPTextModel)
 
 
 def _unsupported(message: str) -> UnsupportedCLIPConfig:

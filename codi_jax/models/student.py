@@ -136,18 +136,20 @@ class AdaptedModel:
 def build_adapted_model(
     backbone: UNet | DiT,
     adapter_config: ml_collections.ConfigDict,
-    *conditional_args: Any,
+    cond_channels: int,
+    num_instructions: int = 0,
     keep_initial: bool = False,
-    **conditional_kwargs: Any,
+    guidance_embedding: bool = False,
 ) -> AdaptedModel:
-    """``adapters.build_conditional_model(backbone, adapter_config, *conditional_args,
-    **conditional_kwargs)`` (``cond_channels``, ``num_instructions``, ``guidance_embedding``) with
-    ``adapter_config``'s LoRA and trained parts; ``keep_initial`` keeps the initial model beside it."""
+    """``adapters.build_conditional_model`` of these fields with ``adapter_config``'s LoRA and trained
+    parts; ``keep_initial`` keeps the initial model beside it."""
     rank = int(adapter_config.lora_rank)
     if rank and adapter_config.train_backbone:
         raise ValueError("adapter.lora_rank > 0 with adapter.train_backbone=True: LoRA is for a frozen backbone.")
     return AdaptedModel(
-        module=adapters.build_conditional_model(backbone, adapter_config, *conditional_args, **conditional_kwargs),
+        module=adapters.build_conditional_model(
+            backbone, adapter_config, cond_channels, num_instructions, guidance_embedding
+        ),
         train_backbone=bool(adapter_config.train_backbone),
         lora_rank=rank,
         lora_scale=lora.lora_scale(rank, adapter_config.lora_alpha) if rank else 1.0,

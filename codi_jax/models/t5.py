@@ -21,7 +21,6 @@ layout (``weight`` (out, in) -> ``kernel`` (in, out)); embeddings are ``embeddin
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -194,9 +193,7 @@ class _EncoderFields(nn.Module):
 
 
 # config.json fields that set the architecture (-> T5Encoder fields) and T5Config's defaults.
-_ARCHITECTURE_DEFAULTS: dict[str, Any] = {
-    f.name: f.default for f in dataclasses.fields(_EncoderFields) if f.name not in ("dtype", "parent", "name")
-}
+_ARCHITECTURE_DEFAULTS: dict[str, Any] = torch_state.architecture_defaults(_EncoderFields)
 
 
 class T5LayerSelfAttention(_EncoderFields):
