@@ -245,15 +245,14 @@ def check_request(
 def read_conditions(
     config: ml_collections.ConfigDict,
     paths: Sequence[str],
-    *,
-    input_kind: str = "clean",
-    instruction: int = 0,
-    seed: int = 0,
-    strict_size: bool = False,
+    request: SampleRequest,
+    seed: int,
     indices: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """``(cond, target or None, instructions or None)`` of the images ``paths``, input ``indices[i]``
-    of the request (default ``0..n-1``): ``--input=clean`` degrades it with the task seed of that index."""
+    of the request (default ``0..n-1``): ``--input=clean`` degrades it with the task seed of that index;
+    ``request`` gives the input kind, the edit instruction and ``strict_size``."""
+    input_kind, instruction, strict_size = request.input_kind, request.instruction, request.strict_size
     task, size = config.task, int(config.data.image_size)
     accepted = (size // int(task.scale), size) if input_kind == "condition" and task.name == "sr" else (size,)
     _, images = load_images(list(paths), size, accepted_sizes=accepted, strict=strict_size)
@@ -273,14 +272,7 @@ def prepare(request: SampleRequest, options: SamplingOptions = SamplingOptions()
     """Every check of a sampling request and its inputs read, before any weight is read (see the
     module docstring)."""
     config, step, paths, names, files = check_request(request, options)
-    cond, target, instructions = read_conditions(
-        config,
-        paths,
-        input_kind=request.input_kind,
-        instruction=request.instruction,
-        seed=options.seed,
-        strict_size=request.strict_size,
-    )
+    cond, target, instructions = read_conditions(config, paths, request, options.seed)
     return SamplePlan(config, step, names, files, cond, target, instructions, request.overwrite)
 
 
@@ -437,15 +429,7 @@ def run_resumable(
     written = []
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        cond, _, instructions = read_conditions(
-            config,
-            [paths[i] for i in chunk],
-            input_kind=request.input_kind,
-            instruction=request.instruction,
-            seed=options.seed,
-            strict_size=request.strict_size,
-            indices=chunk,
-        )
+        cond, _, instructions = read_conditions(config, [paths[i] for i in chunk], request, options.seed, chunk)
         samples = [sample(cond, instructions, k, chunk) for k in step_counts]
         files = sample_file_names([names[i] for i in chunk], step_counts)
         todo_files = {os.path.join(out_dir, f) for i in chunk for f in missing[i]}
